@@ -329,7 +329,7 @@ def clean_wikitext(text):
     paragraphs = []
     for line in text.splitlines():
         line = line.strip()
-        if not line or line[0] in "=*#:;|!{}[" or line.startswith(("__", "http")):
+        if not line or line[0] in "=*#:;|!{}[" or line.startswith(("__", "http")) or re.search(r"\{\{|\}\}|\[\[", line):
             continue
         paragraphs.append(re.sub(r"\s+", " ", line))
     return "\n".join(paragraphs)

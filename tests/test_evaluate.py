@@ -1,0 +1,134 @@
+"""evaluate.py: metrics against hand-worked cases, scipy and trec_eval's own code (pytrec_eval)."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import pytrec_eval
+from scipy import stats
+
+import evaluate as ev
+
+
+def test_spearman_hand_value_and_ties():
+    assert ev.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ev.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x = [1, 2.5, 2.5, 4], y = [1, 2, 3, 4]: r = 4.5 / sqrt(4.5 * 5)
+    assert ev.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    with pytest.raises(ValueError):
+        ev.spearman([1], [1])
+
+
+def test_spearman_equals_scipy_on_random_data_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.integers(0, 5, 40), rng.normal(size=40).round(1)
+        assert ev.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_ndcg_mrr_recall_hand_worked():
+    run = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
+    qrels = {"q": {"b": 2, "c": 1, "z": 1}}  # z is judged relevant but not retrieved
+    dcg = 2 / math.log2(3) + 1 / math.log2(4)
+    idcg = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
+    assert ev.ndcg_at_k(run, qrels, 10) == pytest.approx(dcg / idcg)
+    assert ev.mrr_at_k(run, qrels, 10) == pytest.approx(0.5)
+    assert ev.mrr_at_k(run, qrels, 1) == 0.0
+    assert ev.recall_at_k(run, qrels, 2) == pytest.approx(1 / 3)
+    assert ev.recall_at_k(run, qrels, 3) == pytest.approx(2 / 3)
+
+
+def test_queries_without_judgments_are_skipped_and_all_zero_judgments_score_zero():
+    run = {"q1": {"a": 1.0}, "q2": {"a": 1.0}, "unjudged": {"a": 1.0}}
+    qrels = {"q1": {"a": 1}, "q2": {"a": 0}}
+    assert ev.ndcg_at_k(run, qrels) == pytest.approx(0.5)
+    assert ev.mrr_at_k(run, qrels) == pytest.approx(0.5)
+    assert ev.recall_at_k(run, qrels, 10) == pytest.approx(0.5)
+
+
+def test_ties_are_broken_by_descending_docid_as_trec_eval():
+    assert ev.ranked_docids({"d1": 1.0, "d3": 1.0, "d2": 2.0}) == ["d2", "d3", "d1"]
+
+
+def random_run(seed, num_queries=30, num_docs=60):
+    rng = random.Random(seed)
+    run, qrels = {}, {}
+    for q in range(num_queries):
+        qid = f"q{q}"
+        # coarse scores so that ties are common
+        run[qid] = {f"d{d}": float(rng.randint(0, 8)) for d in rng.sample(range(num_docs), 40)}
+        judged = rng.sample(range(num_docs), 8)
+        qrels[qid] = {f"d{d}": rng.choice([0, 0, 1, 2, 3]) for d in judged}
+    qrels["only_in_qrels"] = {"d1": 1}
+    run["only_in_run"] = {"d1": 1.0}
+    return run, qrels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_trec_eval(seed):
+    run, qrels = random_run(seed)
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10", "recall.30"})
+    ref = evaluator.evaluate(run)
+    mean = lambda m: np.mean([v[m] for v in ref.values()])
+    assert ev.ndcg_at_k(run, qrels, 10) == pytest.approx(mean("ndcg_cut_10"), abs=1e-9)
+    assert ev.recall_at_k(run, qrels, 10) == pytest.approx(mean("recall_10"), abs=1e-9)
+    assert ev.recall_at_k(run, qrels, 30) == pytest.approx(mean("recall_30"), abs=1e-9)
+    # MRR@10 = trec_eval's recip_rank on the run cut to its top 10 (trec_eval's own order)
+    cut = {q: {d: docs[d] for d in ev.ranked_docids(docs)[:10]} for q, docs in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+    assert ev.mrr_at_k(run, qrels, 10) == pytest.approx(np.mean([v["recip_rank"] for v in rr.values()]), abs=1e-9)
+
+
+def test_trec_run_file_reproduces_the_figures(tmp_path):
+    run, qrels = random_run(3)
+    path = tmp_path / "run.trec"
+    ev.write_trec_run(run, path, "test")
+    lines = path.read_text().splitlines()
+    assert lines[0].split()[1] == "Q0" and lines[0].split()[3] == "1"
+    parsed = {}
+    for line in lines:
+        qid, _, docid, rank, score, name = line.split()
+        parsed.setdefault(qid, {})[docid] = float(score)
+    assert ev.ndcg_at_k(parsed, qrels) == pytest.approx(ev.ndcg_at_k(run, qrels))
+
+
+def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir):
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\n" + "".join(
+        f"a cat number {i}\ta dog number {i % 3}\t{i / 2}\n" for i in range(8)))
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"doc about {w}"}) + "\n"
+                                               for i, w in enumerate(["coffee", "tea", "milk", "water"])))
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "coffee"}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\n")
+    runs = tmp_path / "runs"
+    results = ev.main(["--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs", "2x16,4x32",
+                       "--sts_files", str(sts), "--beir_dirs", str(beir), "--runs", str(runs),
+                       "--output_dir", str(tmp_path / "out")])
+    assert set(results["tiny"]) == {"sts.tsv", "beir"}
+    assert set(results["tiny"]["beir"]) == {"2x16", "4x32"}
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert saved["results"]["tiny"]["beir"]["4x32"]["R@1000"] == 1.0  # 4 documents: all retrieved
+    assert sorted(os.listdir(runs)) == [f"{os.path.basename(tiny_model_dir)}.beir.2x16.trec",
+                                        f"{os.path.basename(tiny_model_dir)}.beir.4x32.trec"]
+    grid = ev.main(["--model_name_or_path", tiny_model_dir, "--pairs", "2x16,4x32", "--grid",
+                    "--sts_files", str(sts), "--output_dir", str(tmp_path / "grid")])
+    assert set(next(iter(grid.values()))["sts.tsv"]) == {"2x16", "2x32", "4x16", "4x32"}
+
+
+def test_evaluate_rejects_a_folder_that_is_not_a_model(tmp_path):
+    import data
+    with pytest.raises(data.DataError, match="not a model folder"):
+        ev.main(["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+
+
+def test_packaged_minilm_full_pair_on_lee_matches_the_known_value(tmp_path):
+    """Slow: the real packaged model on the real Lee data (DATA.md saw 0.51 at 6 x 384, mean pooling)."""
+    results = ev.main(["--output_dir", str(tmp_path)])["all-MiniLM-L6-v2"]
+    lee = results["lee2005"]
+    assert lee["6x384"]["Spearman"] == pytest.approx(0.51, abs=0.02)
+    assert lee["1x12"]["Spearman"] < lee["6x384"]["Spearman"]
+    assert 0.3 < results["wiki-ict"]["6x384"]["nDCG@10"] <= 1.0

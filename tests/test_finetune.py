@@ -1,0 +1,105 @@
+"""finetune.py: every method trains and saves a loadable model; the batches are the same for all methods."""
+import json
+import os
+import random
+
+import pytest
+import torch
+from transformers import AutoModel
+
+import data
+import finetune
+import starbucks as sb
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    words = "coffee tea milk water juice bread rice beans soup salad".split()
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("train") / "train.jsonl"
+    with open(path, "w") as f:
+        for i in range(12):
+            w = words[i % len(words)]
+            f.write(json.dumps({"query": f"what is {w}", "positive_passages": [{"docid": str(i), "title": w, "text": f"{w} is food"}],
+                                "negative_passages": [{"docid": f"n{j}", "title": "", "text": f"{rng.choice(words)} is not it"}
+                                                      for j in range(3)]}) + "\n")
+    return str(path)
+
+
+def run(tiny_model_dir, train_file, out, *extra):
+    finetune.main(["--model_name_or_path", tiny_model_dir, "--train_file", train_file, "--output_dir", str(out),
+                   "--per_device_train_batch_size", "4", "--max_steps", "2", "--pairs", "2x16,4x32",
+                   "--train_group_size", "3", *extra])
+
+
+@pytest.mark.parametrize("method", ["srl", "2dmse", "mrl", "full"])
+def test_each_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir, train_file, method):
+    run(tiny_model_dir, train_file, tmp_path, "--method", method)
+    model = AutoModel.from_pretrained(tmp_path)
+    before = AutoModel.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before.state_dict()[n])]
+    assert changed  # the optimiser moved the weights
+    saved = json.load(open(tmp_path / "starbucks_config.json"))
+    assert saved["pairs"] == [[2, 16], [4, 32]] and saved["training_arguments"]["method"] == method
+    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)
+
+
+def test_separate_trains_one_model_per_layer_touching_only_its_layers(tmp_path, tiny_model_dir, train_file):
+    run(tiny_model_dir, train_file, tmp_path, "--method", "separate")
+    saved = json.load(open(tmp_path / "starbucks_config.json"))
+    assert saved["separate"] == {"2": "layer_2", "4": "layer_4"}
+    before = AutoModel.from_pretrained(tiny_model_dir).state_dict()
+    layer2 = AutoModel.from_pretrained(tmp_path / "layer_2").state_dict()
+    # Eq. 7 trains (2, H): layers 3 and 4 are never run, so they keep their initial weights
+    assert all(torch.equal(layer2[k], before[k]) for k in before if k.startswith(("encoder.layer.2.", "encoder.layer.3.")))
+    assert not torch.equal(layer2["encoder.layer.0.attention.self.query.weight"],
+                           before["encoder.layer.0.attention.self.query.weight"])
+
+
+def test_scored_pairs_train_with_cosent(tmp_path, tiny_model_dir):
+    path = tmp_path / "sts.tsv"
+    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a b {i}\tc d {i}\t{i % 5}\n" for i in range(8)))
+    run(tiny_model_dir, str(path), tmp_path / "out", "--method", "srl")
+    assert os.path.exists(tmp_path / "out" / "model.safetensors")
+    with pytest.raises(ValueError, match="needs query/passage data"):
+        run(tiny_model_dir, str(path), tmp_path / "out2", "--method", "mrl")
+
+
+def test_same_batches_for_every_method(train_file):
+    kind, records, _ = data.read_training_file(train_file)
+    a = finetune.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
+    b = finetune.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
+    assert a == b and len(a[1]) == 9 and a[1][0] == records[0]["positives"][0]
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
+    with pytest.raises(ValueError, match="layer 9 is outside"):
+        run(tiny_model_dir, train_file, tmp_path, "--pairs", "2x16,9x32")
+    with pytest.raises(ValueError, match="sorted"):
+        run(tiny_model_dir, train_file, tmp_path, "--pairs", "4x32,2x16")
+    no_negs = tmp_path / "pairs.tsv"
+    no_negs.write_text("q one\tp one\nq two\tp two\n")
+    with pytest.raises(data.DataError, match="no negative passage"):
+        run(tiny_model_dir, str(no_negs), tmp_path)
+    with pytest.raises(data.DataError, match="fewer than one batch"):
+        run(tiny_model_dir, str(no_negs), tmp_path, "--train_group_size", "1")
+    with pytest.raises(data.DataError, match="not a model folder"):
+        run(str(tmp_path / "nothing"), train_file, tmp_path)
+    with pytest.raises(SystemExit):
+        run(tiny_model_dir, train_file, tmp_path, "--train_group_size", "0")
+
+
+def test_linear_schedule_warms_up_then_decays():
+    values = [finetune.linear_schedule(s, 10, 2) for s in range(10)]
+    assert values[:3] == [0.5, 1.0, 1.0] and values[-1] == pytest.approx(0.125)
+
+
+def test_real_minilm_srl_steps_on_embedded_data(tmp_path):
+    """Slow: three SRL steps of the packaged MiniLM on the embedded inverse-cloze data."""
+    finetune.main(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size", "4",
+                   "--train_group_size", "2"])
+    model = AutoModel.from_pretrained(tmp_path)
+    assert model.config.num_hidden_layers == 6
+    saved = json.load(open(tmp_path / "starbucks_config.json"))
+    assert [tuple(p) for p in saved["pairs"]] == sb.default_pairs(6, 384)
