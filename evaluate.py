@@ -110,39 +110,74 @@ def sts_scores(model, tokenizer, dataset, pairs, config, args):
     return {pair: spearman((emb[pair][ia] * emb[pair][ib]).sum(-1).numpy(), gold) for pair in pairs}
 
 
-def retrieval_runs(model, tokenizer, dataset, pairs, config, args):
-    """Rank the corpus for every query at every pair: {pair: run} with run = {qid: {docid: score}}."""
+def score_matrices(model, tokenizer, dataset, pairs, config, args):
+    """Query x corpus scores at every pair: {pair: (Q, N)}, from one encoding pass per batch."""
     corpus, queries, _ = dataset
-    docids, qids = list(corpus), list(queries)
     normalize = config.similarity == "cos"
-    d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling,
+    d_emb = sb.encode_2d(model, tokenizer, list(corpus.values()), pairs, config.pooling,
                          args.passage_max_len, args.per_device_eval_batch_size, normalize,
                          progress=lambda it: tqdm(it, desc="corpus", leave=False))
-    q_emb = sb.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling,
+    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling,
                          args.query_max_len, args.per_device_eval_batch_size, normalize)
-    depth = min(args.depth, len(docids))
-    runs = {}
-    for pair in pairs:
-        run = {}
-        for start in range(0, len(qids), 1024):
-            scores = q_emb[pair][start:start + 1024] @ d_emb[pair].T  # (Q, N)
-            top = scores.topk(depth, dim=1)
-            for row, qid in enumerate(qids[start:start + 1024]):
-                run[qid] = {docids[j]: float(s) for s, j in zip(top.values[row].tolist(), top.indices[row].tolist())}
-        runs[pair] = run
-    return runs
+    return {pair: q_emb[pair] @ d_emb[pair].T for pair in pairs}  # (Q, N) each
 
 
-def retrieval_scores(run, qrels):
-    return {"nDCG@10": ndcg_at_k(run, qrels, 10), "MRR@10": mrr_at_k(run, qrels, 10),
-            "R@100": recall_at_k(run, qrels, 100), "R@1000": recall_at_k(run, qrels, 1000)}
+def docid_order(docids):
+    """Position of each docid in string order: trec_eval ranks a tie's larger docid first."""
+    position = torch.empty(len(docids), dtype=torch.long)
+    position[torch.tensor(sorted(range(len(docids)), key=docids.__getitem__), dtype=torch.long)] = \
+        torch.arange(len(docids))
+    return position  # (N,)
+
+
+def judged_ranks(scores, docids, qids, qrels):
+    """1-based trec_eval rank of every judged document of every query: {qid: [(grade, rank)]}."""
+    column = {d: i for i, d in enumerate(docids)}
+    order = docid_order(docids)
+    ranks = {}
+    for row, qid in enumerate(qids):
+        judged = [(column[d], g) for d, g in qrels.get(qid, {}).items() if d in column]
+        if qid not in qrels:
+            continue
+        cols = torch.tensor([c for c, _ in judged], dtype=torch.long)
+        s = scores[row, cols][:, None]  # (J, 1)
+        ahead = (scores[row][None] > s) | ((scores[row][None] == s) & (order[None] > order[cols][:, None]))
+        ranks[qid] = [(g, int(r) + 1) for (_, g), r in zip(judged, ahead.sum(1).tolist())]
+    return ranks
+
+
+def retrieval_scores(ranks, qrels, depth):
+    """nDCG@10, MRR@10, R@100, R@1000 from judged ranks; equal to the run-dict metrics above (tested)."""
+    ndcg, mrr, r100, r1000 = [], [], [], []
+    for qid, graded in ranks.items():
+        ideal = sorted((g for g in qrels[qid].values() if g > 0), reverse=True)[:10]
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+        dcg = sum(g / math.log2(r + 1) for g, r in graded if g > 0 and r <= min(10, depth))
+        ndcg.append(dcg / idcg if idcg > 0 else 0.0)
+        first = min((r for g, r in graded if g >= 1 and r <= min(10, depth)), default=None)
+        mrr.append(1.0 / first if first else 0.0)
+        relevant = sum(1 for g in qrels[qid].values() if g >= 1)
+        for k, values in ((100, r100), (1000, r1000)):
+            found = sum(1 for g, r in graded if g >= 1 and r <= min(k, depth))
+            values.append(found / relevant if relevant else 0.0)
+    mean = lambda v: float(np.mean(v)) if v else 0.0
+    return {"nDCG@10": mean(ndcg), "MRR@10": mean(mrr), "R@100": mean(r100), "R@1000": mean(r1000)}
+
+
+def run_from_scores(scores, docids, qids, depth):
+    """The top `depth` of every query in trec_eval's order -> run {qid: {docid: score}}."""
+    by_docid = torch.argsort(docid_order(docids), descending=True)  # ties: larger docid first
+    ordered = scores[:, by_docid].sort(dim=1, descending=True, stable=True)
+    top = by_docid[ordered.indices[:, :depth]]  # (Q, depth)
+    return {qid: {docids[j]: s for j, s in zip(top[row].tolist(), ordered.values[row, :depth].tolist())}
+            for row, qid in enumerate(qids)}
 
 
 def write_trec_run(run, path, name):
     with open(path, "w") as f:
         for qid, doc_scores in run.items():
             for rank, docid in enumerate(ranked_docids(doc_scores), 1):
-                f.write(f"{qid} Q0 {docid} {rank} {doc_scores[docid]:.6f} {name}\n")
+                f.write(f"{qid} Q0 {docid} {rank} {doc_scores[docid]:.9g} {name}\n")
 
 
 def load_datasets(args):
@@ -198,11 +233,15 @@ def evaluate_model(name_or_path, datasets, args, device):
                 for pair, value in sts_scores(model, tokenizer, dataset, pairs, config, args).items():
                     results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = {"Spearman": value}
                 continue
-            for pair, run in retrieval_runs(model, tokenizer, dataset, pairs, config, args).items():
-                results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = retrieval_scores(run, dataset[2])
+            corpus, queries, qrels = dataset
+            docids, qids = list(corpus), list(queries)
+            for pair, scores in score_matrices(model, tokenizer, dataset, pairs, config, args).items():
+                ranks = judged_ranks(scores, docids, qids, qrels)
+                results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = retrieval_scores(ranks, qrels, args.depth)
                 if args.runs:
                     os.makedirs(args.runs, exist_ok=True)
                     tag = f"{os.path.basename(path.rstrip('/'))}.{name}.{pair[0]}x{pair[1]}"
+                    run = run_from_scores(scores, docids, qids, min(args.depth, len(docids)))
                     write_trec_run(run, os.path.join(args.runs, f"{tag}.trec"), tag)
     return config, results
 

@@ -132,3 +132,22 @@ def test_packaged_minilm_full_pair_on_lee_matches_the_known_value(tmp_path):
     assert lee["6x384"]["Spearman"] == pytest.approx(0.51, abs=0.02)
     assert lee["1x12"]["Spearman"] < lee["6x384"]["Spearman"]
     assert 0.3 < results["wiki-ict"]["6x384"]["nDCG@10"] <= 1.0
+
+
+@pytest.mark.parametrize("depth", [5, 25, 1000])
+def test_vectorised_metrics_equal_the_run_dict_metrics_with_ties_and_depth(depth):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (15, 40), generator=g).float()  # many ties
+    docids = [f"d{i}" for i in range(40)]  # string order differs from index order (d10 < d2)
+    qids = [f"q{i}" for i in range(15)]
+    rng = random.Random(0)
+    qrels = {q: {f"d{j}": rng.choice([0, 1, 2]) for j in rng.sample(range(40), 6)} for q in qids[:-1]}
+    qrels["q0"]["not_in_corpus"] = 3
+    run = ev.run_from_scores(scores, docids, qids, min(depth, 40))
+    for q in run:  # the run is already in trec_eval's order
+        assert list(run[q]) == ev.ranked_docids(run[q])
+    got = ev.retrieval_scores(ev.judged_ranks(scores, docids, qids, qrels), qrels, depth)
+    assert got["nDCG@10"] == pytest.approx(ev.ndcg_at_k(run, qrels, 10), abs=1e-12)
+    assert got["MRR@10"] == pytest.approx(ev.mrr_at_k(run, qrels, 10), abs=1e-12)
+    assert got["R@100"] == pytest.approx(ev.recall_at_k(run, qrels, 100), abs=1e-12)
