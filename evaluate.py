@@ -273,6 +273,45 @@ def print_tables(all_results, datasets, metrics=("Spearman", "nDCG@10", "MRR@10"
     return text
 
 
+def plot_heatmaps(all_results, output_dir):
+    """One PNG per model, dataset and metric: layer x dim grid, colour = metric (matplotlib, optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    paths = []
+    for model_name, datasets in all_results.items():
+        for dataset, by_pair in datasets.items():
+            pairs = [tuple(map(int, p.split("x"))) for p in by_pair]
+            layers, dims = sorted({n for n, _ in pairs}), sorted({d for _, d in pairs})
+            for metric in next(iter(by_pair.values())):
+                grid = np.full((len(layers), len(dims)), np.nan)
+                for (n, d), key in zip(pairs, by_pair):
+                    grid[layers.index(n), dims.index(d)] = by_pair[key][metric]
+                fig, ax = plt.subplots(figsize=(1 + 0.9 * len(dims), 1 + 0.6 * len(layers)))
+                image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+                bright = np.nanmin(grid) + 0.6 * (np.nanmax(grid) - np.nanmin(grid))
+                for i in range(len(layers)):
+                    for j in range(len(dims)):
+                        if not np.isnan(grid[i, j]):
+                            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                                    color="k" if grid[i, j] > bright else "w")
+                ax.set_xticks(range(len(dims)), dims)
+                ax.set_yticks(range(len(layers)), layers)
+                ax.set_xlabel("dim d")
+                ax.set_ylabel("layer n")
+                ax.set_title(f"{model_name}: {dataset} {metric}", fontsize=9)
+                fig.colorbar(image, ax=ax)
+                fig.tight_layout()
+                path = os.path.join(output_dir, f"heatmap_{model_name}_{dataset}_{metric.replace('@', '')}.png")
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+                paths.append(path)
+    return paths
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", nargs="+", default=[data.DEFAULT_MODEL])
@@ -292,6 +331,7 @@ def parse_args(argv=None):
     p.add_argument("--passage_max_len", type=int, default=128)
     p.add_argument("--max_seq_length", type=int, default=256, help="STS texts")
     p.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    p.add_argument("--plot", action="store_true", help="heat maps (layer x dim) as PNG; needs matplotlib")
     return p.parse_args(argv)
 
 
@@ -318,6 +358,8 @@ def main(argv=None):
             print(f"{n}: {labels[n]}")
     table = print_tables(all_results, list(datasets))
     open(os.path.join(args.output_dir, "table.txt"), "w").write(table + "\n")
+    if args.plot:
+        print("\n".join(plot_heatmaps(all_results, args.output_dir)))
     return all_results
 
 

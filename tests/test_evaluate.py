@@ -119,6 +119,14 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
     assert set(next(iter(grid.values()))["sts.tsv"]) == {"2x16", "2x32", "4x16", "4x32"}
 
 
+def test_plot_writes_one_heatmap_per_model_dataset_metric(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = {"m": {"lee": {f"{n}x{d}": {"Spearman": n * d / 100} for n in (1, 2) for d in (8, 16, 32)}}}
+    paths = ev.plot_heatmaps(results, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["heatmap_m_lee_Spearman.png"]
+    assert open(paths[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_evaluate_rejects_a_folder_that_is_not_a_model(tmp_path):
     import data
     with pytest.raises(data.DataError, match="not a model folder"):
