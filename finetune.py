@@ -179,7 +179,8 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
     B = args.per_device_train_batch_size * world_size  # the global batch: every rank's queries together
     steps_per_epoch = len(records) // B
     if steps_per_epoch == 0:
-        raise data.DataError(f"{len(records)} training records are fewer than one global batch of {B}")
+        raise data.DataError(f"{len(records)} training records are fewer than one batch of {B} "
+                             f"({world_size} processes x {args.per_device_train_batch_size})")
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = math.ceil(args.warmup_ratio * total)
     distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))

@@ -260,6 +260,7 @@ def _two_rank_worker(rank, port, model_dir, out_dir):
     queries, passages = _batch()
     queries, passages = distributed.shard(queries, rank, world_size), distributed.shard(passages, rank, world_size)
     results = {chunk: _step(net, model, tokenizer, embed_pairs, loss_fn, queries, passages, chunk) for chunk in (0, 3)}
+    results["objects"] = distributed.gather_objects(f"rank {rank}")
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.cleanup()
 
@@ -273,10 +274,11 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenate
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         _assert_same_step(results[0], single)
         _assert_same_step(results[3], single)  # GradCache under DDP (no_sync until the last chunk)
+        assert results["objects"] == ["rank 0", "rank 1"]
 
 
 def test_torchrun_finetune_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tmp_path):
-    args = ("--max_steps", "3", "--save_steps", "0")
+    args = ("--max_steps", "3", "--save_steps", "2")
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                             *_finetune_cmd(tiny, "plain", tmp_path / "two", *args, "--per_device_train_batch_size", "2")[1:]],
                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -291,6 +293,8 @@ def test_torchrun_finetune_logs_the_losses_of_one_process_with_the_doubled_batch
         assert a["step"] == b["step"] and a["lr"] == b["lr"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    state = checkpoints.load_training_state(str(tmp_path / "two" / "checkpoint-2"))
+    assert len(state["rng"]) == 2 and state["arguments"]["world_size"] == 2  # every rank's RNG, saved by rank 0
 
 
 def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
