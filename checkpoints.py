@@ -16,10 +16,12 @@ import shutil
 import sys
 
 import numpy as np
+import safetensors.torch
 import torch
 
 MARKER = "checkpoint_complete.json"  # written last: {"step": N, "files": {relative path: size in bytes}}
-TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, counters
+TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, counters, run settings
+WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -156,3 +158,20 @@ def load_training_state(folder):
     if problem:
         raise ValueError(f"{folder} is not a complete checkpoint: {problem}")
     return torch.load(os.path.join(folder, TRAINING_STATE), weights_only=True)
+
+
+def restore(folder, model, optimizer, scheduler, run):
+    """Load weights, optimizer and scheduler from a complete checkpoint -> the rest of its training state.
+
+    run: the settings that decide the batches ({name: value}, saved as state["run"]); a checkpoint
+    written with other values is refused, since resuming it would silently train on other batches.
+    """
+    state = load_training_state(folder)
+    for name, value in run.items():
+        if state["run"].get(name) != value:
+            raise ValueError(f"{folder} was written with {name}={state['run'].get(name)}, this run has {value}: "
+                             f"resuming would change the batches; use the same setting or a new output folder")
+    model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state

@@ -17,7 +17,6 @@ import random
 import sys
 from dataclasses import asdict
 
-import safetensors.torch
 import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
@@ -191,18 +190,11 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     os.makedirs(output_dir, exist_ok=True)
-    batches_from = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "world_size": world_size}
+    run_settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "world_size": world_size}  # decide the batches
     start, skipped, bad_in_row, log_lines, rng_states = 0, 0, 0, [], None
     resume_from = checkpoints.latest_checkpoint(output_dir) if args.resume else None
     if resume_from:
-        state = checkpoints.load_training_state(resume_from)
-        for name, value in batches_from.items():
-            if state["arguments"][name] != value:
-                raise ValueError(f"{resume_from} was written with {name}={state['arguments'][name]}, this run has "
-                                 f"{value}: resuming would change the batches; use the same setting or a new --output_dir")
-        model.load_state_dict(safetensors.torch.load_file(os.path.join(resume_from, "model.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = checkpoints.restore(resume_from, model, optimizer, scheduler, run_settings)
         start, skipped, rng_states = state["step"], state["skipped"], state["rng"]
         with open(os.path.join(resume_from, "train_log.jsonl")) as f:
             log_lines = f.read().splitlines()
@@ -221,7 +213,7 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
     def save_checkpoint(step):
         """checkpoint-<step>: an evaluable model folder plus what --resume needs, every rank's RNG included."""
         state = {"step": step, "skipped": skipped, "rng": distributed.gather_objects(checkpoints.rng_state()),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "arguments": batches_from}
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run_settings}
 
         def write(folder):
             save(model, tokenizer, folder, config, args)

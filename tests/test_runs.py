@@ -294,7 +294,7 @@ def test_torchrun_finetune_logs_the_losses_of_one_process_with_the_doubled_batch
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     state = checkpoints.load_training_state(str(tmp_path / "two" / "checkpoint-2"))
-    assert len(state["rng"]) == 2 and state["arguments"]["world_size"] == 2  # every rank's RNG, saved by rank 0
+    assert len(state["rng"]) == 2 and state["run"]["world_size"] == 2  # every rank's RNG, saved by rank 0
 
 
 def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
