@@ -30,6 +30,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_grad_cache.py
 
 clean:
 	rm -rf $(VENV) output

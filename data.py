@@ -74,7 +74,10 @@ def gensim_data(name):
 def _open_text(path):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    raw = gzip.open(path, "rb").read() if path.endswith(".gz") else open(path, "rb").read()
+    try:
+        raw = gzip.open(path, "rb").read() if path.endswith(".gz") else open(path, "rb").read()
+    except (EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: damaged or cut-short gzip file ({e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -98,13 +101,20 @@ class _Lines:
 
     def jsonl(self):
         text = _open_text(self.path)
-        for line_no, line in enumerate(text.splitlines(), 1):
+        lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and other line separators
+        for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                self.bad(line_no, f"not valid JSON ({e.msg})")
+                if line_no == len(lines):  # no newline after it: the file stops mid-record
+                    self.bad(line_no, "the file ends in the middle of this record (truncated copy or download?)")
+                elif line.lstrip().startswith("["):
+                    self.bad(line_no, f"not valid JSON ({e.msg}); one JSON array over several lines is not JSON "
+                                      f"Lines: write one JSON object per line")
+                else:
+                    self.bad(line_no, f"not valid JSON ({e.msg})")
                 continue
             if not isinstance(record, dict):
                 self.bad(line_no, "a JSON object was expected")

@@ -3,6 +3,8 @@
     python finetune.py --output_dir out/srl                     # SRL on the embedded default data
     python finetune.py --method full --output_dir out/full      # the full-model baseline (Eq. 6)
     python finetune.py --train_file train.jsonl --pooling cls --similarity dot --output_dir out
+    python finetune.py --save_steps 100 --resume --output_dir out/srl   # continue after a crash
+    torchrun --nproc-per-node 4 finetune.py --output_dir out/srl       # 4 GPUs, negatives across all
 
 Every method trains on the same batches (same data order, negatives and seed), so rows of a table
 differ only by the loss. Reads top to bottom: settings, data, model, optimizer, loop, save.
@@ -19,7 +21,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+import checkpoints
 import data
+import distributed
 import starbucks as sb
 
 METHODS = ("srl", "2dmse", "mrl", "full", "separate")
@@ -51,22 +55,35 @@ def parse_args(argv=None):
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed data lines instead of stopping")
+    p.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true",
+                   help="skip and count malformed data lines instead of stopping")
+    p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (0: only the final model)")
+    p.add_argument("--save_total_limit", type=int, default=None, help="keep only the N newest checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output_dir")
+    p.add_argument("--max_bad_steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    p.add_argument("--grad_cache_chunk", type=int, default=0,
+                   help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
     args = p.parse_args(argv)
     if args.temperature is None:
         args.temperature = 0.05 if args.similarity == "cos" else 1.0
     for name in ("train_group_size", "per_device_train_batch_size", "query_max_len", "passage_max_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    for name in ("save_steps", "grad_cache_chunk"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be 0 (off) or positive")
+    if args.max_bad_steps < 1:
+        p.error("--max_bad_steps must be at least 1")
     return args
 
 
-def load_training_records(args):
+def load_training_records(args, rank=0):
     """-> (kind, records): 'contrastive' {'query','positives','negatives'} or 'scored' (a, b, score)."""
     if args.train_file is None:
         return "contrastive", data.embedded_training_data(seed=0, num_negatives=max(args.train_group_size - 1, 7))
     kind, records, skipped = data.read_training_file(args.train_file, args.skip_bad_lines)
-    if skipped:
+    if args.skip_bad_lines and rank == 0:
         print(f"skipped {skipped} bad lines of {args.train_file}", file=sys.stderr)
     if kind == "contrastive" and args.train_group_size > 1:
         short = sum(1 for r in records if not r["negatives"])
@@ -126,54 +143,136 @@ def linear_schedule(step, total, warmup):
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def training_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, generator, grad_cache_chunk=0):
+    """Loss of the global batch (this rank's slice in q_tok/p_tok) -> detached loss; gradients in .grad.
+
+    Under torchrun every rank's passages are candidates for every query, so the loss and the
+    gradients equal one process's on the concatenated batch. grad_cache_chunk > 0: GradCache.
+    """
+    world_size = distributed.rank_and_world_size()[1]
+
+    def embed(input_ids, attention_mask):
+        return {k: v.float() for k, v in sb.embed_2d(net, input_ids, attention_mask, embed_pairs, pooling).items()}
+
+    def global_loss(q_2d, p_2d):
+        return loss_fn({k: distributed.gather_with_grad(v) for k, v in q_2d.items()},
+                       {k: distributed.gather_with_grad(v) for k, v in p_2d.items()}, gold, generator)
+
+    inputs = [(q_tok["input_ids"], q_tok["attention_mask"]), (p_tok["input_ids"], p_tok["attention_mask"])]
+    if grad_cache_chunk:
+        return sb.grad_cache_step(embed, inputs, global_loss, grad_cache_chunk, getattr(net, "no_sync", None),
+                                  loss_scale=world_size)
+    loss = global_loss(*(embed(*x) for x in inputs))
+    (loss * world_size).backward()  # DDP averages over ranks; see distributed.gather_with_grad
+    return loss.detach()
+
+
+# Changing these between a run and its --resume would change the batches (data order, negatives, split).
+RESUME_MUST_MATCH = ("seed", "per_device_train_batch_size", "train_group_size")
+
+
 def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_dir, config):
     """The loop: the same batches for every method; deterministic per step (seeded by step)."""
     device = next(model.parameters()).device
-    B = args.per_device_train_batch_size
+    rank, world_size = distributed.rank_and_world_size()
+    B = args.per_device_train_batch_size * world_size  # the global batch: every rank's queries together
     steps_per_epoch = len(records) // B
     if steps_per_epoch == 0:
-        raise data.DataError(f"{len(records)} training records are fewer than one batch of {B}")
+        raise data.DataError(f"{len(records)} training records are fewer than one batch of {B} "
+                             f"({world_size} processes x {args.per_device_train_batch_size})")
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = math.ceil(args.warmup_ratio * total)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # biases and norms, as HF
+    distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim > 1]
+    no_decay = [p for n, p in trainable if p.ndim <= 1]  # biases and norms, as HF
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     os.makedirs(output_dir, exist_ok=True)
-    log = open(os.path.join(output_dir, "train_log.jsonl"), "w")
+    run_settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "world_size": world_size}  # decide the batches
+    start, skipped, bad_in_row, log_lines, rng_states = 0, 0, 0, [], None
+    resume_from = checkpoints.latest_checkpoint(output_dir) if args.resume else None
+    if resume_from:
+        state = checkpoints.restore(resume_from, model, optimizer, scheduler, run_settings)
+        start, skipped, rng_states = state["step"], state["skipped"], state["rng"]
+        with open(os.path.join(resume_from, "train_log.jsonl")) as f:
+            log_lines = f.read().splitlines()
+        if rank == 0:
+            print(f"resuming from {resume_from}: step {start} of {total}")
+    elif args.resume and rank == 0:
+        print(f"--resume: no complete checkpoint in {output_dir}; starting at step 0")
+    net = distributed.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
+    log = open(os.path.join(output_dir, "train_log.jsonl"), "w") if rank == 0 else None
+    if log:
+        log.write("".join(line + "\n" for line in log_lines))
     model.train()
+    if rng_states:
+        checkpoints.set_rng_state(rng_states[rank])  # dropout continues exactly where the checkpoint left it
+
+    def save_checkpoint(step):
+        """checkpoint-<step>: an evaluable model folder plus what --resume needs, every rank's RNG included."""
+        state = {"step": step, "skipped": skipped, "rng": distributed.gather_objects(checkpoints.rng_state()),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run_settings}
+
+        def write(folder):
+            save(model, tokenizer, folder, config, args)
+            torch.save(state, os.path.join(folder, checkpoints.TRAINING_STATE))
+            with open(os.path.join(folder, "train_log.jsonl"), "w") as f:
+                f.write("".join(line + "\n" for line in log_lines))
+        if rank == 0:
+            checkpoints.save_checkpoint(output_dir, step, write, args.save_total_limit)
+
     order = None
-    progress = tqdm(range(total), desc=f"{args.method} {os.path.basename(output_dir)}", dynamic_ncols=True)
+    progress = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
+                    desc=f"{args.method} {os.path.basename(output_dir)}")
     for step in progress:
         epoch, offset = divmod(step, steps_per_epoch)
         if offset == 0 or order is None:
             order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed + epoch))
         rng = random.Random(args.seed * 1_000_003 + step)  # negatives and 2DMSE sizes depend on step only
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        # every rank draws the whole global batch (the same negatives as one process) and keeps its slice
         queries, passages, gold = batch_texts(records, kind, order[offset * B:(offset + 1) * B].tolist(),
                                               args.train_group_size, rng)
+        queries, passages = distributed.shard(queries, rank, world_size), distributed.shard(passages, rank, world_size)
+        gold = gold.to(device) if gold is not None else None
         q_max, p_max = (args.query_max_len, args.passage_max_len) if kind == "contrastive" else (args.passage_max_len,) * 2
         q_tok = tokenizer(queries, padding=True, truncation=True, max_length=q_max, return_tensors="pt").to(device)
         p_tok = tokenizer(passages, padding=True, truncation=True, max_length=p_max, return_tensors="pt").to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
-            q_2d = sb.embed_2d(model, q_tok["input_ids"], q_tok["attention_mask"], embed_pairs, config.pooling)
-            p_2d = sb.embed_2d(model, p_tok["input_ids"], p_tok["attention_mask"], embed_pairs, config.pooling)
-            q_2d = {k: v.float() for k, v in q_2d.items()}
-            p_2d = {k: v.float() for k, v in p_2d.items()}
-            loss = loss_fn(q_2d, p_2d, gold.to(device) if gold is not None else None, generator)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            loss = training_step(net, embed_pairs, config.pooling, loss_fn, q_tok, p_tok, gold, generator,
+                                 args.grad_cache_chunk)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], args.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        finite = distributed.all_finite(loss, grad_norm)
+        if finite:
+            optimizer.step()
+            bad_in_row = 0
+        else:  # drop this batch, keep the weights; the schedule moves on with the step
+            skipped, bad_in_row = skipped + 1, bad_in_row + 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        log.write(json.dumps({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                              "lr": lr}) + "\n")
+        line = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
+        log_lines.append(json.dumps(line if finite else {**line, "skipped": True}))
+        if log:
+            log.write(log_lines[-1] + "\n")
+            log.flush()
+        if bad_in_row >= args.max_bad_steps:
+            sys.exit(f"error: stopped at step {step + 1}: {bad_in_row} steps in a row had a non-finite loss or "
+                     f"gradient (each was skipped, {skipped} in all). Last good checkpoint: "
+                     f"{checkpoints.latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
+                     f"the data, then --resume.")
         if (step + 1) % args.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{loss.item():.4f}")
-    log.close()
-    save(model, tokenizer, output_dir, config, args)
+        if args.save_steps and (step + 1) % args.save_steps == 0 and bad_in_row == 0:  # only after a good step
+            save_checkpoint(step + 1)
+    if log:
+        log.close()
+    if skipped and rank == 0:
+        print(f"skipped {skipped} steps with a non-finite loss or gradient (marked in train_log.jsonl)")
+    if rank == 0:
+        save(model, tokenizer, output_dir, config, args)
 
 
 def save(model, tokenizer, output_dir, config, args):
@@ -197,16 +296,19 @@ def load_model(name_or_path, device):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind, records = load_training_records(args)
+    rank, world_size, device = distributed.setup()  # torchrun: one process per GPU; else one process
+    kind, records = load_training_records(args, rank)
     model, tokenizer = load_model(args.model_name_or_path, device)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(L, H)
-    print(f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, device {device}")
+    if rank == 0:
+        print(f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, device {device}"
+              f" x {world_size} processes")
     if args.method != "separate":
         config = sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)
         embed_pairs, loss_fn = loss_for_method(args, pairs, L, H, kind)
         train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, args.output_dir, config)
+        distributed.cleanup()
         return
     # Eq. 7: one model per layer n, trained at (n, H), truncated to d at evaluation.
     layers = sorted({n for n, _ in pairs})
@@ -218,9 +320,12 @@ def main(argv=None):
         embed_pairs, loss_fn = loss_for_method(args, [(n, H)], L, H, kind)
         train(args, model_n, tokenizer, kind, records, embed_pairs, loss_fn,
               os.path.join(args.output_dir, f"layer_{n}"), config)
-    with open(os.path.join(args.output_dir, "starbucks_config.json"), "w") as f:
-        json.dump({**asdict(sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)),
-                   "separate": {f"{n}": f"layer_{n}" for n in layers}, "training_arguments": vars(args)}, f, indent=2)
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "starbucks_config.json"), "w") as f:
+            json.dump({**asdict(sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)),
+                       "separate": {f"{n}": f"layer_{n}" for n in layers}, "training_arguments": vars(args)},
+                      f, indent=2)
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

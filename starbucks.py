@@ -15,6 +15,7 @@ here is pure: tensors and a model in, tensors out; no files, no argparse, no glo
 Shapes: B queries, G passages per query (1 positive then G-1 hard negatives), T tokens, H hidden
 size, L layers, d a sub-dimension, n a sub-layer (1-based: n = 1 is the first transformer layer).
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -117,10 +118,12 @@ def layer_hidden_states(model, input_ids, attention_mask, layers):
     Forward hooks record the blocks' outputs and stop the pass after the largest layer; they are
     removed afterwards, so the model is left exactly as it was (no swapped layer lists, no patches).
     """
-    blocks = transformer_layers(model)
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    blocks = transformer_layers(inner)
     layers = sorted(set(layers))
     last = layers[-1]
-    stop = last < len(blocks)  # the full depth finishes normally (keeps DistributedDataParallel's hooks)
+    # A forward that raises out of DDP skips its gradient-sync setup, so under DDP it always finishes.
+    stop = last < len(blocks) and inner is model
     hidden = {}
 
     def record(n):
@@ -131,7 +134,7 @@ def layer_hidden_states(model, input_ids, attention_mask, layers):
         return hook
 
     handles = [blocks[n - 1].register_forward_hook(record(n)) for n in layers]
-    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    extra = {"use_cache": False} if getattr(inner.config, "use_cache", None) is not None else {}
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, **extra)
     except _StopForward:
@@ -139,7 +142,7 @@ def layer_hidden_states(model, input_ids, attention_mask, layers):
     finally:
         for handle in handles:
             handle.remove()
-    norm = final_norm(model)
+    norm = final_norm(inner)
     if norm is not None:  # pre-LN: intermediate layers are un-normalised, so apply the final norm
         hidden = {n: norm(h) for n, h in hidden.items()}
     return hidden
@@ -314,3 +317,50 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
     inverse = torch.empty(len(texts), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
     return {pair: torch.cat(chunks[pair])[inverse] if texts else torch.empty(0, pair[1]) for pair in pairs}
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient caching: the paper's 128 x 8 retrieval batch on one GPU (Gao et al., "Scaling Deep
+# Contrastive Learning Batch Size under Memory Limited Setup", 2021; github.com/luyug/GradCache)
+
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def grad_cache_step(embed, inputs, loss_fn, chunk_size, no_sync=None, loss_scale=1.0):
+    """Eq. 5 (or any loss) and its gradients on a whole batch, holding one chunk's activations at a time.
+
+    embed(input_ids, attention_mask) -> {pair: (b, d)}; inputs: [(input_ids, attention_mask), ...]
+    (queries, passages); loss_fn(*embeddings) -> scalar over ALL embeddings, every pair at once.
+    Adds to .grad what (loss_scale * loss_fn(*[embed(*x) for x in inputs])).backward() adds, and
+    returns the loss. Each chunk's second pass replays its first pass's RNG state: same dropout.
+    no_sync: DDP's model.no_sync, so that the ranks all-reduce once, after the last chunk.
+    """
+    chunks, cached = [], []  # chunks: (input index, rows, RNG state before its first pass)
+    for i, (ids, mask) in enumerate(inputs):
+        parts = []
+        for start in range(0, ids.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunks.append((i, rows, _rng_state(ids.device)))
+            with torch.no_grad():  # 1. embed every chunk without a graph
+                parts.append(embed(ids[rows], mask[rows]))  # {pair: (chunk, d)}
+        # leaf tensors: the loss's backward stops at them and leaves dloss/de in their .grad
+        cached.append({k: torch.cat([p[k] for p in parts]).requires_grad_() for k in parts[0]})
+    loss = loss_fn(*cached)  # 2. the loss on all embeddings: every candidate of every query
+    (loss * loss_scale).backward()
+    for c, (i, rows, state) in enumerate(chunks):  # 3. re-embed each chunk with a graph
+        ids, mask = inputs[i]
+        _set_rng_state(state, ids.device)
+        last = c == len(chunks) - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            e = embed(ids[rows], mask[rows])
+            # chain rule through the cache: dloss/dtheta = sum over embeddings of <dloss/de, de/dtheta>
+            surrogate = sum((e[k] * cached[i][k].grad[rows]).sum() for k in e if cached[i][k].grad is not None)
+            surrogate.backward()
+    return loss.detach()

@@ -1,0 +1,177 @@
+"""Checkpoints that survive a crash: atomic save, find the last complete one, restore RNG states.
+
+A checkpoint is the folder <output_dir>/checkpoint-<step>. It is written into a hidden temporary
+folder, every file is flushed to disk, a completeness marker listing every file's size is written
+last, and only then is the folder renamed into place (one atomic rename). A run killed at any point
+leaves either a complete checkpoint or nothing that `latest_checkpoint` will pick up.
+
+Shared by finetune.py and pretrain.py: what goes into the folder is the caller's `write(folder)`;
+`rng_state` / `set_rng_state` cover torch (CPU and CUDA), numpy and Python's `random`.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import sys
+
+import numpy as np
+import safetensors.torch
+import torch
+
+MARKER = "checkpoint_complete.json"  # written last: {"step": N, "files": {relative path: size in bytes}}
+TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, counters, run settings
+WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states (everything that draws random numbers during a step: dropout, sampling)
+
+def rng_state():
+    """The state of every random generator a training step may use (torch CPU and CUDA, numpy, random)."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # plain lists and ints, so that torch.load(weights_only=True) reads them back
+        "numpy": {"bit_generator": numpy_state["bit_generator"],
+                  "key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"]),
+                  "has_gauss": int(numpy_state["has_gauss"]), "gauss": float(numpy_state["gauss"])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic save
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sizes(folder):
+    """{relative path: size} of every file under folder."""
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return sizes
+
+
+def save_checkpoint(output_dir, step, write, save_total_limit=None):
+    """Write <output_dir>/checkpoint-<step> atomically; write(folder) fills it. Returns the path.
+
+    Temporary folder, fsync every file, marker last, one rename: a crash leaves no half checkpoint
+    under the final name. save_total_limit keeps only that many newest complete checkpoints.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    for name in os.listdir(output_dir):  # leftovers of a crash mid-save: never complete, safe to drop
+        if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(output_dir, name))
+    tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
+    os.makedirs(tmp)
+    write(tmp)
+    sizes = _file_sizes(tmp)
+    for name in sizes:
+        _fsync(os.path.join(tmp, name))
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump({"step": step, "files": sizes}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(final):  # the same step saved by an earlier, interrupted run: the older ones remain meanwhile
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(output_dir)  # make the rename itself durable
+    if save_total_limit:
+        for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and loading
+
+def checkpoint_problem(folder):
+    """None if folder is a complete checkpoint, else what is wrong with it (marker missing, file cut short...)."""
+    marker = os.path.join(folder, MARKER)
+    if not os.path.exists(marker):
+        return "no completeness marker (the save did not finish)"
+    try:
+        with open(marker) as f:
+            sizes = json.load(f)["files"]
+    except (ValueError, KeyError, TypeError):
+        return "the completeness marker is unreadable"
+    for name, size in sizes.items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes where {size} were written"
+    return None
+
+
+def complete_checkpoints(output_dir):
+    """Paths of the complete checkpoints in output_dir, oldest step first; incomplete ones are reported and ignored."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        match = _NAME.match(name)
+        if not match:
+            continue
+        path = os.path.join(output_dir, name)
+        problem = checkpoint_problem(path)
+        if problem:
+            print(f"ignoring {path}: {problem}", file=sys.stderr)
+            continue
+        found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir):
+    """The complete checkpoint with the highest step in output_dir, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_training_state(folder):
+    """The training_state.pt of a complete checkpoint (a clear error for an incomplete one)."""
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise ValueError(f"{folder} is not a complete checkpoint: {problem}")
+    return torch.load(os.path.join(folder, TRAINING_STATE), weights_only=True)
+
+
+def restore(folder, model, optimizer, scheduler, run):
+    """Load weights, optimizer and scheduler from a complete checkpoint -> the rest of its training state.
+
+    run: the settings that decide the batches ({name: value}, saved as state["run"]); a checkpoint
+    written with other values is refused, since resuming it would silently train on other batches.
+    """
+    state = load_training_state(folder)
+    for name, value in run.items():
+        if state["run"].get(name) != value:
+            raise ValueError(f"{folder} was written with {name}={state['run'].get(name)}, this run has {value}: "
+                             f"resuming would change the batches; use the same setting or a new output folder")
+    model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state

@@ -1,0 +1,411 @@
+"""Runs that survive: checkpoints and --resume, torchrun (DDP, gloo on CPU), GradCache, bad steps, bad data.
+
+Everything runs on a tiny random BERT (4 layers x 32) saved to a temporary folder; the real-size
+behaviour is the same code.
+"""
+import gzip
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel, BertTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import checkpoints  # noqa: E402
+import data  # noqa: E402
+import distributed  # noqa: E402
+import finetune  # noqa: E402
+import starbucks as sb  # noqa: E402
+
+WORDS = "the cat sat on a mat while dogs ran over green hills and birds sang near old stone walls".split()
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _sentence(rng):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+
+
+def _tiny_model(folder, dropout):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    BertModel(config).save_pretrained(folder)
+    vocab = os.path.join(data.resolve_model_path("all-MiniLM-L6-v2"), "vocab.txt")
+    BertTokenizer(vocab=vocab).save_pretrained(folder)  # vocab_file= is silently ignored in transformers 5
+    return str(folder)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster on a shared machine, and the subprocesses use one too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """{'dropout': model folder (dropout 0.1), 'plain': model folder (no dropout), 'train': Tevatron JSONL}."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    train = root / "train.jsonl"
+    with open(train, "w") as f:
+        for _ in range(64):
+            f.write(json.dumps({"query": _sentence(rng), "positive_passages": [{"text": _sentence(rng)}],
+                                "negative_passages": [{"text": _sentence(rng)} for _ in range(3)]}) + "\n")
+    folders = {"dropout": _tiny_model(root / "dropout", 0.1), "plain": _tiny_model(root / "plain", 0.0)}
+    assert "[UNK]" not in finetune.load_model(folders["plain"], torch.device("cpu"))[1].tokenize(" ".join(WORDS))
+    return {**folders, "train": str(train)}
+
+
+def _finetune_cmd(tiny, model, output_dir, *extra):
+    return [sys.executable, os.path.join(ROOT, "finetune.py"), "--model_name_or_path", tiny[model],
+            "--train_file", tiny["train"], "--output_dir", str(output_dir), *extra]
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def _write_files(content):
+    def write(folder):
+        for name, text in content.items():
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(text)
+    return write
+
+
+def test_checkpoint_cut_in_half_or_unfinished_is_never_picked(tmp_path):
+    for step in (2, 4):
+        checkpoints.save_checkpoint(str(tmp_path), step, _write_files({"weights.bin": "x" * 1000, "log": "ok"}))
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    # a crash mid-save leaves only the hidden temporary folder, even with every file in it
+    os.makedirs(tmp_path / ".checkpoint-6.tmp")
+    (tmp_path / ".checkpoint-6.tmp" / "weights.bin").write_text("x" * 1000)
+    # a checkpoint-named folder without the marker (e.g. copied by hand, interrupted)
+    os.makedirs(tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-8" / "weights.bin").write_text("x" * 1000)
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    # the newest complete one cut in half (a lost write): its marker's sizes no longer match
+    with open(tmp_path / "checkpoint-4" / "weights.bin", "r+") as f:
+        f.truncate(500)
+    assert "500 bytes where 1000" in checkpoints.checkpoint_problem(str(tmp_path / "checkpoint-4"))
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    os.remove(tmp_path / "checkpoint-2" / "log")
+    assert checkpoints.latest_checkpoint(str(tmp_path)) is None
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoints.load_training_state(str(tmp_path / "checkpoint-4"))
+    # the next save clears the crash's leftovers and replaces a broken folder of the same step
+    checkpoints.save_checkpoint(str(tmp_path), 4, _write_files({"weights.bin": "y" * 10}))
+    assert not os.path.exists(tmp_path / ".checkpoint-6.tmp")
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert (tmp_path / "checkpoint-4" / "weights.bin").read_text() == "y" * 10
+
+
+def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 3, 10):
+        checkpoints.save_checkpoint(str(tmp_path), step, _write_files({"a": str(step)}), save_total_limit=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-3"]  # numeric, not string, order
+
+
+def test_rng_state_round_trips_through_a_checkpoint_file(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save({"rng": checkpoints.rng_state()}, tmp_path / "state.pt")
+    first = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    checkpoints.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2:] == again[2:]
+
+
+def test_kill_9_during_a_run_then_resume_gives_the_same_weights_and_log_bit_for_bit(tiny, tmp_path):
+    """Dropout on: the resumed run must also restore the RNG state to reproduce the masks."""
+    args = ("--max_steps", "12", "--save_steps", "3", "--per_device_train_batch_size", "4")
+    killed = subprocess.Popen(_finetune_cmd(tiny, "dropout", tmp_path / "killed", *args), env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.isdir(tmp_path / "killed" / "checkpoint-3") and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    assert not os.path.exists(tmp_path / "killed" / "model.safetensors")  # it died before the end
+    resumed = subprocess.run(_finetune_cmd(tiny, "dropout", tmp_path / "killed", *args, "--resume"), env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    finetune.main(_finetune_cmd(tiny, "dropout", tmp_path / "whole", *args)[2:])  # uninterrupted, in this process
+    log_whole, log_resumed = _read(tmp_path / "whole" / "train_log.jsonl"), _read(tmp_path / "killed" / "train_log.jsonl")
+    assert len(log_whole.splitlines()) == 12
+    assert log_resumed == log_whole
+    assert _read(tmp_path / "killed" / "model.safetensors") == _read(tmp_path / "whole" / "model.safetensors")
+
+
+def test_resume_refuses_settings_that_change_the_batches(tiny, tmp_path):
+    common = ["--model_name_or_path", tiny["plain"], "--train_file", tiny["train"], "--output_dir", str(tmp_path),
+              "--max_steps", "2", "--save_steps", "1"]
+    finetune.main(common + ["--per_device_train_batch_size", "4"])
+    with pytest.raises(ValueError, match="per_device_train_batch_size=4, this run has 8"):
+        finetune.main(common + ["--per_device_train_batch_size", "8", "--resume"])
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step: GradCache and several processes
+
+def _batch(num_queries=4, group=4, seed=0):
+    rng = random.Random(seed)
+    return [_sentence(rng) for _ in range(num_queries)], [_sentence(rng) for _ in range(num_queries * group)]
+
+
+def _step_setup(model_dir, method="srl"):
+    """(model, tokenizer, embed_pairs, loss_fn) as finetune.py builds them (cosine, mean pooling)."""
+    model, tokenizer = finetune.load_model(model_dir, torch.device("cpu"))
+    args = finetune.parse_args(["--method", method])
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    embed_pairs, loss_fn = finetune.loss_for_method(args, sb.default_pairs(L, H), L, H, "contrastive")
+    distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
+    return model, tokenizer, embed_pairs, loss_fn
+
+
+def _step(net, model, tokenizer, embed_pairs, loss_fn, queries, passages, chunk, method="srl"):
+    """finetune.training_step -> (loss, {name: grad}); zeroes the gradients afterwards."""
+    q_tok = tokenizer(queries, padding=True, return_tensors="pt")
+    p_tok = tokenizer(passages, padding=True, return_tensors="pt")
+    generator = torch.Generator().manual_seed(5)  # 2DMSE's sampled sizes
+    loss = finetune.training_step(net, embed_pairs, "mean", loss_fn, q_tok, p_tok, None, generator, chunk)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+def _assert_same_step(a, b):
+    loss_a, grads_a = a
+    loss_b, grads_b = b
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["srl", "2dmse"])
+def test_grad_cache_step_equals_the_uncached_step(tiny, method):
+    """Every pair at once (srl: 6 pairs; 2dmse: every layer), chunks of 3 that do not divide 4 or 16."""
+    model, tokenizer, embed_pairs, loss_fn = _step_setup(tiny["plain"], method)
+    queries, passages = _batch()
+    uncached = _step(model, model, tokenizer, embed_pairs, loss_fn, queries, passages, 0)
+    cached = _step(model, model, tokenizer, embed_pairs, loss_fn, queries, passages, 3)
+    _assert_same_step(cached, uncached)
+    assert all(g.abs().sum() > 0 for n, g in uncached[1].items() if "layer.3" in n)  # the grads are not trivial
+
+
+def test_grad_cache_replays_each_chunks_dropout_mask(tiny):
+    """Dropout on: the second pass of each chunk must see its first pass's mask. The reference embeds
+    the same chunks in the same order with a graph (same RNG draws) and backpropagates directly."""
+    model, tokenizer, embed_pairs, loss_fn = _step_setup(tiny["dropout"])
+    model.train()
+    queries, passages = _batch()
+    q_tok, p_tok = tokenizer(queries, padding=True, return_tensors="pt"), tokenizer(passages, padding=True, return_tensors="pt")
+    inputs = [(q_tok["input_ids"], q_tok["attention_mask"]), (p_tok["input_ids"], p_tok["attention_mask"])]
+
+    def embed(ids, mask):
+        return sb.embed_2d(model, ids, mask, embed_pairs, "mean")
+
+    def loss_of(q_2d, p_2d):
+        return loss_fn(q_2d, p_2d, None, None)
+
+    torch.manual_seed(7)
+    parts = [[embed(ids[s:s + 3], mask[s:s + 3]) for s in range(0, len(ids), 3)] for ids, mask in inputs]
+    reference = loss_of(*({k: torch.cat([p[k] for p in chunks]) for k in chunks[0]} for chunks in parts))
+    reference.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    loss = sb.grad_cache_step(embed, inputs, loss_of, 3)
+    _assert_same_step((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}),
+                      (reference.detach(), ref_grads))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank, port, model_dir, out_dir):
+    """One of two gloo ranks: DDP, this rank's half of the batch, plain and grad-cached steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    rank, world_size, device = distributed.setup()
+    model, tokenizer, embed_pairs, loss_fn = _step_setup(model_dir)
+    net = distributed.wrap(model, device)
+    queries, passages = _batch()
+    queries, passages = distributed.shard(queries, rank, world_size), distributed.shard(passages, rank, world_size)
+    results = {chunk: _step(net, model, tokenizer, embed_pairs, loss_fn, queries, passages, chunk) for chunk in (0, 3)}
+    results["objects"] = distributed.gather_objects(f"rank {rank}")
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.cleanup()
+
+
+def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenated_batch(tiny, tmp_path):
+    """gloo on CPU; each rank holds 2 queries and 8 passages, all 16 passages are candidates for all 4 queries."""
+    mp.spawn(_two_rank_worker, args=(_free_port(), tiny["plain"], str(tmp_path)), nprocs=2)
+    model, tokenizer, embed_pairs, loss_fn = _step_setup(tiny["plain"])
+    single = _step(model, model, tokenizer, embed_pairs, loss_fn, *_batch(), 0)
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        _assert_same_step(results[0], single)
+        _assert_same_step(results[3], single)  # GradCache under DDP (no_sync until the last chunk)
+        assert results["objects"] == ["rank 0", "rank 1"]
+
+
+def test_torchrun_finetune_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tmp_path):
+    args = ("--max_steps", "3", "--save_steps", "2")
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            *_finetune_cmd(tiny, "plain", tmp_path / "two", *args, "--per_device_train_batch_size", "2")[1:]],
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one = subprocess.run(_finetune_cmd(tiny, "plain", tmp_path / "one", *args, "--per_device_train_batch_size", "4"),
+                         env=ENV, capture_output=True, text=True)
+    out, _ = two.communicate()
+    assert two.returncode == 0, out
+    assert one.returncode == 0, one.stderr
+    assert "x 2 processes" in out and out.count("contrastive records") == 1  # rank 0 alone prints
+    read = lambda d: [json.loads(line) for line in open(tmp_path / d / "train_log.jsonl")]
+    for a, b in zip(read("two"), read("one"), strict=True):
+        assert a["step"] == b["step"] and a["lr"] == b["lr"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    state = checkpoints.load_training_state(str(tmp_path / "two" / "checkpoint-2"))
+    assert len(state["rng"]) == 2 and state["run"]["world_size"] == 2  # every rank's RNG, saved by rank 0
+
+
+def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
+    """DDP needs every trainable parameter to get a gradient; here layers 3-4 and the pooler get none."""
+    model, tokenizer = finetune.load_model(tiny["plain"], torch.device("cpu"))
+    frozen = distributed.freeze_unreached(model, 2)
+    assert frozen and all(n.startswith(("pooler.", "encoder.layer.2.", "encoder.layer.3.")) for n in frozen)
+    queries, passages = _batch()
+    q = tokenizer(queries, padding=True, return_tensors="pt")
+    p = tokenizer(passages, padding=True, return_tensors="pt")
+    pairs = [(1, 16), (2, 32)]
+    sb.srl_loss(sb.embed_2d(model, q["input_ids"], q["attention_mask"], pairs, "mean"),
+                sb.embed_2d(model, p["input_ids"], p["attention_mask"], pairs, "mean"), pairs).backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == param.requires_grad == (name not in frozen), name
+
+
+def test_one_process_helpers_are_identities():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert distributed.gather_with_grad(x) is x
+    assert distributed.gather_objects("a") == ["a"]
+    assert distributed.rank_and_world_size() == (0, 1)
+    assert distributed.shard(list(range(6)), 1, 3) == [2, 3]
+    with pytest.raises(ValueError, match="does not split"):
+        distributed.shard(list(range(5)), 0, 2)
+    assert distributed.all_finite(torch.tensor(1.0), 2.0)
+    assert not distributed.all_finite(torch.tensor(1.0), torch.tensor([0.0, float("nan")]))
+    assert not distributed.all_finite(float("inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite steps
+
+def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(tiny, tmp_path, monkeypatch, capsys):
+    real_step, calls = finetune.training_step, []
+
+    def poisoned(net, *args):
+        loss = real_step(net, *args)
+        calls.append(1)
+        if len(calls) == 3:  # step 3: one gradient entry becomes NaN
+            next(p for p in net.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return loss
+    monkeypatch.setattr(finetune, "training_step", poisoned)
+    finetune.main(["--model_name_or_path", tiny["plain"], "--train_file", tiny["train"], "--output_dir", str(tmp_path),
+                   "--max_steps", "5", "--save_steps", "1", "--max_bad_steps", "2"])
+    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert [r.get("skipped", False) for r in log] == [False, False, True, False, False]
+    assert "skipped 1 steps with a non-finite" in capsys.readouterr().out
+    assert os.path.isdir(tmp_path / "checkpoint-4") and not os.path.exists(tmp_path / "checkpoint-3")
+    # the run trained on after the skipped step: finite weights that moved from step 2 to step 4
+    weights = {d: load_file(tmp_path / d / "model.safetensors") for d in (".", "checkpoint-2", "checkpoint-4")}
+    assert all(torch.isfinite(v).all() for v in weights["."].values())
+    assert any(not torch.equal(weights["checkpoint-2"][k], weights["checkpoint-4"][k]) for k in weights["."])
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_a_message_keeping_the_last_good_checkpoint(tiny, tmp_path):
+    """lr 1e30: step 1 is finite and ruins the weights; every later step is NaN."""
+    with pytest.raises(SystemExit, match=r"stopped at step 4: 3 steps in a row .*/checkpoint-1\. "):
+        finetune.main(["--model_name_or_path", tiny["plain"], "--train_file", tiny["train"],
+                       "--output_dir", str(tmp_path), "--max_steps", "8", "--save_steps", "1", "--warmup_ratio", "0",
+                       "--learning_rate", "1e30", "--max_bad_steps", "3"])
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")  # none saved while bad
+    assert not os.path.exists(tmp_path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad data: each kind of damage has its own message, at load time, before any model is loaded
+
+GOOD = json.dumps({"query": "q one", "positive_passages": [{"text": "p one"}], "negative_passages": [{"text": "n"}]})
+
+
+def _write_bytes(path, raw):
+    with open(path, "wb") as f:
+        f.write(raw)
+    return str(path)
+
+
+@pytest.mark.parametrize("name, raw, message", [
+    ("truncated.jsonl", (GOOD + "\n" + GOOD[:40]).encode(), r"truncated.jsonl:2: the file ends in the middle of this record"),
+    ("latin1.jsonl", (GOOD + "\n").encode() + '{"query": "caf\xe9"}\n'.encode("latin-1"), r"latin1.jsonl:2: not valid UTF-8"),
+    ("empty.jsonl", b"\n  \n", r"empty.jsonl: file is empty"),
+    ("array.jsonl", b'["q", "p"]\n', r"array.jsonl:1: a JSON object was expected"),
+    ("fields.jsonl", b'{"question": "q", "answer": "a"}\n', r"fields.jsonl:1: unknown record layout with fields \['answer', 'question'\]"),
+    ("pretty.json", b'[\n {"anchor": "a", "positive": "b"}\n]\n', r"pretty.json:1: .*one JSON array over several lines"),
+    ("broken.jsonl", (GOOD[:30] + "\n" + GOOD + "\n").encode(), r"broken.jsonl:1: not valid JSON"),
+    ("columns.tsv", b"a\tb\tc\td\n", r"columns.tsv:1: 4 columns: expected 2"),
+])
+def test_each_kind_of_bad_training_file_gets_its_own_error(tmp_path, name, raw, message):
+    path = _write_bytes(tmp_path / name, raw)
+    with pytest.raises(data.DataError, match=message):
+        data.read_training_file(path)
+
+
+def test_a_gzip_file_cut_short_is_a_data_error(tmp_path):
+    raw = gzip.compress(("\n".join([GOOD] * 200) + "\n").encode())
+    path = _write_bytes(tmp_path / "train.jsonl.gz", raw[:len(raw) // 2])
+    with pytest.raises(data.DataError, match="train.jsonl.gz: damaged or cut-short gzip file"):
+        data.read_training_file(path)
+
+
+def test_skip_bad_lines_goes_on_and_prints_how_many_were_skipped(tmp_path, capsys):
+    lines = [GOOD, "{not json", '["a list"]', GOOD, '{"question": "q"}', GOOD[:25]]
+    path = _write_bytes(tmp_path / "mixed.jsonl", "\n".join(lines).encode())
+    args = finetune.parse_args(["--train_file", path, "--skip-bad-lines"])
+    kind, records = finetune.load_training_records(args)
+    assert kind == "contrastive" and len(records) == 2
+    assert "skipped 4 bad lines of" in capsys.readouterr().err
+
+
+def test_a_json_string_with_a_unicode_line_separator_is_one_record(tmp_path):
+    record = {"anchor": "first\u2028second", "positive": "para\u2029graph"}
+    path = _write_bytes(tmp_path / "seps.jsonl", (json.dumps(record, ensure_ascii=False) + "\n").encode())
+    kind, records, skipped = data.read_training_file(path)
+    assert records == [{"query": "first\u2028second", "positives": ["para\u2029graph"], "negatives": []}]
