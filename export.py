@@ -93,13 +93,14 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "starbucks_config.json"), "w") as f:
         exported = sb.StarbucksConfig([(n, d)], config.pooling, config.similarity, config.temperature)
         json.dump({**asdict(exported), "exported_from": path, "source_layers": L}, f, indent=2)
-    write_sentence_transformers_files(args.output_dir, H, d, config.pooling, config.similarity, args.max_seq_length)
+    max_seq_length = min(args.max_seq_length, getattr(full.config, "max_position_embeddings", args.max_seq_length))
+    write_sentence_transformers_files(args.output_dir, H, d, config.pooling, config.similarity, max_seq_length)
 
     # check: the folder, reloaded from disk, embeds real text exactly as embed_2d's (n, d) does
     reloaded = AutoModel.from_pretrained(args.output_dir).eval()
     texts = data.lee_documents()[:8]
-    expected = sb.encode(texts, full, tokenizer, (n, d), config.pooling, args.max_seq_length)  # (8, d)
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=args.max_seq_length, return_tensors="pt")
+    expected = sb.encode(texts, full, tokenizer, (n, d), config.pooling, max_seq_length)  # (8, d)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")
     with torch.no_grad():
         hidden = reloaded(**enc).last_hidden_state  # (8, T, H)
     got = sb.pool(hidden, enc["attention_mask"], config.pooling)[:, :d]  # (8, d)
