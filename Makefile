@@ -28,6 +28,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_search.py
 
 clean:
 	rm -rf $(VENV) output

@@ -3,6 +3,7 @@
     python evaluate.py                                          # packaged MiniLM on the embedded data
     python evaluate.py --model_name_or_path out/full out/srl    # side by side, one table per metric
     python evaluate.py --sts_files sts-test.tsv --beir_dirs scifact --runs runs/
+    python evaluate.py --adaptive 2x24:200:6x384               # 2D adaptive retrieval (Eq. 14) beside exhaustive
 
 Every pair's embeddings come from one forward pass per batch (up to the largest requested layer).
 Metrics follow trec_eval (README, Evaluation); --runs writes one TREC run file per pair so that

@@ -71,13 +71,9 @@ def main(argv=None):
     config, separate = read_config(path, full, argparse.Namespace(pairs=None, grid=False, pooling=args.pooling,
                                                                   similarity=args.similarity))
     L, H = full.config.num_hidden_layers, full.config.hidden_size
+    if separate:
+        raise ValueError(f"{path} holds separately trained models (Eq. 7): export one of its layer_<n> folders")
     (n, d), = sb.check_pairs(sb.parse_pairs(args.pair) if args.pair else config.pairs[:1], L, H)
-    if separate:  # Eq. 7 checkpoints: layer n's own model
-        if str(n) not in separate:
-            raise ValueError(f"{path} has separately trained models for layers {sorted(separate)}, not {n}")
-        path = os.path.join(path, separate[str(n)])
-        full, tokenizer = load_model(path, "cpu")
-        full.eval()
 
     # the sub-model: from_pretrained with num_hidden_layers = n reads only the weights of layers 1..n
     sub_config = AutoConfig.from_pretrained(path)

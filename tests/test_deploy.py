@@ -3,6 +3,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -216,6 +217,16 @@ def test_export_size_shrinks_with_n(tiny_folder, tmp_path):
 def test_export_bad_pair(tiny_folder, tmp_path, pair):
     with pytest.raises(ValueError):
         export.main(["--model_name_or_path", tiny_folder, "--pair", pair, "--output_dir", str(tmp_path)])
+
+
+def test_export_and_adaptive_refuse_separately_trained_checkpoints(tiny_folder, tmp_path):
+    folder = tmp_path / "separate"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "starbucks_config.json").write_text(json.dumps({"pairs": [[1, 8], [4, 32]], "separate": {"1": "layer_1"}}))
+    with pytest.raises(ValueError, match="separately trained"):
+        export.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="separately trained"):
+        evaluate.adaptive_retrieval(str(folder), {}, evaluate_args("1x8:5:4x32"), torch.device("cpu"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
