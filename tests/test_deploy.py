@@ -296,3 +296,15 @@ def test_export_of_packaged_minilm_equals_embed_2d(tmp_path):
         got = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_tensor=True, normalize_embeddings=True)
         expected = sb.encode(TEXTS, model, tokenizer, (2, 24), "mean", max_length=256, normalize=True)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_print_adaptive_lists_each_search_with_its_values(capsys):
+    dataset = tiny_retrieval_set()
+    row = {"nDCG@10": 0.5, "MRR@10": 0.25, "encode GFLOPs/q": 1.0, "search MFLOPs/q": 2.0, "encode ms/q": 3.0,
+           "search ms/q": 4.0}
+    text = evaluate.print_adaptive({"m": {"tiny": {"exhaustive 4x32": row, "adaptive 1x8:5:4x32": row}}},
+                                   {"tiny": ("retrieval", dataset)})
+    lines = text.strip().splitlines()
+    assert "12 documents, 6 queries" in lines[0] and lines[1].split()[:3] == ["search", "nDCG@10", "MRR@10"]
+    assert lines[3].split() == ["adaptive", "1x8:5:4x32", "0.5000", "0.2500", "1.0000", "2.0000", "3.0000", "4.0000"]
+    assert capsys.readouterr().out.strip() == text.strip()
