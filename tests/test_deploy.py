@@ -253,24 +253,21 @@ def tiny_retrieval_set():
 
 
 def evaluate_args(adaptive):
-    return evaluate.parse_args(["--adaptive", adaptive, "--pooling", "cls", "--similarity", "dot"])
+    return evaluate.parse_args(["--adaptive", adaptive, "--pooling", "cls", "--similarity", "dot", "--pairs", "1x8,4x32"])
 
 
-def test_evaluate_adaptive_with_k_equal_to_corpus_matches_exhaustive(tiny_folder, tiny):
-    dataset = tiny_retrieval_set()
-    datasets = {"tiny": ("retrieval", dataset)}
+def test_evaluate_adaptive_with_k_equal_to_corpus_matches_exhaustive(tiny_folder):
+    datasets = {"tiny": ("retrieval", tiny_retrieval_set())}
     args = evaluate_args("1x8:12:4x32")
     rows = evaluate.adaptive_retrieval(tiny_folder, datasets, args, torch.device("cpu"))["tiny"]
     assert list(rows) == ["exhaustive 1x8", "exhaustive 4x32", "adaptive 1x8:12:4x32"]
     for metric in ("nDCG@10", "MRR@10"):
         assert rows["adaptive 1x8:12:4x32"][metric] == rows["exhaustive 4x32"][metric]
     # the exhaustive rows agree with evaluate.py's main table
-    model, tokenizer = tiny
-    config = sb.StarbucksConfig([(1, 8), (4, 32)], "cls", "dot")
-    runs = evaluate.retrieval_runs(model, tokenizer, dataset, config.pairs, config, args)
-    for n, d in config.pairs:
-        scores = evaluate.retrieval_scores(runs[(n, d)], dataset[2])
-        assert rows[f"exhaustive {n}x{d}"]["nDCG@10"] == pytest.approx(scores["nDCG@10"])
+    _, table = evaluate.evaluate_model(tiny_folder, datasets, args, torch.device("cpu"))
+    for pair in ("1x8", "4x32"):
+        for metric in ("nDCG@10", "MRR@10"):
+            assert rows[f"exhaustive {pair}"][metric] == pytest.approx(table["tiny"][pair][metric])
     assert rows["adaptive 1x8:12:4x32"]["search MFLOPs/q"] == pytest.approx(sb.search_flops(12, [8, 32], [12]) / 1e6)
     assert rows["exhaustive 1x8"]["encode GFLOPs/q"] < rows["exhaustive 4x32"]["encode GFLOPs/q"]
 
