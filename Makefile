@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_grad_cache.py
+	$(PY) bench/bench_search.py
 
 clean:
 	rm -rf $(VENV) output

@@ -3,6 +3,7 @@
     python evaluate.py                                          # packaged MiniLM on the embedded data
     python evaluate.py --model_name_or_path out/full out/srl    # side by side, one table per metric
     python evaluate.py --sts_files sts-test.tsv --beir_dirs scifact --runs runs/
+    python evaluate.py --adaptive 2x24:200:6x384               # 2D adaptive retrieval (Eq. 14) beside exhaustive
 
 Every pair's embeddings come from one forward pass per batch (up to the largest requested layer).
 Metrics follow trec_eval (README, Evaluation); --runs writes one TREC run file per pair so that
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -311,6 +313,74 @@ def plot_heatmaps(all_results, output_dir):
                 paths.append(path)
     return paths
 
+# ----------------------------------------------------------------------------------------------
+# 2D adaptive retrieval (Eq. 14) beside exhaustive search at each of its sizes
+
+
+def adaptive_retrieval(name_or_path, datasets, args, device):
+    """{dataset: {search: nDCG@10, MRR@10, FLOPs and ms per query}} for --adaptive and each of its pairs alone.
+
+    Times are per query over the whole query set: encoding (up to the search's largest layer) and search.
+    """
+    from finetune import load_model
+    path = data.resolve_model_path(name_or_path)
+    model, tokenizer = load_model(path, device)
+    model.eval()
+    config, separate = read_config(path, model, args)
+    if separate:
+        raise ValueError(f"--adaptive needs one 2D model; {path} holds one separately trained model per layer")
+    pairs, ks = sb.parse_funnel(args.adaptive)
+    pairs = sb.check_pairs(pairs, model.config.num_hidden_layers, model.config.hidden_size)
+    searches = {f"exhaustive {n}x{d}": ([(n, d)], []) for n, d in pairs}
+    searches[f"adaptive {args.adaptive}"] = (pairs, ks)
+    normalize = config.similarity == "cos"
+    results = {}
+    for name, (kind, (corpus, queries, qrels)) in datasets.items():
+        if kind != "retrieval":
+            continue
+        docids, texts = list(corpus), [queries[q] for q in queries]
+        d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling,
+                             args.passage_max_len, args.per_device_eval_batch_size, normalize,
+                             progress=lambda it: tqdm(it, desc="corpus", leave=False))
+        tokens = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=args.query_max_len)["input_ids"]]
+        sb.encode_2d(model, tokenizer, texts[:args.per_device_eval_batch_size], pairs, config.pooling,
+                     args.query_max_len)  # warm-up, untimed
+        for label, (stage_pairs, stage_ks) in searches.items():
+            start = time.perf_counter()
+            q_emb = sb.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling, args.query_max_len,
+                                 args.per_device_eval_batch_size, normalize)  # stops at the largest stage's layer
+            encoded = time.perf_counter()
+            scores, indices = sb.adaptive_search([q_emb[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs],
+                                                 stage_ks, depth=10)
+            searched = time.perf_counter()
+            run = {qid: {docids[j]: s for s, j in zip(scores[row].tolist(), indices[row].tolist())}
+                   for row, qid in enumerate(queries)}
+            layers = max(n for n, _ in stage_pairs)
+            results.setdefault(name, {})[label] = {
+                "nDCG@10": ndcg_at_k(run, qrels, 10), "MRR@10": mrr_at_k(run, qrels, 10),
+                "encode GFLOPs/q": float(np.mean([sb.encoder_flops(model, layers, t) for t in tokens])) / 1e9,
+                "search MFLOPs/q": sb.search_flops(len(docids), [d for _, d in stage_pairs], stage_ks) / 1e6,
+                "encode ms/q": (encoded - start) * 1000 / len(texts), "search ms/q": (searched - encoded) * 1000 / len(texts)}
+    return results
+
+
+def print_adaptive(adaptive, datasets):
+    """One table per model and dataset: exhaustive search at each pair, then the adaptive funnel."""
+    columns = ("nDCG@10", "MRR@10", "encode GFLOPs/q", "search MFLOPs/q", "encode ms/q", "search ms/q")
+    lines = []
+    for model_name, by_dataset in adaptive.items():
+        for dataset, rows in by_dataset.items():
+            corpus, queries, _ = datasets[dataset][1]
+            lines.append(f"\n{dataset} adaptive retrieval (Eq. 14), model {model_name}: "
+                         f"{len(corpus)} documents, {len(queries)} queries")
+            width = max(len(label) for label in rows) + 2
+            lines.append(f"{'search':<{width}}" + "".join(f"{c:>17}" for c in columns))
+            for label, values in rows.items():
+                lines.append(f"{label:<{width}}" + "".join(f"{values[c]:>17.4f}" for c in columns))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,6 +397,8 @@ def parse_args(argv=None):
     p.add_argument("--msmarco", nargs=3, metavar=("COLLECTION", "QUERIES", "QRELS"), default=None)
     p.add_argument("--runs", default=None, help="write one TREC run file per model, dataset and pair here")
     p.add_argument("--depth", type=int, default=1000)
+    p.add_argument("--adaptive", default=None, metavar="SMALL:K:LARGE",
+                   help="also report 2D adaptive retrieval (Eq. 14), e.g. 2x24:50:6x384 or a funnel 1x12:200:2x24:50:6x384")
     p.add_argument("--query_max_len", type=int, default=32)
     p.add_argument("--passage_max_len", type=int, default=128)
     p.add_argument("--max_seq_length", type=int, default=256, help="STS texts")
@@ -342,8 +414,12 @@ def main(argv=None):
         raise ValueError("--names needs one distinct name per model")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datasets = load_datasets(args)
-    all_results, configs = {}, {}
+    if args.adaptive and not any(kind == "retrieval" for kind, _ in datasets.values()):
+        raise ValueError("--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")
+    all_results, configs, adaptive = {}, {}, {}
     for name, path in zip(names, args.model_name_or_path):
+        if args.adaptive:
+            adaptive[name] = adaptive_retrieval(path, datasets, args, device)
         config, all_results[name] = evaluate_model(path, datasets, args, device)
         configs[name] = {"path": path, "pooling": config.pooling, "similarity": config.similarity}
     os.makedirs(args.output_dir, exist_ok=True)
@@ -352,11 +428,13 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
                    "datasets": {n: labels.get(n, n) for n in datasets}, "models": configs,
-                   "results": all_results}, f, indent=2)
+                   "results": all_results, **({"adaptive": adaptive} if adaptive else {})}, f, indent=2)
     for n in datasets:
         if n in labels:
             print(f"{n}: {labels[n]}")
     table = print_tables(all_results, list(datasets))
+    if adaptive:
+        table += "\n" + print_adaptive(adaptive, datasets)
     open(os.path.join(args.output_dir, "table.txt"), "w").write(table + "\n")
     if args.plot:
         print("\n".join(plot_heatmaps(all_results, args.output_dir)))
