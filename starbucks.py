@@ -15,10 +15,12 @@ here is pure: tensors and a model in, tensors out; no files, no argparse, no glo
 Shapes: B queries, G passages per query (1 positive then G-1 hard negatives), T tokens, H hidden
 size, L layers, d a sub-dimension, n a sub-layer (1-based: n = 1 is the first transformer layer).
 """
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 # The paper's six layer-dim pairs for a 12 x 768 encoder (BERT-base), small to large.
 STARBUCKS_PAIRS = [(2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768)]
@@ -314,3 +316,133 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
     inverse = torch.empty(len(texts), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
     return {pair: torch.cat(chunks[pair])[inverse] if texts else torch.empty(0, pair[1]) for pair in pairs}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-training losses (Eq. 10-13): Starbucks Masked Autoencoding (SMAE)
+#
+# Labels follow transformers' convention: the token id at a masked position, -100 elsewhere.
+
+class SMAEHeads(torch.nn.Module):
+    """The trainable parts of Eq. 10 and 12 outside the encoder: the shared MLM head and the MAE decoder.
+
+    Holds weights only (no forward): mlm_transform, mlm_logits and mae_loss read them. The vocabulary
+    decoder has no weight of its own: it is tied to the encoder's word embeddings (Eq. 10).
+    """
+
+    def __init__(self, encoder):
+        super().__init__()
+        config = encoder.config
+        self.transform = BertPredictionHeadTransform(config)  # dense (H x H), GELU, LayerNorm over H
+        self.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))  # the vocabulary decoder's bias
+        # Eq. 12: one transformer layer initialised from (a copy of) the encoder's first layer
+        self.decoder_layer = copy.deepcopy(transformer_layers(encoder)[0])
+        torch.nn.init.normal_(self.transform.dense.weight, std=config.initializer_range)  # BERT's init
+        torch.nn.init.zeros_(self.transform.dense.bias)
+
+
+def mlm_transform(heads, h):
+    """Eq. 10, first part: GELU-LN(W[:, :d] h + b) for h (..., d): the projection reads only d inputs."""
+    d = h.shape[-1]
+    z = F.linear(h, heads.transform.dense.weight[:, :d], heads.transform.dense.bias)  # (..., H)
+    return heads.transform.LayerNorm(heads.transform.transform_act_fn(z))  # (..., H)
+
+
+def mlm_logits(heads, word_embeddings, t):
+    """Eq. 10, vocabulary decoder: t E^T + b, its weight tied to the word embeddings E (V, H)."""
+    return F.linear(t, word_embeddings, heads.bias)  # (..., V)
+
+
+def mlm_loss(heads, word_embeddings, h, labels, all_positions=False):
+    """Eq. 11: cross-entropy of the sliced head (Eq. 10) on h = h^(n)[:, :, :d] (B, T, d) at masked positions.
+
+    all_positions=True computes logits at every position and ignores unmasked labels, as the authors'
+    code does (same loss, ~T/M times the head's FLOPs); kept for the benchmark and the tests.
+    """
+    if all_positions:
+        logits = mlm_logits(heads, word_embeddings, mlm_transform(heads, h))  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    masked = labels != -100  # (B, T)
+    logits = mlm_logits(heads, word_embeddings, mlm_transform(heads, h[masked]))  # (M, V): masked only
+    return F.cross_entropy(logits, labels[masked])
+
+
+def mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels, all_positions=False):
+    """Eq. 12: the one-layer decoder reads the decoder input's embeddings (B, T, H) with position 0
+    replaced by the sub-model's sentence vector (B, H), and predicts the decoder input's masked tokens."""
+    x = torch.cat([sentence[:, None], decoder_embeds[:, 1:]], dim=1)  # (B, T, H)
+    # additive mask (B, 1, 1, T): 0 on real tokens, -inf-like on padding (eager and SDPA attention accept it)
+    pad = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+    y = heads.decoder_layer(x, attention_mask=pad)
+    y = y[0] if isinstance(y, tuple) else y  # (B, T, H)
+    return mlm_loss(heads, word_embeddings, y, decoder_labels, all_positions)
+
+
+def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels, pairs,
+              all_positions=False):
+    """Eq. 13: mean over pairs of (L_MLM^(n,d) + L_MAE^(n,d)) / 2, every pair from ONE encoder pass.
+
+    The encoder reads the 20 % masked input (labels), the MAE decoder the 40 % masked one (decoder_labels).
+    """
+    hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])  # {n: (B, T, H)}
+    word_embeddings = encoder.get_input_embeddings().weight  # (V, H), shared by encoder, head and decoder
+    decoder_embeds = encoder.embeddings(input_ids=decoder_input_ids)  # (B, T, H), once for all pairs
+    total = 0.0
+    for n, d in pairs:
+        h = hidden[n][:, :, :d]  # (B, T, d)
+        mlm = mlm_loss(heads, word_embeddings, h, labels, all_positions)
+        # transform of the first token only; the authors transform every token, then keep the first (same values)
+        sentence = mlm_transform(heads, h[:, 0])  # (B, H)
+        mae = mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels, all_positions)
+        total = total + (mlm + mae) / 2
+    return total / len(pairs)
+
+
+def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, encoder_rate=0.2, decoder_rate=0.4):
+    """SMAE's inputs: whole-word masks at two rates, the encoder's set inside the decoder's, BERT's 80/10/10.
+
+    input_ids, maskable (B, T): maskable marks real, non-special tokens; is_subword (V,): '##' pieces.
+    Per text, words (a piece and its '##' continuations) are drawn in a seeded random order and kept
+    while they fit into round(rate * maskable tokens) (at least 1), as the authors' collator does;
+    a word goes to the encoder's set only if it also goes to the decoder's, so encoder ⊆ decoder.
+    Masked tokens become [MASK] 80 %, a random token 10 %, stay 10 % (drawn apart for each input).
+    Returns (encoder input_ids, labels, decoder input_ids, decoder_labels), all (B, T); the same
+    arguments always give the same result.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = input_ids.cpu()
+    maskable = maskable.cpu().bool()
+    follows = torch.cat([torch.zeros_like(maskable[:, :1]), maskable[:, :-1]], dim=1)  # previous token maskable
+    starts = maskable & ~(is_subword.cpu()[ids] & follows)  # (B, T) first piece of each word
+    encoder_set = torch.zeros_like(maskable)
+    decoder_set = torch.zeros_like(maskable)
+    for b in range(ids.shape[0]):
+        positions = maskable[b].nonzero().flatten().tolist()
+        words = []
+        for i in positions:
+            if starts[b, i] or not words:
+                words.append([i])
+            else:
+                words[-1].append(i)
+        if not words:
+            continue
+        enc_target = max(1, round(encoder_rate * len(positions)))
+        dec_target = max(enc_target, round(decoder_rate * len(positions)))
+        enc_count = dec_count = 0
+        for w in torch.randperm(len(words), generator=generator).tolist():
+            size = len(words[w])
+            if dec_count + size > dec_target:
+                continue
+            decoder_set[b, words[w]] = True
+            dec_count += size
+            if enc_count + size <= enc_target:
+                encoder_set[b, words[w]] = True
+                enc_count += size
+    out = []
+    for masked in (encoder_set, decoder_set):
+        u = torch.rand(ids.shape, generator=generator)  # (B, T): which of the 80/10/10 cases
+        random_tokens = torch.randint(is_subword.shape[0], ids.shape, generator=generator)
+        masked_ids = torch.where(masked & (u < 0.8), mask_token_id, ids)
+        masked_ids = torch.where(masked & (u >= 0.8) & (u < 0.9), random_tokens, masked_ids)
+        out += [masked_ids.to(input_ids.device), torch.where(masked, ids, -100).to(input_ids.device)]
+    return tuple(out)
