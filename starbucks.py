@@ -367,14 +367,19 @@ def mlm_loss(heads, word_embeddings, h, labels, all_positions=False):
     return F.cross_entropy(logits, labels[masked])
 
 
-def mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels, all_positions=False):
-    """Eq. 12: the one-layer decoder reads the decoder input's embeddings (B, T, H) with position 0
-    replaced by the sub-model's sentence vector (B, H), and predicts the decoder input's masked tokens."""
+def mae_decoder(heads, decoder_embeds, sentence, attention_mask):
+    """Eq. 12's decoder: one layer over the decoder input's embeddings (B, T, H) with position 0
+    replaced by the sub-model's sentence vector (B, H) -> its output states (B, T, H)."""
     x = torch.cat([sentence[:, None], decoder_embeds[:, 1:]], dim=1)  # (B, T, H)
     # additive mask (B, 1, 1, T): 0 on real tokens, -inf-like on padding (eager and SDPA attention accept it)
     pad = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
     y = heads.decoder_layer(x, attention_mask=pad)
-    y = y[0] if isinstance(y, tuple) else y  # (B, T, H)
+    return y[0] if isinstance(y, tuple) else y  # (B, T, H)
+
+
+def mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels, all_positions=False):
+    """Eq. 12: the MAE decoder's prediction of the decoder input's masked tokens (through the Eq. 10 head)."""
+    y = mae_decoder(heads, decoder_embeds, sentence, attention_mask)  # (B, T, H)
     return mlm_loss(heads, word_embeddings, y, decoder_labels, all_positions)
 
 
@@ -383,19 +388,29 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
     """Eq. 13: mean over pairs of (L_MLM^(n,d) + L_MAE^(n,d)) / 2, every pair from ONE encoder pass.
 
     The encoder reads the 20 % masked input (labels), the MAE decoder the 40 % masked one (decoder_labels).
+    all_positions=True is the authors' computation (logits at every position, pair by pair), for comparison.
     """
     hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])  # {n: (B, T, H)}
     word_embeddings = encoder.get_input_embeddings().weight  # (V, H), shared by encoder, head and decoder
     decoder_embeds = encoder.embeddings(input_ids=decoder_input_ids)  # (B, T, H), once for all pairs
-    total = 0.0
+    # transform of the first token only; the authors transform every token, then keep the first (same values)
+    sentences = {(n, d): mlm_transform(heads, hidden[n][:, 0, :d]) for n, d in pairs}  # {pair: (B, H)}
+    if all_positions:
+        return sum((mlm_loss(heads, word_embeddings, hidden[n][:, :, :d], labels, True)
+                    + mae_loss(heads, word_embeddings, decoder_embeds, sentences[(n, d)], attention_mask,
+                               decoder_labels, True)) / 2 for n, d in pairs) / len(pairs)
+    masked, decoder_masked = labels != -100, decoder_labels != -100  # (B, T) each
+    states, targets = [], []
     for n, d in pairs:
-        h = hidden[n][:, :, :d]  # (B, T, d)
-        mlm = mlm_loss(heads, word_embeddings, h, labels, all_positions)
-        # transform of the first token only; the authors transform every token, then keep the first (same values)
-        sentence = mlm_transform(heads, h[:, 0])  # (B, H)
-        mae = mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels, all_positions)
-        total = total + (mlm + mae) / 2
-    return total / len(pairs)
+        y = mae_decoder(heads, decoder_embeds, sentences[(n, d)], attention_mask)  # (B, T, H)
+        states += [mlm_transform(heads, hidden[n][:, :, :d][masked]), mlm_transform(heads, y[decoder_masked])]
+        targets += [labels[masked], decoder_labels[decoder_masked]]
+    # One vocabulary matmul for all 2|S| terms (the same logits as Eq. 11/12 pair by pair): the tied
+    # embeddings' (V, H) gradient is then formed once, not 2|S| times.
+    logits = mlm_logits(heads, word_embeddings, torch.cat(states))  # (sum of masked counts, V)
+    ce = F.cross_entropy(logits, torch.cat(targets), reduction="none")
+    terms = torch.stack([c.mean() for c in ce.split([len(t) for t in targets])])  # L_MLM, L_MAE of each pair
+    return terms.mean()  # = (1/|S|) sum over pairs of (L_MLM + L_MAE) / 2
 
 
 def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, encoder_rate=0.2, decoder_rate=0.4):
