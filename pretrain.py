@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="output/pretrain")
     p.add_argument("--pairs", default=None, help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
     p.add_argument("--max_length", type=int, default=128, help="tokens per crop (the paper: 512)")
-    p.add_argument("--encoder_mlm_probability", type=float, default=0.2)
-    p.add_argument("--decoder_mlm_probability", type=float, default=0.4)
+    p.add_argument("--mlm_probability", type=float, default=0.2, help="encoder masking rate (the authors' flag name)")
+    p.add_argument("--decoder_mlm_probability", type=float, default=0.4, help="MAE decoder masking rate; its set contains the encoder's")
     p.add_argument("--per_device_train_batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--weight_decay", type=float, default=0.001)
@@ -61,8 +61,8 @@ def parse_args(argv=None):
         p.error("--max_length must be at least 3 ([CLS], one token, [SEP])")
     if args.per_device_train_batch_size < 1:
         p.error("--per_device_train_batch_size must be at least 1")
-    if not 0 < args.encoder_mlm_probability <= args.decoder_mlm_probability <= 1:
-        p.error("need 0 < --encoder_mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
+    if not 0 < args.mlm_probability <= args.decoder_mlm_probability <= 1:
+        p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
     return args
 
 
@@ -180,7 +180,7 @@ def train(args, encoder, heads, tokenizer, crops, pairs, config):
         input_ids, attention_mask, maskable = batch_tensors(batch, tokenizer.pad_token_id, tokenizer.all_special_ids)
         enc_ids, labels, dec_ids, dec_labels = sb.whole_word_masking(
             input_ids, maskable, is_subword, tokenizer.mask_token_id, args.seed * 1_000_003 + step,
-            args.encoder_mlm_probability, args.decoder_mlm_probability)
+            args.mlm_probability, args.decoder_mlm_probability)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss = sb.smae_loss(encoder, heads, enc_ids.to(device), attention_mask.to(device), labels.to(device),
                                 dec_ids.to(device), dec_labels.to(device), pairs)

@@ -332,6 +332,8 @@ class SMAEHeads(torch.nn.Module):
 
     def __init__(self, encoder):
         super().__init__()
+        if not isinstance(getattr(encoder, "embeddings", None), torch.nn.Module):
+            raise ValueError(f"SMAE needs a BERT-style encoder with .embeddings, not {type(encoder).__name__}")
         config = encoder.config
         self.transform = BertPredictionHeadTransform(config)  # dense (H x H), GELU, LayerNorm over H
         self.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))  # the vocabulary decoder's bias
@@ -433,9 +435,10 @@ def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, enc
     decoder_set = torch.zeros_like(maskable)
     for b in range(ids.shape[0]):
         positions = maskable[b].nonzero().flatten().tolist()
+        is_start = starts[b].tolist()
         words = []
-        for i in positions:
-            if starts[b, i] or not words:
+        for i in positions:  # the first maskable token always starts a word (its predecessor is not maskable)
+            if is_start[i]:
                 words.append([i])
             else:
                 words[-1].append(i)

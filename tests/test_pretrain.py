@@ -221,9 +221,15 @@ def test_from_scratch_encoder_has_the_requested_size_and_real_vocab():
     assert tokenizer.unk_token_id not in tokenizer("Wikipedia articles about Australia")["input_ids"]
 
 
-def test_config_overrides_without_from_scratch_is_an_error():
+def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
-        pretrain.parse_args(["--config_overrides", TINY])
+        pretrain.parse_args(["--config_overrides", TINY])  # a checkpoint keeps its own size
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--mlm_probability", "0.5", "--decoder_mlm_probability", "0.4"])  # not a subset
+    with pytest.raises(data.DataError, match="no such file"):
+        pretrain.main(["--train_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="BERT-style encoder"):
+        sb.SMAEHeads(torch.nn.Linear(2, 2))
 
 
 def test_crop_documents_covers_every_token_in_order(tokenizer):
