@@ -369,20 +369,33 @@ def mlm_loss(heads, word_embeddings, h, labels, all_positions=False):
     return F.cross_entropy(logits, labels[masked])
 
 
-def mae_decoder(heads, decoder_embeds, sentence, attention_mask):
-    """Eq. 12's decoder: one layer over the decoder input's embeddings (B, T, H) with position 0
-    replaced by the sub-model's sentence vector (B, H) -> its output states (B, T, H)."""
+def mae_decoder(heads, decoder_embeds, sentence, attention_mask, rows=None):
+    """Eq. 12's decoder: one layer over the decoder input's embeddings (B, T, H) with position 0 replaced
+    by the sub-model's sentence vector (B, H) -> its outputs at `rows` (B, T) bool, (M, H); None: all, (B, T, H).
+
+    Only the keys and values need every position: with rows given, the attention output and the
+    feed-forward (3/4 of the layer's FLOPs) run at those rows only, through the layer's own modules.
+    """
     x = torch.cat([sentence[:, None], decoder_embeds[:, 1:]], dim=1)  # (B, T, H)
     # additive mask (B, 1, 1, T): 0 on real tokens, -inf-like on padding (eager and SDPA attention accept it)
     pad = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-    y = heads.decoder_layer(x, attention_mask=pad)
-    return y[0] if isinstance(y, tuple) else y  # (B, T, H)
+    layer = heads.decoder_layer
+    if rows is None:  # the whole layer at every position, as the authors run it
+        y = layer(x, attention_mask=pad)
+        return y[0] if isinstance(y, tuple) else y  # (B, T, H)
+    context = layer.attention.self(x, attention_mask=pad)[0]  # (B, T, H): every query, every key
+    a = layer.attention.output(context[rows], x[rows])  # (M, H): output projection, residual, LayerNorm
+    return layer.output(layer.intermediate(a), a)  # (M, H): feed-forward, residual, LayerNorm
 
 
 def mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels, all_positions=False):
     """Eq. 12: the MAE decoder's prediction of the decoder input's masked tokens (through the Eq. 10 head)."""
-    y = mae_decoder(heads, decoder_embeds, sentence, attention_mask)  # (B, T, H)
-    return mlm_loss(heads, word_embeddings, y, decoder_labels, all_positions)
+    if all_positions:
+        y = mae_decoder(heads, decoder_embeds, sentence, attention_mask)  # (B, T, H)
+        return mlm_loss(heads, word_embeddings, y, decoder_labels, all_positions=True)
+    rows = decoder_labels != -100  # (B, T)
+    y = mae_decoder(heads, decoder_embeds, sentence, attention_mask, rows)  # (M, H)
+    return F.cross_entropy(mlm_logits(heads, word_embeddings, mlm_transform(heads, y)), decoder_labels[rows])
 
 
 def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels, pairs,
@@ -404,8 +417,8 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
     masked, decoder_masked = labels != -100, decoder_labels != -100  # (B, T) each
     states, targets = [], []
     for n, d in pairs:
-        y = mae_decoder(heads, decoder_embeds, sentences[(n, d)], attention_mask)  # (B, T, H)
-        states += [mlm_transform(heads, hidden[n][:, :, :d][masked]), mlm_transform(heads, y[decoder_masked])]
+        y = mae_decoder(heads, decoder_embeds, sentences[(n, d)], attention_mask, decoder_masked)  # (M_dec, H)
+        states += [mlm_transform(heads, hidden[n][:, :, :d][masked]), mlm_transform(heads, y)]
         targets += [labels[masked], decoder_labels[decoder_masked]]
     # One vocabulary matmul for all 2|S| terms (the same logits as Eq. 11/12 pair by pair): the tied
     # embeddings' (V, H) gradient is then formed once, not 2|S| times.

@@ -127,6 +127,19 @@ def test_mae_decoder_as_copy_of_layer_one_reads_like_the_encoder():
     torch.testing.assert_close(ours, sb.mlm_loss(heads, E, h1, labels))
 
 
+def test_mae_decoder_at_rows_equals_the_whole_layer_at_those_rows():
+    mlm = tiny_masked_lm()
+    heads = sb.SMAEHeads(mlm.bert).eval()
+    embeds = torch.randn(3, 9, 32)
+    sentence = torch.randn(3, 32)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[2, 5:] = 0
+    rows = torch.rand(3, 9, generator=torch.Generator().manual_seed(4)) < 0.4
+    rows &= mask.bool()
+    full = sb.mae_decoder(heads, embeds, sentence, mask)  # (B, T, H), the layer's own forward
+    torch.testing.assert_close(sb.mae_decoder(heads, embeds, sentence, mask, rows), full[rows])
+
+
 def test_smae_heads_decoder_layer_is_an_independent_copy_of_layer_one():
     mlm = tiny_masked_lm()
     heads = sb.SMAEHeads(mlm.bert)
