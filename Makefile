@@ -5,8 +5,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_DIR ?= output/demo
+# Three fine-tunes of 60 steps (16 queries x (1 positive + 1 hard negative)), 20 SMAE pre-training
+# steps and the evaluation of four models keep the whole demo under 15 minutes on 2 CPU cores.
 DEMO_STEPS ?= 60
-# 16 queries x (1 positive + 1 hard negative) per step keeps the whole demo under 15 minutes on 2 cores.
+DEMO_PRETRAIN_STEPS ?= 20
 DEMO_TRAIN_ARGS ?= --max_steps $(DEMO_STEPS) --per_device_train_batch_size 16 --train_group_size 2 --learning_rate 1e-4
 
 .PHONY: demo test bench clean
@@ -21,8 +23,12 @@ $(VENV)/.installed: requirements.txt requirements-data.txt requirements-test.txt
 demo: $(VENV)/.installed
 	$(PY) finetune.py --method full $(DEMO_TRAIN_ARGS) --output_dir $(DEMO_DIR)/full
 	$(PY) finetune.py --method srl $(DEMO_TRAIN_ARGS) --output_dir $(DEMO_DIR)/srl
-	$(PY) evaluate.py --model_name_or_path all-MiniLM-L6-v2 $(DEMO_DIR)/full $(DEMO_DIR)/srl \
-		--names base full srl --output_dir $(DEMO_DIR)/evaluate
+	$(PY) pretrain.py --max_steps $(DEMO_PRETRAIN_STEPS) --max_length 128 --per_device_train_batch_size 8 \
+		--output_dir $(DEMO_DIR)/smae
+	$(PY) finetune.py --method srl --model_name_or_path $(DEMO_DIR)/smae $(DEMO_TRAIN_ARGS) \
+		--output_dir $(DEMO_DIR)/smae_srl
+	$(PY) evaluate.py --model_name_or_path all-MiniLM-L6-v2 $(DEMO_DIR)/full $(DEMO_DIR)/srl $(DEMO_DIR)/smae_srl \
+		--names base full srl smae+srl --output_dir $(DEMO_DIR)/evaluate
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -32,6 +38,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_grad_cache.py
 	$(PY) bench/bench_search.py
+	$(PY) bench/bench_pretrain.py
 
 clean:
 	rm -rf $(VENV) output

@@ -395,7 +395,7 @@ def embedded_training_data(seed=0, num_negatives=7):
     """Inverse-cloze training records over Lee's background news and the training Wikipedia articles;
     hard negatives are other passages of the same document (the hardest at hand), topped up with
     passages of other documents when a document is short."""
-    documents = lee_background_documents() + [t for _, t in wikipedia_articles()[:HELD_OUT_ARTICLES]]
+    documents = training_documents()
     items = inverse_cloze(documents, seed=seed)
     by_doc = {}
     for doc_index, _, passage in items:
@@ -424,3 +424,29 @@ def embedded_retrieval_set(seed=0):
         queries[f"q{i}"] = query
         qrels[f"q{i}"] = {f"d{i}": 1}
     return corpus, queries, qrels
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain text for pre-training (pretrain.py)
+
+def read_text_file(path, skip_bad_lines=False):
+    """Documents of a plain-text file (one per line) or JSONL (a 'text' field per record) -> (documents, skipped)."""
+    lines = _Lines(path, skip_bad_lines)
+    documents = []
+    if _is_jsonl(path):
+        for line_no, record in lines.jsonl():
+            text = record.get("text")
+            if not isinstance(text, str) or not text.strip():
+                lines.bad(line_no, "no non-empty 'text' field")
+                continue
+            documents.append(text)
+    else:
+        documents = [line.strip() for line in _open_text(path).splitlines() if line.strip()]
+    if not documents:
+        raise DataError(f"{path}: no documents")
+    return documents, lines.skipped
+
+
+def training_documents():
+    """Lee's 300 background news documents and the training Wikipedia articles (never the held-out ones)."""
+    return lee_background_documents() + [t for _, t in wikipedia_articles()[:HELD_OUT_ARTICLES]]

@@ -16,10 +16,12 @@ Shapes: B queries, G passages per query (1 positive then G-1 hard negatives), T 
 size, L layers, d a sub-dimension, n a sub-layer (1-based: n = 1 is the first transformer layer).
 """
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 # The paper's six layer-dim pairs for a 12 x 768 encoder (BERT-base), small to large.
 STARBUCKS_PAIRS = [(2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768)]
@@ -365,6 +367,8 @@ def grad_cache_step(embed, inputs, loss_fn, chunk_size, no_sync=None, loss_scale
             surrogate.backward()
     return loss.detach()
 
+
+# ----------------------------------------------------------------------------------------------
 # Using the sizes (Eq. 14): early-exit encoding, 2D adaptive retrieval, FLOPs per query
 
 def encode(texts, model, tokenizer, pair, pooling="cls", max_length=128, batch_size=64, normalize=False,
@@ -451,3 +455,164 @@ def search_flops(num_docs, dims, ks):
     if len(ks) != len(dims) - 1:
         raise ValueError(f"{len(dims)} stages need {len(dims) - 1} shortlist sizes, got {len(ks)}")
     return 2 * num_docs * dims[0] + sum(2 * min(k, num_docs) * d for k, d in zip(ks, dims[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-training losses (Eq. 10-13): Starbucks Masked Autoencoding (SMAE)
+#
+# Labels follow transformers' convention: the token id at a masked position, -100 elsewhere.
+
+class SMAEHeads(torch.nn.Module):
+    """The trainable parts of Eq. 10 and 12 outside the encoder: the shared MLM head and the MAE decoder.
+
+    Holds weights only (no forward): mlm_transform, mlm_logits and mae_loss read them. The vocabulary
+    decoder has no weight of its own: it is tied to the encoder's word embeddings (Eq. 10).
+    """
+
+    def __init__(self, encoder):
+        super().__init__()
+        if not isinstance(getattr(encoder, "embeddings", None), torch.nn.Module):
+            raise ValueError(f"SMAE needs a BERT-style encoder with .embeddings, not {type(encoder).__name__}")
+        config = encoder.config
+        self.transform = BertPredictionHeadTransform(config)  # dense (H x H), GELU, LayerNorm over H
+        self.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))  # the vocabulary decoder's bias
+        # Eq. 12: one transformer layer initialised from (a copy of) the encoder's first layer
+        self.decoder_layer = copy.deepcopy(transformer_layers(encoder)[0])
+        torch.nn.init.normal_(self.transform.dense.weight, std=config.initializer_range)  # BERT's init
+        torch.nn.init.zeros_(self.transform.dense.bias)
+
+
+def mlm_transform(heads, h):
+    """Eq. 10, first part: GELU-LN(W[:, :d] h + b) for h (..., d): the projection reads only d inputs."""
+    d = h.shape[-1]
+    z = F.linear(h, heads.transform.dense.weight[:, :d], heads.transform.dense.bias)  # (..., H)
+    return heads.transform.LayerNorm(heads.transform.transform_act_fn(z))  # (..., H)
+
+
+def mlm_logits(heads, word_embeddings, t):
+    """Eq. 10, vocabulary decoder: t E^T + b, its weight tied to the word embeddings E (V, H)."""
+    return F.linear(t, word_embeddings, heads.bias)  # (..., V)
+
+
+def mlm_loss(heads, word_embeddings, h, labels, all_positions=False):
+    """Eq. 11: cross-entropy of the sliced head (Eq. 10) on h = h^(n)[:, :, :d] (B, T, d) at masked positions.
+
+    all_positions=True computes logits at every position and ignores unmasked labels, as the authors'
+    code does (same loss, ~T/M times the head's FLOPs); kept for the benchmark and the tests.
+    """
+    if all_positions:
+        logits = mlm_logits(heads, word_embeddings, mlm_transform(heads, h))  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    masked = labels != -100  # (B, T)
+    logits = mlm_logits(heads, word_embeddings, mlm_transform(heads, h[masked]))  # (M, V): masked only
+    return F.cross_entropy(logits, labels[masked])
+
+
+def mae_decoder(heads, decoder_embeds, sentence, attention_mask, rows=None):
+    """Eq. 12's decoder: one layer over the decoder input's embeddings (B, T, H) with position 0 replaced
+    by the sub-model's sentence vector (B, H) -> its outputs at `rows` (B, T) bool, (M, H); None: all, (B, T, H).
+
+    Only the keys and values need every position: with rows given, the attention output and the
+    feed-forward (3/4 of the layer's FLOPs) run at those rows only, through the layer's own modules.
+    """
+    x = torch.cat([sentence[:, None], decoder_embeds[:, 1:]], dim=1)  # (B, T, H)
+    # additive mask (B, 1, 1, T): 0 on real tokens, -inf-like on padding (eager and SDPA attention accept it)
+    pad = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+    layer = heads.decoder_layer
+    if rows is None:  # the whole layer at every position, as the authors run it
+        y = layer(x, attention_mask=pad)
+        return y[0] if isinstance(y, tuple) else y  # (B, T, H)
+    context = layer.attention.self(x, attention_mask=pad)[0]  # (B, T, H): every query, every key
+    a = layer.attention.output(context[rows], x[rows])  # (M, H): output projection, residual, LayerNorm
+    return layer.output(layer.intermediate(a), a)  # (M, H): feed-forward, residual, LayerNorm
+
+
+def mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels, all_positions=False):
+    """Eq. 12: the MAE decoder's prediction of the decoder input's masked tokens (through the Eq. 10 head)."""
+    if all_positions:
+        y = mae_decoder(heads, decoder_embeds, sentence, attention_mask)  # (B, T, H)
+        return mlm_loss(heads, word_embeddings, y, decoder_labels, all_positions=True)
+    rows = decoder_labels != -100  # (B, T)
+    y = mae_decoder(heads, decoder_embeds, sentence, attention_mask, rows)  # (M, H)
+    return F.cross_entropy(mlm_logits(heads, word_embeddings, mlm_transform(heads, y)), decoder_labels[rows])
+
+
+def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels, pairs,
+              all_positions=False):
+    """Eq. 13: mean over pairs of (L_MLM^(n,d) + L_MAE^(n,d)) / 2, every pair from ONE encoder pass.
+
+    The encoder reads the 20 % masked input (labels), the MAE decoder the 40 % masked one (decoder_labels).
+    all_positions=True is the authors' computation (logits at every position, pair by pair), for comparison.
+    """
+    hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])  # {n: (B, T, H)}
+    word_embeddings = encoder.get_input_embeddings().weight  # (V, H), shared by encoder, head and decoder
+    decoder_embeds = encoder.embeddings(input_ids=decoder_input_ids)  # (B, T, H), once for all pairs
+    # transform of the first token only; the authors transform every token, then keep the first (same values)
+    sentences = {(n, d): mlm_transform(heads, hidden[n][:, 0, :d]) for n, d in pairs}  # {pair: (B, H)}
+    if all_positions:
+        return sum((mlm_loss(heads, word_embeddings, hidden[n][:, :, :d], labels, True)
+                    + mae_loss(heads, word_embeddings, decoder_embeds, sentences[(n, d)], attention_mask,
+                               decoder_labels, True)) / 2 for n, d in pairs) / len(pairs)
+    masked, decoder_masked = labels != -100, decoder_labels != -100  # (B, T) each
+    states, targets = [], []
+    for n, d in pairs:
+        y = mae_decoder(heads, decoder_embeds, sentences[(n, d)], attention_mask, decoder_masked)  # (M_dec, H)
+        states += [mlm_transform(heads, hidden[n][:, :, :d][masked]), mlm_transform(heads, y)]
+        targets += [labels[masked], decoder_labels[decoder_masked]]
+    # One vocabulary matmul for all 2|S| terms (the same logits as Eq. 11/12 pair by pair): the tied
+    # embeddings' (V, H) gradient is then formed once, not 2|S| times.
+    logits = mlm_logits(heads, word_embeddings, torch.cat(states))  # (sum of masked counts, V)
+    ce = F.cross_entropy(logits, torch.cat(targets), reduction="none")
+    terms = torch.stack([c.mean() for c in ce.split([len(t) for t in targets])])  # L_MLM, L_MAE of each pair
+    return terms.mean()  # = (1/|S|) sum over pairs of (L_MLM + L_MAE) / 2
+
+
+def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, encoder_rate=0.2, decoder_rate=0.4):
+    """SMAE's inputs: whole-word masks at two rates, the encoder's set inside the decoder's, BERT's 80/10/10.
+
+    input_ids, maskable (B, T): maskable marks real, non-special tokens; is_subword (V,): '##' pieces.
+    Per text, words (a piece and its '##' continuations) are drawn in a seeded random order and kept
+    while they fit into round(rate * maskable tokens) (at least 1), as the authors' collator does;
+    a word goes to the encoder's set only if it also goes to the decoder's, so encoder ⊆ decoder.
+    Masked tokens become [MASK] 80 %, a random token 10 %, stay 10 % (drawn apart for each input).
+    Returns (encoder input_ids, labels, decoder input_ids, decoder_labels), all (B, T); the same
+    arguments always give the same result.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = input_ids.cpu()
+    maskable = maskable.cpu().bool()
+    follows = torch.cat([torch.zeros_like(maskable[:, :1]), maskable[:, :-1]], dim=1)  # previous token maskable
+    starts = maskable & ~(is_subword.cpu()[ids] & follows)  # (B, T) first piece of each word
+    encoder_set = torch.zeros_like(maskable)
+    decoder_set = torch.zeros_like(maskable)
+    for b in range(ids.shape[0]):
+        positions = maskable[b].nonzero().flatten().tolist()
+        is_start = starts[b].tolist()
+        words = []
+        for i in positions:  # the first maskable token always starts a word (its predecessor is not maskable)
+            if is_start[i]:
+                words.append([i])
+            else:
+                words[-1].append(i)
+        if not words:
+            continue
+        enc_target = max(1, round(encoder_rate * len(positions)))
+        dec_target = max(enc_target, round(decoder_rate * len(positions)))
+        enc_count = dec_count = 0
+        for w in torch.randperm(len(words), generator=generator).tolist():
+            size = len(words[w])
+            if dec_count + size > dec_target:
+                continue
+            decoder_set[b, words[w]] = True
+            dec_count += size
+            if enc_count + size <= enc_target:
+                encoder_set[b, words[w]] = True
+                enc_count += size
+    out = []
+    for masked in (encoder_set, decoder_set):
+        u = torch.rand(ids.shape, generator=generator)  # (B, T): which of the 80/10/10 cases
+        random_tokens = torch.randint(is_subword.shape[0], ids.shape, generator=generator)
+        masked_ids = torch.where(masked & (u < 0.8), mask_token_id, ids)
+        masked_ids = torch.where(masked & (u >= 0.8) & (u < 0.9), random_tokens, masked_ids)
+        out += [masked_ids.to(input_ids.device), torch.where(masked, ids, -100).to(input_ids.device)]
+    return tuple(out)

@@ -1,0 +1,235 @@
+"""Pre-train a 2D Matryoshka encoder with SMAE, Starbucks Masked Autoencoding (README Eq. 10-13).
+
+    python pretrain.py --output_dir out/smae                     # packaged MiniLM on the embedded real text
+    python pretrain.py --train_file corpus.jsonl --max_length 512 --output_dir out/smae
+    python pretrain.py --from_scratch --config_overrides num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024 --output_dir out/tiny
+    python finetune.py --model_name_or_path out/smae --output_dir out/smae_srl   # then SRL as usual
+
+Text: one document per line, or JSONL with a 'text' field; each document is cut into consecutive
+crops of --max_length tokens ([CLS] and [SEP] included). Saves the encoder with save_pretrained
+(AutoModel, finetune.py and evaluate.py load it unchanged), its tokenizer, starbucks_config.json,
+and smae_heads.pt beside it: the MLM head and the MAE decoder layer, kept out of the encoder's
+weights. Reads top to bottom: settings, data, model, optimizer, loop, save.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
+
+import data
+import finetune
+import starbucks as sb
+
+HEADS_FILE = "smae_heads.pt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL, help="model folder or packaged model name")
+    p.add_argument("--from_scratch", action="store_true",
+                   help="random initialisation with the config (and vocabulary) of --model_name_or_path")
+    p.add_argument("--config_overrides", default=None,
+                   help="with --from_scratch, the size: e.g. num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024")
+    p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or WordPiece vocab.txt; default: the model's")
+    p.add_argument("--train_file", default=None, help="plain text (one document per line) or JSONL with 'text'; default: embedded real text")
+    p.add_argument("--output_dir", default="output/pretrain")
+    p.add_argument("--pairs", default=None, help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
+    p.add_argument("--max_length", type=int, default=128, help="tokens per crop (the paper: 512)")
+    p.add_argument("--mlm_probability", type=float, default=0.2, help="encoder masking rate (the authors' flag name)")
+    p.add_argument("--decoder_mlm_probability", type=float, default=0.4, help="MAE decoder masking rate; its set contains the encoder's")
+    p.add_argument("--per_device_train_batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--weight_decay", type=float, default=0.001)
+    p.add_argument("--warmup_ratio", type=float, default=0.05)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--num_train_epochs", type=float, default=1.0)
+    p.add_argument("--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed JSONL lines instead of stopping")
+    args = p.parse_args(argv)
+    if args.config_overrides and not args.from_scratch:
+        p.error("--config_overrides needs --from_scratch (a checkpoint keeps its own size)")
+    if args.max_length < 3:
+        p.error("--max_length must be at least 3 ([CLS], one token, [SEP])")
+    if args.per_device_train_batch_size < 1:
+        p.error("--per_device_train_batch_size must be at least 1")
+    if not 0 < args.mlm_probability <= args.decoder_mlm_probability <= 1:
+        p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
+    return args
+
+
+def load_tokenizer(name_or_path):
+    """A tokenizer folder, or a WordPiece vocab.txt (BertTokenizer(vocab=...); vocab_file= would give all [UNK])."""
+    if os.path.isfile(name_or_path):
+        return BertTokenizer(vocab=name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(data.resolve_model_path(name_or_path))
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"{name_or_path} has no loadable tokenizer: {e}") from None
+
+
+def load_encoder(args, device):
+    """-> (encoder, tokenizer): the checkpoint, or a random one of the checkpoint's config plus --config_overrides."""
+    if not args.from_scratch:
+        model, tokenizer = finetune.load_model(args.model_name_or_path, device)
+        if args.tokenizer_name:
+            tokenizer = load_tokenizer(args.tokenizer_name)
+    else:
+        config = AutoConfig.from_pretrained(data.resolve_model_path(args.model_name_or_path))
+        if args.config_overrides:
+            config.update_from_string(args.config_overrides)
+        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path)
+        config.vocab_size = len(tokenizer)
+        model = AutoModel.from_config(config).to(device)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's embeddings only "
+                         f"{model.get_input_embeddings().weight.shape[0]}")
+    return model, tokenizer
+
+
+def load_mlm_head(heads, path):
+    """Copy a BERT checkpoint's prediction head (cls.predictions.*) into heads; False if it has none."""
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.exists(file):
+        return False
+    with safe_open(file, "pt") as f:
+        keys = set(f.keys())
+        prefix = "cls.predictions."
+        names = [f"transform.{k}" for k in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")]
+        if not all(prefix + n in keys for n in names):
+            return False
+        state = {n: f.get_tensor(prefix + n) for n in names}
+        bias = prefix + "bias" if prefix + "bias" in keys else prefix + "decoder.bias"
+        state["bias"] = f.get_tensor(bias)
+    heads.load_state_dict(state, strict=False)  # the decoder layer keeps its copy of the encoder's layer 1
+    return True
+
+
+def subword_flags(tokenizer):
+    """(V,) bool: True for WordPiece continuation pieces ('##...'), the glue of whole-word masking."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    flags = torch.tensor([t.startswith("##") for t in tokens])
+    if not flags.any():
+        raise ValueError("whole-word masking needs a WordPiece vocabulary ('##' continuation pieces)")
+    return flags
+
+
+def crop_documents(tokenizer, documents, max_length):
+    """Every document cut into consecutive crops of max_length - 2 tokens, each wrapped in [CLS] ... [SEP]."""
+    pieces = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
+    size = max_length - 2
+    return [[tokenizer.cls_token_id] + ids[i:i + size] + [tokenizer.sep_token_id]
+            for ids in pieces for i in range(0, len(ids), size)]
+
+
+def cosine_schedule(step, total, warmup):
+    """Linear warmup to 1, then cosine decay to 0 (as transformers' get_cosine_schedule_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_tensors(crops, pad_token_id, special_ids):
+    """Right-padded (input_ids, attention_mask, maskable) (B, T); maskable = real, non-special tokens."""
+    T = max(len(c) for c in crops)
+    input_ids = torch.full((len(crops), T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(crops), T), dtype=torch.long)
+    for i, c in enumerate(crops):
+        input_ids[i, :len(c)] = torch.tensor(c)
+        attention_mask[i, :len(c)] = 1
+    maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(special_ids))
+    return input_ids, attention_mask, maskable
+
+
+def train(args, encoder, heads, tokenizer, crops, pairs, config):
+    """The loop: seeded per step (data order by epoch, masks by step); non-finite gradients skip the update."""
+    device = next(encoder.parameters()).device
+    B = args.per_device_train_batch_size
+    steps_per_epoch = len(crops) // B
+    if steps_per_epoch == 0:
+        raise data.DataError(f"{len(crops)} crops of text are fewer than one batch of {B}")
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup = math.ceil(args.warmup_ratio * total)
+    is_subword = subword_flags(tokenizer)
+    named = list(encoder.named_parameters()) + list(heads.named_parameters())
+    decay = [p for n, p in named if p.ndim > 1]
+    no_decay = [p for n, p in named if p.ndim <= 1]  # biases and norms, as HF
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = open(os.path.join(args.output_dir, "train_log.jsonl"), "w")
+    encoder.train()
+    heads.train()
+    order, skipped = None, 0
+    progress = tqdm(range(total), desc=f"smae {os.path.basename(args.output_dir)}", dynamic_ncols=True)
+    for step in progress:
+        epoch, offset = divmod(step, steps_per_epoch)
+        if offset == 0 or order is None:
+            order = torch.randperm(len(crops), generator=torch.Generator().manual_seed(args.seed + epoch))
+        batch = [crops[i] for i in order[offset * B:(offset + 1) * B].tolist()]
+        input_ids, attention_mask, maskable = batch_tensors(batch, tokenizer.pad_token_id, tokenizer.all_special_ids)
+        enc_ids, labels, dec_ids, dec_labels = sb.whole_word_masking(
+            input_ids, maskable, is_subword, tokenizer.mask_token_id, args.seed * 1_000_003 + step,
+            args.mlm_probability, args.decoder_mlm_probability)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
+            loss = sb.smae_loss(encoder, heads, enc_ids.to(device), attention_mask.to(device), labels.to(device),
+                                dec_ids.to(device), dec_labels.to(device), pairs)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # the authors' runs skip steps whose gradient is NaN; the schedule moves on regardless
+            skipped += 1
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.write(json.dumps({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
+                              "skipped_steps": skipped}) + "\n")
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total:
+            progress.set_postfix(loss=f"{loss.item():.4f}", skipped=skipped)
+    log.close()
+    if skipped:
+        print(f"skipped {skipped} of {total} steps whose gradient was not finite", file=sys.stderr)
+    finetune.save(encoder, tokenizer, args.output_dir, config, args)
+    torch.save(heads.state_dict(), os.path.join(args.output_dir, HEADS_FILE))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.train_file is None:
+        documents = data.training_documents()
+    else:
+        documents, bad = data.read_text_file(args.train_file, args.skip_bad_lines)
+        if bad:
+            print(f"skipped {bad} bad lines of {args.train_file}", file=sys.stderr)
+    encoder, tokenizer = load_encoder(args, device)
+    crops = crop_documents(tokenizer, documents, args.max_length)
+    L, H = encoder.config.num_hidden_layers, encoder.config.hidden_size
+    pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(L, H)
+    heads = sb.SMAEHeads(encoder).to(device)
+    from_checkpoint = not args.from_scratch and load_mlm_head(heads, data.resolve_model_path(args.model_name_or_path))
+    print(f"smae: {len(documents)} documents, {len(crops)} crops of <= {args.max_length} tokens, pairs {pairs}, "
+          f"{L} layers x {H}, device {device}; MLM head "
+          f"{'from the checkpoint' if from_checkpoint else 'initialised fresh (the checkpoint has none)'}, "
+          f"its vocabulary decoder tied to the word embeddings")
+    config = sb.StarbucksConfig(pairs, pooling="cls", similarity="dot")  # the MAE sentence vector is the CLS one
+    train(args, encoder, heads, tokenizer, crops, pairs, config)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
