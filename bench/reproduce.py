@@ -37,7 +37,7 @@ PAPER = {
     (12, 768): {"separate": (.8095, .3341), "2dmse": (.7962, .3185), "srl": (.8010, .3266), "smae+srl": (.7991, .3403)},
 }
 SCALES = {  # training budget per run; the paper scale assumes a GPU
-    "cpu": {"max_steps": 40, "batch": 16, "group": 2, "pretrain_steps": 40, "pretrain_batch": 8},
+    "cpu": {"max_steps": 30, "batch": 16, "group": 2, "pretrain_steps": 30, "pretrain_batch": 8},
     "paper": {"max_steps": 1000, "batch": 128, "group": 4, "pretrain_steps": 2000, "pretrain_batch": 64},
 }
 
