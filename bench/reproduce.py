@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -143,7 +144,8 @@ def write_report(args, results, pairs, seconds, command):
     table = summarise(results, pairs)
     methods = [m for m in METHODS if m in results]
     out = ["# Small-scale reproduction of Starbucks (Tables A1/A2 shape)", "",
-           f"Produced by `{command}` (bench/reproduce.py); nothing in this file is typed by hand.", "",
+           f"Produced by `{command}` (bench/reproduce.py) at commit {_commit()}; nothing in this file is typed "
+           "by hand.", "",
            f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device "
            f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}; training + evaluation time "
            f"{seconds / 60:.1f} min (sum over runs).",
@@ -179,6 +181,15 @@ def write_report(args, results, pairs, seconds, command):
         out += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(os.path.abspath(args.results_file)))})"
                 for p in paths if "MRR" not in p and "R100" not in p and "R1000" not in p]
     open(args.results_file, "w").write("\n".join(out) + "\n")
+
+
+def _commit():
+    """The code's git commit, so that a reader can check out exactly what produced the numbers."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _grid(results):
