@@ -89,11 +89,12 @@ def run_all(args):
             run_dir = os.path.join(args.output_dir, f"{method}_seed{seed}")
             done = os.path.join(run_dir, "results.json")
             if not os.path.exists(done):  # finished runs are kept: an interrupted study resumes
-                started = time.time()
+                started, cpu_started = time.time(), time.process_time()
                 checkpoint = train_run(method, seed, args, scale, run_dir)
                 _, figures = evaluate.evaluate_model(checkpoint, datasets, eval_args, device)
                 os.makedirs(run_dir, exist_ok=True)
-                json.dump({"results": figures, "seconds": time.time() - started}, open(done + ".tmp", "w"))
+                json.dump({"results": figures, "seconds": time.time() - started,
+                           "cpu_seconds": time.process_time() - cpu_started}, open(done + ".tmp", "w"))
                 os.replace(done + ".tmp", done)
             results.setdefault(method, {})[seed] = json.load(open(done))
             print(f"{method} seed {seed}: {results[method][seed]['seconds']:.0f}s", flush=True)
@@ -140,15 +141,16 @@ def verdicts(table, pairs, methods):
     return lines
 
 
-def write_report(args, results, pairs, seconds, command):
+def write_report(args, results, pairs, seconds, cpu_seconds, command):
     table = summarise(results, pairs)
     methods = [m for m in METHODS if m in results]
     out = ["# Small-scale reproduction of Starbucks (Tables A1/A2 shape)", "",
            f"Produced by `{command}` (bench/reproduce.py) at commit {_commit()}; nothing in this file is typed "
            "by hand.", "",
            f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device "
-           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}; training + evaluation time "
-           f"{seconds / 60:.1f} min (sum over runs).",
+           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}; training + evaluation wall "
+           f"time {seconds / 60:.1f} min (sum over runs), CPU time {cpu_seconds / 60:.1f} min (all threads: the work "
+           f"itself, which does not grow when other jobs share the machine; the wall time does).",
            f"- Model: {args.model_name_or_path}; scale `{args.scale}`: {SCALES[args.scale]}, learning rate "
            f"{args.learning_rate}, seeds {args.seeds}.",
            "- Data: real text, NON-STANDARD tasks. Training: inverse-cloze pairs over Lee's background news and "
@@ -203,8 +205,9 @@ def main(argv=None):
     results = run_all(args)
     model, _ = finetune.load_model(args.model_name_or_path, torch.device("cpu"))
     pairs = sb.default_pairs(model.config.num_hidden_layers, model.config.hidden_size)
-    seconds = sum(run["seconds"] for by_seed in results.values() for run in by_seed.values())
-    write_report(args, results, pairs, seconds, command.strip())
+    runs = [run for by_seed in results.values() for run in by_seed.values()]
+    seconds, cpu_seconds = sum(r["seconds"] for r in runs), sum(r.get("cpu_seconds", float("nan")) for r in runs)
+    write_report(args, results, pairs, seconds, cpu_seconds, command.strip())
     print(open(args.results_file).read())
 
 

@@ -1,0 +1,44 @@
+"""bench/reproduce.py: mean +- std over seeds and the verdicts on the paper's claims, on hand-made results."""
+import os
+import statistics
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import reproduce  # noqa: E402
+
+PAIRS = [(1, 8), (2, 16)]
+
+
+def fake_results(values):
+    """values[method] = [(small, large) per seed] -> reproduce.run_all's shape, same value for every metric."""
+    return {m: {seed: {"results": {d: {f"{n}x{k}": {"Spearman": v[i], "nDCG@10": v[i], "MRR@10": v[i]}
+                                       for i, (n, k) in enumerate(PAIRS)} for d in ("lee2005", "wiki-ict")},
+                       "seconds": 1.0} for seed, v in enumerate(per_seed)}
+            for m, per_seed in values.items()}
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    table = reproduce.summarise(fake_results({"srl": [(0.1, 0.5), (0.3, 0.7)]}), PAIRS)
+    mean, std = table[("lee2005", "Spearman")][(1, 8)]["srl"]
+    assert mean == pytest.approx(0.2) and std == pytest.approx(statistics.stdev([0.1, 0.3]))
+    assert table[("wiki-ict", "MRR@10")][(2, 16)]["srl"][0] == pytest.approx(0.6)
+
+
+def test_verdicts_follow_the_numbers():
+    results = fake_results({
+        "srl": [(0.50, 0.80)] * 2, "2dmse": [(0.40, 0.81)] * 2,  # claim 1 fails at the large pair
+        "separate": [(0.50, 0.80)] * 2,                             # claim 2 holds exactly
+        "smae+srl": [(0.60, 0.80)] * 2,                             # claim 3: +0.1 small, 0 large
+    })
+    lines = [l for l in reproduce.verdicts(reproduce.summarise(results, PAIRS), PAIRS, list(results))
+             if "lee2005 Spearman" in l]
+    claim1, claim2, claim3 = lines
+    assert "does not hold" in claim1 and "1 of 2 pairs" in claim1
+    assert ": holds here" in claim2 and "+0.0000" in claim2
+    assert ": holds here" in claim3 and "+0.1000" in claim3
+    lifted_large = fake_results({"srl": [(0.50, 0.80)] * 2, "smae+srl": [(0.50, 0.90)] * 2})
+    claim3 = [l for l in reproduce.verdicts(reproduce.summarise(lifted_large, PAIRS), PAIRS, ["srl", "smae+srl"])
+              if "lee2005 Spearman" in l][0]
+    assert "does not hold" in claim3
