@@ -55,13 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    p.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true",
-                   help="skip and count malformed data lines instead of stopping")
-    p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (0: only the final model)")
-    p.add_argument("--save_total_limit", type=int, default=None, help="keep only the N newest checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output_dir")
-    p.add_argument("--max_bad_steps", type=int, default=10,
-                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    add_run_arguments(p)
     p.add_argument("--grad_cache_chunk", type=int, default=0,
                    help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
     args = p.parse_args(argv)
@@ -70,12 +64,28 @@ def parse_args(argv=None):
     for name in ("train_group_size", "per_device_train_batch_size", "query_max_len", "passage_max_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    for name in ("save_steps", "grad_cache_chunk"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be 0 (off) or positive")
+    if args.grad_cache_chunk < 0:
+        p.error("--grad_cache_chunk must be 0 (off) or positive")
+    check_run_arguments(p, args)
+    return args
+
+
+def add_run_arguments(p):
+    """The flags of a run that survives (bad data, crashes, bad steps), the same in finetune.py and pretrain.py."""
+    p.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true",
+                   help="skip and count malformed data lines instead of stopping")
+    p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (0: only the final model)")
+    p.add_argument("--save_total_limit", type=int, default=None, help="keep only the N newest checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output_dir")
+    p.add_argument("--max_bad_steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+
+
+def check_run_arguments(p, args):
+    if args.save_steps < 0:
+        p.error("--save_steps must be 0 (off) or positive")
     if args.max_bad_steps < 1:
         p.error("--max_bad_steps must be at least 1")
-    return args
 
 
 def load_training_records(args, rank=0):
@@ -183,46 +193,16 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = math.ceil(args.warmup_ratio * total)
     distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim > 1]
-    no_decay = [p for n, p in trainable if p.ndim <= 1]  # biases and norms, as HF
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(model, args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
-    os.makedirs(output_dir, exist_ok=True)
     run_settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "world_size": world_size}  # decide the batches
-    start, skipped, bad_in_row, log_lines, rng_states = 0, 0, 0, [], None
-    resume_from = checkpoints.latest_checkpoint(output_dir) if args.resume else None
-    if resume_from:
-        state = checkpoints.restore(resume_from, model, optimizer, scheduler, run_settings)
-        start, skipped, rng_states = state["step"], state["skipped"], state["rng"]
-        with open(os.path.join(resume_from, "train_log.jsonl")) as f:
-            log_lines = f.read().splitlines()
-        if rank == 0:
-            print(f"resuming from {resume_from}: step {start} of {total}")
-    elif args.resume and rank == 0:
-        print(f"--resume: no complete checkpoint in {output_dir}; starting at step 0")
+    _, start, train_log, rng_states = checkpoints.resume_or_start(output_dir, args.resume, model, optimizer,
+                                                                  scheduler, run_settings, total)
     net = distributed.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
-    log = open(os.path.join(output_dir, "train_log.jsonl"), "w") if rank == 0 else None
-    if log:
-        log.write("".join(line + "\n" for line in log_lines))
     model.train()
     if rng_states:
         checkpoints.set_rng_state(rng_states[rank])  # dropout continues exactly where the checkpoint left it
-
-    def save_checkpoint(step):
-        """checkpoint-<step>: an evaluable model folder plus what --resume needs, every rank's RNG included."""
-        state = {"step": step, "skipped": skipped, "rng": distributed.gather_objects(checkpoints.rng_state()),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run_settings}
-
-        def write(folder):
-            save(model, tokenizer, folder, config, args)
-            torch.save(state, os.path.join(folder, checkpoints.TRAINING_STATE))
-            with open(os.path.join(folder, "train_log.jsonl"), "w") as f:
-                f.write("".join(line + "\n" for line in log_lines))
-        if rank == 0:
-            checkpoints.save_checkpoint(output_dir, step, write, args.save_total_limit)
-
     order = None
     progress = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
                     desc=f"{args.method} {os.path.basename(output_dir)}")
@@ -243,36 +223,51 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss = training_step(net, embed_pairs, config.pooling, loss_fn, q_tok, p_tok, gold, generator,
                                  args.grad_cache_chunk)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], args.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        finite = distributed.all_finite(loss, grad_norm)
-        if finite:
-            optimizer.step()
-            bad_in_row = 0
-        else:  # drop this batch, keep the weights; the schedule moves on with the step
-            skipped, bad_in_row = skipped + 1, bad_in_row + 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        line = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
-        log_lines.append(json.dumps(line if finite else {**line, "skipped": True}))
-        if log:
-            log.write(log_lines[-1] + "\n")
-            log.flush()
-        if bad_in_row >= args.max_bad_steps:
-            sys.exit(f"error: stopped at step {step + 1}: {bad_in_row} steps in a row had a non-finite loss or "
-                     f"gradient (each was skipped, {skipped} in all). Last good checkpoint: "
-                     f"{checkpoints.latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
-                     f"the data, then --resume.")
+        line = finish_step(step, loss, trainable, optimizer, scheduler, args, train_log, output_dir)
         if (step + 1) % args.logging_steps == 0 or step + 1 == total:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        if args.save_steps and (step + 1) % args.save_steps == 0 and bad_in_row == 0:  # only after a good step
-            save_checkpoint(step + 1)
-    if log:
-        log.close()
-    if skipped and rank == 0:
-        print(f"skipped {skipped} steps with a non-finite loss or gradient (marked in train_log.jsonl)")
+            progress.set_postfix(loss=f"{line['loss']:.4f}")
+        if args.save_steps and (step + 1) % args.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
+            checkpoints.save_training_checkpoint(output_dir, step + 1, lambda f: save(model, tokenizer, f, config, args),
+                                                 optimizer, scheduler, run_settings, train_log, args.save_total_limit)
+    train_log.close()
     if rank == 0:
         save(model, tokenizer, output_dir, config, args)
+
+
+def adamw(model, learning_rate, weight_decay):
+    """AdamW over the trainable parameters, with no weight decay on biases and norms (as HF)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
+                              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}],
+                             lr=learning_rate)
+
+
+def finish_step(step, loss, params, optimizer, scheduler, args, train_log, output_dir):
+    """After backward: clip, update if the loss and gradient are finite on every rank, log -> the step's log line.
+
+    A non-finite step is skipped (the weights stay, the schedule moves on) and counted; after
+    --max_bad_steps in a row the run stops, naming the last good checkpoint.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    finite = distributed.all_finite(loss, grad_norm)
+    if finite:
+        optimizer.step()
+        train_log.bad_in_row = 0
+    else:
+        train_log.skipped, train_log.bad_in_row = train_log.skipped + 1, train_log.bad_in_row + 1
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    line = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
+            "skipped_steps": train_log.skipped}
+    train_log.append(line if finite else {**line, "skipped": True})
+    if train_log.bad_in_row >= args.max_bad_steps:
+        train_log.close()
+        sys.exit(f"error: stopped at step {step + 1}: {train_log.bad_in_row} steps in a row had a non-finite loss "
+                 f"or gradient (each was skipped, {train_log.skipped} in all). Last good checkpoint: "
+                 f"{checkpoints.latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
+                 f"the data, then --resume.")
+    return line
 
 
 def save(model, tokenizer, output_dir, config, args):
