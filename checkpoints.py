@@ -206,20 +206,21 @@ class TrainLog:
 
 
 def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total):
-    """-> (checkpoint folder or None, first step, TrainLog, every rank's RNG state or None).
+    """-> (checkpoint folder or None, first step, TrainLog).
 
-    resume: continue from the last complete checkpoint in output_dir (weights, optimizer, scheduler
-    restored here; the caller restores what else it saved, and the RNG state of its rank last).
+    resume: continue from the last complete checkpoint in output_dir: weights, optimizer, scheduler
+    and this rank's RNG state are restored here, the caller restores what else it saved (no RNG use).
     run: the settings that decide the batches, checked by `restore`. Rank 0 opens output_dir's log.
     """
     rank = distributed.rank_and_world_size()[0]
     folder = latest_checkpoint(output_dir) if resume else None
-    start, train_log, rng = 0, TrainLog(), None
+    start, train_log = 0, TrainLog()
     if folder:
         state = restore(folder, model, optimizer, scheduler, run)
-        start, train_log.skipped, rng = state["step"], state["skipped"], state["rng"]
+        start, train_log.skipped = state["step"], state["skipped"]
         with open(os.path.join(folder, LOG)) as f:
             train_log.lines = f.read().splitlines()
+        set_rng_state(state["rng"][rank])  # dropout continues exactly where the checkpoint left it
         if rank == 0:
             print(f"resuming from {folder}: step {start} of {total}")
     elif resume and rank == 0:
@@ -228,7 +229,7 @@ def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total)
     if rank == 0:
         train_log.file = open(os.path.join(output_dir, LOG), "w")
         train_log.file.write("".join(line + "\n" for line in train_log.lines))
-    return folder, start, train_log, rng
+    return folder, start, train_log
 
 
 def save_training_checkpoint(output_dir, step, save_model, optimizer, scheduler, run, train_log, save_total_limit):

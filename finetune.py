@@ -197,24 +197,17 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
     optimizer = adamw(model, args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     run_settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "world_size": world_size}  # decide the batches
-    _, start, train_log, rng_states = checkpoints.resume_or_start(output_dir, args.resume, model, optimizer,
-                                                                  scheduler, run_settings, total)
+    _, start, train_log = checkpoints.resume_or_start(output_dir, args.resume, model, optimizer, scheduler,
+                                                      run_settings, total)
     net = distributed.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
     model.train()
-    if rng_states:
-        checkpoints.set_rng_state(rng_states[rank])  # dropout continues exactly where the checkpoint left it
-    order = None
-    progress = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
-                    desc=f"{args.method} {os.path.basename(output_dir)}")
-    for step in progress:
-        epoch, offset = divmod(step, steps_per_epoch)
-        if offset == 0 or order is None:
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed + epoch))
+    progress = tqdm(global_batches(len(records), B, start, total, args.seed), initial=start, total=total,
+                    disable=rank != 0, dynamic_ncols=True, desc=f"{args.method} {os.path.basename(output_dir)}")
+    for step, indices in progress:
         rng = random.Random(args.seed * 1_000_003 + step)  # negatives and 2DMSE sizes depend on step only
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         # every rank draws the whole global batch (the same negatives as one process) and keeps its slice
-        queries, passages, gold = batch_texts(records, kind, order[offset * B:(offset + 1) * B].tolist(),
-                                              args.train_group_size, rng)
+        queries, passages, gold = batch_texts(records, kind, indices, args.train_group_size, rng)
         queries, passages = distributed.shard(queries, rank, world_size), distributed.shard(passages, rank, world_size)
         gold = gold.to(device) if gold is not None else None
         q_max, p_max = (args.query_max_len, args.passage_max_len) if kind == "contrastive" else (args.passage_max_len,) * 2
@@ -232,6 +225,17 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
     train_log.close()
     if rank == 0:
         save(model, tokenizer, output_dir, config, args)
+
+
+def global_batches(num_items, batch_size, start, total, seed):
+    """(step, item indices of its global batch) for steps start..total-1; each epoch a new order, seeded by epoch."""
+    steps_per_epoch = num_items // batch_size
+    order = None
+    for step in range(start, total):
+        epoch, offset = divmod(step, steps_per_epoch)
+        if offset == 0 or order is None:
+            order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch))
+        yield step, order[offset * batch_size:(offset + 1) * batch_size].tolist()
 
 
 def adamw(model, learning_rate, weight_decay):

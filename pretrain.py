@@ -219,24 +219,17 @@ def train(args, encoder, heads, tokenizer, crops, pairs, config):
     optimizer = finetune.adamw(smae, args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total, warmup))
     run_settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "world_size": world_size}
-    folder, start, train_log, rng_states = checkpoints.resume_or_start(args.output_dir, args.resume, encoder,
-                                                                       optimizer, scheduler, run_settings, total)
-    if folder:
+    folder, start, train_log = checkpoints.resume_or_start(args.output_dir, args.resume, encoder, optimizer,
+                                                           scheduler, run_settings, total)
+    if folder:  # the encoder's weights are restored; the heads are in their own file
         heads.load_state_dict(torch.load(os.path.join(folder, HEADS_FILE), weights_only=True))
     net = distributed.wrap(smae, device)  # DDP over encoder and heads together under torchrun
     smae.train()
-    if rng_states:
-        checkpoints.set_rng_state(rng_states[rank])  # dropout continues exactly where the checkpoint left it
-    order = None
-    progress = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
-                    desc=f"smae {os.path.basename(args.output_dir)}")
-    for step in progress:
-        epoch, offset = divmod(step, steps_per_epoch)
-        if offset == 0 or order is None:
-            order = torch.randperm(len(crops), generator=torch.Generator().manual_seed(args.seed + epoch))
+    progress = tqdm(finetune.global_batches(len(crops), B, start, total, args.seed), initial=start, total=total,
+                    disable=rank != 0, dynamic_ncols=True, desc=f"smae {os.path.basename(args.output_dir)}")
+    for step, indices in progress:
         # every rank draws and masks the whole global batch (masks seeded by step) and keeps its rows
-        batch = masked_batch([crops[i] for i in order[offset * B:(offset + 1) * B].tolist()], tokenizer, is_subword,
-                             args.seed * 1_000_003 + step, args)
+        batch = masked_batch([crops[i] for i in indices], tokenizer, is_subword, args.seed * 1_000_003 + step, args)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss = training_step(net, batch, device)
         line = finetune.finish_step(step, loss, trainable, optimizer, scheduler, args, train_log, args.output_dir)
