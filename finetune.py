@@ -45,33 +45,34 @@ def parse_args(argv=None):
     p.add_argument("--train_group_size", type=int, default=4, help="passages per query: 1 positive + G-1 hard negatives")
     p.add_argument("--query_max_len", type=int, default=32)
     p.add_argument("--passage_max_len", type=int, default=128)
+    add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
+    p.add_argument("--grad_cache_chunk", type=int, default=0,
+                   help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
+    args = p.parse_args(argv)
+    if args.temperature is None:
+        args.temperature = 0.05 if args.similarity == "cos" else 1.0
+    for name in ("train_group_size", "query_max_len", "passage_max_len"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.grad_cache_chunk < 0:
+        p.error("--grad_cache_chunk must be 0 (off) or positive")
+    check_training_arguments(p, args)
+    return args
+
+
+def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
+    """The flags finetune.py and pretrain.py share: batch, optimizer, schedule, and those of a run that
+    survives bad data, crashes and bad steps. Only the optimizer's defaults differ between the two."""
     p.add_argument("--per_device_train_batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=5e-5)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--warmup_ratio", type=float, default=0.1)
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--weight_decay", type=float, default=weight_decay)
+    p.add_argument("--warmup_ratio", type=float, default=warmup_ratio)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--num_train_epochs", type=float, default=1.0)
     p.add_argument("--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    add_run_arguments(p)
-    p.add_argument("--grad_cache_chunk", type=int, default=0,
-                   help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
-    args = p.parse_args(argv)
-    if args.temperature is None:
-        args.temperature = 0.05 if args.similarity == "cos" else 1.0
-    for name in ("train_group_size", "per_device_train_batch_size", "query_max_len", "passage_max_len"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.grad_cache_chunk < 0:
-        p.error("--grad_cache_chunk must be 0 (off) or positive")
-    check_run_arguments(p, args)
-    return args
-
-
-def add_run_arguments(p):
-    """The flags of a run that survives (bad data, crashes, bad steps), the same in finetune.py and pretrain.py."""
     p.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true",
                    help="skip and count malformed data lines instead of stopping")
     p.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (0: only the final model)")
@@ -81,7 +82,9 @@ def add_run_arguments(p):
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
 
 
-def check_run_arguments(p, args):
+def check_training_arguments(p, args):
+    if args.per_device_train_batch_size < 1:
+        p.error("--per_device_train_batch_size must be at least 1")
     if args.save_steps < 0:
         p.error("--save_steps must be 0 (off) or positive")
     if args.max_bad_steps < 1:

@@ -46,25 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--max_length", type=int, default=128, help="tokens per crop (the paper: 512)")
     p.add_argument("--mlm_probability", type=float, default=0.2, help="encoder masking rate (the authors' flag name)")
     p.add_argument("--decoder_mlm_probability", type=float, default=0.4, help="MAE decoder masking rate; its set contains the encoder's")
-    p.add_argument("--per_device_train_batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--weight_decay", type=float, default=0.001)
-    p.add_argument("--warmup_ratio", type=float, default=0.05)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--num_train_epochs", type=float, default=1.0)
-    p.add_argument("--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    finetune.add_run_arguments(p)
+    finetune.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
     args = p.parse_args(argv)
-    finetune.check_run_arguments(p, args)
+    finetune.check_training_arguments(p, args)
     if args.config_overrides and not args.from_scratch:
         p.error("--config_overrides needs --from_scratch (a checkpoint keeps its own size)")
     if args.max_length < 3:
         p.error("--max_length must be at least 3 ([CLS], one token, [SEP])")
-    if args.per_device_train_batch_size < 1:
-        p.error("--per_device_train_batch_size must be at least 1")
     if not 0 < args.mlm_probability <= args.decoder_mlm_probability <= 1:
         p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
     return args

@@ -411,6 +411,7 @@ def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
 def test_one_process_helpers_are_identities():
     x = torch.randn(3, 4, requires_grad=True)
     assert distributed.gather_with_grad(x) is x
+    assert distributed.sum_over_ranks(x) is x
     assert distributed.gather_objects("a") == ["a"]
     assert distributed.rank_and_world_size() == (0, 1)
     assert distributed.shard(list(range(6)), 1, 3) == [2, 3]
@@ -419,6 +420,27 @@ def test_one_process_helpers_are_identities():
     assert distributed.all_finite(torch.tensor(1.0), 2.0)
     assert not distributed.all_finite(torch.tensor(1.0), torch.tensor([0.0, float("nan")]))
     assert not distributed.all_finite(float("inf"))
+
+
+def test_global_batches_are_a_seeded_permutation_per_epoch_and_resume_mid_epoch(tiny):
+    whole = list(finetune.global_batches(10, 3, 0, 7, seed=4))  # 3 steps per epoch, the last item left out
+    assert [s for s, _ in whole] == list(range(7))
+    for epoch in (0, 1):
+        items = [i for _, b in whole[3 * epoch:3 * epoch + 3] for i in b]
+        assert len(set(items)) == 9 and set(items) <= set(range(10))
+    assert whole[0][1] != whole[3][1]  # a new order each epoch
+    assert list(finetune.global_batches(10, 3, 4, 7, seed=4)) == whole[4:]  # a resumed run: the same batches
+
+
+def test_adamw_decays_matrices_only_and_leaves_frozen_parameters_out(tiny):
+    model, _ = finetune.load_model(tiny["plain"], torch.device("cpu"))
+    frozen = set(distributed.freeze_unreached(model, 2))
+    optimizer = finetune.adamw(model, 1e-3, 0.1)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for n, p in model.named_parameters() if n not in frozen}
 
 
 # ----------------------------------------------------------------------------------------------
