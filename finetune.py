@@ -223,7 +223,8 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
         if (step + 1) % args.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}")
         if args.save_steps and (step + 1) % args.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
-            checkpoints.save_training_checkpoint(output_dir, step + 1, lambda f: save(model, tokenizer, f, config, args),
+            checkpoints.save_training_checkpoint(output_dir, step + 1,
+                                                 lambda folder: save(model, tokenizer, folder, config, args),
                                                  optimizer, scheduler, run_settings, train_log, args.save_total_limit)
     train_log.close()
     if rank == 0:

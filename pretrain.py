@@ -11,7 +11,8 @@ Text: one document per line, or JSONL with a 'text' field; each document is cut 
 crops of --max_length tokens ([CLS] and [SEP] included). Saves the encoder with save_pretrained
 (AutoModel, finetune.py and evaluate.py load it unchanged), its tokenizer, starbucks_config.json,
 and smae_heads.pt beside it: the MLM head and the MAE decoder layer, kept out of the encoder's
-weights. Every checkpoint-<step> folder is such a folder too, plus what --resume needs. Reads top to bottom: settings, data, model, optimizer, loop, save.
+weights. Every checkpoint-<step> folder is such a folder too, plus what --resume needs.
+Reads top to bottom: settings, data, model, optimizer, loop, save.
 """
 import argparse
 import math
@@ -225,7 +226,7 @@ def train(args, encoder, heads, tokenizer, crops, pairs, config):
             progress.set_postfix(loss=f"{line['loss']:.4f}", skipped=train_log.skipped)
         if args.save_steps and (step + 1) % args.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
             checkpoints.save_training_checkpoint(args.output_dir, step + 1,
-                                                 lambda f: save(encoder, heads, tokenizer, f, config, args),
+                                                 lambda folder: save(encoder, heads, tokenizer, folder, config, args),
                                                  optimizer, scheduler, run_settings, train_log, args.save_total_limit)
     train_log.close()
     if rank == 0:
