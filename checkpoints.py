@@ -14,14 +14,18 @@ import random
 import re
 import shutil
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import safetensors.torch
 import torch
 
+import distributed
+
 MARKER = "checkpoint_complete.json"  # written last: {"step": N, "files": {relative path: size in bytes}}
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, counters, run settings
 WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
+LOG = "train_log.jsonl"  # one JSON line per step, in the output folder and (up to its step) in each checkpoint
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -175,3 +179,71 @@ def restore(folder, model, optimizer, scheduler, run):
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run's side of it (finetune.py and pretrain.py)
+
+@dataclass
+class TrainLog:
+    """The run's train_log.jsonl: its lines (each checkpoint keeps a copy), the file rank 0 writes, the skip counts."""
+    lines: list = field(default_factory=list)
+    file: object = None  # open on rank 0 only
+    skipped: int = 0  # steps skipped in all (non-finite loss or gradient)
+    bad_in_row: int = 0  # steps skipped in a row up to now (a checkpoint is only written after a good step)
+
+    def append(self, line):
+        self.lines.append(json.dumps(line))
+        if self.file:
+            self.file.write(self.lines[-1] + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            if self.skipped:
+                print(f"skipped {self.skipped} steps with a non-finite loss or gradient (marked in {LOG})")
+
+
+def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total):
+    """-> (checkpoint folder or None, first step, TrainLog).
+
+    resume: continue from the last complete checkpoint in output_dir: weights, optimizer, scheduler
+    and this rank's RNG state are restored here, the caller restores what else it saved (no RNG use).
+    run: the settings that decide the batches, checked by `restore`. Rank 0 opens output_dir's log.
+    """
+    rank = distributed.rank_and_world_size()[0]
+    folder = latest_checkpoint(output_dir) if resume else None
+    start, train_log = 0, TrainLog()
+    if folder:
+        state = restore(folder, model, optimizer, scheduler, run)
+        start, train_log.skipped = state["step"], state["skipped"]
+        with open(os.path.join(folder, LOG)) as f:
+            train_log.lines = f.read().splitlines()
+        set_rng_state(state["rng"][rank])  # dropout continues exactly where the checkpoint left it
+        if rank == 0:
+            print(f"resuming from {folder}: step {start} of {total}")
+    elif resume and rank == 0:
+        print(f"--resume: no complete checkpoint in {output_dir}; starting at step 0")
+    os.makedirs(output_dir, exist_ok=True)
+    if rank == 0:
+        train_log.file = open(os.path.join(output_dir, LOG), "w")
+        train_log.file.write("".join(line + "\n" for line in train_log.lines))
+    return folder, start, train_log
+
+
+def save_training_checkpoint(output_dir, step, save_model, optimizer, scheduler, run, train_log, save_total_limit):
+    """checkpoint-<step>: save_model(folder) (an evaluable model folder) plus what --resume needs.
+
+    Every rank calls it (every rank's RNG state goes in); rank 0 alone writes.
+    """
+    state = {"step": step, "skipped": train_log.skipped, "rng": distributed.gather_objects(rng_state()),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run}
+
+    def write(folder):
+        save_model(folder)
+        torch.save(state, os.path.join(folder, TRAINING_STATE))
+        with open(os.path.join(folder, LOG), "w") as f:
+            f.write("".join(line + "\n" for line in train_log.lines))
+    if distributed.rank_and_world_size()[0] == 0:
+        save_checkpoint(output_dir, step, write, save_total_limit)

@@ -72,6 +72,15 @@ def all_finite(*values):
     return bool(ok.item() == 1.0)
 
 
+def sum_over_ranks(x):
+    """The sum of a tensor over every rank (e.g. each rank's share of a loss), on every rank."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 def gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. each rank's RNG state for a checkpoint)."""
     if not dist.is_initialized():

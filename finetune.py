@@ -45,10 +45,28 @@ def parse_args(argv=None):
     p.add_argument("--train_group_size", type=int, default=4, help="passages per query: 1 positive + G-1 hard negatives")
     p.add_argument("--query_max_len", type=int, default=32)
     p.add_argument("--passage_max_len", type=int, default=128)
+    add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
+    p.add_argument("--grad_cache_chunk", type=int, default=0,
+                   help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
+    args = p.parse_args(argv)
+    if args.temperature is None:
+        args.temperature = 0.05 if args.similarity == "cos" else 1.0
+    for name in ("train_group_size", "query_max_len", "passage_max_len"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.grad_cache_chunk < 0:
+        p.error("--grad_cache_chunk must be 0 (off) or positive")
+    check_training_arguments(p, args)
+    return args
+
+
+def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
+    """The flags finetune.py and pretrain.py share: batch, optimizer, schedule, and those of a run that
+    survives bad data, crashes and bad steps. Only the optimizer's defaults differ between the two."""
     p.add_argument("--per_device_train_batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=5e-5)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--warmup_ratio", type=float, default=0.1)
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--weight_decay", type=float, default=weight_decay)
+    p.add_argument("--warmup_ratio", type=float, default=warmup_ratio)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--num_train_epochs", type=float, default=1.0)
     p.add_argument("--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
@@ -62,20 +80,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output_dir")
     p.add_argument("--max_bad_steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
-    p.add_argument("--grad_cache_chunk", type=int, default=0,
-                   help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
-    args = p.parse_args(argv)
-    if args.temperature is None:
-        args.temperature = 0.05 if args.similarity == "cos" else 1.0
-    for name in ("train_group_size", "per_device_train_batch_size", "query_max_len", "passage_max_len"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    for name in ("save_steps", "grad_cache_chunk"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be 0 (off) or positive")
+
+
+def check_training_arguments(p, args):
+    if args.per_device_train_batch_size < 1:
+        p.error("--per_device_train_batch_size must be at least 1")
+    if args.save_steps < 0:
+        p.error("--save_steps must be 0 (off) or positive")
     if args.max_bad_steps < 1:
         p.error("--max_bad_steps must be at least 1")
-    return args
 
 
 def load_training_records(args, rank=0):
@@ -183,58 +196,21 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = math.ceil(args.warmup_ratio * total)
     distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim > 1]
-    no_decay = [p for n, p in trainable if p.ndim <= 1]  # biases and norms, as HF
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(model, args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
-    os.makedirs(output_dir, exist_ok=True)
     run_settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "world_size": world_size}  # decide the batches
-    start, skipped, bad_in_row, log_lines, rng_states = 0, 0, 0, [], None
-    resume_from = checkpoints.latest_checkpoint(output_dir) if args.resume else None
-    if resume_from:
-        state = checkpoints.restore(resume_from, model, optimizer, scheduler, run_settings)
-        start, skipped, rng_states = state["step"], state["skipped"], state["rng"]
-        with open(os.path.join(resume_from, "train_log.jsonl")) as f:
-            log_lines = f.read().splitlines()
-        if rank == 0:
-            print(f"resuming from {resume_from}: step {start} of {total}")
-    elif args.resume and rank == 0:
-        print(f"--resume: no complete checkpoint in {output_dir}; starting at step 0")
+    _, start, train_log = checkpoints.resume_or_start(output_dir, args.resume, model, optimizer, scheduler,
+                                                      run_settings, total)
     net = distributed.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
-    log = open(os.path.join(output_dir, "train_log.jsonl"), "w") if rank == 0 else None
-    if log:
-        log.write("".join(line + "\n" for line in log_lines))
     model.train()
-    if rng_states:
-        checkpoints.set_rng_state(rng_states[rank])  # dropout continues exactly where the checkpoint left it
-
-    def save_checkpoint(step):
-        """checkpoint-<step>: an evaluable model folder plus what --resume needs, every rank's RNG included."""
-        state = {"step": step, "skipped": skipped, "rng": distributed.gather_objects(checkpoints.rng_state()),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run_settings}
-
-        def write(folder):
-            save(model, tokenizer, folder, config, args)
-            torch.save(state, os.path.join(folder, checkpoints.TRAINING_STATE))
-            with open(os.path.join(folder, "train_log.jsonl"), "w") as f:
-                f.write("".join(line + "\n" for line in log_lines))
-        if rank == 0:
-            checkpoints.save_checkpoint(output_dir, step, write, args.save_total_limit)
-
-    order = None
-    progress = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
-                    desc=f"{args.method} {os.path.basename(output_dir)}")
-    for step in progress:
-        epoch, offset = divmod(step, steps_per_epoch)
-        if offset == 0 or order is None:
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed + epoch))
+    progress = tqdm(global_batches(len(records), B, start, total, args.seed), initial=start, total=total,
+                    disable=rank != 0, dynamic_ncols=True, desc=f"{args.method} {os.path.basename(output_dir)}")
+    for step, indices in progress:
         rng = random.Random(args.seed * 1_000_003 + step)  # negatives and 2DMSE sizes depend on step only
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         # every rank draws the whole global batch (the same negatives as one process) and keeps its slice
-        queries, passages, gold = batch_texts(records, kind, order[offset * B:(offset + 1) * B].tolist(),
-                                              args.train_group_size, rng)
+        queries, passages, gold = batch_texts(records, kind, indices, args.train_group_size, rng)
         queries, passages = distributed.shard(queries, rank, world_size), distributed.shard(passages, rank, world_size)
         gold = gold.to(device) if gold is not None else None
         q_max, p_max = (args.query_max_len, args.passage_max_len) if kind == "contrastive" else (args.passage_max_len,) * 2
@@ -243,36 +219,63 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss = training_step(net, embed_pairs, config.pooling, loss_fn, q_tok, p_tok, gold, generator,
                                  args.grad_cache_chunk)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], args.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        finite = distributed.all_finite(loss, grad_norm)
-        if finite:
-            optimizer.step()
-            bad_in_row = 0
-        else:  # drop this batch, keep the weights; the schedule moves on with the step
-            skipped, bad_in_row = skipped + 1, bad_in_row + 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        line = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr}
-        log_lines.append(json.dumps(line if finite else {**line, "skipped": True}))
-        if log:
-            log.write(log_lines[-1] + "\n")
-            log.flush()
-        if bad_in_row >= args.max_bad_steps:
-            sys.exit(f"error: stopped at step {step + 1}: {bad_in_row} steps in a row had a non-finite loss or "
-                     f"gradient (each was skipped, {skipped} in all). Last good checkpoint: "
-                     f"{checkpoints.latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
-                     f"the data, then --resume.")
+        line = finish_step(step, loss, trainable, optimizer, scheduler, args, train_log, output_dir)
         if (step + 1) % args.logging_steps == 0 or step + 1 == total:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        if args.save_steps and (step + 1) % args.save_steps == 0 and bad_in_row == 0:  # only after a good step
-            save_checkpoint(step + 1)
-    if log:
-        log.close()
-    if skipped and rank == 0:
-        print(f"skipped {skipped} steps with a non-finite loss or gradient (marked in train_log.jsonl)")
+            progress.set_postfix(loss=f"{line['loss']:.4f}")
+        if args.save_steps and (step + 1) % args.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
+            checkpoints.save_training_checkpoint(output_dir, step + 1,
+                                                 lambda folder: save(model, tokenizer, folder, config, args),
+                                                 optimizer, scheduler, run_settings, train_log, args.save_total_limit)
+    train_log.close()
     if rank == 0:
         save(model, tokenizer, output_dir, config, args)
+
+
+def global_batches(num_items, batch_size, start, total, seed):
+    """(step, item indices of its global batch) for steps start..total-1; each epoch a new order, seeded by epoch."""
+    steps_per_epoch = num_items // batch_size
+    order = None
+    for step in range(start, total):
+        epoch, offset = divmod(step, steps_per_epoch)
+        if offset == 0 or order is None:
+            order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch))
+        yield step, order[offset * batch_size:(offset + 1) * batch_size].tolist()
+
+
+def adamw(model, learning_rate, weight_decay):
+    """AdamW over the trainable parameters, with no weight decay on biases and norms (as HF)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
+                              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}],
+                             lr=learning_rate)
+
+
+def finish_step(step, loss, params, optimizer, scheduler, args, train_log, output_dir):
+    """After backward: clip, update if the loss and gradient are finite on every rank, log -> the step's log line.
+
+    A non-finite step is skipped (the weights stay, the schedule moves on) and counted; after
+    --max_bad_steps in a row the run stops, naming the last good checkpoint.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    finite = distributed.all_finite(loss, grad_norm)
+    if finite:
+        optimizer.step()
+        train_log.bad_in_row = 0
+    else:
+        train_log.skipped, train_log.bad_in_row = train_log.skipped + 1, train_log.bad_in_row + 1
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    line = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
+            "skipped_steps": train_log.skipped}
+    train_log.append(line if finite else {**line, "skipped": True})
+    if train_log.bad_in_row >= args.max_bad_steps:
+        train_log.close()
+        sys.exit(f"error: stopped at step {step + 1}: {train_log.bad_in_row} steps in a row had a non-finite loss "
+                 f"or gradient (each was skipped, {train_log.skipped} in all). Last good checkpoint: "
+                 f"{checkpoints.latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
+                 f"the data, then --resume.")
+    return line
 
 
 def save(model, tokenizer, output_dir, config, args):

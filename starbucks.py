@@ -538,12 +538,17 @@ def mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, d
 
 
 def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels, pairs,
-              all_positions=False):
+              all_positions=False, token_counts=None):
     """Eq. 13: mean over pairs of (L_MLM^(n,d) + L_MAE^(n,d)) / 2, every pair from ONE encoder pass.
 
     The encoder reads the 20 % masked input (labels), the MAE decoder the 40 % masked one (decoder_labels).
     all_positions=True is the authors' computation (logits at every position, pair by pair), for comparison.
+    token_counts: (encoder, decoder) masked tokens of a whole batch of which this call sees a slice;
+    each term's cross-entropies are summed and divided by these counts instead of averaged, so the
+    slices' losses add up to the whole batch's loss (torchrun: ranks hold different numbers of masked tokens).
     """
+    if all_positions and token_counts is not None:
+        raise ValueError("token_counts needs the masked-positions computation (all_positions=False)")
     hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])  # {n: (B, T, H)}
     word_embeddings = encoder.get_input_embeddings().weight  # (V, H), shared by encoder, head and decoder
     decoder_embeds = encoder.embeddings(input_ids=decoder_input_ids)  # (B, T, H), once for all pairs
@@ -563,7 +568,11 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
     # embeddings' (V, H) gradient is then formed once, not 2|S| times.
     logits = mlm_logits(heads, word_embeddings, torch.cat(states))  # (sum of masked counts, V)
     ce = F.cross_entropy(logits, torch.cat(targets), reduction="none")
-    terms = torch.stack([c.mean() for c in ce.split([len(t) for t in targets])])  # L_MLM, L_MAE of each pair
+    per_term = ce.split([len(t) for t in targets])
+    if token_counts is None:
+        terms = torch.stack([c.mean() for c in per_term])  # L_MLM, L_MAE of each pair
+    else:  # sums over this slice / counts of the whole batch, alternating MLM and MAE as `targets`
+        terms = torch.stack([c.sum() / token_counts[i % 2] for i, c in enumerate(per_term)])
     return terms.mean()  # = (1/|S|) sum over pairs of (L_MLM + L_MAE) / 2
 
 

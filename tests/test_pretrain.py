@@ -177,6 +177,28 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
     torch.testing.assert_close(ours, sum(terms) / len(terms))
 
 
+def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_batch_loss(tokenizer):
+    """torchrun's SMAE: slices with different numbers of masked tokens; the plain mean of their means is not it."""
+    crops = pretrain.crop_documents(tokenizer, data.lee_background_documents()[:3], 32)
+    crops = [min(crops, key=len)] + crops[:5]  # a short crop (a document's end) first: padding, fewer masks
+    enc, mask, labels, dec, dec_labels = pretrain.masked_batch(crops, tokenizer, pretrain.subword_flags(tokenizer), 6,
+                                                               pretrain.parse_args([]))
+    assert enc.shape == (6, 32) and (labels != -100).any(1).all() and ((dec_labels != -100) >= (labels != -100)).all()
+    mlm = tiny_masked_lm()
+    heads, pairs = heads_of(mlm), [(2, 16), (4, 32)]
+    whole = sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs)
+    counts = (int((labels != -100).sum()), int((dec_labels != -100).sum()))
+    slices = [slice(0, 1), slice(1, 6)]
+    assert (labels[slices[0]] != -100).sum() * 5 != (labels[slices[1]] != -100).sum()  # unequal shares
+    parts = [sb.smae_loss(mlm.bert, heads, enc[r], mask[r], labels[r], dec[r], dec_labels[r], pairs,
+                          token_counts=counts) for r in slices]
+    torch.testing.assert_close(sum(parts), whole)
+    means = [sb.smae_loss(mlm.bert, heads, enc[r], mask[r], labels[r], dec[r], dec_labels[r], pairs) for r in slices]
+    assert abs(float((sum(means) / 2 - whole).detach())) > 1e-4
+    with pytest.raises(ValueError, match="token_counts"):
+        sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs, all_positions=True, token_counts=counts)
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole-word masking
 
@@ -239,6 +261,9 @@ def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
         pretrain.parse_args(["--config_overrides", TINY])  # a checkpoint keeps its own size
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--mlm_probability", "0.5", "--decoder_mlm_probability", "0.4"])  # not a subset
+    for flags in (["--save_steps", "-1"], ["--max_bad_steps", "0"], ["--per_device_train_batch_size", "0"]):
+        with pytest.raises(SystemExit):
+            pretrain.parse_args(flags)
     with pytest.raises(data.DataError, match="no such file"):
         pretrain.main(["--train_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="BERT-style encoder"):

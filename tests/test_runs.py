@@ -1,7 +1,8 @@
 """Runs that survive: checkpoints and --resume, torchrun (DDP, gloo on CPU), GradCache, bad steps, bad data.
 
 Everything runs on a tiny random BERT (4 layers x 32) saved to a temporary folder; the real-size
-behaviour is the same code.
+behaviour is the same code. finetune.py and pretrain.py (SMAE) share the run machinery, so the
+whole-run tests take the script as a parameter.
 """
 import gzip
 import json
@@ -27,6 +28,7 @@ import checkpoints  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import finetune  # noqa: E402
+import pretrain  # noqa: E402
 import starbucks as sb  # noqa: E402
 
 WORDS = "the cat sat on a mat while dogs ran over green hills and birds sang near old stone walls".split()
@@ -59,7 +61,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """{'dropout': model folder (dropout 0.1), 'plain': model folder (no dropout), 'train': Tevatron JSONL}."""
+    """{'dropout': model folder (dropout 0.1), 'plain': model folder (no dropout), 'train': Tevatron JSONL,
+    'text': plain text for pretrain.py, one document of 4-12 words a line}."""
     root = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)
     train = root / "train.jsonl"
@@ -67,14 +70,31 @@ def tiny(tmp_path_factory):
         for _ in range(64):
             f.write(json.dumps({"query": _sentence(rng), "positive_passages": [{"text": _sentence(rng)}],
                                 "negative_passages": [{"text": _sentence(rng)} for _ in range(3)]}) + "\n")
+    text = root / "text.txt"
+    text.write_text("".join(_sentence(rng) + "\n" for _ in range(64)))
     folders = {"dropout": _tiny_model(root / "dropout", 0.1), "plain": _tiny_model(root / "plain", 0.0)}
     assert "[UNK]" not in finetune.load_model(folders["plain"], torch.device("cpu"))[1].tokenize(" ".join(WORDS))
-    return {**folders, "train": str(train)}
+    return {**folders, "train": str(train), "text": str(text)}
+
+
+# per script: its main, its data, and what its output folder holds besides the log
+SCRIPTS = {"finetune.py": (finetune.main, "train", ["model.safetensors"]),
+           "pretrain.py": (pretrain.main, "text", ["model.safetensors", pretrain.HEADS_FILE])}
+SMAE_TINY = ("--max_length", "16", "--pairs", "2x16,4x32")  # short crops, two pairs: a fast SMAE step
+
+
+def _script_args(script, tiny, model, output_dir, *extra):
+    """The command-line arguments of finetune.py or pretrain.py on the tiny model and its data."""
+    return ["--model_name_or_path", tiny[model], "--train_file", tiny[SCRIPTS[script][1]],
+            "--output_dir", str(output_dir), *(SMAE_TINY if script == "pretrain.py" else ()), *extra]
+
+
+def _script_cmd(script, tiny, model, output_dir, *extra):
+    return [sys.executable, os.path.join(ROOT, script), *_script_args(script, tiny, model, output_dir, *extra)]
 
 
 def _finetune_cmd(tiny, model, output_dir, *extra):
-    return [sys.executable, os.path.join(ROOT, "finetune.py"), "--model_name_or_path", tiny[model],
-            "--train_file", tiny["train"], "--output_dir", str(output_dir), *extra]
+    return _script_cmd("finetune.py", tiny, model, output_dir, *extra)
 
 
 def _read(path):
@@ -137,10 +157,13 @@ def test_rng_state_round_trips_through_a_checkpoint_file(tmp_path):
     assert first[2:] == again[2:]
 
 
-def test_kill_9_during_a_run_then_resume_gives_the_same_weights_and_log_bit_for_bit(tiny, tmp_path):
-    """Dropout on: the resumed run must also restore the RNG state to reproduce the masks."""
+@pytest.mark.parametrize("script", ["finetune.py", "pretrain.py"])
+def test_kill_9_during_a_run_then_resume_gives_the_same_weights_and_log_bit_for_bit(tiny, tmp_path, script):
+    """Dropout on: the resumed run must also restore the RNG state to reproduce the masks.
+    pretrain.py: the encoder and the SMAE heads (smae_heads.pt) both come out bit for bit."""
+    main, _, outputs = SCRIPTS[script]
     args = ("--max_steps", "12", "--save_steps", "3", "--per_device_train_batch_size", "4")
-    killed = subprocess.Popen(_finetune_cmd(tiny, "dropout", tmp_path / "killed", *args), env=ENV,
+    killed = subprocess.Popen(_script_cmd(script, tiny, "dropout", tmp_path / "killed", *args), env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not os.path.isdir(tmp_path / "killed" / "checkpoint-3") and killed.poll() is None and time.time() < deadline:
@@ -148,15 +171,34 @@ def test_kill_9_during_a_run_then_resume_gives_the_same_weights_and_log_bit_for_
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
     assert not os.path.exists(tmp_path / "killed" / "model.safetensors")  # it died before the end
-    resumed = subprocess.run(_finetune_cmd(tiny, "dropout", tmp_path / "killed", *args, "--resume"), env=ENV,
+    resumed = subprocess.run(_script_cmd(script, tiny, "dropout", tmp_path / "killed", *args, "--resume"), env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    finetune.main(_finetune_cmd(tiny, "dropout", tmp_path / "whole", *args)[2:])  # uninterrupted, in this process
+    main(_script_args(script, tiny, "dropout", tmp_path / "whole", *args))  # uninterrupted, in this process
     log_whole, log_resumed = _read(tmp_path / "whole" / "train_log.jsonl"), _read(tmp_path / "killed" / "train_log.jsonl")
     assert len(log_whole.splitlines()) == 12
     assert log_resumed == log_whole
-    assert _read(tmp_path / "killed" / "model.safetensors") == _read(tmp_path / "whole" / "model.safetensors")
+    for name in outputs:
+        assert _read(tmp_path / "killed" / name) == _read(tmp_path / "whole" / name), name
+
+
+def test_pretrain_checkpoints_load_in_finetune_and_a_truncated_one_is_never_resumed(tiny, tmp_path, capsys):
+    args = _script_args("pretrain.py", tiny, "plain", tmp_path, "--max_steps", "4", "--save_steps", "2",
+                        "--per_device_train_batch_size", "4")
+    pretrain.main(args)
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        encoder, _ = finetune.load_model(str(folder), torch.device("cpu"))  # an evaluable model folder
+        sb.SMAEHeads(encoder).load_state_dict(torch.load(folder / pretrain.HEADS_FILE, weights_only=True))
+        assert len(open(folder / "train_log.jsonl").readlines()) == step
+    with open(tmp_path / "checkpoint-4" / pretrain.HEADS_FILE, "r+b") as f:  # a crash cut the heads short
+        f.truncate(os.path.getsize(tmp_path / "checkpoint-4" / pretrain.HEADS_FILE) // 2)
+    capsys.readouterr()
+    pretrain.main(args + ["--resume"])
+    out = capsys.readouterr()
+    assert f"resuming from {tmp_path / 'checkpoint-2'}: step 2 of 4" in out.out
+    assert "ignoring" in out.err and "smae_heads.pt has" in out.err
 
 
 def test_resume_refuses_settings_that_change_the_batches(tiny, tmp_path):
@@ -277,17 +319,69 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenate
         assert results["objects"] == ["rank 0", "rank 1"]
 
 
-def test_torchrun_finetune_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tmp_path):
+def _pretrain_step_setup(model_dir):
+    """pretrain.py's SMAE module (encoder and fresh heads, seeded) and a global batch of 8 masked crops."""
+    encoder, tokenizer = finetune.load_model(model_dir, torch.device("cpu"))
+    torch.manual_seed(3)
+    heads = sb.SMAEHeads(encoder)
+    pairs = [(2, 16), (4, 32)]
+    distributed.freeze_unreached(encoder, 4)
+    args = pretrain.parse_args([])
+    crops = pretrain.crop_documents(tokenizer, [_sentence(random.Random(i)) for i in range(8)], 16)
+    batch = pretrain.masked_batch(crops, tokenizer, pretrain.subword_flags(tokenizer), 11, args)
+    return pretrain.SMAE(encoder, heads, pairs), batch
+
+
+def _pretrain_step(net, smae, batch):
+    loss = pretrain.training_step(net, batch, torch.device("cpu"))
+    grads = {n: p.grad.clone() for n, p in smae.named_parameters() if p.requires_grad}
+    smae.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+def _two_rank_pretrain_worker(rank, port, model_dir, out_dir):
+    """One of two gloo ranks: DDP over encoder and heads, this rank's 4 of the 8 crops."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    rank, world_size, device = distributed.setup()
+    smae, batch = _pretrain_step_setup(model_dir)
+    net = distributed.wrap(smae, device)
+    tied = smae.encoder.get_input_embeddings().weight is net.module.encoder.embeddings.word_embeddings.weight
+    result = _pretrain_step(net, smae, batch)
+    torch.save({"step": result, "tied": tied}, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.cleanup()
+
+
+def test_two_ranks_give_the_smae_loss_and_gradients_of_one_process_on_the_concatenated_batch(tiny, tmp_path):
+    """The ranks' slices hold different numbers of masked tokens (each term is a mean over them): only
+    dividing by the global counts gives the global mean. Gradients of the encoder, the tied word
+    embeddings (encoder input and vocabulary decoder) and the heads all match."""
+    smae, batch = _pretrain_step_setup(tiny["plain"])
+    labels, decoder_labels = batch[2], batch[4]
+    per_rank = [int((x[:4] != -100).sum()) for x in (labels, decoder_labels)]
+    assert per_rank != [int((x[4:] != -100).sum()) for x in (labels, decoder_labels)]  # unequal slices
+    mp.spawn(_two_rank_pretrain_worker, args=(_free_port(), tiny["plain"], str(tmp_path)), nprocs=2)
+    single = _pretrain_step(smae, smae, batch)
+    assert any(n.startswith("heads.") for n in single[1]) and "encoder.embeddings.word_embeddings.weight" in single[1]
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert results["tied"]
+        _assert_same_step(results["step"], single)
+
+
+@pytest.mark.parametrize("script", ["finetune.py", "pretrain.py"])
+def test_torchrun_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tmp_path, script):
     args = ("--max_steps", "3", "--save_steps", "2")
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            *_finetune_cmd(tiny, "plain", tmp_path / "two", *args, "--per_device_train_batch_size", "2")[1:]],
+                            *_script_cmd(script, tiny, "plain", tmp_path / "two", *args, "--per_device_train_batch_size", "2")[1:]],
                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    one = subprocess.run(_finetune_cmd(tiny, "plain", tmp_path / "one", *args, "--per_device_train_batch_size", "4"),
+    one = subprocess.run(_script_cmd(script, tiny, "plain", tmp_path / "one", *args, "--per_device_train_batch_size", "4"),
                          env=ENV, capture_output=True, text=True)
     out, _ = two.communicate()
     assert two.returncode == 0, out
     assert one.returncode == 0, one.stderr
-    assert "x 2 processes" in out and out.count("contrastive records") == 1  # rank 0 alone prints
+    assert out.count("x 2 processes") == 1  # rank 0 alone prints
     read = lambda d: [json.loads(line) for line in open(tmp_path / d / "train_log.jsonl")]
     for a, b in zip(read("two"), read("one"), strict=True):
         assert a["step"] == b["step"] and a["lr"] == b["lr"]
@@ -295,6 +389,8 @@ def test_torchrun_finetune_logs_the_losses_of_one_process_with_the_doubled_batch
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     state = checkpoints.load_training_state(str(tmp_path / "two" / "checkpoint-2"))
     assert len(state["rng"]) == 2 and state["run"]["world_size"] == 2  # every rank's RNG, saved by rank 0
+    for name in SCRIPTS[script][2]:
+        assert os.path.exists(tmp_path / "two" / name)
 
 
 def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
@@ -315,6 +411,7 @@ def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
 def test_one_process_helpers_are_identities():
     x = torch.randn(3, 4, requires_grad=True)
     assert distributed.gather_with_grad(x) is x
+    assert distributed.sum_over_ranks(x) is x
     assert distributed.gather_objects("a") == ["a"]
     assert distributed.rank_and_world_size() == (0, 1)
     assert distributed.shard(list(range(6)), 1, 3) == [2, 3]
@@ -323,6 +420,27 @@ def test_one_process_helpers_are_identities():
     assert distributed.all_finite(torch.tensor(1.0), 2.0)
     assert not distributed.all_finite(torch.tensor(1.0), torch.tensor([0.0, float("nan")]))
     assert not distributed.all_finite(float("inf"))
+
+
+def test_global_batches_are_a_seeded_permutation_per_epoch_and_resume_mid_epoch(tiny):
+    whole = list(finetune.global_batches(10, 3, 0, 7, seed=4))  # 3 steps per epoch, the last item left out
+    assert [s for s, _ in whole] == list(range(7))
+    for epoch in (0, 1):
+        items = [i for _, b in whole[3 * epoch:3 * epoch + 3] for i in b]
+        assert len(set(items)) == 9 and set(items) <= set(range(10))
+    assert whole[0][1] != whole[3][1]  # a new order each epoch
+    assert list(finetune.global_batches(10, 3, 4, 7, seed=4)) == whole[4:]  # a resumed run: the same batches
+
+
+def test_adamw_decays_matrices_only_and_leaves_frozen_parameters_out(tiny):
+    model, _ = finetune.load_model(tiny["plain"], torch.device("cpu"))
+    frozen = set(distributed.freeze_unreached(model, 2))
+    optimizer = finetune.adamw(model, 1e-3, 0.1)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for n, p in model.named_parameters() if n not in frozen}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +476,25 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_message_keeping_the_last
                        "--learning_rate", "1e30", "--max_bad_steps", "3"])
     assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")  # none saved while bad
     assert not os.path.exists(tmp_path / "model.safetensors")
+
+
+def test_pretrain_stops_after_too_many_non_finite_steps_naming_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    """From the second step on the SMAE loss is NaN; --max_bad_steps 3 stops at step 4."""
+    real_loss, calls = sb.smae_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 2 else loss
+    monkeypatch.setattr(sb, "smae_loss", poisoned)
+    with pytest.raises(SystemExit, match=r"stopped at step 4: 3 steps in a row .*/checkpoint-1\. "):
+        pretrain.main(_script_args("pretrain.py", tiny, "plain", tmp_path, "--max_steps", "8", "--save_steps", "1",
+                                   "--per_device_train_batch_size", "4", "--max_bad_steps", "3"))
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert [r.get("skipped", False) for r in log] == [False, True, True, True]
+    assert [r["skipped_steps"] for r in log] == [0, 1, 2, 3]
+    assert not os.path.exists(tmp_path / pretrain.HEADS_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
