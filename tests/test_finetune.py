@@ -57,6 +57,20 @@ def test_separate_trains_one_model_per_layer_touching_only_its_layers(tmp_path, 
                            before["encoder.layer.0.attention.self.query.weight"])
 
 
+def test_separately_trained_folder_evaluates_each_pair_with_its_layers_model(tmp_path, tiny_model_dir, train_file):
+    import evaluate
+    run(tiny_model_dir, train_file, tmp_path, "--method", "separate")
+    docs = ["coffee is hot", "tea is hot", "rice is food", "soup is warm", "water is cold"]
+    sts = ("sts", ([docs[0], docs[1], docs[2], docs[3]], [docs[1], docs[2], docs[3], docs[4]], [3.0, 1.0, 2.0, 0.5]))
+    args = evaluate.parse_args([])
+    together = evaluate.evaluate_model(str(tmp_path), {"toy": sts}, args, torch.device("cpu"))[1]
+    assert set(together["toy"]) == {"2x16", "4x32"}
+    for n, d in [(2, 16), (4, 32)]:  # each pair equals evaluating that layer's own model at that pair alone
+        alone = evaluate.evaluate_model(str(tmp_path / f"layer_{n}"), {"toy": sts},
+                                        evaluate.parse_args(["--pairs", f"{n}x{d}"]), torch.device("cpu"))[1]
+        assert together["toy"][f"{n}x{d}"] == alone["toy"][f"{n}x{d}"]
+
+
 def test_scored_pairs_train_with_cosent(tmp_path, tiny_model_dir):
     path = tmp_path / "sts.tsv"
     path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a b {i}\tc d {i}\t{i % 5}\n" for i in range(8)))
