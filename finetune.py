@@ -29,7 +29,7 @@ import distributed
 import starbucks as sb
 import tuning
 
-METHODS = ("srl", "2dmse", "mrl", "full", "separate")
+METHODS = ("srl", "2dmse", "mrl", "full", "separate", "symmetric")  # symmetric: Eq. 17 at the full pair
 
 
 def parse_args(argv=None):
@@ -144,6 +144,8 @@ def loss_for_method(args, pairs, num_layers, hidden_size, kind):
         return pairs, lambda q, p, gold, g: sb.srl_loss(q, p, pairs, t, args.kl_weight, sim)
     if args.method == "srl":
         return pairs, lambda q, p, gold, g: sb.srl_loss_embedding_kl(q, p, pairs, t, args.kl_weight, sim)
+    if args.method == "symmetric":  # Ziarko et al.'s loss (Eq. 17) at the full pair
+        return [full], lambda q, p, gold, g: sb.symmetric_contrastive_loss(q[full], p[full], t, sim)
     if args.method in ("full", "separate"):  # separate: `full` is (n, H) of the layer being trained
         return [full], lambda q, p, gold, g: sb.full_loss(q, p, [full], t, sim)
     if args.method == "mrl":

@@ -7,7 +7,8 @@
 Grid: sizes x tuning methods x FLOP budgets. A size is the packaged SmolLM2-135M cut to its first K
 blocks (`smollm2-135m:K`; final norm kept) or a random-init Llama of L blocks x H (`random:LxH`) with
 SmolLM2's tokenizer. Every run fine-tunes with finetune.py's loop (contrastive loss of the full model,
-Eq. 6, mean pooling, cosine / 0.025 = Ziarko's scale 40) for the steps its budget buys (Eq. 15), then
+Eq. 6, or with --method symmetric Ziarko's Eq. 17; mean pooling, cosine / 0.025 = Ziarko's scale 40)
+for the steps its budget buys (Eq. 15), then
 measures the held-out contrastive loss (inverse-cloze queries vs their passages, in-batch negatives;
 real text, NON-STANDARD task) and Spearman on Lee et al. (2005).
 
@@ -143,7 +144,7 @@ def train_args(opts, tuning_spec, budget, L, H, output_dir):
     """finetune.py's arguments for one run (its defaults, the recipe's settings)."""
     method = tuning.parse_tuning(tuning_spec)[0]
     return finetune.parse_args([
-        "--method", "full", "--pairs", f"{L}x{H}", "--pooling", "mean", "--similarity", "cos",
+        "--method", opts.method, "--pairs", f"{L}x{H}", "--pooling", "mean", "--similarity", "cos",
         "--temperature", str(opts.temperature), "--tuning", tuning_spec, "--lora_r", str(opts.lora_r),
         "--lora_alpha", str(opts.lora_alpha), "--flops_budget", str(budget), "--learning_rate",
         str(opts.learning_rates[method]), "--per_device_train_batch_size", str(opts.per_device_train_batch_size),
@@ -347,6 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--tunings", default="full,lora,freeze:1", help="comma-separated --tuning values")
     p.add_argument("--budgets", default="1e12,3e12,1e13", help="comma-separated FLOP budgets (Eq. 15)")
     p.add_argument("--target_budget", type=float, default=None, help="recommend for this budget; default: the largest")
+    p.add_argument("--method", choices=("full", "symmetric"), default="full",
+                   help="loss at the full pair: full (Eq. 6, one direction) or symmetric (Eq. 17, Ziarko et al.'s)")
     p.add_argument("--metric", choices=sorted(METRICS), default="eval_loss", help="what the fit and recommendation use")
     p.add_argument("--learning_rates", default="full=1e-4,lora=1e-3,bias=1e-3,freeze=1e-4",
                    help="per method: LoRA and bias train few parameters and take larger steps")

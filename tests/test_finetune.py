@@ -32,7 +32,7 @@ def run(tiny_model_dir, train_file, out, *extra):
                    "--train_group_size", "3", *extra])
 
 
-@pytest.mark.parametrize("method", ["srl", "2dmse", "mrl", "full"])
+@pytest.mark.parametrize("method", ["srl", "2dmse", "mrl", "full", "symmetric"])
 def test_each_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir, train_file, method):
     run(tiny_model_dir, train_file, tmp_path, "--method", method)
     model = AutoModel.from_pretrained(tmp_path)
@@ -128,3 +128,7 @@ def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
         alone = tokenizer(texts[1:2], return_tensors="pt")  # no padding at all
         e_alone = sb.embed_2d(model, alone["input_ids"], alone["attention_mask"], [(30, 576)], "last")[(30, 576)]
         torch.testing.assert_close(e[(30, 576)][1:2], e_alone, atol=1e-4, rtol=1e-4)
+    # evaluate.py takes the packaged name too: no starbucks_config.json, so the backbone's default pairs, mean pooling
+    import evaluate
+    config, _ = evaluate.read_config(data.resolve_model_path("smollm2-135m"), model, evaluate.parse_args([]))
+    assert config.pairs == sb.default_pairs(30, 576) and config.pooling == "mean"
