@@ -282,7 +282,7 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
         checkpoints.set_rng_state(rng_states[rank])  # dropout continues exactly where the checkpoint left it
 
     def flops_seen(step):
-        """The accounting with what was trained so far: padded tokens of every step's batch (all ranks)."""
+        """The accounting with what was trained so far: this rank's padded tokens per step x the ranks."""
         tokens = sum(json.loads(line).get("tokens", 0) for line in log_lines) * world_size
         return {**flops, "steps": step, "tokens_seen": tokens, "flops_used": flops["flops_per_token"] * tokens}
 
