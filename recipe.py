@@ -164,6 +164,11 @@ def run_one(opts, sizes, size, tuning_spec, budget, records, held_out, lee):
         args = train_args(opts, tuning_spec, budget, L, H, folder)
         torch.manual_seed(opts.seed)  # LoRA's A, as finetune.main seeds before its model
         tuning.apply_tuning(model, args.tuning, args.lora_r, args.lora_alpha, args.lora_target_modules)
+        if opts.max_steps_per_run:  # small models buy many steps: keep the grid's wall time bounded
+            steps = finetune.flops_accounting(args, model, tokenizer, records, "contrastive",
+                                              args.per_device_train_batch_size)["budget_steps"]
+            if steps > opts.max_steps_per_run:
+                raise ValueError(f"the budget buys {steps} steps, over --max_steps_per_run {opts.max_steps_per_run}")
         config = sb.StarbucksConfig([(L, H)], args.pooling, args.similarity, args.temperature)
         embed_pairs, loss_fn = finetune.loss_for_method(args, [(L, H)], L, H, "contrastive")
         finetune.train(args, model, tokenizer, "contrastive", records, embed_pairs, loss_fn, folder, config)
@@ -191,12 +196,12 @@ def run_one(opts, sizes, size, tuning_spec, budget, records, held_out, lee):
 
 
 def run_grid(opts):
-    """Every (size, method, budget) run, reusing finished ones -> list of results."""
+    """Every (size, method, budget) run, reusing finished ones -> (results, skipped: [(size, method, budget, why)])."""
     records = data.embedded_training_data(seed=0, num_negatives=max(opts.train_group_size - 1, 7))
     held_out, lee, sizes = held_out_pairs(opts.eval_pairs), data.lee_sts(), Sizes()
     plan = [(s, "full", 0.0) for s in opts.sizes] + \
            [(s, t, b) for s in opts.sizes for t in opts.tunings for b in opts.budgets]
-    results = []
+    results, skipped = [], []
     for i, (size, tuning_spec, budget) in enumerate(plan):
         path = os.path.join(opts.output_dir, "runs", run_name(size, tuning_spec, budget), "result.json")
         if os.path.exists(path):
@@ -207,11 +212,12 @@ def run_grid(opts):
             result = run_one(opts, sizes, size, tuning_spec, budget, records, held_out, lee)
         except ValueError as e:  # e.g. a budget below one step, bias-only on a model without biases
             print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: skipped ({e})")
+            skipped.append((size, tuning_spec, budget, str(e)))
             continue
         results.append(result)
         print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: {result['steps'] if budget else 0} steps, "
               f"eval_loss {result['eval_loss']:.4f}, spearman {result['spearman']:.4f} ({result['seconds']} s)")
-    return results
+    return results, skipped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +281,7 @@ def winners(frontier, metric):
 # ----------------------------------------------------------------------------------------------
 # Report and plot
 
-def report(results, fits, rec, metric, command, seconds):
+def report(results, fits, rec, metric, command, seconds, skipped=()):
     """The grid, fits, frontier and recommendation as markdown."""
     frontier = best_per_budget(results, metric)
     lines = [f"Command: `{command}`", f"Grid wall time (this invocation): {seconds:.0f} s; sum of the runs' own "
@@ -292,6 +298,7 @@ def report(results, fits, rec, metric, command, seconds):
                  f"{r['eval_loss']:.4f}", f"{r['spearman']:.4f}",
                  f"{r['train_loss_last10']:.4f}" if trained else "", f"{r['seconds']}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"| {size} | | {method} | {budget:.3g} | skipped: {why} |" + " |" * 7 for size, method, budget, why in skipped]
     lines += ["", f"Fits ({metric} = a + b log10(budget), least squares over each pair's budgets):", "",
               "| tuning | size | a | b | R^2 | points |", "|---|---|---|---|---|---|"]
     for (method, size), f in sorted(fits.items()):
@@ -362,6 +369,8 @@ def parse_args(argv=None):
     p.add_argument("--passage_max_len", type=int, default=64)
     p.add_argument("--eval_pairs", type=int, default=128, help="held-out (query, passage) pairs for eval_loss")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max_steps_per_run", type=int, default=0,
+                   help="skip (and list) runs whose budget buys more steps than this; 0: no cap")
     p.add_argument("--keep_models", action="store_true", help="keep every run's weights (off: only the numbers)")
     p.add_argument("--plot", action="store_true", help="write recipe.png (needs matplotlib)")
     args = p.parse_args(argv)
@@ -391,10 +400,10 @@ def main(argv=None):
     args = parse_args(argv)
     command = "python recipe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.time()
-    results = run_grid(args)
+    results, skipped = run_grid(args)
     fits = fit_all(results, args.metric)
     rec = recommend(results, fits, args.target_budget, args.metric)
-    text = report(results, fits, rec, args.metric, command, time.time() - start)
+    text = report(results, fits, rec, args.metric, command, time.time() - start, skipped)
     print(text)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(text)

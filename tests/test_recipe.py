@@ -115,7 +115,21 @@ def test_grid_reuses_finished_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe.data, "embedded_training_data", lambda **k: [])
     monkeypatch.setattr(recipe, "held_out_pairs", lambda count: [])
     monkeypatch.setattr(recipe.data, "lee_sts", lambda: None)
-    assert [r["budget"] for r in recipe.run_grid(opts)] == [0.0, 1e9, 2e9]
+    results, skipped = recipe.run_grid(opts)
+    assert [r["budget"] for r in results] == [0.0, 1e9, 2e9] and skipped == []
+
+
+def test_runs_over_the_step_cap_are_skipped_and_listed(tmp_path, monkeypatch, vocab_path):
+    from transformers import BertTokenizer
+    tokenizer = BertTokenizer(vocab=vocab_path)
+    monkeypatch.setattr(recipe.Sizes, "build", lambda self, size: (tiny_llama(), tokenizer))
+    opts = recipe.parse_args(["--output_dir", str(tmp_path), "--sizes", "random:1x64", "--tunings", "lora",
+                              "--budgets", "1e15", "--max_steps_per_run", "5", "--eval_pairs", "32"])
+    results, skipped = recipe.run_grid(opts)
+    assert [r["budget"] for r in results] == [0.0]  # the untrained model is still measured
+    assert len(skipped) == 1 and skipped[0][:3] == ("random:1x64", "lora", 1e15)
+    assert "over --max_steps_per_run 5" in skipped[0][3]
+    assert not os.path.exists(tmp_path / "runs" / recipe.run_name("random:1x64", "lora", 1e15) / "result.json")
 
 
 def test_bad_grid_flags_are_clear_errors():
