@@ -234,28 +234,33 @@ def fit_line(budgets, values):
 
 
 def fit_all(results, metric):
-    """{(tuning, size): fit} over the trained runs (budget > 0) of each pair with two or more budgets."""
+    """{(tuning, size): fit and its budget range} over the trained runs (budget > 0) of each pair with two
+    or more budgets."""
     groups = {}
     for r in results:
         if r["budget"] > 0:
             groups.setdefault((r["tuning"], r["size"]), []).append(r)
-    return {key: fit_line([r["budget"] for r in runs], [r[metric] for r in runs])
+    return {key: {**fit_line([r["budget"] for r in runs], [r[metric] for r in runs]),
+                  "low": min(r["budget"] for r in runs), "high": max(r["budget"] for r in runs)}
             for key, runs in groups.items() if len({r["budget"] for r in runs}) >= 2}
 
 
 def recommend(results, fits, budget, metric):
-    """The (method, size) whose fit is best at `budget` -> its prediction, FLOPs per token and tokens."""
+    """The (method, size) whose fit is best at `budget` -> its prediction, FLOPs per token and tokens.
+
+    Only fits whose own budgets span `budget` compete (a line in log budget is a local trend: two points
+    extrapolated far can predict a negative loss); when none spans it, all do and the answer says so.
+    """
     if not fits:
         raise ValueError("no (method, size) has runs at two budgets: nothing to fit")
     sign = 1 if METRICS[metric] == "higher" else -1
-    predicted = {key: f["a"] + f["b"] * math.log10(budget) for key, f in fits.items()}
+    spanning = {key: f for key, f in fits.items() if f["low"] <= budget <= f["high"]}
+    predicted = {key: f["a"] + f["b"] * math.log10(budget) for key, f in (spanning or fits).items()}
     (method, size) = max(predicted, key=lambda key: sign * predicted[key])
     per_token = next(r["flops_per_token"] for r in results if (r["tuning"], r["size"]) == (method, size)
                      and r["budget"] > 0)
-    budgets = [r["budget"] for r in results if r["budget"] > 0]
     return {"tuning": method, "size": size, "budget": budget, "predicted": predicted[(method, size)],
-            "flops_per_token": per_token, "tokens": budget / per_token,
-            "extrapolated": not min(budgets) <= budget <= max(budgets), "ranking": sorted(
+            "flops_per_token": per_token, "tokens": budget / per_token, "extrapolated": not spanning, "ranking": sorted(
                 ((k[0], k[1], v) for k, v in predicted.items()), key=lambda t: -sign * t[2])}
 
 
@@ -300,9 +305,10 @@ def report(results, fits, rec, metric, command, seconds, skipped=()):
         lines.append("| " + " | ".join(cells) + " |")
     lines += [f"| {size} | | {method} | {budget:.3g} | skipped: {why} |" + " |" * 7 for size, method, budget, why in skipped]
     lines += ["", f"Fits ({metric} = a + b log10(budget), least squares over each pair's budgets):", "",
-              "| tuning | size | a | b | R^2 | points |", "|---|---|---|---|---|---|"]
+              "| tuning | size | a | b | R^2 | points | budgets |", "|---|---|---|---|---|---|---|"]
     for (method, size), f in sorted(fits.items()):
-        lines.append(f"| {method} | {size} | {f['a']:.4f} | {f['b']:.4f} | {f['r2']:.3f} | {f['points']} |")
+        lines.append(f"| {method} | {size} | {f['a']:.4f} | {f['b']:.4f} | {f['r2']:.3f} | {f['points']} | "
+                     f"{f['low']:.3g}..{f['high']:.3g} |")
     lines += ["", f"Best size per method at each budget ({metric}, observed):", "",
               "| budget | " + " | ".join(sorted({m for v in frontier.values() for m in v})) + " | best |",
               "|---|" + "---|" * (len({m for v in frontier.values() for m in v}) + 1)]
@@ -315,7 +321,7 @@ def report(results, fits, rec, metric, command, seconds, skipped=()):
               f"{' (extrapolated beyond the grid)' if rec['extrapolated'] else ''}: **{rec['tuning']}** on "
               f"**{rec['size']}**, {rec['tokens']:,.0f} training tokens ({rec['flops_per_token']:.4g} FLOPs per "
               f"token, Eq. 15), predicted {metric} {rec['predicted']:.4f}.", "",
-              "Predicted at that budget, best first: " + "; ".join(f"{m} {s} {v:.4f}" for m, s, v in rec["ranking"])]
+              "Predicted at that budget (fits whose budgets span it), best first: " + "; ".join(f"{m} {s} {v:.4f}" for m, s, v in rec["ranking"])]
     return "\n".join(lines) + "\n"
 
 
@@ -330,7 +336,8 @@ def plot(results, fits, metric, path):
     markers = {s: "osD^v<>p*h"[i % 10] for i, s in enumerate(sizes)}
     fig, ax = plt.subplots(figsize=(8, 5))
     for (method, size), f in sorted(fits.items()):
-        runs = sorted((r for r in results if (r["tuning"], r["size"]) == (method, size)), key=lambda r: r["budget"])
+        runs = sorted((r for r in results if (r["tuning"], r["size"]) == (method, size) and r["budget"] > 0),
+                      key=lambda r: r["budget"])
         x = [r["budget"] for r in runs]
         ax.plot(x, [r[metric] for r in runs], markers[size], color=colours[method], label=f"{method} {size}")
         grid = np.logspace(math.log10(min(x)), math.log10(max(x)), 20)

@@ -40,6 +40,7 @@ def test_fit_all_fits_each_method_and_size_over_trained_runs():
     assert set(fits) == {("full", "s"), ("lora", "s"), ("lora", "big")}
     assert fits[("full", "s")]["a"] == pytest.approx(3.0) and fits[("full", "s")]["b"] == pytest.approx(-0.1)
     assert fits[("full", "s")]["points"] == 5  # the untrained budget-0 row is left out
+    assert (fits[("lora", "big")]["low"], fits[("lora", "big")]["high"]) == (1e10, 1e11)
 
 
 def test_recommendation_follows_the_crossing_of_the_fits():
@@ -51,7 +52,8 @@ def test_recommendation_follows_the_crossing_of_the_fits():
     assert (high["tuning"], high["size"]) == ("lora", "s") and high["predicted"] == pytest.approx(1.5)
     assert high["tokens"] == pytest.approx(1e14 / 420.0) and high["flops_per_token"] == 420.0
     assert not high["extrapolated"] and recipe.recommend(rows, fits, 1e16, "eval_loss")["extrapolated"]
-    assert [r[:2] for r in high["ranking"]][0] == ("lora", "s")
+    assert [r[:2] for r in high["ranking"]] == [("lora", "s"), ("full", "s")]  # big's runs stop at 1e11
+    assert ("lora", "big") in [r[:2] for r in low["ranking"]]
 
 
 def test_higher_is_better_metric_picks_the_maximum():
@@ -75,9 +77,16 @@ def test_report_has_the_grid_fits_and_recommendation():
     rows = synthetic_grid()
     fits = recipe.fit_all(rows, "eval_loss")
     text = recipe.report(rows, fits, recipe.recommend(rows, fits, 1e14, "eval_loss"), "eval_loss", "python recipe.py", 1.0)
-    assert "| full | s | 3.0000 | -0.1000 | 1.000 | 5 |" in text
+    assert "| full | s | 3.0000 | -0.1000 | 1.000 | 5 | 1e+10..1e+14 |" in text
     assert "**lora** on **s**" in text and "(untrained)" in text
     assert len([line for line in text.splitlines() if line.startswith("| s |") or line.startswith("| big |")]) == 13
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = synthetic_grid()
+    path = recipe.plot(rows, recipe.fit_all(rows, "eval_loss"), "eval_loss", str(tmp_path / "recipe.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_parse_size_and_bad_sizes():
