@@ -326,7 +326,7 @@ def report(results, fits, rec, metric, command, seconds, skipped=()):
 
 
 def plot(results, fits, metric, path):
-    """Metric vs budget (log x): one colour per method, one marker per size, fitted lines dashed."""
+    """Metric vs budget (log x; log y for the loss): one colour per method, one marker per size, fitted lines dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -343,6 +343,8 @@ def plot(results, fits, metric, path):
         grid = np.logspace(math.log10(min(x)), math.log10(max(x)), 20)
         ax.plot(grid, f["a"] + f["b"] * np.log10(grid), "--", color=colours[method], linewidth=0.8)
     ax.set_xscale("log")
+    if metric == "eval_loss":  # random-init models start far above the pre-trained ones
+        ax.set_yscale("log")
     ax.set_xlabel("training FLOPs (README Eq. 15)")
     ax.set_ylabel(metric)
     ax.legend(fontsize=7, ncol=2)
