@@ -367,8 +367,8 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=("full", "symmetric"), default="full",
                    help="loss at the full pair: full (Eq. 6, one direction) or symmetric (Eq. 17, Ziarko et al.'s)")
     p.add_argument("--metric", choices=sorted(METRICS), default="eval_loss", help="what the fit and recommendation use")
-    p.add_argument("--learning_rates", default="full=1e-4,lora=1e-3,bias=1e-3,freeze=1e-4",
-                   help="per method: LoRA and bias train few parameters and take larger steps")
+    p.add_argument("--learning_rates", default="full=1e-3,lora=1e-3,bias=1e-3,freeze=1e-3",
+                   help="per method; one rate for all by default, so that the grid compares methods, not rates")
     p.add_argument("--lora_r", type=int, default=32)
     p.add_argument("--lora_alpha", type=float, default=32.0)
     p.add_argument("--temperature", type=float, default=0.025, help="cosine / 0.025: Ziarko et al.'s scale of 40")
