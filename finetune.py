@@ -4,6 +4,8 @@
     python finetune.py --method full --output_dir out/full      # the full-model baseline (Eq. 6)
     python finetune.py --train_file train.jsonl --pooling cls --similarity dot --output_dir out
     python finetune.py --save_steps 100 --resume --output_dir out/srl   # continue after a crash
+    python finetune.py --model_name_or_path smollm2-135m --method full --pooling last --tuning lora \
+        --flops_budget 1e15 --output_dir out/lora               # a decoder, LoRA, steps set by FLOPs (Eq. 15)
     torchrun --nproc-per-node 4 finetune.py --output_dir out/srl       # 4 GPUs, negatives across all
 
 Every method trains on the same batches (same data order, negatives and seed), so rows of a table
@@ -25,8 +27,9 @@ import checkpoints
 import data
 import distributed
 import starbucks as sb
+import tuning
 
-METHODS = ("srl", "2dmse", "mrl", "full", "separate")
+METHODS = ("srl", "2dmse", "mrl", "full", "separate", "symmetric")  # symmetric: Eq. 17 at the full pair
 
 
 def parse_args(argv=None):
@@ -48,7 +51,25 @@ def parse_args(argv=None):
     add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
     p.add_argument("--grad_cache_chunk", type=int, default=0,
                    help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
+    p.add_argument("--tuning", default="full", help="which parameters train: full, lora, bias or freeze:K "
+                   "(all but the last K blocks frozen)")
+    p.add_argument("--lora_r", type=int, default=32, help="LoRA rank r (Eq. 16); Ziarko et al. use 32")
+    p.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA alpha: the update is scaled by alpha / r")
+    p.add_argument("--lora_target_modules", default=tuning.ALL_LINEAR,
+                   help="comma-separated Linear names inside the blocks (e.g. q_proj,v_proj), or all-linear")
+    p.add_argument("--flops_budget", "--flops-budget", type=float, default=None,
+                   help="training FLOPs (Eq. 15); sets --max_steps from the measured tokens per step")
     args = p.parse_args(argv)
+    try:
+        tuning.parse_tuning(args.tuning)
+    except ValueError as e:
+        p.error(str(e))
+    if args.lora_target_modules != tuning.ALL_LINEAR:
+        args.lora_target_modules = [m for m in args.lora_target_modules.split(",") if m]
+    if args.flops_budget is not None and args.flops_budget <= 0:
+        p.error("--flops_budget must be positive")
+    if args.resume and args.tuning == "lora":
+        p.error("--resume with --tuning lora is not supported: checkpoints hold merged weights")
     if args.temperature is None:
         args.temperature = 0.05 if args.similarity == "cos" else 1.0
     for name in ("train_group_size", "query_max_len", "passage_max_len"):
@@ -136,6 +157,8 @@ def loss_for_method(args, pairs, num_layers, hidden_size, kind):
         return pairs, lambda q, p, gold, g: sb.srl_loss(q, p, pairs, t, args.kl_weight, sim)
     if args.method == "srl":
         return pairs, lambda q, p, gold, g: sb.srl_loss_embedding_kl(q, p, pairs, t, args.kl_weight, sim)
+    if args.method == "symmetric":  # Ziarko et al.'s loss (Eq. 17) at the full pair
+        return [full], lambda q, p, gold, g: sb.symmetric_contrastive_loss(q[full], p[full], t, sim)
     if args.method in ("full", "separate"):  # separate: `full` is (n, H) of the layer being trained
         return [full], lambda q, p, gold, g: sb.full_loss(q, p, [full], t, sim)
     if args.method == "mrl":
@@ -147,6 +170,44 @@ def loss_for_method(args, pairs, num_layers, hidden_size, kind):
     return every_layer, lambda q, p, gold, g: sb.matryoshka_2d_loss(
         {n: q[(n, hidden_size)] for n, _ in every_layer}, {n: p[(n, hidden_size)] for n, _ in every_layer},
         dims, g, t, sim)
+
+
+def global_batch(args, records, kind, step, indices):
+    """The global batch of a step from its items -> (queries, passages, gold, generator), seeded by the step."""
+    rng = random.Random(args.seed * 1_000_003 + step)  # negatives and 2DMSE sizes depend on step only
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    queries, passages, gold = batch_texts(records, kind, indices, args.train_group_size, rng)
+    return queries, passages, gold, generator
+
+
+def tokenize_batch(tokenizer, args, kind, queries, passages):
+    """(q_tok, p_tok): padded to the longest text of each side, truncated at the side's max length."""
+    q_max, p_max = (args.query_max_len, args.passage_max_len) if kind == "contrastive" else (args.passage_max_len,) * 2
+    return (tokenizer(queries, padding=True, truncation=True, max_length=q_max, return_tensors="pt"),
+            tokenizer(passages, padding=True, truncation=True, max_length=p_max, return_tensors="pt"))
+
+
+def tokens_per_step(args, tokenizer, records, kind, B, steps=8):
+    """Mean padded tokens (queries and passages) that a step's forward computes, over its first steps."""
+    counts = []
+    for step, indices in global_batches(len(records), B, 0, steps, args.seed):
+        queries, passages, _, _ = global_batch(args, records, kind, step, indices)
+        q_tok, p_tok = tokenize_batch(tokenizer, args, kind, queries, passages)
+        counts.append(q_tok["input_ids"].numel() + p_tok["input_ids"].numel())
+    return sum(counts) / len(counts)
+
+
+def flops_accounting(args, model, tokenizer, records, kind, B):
+    """Eq. 15 for this run: N, N_trainable, FLOPs per token, tokens per step and, with a budget, the steps."""
+    method, _ = tuning.parse_tuning(args.tuning)
+    n, n_trainable = tuning.parameter_counts(model)
+    per_token = tuning.flops_per_token(method, n, n_trainable)
+    per_step = tokens_per_step(args, tokenizer, records, kind, B)
+    accounting = {"tuning": args.tuning, "N": n, "N_trainable": n_trainable, "flops_per_token": per_token,
+                  "tokens_per_step": per_step, "flops_budget": args.flops_budget}
+    if args.flops_budget:
+        accounting["budget_steps"] = tuning.steps_for_budget(args.flops_budget, per_token, per_step)
+    return accounting
 
 
 def linear_schedule(step, total, warmup):
@@ -193,9 +254,16 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(records)} training records are fewer than one batch of {B} "
                              f"({world_size} processes x {args.per_device_train_batch_size})")
-    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    warmup = math.ceil(args.warmup_ratio * total)
     distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
+    flops = flops_accounting(args, model, tokenizer, records, kind, B)
+    total = flops.get("budget_steps") or (args.max_steps if args.max_steps > 0 else
+                                          math.ceil(args.num_train_epochs * steps_per_epoch))
+    warmup = math.ceil(args.warmup_ratio * total)
+    flops["planned_flops"] = flops["flops_per_token"] * flops["tokens_per_step"] * total
+    if rank == 0:
+        print(f"FLOPs (README Eq. 15, tuning {args.tuning}): N = {flops['N']:,} parameters, N_trainable = "
+              f"{flops['N_trainable']:,}; {flops['flops_per_token']:.4g} per token x {flops['tokens_per_step']:.0f} "
+              f"tokens per step x {total} steps = {flops['planned_flops']:.4g}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(model, args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
@@ -204,31 +272,35 @@ def train(args, model, tokenizer, kind, records, embed_pairs, loss_fn, output_di
                                                       run_settings, total)
     net = distributed.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
     model.train()
+
+    def flops_seen(step):
+        """The accounting with what was trained so far: this rank's padded tokens per step x the ranks."""
+        tokens = sum(json.loads(line).get("tokens", 0) for line in train_log.lines) * world_size
+        return {**flops, "steps": step, "tokens_seen": tokens, "flops_used": flops["flops_per_token"] * tokens}
+
     progress = tqdm(global_batches(len(records), B, start, total, args.seed), initial=start, total=total,
                     disable=rank != 0, dynamic_ncols=True, desc=f"{args.method} {os.path.basename(output_dir)}")
     for step, indices in progress:
-        rng = random.Random(args.seed * 1_000_003 + step)  # negatives and 2DMSE sizes depend on step only
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         # every rank draws the whole global batch (the same negatives as one process) and keeps its slice
-        queries, passages, gold = batch_texts(records, kind, indices, args.train_group_size, rng)
+        queries, passages, gold, generator = global_batch(args, records, kind, step, indices)
         queries, passages = distributed.shard(queries, rank, world_size), distributed.shard(passages, rank, world_size)
         gold = gold.to(device) if gold is not None else None
-        q_max, p_max = (args.query_max_len, args.passage_max_len) if kind == "contrastive" else (args.passage_max_len,) * 2
-        q_tok = tokenizer(queries, padding=True, truncation=True, max_length=q_max, return_tensors="pt").to(device)
-        p_tok = tokenizer(passages, padding=True, truncation=True, max_length=p_max, return_tensors="pt").to(device)
+        q_tok, p_tok = (t.to(device) for t in tokenize_batch(tokenizer, args, kind, queries, passages))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             loss = training_step(net, embed_pairs, config.pooling, loss_fn, q_tok, p_tok, gold, generator,
                                  args.grad_cache_chunk)
-        line = finish_step(step, loss, trainable, optimizer, scheduler, args, train_log, output_dir)
+        line = finish_step(step, loss, trainable, optimizer, scheduler, args, train_log, output_dir,
+                           tokens=q_tok["input_ids"].numel() + p_tok["input_ids"].numel())
         if (step + 1) % args.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}")
         if args.save_steps and (step + 1) % args.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
             checkpoints.save_training_checkpoint(output_dir, step + 1,
-                                                 lambda folder: save(model, tokenizer, folder, config, args),
+                                                 lambda folder: save(model, tokenizer, folder, config, args,
+                                                                     flops_seen(step + 1)),
                                                  optimizer, scheduler, run_settings, train_log, args.save_total_limit)
     train_log.close()
     if rank == 0:
-        save(model, tokenizer, output_dir, config, args)
+        save(model, tokenizer, output_dir, config, args, flops_seen(total))
 
 
 def global_batches(num_items, batch_size, start, total, seed):
@@ -250,7 +322,7 @@ def adamw(model, learning_rate, weight_decay):
                              lr=learning_rate)
 
 
-def finish_step(step, loss, params, optimizer, scheduler, args, train_log, output_dir):
+def finish_step(step, loss, params, optimizer, scheduler, args, train_log, output_dir, tokens=None):
     """After backward: clip, update if the loss and gradient are finite on every rank, log -> the step's log line.
 
     A non-finite step is skipped (the weights stay, the schedule moves on) and counted; after
@@ -267,7 +339,7 @@ def finish_step(step, loss, params, optimizer, scheduler, args, train_log, outpu
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     line = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-            "skipped_steps": train_log.skipped}
+            "skipped_steps": train_log.skipped, **({"tokens": tokens} if tokens is not None else {})}
     train_log.append(line if finite else {**line, "skipped": True})
     if train_log.bad_in_row >= args.max_bad_steps:
         train_log.close()
@@ -278,21 +350,45 @@ def finish_step(step, loss, params, optimizer, scheduler, args, train_log, outpu
     return line
 
 
-def save(model, tokenizer, output_dir, config, args):
-    """save_pretrained (loads with AutoModel) plus starbucks_config.json: pairs, pooling, arguments."""
-    model.save_pretrained(output_dir)
+def save(model, tokenizer, output_dir, config, args, flops=None):
+    """save_pretrained (loads with AutoModel; LoRA merged, Eq. 16) plus starbucks_config.json: pairs,
+    pooling, arguments and the FLOP accounting (Eq. 15)."""
+    tuning.merged_copy(model).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     with open(os.path.join(output_dir, "starbucks_config.json"), "w") as f:
-        json.dump({**asdict(config), "training_arguments": vars(args)}, f, indent=2)
+        json.dump({**asdict(config), "training_arguments": vars(args), **({"flops": flops} if flops else {})},
+                  f, indent=2)
+
+
+def load_gguf(path):
+    """A GGUF file as a base model (AutoModel: no LM head) in fp32 and its tokenizer.
+
+    transformers' own gguf_file loading requires accelerate only to place weights; building the model
+    from the GGUF's config and loading its dequantised tensors needs just the gguf package.
+    """
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    folder, name = os.path.split(path)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch.float32)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()})
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def load_model(name_or_path, device):
+    """(model, tokenizer) of a model folder, a .gguf file or a packaged name; decoders get a pad token."""
     path = data.resolve_model_path(name_or_path)
     try:
-        model = AutoModel.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if path.endswith(".gguf"):
+            model, tokenizer = load_gguf(path)
+        else:
+            model = AutoModel.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise data.DataError(f"{path} is not a loadable model folder: {e}") from None
+    if tokenizer.pad_token is None:  # decoder-only LMs: pad with EOS; pooling reads the attention mask
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # causal attention: real tokens never see right-hand padding
     return model.to(device), tokenizer
 
 
@@ -302,6 +398,7 @@ def main(argv=None):
     rank, world_size, device = distributed.setup()  # torchrun: one process per GPU; else one process
     kind, records = load_training_records(args, rank)
     model, tokenizer = load_model(args.model_name_or_path, device)
+    tuning.apply_tuning(model, args.tuning, args.lora_r, args.lora_alpha, args.lora_target_modules)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(L, H)
     if rank == 0:
@@ -317,7 +414,11 @@ def main(argv=None):
     layers = sorted({n for n, _ in pairs})
     for n in layers:
         torch.manual_seed(args.seed)
-        model_n, _ = load_model(args.model_name_or_path, device) if n != layers[0] else (model, None)
+        if n != layers[0]:
+            model_n = tuning.apply_tuning(load_model(args.model_name_or_path, device)[0], args.tuning, args.lora_r,
+                                          args.lora_alpha, args.lora_target_modules)
+        else:
+            model_n = model
         config = sb.StarbucksConfig([(n, d) for m, d in pairs if m == n], args.pooling, args.similarity,
                                     args.temperature)
         embed_pairs, loss_fn = loss_for_method(args, [(n, H)], L, H, kind)

@@ -255,6 +255,16 @@ def full_loss(q_2d, p_2d, pairs, temperature=1.0, similarity="dot"):
     return contrastive_loss(q_2d[pairs[-1]], p_2d[pairs[-1]], temperature, similarity)
 
 
+def symmetric_contrastive_loss(q, p, temperature=1.0, similarity="cos"):
+    """Eq. 17: symmetric InfoNCE (Ziarko et al.): queries against the batch's passages, and each positive
+    against the batch's queries, averaged. q (B, d), p (B*G, d); hard negatives join the first direction only."""
+    scores = similarity_scores(q, p, similarity, temperature)  # (B, BG)
+    positives = positive_index(q.shape[0], p.shape[0], q.device)  # (B,)
+    query_to_passage = F.cross_entropy(scores, positives)
+    passage_to_query = F.cross_entropy(scores[:, positives].T, torch.arange(q.shape[0], device=q.device))  # (B, B)
+    return (query_to_passage + passage_to_query) / 2
+
+
 def matryoshka_loss(q, p, dims, temperature=1.0, similarity="dot"):
     """Eq. 8: 1D Matryoshka (MRL), sum over d of L_CE at the last layer truncated to d (c_d = 1)."""
     return sum(contrastive_loss(q[:, :d], p[:, :d], temperature, similarity) for d in dims)

@@ -32,7 +32,7 @@ def run(tiny_model_dir, train_file, out, *extra):
                    "--train_group_size", "3", *extra])
 
 
-@pytest.mark.parametrize("method", ["srl", "2dmse", "mrl", "full"])
+@pytest.mark.parametrize("method", ["srl", "2dmse", "mrl", "full", "symmetric"])
 def test_each_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir, train_file, method):
     run(tiny_model_dir, train_file, tmp_path, "--method", method)
     model = AutoModel.from_pretrained(tmp_path)
@@ -117,3 +117,32 @@ def test_real_minilm_srl_steps_on_embedded_data(tmp_path):
     assert model.config.num_hidden_layers == 6
     saved = json.load(open(tmp_path / "starbucks_config.json"))
     assert [tuple(p) for p in saved["pairs"]] == sb.default_pairs(6, 384)
+
+
+# ----------------------------------------------------------------------------------------------
+# The packaged SmolLM2-135M (slow: real weights, a GGUF file dequantised to fp32)
+
+def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
+    model, tokenizer = finetune.load_model("smollm2-135m", torch.device("cpu"))
+    model.eval()
+    assert type(model).__name__ == "LlamaModel" and model.dtype == torch.float32  # AutoModel: no LM head
+    assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
+    texts = ["Coffee is brewed from roasted beans.", "Tea", "The central bank raised interest rates again today."]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    assert enc["attention_mask"][1].sum() < enc["attention_mask"].shape[1]  # "Tea" is right-padded
+    with torch.no_grad():
+        out = model(**enc, output_hidden_states=True)
+        assert len(out.hidden_states) == 31  # embeddings + 30 blocks
+        e = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], [(15, 288), (30, 576)], "last")
+        # pre-LN: the final RMSNorm is applied to the intermediate layer too, then the last REAL token
+        mid = model.norm(out.hidden_states[15])
+        last = enc["attention_mask"].sum(1) - 1
+        torch.testing.assert_close(e[(15, 288)], mid[torch.arange(3), last, :288])
+        torch.testing.assert_close(e[(30, 576)], out.last_hidden_state[torch.arange(3), last])
+        alone = tokenizer(texts[1:2], return_tensors="pt")  # no padding at all
+        e_alone = sb.embed_2d(model, alone["input_ids"], alone["attention_mask"], [(30, 576)], "last")[(30, 576)]
+        torch.testing.assert_close(e[(30, 576)][1:2], e_alone, atol=1e-4, rtol=1e-4)
+    # evaluate.py takes the packaged name too: no starbucks_config.json, so the backbone's default pairs, mean pooling
+    import evaluate
+    config, _ = evaluate.read_config(data.resolve_model_path("smollm2-135m"), model, evaluate.parse_args([]))
+    assert config.pairs == sb.default_pairs(30, 576) and config.pooling == "mean"

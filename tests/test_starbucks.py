@@ -168,6 +168,19 @@ def test_contrastive_loss_equals_hand_softmax():
     assert sb.contrastive_loss(q, p, temperature=0.5).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_symmetric_contrastive_loss_averages_both_directions():
+    torch.manual_seed(0)
+    q, p = torch.randn(3, 5), torch.randn(6, 5)  # G = 2: positives are p[0], p[2], p[4]
+    s = (q @ p.T / 0.5).numpy()
+    q_to_p = -np.mean([s[i, 2 * i] - np.log(np.exp(s[i]).sum()) for i in range(3)])
+    p_to_q = -np.mean([s[i, 2 * i] - np.log(np.exp(s[:, 2 * i]).sum()) for i in range(3)])  # positive i vs all queries
+    loss = sb.symmetric_contrastive_loss(q, p, temperature=0.5, similarity="dot")
+    assert loss.item() == pytest.approx((q_to_p + p_to_q) / 2, rel=1e-5)
+    p1 = p[::2]  # G = 1: swapping queries and passages gives the same loss
+    assert sb.symmetric_contrastive_loss(p1, q, 0.5, "dot").item() == pytest.approx(
+        sb.symmetric_contrastive_loss(q, p1, 0.5, "dot").item(), rel=1e-6)
+
+
 def test_kl_loss_matches_definition_and_sends_no_gradient_to_teacher():
     torch.manual_seed(0)
     student = torch.randn(4, 6, requires_grad=True)
