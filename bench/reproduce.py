@@ -115,18 +115,26 @@ def summarise(results, pairs):
 
 
 def verdicts(table, pairs, methods):
-    """Plain-words verdicts on the paper's three claims, computed from the table."""
+    """Plain-words verdicts on the paper's three claims, computed from the table, with the seeds' spread
+    beside each difference: a difference smaller than the methods' std over seeds is not evidence."""
     lines = []
     for (dataset, metric), rows in table.items():
         name = f"{dataset} {metric}"
+
+        def noise(a, b, at=pairs):
+            return statistics.mean(rows[p][a][1] + rows[p][b][1] for p in at)  # sum of the two stds, mean over pairs
         if {"srl", "2dmse"} <= set(methods):
-            wins = [p for p in pairs if rows[p]["srl"][0] >= rows[p]["2dmse"][0]]
-            holds = "holds" if len(wins) == len(pairs) else "does not hold"
+            losses = [p for p in pairs if rows[p]["srl"][0] < rows[p]["2dmse"][0]]
+            holds = "does not hold" if losses else "holds"
+            within = [p for p in losses if rows[p]["2dmse"][0] - rows[p]["srl"][0] <= noise("srl", "2dmse", [p])]
+            detail = (f"; where SRL is behind ({', '.join(f'{n}x{d}' for n, d in losses)}), the gap is "
+                      f"{'within' if len(within) == len(losses) else 'beyond'} the two methods' std over seeds"
+                      if losses else "")
             lines.append(f"- Claim 1 (SRL >= 2DMSE at every pair), {name}: {holds} here; SRL is at least as good "
-                         f"at {len(wins)} of {len(pairs)} pairs.")
+                         f"at {len(pairs) - len(losses)} of {len(pairs)} pairs{detail}.")
         if {"srl", "separate"} <= set(methods):
             gaps = [rows[p]["srl"][0] - rows[p]["separate"][0] for p in pairs]
-            spread = statistics.mean(rows[p]["separate"][1] + rows[p]["srl"][1] for p in pairs)
+            spread = noise("srl", "separate")
             close = "holds" if abs(statistics.mean(gaps)) <= max(0.01, spread) else "does not hold"
             lines.append(f"- Claim 2 (SRL close to separately trained), {name}: {close} here; mean gap "
                          f"SRL - separate {statistics.mean(gaps):+.4f} (range {min(gaps):+.4f} .. {max(gaps):+.4f}); "
@@ -134,10 +142,14 @@ def verdicts(table, pairs, methods):
         if {"srl", "smae+srl"} <= set(methods):
             lifts = [rows[p]["smae+srl"][0] - rows[p]["srl"][0] for p in pairs]
             small, large = statistics.mean(lifts[:len(pairs) // 2]), statistics.mean(lifts[len(pairs) // 2:])
+            spread = noise("srl", "smae+srl", pairs[:len(pairs) // 2])
             holds = "holds" if small > large and small > 0 else "does not hold"
+            if holds == "holds" and small <= spread:
+                holds = "holds in the means, but within seed noise,"
             lines.append(f"- Claim 3 (SMAE lifts the small pairs most), {name}: {holds} here; lift of SMAE+SRL over "
                          f"SRL on the smaller half of the pairs {small:+.4f}, on the larger half {large:+.4f} "
-                         f"(per pair: {', '.join(f'{x:+.4f}' for x in lifts)}).")
+                         f"(per pair: {', '.join(f'{x:+.4f}' for x in lifts)}); the two methods' std over seeds "
+                         f"on the smaller half sums to {spread:.4f}.")
     return lines
 
 

@@ -42,3 +42,13 @@ def test_verdicts_follow_the_numbers():
     claim3 = [l for l in reproduce.verdicts(reproduce.summarise(lifted_large, PAIRS), PAIRS, ["srl", "smae+srl"])
               if "lee2005 Spearman" in l][0]
     assert "does not hold" in claim3
+
+
+def test_verdicts_name_differences_within_seed_noise():
+    noisy = fake_results({"srl": [(0.50, 0.80), (0.70, 0.80)], "2dmse": [(0.62, 0.70), (0.62, 0.70)],
+                          "smae+srl": [(0.55, 0.80), (0.75, 0.80)]})  # srl std at the small pair: 0.14
+    claim1, claim3 = [l for l in reproduce.verdicts(reproduce.summarise(noisy, PAIRS), PAIRS, list(noisy))
+                      if "lee2005 Spearman" in l]
+    assert "does not hold" in claim1 and "1x8" in claim1 and "within the two methods' std" in claim1
+    assert "within seed noise" in claim3 and "+0.0500" in claim3
+
