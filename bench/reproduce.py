@@ -145,7 +145,7 @@ def verdicts(table, pairs, methods):
             spread = noise("srl", "smae+srl", pairs[:len(pairs) // 2])
             holds = "holds" if small > large and small > 0 else "does not hold"
             if holds == "holds" and small <= spread:
-                holds = "holds in the means, but within seed noise,"
+                holds = "is not shown beyond seed noise"
             lines.append(f"- Claim 3 (SMAE lifts the small pairs most), {name}: {holds} here; lift of SMAE+SRL over "
                          f"SRL on the smaller half of the pairs {small:+.4f}, on the larger half {large:+.4f} "
                          f"(per pair: {', '.join(f'{x:+.4f}' for x in lifts)}); the two methods' std over seeds "
