@@ -8,6 +8,9 @@ References
 - Li et al. "2D Matryoshka Sentence Embeddings" (2DMSE) and sentence-transformers' Matryoshka2dLoss
   (Eq. 9, the random-sampling baseline).
 - Su, "CoSENT" (the loss the paper uses for the low-resource STS-B variant).
+- Ziarko, Jiang, Miłoś et al. "Repurposing Language Models into Embedding Models: Finding the
+  Compute-Optimal Recipe", arXiv 2406.04165 (symmetric InfoNCE, Eq. 17; its FLOP accounting and
+  tuning methods live in tuning.py).
 
 Equation numbers (Eq. 1, Eq. 2, ...) are those of the README's "Equations" section. Every function
 here is pure: tensors and a model in, tensors out; no files, no argparse, no global state.
