@@ -213,21 +213,24 @@ def read_config(path, model, args):
     return config, saved.get("separate")
 
 
-def first_model_folder(name_or_path):
-    """The folder to load: the checkpoint itself, or, for separately trained models (Eq. 7), whose top
-    folder holds only starbucks_config.json, the first layer's model (all share one config)."""
+def checkpoint_folders(name_or_path):
+    """-> (path, folder to load): the checkpoint and its model folder, the same folder except for
+    separately trained models (Eq. 7), whose top folder holds only starbucks_config.json and whose
+    first layer's model is loaded (all share one config)."""
     config_file = os.path.join(name_or_path, "starbucks_config.json")
-    if os.path.exists(os.path.join(name_or_path, "config.json")) or not os.path.exists(config_file):
-        return name_or_path
-    separate = json.load(open(config_file)).get("separate")
-    return os.path.join(name_or_path, next(iter(separate.values()))) if separate else name_or_path
+    separate = None
+    if os.path.exists(config_file) and not os.path.exists(os.path.join(name_or_path, "config.json")):
+        separate = json.load(open(config_file)).get("separate")
+    if not separate:
+        path = data.resolve_model_path(name_or_path)
+        return path, path
+    return name_or_path, os.path.join(name_or_path, next(iter(separate.values())))
 
 
 def evaluate_model(name_or_path, datasets, args, device):
     """{dataset: {'n x d': {metric: value}}} for every pair of one model (or one per layer: Eq. 7)."""
     from finetune import load_model
-    folder = first_model_folder(name_or_path)
-    path = name_or_path if folder != name_or_path else data.resolve_model_path(name_or_path)
+    path, folder = checkpoint_folders(name_or_path)
     model, tokenizer = load_model(folder, device)
     model.eval()
     config, separate = read_config(path, model, args)
@@ -334,8 +337,7 @@ def adaptive_retrieval(name_or_path, datasets, args, device):
     Times are per query over the whole query set: encoding (up to the search's largest layer) and search.
     """
     from finetune import load_model
-    folder = first_model_folder(name_or_path)
-    path = name_or_path if folder != name_or_path else data.resolve_model_path(name_or_path)
+    path, folder = checkpoint_folders(name_or_path)
     model, tokenizer = load_model(folder, device)
     model.eval()
     config, separate = read_config(path, model, args)

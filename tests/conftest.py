@@ -27,9 +27,13 @@ def vocab_path():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, vocab_path):
     """A saved 4 x 32 random BERT with the bert-base-uncased vocab: loads with AutoModel/AutoTokenizer."""
+    return save_with_vocab(tiny_bert(), tmp_path_factory.mktemp("tiny_bert"), vocab_path)
+
+
+def save_with_vocab(model, folder, vocab_path):
+    """model.save_pretrained(folder) plus a BertTokenizer of the real WordPiece vocab -> the folder as str."""
     from transformers import BertTokenizer
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tiny_bert().save_pretrained(folder)
+    model.save_pretrained(folder)
     BertTokenizer(vocab=vocab_path).save_pretrained(folder)
     return str(folder)
 

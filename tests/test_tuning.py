@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModel, BertTokenizer, LlamaConfig, LlamaModel
+from transformers import AutoModel, LlamaConfig, LlamaModel
 
 import finetune
 import starbucks as sb
 import tuning
-from conftest import tiny_bert
+from conftest import save_with_vocab, tiny_bert
 
 # tiny Llama: H = 32, 4 query heads and 2 key/value heads of 8, MLP 64, vocab 30522 (BERT's, for its tokenizer)
 L, H, I, V, KV = 3, 32, 64, 30522, 16
@@ -189,10 +189,7 @@ def test_steps_for_budget():
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory, vocab_path):
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(folder)
-    BertTokenizer(vocab=vocab_path).save_pretrained(folder)
-    return str(folder)
+    return save_with_vocab(tiny_llama(), tmp_path_factory.mktemp("tiny_llama"), vocab_path)
 
 
 def test_finetune_lora_with_a_flops_budget_saves_merged_weights_and_its_accounting(tmp_path, tiny_llama_dir, capsys):
