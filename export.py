@@ -14,22 +14,20 @@ import argparse
 import glob
 import json
 import os
-import sys
 from dataclasses import asdict
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel
 
 import data
+import models
 import starbucks as sb
-from evaluate import read_config
-from finetune import load_model
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL, help="model folder or packaged model name")
+    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
     p.add_argument("--pair", default=None, help="LAYERxDIM to export, e.g. 2x24; default: the checkpoint's smallest pair")
     p.add_argument("--output_dir", default="output/export")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
@@ -65,11 +63,10 @@ def write_sentence_transformers_files(folder, hidden_size, d, pooling, similarit
 
 def main(argv=None):
     args = parse_args(argv)
-    path = data.resolve_model_path(args.model_name_or_path)
-    full, tokenizer = load_model(path, "cpu")
+    path = models.resolve_model_path(args.model_name_or_path)
+    full, tokenizer = models.load_model(path, "cpu")
     full.eval()
-    config, separate = read_config(path, full, argparse.Namespace(pairs=None, grid=False, pooling=args.pooling,
-                                                                  similarity=args.similarity))
+    config, separate = models.read_config(path, full, pooling=args.pooling, similarity=args.similarity)
     L, H = full.config.num_hidden_layers, full.config.hidden_size
     if separate:
         raise ValueError(f"{path} holds separately trained models (Eq. 7): export one of its layer_<n> folders")
@@ -86,7 +83,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
-    with open(os.path.join(args.output_dir, "starbucks_config.json"), "w") as f:
+    with open(os.path.join(args.output_dir, models.CONFIG_FILE), "w") as f:
         exported = sb.StarbucksConfig([(n, d)], config.pooling, config.similarity, config.temperature)
         json.dump({**asdict(exported), "exported_from": path, "source_layers": L}, f, indent=2)
     max_seq_length = min(args.max_seq_length, getattr(full.config, "max_position_embeddings", args.max_seq_length))
@@ -95,7 +92,7 @@ def main(argv=None):
     # check: the folder, reloaded from disk, embeds real text exactly as embed_2d's (n, d) does
     reloaded = AutoModel.from_pretrained(args.output_dir).eval()
     texts = data.lee_documents()[:8]
-    expected = sb.encode(texts, full, tokenizer, (n, d), config.pooling, max_seq_length)  # (8, d)
+    expected = sb.encode(full, tokenizer, texts, (n, d), config.pooling, max_seq_length)  # (8, d)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")
     with torch.no_grad():
         hidden = reloaded(**enc).last_hidden_state  # (8, T, H)
@@ -113,7 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    data.run_command(main)

@@ -23,17 +23,20 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
-from types import SimpleNamespace
-
+from dataclasses import dataclass, field
 import numpy as np
 import torch
 
 import data
-import evaluate
+import evaluation
 import finetune
+import flops
+import models
 import starbucks as sb
+import training
 import tuning
 
 METRICS = {"eval_loss": "lower", "spearman": "higher"}  # which way is better
@@ -49,7 +52,7 @@ def parse_size(text):
         layers, _, hidden = spec.partition("x")
         if layers.isdigit() and hidden.isdigit() and int(layers) >= 1 and int(hidden) >= 64 and int(hidden) % 64 == 0:
             return name, (int(layers), int(hidden))
-    elif name in data.PACKAGED_MODELS and spec.isdigit() and int(spec) >= 1:
+    elif name in models.PACKAGED_MODELS and spec.isdigit() and int(spec) >= 1:
         return name, int(spec)
     raise ValueError(f"cannot read size {text!r}: use smollm2-135m:K (its first K blocks) or random:LxH "
                      f"(H a multiple of 64)")
@@ -88,7 +91,7 @@ class Sizes:
 
     def base(self, name):
         if name not in self.loaded:
-            self.loaded[name] = finetune.load_model(name, torch.device("cpu"))
+            self.loaded[name] = models.load_model(name, torch.device("cpu"))
         return self.loaded[name]
 
     def build(self, size):
@@ -104,17 +107,19 @@ class Sizes:
 # ----------------------------------------------------------------------------------------------
 # One run: fine-tune for a budget, then measure
 
-def eval_loss(model, tokenizer, pairs_of_texts, args, batch_size=32):
+def eval_loss(model, tokenizer, pairs_of_texts, pooling, temperature, similarity, query_max_len, passage_max_len,
+              batch_size=32):
     """Held-out Eq. 3 loss at the full pair: each query against the batch's passages (in-batch negatives)."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     losses = []
     with torch.no_grad():
         for start in range(0, len(pairs_of_texts) - batch_size + 1, batch_size):
             queries, passages = zip(*pairs_of_texts[start:start + batch_size])
-            q_tok, p_tok = finetune.tokenize_batch(tokenizer, args, "contrastive", list(queries), list(passages))
-            q = sb.embed_2d(model, q_tok["input_ids"], q_tok["attention_mask"], [(L, H)], args.pooling)[(L, H)]
-            p = sb.embed_2d(model, p_tok["input_ids"], p_tok["attention_mask"], [(L, H)], args.pooling)[(L, H)]
-            losses.append(sb.contrastive_loss(q, p, args.temperature, args.similarity).item())
+            q_tok, p_tok = training.tokenize_batch(tokenizer, list(queries), list(passages), query_max_len,
+                                                   passage_max_len)
+            q = sb.embed_2d(model, q_tok["input_ids"], q_tok["attention_mask"], [(L, H)], pooling)[(L, H)]
+            p = sb.embed_2d(model, p_tok["input_ids"], p_tok["attention_mask"], [(L, H)], pooling)[(L, H)]
+            losses.append(sb.contrastive_loss(q, p, temperature, similarity).item())
     return float(np.mean(losses))
 
 
@@ -126,65 +131,74 @@ def held_out_pairs(count, seed=0):
     return [(queries[qids[i]], corpus[next(iter(qrels[qids[i]]))]) for i in order]
 
 
-def measure(model, tokenizer, args, held_out, lee):
-    """{'eval_loss', 'spearman'} of a model at its full pair."""
+def measure(model, tokenizer, grid, held_out, lee):
+    """{'eval_loss', 'spearman'} of a model at its full pair (mean pooling, cosine)."""
     model.eval()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    config = sb.StarbucksConfig([(L, H)], args.pooling, args.similarity, args.temperature)
-    sts_args = SimpleNamespace(max_seq_length=256, per_device_eval_batch_size=16)
-    spearman = evaluate.sts_scores(model, tokenizer, lee, [(L, H)], config, sts_args)[(L, H)]
-    return {"eval_loss": eval_loss(model, tokenizer, held_out, args), "spearman": float(spearman)}
+    spearman = evaluation.sts_scores(model, tokenizer, lee, [(L, H)], "mean", max_length=256, batch_size=16)[(L, H)]
+    return {"eval_loss": eval_loss(model, tokenizer, held_out, "mean", grid.temperature, "cos", grid.query_max_len,
+                                   grid.passage_max_len),
+            "spearman": float(spearman)}
 
 
 def run_name(size, tuning_spec, budget):
     return f"{size.replace(':', '-')}__{tuning_spec.replace(':', '-')}__{budget:.3g}"
 
 
-def train_args(opts, tuning_spec, budget, L, H, output_dir):
-    """finetune.py's arguments for one run (its defaults, the recipe's settings)."""
+def finetune_argv(grid, tuning_spec, budget, L, H, base, output_dir):
+    """finetune.py's command line for one run (its defaults, the recipe's settings)."""
     method = tuning.parse_tuning(tuning_spec)[0]
-    return finetune.parse_args([
-        "--method", opts.method, "--pairs", f"{L}x{H}", "--pooling", "mean", "--similarity", "cos",
-        "--temperature", str(opts.temperature), "--tuning", tuning_spec, "--lora_r", str(opts.lora_r),
-        "--lora_alpha", str(opts.lora_alpha), "--flops_budget", str(budget), "--learning_rate",
-        str(opts.learning_rates[method]), "--per_device_train_batch_size", str(opts.per_device_train_batch_size),
-        "--train_group_size", str(opts.train_group_size), "--query_max_len", str(opts.query_max_len),
-        "--passage_max_len", str(opts.passage_max_len), "--save_steps", "0", "--seed", str(opts.seed),
-        "--output_dir", output_dir])
+    return ["--model_name_or_path", base, "--method", grid.method, "--pairs", f"{L}x{H}", "--pooling", "mean",
+            "--similarity", "cos", "--temperature", str(grid.temperature), "--tuning", tuning_spec,
+            "--lora_r", str(grid.lora_r), "--lora_alpha", str(grid.lora_alpha), "--flops_budget", str(budget),
+            "--learning_rate", str(grid.learning_rates[method]),
+            "--per_device_train_batch_size", str(grid.per_device_train_batch_size),
+            "--train_group_size", str(grid.train_group_size), "--query_max_len", str(grid.query_max_len),
+            "--passage_max_len", str(grid.passage_max_len), "--save_steps", "0", "--seed", str(grid.seed),
+            "--output_dir", output_dir]
 
 
-def run_one(opts, sizes, size, tuning_spec, budget, records, held_out, lee):
-    """Fine-tune one (size, method) for a budget (or measure the untouched model at budget 0) -> result."""
+def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):
+    """The steps a budget buys this size and method (Eq. 15), as finetune.py will count them."""
+    probe = copy.deepcopy(model)
+    tuning.apply_tuning(probe, tuning_spec, grid.lora_r, grid.lora_alpha)
+    tokens = training.tokens_per_step(tokenizer, records, "contrastive", grid.per_device_train_batch_size,
+                                      grid.train_group_size, grid.query_max_len, grid.passage_max_len, grid.seed)
+    return flops.flops_accounting(probe, tuning_spec, tokens, budget)["budget_steps"]
+
+
+def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
+    """Fine-tune one (size, method) for a budget (or measure the untouched model at budget 0) -> result.
+
+    The size's model is saved as a folder and trained by finetune.py's own main, so every run is
+    exactly the command its argv reads."""
     model, tokenizer = sizes.build(size)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    folder = os.path.join(opts.output_dir, "runs", run_name(size, tuning_spec, budget))
+    folder = os.path.join(grid.output_dir, "runs", run_name(size, tuning_spec, budget))
     start = time.time()
     result = {"size": size, "tuning": tuning_spec, "budget": budget, "layers": L, "hidden": H}
     if budget > 0:
-        args = train_args(opts, tuning_spec, budget, L, H, folder)
-        torch.manual_seed(opts.seed)  # LoRA's A, as finetune.main seeds before its model
-        tuning.apply_tuning(model, args.tuning, args.lora_r, args.lora_alpha, args.lora_target_modules)
-        if opts.max_steps_per_run:  # small models buy many steps: keep the grid's wall time bounded
-            steps = finetune.flops_accounting(args, model, tokenizer, records, "contrastive",
-                                              args.per_device_train_batch_size)["budget_steps"]
-            if steps > opts.max_steps_per_run:
-                raise ValueError(f"the budget buys {steps} steps, over --max_steps_per_run {opts.max_steps_per_run}")
-        config = sb.StarbucksConfig([(L, H)], args.pooling, args.similarity, args.temperature)
-        embed_pairs, loss_fn = finetune.loss_for_method(args, [(L, H)], L, H, "contrastive")
-        finetune.train(args, model, tokenizer, "contrastive", records, embed_pairs, loss_fn, folder, config)
-        model = tuning.merged_copy(model)
-        saved = json.load(open(os.path.join(folder, "starbucks_config.json")))["flops"]
+        if grid.max_steps_per_run:  # small models buy many steps: keep the grid's wall time bounded
+            steps = budget_steps(grid, model, tokenizer, tuning_spec, budget, records)
+            if steps > grid.max_steps_per_run:
+                raise ValueError(f"the budget buys {steps} steps, over --max_steps_per_run {grid.max_steps_per_run}")
+        base = folder + ".base"
+        model.save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        finetune.main(finetune_argv(grid, tuning_spec, budget, L, H, base, folder))
+        shutil.rmtree(base)
+        model = models.load_model(folder, torch.device("cpu"))[0]  # LoRA merged on save
+        saved = json.load(open(os.path.join(folder, models.CONFIG_FILE)))["flops"]
         result.update({k: saved[k] for k in ("N", "N_trainable", "flops_per_token", "steps", "tokens_seen",
                                              "flops_used")})
         log = [json.loads(line) for line in open(os.path.join(folder, "train_log.jsonl"))]
         result["train_loss_last10"] = float(np.mean([r["loss"] for r in log[-10:]]))
     else:
-        args = train_args(opts, "full", 1.0, L, H, folder)
         result["N"] = sum(p.numel() for p in model.parameters())
         os.makedirs(folder, exist_ok=True)
-    result.update(measure(model, tokenizer, args, held_out, lee))
+    result.update(measure(model, tokenizer, grid, held_out, lee))
     result["seconds"] = round(time.time() - start, 1)
-    if not opts.keep_models:  # the grid needs the numbers, not tens of copies of the weights
+    if not grid.keep_models:  # the grid needs the numbers, not tens of copies of the weights
         for name in os.listdir(folder):
             if name.endswith((".safetensors", ".bin")):
                 os.remove(os.path.join(folder, name))
@@ -195,21 +209,21 @@ def run_one(opts, sizes, size, tuning_spec, budget, records, held_out, lee):
     return result
 
 
-def run_grid(opts):
+def run_grid(grid):
     """Every (size, method, budget) run, reusing finished ones -> (results, skipped: [(size, method, budget, why)])."""
-    records = data.embedded_training_data(seed=0, num_negatives=max(opts.train_group_size - 1, 7))
-    held_out, lee, sizes = held_out_pairs(opts.eval_pairs), data.lee_sts(), Sizes()
-    plan = [(s, "full", 0.0) for s in opts.sizes] + \
-           [(s, t, b) for s in opts.sizes for t in opts.tunings for b in opts.budgets]
+    records = data.embedded_training_data(seed=0, num_negatives=max(grid.train_group_size - 1, 7))
+    held_out, lee, sizes = held_out_pairs(grid.eval_pairs), data.lee_sts(), Sizes()
+    plan = [(s, "full", 0.0) for s in grid.sizes] + \
+           [(s, t, b) for s in grid.sizes for t in grid.tunings for b in grid.budgets]
     results, skipped = [], []
     for i, (size, tuning_spec, budget) in enumerate(plan):
-        path = os.path.join(opts.output_dir, "runs", run_name(size, tuning_spec, budget), "result.json")
+        path = os.path.join(grid.output_dir, "runs", run_name(size, tuning_spec, budget), "result.json")
         if os.path.exists(path):
             results.append(json.load(open(path)))
             print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: cached")
             continue
         try:
-            result = run_one(opts, sizes, size, tuning_spec, budget, records, held_out, lee)
+            result = run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee)
         except ValueError as e:  # e.g. a budget below one step, bias-only on a model without biases
             print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: skipped ({e})")
             skipped.append((size, tuning_spec, budget, str(e)))
@@ -356,6 +370,31 @@ def plot(results, fits, metric, path):
 
 # ----------------------------------------------------------------------------------------------
 
+@dataclass
+class Grid:
+    """The grid and each run's settings as values (parse_args builds one from the command line)."""
+    output_dir: str = "output/recipe"
+    sizes: list = field(default_factory=lambda: ["smollm2-135m:1", "smollm2-135m:2", "random:2x128"])
+    tunings: list = field(default_factory=lambda: ["full", "lora", "freeze:1"])
+    budgets: list = field(default_factory=lambda: [1e12, 3e12, 1e13])  # FLOPs (Eq. 15), ascending
+    target_budget: float = None  # recommend for this budget; None: the largest
+    method: str = "full"  # full (Eq. 6) or symmetric (Eq. 17)
+    metric: str = "eval_loss"
+    learning_rates: dict = field(default_factory=lambda: {"full": 1e-3, "lora": 1e-3, "bias": 1e-3, "freeze": 1e-3})
+    lora_r: int = 32
+    lora_alpha: float = 32.0
+    temperature: float = 0.025  # cosine / 0.025: Ziarko et al.'s scale of 40
+    per_device_train_batch_size: int = 8
+    train_group_size: int = 2
+    query_max_len: int = 32
+    passage_max_len: int = 64
+    eval_pairs: int = 128
+    seed: int = 42
+    max_steps_per_run: int = 0  # 0: no cap
+    keep_models: bool = False
+    plot: bool = False
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="output/recipe")
@@ -402,30 +441,27 @@ def parse_args(argv=None):
         p.error("--budgets must be positive numbers")
     if args.target_budget is None:
         args.target_budget = args.budgets[-1]
-    return args
+    return Grid(**vars(args))
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    grid = parse_args(argv)
     command = "python recipe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.time()
-    results, skipped = run_grid(args)
-    fits = fit_all(results, args.metric)
-    rec = recommend(results, fits, args.target_budget, args.metric)
-    text = report(results, fits, rec, args.metric, command, time.time() - start, skipped)
+    results, skipped = run_grid(grid)
+    fits = fit_all(results, grid.metric)
+    rec = recommend(results, fits, grid.target_budget, grid.metric)
+    text = report(results, fits, rec, grid.metric, command, time.time() - start, skipped)
     print(text)
-    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+    with open(os.path.join(grid.output_dir, "report.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.output_dir, "recipe.json"), "w") as f:
+    with open(os.path.join(grid.output_dir, "recipe.json"), "w") as f:
         json.dump({"command": command, "results": results, "recommendation": rec,
                    "fits": {f"{m} {s}": v for (m, s), v in fits.items()}}, f, indent=2)
-    if args.plot:
-        print(plot(results, fits, args.metric, os.path.join(args.output_dir, "recipe.png")))
+    if grid.plot:
+        print(plot(results, fits, grid.metric, os.path.join(grid.output_dir, "recipe.png")))
     return rec
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    data.run_command(main)

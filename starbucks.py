@@ -3,14 +3,14 @@
 References
 - Zhuang, Wang, Koopman, Zuccon. "Starbucks: Improved Training for 2D Matryoshka Embeddings",
   arXiv 2410.13230 (v3). Authors' code: github.com/ielab/Starbucks (retrieval/modeling.py,
-  sts/starbucks_loss.py, smae/modelling.py).
+  sts/starbucks_loss.py, smae/modeling.py).
 - Kusupati et al. "Matryoshka Representation Learning", NeurIPS 2022 (1D MRL, Eq. 8).
 - Li et al. "2D Matryoshka Sentence Embeddings" (2DMSE) and sentence-transformers' Matryoshka2dLoss
   (Eq. 9, the random-sampling baseline).
 - Su, "CoSENT" (the loss the paper uses for the low-resource STS-B variant).
 - Ziarko, Jiang, Miłoś et al. "Repurposing Language Models into Embedding Models: Finding the
-  Compute-Optimal Recipe", arXiv 2406.04165 (symmetric InfoNCE, Eq. 17; its FLOP accounting and
-  tuning methods live in tuning.py).
+  Compute-Optimal Recipe", arXiv 2406.04165 (symmetric InfoNCE, Eq. 17; its FLOP accounting is in
+  flops.py and its tuning methods in tuning.py).
 
 Equation numbers (Eq. 1, Eq. 2, ...) are those of the README's "Equations" section. Every function
 here is pure: tensors and a model in, tensors out; no files, no argparse, no global state.
@@ -18,7 +18,6 @@ here is pure: tensors and a model in, tensors out; no files, no argparse, no glo
 Shapes: B queries, G passages per query (1 positive then G-1 hard negatives), T tokens, H hidden
 size, L layers, d a sub-dimension, n a sub-layer (1-based: n = 1 is the first transformer layer).
 """
-import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -132,7 +131,7 @@ def layer_hidden_states(model, input_ids, attention_mask, layers):
     hidden = {}
 
     def record(n):
-        def hook(module, args, output):
+        def hook(module, inputs, output):
             hidden[n] = output[0] if isinstance(output, tuple) else output  # (B, T, H)
             if stop and n == last:
                 raise _StopForward
@@ -182,7 +181,7 @@ def embed_2d(model, input_ids, attention_mask, pairs, pooling="cls", normalize=F
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning losses (Eq. 2-5) and baselines (Eq. 6-9)
 
-def similarity_scores(q, p, similarity="dot", temperature=1.0):
+def similarity_scores(q, p, temperature=1.0, similarity="dot"):
     """Eq. 2: s(q, p) / tau for every query against every candidate: (B, d) x (BG, d) -> (B, BG)."""
     if similarity == "cos":
         q, p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
@@ -200,14 +199,16 @@ def positive_index(num_queries, num_candidates, device=None):
 
 def contrastive_loss(q, p, temperature=1.0, similarity="dot"):
     """Eq. 3: InfoNCE with in-batch negatives; q (B, d), p (B*G, d), positive of query i is p[i*G]."""
-    scores = similarity_scores(q, p, similarity, temperature)  # (B, BG)
+    scores = similarity_scores(q, p, temperature, similarity)  # (B, BG)
     return F.cross_entropy(scores, positive_index(q.shape[0], p.shape[0], q.device))
 
 
-def kl_loss(student_scores, teacher_scores, temperature=1.0):
-    """Eq. 4: KL(P_teacher || P_student) over the candidates, batch mean; the teacher is detached."""
-    teacher = F.softmax(teacher_scores.detach() / temperature, dim=-1)  # (B, BG)
-    student = F.log_softmax(student_scores / temperature, dim=-1)  # (B, BG)
+def kl_loss(student_scores, teacher_scores):
+    """Eq. 4: KL(P_teacher || P_student) over the candidates, batch mean; the teacher is detached.
+
+    The scores already carry 1/tau (Eq. 2); the paper's distillation temperature is T = 1."""
+    teacher = F.softmax(teacher_scores.detach(), dim=-1)  # (B, BG)
+    student = F.log_softmax(student_scores, dim=-1)  # (B, BG)
     return F.kl_div(student, teacher, reduction="batchmean")
 
 
@@ -217,11 +218,11 @@ def srl_loss(q_2d, p_2d, pairs, temperature=1.0, kl_weight=1.0, similarity="dot"
     The paper averages over the |S| pairs; the authors' code sums (a factor |S| that gradient
     clipping and the warmup-scale of the loss are not invariant to). We follow the paper.
     """
-    teacher_scores = similarity_scores(q_2d[pairs[-1]], p_2d[pairs[-1]], similarity, temperature)
+    teacher_scores = similarity_scores(q_2d[pairs[-1]], p_2d[pairs[-1]], temperature, similarity)
     labels = positive_index(teacher_scores.shape[0], teacher_scores.shape[1], teacher_scores.device)
     ce_total, kl_total = 0.0, 0.0
     for pair in pairs:
-        scores = similarity_scores(q_2d[pair], p_2d[pair], similarity, temperature)  # (B, BG)
+        scores = similarity_scores(q_2d[pair], p_2d[pair], temperature, similarity)  # (B, BG)
         ce_total = ce_total + F.cross_entropy(scores, labels)
         if pair != pairs[-1]:  # the teacher's KL to itself is zero
             kl_total = kl_total + kl_loss(scores, teacher_scores)
@@ -261,7 +262,7 @@ def full_loss(q_2d, p_2d, pairs, temperature=1.0, similarity="dot"):
 def symmetric_contrastive_loss(q, p, temperature=1.0, similarity="cos"):
     """Eq. 17: symmetric InfoNCE (Ziarko et al.): queries against the batch's passages, and each positive
     against the batch's queries, averaged. q (B, d), p (B*G, d); hard negatives join the first direction only."""
-    scores = similarity_scores(q, p, similarity, temperature)  # (B, BG)
+    scores = similarity_scores(q, p, temperature, similarity)  # (B, BG)
     positives = positive_index(q.shape[0], p.shape[0], q.device)  # (B,)
     query_to_passage = F.cross_entropy(scores, positives)
     passage_to_query = F.cross_entropy(scores[:, positives].T, torch.arange(q.shape[0], device=q.device))  # (B, B)
@@ -335,56 +336,9 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradient caching: the paper's 128 x 8 retrieval batch on one GPU (Gao et al., "Scaling Deep
-# Contrastive Learning Batch Size under Memory Limited Setup", 2021; github.com/luyug/GradCache)
+# Early-exit encoding at one size (Eq. 1); search.py uses the sizes (Eq. 14)
 
-def _rng_state(device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state, device):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def grad_cache_step(embed, inputs, loss_fn, chunk_size, no_sync=None, loss_scale=1.0):
-    """Eq. 5 (or any loss) and its gradients on a whole batch, holding one chunk's activations at a time.
-
-    embed(input_ids, attention_mask) -> {pair: (b, d)}; inputs: [(input_ids, attention_mask), ...]
-    (queries, passages); loss_fn(*embeddings) -> scalar over ALL embeddings, every pair at once.
-    Adds to .grad what (loss_scale * loss_fn(*[embed(*x) for x in inputs])).backward() adds, and
-    returns the loss. Each chunk's second pass replays its first pass's RNG state: same dropout.
-    no_sync: DDP's model.no_sync, so that the ranks all-reduce once, after the last chunk.
-    """
-    chunks, cached = [], []  # chunks: (input index, rows, RNG state before its first pass)
-    for i, (ids, mask) in enumerate(inputs):
-        parts = []
-        for start in range(0, ids.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            chunks.append((i, rows, _rng_state(ids.device)))
-            with torch.no_grad():  # 1. embed every chunk without a graph
-                parts.append(embed(ids[rows], mask[rows]))  # {pair: (chunk, d)}
-        # leaf tensors: the loss's backward stops at them and leaves dloss/de in their .grad
-        cached.append({k: torch.cat([p[k] for p in parts]).requires_grad_() for k in parts[0]})
-    loss = loss_fn(*cached)  # 2. the loss on all embeddings: every candidate of every query
-    (loss * loss_scale).backward()
-    for c, (i, rows, state) in enumerate(chunks):  # 3. re-embed each chunk with a graph
-        ids, mask = inputs[i]
-        _set_rng_state(state, ids.device)
-        last = c == len(chunks) - 1
-        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-            e = embed(ids[rows], mask[rows])
-            # chain rule through the cache: dloss/dtheta = sum over embeddings of <dloss/de, de/dtheta>
-            surrogate = sum((e[k] * cached[i][k].grad[rows]).sum() for k in e if cached[i][k].grad is not None)
-            surrogate.backward()
-    return loss.detach()
-
-
-# ----------------------------------------------------------------------------------------------
-# Using the sizes (Eq. 14): early-exit encoding, 2D adaptive retrieval, FLOPs per query
-
-def encode(texts, model, tokenizer, pair, pooling="cls", max_length=128, batch_size=64, normalize=False,
+def encode(model, tokenizer, texts, pair, pooling="cls", max_length=128, batch_size=64, normalize=False,
            progress=None):
     """Eq. 1 at one size: e^(n,d) of every text, (N, d), running only the first n layers (early exit)."""
     if isinstance(texts, str):
@@ -392,82 +346,6 @@ def encode(texts, model, tokenizer, pair, pooling="cls", max_length=128, batch_s
     pair = check_pairs([pair], model.config.num_hidden_layers, model.config.hidden_size)[0]
     return encode_2d(model, tokenizer, list(texts), [pair], pooling, max_length, batch_size, normalize,
                      progress)[pair]
-
-
-def parse_funnel(text):
-    """'2x24:50:6x384' -> ([(2, 24), (6, 384)], [50]): pairs small to large with a shortlist size between."""
-    parts = text.split(":")
-    if len(parts) < 3 or len(parts) % 2 == 0:
-        raise ValueError(f"cannot read funnel {text!r}: write SMALL:K:LARGE (e.g. 2x24:50:6x384), "
-                         f"or a longer funnel such as 1x12:200:2x24:50:6x384")
-    pairs = [parse_pairs(p) for p in parts[::2]]
-    if any(len(p) != 1 for p in pairs):
-        raise ValueError(f"funnel {text!r}: each stage is one LAYERxDIM pair")
-    ks = parts[1::2]
-    if not all(k.isdigit() and int(k) > 0 for k in ks):
-        raise ValueError(f"funnel {text!r}: shortlist sizes must be positive integers, got {ks}")
-    return [p[0] for p in pairs], [int(k) for k in ks]
-
-
-@torch.no_grad()
-def adaptive_search(queries, corpus, ks, depth=10):
-    """Eq. 14: shortlist k_1 documents with the first (small) pair, then rerank with each larger pair.
-
-    queries[j] (Q, d_j) and corpus[j] (N, d_j) are stage j's embeddings, scored by dot product
-    (normalise them beforehand for cosine). ks: one shortlist size per stage but the last, capped at
-    N. One stage and no ks is exhaustive search. Returns (scores, indices), each (Q, min(depth, k)),
-    best first by the last stage's scores.
-    """
-    if not corpus or len(queries) != len(corpus) or len(ks) != len(corpus) - 1:
-        raise ValueError(f"adaptive search needs one query and one corpus matrix per stage and one k between "
-                         f"stages: got {len(queries)} query, {len(corpus)} corpus matrices and {len(ks)} ks")
-    num_queries, num_docs = queries[0].shape[0], corpus[0].shape[0]
-    if num_queries == 0 or num_docs == 0:
-        raise ValueError(f"adaptive search needs at least one query and one document, got {num_queries} and {num_docs}")
-    for j, (q, c) in enumerate(zip(queries, corpus)):
-        if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1]:
-            raise ValueError(f"stage {j}: queries {tuple(q.shape)} and corpus {tuple(c.shape)} are not (Q, d) and (N, d)")
-        if q.shape[0] != num_queries or c.shape[0] != num_docs:
-            raise ValueError(f"stage {j}: every stage must embed the same {num_queries} queries and {num_docs} documents")
-    if any(k < 1 for k in ks) or list(ks) != sorted(ks, reverse=True) or depth < 1:
-        raise ValueError(f"shortlist sizes {list(ks)} must be positive and non-increasing, depth {depth} positive")
-    keep = [min(k, num_docs) for k in ks] + [min([depth, num_docs] + list(ks))]  # documents kept after each stage
-    rows = min(num_queries, max(1, 2 ** 25 // num_docs))  # queries per block: (rows, N) scores of ~128 MB
-    # one score buffer for every block: allocating 128 MB afresh each time costs as much as the small matmul
-    buffer = queries[0].new_empty((rows, num_docs))
-    all_scores, all_indices = [], []
-    for start in range(0, num_queries, rows):
-        q = queries[0][start:start + rows]
-        top = torch.mm(q, corpus[0].T, out=buffer[:len(q)]).topk(keep[0], dim=1)  # (rows, k_1) of (rows, N)
-        scores, indices = top.values, top.indices
-        for j in range(1, len(corpus)):
-            candidates = corpus[j][indices]  # (rows, k_j, d_j): only the shortlist is read at the larger size
-            scores = torch.bmm(candidates, queries[j][start:start + rows].unsqueeze(2)).squeeze(2)  # (rows, k_j)
-            top = scores.topk(keep[j], dim=1)
-            scores, indices = top.values, indices.gather(1, top.indices)
-        all_scores.append(scores)
-        all_indices.append(indices)
-    return torch.cat(all_scores), torch.cat(all_indices)
-
-
-def encoder_flops(model, n, tokens):
-    """Forward FLOPs of the first n layers for one text of T tokens: 2 T P_(1..n) + 4 n T^2 H.
-
-    P_(1..n) counts the weight matrices of layers 1..n (their multiply-adds); 4 n T^2 H is attention's
-    QK^T and AV. Embeddings, norms, softmax and activations are left out (a few per cent).
-    """
-    blocks = transformer_layers(model)
-    if not 1 <= n <= len(blocks) or tokens < 1:
-        raise ValueError(f"layer {n} is outside 1..{len(blocks)} or tokens {tokens} < 1")
-    weights = sum(p.numel() for block in blocks[:n] for p in block.parameters() if p.ndim >= 2)
-    return 2 * tokens * weights + 4 * n * tokens ** 2 * model.config.hidden_size
-
-
-def search_flops(num_docs, dims, ks):
-    """Eq. 14 search FLOPs of one query: 2 N d_1 + sum_j 2 k_j d_(j+1) (dot products; top-k left out)."""
-    if len(ks) != len(dims) - 1:
-        raise ValueError(f"{len(dims)} stages need {len(dims) - 1} shortlist sizes, got {len(ks)}")
-    return 2 * num_docs * dims[0] + sum(2 * min(k, num_docs) * d for k, d in zip(ks, dims[1:]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""Which parameters a fine-tune trains, and what a training token costs (README Eq. 15-16).
+"""Which parameters a fine-tune trains: LoRA, bias-only, block freezing (README Eq. 16).
 
 References
 - Ziarko, Jiang, Miłoś et al. "Repurposing Language Models into Embedding Models: Finding the
   Compute-Optimal Recipe", arXiv 2406.04165 (2024): full fine-tuning, LoRA, bias-only and block
-  freezing compared at equal training FLOPs (Eq. 15).
+  freezing compared at equal training FLOPs (Eq. 15, in flops.py).
 - Hu et al. "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022 (Eq. 16).
 
 Kept apart from starbucks.py, which holds pure functions of tensors: these functions change a model
@@ -158,29 +158,3 @@ def parameter_counts(model):
     n = sum(p.numel() for p in model.parameters() if id(p) not in adapters)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return n, trainable
-
-
-def flops_per_token(method, n, n_trainable):
-    """Eq. 15: training FLOPs per token: full 6N; LoRA and bias 4N + 2N_t; freeze:K 2N + 4N_t.
-
-    Forward 2N; backward 2N for the gradients of the activations (wherever a trained parameter lies
-    below them) and 2N_t for the gradients of the trained weights. Freezing stops the backward pass at
-    the first trained block, so both backward terms cover N_t only.
-    """
-    if method == "full":
-        return 6 * n
-    if method in ("lora", "bias"):
-        return 4 * n + 2 * n_trainable
-    if method == "freeze":
-        return 2 * n + 4 * n_trainable
-    raise ValueError(f"unknown tuning method {method!r}")
-
-
-def steps_for_budget(budget, per_token, tokens_per_step):
-    """Optimizer steps that fit a budget of training FLOPs (Eq. 15 x tokens per step), at least one."""
-    steps = int(budget // (per_token * tokens_per_step))
-    if steps < 1:
-        raise ValueError(f"a budget of {budget:.3g} FLOPs is less than one step "
-                         f"({per_token * tokens_per_step:.3g} FLOPs: {per_token:.3g} per token x "
-                         f"{tokens_per_step:.0f} tokens)")
-    return steps

@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import finetune  # noqa: E402
+import models  # noqa: E402
 import starbucks as sb  # noqa: E402
+import training  # noqa: E402
 
 
 def resident_bytes():
@@ -31,33 +32,32 @@ def resident_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def setup(args):
+def setup(batch_size, group_size, passage_max_len, chunk):
     """-> step(chunk): one SRL training step of MiniLM on a fixed real batch; warmed up."""
     torch.manual_seed(0)
-    model, tok = finetune.load_model(data.DEFAULT_MODEL, torch.device("cpu"))
+    model, tok = models.load_model(models.DEFAULT_MODEL, torch.device("cpu"))
     model.train()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    ft_args = finetune.parse_args(["--method", "srl"])
-    embed_pairs, loss_fn = finetune.loss_for_method(ft_args, sb.default_pairs(L, H), L, H, "contrastive")
-    records = data.embedded_training_data(num_negatives=args.train_group_size - 1)
-    queries, passages, _ = finetune.batch_texts(records, "contrastive", list(range(args.per_device_train_batch_size)),
-                                                args.train_group_size, random.Random(0))
+    embed_pairs, loss_fn = training.method_loss("srl", sb.default_pairs(L, H), L, H, "contrastive", 0.05, "cos")
+    records = data.embedded_training_data(num_negatives=group_size - 1)
+    queries, passages, _ = training.batch_texts(records, "contrastive", list(range(batch_size)), group_size,
+                                                random.Random(0))
     q = tok(queries, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-    p = tok(passages, padding="max_length", truncation=True, max_length=args.passage_max_len, return_tensors="pt")
+    p = tok(passages, padding="max_length", truncation=True, max_length=passage_max_len, return_tensors="pt")
 
     def step(chunk, q=q, p=p):
-        finetune.training_step(model, embed_pairs, "mean", loss_fn, q, p, None, None, chunk)
+        training.contrastive_step(model, embed_pairs, "mean", loss_fn, q, p, None, None, chunk)
         model.zero_grad(set_to_none=True)
     warm = {k: v[:2] for k, v in q.items()}  # one small step first: kernels and allocator warmed up
-    step(args.chunk, warm, warm)
+    step(chunk, warm, warm)
     return step
 
 
-def peak_step_bytes(args):
+def peak_step_bytes(batch_size, group_size, passage_max_len, chunk):
     """Runs in a fresh process: resident memory added at the peak of one step with --chunk."""
-    step = setup(args)
+    step = setup(batch_size, group_size, passage_max_len, chunk)
     before = resident_bytes()
-    step(args.chunk)
+    step(chunk)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # Linux reports KiB
 
 
@@ -71,7 +71,8 @@ def main():
     p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
-        print(json.dumps(peak_step_bytes(args)))
+        print(json.dumps(peak_step_bytes(args.per_device_train_batch_size, args.train_group_size,
+                                         args.passage_max_len, args.chunk)))
         return
     memory = {}
     for name, chunk in (("plain", 0), ("grad_cache", args.chunk)):
@@ -79,7 +80,7 @@ def main():
                 "--per_device_train_batch_size", str(args.per_device_train_batch_size),
                 "--train_group_size", str(args.train_group_size), "--passage_max_len", str(args.passage_max_len)]
         memory[name] = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()[-1])
-    step = setup(args)
+    step = setup(args.per_device_train_batch_size, args.train_group_size, args.passage_max_len, args.chunk)
     times = {"plain": [], "grad_cache": []}
     for _ in range(args.repeats):
         for name, chunk in (("plain", 0), ("grad_cache", args.chunk)):

@@ -22,9 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import finetune  # noqa: E402
-import pretrain  # noqa: E402
+import models  # noqa: E402
 import starbucks as sb  # noqa: E402
+import training  # noqa: E402
 
 
 def saved_bytes(step, parameters):
@@ -51,16 +51,16 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder, tokenizer = finetune.load_model(data.DEFAULT_MODEL, device)
+    encoder, tokenizer = models.load_model(models.DEFAULT_MODEL, device)
     heads = sb.SMAEHeads(encoder).to(device)
     encoder.train(), heads.train()
     L, H = encoder.config.num_hidden_layers, encoder.config.hidden_size
     pairs = sb.default_pairs(L, H)
-    crops = pretrain.crop_documents(tokenizer, data.training_documents()[:40], args.max_length)
+    crops = training.crop_documents(tokenizer, data.training_documents()[:40], args.max_length)
     crops = [c for c in crops if len(c) == args.max_length][:args.per_device_train_batch_size]
-    ids, mask, maskable = pretrain.batch_tensors(crops, tokenizer.pad_token_id, tokenizer.all_special_ids)
+    ids, mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id, tokenizer.all_special_ids)
     enc, labels, dec, dec_labels = (x.to(device) for x in sb.whole_word_masking(
-        ids, maskable, pretrain.subword_flags(tokenizer), tokenizer.mask_token_id, seed=0))
+        ids, maskable, training.subword_flags(tokenizer), tokenizer.mask_token_id, seed=0))
     mask = mask.to(device)
 
     def plain_mlm(model, all_positions=True):  # BERT's MLM: the full model, logits at every position

@@ -21,14 +21,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import evaluate  # noqa: E402
-import finetune  # noqa: E402
+import metrics  # noqa: E402
+import models  # noqa: E402
+import search  # noqa: E402
 import starbucks as sb  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
+    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
     p.add_argument("--adaptive", nargs="+", default=["2x24:200:6x384", "6x24:200:6x384"],
                    help="funnels SMALL:K:LARGE (or longer); the last pair of each should be the full model")
     p.add_argument("--num_docs", type=int, default=1_000_000, help="synthetic corpus size for the speed figures")
@@ -58,11 +59,11 @@ def median_ratio(numerator, denominator, rounds):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    funnels = [sb.parse_funnel(f) for f in args.adaptive]
-    model, tokenizer = finetune.load_model(args.model_name_or_path, torch.device("cpu"))
+    funnels = [search.parse_funnel(f) for f in args.adaptive]
+    model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))
     model.eval()
-    path = data.resolve_model_path(args.model_name_or_path)
-    config, _ = evaluate.read_config(path, model, argparse.Namespace(pairs=None, grid=False, pooling=None, similarity=None))
+    path = models.resolve_model_path(args.model_name_or_path)
+    config, _ = models.read_config(path, model)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     full = (L, H)
     for pairs, _ in funnels:
@@ -79,10 +80,10 @@ def main(argv=None):
     q_emb = sb.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling, 32, 64, normalize)
 
     def ndcg(stage_pairs, ks):
-        scores, indices = sb.adaptive_search([q_emb[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs], ks, 10)
+        scores, indices = search.adaptive_search([q_emb[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs], ks, 10)
         run = {qid: {docids[j]: s for s, j in zip(scores[row].tolist(), indices[row].tolist())}
                for row, qid in enumerate(qids)}
-        return evaluate.ndcg_at_k(run, qrels, 10)
+        return metrics.ndcg_at_k(run, qrels, 10)
 
     exhaustive_ndcg = ndcg([full], [])
     print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(docids)} passages, {len(qids)} queries; "
@@ -92,8 +93,8 @@ def main(argv=None):
     small = config.pairs[0]
     passages = [corpus[d] for d in docids[:args.encode_passages]]
     encode_ratio, small_s, full_s = median_ratio(
-        lambda: sb.encode(passages, model, tokenizer, small, config.pooling, 128),
-        lambda: sb.encode(passages, model, tokenizer, full, config.pooling, 128), args.rounds)
+        lambda: sb.encode(model, tokenizer, passages, small, config.pooling, 128),
+        lambda: sb.encode(model, tokenizer, passages, full, config.pooling, 128), args.rounds)
     print(f"encode {len(passages)} passages: {small[0]}x{small[1]} {small_s:.2f} s, {full[0]}x{full[1]} {full_s:.2f} s")
 
     # Speed on a synthetic corpus of --num_docs vectors, one index per stage dimension
@@ -107,11 +108,11 @@ def main(argv=None):
     def one_at_a_time(stage_dims, ks):
         def run():
             for i in range(args.queries_per_round):
-                sb.adaptive_search([query_vectors[d][i:i + 1] for d in stage_dims], [index[d] for d in stage_dims], ks, 10)
+                search.adaptive_search([query_vectors[d][i:i + 1] for d in stage_dims], [index[d] for d in stage_dims], ks, 10)
         return run
 
     def in_blocks(stage_dims, ks):
-        return lambda: sb.adaptive_search([query_vectors[d][:args.block] for d in stage_dims],
+        return lambda: search.adaptive_search([query_vectors[d][:args.block] for d in stage_dims],
                                           [index[d] for d in stage_dims], ks, 10)
 
     lines = []
@@ -120,7 +121,7 @@ def main(argv=None):
         kept = ndcg(stage_pairs, ks) / exhaustive_ndcg
         one, one_full, one_adaptive = median_ratio(one_at_a_time([H], []), one_at_a_time(stage_dims, ks), args.rounds)
         block, block_full, block_adaptive = median_ratio(in_blocks([H], []), in_blocks(stage_dims, ks), args.rounds)
-        flops = sb.search_flops(args.num_docs, [H], []) / sb.search_flops(args.num_docs, stage_dims, ks)
+        flops = search.search_flops(args.num_docs, [H], []) / search.search_flops(args.num_docs, stage_dims, ks)
         print(f"{text}: shortlist {ks[0]} = {ks[0] / len(docids):.1%} of the real set, "
               f"{ks[0] / args.num_docs:.4%} of the synthetic corpus; search FLOPs {flops:.1f}x fewer; "
               f"ms per query one at a time {one_full / args.queries_per_round * 1000:.1f} exhaustive, "

@@ -16,8 +16,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import finetune  # noqa: E402
+import models  # noqa: E402
 import starbucks as sb  # noqa: E402
+import training  # noqa: E402
 
 
 def main():
@@ -27,12 +28,12 @@ def main():
     p.add_argument("--train_group_size", type=int, default=4)
     args = p.parse_args()
     torch.manual_seed(0)
-    model, tok = finetune.load_model(data.DEFAULT_MODEL, torch.device("cpu"))
+    model, tok = models.load_model(models.DEFAULT_MODEL, torch.device("cpu"))
     model.train()
     pairs = sb.default_pairs(model.config.num_hidden_layers, model.config.hidden_size)
     records = data.embedded_training_data(num_negatives=args.train_group_size - 1)
     import random
-    queries, passages, _ = finetune.batch_texts(records, "contrastive", list(range(args.per_device_train_batch_size)),
+    queries, passages, _ = training.batch_texts(records, "contrastive", list(range(args.per_device_train_batch_size)),
                                                 args.train_group_size, random.Random(0))
     q = tok(queries, padding=True, truncation=True, max_length=32, return_tensors="pt")
     d = tok(passages, padding=True, truncation=True, max_length=128, return_tensors="pt")

@@ -17,13 +17,16 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import evaluate  # noqa: E402
-import finetune  # noqa: E402
+import evaluation  # noqa: E402
+import finetune  # noqa: E402 (its main only: each run is its command line)
+import models  # noqa: E402
+import pretrain  # noqa: E402 (its main only)
 import starbucks as sb  # noqa: E402
 
 METHODS = ["full", "separate", "2dmse", "mrl", "srl", "smae+srl"]
@@ -43,10 +46,25 @@ SCALES = {  # training budget per run; the paper scale assumes a GPU
 }
 
 
+@dataclass
+class Study:
+    """What the study runs: the command line's settings as values (parse_args builds one)."""
+    scale: str = "cpu"
+    model_name_or_path: str = models.DEFAULT_MODEL
+    methods: list = field(default_factory=lambda: list(METHODS))
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    max_steps: int = None  # default: the scale's budget
+    learning_rate: float = 1e-4
+    output_dir: str = "output/reproduce"
+    results_file: str = "RESULTS.md"
+    plot: bool = False
+    plot_dir: str = "docs/heatmaps"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=SCALES, default="cpu")
-    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
+    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max_steps", type=int, default=None, help="default: the scale's budget")
@@ -55,20 +73,19 @@ def parse_args(argv=None):
     p.add_argument("--results_file", default="RESULTS.md")
     p.add_argument("--plot", action="store_true", help="heat maps per method (needs matplotlib)")
     p.add_argument("--plot_dir", default="docs/heatmaps", help="where the heat maps go (committed beside RESULTS.md)")
-    return p.parse_args(argv)
+    return Study(**vars(p.parse_args(argv)))
 
 
-def train_run(method, seed, args, scale, run_dir):
+def train_run(method, seed, study, scale, run_dir):
     """Train one method at one seed with the user-facing scripts; returns the checkpoint folder."""
-    steps = args.max_steps or scale["max_steps"]
+    steps = study.max_steps or scale["max_steps"]
     common = ["--max_steps", str(steps), "--per_device_train_batch_size", str(scale["batch"]),
-              "--train_group_size", str(scale["group"]), "--learning_rate", str(args.learning_rate),
+              "--train_group_size", str(scale["group"]), "--learning_rate", str(study.learning_rate),
               "--seed", str(seed)]
-    start_from = args.model_name_or_path
+    start_from = study.model_name_or_path
     if method == "smae+srl":
-        import pretrain
         start_from = os.path.join(run_dir, "smae")
-        pretrain.main(["--model_name_or_path", args.model_name_or_path, "--output_dir", start_from,
+        pretrain.main(["--model_name_or_path", study.model_name_or_path, "--output_dir", start_from,
                        "--max_steps", str(scale["pretrain_steps"]), "--seed", str(seed),
                        "--per_device_train_batch_size", str(scale["pretrain_batch"])])
     out = os.path.join(run_dir, "model")
@@ -77,21 +94,21 @@ def train_run(method, seed, args, scale, run_dir):
     return out
 
 
-def run_all(args):
+def run_all(study):
     """{method: {seed: results}} where results = {dataset: {'nxd': {metric: value}}} on the full grid."""
-    scale = SCALES[args.scale]
+    scale = SCALES[study.scale]
     datasets = {"lee2005": ("sts", data.lee_sts()), "wiki-ict": ("retrieval", data.embedded_retrieval_set())}
-    eval_args = evaluate.parse_args(["--grid"])
+    eval_settings = evaluation.EvalSettings(grid=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
-    for seed in args.seeds:
-        for method in args.methods:
-            run_dir = os.path.join(args.output_dir, f"{method}_seed{seed}")
+    for seed in study.seeds:
+        for method in study.methods:
+            run_dir = os.path.join(study.output_dir, f"{method}_seed{seed}")
             done = os.path.join(run_dir, "results.json")
             if not os.path.exists(done):  # finished runs are kept: an interrupted study resumes
                 started, cpu_started = time.time(), time.process_time()
-                checkpoint = train_run(method, seed, args, scale, run_dir)
-                _, figures = evaluate.evaluate_model(checkpoint, datasets, eval_args, device)
+                checkpoint = train_run(method, seed, study, scale, run_dir)
+                _, figures = evaluation.evaluate_model(checkpoint, datasets, eval_settings, device)
                 os.makedirs(run_dir, exist_ok=True)
                 json.dump({"results": figures, "seconds": time.time() - started,
                            "cpu_seconds": time.process_time() - cpu_started}, open(done + ".tmp", "w"))
@@ -153,7 +170,7 @@ def verdicts(table, pairs, methods):
     return lines
 
 
-def write_report(args, results, pairs, seconds, cpu_seconds, command):
+def write_report(study, results, pairs, seconds, cpu_seconds, command):
     table = summarise(results, pairs)
     methods = [m for m in METHODS if m in results]
     out = ["# Small-scale reproduction of Starbucks (Tables A1/A2 shape)", "",
@@ -163,15 +180,15 @@ def write_report(args, results, pairs, seconds, cpu_seconds, command):
            f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}; training + evaluation wall "
            f"time {seconds / 60:.1f} min (sum over runs), CPU time {cpu_seconds / 60:.1f} min (all threads: the work "
            f"itself, which does not grow when other jobs share the machine; the wall time does).",
-           f"- Model: {args.model_name_or_path}; scale `{args.scale}`: {SCALES[args.scale]}, learning rate "
-           f"{args.learning_rate}, seeds {args.seeds}.",
+           f"- Model: {study.model_name_or_path}; scale `{study.scale}`: {SCALES[study.scale]}, learning rate "
+           f"{study.learning_rate}, seeds {study.seeds}.",
            "- Data: real text, NON-STANDARD tasks. Training: inverse-cloze pairs over Lee's background news and "
            "Wikipedia articles (data.py). STS: Lee et al. (2005), 50 documents, 1225 human-scored pairs "
            "(Spearman). Retrieval: inverse-cloze over held-out Wikipedia articles (nDCG@10, MRR@10).",
            "- The paper's numbers (BERT-base, STS average Spearman and MS MARCO dev MRR@10) are shown for the shape "
            "of the comparison only: different model, data and budget, so only the orderings are comparable.", ""]
     for (dataset, metric), rows in table.items():
-        out += [f"## {dataset} {metric} (mean +- std over {len(args.seeds)} seeds)", "",
+        out += [f"## {dataset} {metric} (mean +- std over {len(study.seeds)} seeds)", "",
                 "| (n,d) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for pair in pairs:
             out.append(f"| {pair[0]},{pair[1]} | " + " | ".join(
@@ -184,17 +201,17 @@ def write_report(args, results, pairs, seconds, cpu_seconds, command):
     for pair, row in PAPER.items():
         out.append(f"| {pair[0]},{pair[1]} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in row.values()) + " |")
     out += ["", "## Verdicts on the paper's claims", ""] + verdicts(table, pairs, methods)
-    if args.plot:
+    if study.plot:
         means = {m: {d: {f"{n}x{k}": {metric: statistics.mean(r["results"][d][f"{n}x{k}"][metric]
                                                              for r in results[m].values())
-                                      for metric in results[m][args.seeds[0]]["results"][d][f"{n}x{k}"]}
+                                      for metric in results[m][study.seeds[0]]["results"][d][f"{n}x{k}"]}
                          for n, k in _grid(results)} for d in ("lee2005", "wiki-ict")} for m in methods}
-        os.makedirs(args.plot_dir, exist_ok=True)
-        paths = evaluate.plot_heatmaps(means, args.plot_dir)
+        os.makedirs(study.plot_dir, exist_ok=True)
+        paths = evaluation.plot_heatmaps(means, study.plot_dir)
         out += ["", "## Heat maps (layer x dim, mean over seeds)", ""]
-        out += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(os.path.abspath(args.results_file)))})"
+        out += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(os.path.abspath(study.results_file)))})"
                 for p in paths if "MRR" not in p and "R100" not in p and "R1000" not in p]
-    open(args.results_file, "w").write("\n".join(out) + "\n")
+    open(study.results_file, "w").write("\n".join(out) + "\n")
 
 
 def _commit():
@@ -212,15 +229,15 @@ def _grid(results):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    study = parse_args(argv)
     command = "python bench/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = run_all(args)
-    model, _ = finetune.load_model(args.model_name_or_path, torch.device("cpu"))
+    results = run_all(study)
+    model, _ = models.load_model(study.model_name_or_path, torch.device("cpu"))
     pairs = sb.default_pairs(model.config.num_hidden_layers, model.config.hidden_size)
     runs = [run for by_seed in results.values() for run in by_seed.values()]
     seconds, cpu_seconds = sum(r["seconds"] for r in runs), sum(r.get("cpu_seconds", float("nan")) for r in runs)
-    write_report(args, results, pairs, seconds, cpu_seconds, command.strip())
-    print(open(args.results_file).read())
+    write_report(study, results, pairs, seconds, cpu_seconds, command.strip())
+    print(open(study.results_file).read())
 
 
 if __name__ == "__main__":

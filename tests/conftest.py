@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import data  # noqa: E402
+import models  # noqa: E402
 
 
 def tiny_bert(num_layers=4, hidden=32, vocab_size=30522, seed=0):
@@ -41,5 +42,5 @@ def save_with_vocab(model, folder, vocab_path):
 @pytest.fixture(scope="session")
 def minilm():
     from transformers import AutoModel, AutoTokenizer
-    path = data.resolve_model_path("all-MiniLM-L6-v2")
+    path = models.resolve_model_path("all-MiniLM-L6-v2")
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import data
+import models
 
 
 def write(path, text, encoding="utf-8"):
@@ -114,10 +115,10 @@ def test_skip_bad_lines_counts_what_it_skipped(tmp_path):
 
 def test_model_folder_errors(tmp_path):
     with pytest.raises(data.DataError, match="not a model folder"):
-        data.resolve_model_path(str(tmp_path / "nowhere"))
+        models.resolve_model_path(str(tmp_path / "nowhere"))
     with pytest.raises(data.DataError, match="no config.json"):
-        data.resolve_model_path(str(tmp_path))
-    assert data.resolve_model_path("all-MiniLM-L6-v2").endswith("model")
+        models.resolve_model_path(str(tmp_path))
+    assert models.resolve_model_path("all-MiniLM-L6-v2").endswith("model")
 
 
 # ---- the embedded real data ---------------------------------------------------------------------
@@ -152,6 +153,6 @@ def test_embedded_training_and_retrieval_sets_are_disjoint_and_well_formed():
 
 def test_real_words_do_not_tokenize_to_unk():
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(data.resolve_model_path("all-MiniLM-L6-v2"))
+    tok = AutoTokenizer.from_pretrained(models.resolve_model_path("all-MiniLM-L6-v2"))
     ids = tok("The quick brown fox jumps over the lazy dog")["input_ids"]
     assert tok.unk_token_id not in ids

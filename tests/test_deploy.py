@@ -1,5 +1,4 @@
 """Using the sizes (README Eq. 14): early-exit encode, adaptive search, FLOPs, export.py, evaluate.py --adaptive."""
-import argparse
 import importlib.util
 import json
 import os
@@ -11,8 +10,11 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 import data
-import evaluate
+import evaluation
 import export
+import flops
+import models
+import search
 import starbucks as sb
 
 TEXTS = ["The cat sat on the mat.", "Stocks fell sharply in early trading on Monday.",
@@ -27,7 +29,7 @@ def tiny_folder(tmp_path_factory):
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128)
     BertModel(config).eval().save_pretrained(folder)
-    AutoTokenizer.from_pretrained(data.resolve_model_path(data.DEFAULT_MODEL)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(models.resolve_model_path(models.DEFAULT_MODEL)).save_pretrained(folder)
     return folder
 
 
@@ -62,7 +64,7 @@ def test_encode_equals_embed_2d_and_never_runs_later_layers(tiny):
     calls = []
     handle = sb.transformer_layers(model)[2].register_forward_hook(lambda *a: calls.append(1))  # layer 3
     try:
-        got = sb.encode(TEXTS, model, tokenizer, (2, 16), pooling="mean", batch_size=3)
+        got = sb.encode(model, tokenizer, TEXTS, (2, 16), pooling="mean", batch_size=3)
     finally:
         handle.remove()
     enc = tokenizer(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -77,7 +79,7 @@ def test_encode_equals_embed_2d_and_never_runs_later_layers(tiny):
 
 def test_encode_normalize_gives_unit_vectors(tiny):
     model, tokenizer = tiny
-    got = sb.encode(TEXTS, model, tokenizer, (4, 8), normalize=True)
+    got = sb.encode(model, tokenizer, TEXTS, (4, 8), normalize=True)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(4))
 
 
@@ -90,21 +92,21 @@ def test_encode_normalize_gives_unit_vectors(tiny):
 def test_encode_bad_input(tiny, texts, pair, message):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=message):
-        sb.encode(texts, model, tokenizer, pair)
+        sb.encode(model, tokenizer, texts, pair)
 
 
 # ----------------------------------------------------------------------------------------------
 # Funnels and adaptive search (Eq. 14)
 
 def test_parse_funnel():
-    assert sb.parse_funnel("2x24:50:6x384") == ([(2, 24), (6, 384)], [50])
-    assert sb.parse_funnel("1x12:200:2x24:50:6x384") == ([(1, 12), (2, 24), (6, 384)], [200, 50])
+    assert search.parse_funnel("2x24:50:6x384") == ([(2, 24), (6, 384)], [50])
+    assert search.parse_funnel("1x12:200:2x24:50:6x384") == ([(1, 12), (2, 24), (6, 384)], [200, 50])
 
 
 @pytest.mark.parametrize("text", ["2x24", "2x24:50", "2x24:0:6x384", "2x24:k:6x384", "2x24:50:6x", "2x24,3x48:50:6x384"])
 def test_parse_funnel_errors(text):
     with pytest.raises(ValueError, match="funnel|pair"):
-        sb.parse_funnel(text)
+        search.parse_funnel(text)
 
 
 def test_adaptive_search_by_hand():
@@ -112,9 +114,9 @@ def test_adaptive_search_by_hand():
     # prefer document 0 (score 10) but it was not shortlisted, so the answer is 3 (score 2) then 2 (score 1)
     small, large = torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([[10.0], [0.0], [1.0], [2.0]])
     q = torch.tensor([[1.0]])
-    scores, indices = sb.adaptive_search([q, q], [small, large], [2], depth=2)
+    scores, indices = search.adaptive_search([q, q], [small, large], [2], depth=2)
     assert indices.tolist() == [[3, 2]] and scores.tolist() == [[2.0, 1.0]]
-    scores, indices = sb.adaptive_search([q], [large], [], depth=2)  # one stage: exhaustive
+    scores, indices = search.adaptive_search([q], [large], [], depth=2)  # one stage: exhaustive
     assert indices.tolist() == [[0, 3]] and scores.tolist() == [[10.0, 2.0]]
 
 
@@ -122,11 +124,11 @@ def test_adaptive_search_with_k_equal_to_corpus_is_exhaustive_with_the_large_pai
     g = torch.Generator().manual_seed(0)
     q_small, q_large = torch.randn(7, 4, generator=g), torch.randn(7, 32, generator=g)
     c_small, c_large = torch.randn(50, 4, generator=g), torch.randn(50, 32, generator=g)
-    scores, indices = sb.adaptive_search([q_small, q_large], [c_small, c_large], [50], depth=10)
+    scores, indices = search.adaptive_search([q_small, q_large], [c_small, c_large], [50], depth=10)
     ref_scores, ref_indices = exhaustive(q_large, c_large, 10)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(scores, ref_scores)
-    _, capped = sb.adaptive_search([q_small, q_large], [c_small, c_large], [10 ** 6], depth=10)  # k > N: all of it
+    _, capped = search.adaptive_search([q_small, q_large], [c_small, c_large], [10 ** 6], depth=10)  # k > N: all of it
     assert torch.equal(capped, ref_indices)
 
 
@@ -136,7 +138,7 @@ def test_adaptive_search_funnel_matches_python_reference_across_query_blocks():
     dims, ks = [2, 4, 8], [40, 12]
     corpus = [torch.randn(num_docs, d, generator=g) for d in dims]
     queries = [torch.randn(150, d, generator=g) for d in dims]
-    scores, indices = sb.adaptive_search(queries, corpus, ks, depth=5)
+    scores, indices = search.adaptive_search(queries, corpus, ks, depth=5)
     assert indices.shape == (150, 5)
     sample = [0, 63, 64, 130, 149]  # both sides of each block boundary
     expected = funnel_by_hand([q[sample] for q in queries], [c for c in corpus], ks, 5)
@@ -157,7 +159,7 @@ def test_adaptive_search_funnel_matches_python_reference_across_query_blocks():
 ])
 def test_adaptive_search_bad_input(queries, corpus, ks, depth, message):
     with pytest.raises(ValueError, match=message):
-        sb.adaptive_search(queries, corpus, ks, depth)
+        search.adaptive_search(queries, corpus, ks, depth)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,17 +170,17 @@ def test_encoder_flops_by_hand(tiny):
     H, I, T = 32, 64, 10
     per_layer = 4 * H * H + 2 * H * I  # Q, K, V, O and the two MLP matrices (multiply-adds)
     for n in (1, 4):
-        assert sb.encoder_flops(model, n, T) == 2 * T * n * per_layer + 4 * n * T * T * H
+        assert flops.encoder_flops(model, n, T) == 2 * T * n * per_layer + 4 * n * T * T * H
     with pytest.raises(ValueError):
-        sb.encoder_flops(model, 5, T)
+        flops.encoder_flops(model, 5, T)
 
 
 def test_search_flops_by_hand():
-    assert sb.search_flops(1000, [384], []) == 2 * 1000 * 384
-    assert sb.search_flops(1000, [24, 384], [50]) == 2 * 1000 * 24 + 2 * 50 * 384
-    assert sb.search_flops(10, [12, 24, 384], [200, 5]) == 2 * 10 * 12 + 2 * 10 * 24 + 2 * 5 * 384  # k capped at N
+    assert search.search_flops(1000, [384], []) == 2 * 1000 * 384
+    assert search.search_flops(1000, [24, 384], [50]) == 2 * 1000 * 24 + 2 * 50 * 384
+    assert search.search_flops(10, [12, 24, 384], [200, 5]) == 2 * 10 * 12 + 2 * 10 * 24 + 2 * 5 * 384  # k capped at N
     with pytest.raises(ValueError):
-        sb.search_flops(1000, [24, 384], [])
+        search.search_flops(1000, [24, 384], [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,8 +201,7 @@ def test_export_loads_with_automodel_and_equals_embed_2d(tiny, tiny_folder, tmp_
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     saved = json.load(open(os.path.join(out, "starbucks_config.json")))
     assert saved["pairs"] == [[2, 16]] and saved["pooling"] == "cls" and saved["similarity"] == "dot"
-    config, _ = evaluate.read_config(out, exported, argparse.Namespace(pairs=None, grid=False, pooling=None,
-                                                                       similarity=None))
+    config, _ = models.read_config(out, exported)
     assert config.pairs == [(2, 16)]  # evaluate.py evaluates the export at its one pair
     st = json.load(open(os.path.join(out, "config_sentence_transformers.json")))
     pooling = json.load(open(os.path.join(out, "1_Pooling", "config.json")))
@@ -226,7 +227,7 @@ def test_export_and_adaptive_refuse_separately_trained_checkpoints(tiny_folder, 
     with pytest.raises(ValueError, match="separately trained"):
         export.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="separately trained"):
-        evaluate.adaptive_retrieval(str(folder), {}, evaluate_args("1x8:5:4x32"), torch.device("cpu"))
+        evaluation.adaptive_retrieval(str(folder), {}, evaluate_args("1x8:5:4x32"), torch.device("cpu"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
@@ -237,7 +238,7 @@ def test_export_loads_with_sentence_transformers(tiny, tiny_folder, tmp_path):
     out = str(tmp_path / "3x8")
     export.main(["--model_name_or_path", tiny_folder, "--pair", "3x8", "--output_dir", out, "--pooling", "mean"])
     got = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_tensor=True)
-    expected = sb.encode(TEXTS, model, tokenizer, (3, 8), "mean", max_length=256)
+    expected = sb.encode(model, tokenizer, TEXTS, (3, 8), "mean", max_length=256)
     assert got.shape == (4, 8)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -253,28 +254,28 @@ def tiny_retrieval_set():
 
 
 def evaluate_args(adaptive):
-    return evaluate.parse_args(["--adaptive", adaptive, "--pooling", "cls", "--similarity", "dot", "--pairs", "1x8,4x32"])
+    return evaluation.EvalSettings(pairs="1x8,4x32", pooling="cls", similarity="dot", adaptive=adaptive)
 
 
 def test_evaluate_adaptive_with_k_equal_to_corpus_matches_exhaustive(tiny_folder):
     datasets = {"tiny": ("retrieval", tiny_retrieval_set())}
     args = evaluate_args("1x8:12:4x32")
-    rows = evaluate.adaptive_retrieval(tiny_folder, datasets, args, torch.device("cpu"))["tiny"]
+    rows = evaluation.adaptive_retrieval(tiny_folder, datasets, args, torch.device("cpu"))["tiny"]
     assert list(rows) == ["exhaustive 1x8", "exhaustive 4x32", "adaptive 1x8:12:4x32"]
     for metric in ("nDCG@10", "MRR@10"):
         assert rows["adaptive 1x8:12:4x32"][metric] == rows["exhaustive 4x32"][metric]
     # the exhaustive rows agree with evaluate.py's main table
-    _, table = evaluate.evaluate_model(tiny_folder, datasets, args, torch.device("cpu"))
+    _, table = evaluation.evaluate_model(tiny_folder, datasets, args, torch.device("cpu"))
     for pair in ("1x8", "4x32"):
         for metric in ("nDCG@10", "MRR@10"):
             assert rows[f"exhaustive {pair}"][metric] == pytest.approx(table["tiny"][pair][metric])
-    assert rows["adaptive 1x8:12:4x32"]["search MFLOPs/q"] == pytest.approx(sb.search_flops(12, [8, 32], [12]) / 1e6)
+    assert rows["adaptive 1x8:12:4x32"]["search MFLOPs/q"] == pytest.approx(search.search_flops(12, [8, 32], [12]) / 1e6)
     assert rows["exhaustive 1x8"]["encode GFLOPs/q"] < rows["exhaustive 4x32"]["encode GFLOPs/q"]
 
 
 def test_evaluate_adaptive_rejects_pairs_outside_the_model(tiny_folder):
     with pytest.raises(ValueError, match="outside"):
-        evaluate.adaptive_retrieval(tiny_folder, {"tiny": ("retrieval", tiny_retrieval_set())},
+        evaluation.adaptive_retrieval(tiny_folder, {"tiny": ("retrieval", tiny_retrieval_set())},
                                     evaluate_args("1x8:5:6x32"), torch.device("cpu"))
 
 
@@ -288,10 +289,10 @@ def test_export_of_packaged_minilm_equals_embed_2d(tmp_path):
     assert 0.5 < result["size"] / result["source_size"] < 0.75  # 2 of 6 layers; word embeddings kept whole
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
-        model, tokenizer = AutoModel.from_pretrained(data.resolve_model_path(data.DEFAULT_MODEL)).eval(), \
+        model, tokenizer = AutoModel.from_pretrained(models.resolve_model_path(models.DEFAULT_MODEL)).eval(), \
             AutoTokenizer.from_pretrained(out)
         got = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_tensor=True, normalize_embeddings=True)
-        expected = sb.encode(TEXTS, model, tokenizer, (2, 24), "mean", max_length=256, normalize=True)
+        expected = sb.encode(model, tokenizer, TEXTS, (2, 24), "mean", max_length=256, normalize=True)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -299,7 +300,7 @@ def test_print_adaptive_lists_each_search_with_its_values(capsys):
     dataset = tiny_retrieval_set()
     row = {"nDCG@10": 0.5, "MRR@10": 0.25, "encode GFLOPs/q": 1.0, "search MFLOPs/q": 2.0, "encode ms/q": 3.0,
            "search ms/q": 4.0}
-    text = evaluate.print_adaptive({"m": {"tiny": {"exhaustive 4x32": row, "adaptive 1x8:5:4x32": row}}},
+    text = evaluation.print_adaptive({"m": {"tiny": {"exhaustive 4x32": row, "adaptive 1x8:5:4x32": row}}},
                                    {"tiny": ("retrieval", dataset)})
     lines = text.strip().splitlines()
     assert "12 documents, 6 queries" in lines[0] and lines[1].split()[:3] == ["search", "nDCG@10", "MRR@10"]

@@ -1,4 +1,4 @@
-"""evaluate.py: metrics against hand-worked cases, scipy and trec_eval's own code (pytrec_eval)."""
+"""metrics.py and evaluate.py: metrics against hand-worked cases, scipy and trec_eval's own code (pytrec_eval)."""
 import json
 import math
 import os
@@ -9,23 +9,25 @@ import pytest
 import pytrec_eval
 from scipy import stats
 
-import evaluate as ev
+import evaluate
+import evaluation
+import metrics
 
 
 def test_spearman_hand_value_and_ties():
-    assert ev.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert ev.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert metrics.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert metrics.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ranks x = [1, 2.5, 2.5, 4], y = [1, 2, 3, 4]: r = 4.5 / sqrt(4.5 * 5)
-    assert ev.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert metrics.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
     with pytest.raises(ValueError):
-        ev.spearman([1], [1])
+        metrics.spearman([1], [1])
 
 
 def test_spearman_equals_scipy_on_random_data_with_ties():
     rng = np.random.default_rng(0)
     for _ in range(20):
         x, y = rng.integers(0, 5, 40), rng.normal(size=40).round(1)
-        assert ev.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+        assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
 
 
 def test_ndcg_mrr_recall_hand_worked():
@@ -33,23 +35,23 @@ def test_ndcg_mrr_recall_hand_worked():
     qrels = {"q": {"b": 2, "c": 1, "z": 1}}  # z is judged relevant but not retrieved
     dcg = 2 / math.log2(3) + 1 / math.log2(4)
     idcg = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
-    assert ev.ndcg_at_k(run, qrels, 10) == pytest.approx(dcg / idcg)
-    assert ev.mrr_at_k(run, qrels, 10) == pytest.approx(0.5)
-    assert ev.mrr_at_k(run, qrels, 1) == 0.0
-    assert ev.recall_at_k(run, qrels, 2) == pytest.approx(1 / 3)
-    assert ev.recall_at_k(run, qrels, 3) == pytest.approx(2 / 3)
+    assert metrics.ndcg_at_k(run, qrels, 10) == pytest.approx(dcg / idcg)
+    assert metrics.mrr_at_k(run, qrels, 10) == pytest.approx(0.5)
+    assert metrics.mrr_at_k(run, qrels, 1) == 0.0
+    assert metrics.recall_at_k(run, qrels, 2) == pytest.approx(1 / 3)
+    assert metrics.recall_at_k(run, qrels, 3) == pytest.approx(2 / 3)
 
 
 def test_queries_without_judgments_are_skipped_and_all_zero_judgments_score_zero():
     run = {"q1": {"a": 1.0}, "q2": {"a": 1.0}, "unjudged": {"a": 1.0}}
     qrels = {"q1": {"a": 1}, "q2": {"a": 0}}
-    assert ev.ndcg_at_k(run, qrels) == pytest.approx(0.5)
-    assert ev.mrr_at_k(run, qrels) == pytest.approx(0.5)
-    assert ev.recall_at_k(run, qrels, 10) == pytest.approx(0.5)
+    assert metrics.ndcg_at_k(run, qrels) == pytest.approx(0.5)
+    assert metrics.mrr_at_k(run, qrels) == pytest.approx(0.5)
+    assert metrics.recall_at_k(run, qrels, 10) == pytest.approx(0.5)
 
 
 def test_ties_are_broken_by_descending_docid_as_trec_eval():
-    assert ev.ranked_docids({"d1": 1.0, "d3": 1.0, "d2": 2.0}) == ["d2", "d3", "d1"]
+    assert metrics.ranked_docids({"d1": 1.0, "d3": 1.0, "d2": 2.0}) == ["d2", "d3", "d1"]
 
 
 def random_run(seed, num_queries=30, num_docs=60):
@@ -72,26 +74,26 @@ def test_metrics_equal_trec_eval(seed):
     evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10", "recall.30"})
     ref = evaluator.evaluate(run)
     mean = lambda m: np.mean([v[m] for v in ref.values()])
-    assert ev.ndcg_at_k(run, qrels, 10) == pytest.approx(mean("ndcg_cut_10"), abs=1e-9)
-    assert ev.recall_at_k(run, qrels, 10) == pytest.approx(mean("recall_10"), abs=1e-9)
-    assert ev.recall_at_k(run, qrels, 30) == pytest.approx(mean("recall_30"), abs=1e-9)
+    assert metrics.ndcg_at_k(run, qrels, 10) == pytest.approx(mean("ndcg_cut_10"), abs=1e-9)
+    assert metrics.recall_at_k(run, qrels, 10) == pytest.approx(mean("recall_10"), abs=1e-9)
+    assert metrics.recall_at_k(run, qrels, 30) == pytest.approx(mean("recall_30"), abs=1e-9)
     # MRR@10 = trec_eval's recip_rank on the run cut to its top 10 (trec_eval's own order)
-    cut = {q: {d: docs[d] for d in ev.ranked_docids(docs)[:10]} for q, docs in run.items()}
+    cut = {q: {d: docs[d] for d in metrics.ranked_docids(docs)[:10]} for q, docs in run.items()}
     rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
-    assert ev.mrr_at_k(run, qrels, 10) == pytest.approx(np.mean([v["recip_rank"] for v in rr.values()]), abs=1e-9)
+    assert metrics.mrr_at_k(run, qrels, 10) == pytest.approx(np.mean([v["recip_rank"] for v in rr.values()]), abs=1e-9)
 
 
 def test_trec_run_file_reproduces_the_figures(tmp_path):
     run, qrels = random_run(3)
     path = tmp_path / "run.trec"
-    ev.write_trec_run(run, path, "test")
+    metrics.write_trec_run(run, path, "test")
     lines = path.read_text().splitlines()
     assert lines[0].split()[1] == "Q0" and lines[0].split()[3] == "1"
     parsed = {}
     for line in lines:
         qid, _, docid, rank, score, name = line.split()
         parsed.setdefault(qid, {})[docid] = float(score)
-    assert ev.ndcg_at_k(parsed, qrels) == pytest.approx(ev.ndcg_at_k(run, qrels))
+    assert metrics.ndcg_at_k(parsed, qrels) == pytest.approx(metrics.ndcg_at_k(run, qrels))
 
 
 def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir):
@@ -105,7 +107,7 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
     (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "coffee"}) + "\n")
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\n")
     runs = tmp_path / "runs"
-    results = ev.main(["--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs", "2x16,4x32",
+    results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs", "2x16,4x32",
                        "--sts_files", str(sts), "--beir_dirs", str(beir), "--runs", str(runs),
                        "--output_dir", str(tmp_path / "out")])
     assert set(results["tiny"]) == {"sts.tsv", "beir"}
@@ -114,7 +116,7 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
     assert saved["results"]["tiny"]["beir"]["4x32"]["R@1000"] == 1.0  # 4 documents: all retrieved
     assert sorted(os.listdir(runs)) == [f"{os.path.basename(tiny_model_dir)}.beir.2x16.trec",
                                         f"{os.path.basename(tiny_model_dir)}.beir.4x32.trec"]
-    grid = ev.main(["--model_name_or_path", tiny_model_dir, "--pairs", "2x16,4x32", "--grid",
+    grid = evaluate.main(["--model_name_or_path", tiny_model_dir, "--pairs", "2x16,4x32", "--grid",
                     "--sts_files", str(sts), "--output_dir", str(tmp_path / "grid")])
     assert set(next(iter(grid.values()))["sts.tsv"]) == {"2x16", "2x32", "4x16", "4x32"}
 
@@ -122,7 +124,7 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
 def test_plot_writes_one_heatmap_per_model_dataset_metric(tmp_path):
     pytest.importorskip("matplotlib")
     results = {"m": {"lee": {f"{n}x{d}": {"Spearman": n * d / 100} for n in (1, 2) for d in (8, 16, 32)}}}
-    paths = ev.plot_heatmaps(results, str(tmp_path))
+    paths = evaluation.plot_heatmaps(results, str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["heatmap_m_lee_Spearman.png"]
     assert open(paths[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -130,12 +132,12 @@ def test_plot_writes_one_heatmap_per_model_dataset_metric(tmp_path):
 def test_evaluate_rejects_a_folder_that_is_not_a_model(tmp_path):
     import data
     with pytest.raises(data.DataError, match="not a model folder"):
-        ev.main(["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+        evaluate.main(["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "o")])
 
 
 def test_packaged_minilm_full_pair_on_lee_matches_the_known_value(tmp_path):
     """Slow: the real packaged model on the real Lee data (DATA.md saw 0.51 at 6 x 384, mean pooling)."""
-    results = ev.main(["--output_dir", str(tmp_path)])["all-MiniLM-L6-v2"]
+    results = evaluate.main(["--output_dir", str(tmp_path)])["all-MiniLM-L6-v2"]
     lee = results["lee2005"]
     assert lee["6x384"]["Spearman"] == pytest.approx(0.51, abs=0.02)
     assert lee["1x12"]["Spearman"] < lee["6x384"]["Spearman"]
@@ -152,10 +154,10 @@ def test_vectorised_metrics_equal_the_run_dict_metrics_with_ties_and_depth(depth
     rng = random.Random(0)
     qrels = {q: {f"d{j}": rng.choice([0, 1, 2]) for j in rng.sample(range(40), 6)} for q in qids[:-1]}
     qrels["q0"]["not_in_corpus"] = 3
-    run = ev.run_from_scores(scores, docids, qids, min(depth, 40))
+    run = metrics.run_from_scores(scores, docids, qids, min(depth, 40))
     for q in run:  # the run is already in trec_eval's order
-        assert list(run[q]) == ev.ranked_docids(run[q])
-    got = ev.retrieval_scores(ev.judged_ranks(scores, docids, qids, qrels), qrels, depth)
-    assert got["nDCG@10"] == pytest.approx(ev.ndcg_at_k(run, qrels, 10), abs=1e-12)
-    assert got["MRR@10"] == pytest.approx(ev.mrr_at_k(run, qrels, 10), abs=1e-12)
-    assert got["R@100"] == pytest.approx(ev.recall_at_k(run, qrels, 100), abs=1e-12)
+        assert list(run[q]) == metrics.ranked_docids(run[q])
+    got = metrics.retrieval_scores(metrics.judged_ranks(scores, docids, qids, qrels), qrels, depth)
+    assert got["nDCG@10"] == pytest.approx(metrics.ndcg_at_k(run, qrels, 10), abs=1e-12)
+    assert got["MRR@10"] == pytest.approx(metrics.mrr_at_k(run, qrels, 10), abs=1e-12)
+    assert got["R@100"] == pytest.approx(metrics.recall_at_k(run, qrels, 100), abs=1e-12)

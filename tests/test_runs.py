@@ -28,8 +28,11 @@ import checkpoints  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import finetune  # noqa: E402
+import grad_cache  # noqa: E402
+import models  # noqa: E402
 import pretrain  # noqa: E402
 import starbucks as sb  # noqa: E402
+import training  # noqa: E402
 
 WORDS = "the cat sat on a mat while dogs ran over green hills and birds sang near old stone walls".split()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -45,7 +48,7 @@ def _tiny_model(folder, dropout):
                         intermediate_size=64, max_position_embeddings=128,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(folder)
-    vocab = os.path.join(data.resolve_model_path("all-MiniLM-L6-v2"), "vocab.txt")
+    vocab = os.path.join(models.resolve_model_path("all-MiniLM-L6-v2"), "vocab.txt")
     BertTokenizer(vocab=vocab).save_pretrained(folder)  # vocab_file= is silently ignored in transformers 5
     return str(folder)
 
@@ -73,7 +76,7 @@ def tiny(tmp_path_factory):
     text = root / "text.txt"
     text.write_text("".join(_sentence(rng) + "\n" for _ in range(64)))
     folders = {"dropout": _tiny_model(root / "dropout", 0.1), "plain": _tiny_model(root / "plain", 0.0)}
-    assert "[UNK]" not in finetune.load_model(folders["plain"], torch.device("cpu"))[1].tokenize(" ".join(WORDS))
+    assert "[UNK]" not in models.load_model(folders["plain"], torch.device("cpu"))[1].tokenize(" ".join(WORDS))
     return {**folders, "train": str(train), "text": str(text)}
 
 
@@ -189,7 +192,7 @@ def test_pretrain_checkpoints_load_in_finetune_and_a_truncated_one_is_never_resu
     pretrain.main(args)
     for step in (2, 4):
         folder = tmp_path / f"checkpoint-{step}"
-        encoder, _ = finetune.load_model(str(folder), torch.device("cpu"))  # an evaluable model folder
+        encoder, _ = models.load_model(str(folder), torch.device("cpu"))  # an evaluable model folder
         sb.SMAEHeads(encoder).load_state_dict(torch.load(folder / pretrain.HEADS_FILE, weights_only=True))
         assert len(open(folder / "train_log.jsonl").readlines()) == step
     with open(tmp_path / "checkpoint-4" / pretrain.HEADS_FILE, "r+b") as f:  # a crash cut the heads short
@@ -219,20 +222,19 @@ def _batch(num_queries=4, group=4, seed=0):
 
 def _step_setup(model_dir, method="srl"):
     """(model, tokenizer, embed_pairs, loss_fn) as finetune.py builds them (cosine, mean pooling)."""
-    model, tokenizer = finetune.load_model(model_dir, torch.device("cpu"))
-    args = finetune.parse_args(["--method", method])
+    model, tokenizer = models.load_model(model_dir, torch.device("cpu"))
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    embed_pairs, loss_fn = finetune.loss_for_method(args, sb.default_pairs(L, H), L, H, "contrastive")
+    embed_pairs, loss_fn = training.method_loss(method, sb.default_pairs(L, H), L, H, "contrastive", 0.05, "cos")
     distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
     return model, tokenizer, embed_pairs, loss_fn
 
 
 def _step(net, model, tokenizer, embed_pairs, loss_fn, queries, passages, chunk, method="srl"):
-    """finetune.training_step -> (loss, {name: grad}); zeroes the gradients afterwards."""
+    """training.contrastive_step -> (loss, {name: grad}); zeroes the gradients afterwards."""
     q_tok = tokenizer(queries, padding=True, return_tensors="pt")
     p_tok = tokenizer(passages, padding=True, return_tensors="pt")
     generator = torch.Generator().manual_seed(5)  # 2DMSE's sampled sizes
-    loss = finetune.training_step(net, embed_pairs, "mean", loss_fn, q_tok, p_tok, None, generator, chunk)
+    loss = training.contrastive_step(net, embed_pairs, "mean", loss_fn, q_tok, p_tok, None, generator, chunk)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return loss, grads
@@ -280,7 +282,7 @@ def test_grad_cache_replays_each_chunks_dropout_mask(tiny):
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)
-    loss = sb.grad_cache_step(embed, inputs, loss_of, 3)
+    loss = grad_cache.grad_cache_step(embed, inputs, loss_of, 3)
     _assert_same_step((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}),
                       (reference.detach(), ref_grads))
 
@@ -321,14 +323,13 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenate
 
 def _pretrain_step_setup(model_dir):
     """pretrain.py's SMAE module (encoder and fresh heads, seeded) and a global batch of 8 masked crops."""
-    encoder, tokenizer = finetune.load_model(model_dir, torch.device("cpu"))
+    encoder, tokenizer = models.load_model(model_dir, torch.device("cpu"))
     torch.manual_seed(3)
     heads = sb.SMAEHeads(encoder)
     pairs = [(2, 16), (4, 32)]
     distributed.freeze_unreached(encoder, 4)
-    args = pretrain.parse_args([])
-    crops = pretrain.crop_documents(tokenizer, [_sentence(random.Random(i)) for i in range(8)], 16)
-    batch = pretrain.masked_batch(crops, tokenizer, pretrain.subword_flags(tokenizer), 11, args)
+    crops = training.crop_documents(tokenizer, [_sentence(random.Random(i)) for i in range(8)], 16)
+    batch = pretrain.masked_batch(crops, tokenizer, training.subword_flags(tokenizer), 11)
     return pretrain.SMAE(encoder, heads, pairs), batch
 
 
@@ -395,7 +396,7 @@ def test_torchrun_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tm
 
 def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
     """DDP needs every trainable parameter to get a gradient; here layers 3-4 and the pooler get none."""
-    model, tokenizer = finetune.load_model(tiny["plain"], torch.device("cpu"))
+    model, tokenizer = models.load_model(tiny["plain"], torch.device("cpu"))
     frozen = distributed.freeze_unreached(model, 2)
     assert frozen and all(n.startswith(("pooler.", "encoder.layer.2.", "encoder.layer.3.")) for n in frozen)
     queries, passages = _batch()
@@ -423,19 +424,19 @@ def test_one_process_helpers_are_identities():
 
 
 def test_global_batches_are_a_seeded_permutation_per_epoch_and_resume_mid_epoch(tiny):
-    whole = list(finetune.global_batches(10, 3, 0, 7, seed=4))  # 3 steps per epoch, the last item left out
+    whole = list(training.global_batches(10, 3, 0, 7, seed=4))  # 3 steps per epoch, the last item left out
     assert [s for s, _ in whole] == list(range(7))
     for epoch in (0, 1):
         items = [i for _, b in whole[3 * epoch:3 * epoch + 3] for i in b]
         assert len(set(items)) == 9 and set(items) <= set(range(10))
     assert whole[0][1] != whole[3][1]  # a new order each epoch
-    assert list(finetune.global_batches(10, 3, 4, 7, seed=4)) == whole[4:]  # a resumed run: the same batches
+    assert list(training.global_batches(10, 3, 4, 7, seed=4)) == whole[4:]  # a resumed run: the same batches
 
 
 def test_adamw_decays_matrices_only_and_leaves_frozen_parameters_out(tiny):
-    model, _ = finetune.load_model(tiny["plain"], torch.device("cpu"))
+    model, _ = models.load_model(tiny["plain"], torch.device("cpu"))
     frozen = set(distributed.freeze_unreached(model, 2))
-    optimizer = finetune.adamw(model, 1e-3, 0.1)
+    optimizer = training.adamw(model, 1e-3, 0.1)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
@@ -447,7 +448,7 @@ def test_adamw_decays_matrices_only_and_leaves_frozen_parameters_out(tiny):
 # Non-finite steps
 
 def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(tiny, tmp_path, monkeypatch, capsys):
-    real_step, calls = finetune.training_step, []
+    real_step, calls = training.contrastive_step, []
 
     def poisoned(net, *args):
         loss = real_step(net, *args)
@@ -455,7 +456,7 @@ def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(tiny, tmp_path
         if len(calls) == 3:  # step 3: one gradient entry becomes NaN
             next(p for p in net.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
         return loss
-    monkeypatch.setattr(finetune, "training_step", poisoned)
+    monkeypatch.setattr(training, "contrastive_step", poisoned)
     finetune.main(["--model_name_or_path", tiny["plain"], "--train_file", tiny["train"], "--output_dir", str(tmp_path),
                    "--max_steps", "5", "--save_steps", "1", "--max_bad_steps", "2"])
     log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
@@ -535,8 +536,7 @@ def test_a_gzip_file_cut_short_is_a_data_error(tmp_path):
 def test_skip_bad_lines_goes_on_and_prints_how_many_were_skipped(tmp_path, capsys):
     lines = [GOOD, "{not json", '["a list"]', GOOD, '{"question": "q"}', GOOD[:25]]
     path = _write_bytes(tmp_path / "mixed.jsonl", "\n".join(lines).encode())
-    args = finetune.parse_args(["--train_file", path, "--skip-bad-lines"])
-    kind, records = finetune.load_training_records(args)
+    kind, records = finetune.load_training_records(path, 4, skip_bad_lines=True)
     assert kind == "contrastive" and len(records) == 2
     assert "skipped 4 bad lines of" in capsys.readouterr().err
 

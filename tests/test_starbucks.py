@@ -147,11 +147,11 @@ def test_similarity_scores_hand_values():
     q = torch.tensor([[1., 0.], [1., 1.]])
     p = torch.tensor([[2., 0.], [0., 3.], [1., 1.], [0., 1.]])
     assert torch.equal(sb.similarity_scores(q, p), torch.tensor([[2., 0., 1., 0.], [2., 3., 2., 1.]]))
-    cos = sb.similarity_scores(q, p, "cos", 0.5)
+    cos = sb.similarity_scores(q, p, 0.5, "cos")
     assert torch.allclose(cos[1, 2], torch.tensor(2.0))  # cos = 1, / 0.5
     assert torch.allclose(cos[0, 2], torch.tensor(math.sqrt(0.5) / 0.5))
     with pytest.raises(ValueError, match="unknown similarity"):
-        sb.similarity_scores(q, p, "l2")
+        sb.similarity_scores(q, p, similarity="l2")
 
 
 def test_positive_index_and_group_check():

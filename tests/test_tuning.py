@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModel, LlamaConfig, LlamaModel
 
 import finetune
+import flops
 import starbucks as sb
 import tuning
 from conftest import save_with_vocab, tiny_bert
@@ -170,18 +171,18 @@ def test_flops_per_token_equal_a_hand_count():
         model = tuning.apply_tuning(tiny_llama(), spec)
         counts = tuning.parameter_counts(model)
         assert counts[0] == n
-        assert tuning.flops_per_token(tuning.parse_tuning(spec)[0], *counts) == expected, spec
+        assert flops.flops_per_token(tuning.parse_tuning(spec)[0], *counts) == expected, spec
     bert = tuning.apply_tuning(tiny_bert(num_layers=4, hidden=32), "bias")  # intermediate 64, vocab 30522
     biases = 4 * (4 * 32 + 64 + 32 + 2 * 32) + 32 + 32  # per layer: q k v o, MLP in and out, two LayerNorms
     n_bert, trainable = tuning.parameter_counts(bert)
     assert trainable == biases
-    assert tuning.flops_per_token("bias", n_bert, trainable) == 4 * n_bert + 2 * biases
+    assert flops.flops_per_token("bias", n_bert, trainable) == 4 * n_bert + 2 * biases
 
 
 def test_steps_for_budget():
-    assert tuning.steps_for_budget(1000.0, 10, 9) == 11
+    assert flops.steps_for_budget(1000.0, 10, 9) == 11
     with pytest.raises(ValueError, match="less than one step"):
-        tuning.steps_for_budget(50.0, 10, 9)
+        flops.steps_for_budget(50.0, 10, 9)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""Evaluating a model at every layer-dim pair: STS Spearman and retrieval metrics from one forward
+pass per batch (Eq. 1), 2D adaptive retrieval (Eq. 14) beside exhaustive search, tables and heat maps.
+
+evaluate.py is the command line over these; bench/ and recipe.py call them directly.
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import flops
+import metrics
+import models
+import search
+import starbucks as sb
+
+
+@dataclass
+class EvalSettings:
+    pairs: str = None  # LAYERxDIM list; None: the checkpoint's pairs
+    grid: bool = False  # every layer x every dim of the pairs
+    pooling: str = None  # None: the checkpoint's, else mean
+    similarity: str = None  # None: the checkpoint's, else cos
+    query_max_len: int = 32
+    passage_max_len: int = 128
+    max_seq_length: int = 256  # STS texts
+    batch_size: int = 64
+    depth: int = 1000  # ranked documents per query (run files, recall)
+    runs_dir: str = None  # write one TREC run file per model, dataset and pair here
+    adaptive: str = None  # SMALL:K:LARGE funnel (Eq. 14)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating a model at every pair
+
+
+def sts_scores(model, tokenizer, dataset, pairs, pooling, max_length=256, batch_size=64):
+    """Spearman x 1 of cosine similarity at every pair: {pair: value}."""
+    a, b, gold = dataset
+    texts = sorted(set(a) | set(b))
+    index = {t: i for i, t in enumerate(texts)}
+    emb = sb.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size, normalize=True)
+    ia, ib = torch.tensor([index[t] for t in a]), torch.tensor([index[t] for t in b])
+    return {pair: metrics.spearman((emb[pair][ia] * emb[pair][ib]).sum(-1).numpy(), gold) for pair in pairs}
+
+
+def score_matrices(model, tokenizer, dataset, pairs, pooling, similarity, query_max_len=32, passage_max_len=128,
+                   batch_size=64):
+    """Query x corpus scores at every pair: {pair: (Q, N)}, from one encoding pass per batch."""
+    corpus, queries, _ = dataset
+    normalize = similarity == "cos"
+    d_emb = sb.encode_2d(model, tokenizer, list(corpus.values()), pairs, pooling, passage_max_len, batch_size,
+                         normalize, progress=lambda it: tqdm(it, desc="corpus", leave=False))
+    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, pooling, query_max_len, batch_size,
+                         normalize)
+    return {pair: q_emb[pair] @ d_emb[pair].T for pair in pairs}  # (Q, N) each
+
+
+def load_datasets(sts_files=(), beir_dirs=(), beir_split="test", msmarco=None):
+    """{name: ('sts', (a, b, gold)) or ('retrieval', (corpus, queries, qrels))}; embedded default if none given.
+
+    msmarco: (collection, queries, qrels) paths."""
+    sets = {}
+    for path in sts_files or []:
+        sets[os.path.basename(path)] = ("sts", data.read_sts_file(path))
+    for folder in beir_dirs or []:
+        sets[os.path.basename(folder.rstrip("/"))] = ("retrieval", data.read_beir(folder, beir_split))
+    if msmarco:
+        sets["msmarco"] = ("retrieval", data.read_msmarco(*msmarco))
+    if not sets:
+        sets["lee2005"] = ("sts", data.lee_sts())
+        sets["wiki-ict"] = ("retrieval", data.embedded_retrieval_set())
+    return sets
+
+
+def load_for_evaluation(name_or_path, settings, device):
+    """-> (path, model folder, model in eval mode, tokenizer, StarbucksConfig with the settings' overrides,
+    'separate' map); see models.checkpoint_folders."""
+    path, folder = models.checkpoint_folders(name_or_path)
+    model, tokenizer = models.load_model(folder, device)
+    model.eval()
+    config, separate = models.read_config(path, model, settings.pairs, settings.grid, settings.pooling,
+                                          settings.similarity)
+    return path, folder, model, tokenizer, config, separate
+
+
+def evaluate_model(name_or_path, datasets, settings, device):
+    """-> (config, {dataset: {'n x d': {metric: value}}}) for every pair of one model (or one per layer: Eq. 7)."""
+    path, folder, model, tokenizer, config, separate = load_for_evaluation(name_or_path, settings, device)
+    # separately trained models (Eq. 7): each layer's pairs come from that layer's own model
+    groups = {path: config.pairs} if not separate else {
+        os.path.join(path, sub): [p for p in config.pairs if p[0] == int(n)] for n, sub in separate.items()}
+    results = {}
+    for model_path, pairs in groups.items():
+        if not pairs:
+            continue
+        if model_path not in (path, folder):
+            model, tokenizer = models.load_model(model_path, device)
+            model.eval()
+        for name, (kind, dataset) in datasets.items():
+            if kind == "sts":
+                for pair, value in sts_scores(model, tokenizer, dataset, pairs, config.pooling, settings.max_seq_length,
+                                              settings.batch_size).items():
+                    results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = {"Spearman": value}
+                continue
+            corpus, queries, qrels = dataset
+            docids, qids = list(corpus), list(queries)
+            for pair, scores in score_matrices(model, tokenizer, dataset, pairs, config.pooling, config.similarity,
+                                               settings.query_max_len, settings.passage_max_len,
+                                               settings.batch_size).items():
+                ranks = metrics.judged_ranks(scores, docids, qids, qrels)
+                results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = metrics.retrieval_scores(ranks, qrels,
+                                                                                              settings.depth)
+                if settings.runs_dir:
+                    os.makedirs(settings.runs_dir, exist_ok=True)
+                    tag = f"{os.path.basename(path.rstrip('/'))}.{name}.{pair[0]}x{pair[1]}"
+                    run = metrics.run_from_scores(scores, docids, qids, min(settings.depth, len(docids)))
+                    metrics.write_trec_run(run, os.path.join(settings.runs_dir, f"{tag}.trec"), tag)
+    return config, results
+
+
+def print_tables(all_results, datasets, metric_names=("Spearman", "nDCG@10", "MRR@10")):
+    """One table per dataset and metric: rows = pairs, columns = models; the mean over pairs last."""
+    names = list(all_results)
+    lines = []
+    for dataset in datasets:
+        for metric in metric_names:
+            rows = {}
+            for name in names:
+                for pair, values in all_results[name].get(dataset, {}).items():
+                    if metric in values:
+                        rows.setdefault(pair, {})[name] = values[metric]
+            if not rows:
+                continue
+            width = max(12, *(len(n) + 2 for n in names))
+            lines.append(f"\n{dataset} {metric}")
+            lines.append(f"{'pair':<10}" + "".join(f"{n:>{width}}" for n in names))
+            keyed = sorted(rows, key=lambda p: tuple(map(int, p.split("x"))))
+            for pair in keyed:
+                lines.append(f"{pair:<10}" + "".join(
+                    f"{rows[pair][n]:>{width}.4f}" if n in rows[pair] else f"{'-':>{width}}" for n in names))
+            means = [np.mean([rows[p][n] for p in keyed if n in rows[p]]) for n in names]
+            lines.append(f"{'mean':<10}" + "".join(f"{m:>{width}.4f}" for m in means))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot_heatmaps(all_results, output_dir):
+    """One PNG per model, dataset and metric: layer x dim grid, colour = metric (matplotlib, optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    paths = []
+    for model_name, datasets in all_results.items():
+        for dataset, by_pair in datasets.items():
+            pairs = [tuple(map(int, p.split("x"))) for p in by_pair]
+            layers, dims = sorted({n for n, _ in pairs}), sorted({d for _, d in pairs})
+            for metric in next(iter(by_pair.values())):
+                grid = np.full((len(layers), len(dims)), np.nan)
+                for (n, d), key in zip(pairs, by_pair):
+                    grid[layers.index(n), dims.index(d)] = by_pair[key][metric]
+                fig, ax = plt.subplots(figsize=(1 + 0.9 * len(dims), 1 + 0.6 * len(layers)))
+                image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+                bright = np.nanmin(grid) + 0.6 * (np.nanmax(grid) - np.nanmin(grid))
+                for i in range(len(layers)):
+                    for j in range(len(dims)):
+                        if not np.isnan(grid[i, j]):
+                            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                                    color="k" if grid[i, j] > bright else "w")
+                ax.set_xticks(range(len(dims)), dims)
+                ax.set_yticks(range(len(layers)), layers)
+                ax.set_xlabel("dim d")
+                ax.set_ylabel("layer n")
+                ax.set_title(f"{model_name}: {dataset} {metric}", fontsize=9)
+                fig.colorbar(image, ax=ax)
+                fig.tight_layout()
+                path = os.path.join(output_dir, f"heatmap_{model_name}_{dataset}_{metric.replace('@', '')}.png")
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+                paths.append(path)
+    return paths
+
+# ----------------------------------------------------------------------------------------------
+# 2D adaptive retrieval (Eq. 14) beside exhaustive search at each of its sizes
+
+
+def adaptive_retrieval(name_or_path, datasets, settings, device):
+    """{dataset: {search: nDCG@10, MRR@10, FLOPs and ms per query}} for --adaptive and each of its pairs alone.
+
+    Times are per query over the whole query set: encoding (up to the search's largest layer) and search.
+    """
+    path, _, model, tokenizer, config, separate = load_for_evaluation(name_or_path, settings, device)
+    if separate:
+        raise ValueError(f"--adaptive needs one 2D model; {path} holds one separately trained model per layer")
+    pairs, ks = search.parse_funnel(settings.adaptive)
+    pairs = sb.check_pairs(pairs, model.config.num_hidden_layers, model.config.hidden_size)
+    searches = {f"exhaustive {n}x{d}": ([(n, d)], []) for n, d in pairs}
+    searches[f"adaptive {settings.adaptive}"] = (pairs, ks)
+    normalize = config.similarity == "cos"
+    results = {}
+    for name, (kind, (corpus, queries, qrels)) in datasets.items():
+        if kind != "retrieval":
+            continue
+        docids, texts = list(corpus), [queries[q] for q in queries]
+        d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling,
+                             settings.passage_max_len, settings.batch_size, normalize,
+                             progress=lambda it: tqdm(it, desc="corpus", leave=False))
+        tokens = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.query_max_len)["input_ids"]]
+        sb.encode_2d(model, tokenizer, texts[:settings.batch_size], pairs, config.pooling,
+                     settings.query_max_len)  # warm-up, untimed
+        for label, (stage_pairs, stage_ks) in searches.items():
+            start = time.perf_counter()
+            q_emb = sb.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling, settings.query_max_len,
+                                 settings.batch_size, normalize)  # stops at the largest stage's layer
+            encoded = time.perf_counter()
+            scores, indices = search.adaptive_search([q_emb[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs],
+                                                 stage_ks, depth=10)
+            searched = time.perf_counter()
+            run = {qid: {docids[j]: s for s, j in zip(scores[row].tolist(), indices[row].tolist())}
+                   for row, qid in enumerate(queries)}
+            layers = max(n for n, _ in stage_pairs)
+            results.setdefault(name, {})[label] = {
+                "nDCG@10": metrics.ndcg_at_k(run, qrels, 10), "MRR@10": metrics.mrr_at_k(run, qrels, 10),
+                "encode GFLOPs/q": float(np.mean([flops.encoder_flops(model, layers, t) for t in tokens])) / 1e9,
+                "search MFLOPs/q": search.search_flops(len(docids), [d for _, d in stage_pairs], stage_ks) / 1e6,
+                "encode ms/q": (encoded - start) * 1000 / len(texts), "search ms/q": (searched - encoded) * 1000 / len(texts)}
+    return results
+
+
+def print_adaptive(adaptive, datasets):
+    """One table per model and dataset: exhaustive search at each pair, then the adaptive funnel."""
+    columns = ("nDCG@10", "MRR@10", "encode GFLOPs/q", "search MFLOPs/q", "encode ms/q", "search ms/q")
+    lines = []
+    for model_name, by_dataset in adaptive.items():
+        for dataset, rows in by_dataset.items():
+            corpus, queries, _ = datasets[dataset][1]
+            lines.append(f"\n{dataset} adaptive retrieval (Eq. 14), model {model_name}: "
+                         f"{len(corpus)} documents, {len(queries)} queries")
+            width = max(len(label) for label in rows) + 2
+            lines.append(f"{'search':<{width}}" + "".join(f"{c:>17}" for c in columns))
+            for label, values in rows.items():
+                lines.append(f"{label:<{width}}" + "".join(f"{values[c]:>17.4f}" for c in columns))
+    text = "\n".join(lines)
+    print(text)
+    return text

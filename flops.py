@@ -1,0 +1,57 @@
+"""Counting FLOPs: the encoder's forward at a sub-layer (the cost of a size, Eq. 14) and training
+FLOPs per token by tuning method (Ziarko et al., 2024; README Eq. 15), from which a FLOP budget
+sets the number of steps (finetune.py --flops_budget, recipe.py).
+"""
+import starbucks as sb
+import tuning
+
+
+def encoder_flops(model, n, tokens):
+    """Forward FLOPs of the first n layers for one text of T tokens: 2 T P_(1..n) + 4 n T^2 H.
+
+    P_(1..n) counts the weight matrices of layers 1..n (their multiply-adds); 4 n T^2 H is attention's
+    QK^T and AV. Embeddings, norms, softmax and activations are left out (a few per cent).
+    """
+    blocks = sb.transformer_layers(model)
+    if not 1 <= n <= len(blocks) or tokens < 1:
+        raise ValueError(f"layer {n} is outside 1..{len(blocks)} or tokens {tokens} < 1")
+    weights = sum(p.numel() for block in blocks[:n] for p in block.parameters() if p.ndim >= 2)
+    return 2 * tokens * weights + 4 * n * tokens ** 2 * model.config.hidden_size
+
+
+def flops_per_token(method, n, n_trainable):
+    """Eq. 15: training FLOPs per token: full 6N; LoRA and bias 4N + 2N_t; freeze:K 2N + 4N_t.
+
+    Forward 2N; backward 2N for the gradients of the activations (wherever a trained parameter lies
+    below them) and 2N_t for the gradients of the trained weights. Freezing stops the backward pass at
+    the first trained block, so both backward terms cover N_t only.
+    """
+    if method == "full":
+        return 6 * n
+    if method in ("lora", "bias"):
+        return 4 * n + 2 * n_trainable
+    if method == "freeze":
+        return 2 * n + 4 * n_trainable
+    raise ValueError(f"unknown tuning method {method!r}")
+
+
+def steps_for_budget(budget, per_token, tokens_per_step):
+    """Optimizer steps that fit a budget of training FLOPs (Eq. 15 x tokens per step), at least one."""
+    steps = int(budget // (per_token * tokens_per_step))
+    if steps < 1:
+        raise ValueError(f"a budget of {budget:.3g} FLOPs is less than one step "
+                         f"({per_token * tokens_per_step:.3g} FLOPs: {per_token:.3g} per token x "
+                         f"{tokens_per_step:.0f} tokens)")
+    return steps
+
+
+def flops_accounting(model, tuning_spec, tokens_per_step, flops_budget=None):
+    """Eq. 15 for a run: N, N_trainable, FLOPs per token, tokens per step and, with a budget, the steps."""
+    method, _ = tuning.parse_tuning(tuning_spec)
+    n, n_trainable = tuning.parameter_counts(model)
+    per_token = flops_per_token(method, n, n_trainable)
+    accounting = {"tuning": tuning_spec, "N": n, "N_trainable": n_trainable, "flops_per_token": per_token,
+                  "tokens_per_step": tokens_per_step, "flops_budget": flops_budget}
+    if flops_budget:
+        accounting["budget_steps"] = steps_for_budget(flops_budget, per_token, tokens_per_step)
+    return accounting

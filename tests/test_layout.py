@@ -1,0 +1,78 @@
+"""The house rules (README, Where things are): scripts are leaves, helpers take values, nothing is written twice."""
+import ast
+import glob
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"finetune", "pretrain", "evaluate", "export", "recipe", "classify"}  # run as commands; import none of them
+
+
+def _python_files():
+    """{name: path} of every project file outside tests (top level and bench/)."""
+    paths = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py"))
+    return {os.path.relpath(p, ROOT): p for p in sorted(paths)}
+
+
+def _is_script(relpath):
+    return relpath.startswith("bench" + os.sep) or os.path.splitext(relpath)[0] in SCRIPTS
+
+
+def _tree(path):
+    return ast.parse(open(path, encoding="utf-8").read(), filename=path)
+
+
+@pytest.mark.parametrize("relpath", sorted(_python_files()))
+def test_no_file_imports_a_script_except_to_run_its_main(relpath):
+    """A module never imports a script; a script may import another only to call its main(argv), as a command."""
+    tree = _tree(_python_files()[relpath])
+    imported = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update({a.asname or a.name: a.name for a in node.names if a.name in SCRIPTS})
+        elif isinstance(node, ast.ImportFrom) and node.module in SCRIPTS:
+            raise AssertionError(f"{relpath}: `from {node.module} import ...` (import the module, call its main)")
+    if not imported:
+        return
+    assert _is_script(relpath), f"{relpath} is a module and imports the script(s) {sorted(imported.values())}"
+    uses = [(n.value.id, n.attr) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in imported]
+    assert all(attr == "main" for _, attr in uses), f"{relpath} uses a script beyond main: {uses}"
+
+
+@pytest.mark.parametrize("relpath", sorted(_python_files()))
+def test_no_helper_takes_the_command_line_namespace(relpath):
+    """Only a script's main and parse_args see the argparse namespace; nothing builds a fake one."""
+    tree = _tree(_python_files()[relpath])
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in ("main", "parse_args"):
+            names = {a.arg for a in node.args.args + node.args.kwonlyargs}
+            assert not names & {"args", "opts", "namespace"}, f"{relpath}:{node.lineno} {node.name} takes {names}"
+        if isinstance(node, ast.Attribute) and node.attr in ("Namespace", "SimpleNamespace"):
+            raise AssertionError(f"{relpath}:{node.lineno} builds a {node.attr}")
+        if isinstance(node, ast.ImportFrom) and any(a.name == "SimpleNamespace" for a in node.names):
+            raise AssertionError(f"{relpath}:{node.lineno} imports SimpleNamespace")
+
+
+def _code_lines(path):
+    """(line number, stripped line) of the lines that carry code: no blanks, comments, imports or lone brackets."""
+    lines = []
+    for number, line in enumerate(open(path, encoding="utf-8"), 1):
+        text = line.strip()
+        if text and not text.startswith(("#", "import ", "from ")) and text not in (")", "]", "}", '"""'):
+            lines.append((number, text))
+    return lines
+
+
+def test_no_block_of_six_lines_is_repeated_between_files():
+    """What two files share lives in one module: no 6 consecutive code lines appear in two files."""
+    window, seen, repeated = 6, {}, []
+    for relpath, path in _python_files().items():
+        lines = _code_lines(path)
+        for i in range(len(lines) - window + 1):
+            block = tuple(text for _, text in lines[i:i + window])
+            where = seen.setdefault(block, (relpath, lines[i][0]))
+            if where[0] != relpath:
+                repeated.append(f"{where[0]}:{where[1]} and {relpath}:{lines[i][0]}")
+    assert not repeated, "repeated blocks: " + "; ".join(repeated[:5])
