@@ -78,8 +78,9 @@ def run_graded(doc_scores, judgments):
 
 
 def _evaluated_queries(run, qrels):
-    """trec_eval's default: queries that have judgments and appear in the run."""
-    return [q for q in run if q in qrels]
+    """trec_eval's default: queries that have at least one judgment and appear in the run (a query with
+    no qrels line never reaches trec_eval; one judged all 0 is evaluated and scores 0)."""
+    return [q for q in run if qrels.get(q)]
 
 
 def ndcg_at_k(run, qrels, k=10):
@@ -111,9 +112,9 @@ def judged_ranks(scores, docids, qids, qrels):
     order = docid_order(docids)
     ranks = {}
     for row, qid in enumerate(qids):
-        judged = [(column[d], g) for d, g in qrels.get(qid, {}).items() if d in column]
-        if qid not in qrels:
+        if not qrels.get(qid):  # no judgment: trec_eval never evaluates it
             continue
+        judged = [(column[d], g) for d, g in qrels[qid].items() if d in column]
         cols = torch.tensor([c for c, _ in judged], dtype=torch.long)
         s = scores[row, cols][:, None]  # (J, 1)
         ahead = (scores[row][None] > s) | ((scores[row][None] == s) & (order[None] > order[cols][:, None]))

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import pytrec_eval
+import torch
 from scipy import stats
 
 import evaluate
@@ -81,6 +82,20 @@ def test_metrics_equal_trec_eval(seed):
     cut = {q: {d: docs[d] for d in metrics.ranked_docids(docs)[:10]} for q, docs in run.items()}
     rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
     assert metrics.mrr_at_k(run, qrels, 10) == pytest.approx(np.mean([v["recip_rank"] for v in rr.values()]), abs=1e-9)
+
+
+def test_a_query_with_no_judgment_is_left_out_as_trec_eval_never_sees_it():
+    """An empty judgment dict is not a query judged all 0: it does not count as a 0 in the mean."""
+    run, qrels = random_run(4)
+    with_empty = {**qrels, "q0": {}}
+    without = {q: j for q, j in qrels.items() if q != "q0"}
+    for metric in (lambda r, j: metrics.ndcg_at_k(r, j, 10), lambda r, j: metrics.mrr_at_k(r, j, 10),
+                   lambda r, j: metrics.recall_at_k(r, j, 10)):
+        assert metric(run, with_empty) == metric(run, without)
+    docids = sorted({d for docs in run.values() for d in docs})
+    scores = torch.tensor([[run[q].get(d, -1.0) for d in docids] for q in sorted(run)])
+    ranks = metrics.judged_ranks(scores, docids, sorted(run), with_empty)
+    assert "q0" not in ranks and ranks.keys() == metrics.judged_ranks(scores, docids, sorted(run), without).keys()
 
 
 def test_trec_run_file_reproduces_the_figures(tmp_path):
