@@ -58,6 +58,8 @@ def main(argv=None):
                                        args.depth, args.runs, args.adaptive)
     if args.adaptive and not any(kind == "retrieval" for kind, _ in datasets.values()):
         raise ValueError("--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")
+    coverage = {name: evaluation.judgment_coverage(name, dataset)  # fails here, before any model loads
+                for name, (kind, dataset) in datasets.items() if kind == "retrieval"}
     all_results, configs, adaptive = {}, {}, {}
     for name, path in zip(names, args.model_name_or_path):
         if args.adaptive:
@@ -70,10 +72,14 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
                    "datasets": {n: labels.get(n, n) for n in datasets}, "models": configs,
-                   "results": all_results, **({"adaptive": adaptive} if adaptive else {})}, f, indent=2)
+                   "judgments": coverage, "results": all_results, **({"adaptive": adaptive} if adaptive else {})},
+                  f, indent=2)
     for n in datasets:
         if n in labels:
             print(f"{n}: {labels[n]}")
+    for n, c in coverage.items():
+        print(f"{n}: {c['evaluated']} of {c['queries']} queries evaluated; of {c['judgments']} judgments, "
+              f"{c['unknown_query_judgments']} name unknown queries, {c['unknown_document_judgments']} unknown documents")
     table = evaluation.print_tables(all_results, list(datasets))
     if adaptive:
         table += "\n" + evaluation.print_adaptive(adaptive, datasets)

@@ -4,6 +4,7 @@ pass per batch (Eq. 1), 2D adaptive retrieval (Eq. 14) beside exhaustive search,
 evaluate.py is the command line over these; bench/ and recipe.py call them directly.
 """
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -75,6 +76,32 @@ def load_datasets(sts_files=(), beir_dirs=(), beir_split="test", msmarco=None):
         sets["lee2005"] = ("sts", data.lee_sts())
         sets["wiki-ict"] = ("retrieval", data.embedded_retrieval_set())
     return sets
+
+
+def judgment_coverage(name, dataset, warn_share=0.1):
+    """How many of a retrieval set's queries can be evaluated -> {'queries', 'evaluated', 'judgments',
+    'unknown_query_judgments', 'unknown_document_judgments'}; before any model is loaded.
+
+    A query is evaluated when it has a judgment and a text (trec_eval's rule); a judgment naming an
+    unknown query or document is counted, and over warn_share of them is a warning naming a few. No
+    evaluable query, or no judged document in the corpus, is an error: the table would be all zeros."""
+    corpus, queries, qrels = dataset
+    judgments = [(q, d) for q, judged in qrels.items() for d in judged]
+    unknown_queries = [(q, d) for q, d in judgments if q not in queries]
+    unknown_docs = [(q, d) for q, d in judgments if q in queries and d not in corpus]
+    evaluated = sum(1 for q in queries if qrels.get(q))
+    if evaluated == 0:
+        raise data.DataError(f"{name}: no query can be evaluated: none of the {len(qrels)} judged query ids is among "
+                             f"the {len(queries)} queries (e.g. qrels {sorted(qrels)[:3]}, queries {sorted(queries)[:3]})")
+    if len(unknown_docs) == len(judgments) - len(unknown_queries):
+        raise data.DataError(f"{name}: no judged document is in the corpus of {len(corpus)} passages "
+                             f"(e.g. {[d for _, d in unknown_docs[:3]]}); check the qrels and corpus ids")
+    for kind, unknown in (("queries", unknown_queries), ("documents", unknown_docs)):
+        if len(unknown) > warn_share * len(judgments):
+            print(f"warning: {name}: {len(unknown)} of {len(judgments)} judgments name unknown {kind}, e.g. "
+                  f"{sorted({q if kind == 'queries' else d for q, d in unknown})[:3]}", file=sys.stderr)
+    return {"queries": len(queries), "evaluated": evaluated, "judgments": len(judgments),
+            "unknown_query_judgments": len(unknown_queries), "unknown_document_judgments": len(unknown_docs)}
 
 
 def load_for_evaluation(name_or_path, settings, device):

@@ -176,3 +176,36 @@ def test_vectorised_metrics_equal_the_run_dict_metrics_with_ties_and_depth(depth
     assert got["nDCG@10"] == pytest.approx(metrics.ndcg_at_k(run, qrels, 10), abs=1e-12)
     assert got["MRR@10"] == pytest.approx(metrics.mrr_at_k(run, qrels, 10), abs=1e-12)
     assert got["R@100"] == pytest.approx(metrics.recall_at_k(run, qrels, 100), abs=1e-12)
+
+
+def _beir_folder(folder, corpus_ids, query_ids, qrels_lines):
+    os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
+    with open(os.path.join(folder, "corpus.jsonl"), "w") as f:
+        f.writelines(json.dumps({"_id": d, "title": "", "text": f"passage {d} about coffee"}) + "\n" for d in corpus_ids)
+    with open(os.path.join(folder, "queries.jsonl"), "w") as f:
+        f.writelines(json.dumps({"_id": q, "text": f"query {q}"}) + "\n" for q in query_ids)
+    with open(os.path.join(folder, "qrels", "test.tsv"), "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels_lines))
+    return str(folder)
+
+
+def test_qrels_that_match_no_query_fail_before_any_model_loads(tmp_path):
+    """Ids that match nothing gave a table of zeros and exit 0; now one line names the set and examples."""
+    folder = _beir_folder(tmp_path / "set", ["d1", "d2"], ["q1", "q2"], [("Q1", "d1"), ("Q2", "d2")])
+    with pytest.raises(ValueError, match=r"set: no query can be evaluated.*'Q1'"):
+        evaluate.main(["--model_name_or_path", str(tmp_path / "no_model_needed"), "--beir_dirs", folder,
+                       "--output_dir", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_coverage_counts_unknown_ids_and_warns_when_many(tmp_path, capsys):
+    import data
+    folder = _beir_folder(tmp_path / "set", ["d1", "d2"], ["q1", "q2", "q3"],
+                          [("q1", "d1"), ("q2", "d9"), ("q9", "d1")])
+    dataset = data.read_beir(folder)
+    counts = evaluation.judgment_coverage("set", dataset)
+    assert counts == {"queries": 2, "evaluated": 2, "judgments": 3, "unknown_query_judgments": 1,  # read_beir keeps judged queries
+                      "unknown_document_judgments": 1}
+    assert "1 of 3 judgments name unknown queries, e.g. ['q9']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no judged document is in the corpus"):
+        evaluation.judgment_coverage("set", data.read_beir(_beir_folder(tmp_path / "b", ["d1"], ["q1"], [("q1", "d7")])))
