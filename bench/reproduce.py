@@ -56,9 +56,9 @@ class Study:
     max_steps: int = None  # default: the scale's budget
     learning_rate: float = 1e-4
     output_dir: str = "output/reproduce"
-    results_file: str = "RESULTS.md"
+    results: str = None  # the report; None: <output_dir>/RESULTS.md (the committed one only when named)
     plot: bool = False
-    plot_dir: str = "docs/heatmaps"
+    plot_dir: str = None  # None: <output_dir>/heatmaps
 
 
 def parse_args(argv=None):
@@ -70,10 +70,15 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=int, default=None, help="default: the scale's budget")
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--output_dir", default="output/reproduce")
-    p.add_argument("--results_file", default="RESULTS.md")
+    p.add_argument("--results", default=None, help="where the report goes; default: <output_dir>/RESULTS.md. "
+                   "The committed file is regenerated only with --results RESULTS.md")
     p.add_argument("--plot", action="store_true", help="heat maps per method (needs matplotlib)")
-    p.add_argument("--plot_dir", default="docs/heatmaps", help="where the heat maps go (committed beside RESULTS.md)")
-    return Study(**vars(p.parse_args(argv)))
+    p.add_argument("--plot_dir", default=None, help="where the heat maps go; default: <output_dir>/heatmaps "
+                   "(the committed ones: docs/heatmaps)")
+    study = Study(**vars(p.parse_args(argv)))
+    study.results = study.results or os.path.join(study.output_dir, "RESULTS.md")
+    study.plot_dir = study.plot_dir or os.path.join(study.output_dir, "heatmaps")
+    return study
 
 
 def train_run(method, seed, study, scale, run_dir):
@@ -209,9 +214,9 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command):
         os.makedirs(study.plot_dir, exist_ok=True)
         paths = evaluation.plot_heatmaps(means, study.plot_dir)
         out += ["", "## Heat maps (layer x dim, mean over seeds)", ""]
-        out += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(os.path.abspath(study.results_file)))})"
+        out += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(os.path.abspath(study.results)))})"
                 for p in paths if "MRR" not in p and "R100" not in p and "R1000" not in p]
-    open(study.results_file, "w").write("\n".join(out) + "\n")
+    open(study.results, "w").write("\n".join(out) + "\n")
 
 
 def _commit():
@@ -237,7 +242,7 @@ def main(argv=None):
     runs = [run for by_seed in results.values() for run in by_seed.values()]
     seconds, cpu_seconds = sum(r["seconds"] for r in runs), sum(r.get("cpu_seconds", float("nan")) for r in runs)
     write_report(study, results, pairs, seconds, cpu_seconds, command.strip())
-    print(open(study.results_file).read())
+    print(open(study.results).read())
 
 
 if __name__ == "__main__":

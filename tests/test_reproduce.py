@@ -52,3 +52,11 @@ def test_verdicts_name_differences_within_seed_noise():
     assert "does not hold" in claim1 and "1x8" in claim1 and "within the two methods' std" in claim1
     assert "not shown beyond seed noise" in claim3 and "+0.0500" in claim3
 
+
+
+def test_the_report_goes_inside_output_dir_unless_named(tmp_path):
+    """A study of a few methods must not overwrite the committed RESULTS.md by default."""
+    study = reproduce.parse_args(["--methods", "srl", "--output_dir", str(tmp_path)])
+    assert study.results == str(tmp_path / "RESULTS.md") and study.plot_dir == str(tmp_path / "heatmaps")
+    named = reproduce.parse_args(["--results", "RESULTS.md", "--plot_dir", "docs/heatmaps"])
+    assert (named.results, named.plot_dir) == ("RESULTS.md", "docs/heatmaps")
