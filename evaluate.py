@@ -9,20 +9,19 @@ Every pair's embeddings come from one forward pass per batch (up to the largest 
 Metrics follow trec_eval (README, Evaluation); --runs writes one TREC run file per pair so that
 trec_eval reproduces every retrieval figure.
 """
-import argparse
 import json
 import os
 import sys
 
 import torch
 
-import data
+import cli
 import evaluation
 import models
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", nargs="+", default=[models.DEFAULT_MODEL])
     p.add_argument("--names", nargs="+", default=None, help="column names for the models (default: folder names)")
     p.add_argument("--output_dir", default="output/evaluate", help="results.json and table.txt go here")
@@ -35,13 +34,13 @@ def parse_args(argv=None):
     p.add_argument("--beir_split", default="test")
     p.add_argument("--msmarco", nargs=3, metavar=("COLLECTION", "QUERIES", "QRELS"), default=None)
     p.add_argument("--runs", default=None, help="write one TREC run file per model, dataset and pair here")
-    p.add_argument("--depth", type=int, default=1000)
+    p.add_argument("--depth", type=cli.positive_int, default=1000)
     p.add_argument("--adaptive", default=None, metavar="SMALL:K:LARGE",
                    help="also report 2D adaptive retrieval (Eq. 14), e.g. 2x24:50:6x384 or a funnel 1x12:200:2x24:50:6x384")
-    p.add_argument("--query_max_len", type=int, default=32)
-    p.add_argument("--passage_max_len", type=int, default=128)
-    p.add_argument("--max_seq_length", type=int, default=256, help="STS texts")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    p.add_argument("--query_max_len", type=cli.positive_int, default=32)
+    p.add_argument("--passage_max_len", type=cli.positive_int, default=128)
+    p.add_argument("--max_seq_length", type=cli.positive_int, default=256, help="STS texts")
+    p.add_argument("--per_device_eval_batch_size", type=cli.positive_int, default=64)
     p.add_argument("--plot", action="store_true", help="heat maps (layer x dim) as PNG; needs matplotlib")
     return p.parse_args(argv)
 
@@ -90,4 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_command(main)
+    cli.run_command(main)

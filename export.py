@@ -10,7 +10,6 @@ sentence-transformers layout (modules.json, 1_Pooling/, config_sentence_transfor
 truncate_dim = d) lets `SentenceTransformer(folder)` give the same vectors. The script checks
 that the exported model's embeddings equal embed_2d's on real text and prints the size on disk.
 """
-import argparse
 import glob
 import json
 import os
@@ -20,19 +19,20 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel
 
+import cli
 import data
 import models
 import starbucks as sb
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
     p.add_argument("--pair", default=None, help="LAYERxDIM to export, e.g. 2x24; default: the checkpoint's smallest pair")
     p.add_argument("--output_dir", default="output/export")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
     p.add_argument("--similarity", choices=("dot", "cos"), default=None, help="default: the checkpoint's, else cos")
-    p.add_argument("--max_seq_length", type=int, default=256, help="sentence-transformers' truncation length")
+    p.add_argument("--max_seq_length", type=cli.positive_int, default=256, help="sentence-transformers' truncation length")
     return p.parse_args(argv)
 
 
@@ -110,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_command(main)
+    cli.run_command(main)

@@ -11,7 +11,6 @@
 Every method trains on the same batches (same data order, negatives and seed), so rows of a table
 differ only by the loss. Reads top to bottom: settings, data, model, optimizer, loop, save.
 """
-import argparse
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import cli
 import data
 import distributed
 import flops
@@ -32,7 +32,7 @@ import tuning
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
     p.add_argument("--train_file", default=None, help="Tevatron/sentence-transformers/STS file; default: embedded inverse-cloze data")
     p.add_argument("--output_dir", default="output/finetune")
@@ -40,23 +40,23 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default=None, help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default="mean")
     p.add_argument("--similarity", choices=("dot", "cos"), default="cos")
-    p.add_argument("--temperature", type=float, default=None, help="default: 0.05 for cos, 1.0 for dot")
-    p.add_argument("--kl_weight", type=float, default=1.0, help="beta of Eq. 5")
+    p.add_argument("--temperature", type=cli.positive_float, default=None, help="default: 0.05 for cos, 1.0 for dot")
+    p.add_argument("--kl_weight", type=cli.non_negative_float, default=1.0, help="beta of Eq. 5")
     p.add_argument("--kl", choices=("scores", "embeddings"), default="scores",
                    help="scores: Eq. 4 (the paper); embeddings: Eq. 4' (the released STS script, use --kl_weight 0.3)")
-    p.add_argument("--train_group_size", type=training.positive_int, default=4, help="passages per query: 1 positive + G-1 hard negatives")
-    p.add_argument("--query_max_len", type=training.positive_int, default=32)
-    p.add_argument("--passage_max_len", type=training.positive_int, default=128)
+    p.add_argument("--train_group_size", type=cli.positive_int, default=4, help="passages per query: 1 positive + G-1 hard negatives")
+    p.add_argument("--query_max_len", type=cli.positive_int, default=32)
+    p.add_argument("--passage_max_len", type=cli.positive_int, default=128)
     training.add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
-    p.add_argument("--grad_cache_chunk", type=training.non_negative_int, default=0,
+    p.add_argument("--grad_cache_chunk", type=cli.non_negative_int, default=0,
                    help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
     p.add_argument("--tuning", default="full", help="which parameters train: full, lora, bias or freeze:K "
                    "(all but the last K blocks frozen)")
-    p.add_argument("--lora_r", type=int, default=32, help="LoRA rank r (Eq. 16); Ziarko et al. use 32")
-    p.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA alpha: the update is scaled by alpha / r")
+    p.add_argument("--lora_r", type=cli.positive_int, default=32, help="LoRA rank r (Eq. 16); Ziarko et al. use 32")
+    p.add_argument("--lora_alpha", type=cli.positive_float, default=32.0, help="LoRA alpha: the update is scaled by alpha / r")
     p.add_argument("--lora_target_modules", default=tuning.ALL_LINEAR,
                    help="comma-separated Linear names inside the blocks (e.g. q_proj,v_proj), or all-linear")
-    p.add_argument("--flops_budget", "--flops-budget", type=float, default=None,
+    p.add_argument("--flops_budget", "--flops-budget", type=cli.positive_float, default=None,
                    help="training FLOPs (Eq. 15); sets --max_steps from the measured tokens per step")
     args = p.parse_args(argv)
     try:
@@ -65,8 +65,8 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.lora_target_modules != tuning.ALL_LINEAR:
         args.lora_target_modules = [m for m in args.lora_target_modules.split(",") if m]
-    if args.flops_budget is not None and args.flops_budget <= 0:
-        p.error("--flops_budget must be positive")
+    if cli.bf16_problem(args.bf16):
+        p.error(cli.bf16_problem(args.bf16))
     if args.resume and args.tuning == "lora":
         p.error("--resume with --tuning lora is not supported: checkpoints hold merged weights")
     if args.temperature is None:
@@ -147,7 +147,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
                                              generator, grad_cache_chunk)  # forward, loss, backward
         line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm, train_log,
                                     tokens=q_tok["input_ids"].numel() + p_tok["input_ids"].numel())  # clip, step
-        if train_log.bad_in_row >= run.max_bad_steps:
+        if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:  # or not one step applied
             train_log.close()
             sys.exit(training.bad_steps_message(step, train_log, output_dir))
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
@@ -158,6 +158,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
     train_log.close()
     if rank == 0:
         save(output_dir, total)
+        print(f"saved the model to {output_dir}")
 
 
 def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, pooling, similarity, temperature,
@@ -217,4 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_command(main)
+    cli.run_command(main)

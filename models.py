@@ -11,6 +11,7 @@ from dataclasses import asdict
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
+from transformers.utils import logging as hf_logging
 
 import data
 import starbucks as sb
@@ -54,6 +55,8 @@ def load_gguf(path):
 def load_model(name_or_path, device):
     """(model, tokenizer) of a model folder, a .gguf file or a packaged name; decoders get a pad token."""
     path = resolve_model_path(name_or_path)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar on every load is noise
     try:
         if path.endswith(".gguf"):
             model, tokenizer = load_gguf(path)
@@ -62,6 +65,9 @@ def load_model(name_or_path, device):
             tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise data.DataError(f"{path} is not a loadable model folder: {e}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if tokenizer.pad_token is None:  # decoder-only LMs: pad with EOS; pooling reads the attention mask
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # causal attention: real tokens never see right-hand padding

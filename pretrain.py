@@ -14,7 +14,6 @@ and smae_heads.pt beside it: the MLM head and the MAE decoder layer, kept out of
 weights. Every checkpoint-<step> folder is such a folder too, plus what --resume needs.
 Reads top to bottom: settings, data, model, optimizer, loop, save.
 """
-import argparse
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import cli
 import data
 import distributed
 import models
@@ -33,7 +33,7 @@ HEADS_FILE = "smae_heads.pt"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
     p.add_argument("--from_scratch", action="store_true",
                    help="random initialisation with the config (and vocabulary) of --model_name_or_path")
@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--decoder_mlm_probability", type=float, default=0.4, help="MAE decoder masking rate; its set contains the encoder's")
     training.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
     args = p.parse_args(argv)
+    if cli.bf16_problem(args.bf16):
+        p.error(cli.bf16_problem(args.bf16))
     if args.config_overrides and not args.from_scratch:
         p.error("--config_overrides needs --from_scratch (a checkpoint keeps its own size)")
     if args.max_length < 3:
@@ -144,7 +146,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16 and device.type == "cuda"):
             loss = training_step(net, batch, device)  # forward, Eq. 13, backward
         line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm, train_log)
-        if train_log.bad_in_row >= run.max_bad_steps:
+        if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:  # or not one step applied
             train_log.close()
             sys.exit(training.bad_steps_message(step, train_log, output_dir))
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
@@ -155,6 +157,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     train_log.close()
     if rank == 0:
         save(output_dir)
+        print(f"saved the encoder and its SMAE heads to {output_dir}")
 
 
 def main(argv=None):
@@ -187,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_command(main)
+    cli.run_command(main)

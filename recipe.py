@@ -17,7 +17,6 @@ loses at most the run in progress. Then, per (method, size), a least-squares lin
 log10(budget); the recommendation for --target_budget is the (method, size) with the best fitted value,
 and its number of training tokens is budget / FLOPs per token (Eq. 15).
 """
-import argparse
 import copy
 import json
 import math
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import cli
 import data
 import evaluation
 import finetune
@@ -396,7 +396,7 @@ class Grid:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--output_dir", default="output/recipe")
     p.add_argument("--sizes", default="smollm2-135m:1,smollm2-135m:2,random:2x128",
                    help="comma-separated: smollm2-135m:K (first K blocks) or random:LxH")
@@ -464,4 +464,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_command(main)
+    cli.run_command(main)

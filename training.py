@@ -4,7 +4,6 @@ the data order, the contrastive batch and loss of each method, and the step's bo
 The loops themselves stay in the scripts, top to bottom (forward, loss, backward, clip, step);
 only what both repeat lives here. Every function takes plain values, never the CLI's namespace.
 """
-import argparse
 import math
 import random
 from dataclasses import dataclass, fields
@@ -12,6 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 
 import checkpoints
+import cli
 import distributed
 import starbucks as sb
 from grad_cache import grad_cache_step
@@ -20,40 +20,26 @@ from grad_cache import grad_cache_step
 # ----------------------------------------------------------------------------------------------
 # Flags both scripts take (named as Hugging Face's TrainingArguments)
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or positive, got {value}")
-    return value
-
-
 def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
     """The flags finetune.py and pretrain.py share: batch, optimizer, schedule, and those of a run that
     survives bad data, crashes and bad steps. Only the optimizer's defaults differ between the two."""
-    p.add_argument("--per_device_train_batch_size", type=positive_int, default=16)
-    p.add_argument("--learning_rate", type=float, default=learning_rate)
-    p.add_argument("--weight_decay", type=float, default=weight_decay)
-    p.add_argument("--warmup_ratio", type=float, default=warmup_ratio)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--num_train_epochs", type=float, default=1.0)
+    p.add_argument("--per_device_train_batch_size", type=cli.positive_int, default=16)
+    p.add_argument("--learning_rate", type=cli.positive_float, default=learning_rate)
+    p.add_argument("--weight_decay", type=cli.non_negative_float, default=weight_decay)
+    p.add_argument("--warmup_ratio", type=cli.fraction, default=warmup_ratio)
+    p.add_argument("--max_grad_norm", type=cli.positive_float, default=1.0)
+    p.add_argument("--num_train_epochs", type=cli.positive_float, default=1.0)
     p.add_argument("--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
-    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--logging_steps", type=cli.positive_int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true",
                    help="skip and count malformed data lines instead of stopping")
-    p.add_argument("--save_steps", type=non_negative_int, default=500,
+    p.add_argument("--save_steps", type=cli.non_negative_int, default=500,
                    help="checkpoint every N steps (0: only the final model)")
-    p.add_argument("--save_total_limit", type=int, default=None, help="keep only the N newest checkpoints")
+    p.add_argument("--save_total_limit", type=cli.positive_int, default=None, help="keep only the N newest checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output_dir")
-    p.add_argument("--max_bad_steps", type=positive_int, default=10,
+    p.add_argument("--max_bad_steps", type=cli.positive_int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
 
 
