@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--kl_weight", type=cli.non_negative_float, default=1.0, help="beta of Eq. 5")
     p.add_argument("--kl", choices=("scores", "embeddings"), default="scores",
                    help="scores: Eq. 4 (the paper); embeddings: Eq. 4' (the released STS script, use --kl_weight 0.3)")
-    p.add_argument("--train_group_size", type=cli.positive_int, default=4, help="passages per query: 1 positive + G-1 hard negatives")
+    p.add_argument("--train_group_size", type=cli.positive_int, default=None,
+                   help="passages per query: 1 positive + G-1 hard negatives; default: 4, or fewer when the data "
+                        "has fewer negatives per query (a triplet file: 2). A negative is never repeated")
     p.add_argument("--query_max_len", type=cli.positive_int, default=32)
     p.add_argument("--passage_max_len", type=cli.positive_int, default=128)
     training.add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
@@ -74,19 +76,37 @@ def parse_args(argv=None):
     return args
 
 
+DEFAULT_GROUP_SIZE = 4
+
+
 def load_training_records(train_file, train_group_size, skip_bad_lines, rank=0):
-    """-> (kind, records): 'contrastive' {'query','positives','negatives'} or 'scored' (a, b, score)."""
+    """-> (kind, records, G): 'contrastive' {'query','positives','negatives'} or 'scored' (a, b, score), and the
+    group size: train_group_size, or by default 4 capped at 1 + the fewest negatives of any query."""
     if train_file is None:
-        return "contrastive", data.embedded_training_data(seed=0, num_negatives=max(train_group_size - 1, 7))
+        negatives = max((train_group_size or DEFAULT_GROUP_SIZE) - 1, 7)
+        return ("contrastive", data.embedded_training_data(seed=0, num_negatives=negatives),
+                train_group_size or DEFAULT_GROUP_SIZE)
     kind, records, skipped = data.read_training_file(train_file, skip_bad_lines)
     if skip_bad_lines and rank == 0:
         print(f"skipped {skipped} bad lines of {train_file}", file=sys.stderr)
-    if kind == "contrastive" and train_group_size > 1:
-        short = sum(1 for r in records if not r["negatives"])
-        if short:
-            raise data.DataError(f"{train_file}: {short} queries have no negative passage; "
-                                 f"use --train_group_size 1 (in-batch negatives only)")
-    return kind, records
+    if kind == "scored":
+        return kind, records, train_group_size or DEFAULT_GROUP_SIZE  # pairs with a score: no groups
+    fewest = min(len(r["negatives"]) for r in records)
+    if train_group_size is None:
+        group_size = min(DEFAULT_GROUP_SIZE, fewest + 1)
+        if group_size < DEFAULT_GROUP_SIZE and rank == 0:
+            print(f"train_group_size {group_size}: some queries of {train_file} have only {fewest} hard negatives",
+                  file=sys.stderr)
+        return kind, records, group_size
+    short = sum(1 for r in records if len(r["negatives"]) < train_group_size - 1)
+    if short and fewest == 0:
+        raise data.DataError(f"{train_file}: {short} queries have no negative passage; "
+                             f"use --train_group_size 1 (in-batch negatives only)")
+    if short:  # Tevatron would sample with replacement: a repeated negative weighs double in the loss
+        raise data.DataError(f"--train_group_size {train_group_size} needs {train_group_size - 1} hard negatives per "
+                             f"query, but {short} queries of {train_file} have fewer (the fewest: {fewest}); pass "
+                             f"--train_group_size {fewest + 1} or leave it out (a negative is never repeated)")
+    return kind, records, train_group_size
 
 
 def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_dir, run, group_size,
@@ -189,7 +209,8 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     rank, world_size, device = distributed.setup()  # torchrun: one process per GPU; else one process
-    kind, records = load_training_records(args.train_file, args.train_group_size, args.skip_bad_lines, rank)
+    kind, records, args.train_group_size = load_training_records(args.train_file, args.train_group_size,
+                                                                 args.skip_bad_lines, rank)
 
     def load_tuned_model():
         model = models.load_model(args.model_name_or_path, device)[0]

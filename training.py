@@ -120,9 +120,7 @@ def batch_texts(records, kind, indices, group_size, rng):
         r = records[i]
         queries.append(r["query"])
         passages.append(rng.choice(r["positives"]))
-        k = group_size - 1
-        negs = r["negatives"]
-        passages += rng.sample(negs, k) if len(negs) >= k else rng.choices(negs, k=k)  # Tevatron's rule
+        passages += rng.sample(r["negatives"], group_size - 1)  # finetune checks that there are enough
     return queries, passages, None
 
 

@@ -146,3 +146,20 @@ def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
     # evaluate.py takes the packaged name too: no starbucks_config.json, so the backbone's default pairs, mean pooling
     config, _ = models.read_config(models.resolve_model_path("smollm2-135m"), model)
     assert config.pairs == sb.default_pairs(30, 576) and config.pooling == "mean"
+
+
+def test_a_negative_is_never_repeated_to_fill_a_group(tmp_path, tiny_model_dir):
+    """A triplet file has one hard negative: the default group becomes 2; asking for 4 is refused by name."""
+    triplets = tmp_path / "triplets.jsonl"
+    triplets.write_text("".join(json.dumps({"anchor": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"}) + "\n"
+                                for i in range(8)))
+    kind, records, group_size = finetune.load_training_records(str(triplets), None, False)
+    assert kind == "contrastive" and group_size == 2
+    queries, passages, _ = training.batch_texts(records, kind, [0, 1], group_size, random.Random(0))
+    assert passages == ["p0", "n0", "p1", "n1"]
+    with pytest.raises(data.DataError, match=r"--train_group_size 4 needs 3 hard negatives per query, but 8 queries"):
+        finetune.load_training_records(str(triplets), 4, False)
+    out = tmp_path / "out"
+    finetune.main(["--model_name_or_path", tiny_model_dir, "--train_file", str(triplets), "--output_dir", str(out),
+                   "--per_device_train_batch_size", "4", "--max_steps", "1", "--pairs", "2x16,4x32"])
+    assert json.load(open(out / "starbucks_config.json"))["training_arguments"]["train_group_size"] == 2

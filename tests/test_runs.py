@@ -536,7 +536,7 @@ def test_a_gzip_file_cut_short_is_a_data_error(tmp_path):
 def test_skip_bad_lines_goes_on_and_prints_how_many_were_skipped(tmp_path, capsys):
     lines = [GOOD, "{not json", '["a list"]', GOOD, '{"question": "q"}', GOOD[:25]]
     path = _write_bytes(tmp_path / "mixed.jsonl", "\n".join(lines).encode())
-    kind, records = finetune.load_training_records(path, 4, skip_bad_lines=True)
+    kind, records, _ = finetune.load_training_records(path, None, skip_bad_lines=True)
     assert kind == "contrastive" and len(records) == 2
     assert "skipped 4 bad lines of" in capsys.readouterr().err
 
