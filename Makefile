@@ -9,7 +9,8 @@ DEMO_DIR ?= output/demo
 # steps and the evaluation of four models keep the whole demo under 15 minutes on 2 CPU cores.
 DEMO_STEPS ?= 60
 DEMO_PRETRAIN_STEPS ?= 20
-DEMO_TRAIN_ARGS ?= --max_steps $(DEMO_STEPS) --per_device_train_batch_size 16 --train_group_size 2 --learning_rate 1e-4
+DEMO_TRAIN_ARGS ?= --max_steps $(DEMO_STEPS) --per_device_train_batch_size 16 --train_group_size 2 --learning_rate 1e-4 \
+	--overwrite_output_dir
 
 .PHONY: demo test bench clean
 
@@ -23,7 +24,7 @@ $(VENV)/.installed: requirements.txt requirements-data.txt requirements-test.txt
 demo: $(VENV)/.installed
 	$(PY) finetune.py --method full $(DEMO_TRAIN_ARGS) --output_dir $(DEMO_DIR)/full
 	$(PY) finetune.py --method srl $(DEMO_TRAIN_ARGS) --output_dir $(DEMO_DIR)/srl
-	$(PY) pretrain.py --max_steps $(DEMO_PRETRAIN_STEPS) --max_length 128 --per_device_train_batch_size 8 \
+	$(PY) pretrain.py --max_steps $(DEMO_PRETRAIN_STEPS) --max_length 128 --per_device_train_batch_size 8 --overwrite_output_dir \
 		--output_dir $(DEMO_DIR)/smae
 	$(PY) finetune.py --method srl --model_name_or_path $(DEMO_DIR)/smae $(DEMO_TRAIN_ARGS) \
 		--output_dir $(DEMO_DIR)/smae_srl

@@ -1,15 +1,20 @@
 """Checkpoints that survive a crash: atomic save, find the last complete one, restore RNG states.
 
 A checkpoint is the folder <output_dir>/checkpoint-<step>. It is written into a hidden temporary
-folder, every file is flushed to disk, a completeness marker listing every file's size is written
-last, and only then is the folder renamed into place (one atomic rename). A run killed at any point
-leaves either a complete checkpoint or nothing that `latest_checkpoint` will pick up.
+folder, every file is flushed to disk, a completeness marker listing every file's size and SHA-256 is
+written last, and only then is the folder renamed into place (one atomic rename). A run killed at any
+point leaves either a complete checkpoint or nothing that `latest_checkpoint` will pick up; a
+checkpoint damaged later (same size, other bytes) fails its checksums and --resume falls back to the
+one before it. Each checkpoint also records the run's identity: every setting that decides the
+result; --resume refuses a checkpoint of another run, naming the settings that differ.
 
 Shared by finetune.py and pretrain.py: what goes into the folder is the caller's `write(folder)`;
 `rng_state` / `set_rng_state` cover torch (CPU and CUDA), numpy and Python's `random`.
 """
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -22,7 +27,7 @@ import torch
 
 import distributed
 
-MARKER = "checkpoint_complete.json"  # written last: {"step": N, "files": {relative path: size in bytes}}
+MARKER = "checkpoint_complete.json"  # written last: {"step", "files": {path: bytes}, "sha256": {path: hex}}
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, counters, run settings
 WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
 LOG = "train_log.jsonl"  # one JSON line per step, in the output folder and (up to its step) in each checkpoint
@@ -80,6 +85,19 @@ def _file_sizes(folder):
     return sizes
 
 
+def sha256_of(path, limit=None):
+    """Hex SHA-256 of a file (of its first `limit` bytes), read in 1 MiB blocks."""
+    digest, left = hashlib.sha256(), limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            block = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not block:
+                break
+            digest.update(block)
+            left = None if left is None else left - len(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(output_dir, step, write, save_total_limit=None):
     """Write <output_dir>/checkpoint-<step> atomically; write(folder) fills it. Returns the path.
 
@@ -97,7 +115,8 @@ def save_checkpoint(output_dir, step, write, save_total_limit=None):
     for name in sizes:
         _fsync(os.path.join(tmp, name))
     with open(os.path.join(tmp, MARKER), "w") as f:
-        json.dump({"step": step, "files": sizes}, f, indent=1)
+        json.dump({"step": step, "files": sizes,
+                   "sha256": {name: sha256_of(os.path.join(tmp, name)) for name in sizes}}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(final):  # the same step saved by an earlier, interrupted run: the older ones remain meanwhile
@@ -129,6 +148,17 @@ def checkpoint_problem(folder):
             return f"{name} is missing"
         if os.path.getsize(path) != size:
             return f"{name} has {os.path.getsize(path)} bytes where {size} were written"
+    return None
+
+
+def checksum_problem(folder):
+    """None if every file of a complete checkpoint has the SHA-256 its marker recorded, else the first that
+    does not (a marker from before checksums were recorded has sizes only: nothing more to check)."""
+    with open(os.path.join(folder, MARKER)) as f:
+        recorded = json.load(f).get("sha256", {})
+    for name, digest in recorded.items():
+        if sha256_of(os.path.join(folder, name)) != digest:
+            return f"{name} does not match its checksum (changed or damaged after it was saved)"
     return None
 
 
@@ -164,21 +194,94 @@ def load_training_state(folder):
     return torch.load(os.path.join(folder, TRAINING_STATE), weights_only=True)
 
 
+class DamagedCheckpoint(Exception):
+    """A complete checkpoint whose files fail their checksums or do not load; resume tries the one before."""
+
+
 def restore(folder, model, optimizer, scheduler, run):
     """Load weights, optimizer and scheduler from a complete checkpoint -> the rest of its training state.
 
-    run: the settings that decide the batches ({name: value}, saved as state["run"]); a checkpoint
-    written with other values is refused, since resuming it would silently train on other batches.
+    run: the run's identity ({setting: value}, saved as state["run"]); a checkpoint written with other
+    values is refused (ValueError naming each), since resuming it would silently continue another run.
+    Raises DamagedCheckpoint when a file fails its checksum or does not load.
     """
-    state = load_training_state(folder)
-    for name, value in run.items():
-        if state["run"].get(name) != value:
-            raise ValueError(f"{folder} was written with {name}={state['run'].get(name)}, this run has {value}: "
-                             f"resuming would change the batches; use the same setting or a new output folder")
-    model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    problem = checksum_problem(folder)
+    if problem:
+        raise DamagedCheckpoint(problem)
+    try:
+        state = load_training_state(folder)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise DamagedCheckpoint(f"{TRAINING_STATE} does not load ({e})") from None
+    differences = [f"{name}={state['run'].get(name)}, this run has {value}"
+                   for name, value in run.items() if state["run"].get(name) != value]
+    if differences:
+        raise ValueError(f"{folder} was written with " + "; with ".join(differences) + ": it is another run's "
+                         "checkpoint; use the same settings, or a new --output_dir (or --overwrite_output_dir)")
+    try:
+        model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:  # safetensors' header errors have their own type: any failure to load is damage
+        raise DamagedCheckpoint(f"its weights or optimizer state do not load ({type(e).__name__}: {e})") from None
     return state
+
+
+def file_fingerprint(path, head_bytes=1 << 20):
+    """A data file as part of a run's identity: its path, size and the SHA-256 of its first MiB."""
+    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256_first_mib": sha256_of(path, head_bytes)}
+
+
+# Flags that do not change what a run computes: they may differ between a run and its --resume.
+NOT_IDENTITY = ("output_dir", "resume", "overwrite_output_dir", "save_steps", "save_total_limit", "logging_steps",
+                "max_bad_steps")
+
+
+def run_identity(flags, world_size, data_files=()):
+    """Everything that decides a run's result: its flags but NOT_IDENTITY, the world size and a fingerprint of
+    each data file (None: the embedded data) -> {setting: value}, as JSON-able values."""
+    identity = {k: json.loads(json.dumps(v)) for k, v in sorted(flags.items()) if k not in NOT_IDENTITY}
+    identity["world_size"] = world_size
+    for i, path in enumerate(data_files):
+        identity[f"data_file_{i}"] = file_fingerprint(path) if path else None
+    return identity
+
+
+RUN_FILES = (LOG, WEIGHTS, "starbucks_config.json")  # what a finished or started run leaves in its folder
+
+
+def output_dir_problem(output_dir, resume=False, overwrite=False, source=None):
+    """Why a run must not write into output_dir, or None; checked before any model or data is loaded.
+
+    A file is refused; so is the folder of `source` (export's model) or one inside it; a folder that
+    holds another run (checkpoints, a train log, weights) is refused unless resume or overwrite."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return f"--output_dir {output_dir} is a file, not a folder"
+    if source and os.path.isdir(source):
+        here, there = os.path.realpath(output_dir), os.path.realpath(source)
+        if here == there or here.startswith(there + os.sep):
+            return f"--output_dir {output_dir} is the source model's folder (or inside it): it would be overwritten"
+    if not os.path.isdir(output_dir) or resume or overwrite:
+        return None
+    names = os.listdir(output_dir)
+    if source is not None and names:
+        return f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to replace what is there"
+    held = [n for n in names if n in RUN_FILES or _NAME.match(n)]
+    if held:
+        return (f"--output_dir {output_dir} holds another run ({', '.join(sorted(held)[:3])}); pass --resume to "
+                f"continue it or --overwrite_output_dir to start over there")
+    return None
+
+
+def clear_run(output_dir):
+    """--overwrite_output_dir: remove an earlier run's checkpoints, log and weights, so that two runs never mix."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if _NAME.match(name) or (name.startswith(".checkpoint-") and name.endswith(".tmp")):
+            shutil.rmtree(path)
+        elif name in RUN_FILES:
+            os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,15 +311,25 @@ class TrainLog:
 def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total):
     """-> (checkpoint folder or None, first step, TrainLog).
 
-    resume: continue from the last complete checkpoint in output_dir: weights, optimizer, scheduler
+    resume: continue from the last complete checkpoint in output_dir whose files pass their checksums
+    and load (a damaged one is reported and the one before it is tried): weights, optimizer, scheduler
     and this rank's RNG state are restored here, the caller restores what else it saved (no RNG use).
-    run: the settings that decide the batches, checked by `restore`. Rank 0 opens output_dir's log.
+    run: the run's identity, checked by `restore`. Rank 0 opens output_dir's log.
     """
     rank = distributed.rank_and_world_size()[0]
-    folder = latest_checkpoint(output_dir) if resume else None
+    folder, state = None, None
+    for candidate in reversed(complete_checkpoints(output_dir) if resume else []):
+        try:
+            state = restore(candidate, model, optimizer, scheduler, run)
+            folder = candidate
+            break
+        except DamagedCheckpoint as e:
+            print(f"skipping {candidate}: {e}; trying the checkpoint before it", file=sys.stderr)
+    if resume and state is None and complete_checkpoints(output_dir):  # the model may hold a damaged one's weights
+        raise ValueError(f"every checkpoint in {output_dir} is damaged (see above): nothing to resume; "
+                         f"start over with --overwrite_output_dir")
     start, train_log = 0, TrainLog()
     if folder:
-        state = restore(folder, model, optimizer, scheduler, run)
         start, train_log.skipped = state["step"], state["skipped"]
         with open(os.path.join(folder, LOG)) as f:
             train_log.lines = f.read().splitlines()

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+import checkpoints
 import cli
 import evaluation
 import models
@@ -42,7 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=cli.positive_int, default=256, help="STS texts")
     p.add_argument("--per_device_eval_batch_size", type=cli.positive_int, default=64)
     p.add_argument("--plot", action="store_true", help="heat maps (layer x dim) as PNG; needs matplotlib")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = checkpoints.output_dir_problem(args.output_dir, overwrite=True)  # its own tables are replaced
+    if problem:
+        p.error(problem)
+    return args
 
 
 def main(argv=None):

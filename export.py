@@ -19,6 +19,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel
 
+import checkpoints
 import cli
 import data
 import models
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
     p.add_argument("--similarity", choices=("dot", "cos"), default=None, help="default: the checkpoint's, else cos")
     p.add_argument("--max_seq_length", type=cli.positive_int, default=256, help="sentence-transformers' truncation length")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty --output_dir")
     return p.parse_args(argv)
 
 
@@ -64,6 +66,9 @@ def write_sentence_transformers_files(folder, hidden_size, d, pooling, similarit
 def main(argv=None):
     args = parse_args(argv)
     path = models.resolve_model_path(args.model_name_or_path)
+    problem = checkpoints.output_dir_problem(args.output_dir, overwrite=args.overwrite_output_dir, source=path)
+    if problem:
+        raise ValueError(problem)
     full, tokenizer = models.load_model(path, "cpu")
     full.eval()
     config, separate = models.read_config(path, full, pooling=args.pooling, similarity=args.similarity)

@@ -73,6 +73,9 @@ def parse_args(argv=None):
         p.error("--resume with --tuning lora is not supported: checkpoints hold merged weights")
     if args.temperature is None:
         args.temperature = 0.05 if args.similarity == "cos" else 1.0
+    problem = checkpoints.output_dir_problem(args.output_dir, args.resume, args.overwrite_output_dir)
+    if problem:
+        p.error(problem)
     return args
 
 
@@ -110,12 +113,12 @@ def load_training_records(train_file, train_group_size, skip_bad_lines, rank=0):
 
 
 def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_dir, run, group_size,
-          query_max_len, passage_max_len, grad_cache_chunk=0, tuning_spec="full", flops_budget=None,
-          saved_arguments=None, method=""):
+          query_max_len, passage_max_len, saved_arguments, grad_cache_chunk=0, tuning_spec="full", flops_budget=None,
+          method=""):
     """The loop: the same batches for every method; deterministic per step (seeded by step).
 
-    run: the shared flags (training.TrainingArguments); saved_arguments: the command line's flags,
-    written into starbucks_config.json beside the weights; method: for the progress bar."""
+    run: the shared flags (training.TrainingArguments); saved_arguments: the command line's flags, the
+    run's identity in its checkpoints and written into starbucks_config.json; method: for the progress bar."""
     device = next(model.parameters()).device
     rank, world_size = distributed.rank_and_world_size()
     B = run.per_device_train_batch_size * world_size  # the global batch: every rank's queries together
@@ -136,12 +139,11 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
               f"{accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} per token x "
               f"{accounting['tokens_per_step']:.0f} tokens per step x {total} steps = {accounting['planned_flops']:.4g}")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # these decide the batches: --resume refuses a checkpoint whose settings differ
-    run_settings = {"seed": run.seed, "per_device_train_batch_size": run.per_device_train_batch_size,
-                    "train_group_size": group_size, "world_size": world_size}
+    # everything that decides the result: --resume refuses a checkpoint of another run
+    identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")])
     optimizer, scheduler, _, start, train_log = training.start_training(
         model, output_dir, run.resume, run.learning_rate, run.weight_decay, training.linear_schedule, total,
-        math.ceil(run.warmup_ratio * total), run_settings)
+        math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir)
     net = distributed.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
     model.train()
 
@@ -174,7 +176,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
             progress.set_postfix(loss=f"{line['loss']:.4f}")
         if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
             checkpoints.save_training_checkpoint(output_dir, step + 1, lambda folder: save(folder, step + 1),
-                                                 optimizer, scheduler, run_settings, train_log, run.save_total_limit)
+                                                 optimizer, scheduler, identity, train_log, run.save_total_limit)
     train_log.close()
     if rank == 0:
         save(output_dir, total)

@@ -56,6 +56,9 @@ def parse_args(argv=None):
         p.error("--max_length must be at least 3 ([CLS], one token, [SEP])")
     if not 0 < args.mlm_probability <= args.decoder_mlm_probability <= 1:
         p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
+    problem = checkpoints.output_dir_problem(args.output_dir, args.resume, args.overwrite_output_dir)
+    if problem:
+        p.error(problem)
     return args
 
 
@@ -103,11 +106,11 @@ def training_step(net, batch, device):
 
 
 def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_length, mlm_probability,
-          decoder_mlm_probability, saved_arguments=None):
+          decoder_mlm_probability, saved_arguments):
     """The loop: seeded per step (data order by epoch, masks by step); non-finite steps are skipped.
 
-    run: the shared flags (training.TrainingArguments); saved_arguments: the command line's flags,
-    written into starbucks_config.json beside the weights."""
+    run: the shared flags (training.TrainingArguments); saved_arguments: the command line's flags, the
+    run's identity in its checkpoints and written into starbucks_config.json."""
     device = next(encoder.parameters()).device
     rank, world_size = distributed.rank_and_world_size()
     B = run.per_device_train_batch_size * world_size  # the global batch: every rank's crops together
@@ -120,13 +123,11 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     distributed.freeze_unreached(encoder, max(n for n, _ in pairs))  # the pooler, layers above the pairs
     smae = SMAE(encoder, heads, pairs)
     trainable = [p for p in smae.parameters() if p.requires_grad]
-    # these decide the batches: --resume refuses a checkpoint whose settings differ
-    run_settings = {"seed": run.seed, "per_device_train_batch_size": run.per_device_train_batch_size,
-                    "max_length": max_length, "mlm_probability": mlm_probability,
-                    "decoder_mlm_probability": decoder_mlm_probability, "world_size": world_size}
+    # everything that decides the result: --resume refuses a checkpoint of another run
+    identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")])
     optimizer, scheduler, folder, start, train_log = training.start_training(
         encoder, output_dir, run.resume, run.learning_rate, run.weight_decay, training.cosine_schedule, total,
-        math.ceil(run.warmup_ratio * total), run_settings, optimized=smae)
+        math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir, optimized=smae)
     if folder:  # the encoder's weights are restored; the heads are in their own file
         heads.load_state_dict(torch.load(os.path.join(folder, HEADS_FILE), weights_only=True))
     net = distributed.wrap(smae, device)  # DDP over encoder and heads together under torchrun
@@ -152,7 +153,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}", skipped=train_log.skipped)
         if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
-            checkpoints.save_training_checkpoint(output_dir, step + 1, save, optimizer, scheduler, run_settings,
+            checkpoints.save_training_checkpoint(output_dir, step + 1, save, optimizer, scheduler, identity,
                                                  train_log, run.save_total_limit)
     train_log.close()
     if rank == 0:

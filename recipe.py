@@ -155,7 +155,7 @@ def finetune_argv(grid, tuning_spec, budget, L, H, base, output_dir):
             "--per_device_train_batch_size", str(grid.per_device_train_batch_size),
             "--train_group_size", str(grid.train_group_size), "--query_max_len", str(grid.query_max_len),
             "--passage_max_len", str(grid.passage_max_len), "--save_steps", "0", "--seed", str(grid.seed),
-            "--output_dir", output_dir]
+            "--output_dir", output_dir, "--overwrite_output_dir"]  # a run left unfinished starts over
 
 
 def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):

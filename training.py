@@ -39,6 +39,8 @@ def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
                    help="checkpoint every N steps (0: only the final model)")
     p.add_argument("--save_total_limit", type=cli.positive_int, default=None, help="keep only the N newest checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output_dir")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an --output_dir that holds another run (its checkpoints and log are removed)")
     p.add_argument("--max_bad_steps", type=cli.positive_int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
 
@@ -59,6 +61,7 @@ class TrainingArguments:
     save_steps: int = 500  # 0: only the final model
     save_total_limit: int = None
     resume: bool = False
+    overwrite_output_dir: bool = False
     max_bad_steps: int = 10
 
     @classmethod
@@ -246,16 +249,20 @@ def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, gen
 # ----------------------------------------------------------------------------------------------
 # The step's bookkeeping: optimizer and resume before the loop, clip/skip/step/log after backward
 
-def start_training(model, output_dir, resume, learning_rate, weight_decay, schedule, total, warmup, run_settings,
-                   optimized=None):
+def start_training(model, output_dir, resume, learning_rate, weight_decay, schedule, total, warmup, identity,
+                   overwrite=False, optimized=None):
     """AdamW over `optimized` (default: the model), the LR schedule and, with resume, the last complete
     checkpoint restored into the model -> (optimizer, scheduler, checkpoint folder or None, first step, train log).
 
-    optimized: a module holding the model and more (SMAE's heads), whose extra weights the caller restores."""
+    identity: the run's settings (checkpoints.run_identity), checked on resume; overwrite (without resume):
+    an earlier run's checkpoints and log in output_dir are removed first. optimized: a module holding the
+    model and more (SMAE's heads), whose extra weights the caller restores."""
+    if overwrite and not resume and distributed.rank_and_world_size()[0] == 0:
+        checkpoints.clear_run(output_dir)
     optimizer = adamw(optimized or model, learning_rate, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
     folder, start, train_log = checkpoints.resume_or_start(output_dir, resume, model, optimizer, scheduler,
-                                                           run_settings, total)
+                                                           identity, total)
     return optimizer, scheduler, folder, start, train_log
 
 

@@ -86,13 +86,13 @@ def train_run(method, seed, study, scale, run_dir):
     steps = study.max_steps or scale["max_steps"]
     common = ["--max_steps", str(steps), "--per_device_train_batch_size", str(scale["batch"]),
               "--train_group_size", str(scale["group"]), "--learning_rate", str(study.learning_rate),
-              "--seed", str(seed)]
+              "--seed", str(seed), "--overwrite_output_dir"]  # a run left unfinished starts over
     start_from = study.model_name_or_path
     if method == "smae+srl":
         start_from = os.path.join(run_dir, "smae")
         pretrain.main(["--model_name_or_path", study.model_name_or_path, "--output_dir", start_from,
                        "--max_steps", str(scale["pretrain_steps"]), "--seed", str(seed),
-                       "--per_device_train_batch_size", str(scale["pretrain_batch"])])
+                       "--per_device_train_batch_size", str(scale["pretrain_batch"]), "--overwrite_output_dir"])
     out = os.path.join(run_dir, "model")
     finetune.main(["--model_name_or_path", start_from, "--output_dir", out,
                    "--method", "srl" if method == "smae+srl" else method, *common])

@@ -48,7 +48,8 @@ def _cases(tmp):
         ("evaluate", ["--sts_files", _write(tmp / "sts.tsv", "a b\tc d\t3.0\ne f\tg h\tnan\n")], "sts.tsv:2: score"),
         ("evaluate", ["--beir_dirs", _beir(tmp / "noid", '{"text": "a passage without an id"}')],
          "corpus.jsonl:2: a BEIR record needs '_id'"),
-        ("export", ["--pair", "9x8"], "layer 9 is outside"),
+        ("export", ["--pair", "9x8", "--overwrite_output_dir"], "layer 9 is outside"),
+        ("export", ["--pair", "2x24"], "is not empty; pass --overwrite_output_dir"),
     ]
 
 

@@ -445,6 +445,86 @@ def test_adamw_decays_matrices_only_and_leaves_frozen_parameters_out(tiny):
 
 
 # ----------------------------------------------------------------------------------------------
+# A run's identity, checksums, output folders (nothing silently wrong)
+
+def _finetune_args(tiny, output_dir, *extra):
+    return _script_args("finetune.py", tiny, "plain", output_dir, "--max_steps", "3", "--save_steps", "1",
+                        "--per_device_train_batch_size", "4", *extra)
+
+
+@pytest.mark.parametrize("flag, other", [("--method", "full"), ("--learning_rate", "3e-4"), ("--train_file", None)])
+def test_resume_refuses_another_runs_checkpoint_naming_the_setting(tiny, tmp_path, flag, other):
+    """Another --method, --learning_rate or data file must not 'resume' the first run's checkpoint."""
+    lines = open(tiny["train"]).read().splitlines()
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text("\n".join(lines) + "\n")
+    finetune.main(_finetune_args(tiny, tmp_path / "run", "--train_file", str(data_file)))
+    if other is None:  # the same file name, other contents: the fingerprint of its first MiB differs
+        data_file.write_text("\n".join(reversed(lines)) + "\n")
+        other = str(data_file)
+    name = flag.lstrip("-") if flag != "--train_file" else "data_file_0"
+    with pytest.raises(ValueError, match=f"was written with {name}=[^;]*: it is another run's checkpoint"):
+        finetune.main(_finetune_args(tiny, tmp_path / "run", "--train_file", str(data_file), flag, other, "--resume"))
+
+
+def test_a_fresh_run_in_another_runs_folder_is_refused_unless_overwrite(tiny, tmp_path, capsys):
+    finetune.main(_finetune_args(tiny, tmp_path))
+    with pytest.raises(SystemExit):
+        finetune.main(_finetune_args(tiny, tmp_path, "--learning_rate", "3e-4"))
+    assert "holds another run" in capsys.readouterr().err
+    finetune.main(_finetune_args(tiny, tmp_path, "--learning_rate", "3e-4", "--max_steps", "2",
+                                 "--overwrite_output_dir"))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "train_log.jsonl")] == [1, 2]  # no mixed log
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.parametrize("damage", ["training_state", "safetensors_header"])
+def test_a_damaged_checkpoint_of_the_same_size_falls_back_to_the_one_before(tiny, tmp_path, capsys, damage):
+    finetune.main(_finetune_args(tiny, tmp_path))
+    name = checkpoints.TRAINING_STATE if damage == "training_state" else checkpoints.WEIGHTS
+    path = tmp_path / "checkpoint-3" / name
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # same size, other bytes: a size check alone would accept it
+        f.seek(size // 2 if damage == "training_state" else 0)
+        f.write(b"\xff" * 16)
+    assert os.path.getsize(path) == size and checkpoints.checkpoint_problem(str(tmp_path / "checkpoint-3")) is None
+    capsys.readouterr()
+    finetune.main(_finetune_args(tiny, tmp_path, "--resume"))
+    out = capsys.readouterr()
+    assert f"skipping {tmp_path / 'checkpoint-3'}: {name} does not match its checksum" in out.err
+    assert f"resuming from {tmp_path / 'checkpoint-2'}: step 2 of 3" in out.out
+
+
+def test_when_every_checkpoint_is_damaged_resume_stops_instead_of_starting_over(tiny, tmp_path):
+    finetune.main(_finetune_args(tiny, tmp_path, "--max_steps", "1"))
+    with open(tmp_path / "checkpoint-1" / checkpoints.WEIGHTS, "r+b") as f:
+        f.write(b"\xff" * 16)
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        finetune.main(_finetune_args(tiny, tmp_path, "--max_steps", "1", "--resume"))
+
+
+def test_export_refuses_its_source_and_a_non_empty_folder_and_output_dir_files_are_refused(tiny, tmp_path, capsys):
+    import evaluate
+    import export
+    before = sorted(os.listdir(tiny["plain"]))
+    with pytest.raises(ValueError, match="is the source model's folder"):
+        export.main(["--model_name_or_path", tiny["plain"], "--pair", "2x16", "--output_dir", tiny["plain"]])
+    assert sorted(os.listdir(tiny["plain"])) == before
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty; pass --overwrite_output_dir"):
+        export.main(["--model_name_or_path", tiny["plain"], "--pair", "2x16", "--output_dir", str(busy)])
+    a_file = tmp_path / "results"
+    a_file.write_text("not a folder")
+    for main in (evaluate.main, finetune.main, pretrain.main):
+        with pytest.raises(SystemExit):
+            main(["--output_dir", str(a_file)])
+        assert "is a file, not a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------------------------
 # Non-finite steps
 
 def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(tiny, tmp_path, monkeypatch, capsys):
