@@ -278,3 +278,63 @@ def print_adaptive(adaptive, datasets):
     text = "\n".join(lines)
     print(text)
     return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification with the sizes (Eq. 18-20): costs and the cascade's operating points
+
+def classification_costs(model, tokenizer, texts, pairs, num_classes, max_length=256):
+    """{pair: mean FLOPs per text} of classifying at one pair: the encoder's first n layers + the head (2 d C)."""
+    tokens = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return {(n, d): float(np.mean([flops.encoder_flops(model, n, t) for t in tokens])) + 2 * d * num_classes
+            for n, d in pairs}
+
+
+def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean", max_length=256,
+                   batch_size=32, num_classes=2):
+    """Eq. 20 at each threshold -> [{'threshold', 'accuracy', 'relative_cost', 'stopped': share per pair}].
+
+    The cost of an example that stops at pair i: the encoder's first n_i layers (the pass is continued, never
+    rerun) plus every head it consulted (2 d_j C each), over the cost of classifying at the full pair."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: less padding
+    enc = [tokenizer([texts[i] for i in order[s:s + batch_size]], padding=True, truncation=True,
+                     max_length=max_length, return_tensors="pt") for s in range(0, len(texts), batch_size)]
+    tokens = torch.cat([e["attention_mask"].sum(1) for e in enc]).tolist()
+    per_layer = {n: [flops.encoder_flops(model, n, t) for t in tokens] for n in {n for n, _ in pairs}}
+    heads = np.cumsum([2 * d * num_classes for _, d in pairs])  # heads consulted up to pair i
+    full = np.mean(per_layer[pairs[-1][0]]) + 2 * pairs[-1][1] * num_classes
+    gold = torch.tensor([labels[i] for i in order])
+    points = []
+    for threshold in thresholds:
+        outputs = [sb.cascade_classify(model, e["input_ids"], e["attention_mask"], classifier, pairs, threshold,
+                                       pooling) for e in enc]
+        predicted, stopped = torch.cat([p for p, _ in outputs]), torch.cat([s for _, s in outputs])
+        cost = np.mean([per_layer[pairs[i][0]][j] + heads[i] for j, i in enumerate(stopped.tolist())])
+        points.append({"threshold": threshold, "accuracy": metrics.accuracy(predicted, gold),
+                       "relative_cost": float(cost / full),
+                       "stopped": [float((stopped == i).float().mean()) for i in range(len(pairs))]})
+    return points
+
+
+def plot_cascade(points, accuracy_by_pair, costs, pairs, path):
+    """Accuracy against FLOPs relative to the full pair: each pair alone, and the cascade's thresholds (PNG)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([costs[p] / costs[pairs[-1]] for p in pairs], [accuracy_by_pair[p] for p in pairs], "o-",
+            label="one pair (MRL head)")
+    for (n, d) in pairs:
+        ax.annotate(f"{n}x{d}", (costs[(n, d)] / costs[pairs[-1]], accuracy_by_pair[(n, d)]), fontsize=7)
+    ax.plot([p["relative_cost"] for p in points], [p["accuracy"] for p in points], "s--", label="cascade (Eq. 20)")
+    ax.set_xscale("log")
+    ax.set_xlabel("expected FLOPs per text, relative to the full pair")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

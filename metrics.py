@@ -145,3 +145,30 @@ def write_trec_run(run, path, name):
         for qid, doc_scores in run.items():
             for rank, docid in enumerate(ranked_docids(doc_scores), 1):
                 f.write(f"{qid} Q0 {docid} {rank} {doc_scores[docid]:.9g} {name}\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification (MRL's evaluation): accuracy, 1-nearest-neighbour accuracy, class-based mAP@k
+
+def accuracy(predictions, labels):
+    return float((torch.as_tensor(predictions) == torch.as_tensor(labels)).float().mean())
+
+
+def _cosine_neighbours(train, test, k):
+    """Indices of each test row's k most cosine-similar training rows, best first: (Q, k)."""
+    scores = torch.nn.functional.normalize(test, dim=-1) @ torch.nn.functional.normalize(train, dim=-1).T  # (Q, N)
+    return scores.topk(min(k, train.shape[0]), dim=1).indices
+
+
+def nearest_neighbour_accuracy(train, train_labels, test, test_labels):
+    """1-NN accuracy under cosine similarity (MRL's training-free evaluation of a size)."""
+    return accuracy(train_labels[_cosine_neighbours(train, test, 1)[:, 0]], test_labels)
+
+
+def map_at_k(train, train_labels, test, test_labels, k=10):
+    """Class-based retrieval mAP@k: each test text ranks the training texts by cosine similarity; relevant =
+    same class; AP@k = sum_i P@i rel_i / min(k, relevant in the training set), averaged over test texts."""
+    relevant = (train_labels[_cosine_neighbours(train, test, k)] == test_labels[:, None]).float()  # (Q, k)
+    precision = relevant.cumsum(1) / torch.arange(1, relevant.shape[1] + 1)  # P@i
+    available = (train_labels[None, :] == test_labels[:, None]).sum(1).clamp(max=relevant.shape[1])  # min(k, R)
+    return float(((precision * relevant).sum(1) / available.clamp(min=1)).mean())

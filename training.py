@@ -294,3 +294,21 @@ def bad_steps_message(step, train_log, output_dir):
             f"or gradient (each was skipped, {train_log.skipped} in all). Last good checkpoint: "
             f"{checkpoints.latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
             f"the data, then --resume.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification heads on frozen features (Eq. 18-19): the linear probe
+
+def fit_probe(classifier, features_2d, labels, epochs=300, learning_rate=1e-2, weight_decay=1e-4, seed=0):
+    """Train a NestedClassifier on cached features {pair: (N, d)} with Eq. 19, full batch, AdamW; -> classifier.
+
+    Frozen encoder: the features are computed once, so every epoch costs only the heads' matmuls."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    classifier.train()
+    for _ in range(epochs):
+        loss = sb.mrl_classification_loss(classifier({p: features_2d[p] for p in classifier.pairs}), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return classifier.eval()

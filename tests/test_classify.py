@@ -1,0 +1,142 @@
+"""Classification with the sizes (Eq. 18-20): MRL's nested heads, MRL-E, the 2D cascade, the baselines, classify.py."""
+import io
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertTokenizer
+
+import classify
+import data
+import metrics
+import starbucks as sb
+import training
+from conftest import tiny_bert
+
+PAIRS = [(1, 8), (2, 16), (4, 32)]
+TEXTS = ["the rocket reached orbit", "god and faith in the bible", "a short one", "the shuttle launch was delayed "
+         "by weather over the cape for two days", "atheism is a lack of belief", "mars probes and moons"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(vocab_path):
+    return BertTokenizer(vocab=vocab_path)
+
+
+def test_mrl_e_head_of_size_d_is_a_linear_layer_on_the_first_d_columns_of_one_shared_weight():
+    torch.manual_seed(0)
+    heads = sb.NestedClassifier(PAIRS, 32, 3, efficient=True)
+    assert len(list(heads.parameters())) == 2  # one W (3, 32) and one bias for every pair
+    features = {(n, d): torch.randn(5, d) for n, d in PAIRS}
+    for (n, d), logits in heads(features).items():
+        plain = torch.nn.Linear(d, 3)
+        with torch.no_grad():
+            plain.weight.copy_(heads.shared.weight[:, :d])
+            plain.bias.copy_(heads.shared.bias)
+        torch.testing.assert_close(logits, plain(features[(n, d)]))
+    separate = sb.NestedClassifier(PAIRS, 32, 3)
+    assert sum(p.numel() for p in separate.parameters()) == sum(3 * d + 3 for _, d in PAIRS)
+
+
+def test_mrl_loss_of_one_size_is_cross_entropy_and_weights_scale_each_term():
+    torch.manual_seed(0)
+    logits, labels = {(1, 8): torch.randn(6, 3), (2, 16): torch.randn(6, 3)}, torch.tensor([0, 1, 2, 0, 1, 2])
+    one = {(1, 8): logits[(1, 8)]}
+    assert sb.mrl_classification_loss(one, labels) == pytest.approx(F.cross_entropy(logits[(1, 8)], labels).item())
+    weighted = sb.mrl_classification_loss(logits, labels, {(1, 8): 0.5, (2, 16): 2.0})
+    expected = 0.5 * F.cross_entropy(logits[(1, 8)], labels) + 2.0 * F.cross_entropy(logits[(2, 16)], labels)
+    assert weighted.item() == pytest.approx(expected.item())
+
+
+def _setup(tokenizer):
+    model = tiny_bert(num_layers=4, hidden=32)
+    torch.manual_seed(1)
+    heads = sb.NestedClassifier(PAIRS, 32, 3)
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")  # padding: the masks must follow the rows
+    fresh = {p: F.softmax(v, -1) for p, v in heads(sb.embed_2d(model, enc["input_ids"], enc["attention_mask"],
+                                                               PAIRS, "mean")).items()}
+    return model, heads, enc, fresh
+
+
+def test_cascade_threshold_zero_is_the_smallest_pair_and_above_one_the_full_pair(tokenizer):
+    model, heads, enc, fresh = _setup(tokenizer)
+    first, stopped = sb.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS, 0.0)
+    assert torch.equal(first, fresh[PAIRS[0]].argmax(-1)) and (stopped == 0).all()
+    last, stopped = sb.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS, 1.01)
+    assert torch.equal(last, fresh[PAIRS[-1]].argmax(-1)) and (stopped == len(PAIRS) - 1).all()
+
+
+def test_the_cascade_continues_one_pass_equal_to_a_fresh_forward_and_never_runs_layers_it_does_not_need(tokenizer):
+    """Per-pair thresholds that split the batch: every example's answer equals a fresh forward to its pair's
+    layer (its hidden states, pooled, through the head), and the later layers see only the undecided rows."""
+    model, heads, enc, fresh = _setup(tokenizer)
+    confidence = {p: v.max(-1).values for p, v in fresh.items()}
+    first = confidence[PAIRS[0]].median().item()  # about half stop at the first pair
+    going_on = confidence[PAIRS[0]] < first
+    thresholds = [first, confidence[PAIRS[1]][going_on].max().item(), 0.0]  # one of the rest stops at the second
+    rows_seen = []
+    hook = sb.transformer_layers(model)[3].register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    predicted, stopped = sb.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS,
+                                             thresholds)
+    hook.remove()
+    assert (stopped == 0).any() and (stopped == 1).sum() == 1 and (stopped == 2).any()
+    for row, i in enumerate(stopped.tolist()):
+        assert predicted[row] == fresh[PAIRS[i]][row].argmax()
+        for earlier in range(i):  # it went on because an earlier pair was not sure enough
+            assert confidence[PAIRS[earlier]][row] < thresholds[earlier]
+    assert rows_seen == [int((stopped == 2).sum())]  # layer 4 ran once, on the examples that reached it
+
+
+def test_svd_directions_at_full_width_recover_the_full_accuracy():
+    """m = H: the SVD basis is a rotation of the centred data; a probe on it classifies as one on e^(L,H)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 16, generator=g), torch.randint(0, 2, (200,), generator=g)
+    x[:, 0] += 6 * y  # separable along one direction
+    train, test = slice(0, 120), slice(120, 200)
+    v = sb.svd_directions(x[train], 16)
+    torch.testing.assert_close(v.T @ v, torch.eye(16), atol=1e-5, rtol=0)
+    accuracy = {}
+    for name, features in (("full", x), ("svd", x @ v)):
+        probe = training.fit_probe(sb.NestedClassifier([(1, 16)], 16, 2), {(1, 16): features[train]}, y[train])
+        accuracy[name] = metrics.accuracy(probe({(1, 16): features[test]})[(1, 16)].argmax(-1), y[test])
+    assert accuracy["svd"] == accuracy["full"] and accuracy["full"] > 0.9
+    assert sb.svd_directions(x[:5], 16).shape == (16, 16)  # past the rank of 5 texts: zero columns
+
+
+def test_nearest_neighbour_and_map_at_k_by_hand():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    train_y, test, test_y = torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.05], [0.1, 1.0]]), torch.tensor([1, 1])
+    assert metrics.nearest_neighbour_accuracy(train, train_y, test, test_y) == 0.5  # neighbours: row 0, row 2
+    # query 1 ranks rows 0 (no), 1 (yes), 2 (yes): AP@2 = (1/2) / min(2, 2) = 0.25; query 2: 2 (yes), 1 (yes): 1.0
+    assert metrics.map_at_k(train, train_y, test, test_y, k=2) == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_labelled_readers_refuse_unsafe_pickles_and_read_both_formats(tmp_path):
+    split = data.newsgroups_classification()
+    assert len(split["train"][0]) == len(split["test"][0]) == 100 and split["labels"] == ["alt.atheism", "sci.space"]
+    assert not any(t.startswith(("Path:", "From:")) or "Newsgroups:" in t[:200] for t in split["train"][0])
+    with pytest.raises(data.DataError, match="refusing to load os.system"):
+        data._BunchUnpickler(io.BytesIO(b"cos\nsystem\n(S'echo hacked'\ntR.")).load()
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("good film\tpos\nbad film\tneg\n")
+    assert data.read_labelled_file(str(tsv)) == (["good film", "bad film"], [1, 0], ["neg", "pos"])
+    jsonl = tmp_path / "test.jsonl"
+    jsonl.write_text(json.dumps({"text": "fine", "label": "maybe"}) + "\n")
+    with pytest.raises(data.DataError, match="labels \\['maybe'\\] are not in the training file's labels"):
+        data.read_labelled_file(str(jsonl), ["neg", "pos"])
+
+
+def test_classify_runs_end_to_end_on_labelled_files(tmp_path, tiny_model_dir):
+    words = ["space rocket orbit launch", "god faith bible belief"]
+    for name, count in (("train.tsv", 12), ("test.tsv", 6)):
+        (tmp_path / name).write_text("".join(f"{words[i % 2]} {i}\t{'ab'[i % 2]}\n" for i in range(count)))
+    rows, points = classify.main(["--model_name_or_path", tiny_model_dir, "--train_file", str(tmp_path / "train.tsv"),
+                                  "--test_file", str(tmp_path / "test.tsv"), "--pairs", "2x16,4x32",
+                                  "--num_train_epochs", "20", "--output_dir", str(tmp_path / "out")])
+    assert set(rows) == {"MRL", "MRL-E", "1-NN", "mAP@10", "SVD", "Rand. LP"} and set(rows["MRL"]) == {(2, 16), (4, 32)}
+    assert points[0]["threshold"] == 0 and points[0]["relative_cost"] < 1
+    assert points[-1]["relative_cost"] > 1  # every example ran every layer and consulted every head
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert saved["cascade"] == points and os.path.exists(tmp_path / "out" / "table.md")
