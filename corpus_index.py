@@ -52,6 +52,8 @@ DOCID_RANK = "docid_rank.npy"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 EMPTY = torch.iinfo(torch.int64).min  # the key of an empty slot in a top-k list: below every document
 GROUP = 64  # scores per group in the top-k pre-filter: one max per group is compared with the k-th score
+TILE_BYTES = 2 ** 20  # one matmul's scores, kept in cache for their group maxima
+SCORE_BYTES = 2 ** 24  # one chunk's scores: the top-k lists are merged once per chunk
 _BAD_DOCID = re.compile(r"[\s\x00]")  # TREC run files split on whitespace; numpy bytes drop trailing NULs
 
 
@@ -336,9 +338,12 @@ def _check_pair(index, pair):
 
 
 def _prepare(vectors, normalize):
-    """Stored rows -> float32 vectors of one pair; for cosine normalised after truncation (Eq. 2)."""
-    vectors = torch.from_numpy(np.array(vectors, dtype=np.float32))  # (C, d), a copy in memory
-    return F.normalize(vectors, dim=-1) if normalize else vectors
+    """Stored rows -> float32 vectors of one pair; for cosine normalised after truncation (Eq. 2).
+
+    The same values as F.normalize (tested), in place: torch converts float16 three times faster than numpy.
+    """
+    vectors = torch.from_numpy(np.array(vectors)).float()  # (C, d), a copy in memory
+    return vectors.div_(vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)) if normalize else vectors
 
 
 def chunks(index, pair, chunk_rows):
@@ -356,22 +361,26 @@ def chunks(index, pair, chunk_rows):
         del layer
 
 
-def gather(index, pair, rows):
-    """Vectors (M, d) float32 and docid ranks (M,) of the given global rows (M,), read from the mapped shards."""
+def map_layer(index, n):
+    """Every shard's layer-n file, memory-mapped (nothing is read until rows are indexed): [(rows, D_n)]."""
+    return [np.load(_layer_file(index, shard, n), mmap_mode="r") for shard in range(len(index.shard_rows))]
+
+
+def gather(index, pair, rows, layer=None):
+    """Vectors (M, d) float32 and docid ranks (M,) of global rows (M,), read from the memory-mapped shards.
+
+    layer: map_layer(index, n), to map the files once for many calls.
+    """
     n, d = pair
-    rows = rows.cpu()
-    vectors, ranks = torch.empty(len(rows), d), torch.empty(len(rows), dtype=torch.int64)
-    shard_of = torch.searchsorted(torch.tensor(index.shard_starts), rows, right=True) - 1  # (M,)
-    rank_file = np.load(os.path.join(index.folder, DOCID_RANK), mmap_mode="r")
-    for shard in shard_of.unique().tolist():
-        mine = (shard_of == shard).nonzero().squeeze(1)  # positions of this shard's rows
-        local = rows[mine] - index.shard_starts[shard]
-        order = local.argsort()  # read the mapped file front to back
-        layer = np.load(_layer_file(index, shard, n), mmap_mode="r")
-        vectors[mine[order]] = _prepare(layer[local[order].numpy(), :d], index.normalize)
-        ranks[mine] = torch.from_numpy(rank_file[rows[mine].numpy()])
-        del layer
-    return vectors, ranks
+    layer = layer or map_layer(index, n)
+    rows = rows.cpu().numpy()
+    shard_of = np.searchsorted(index.shard_starts, rows, side="right") - 1  # (M,)
+    stored = np.empty((len(rows), d), dtype=DTYPES[index.dtype])  # (M, d) as stored
+    for shard in np.unique(shard_of).tolist():
+        mine = np.flatnonzero(shard_of == shard)
+        stored[mine] = layer[shard][rows[mine] - index.shard_starts[shard], :d]
+    ranks = np.load(os.path.join(index.folder, DOCID_RANK), mmap_mode="r")[rows]
+    return _prepare(stored, index.normalize), torch.from_numpy(ranks)
 
 
 def docids(index, rows):
@@ -424,66 +433,122 @@ def _scores_of(keys):
     return scores.masked_fill(keys == EMPTY, float("-inf"))
 
 
-def _candidates(scores, threshold):
-    """(query, column) of every score >= its query's threshold, in row-major order: (M,), (M,).
+def default_tile_rows(block_size, dim):
+    """Rows per tile: about 1 MB of (query block x tile) scores and of vectors, in a CPU's L2 cache for one matmul
+    and the max over its scores."""
+    return max(GROUP, TILE_BYTES // (4 * max(block_size, dim)) // GROUP * GROUP)
 
-    When the columns split into groups of GROUP, one max per group is compared first and only the groups
-    that reach the threshold are looked into: after the first chunks almost none do.
+
+def default_chunk_rows(block_size, dim):
+    """Rows per chunk, a multiple of the tile: 16 MB of (query block x chunk) scores, at most 32 MB of vectors."""
+    tile = default_tile_rows(block_size, dim)
+    return max(tile, min(SCORE_BYTES // (4 * block_size), 2 ** 23 // dim) // tile * tile)
+
+
+def score_tiles(queries, vectors, tile, score_buffer, max_buffer):
+    """Eq. 2 scores of a chunk, one matmul per tile of rows -> [(first column, scores (tiles, Qb, W), group maxima
+    (tiles, Qb, W / GROUP) or None)]: the whole tiles, then the rows left over in one matmul. A chunk shorter than
+    a tile is one matmul, so a corpus of one small chunk is scored by the dense path's very matmul."""
+    num_queries, num_rows = len(queries), len(vectors)
+    whole = num_rows // tile * tile
+    parts = []
+    if whole:
+        scores = score_buffer[:whole * num_queries].view(whole // tile, num_queries, tile)
+        group_max = max_buffer[:whole * num_queries // GROUP].view(whole // tile, num_queries, tile // GROUP)
+        for j in range(whole // tile):
+            torch.mm(queries, vectors[j * tile:(j + 1) * tile].T, out=scores[j])  # (Qb, T)
+            torch.amax(scores[j].view(num_queries, -1, GROUP), 2, out=group_max[j])  # while the tile is in cache
+        parts.append((0, scores, group_max))
+    if whole < num_rows:
+        left = score_buffer[whole * num_queries:num_rows * num_queries].view(1, num_queries, num_rows - whole)
+        torch.mm(queries, vectors[whole:].T, out=left[0])  # (Qb, C - whole)
+        parts.append((whole, left, None))
+    return parts
+
+
+def _candidates(parts, threshold):
+    """(query, column, score) of every score of a chunk >= its query's threshold, by query then column: (M,) each.
+
+    Where there are group maxima, only the groups whose maximum reaches the threshold are looked into: after
+    the first chunks almost none do, so the top-k costs little more than one pass of max over the scores.
     """
-    num_queries, num_columns = scores.shape
-    if num_columns % GROUP:
-        return (scores >= threshold[:, None]).nonzero(as_tuple=True)
-    grouped = scores.view(num_queries, num_columns // GROUP, GROUP)  # (Qb, C/G, G)
-    query, group = (grouped.amax(2) >= threshold[:, None]).nonzero(as_tuple=True)  # groups holding a candidate
-    hit, offset = (grouped[query, group] >= threshold[query, None]).nonzero(as_tuple=True)
-    return query[hit], group[hit] * GROUP + offset
+    found = []
+    for first_column, scores, group_max in parts:
+        tiles, num_queries, width = scores.shape
+        if group_max is None:
+            tile, query, column = (scores >= threshold[None, :, None]).nonzero(as_tuple=True)
+            score = scores[tile, query, column]
+        else:
+            tile, query, group = (group_max >= threshold[None, :, None]).nonzero(as_tuple=True)  # groups to look into
+            grouped = scores.view(tiles, num_queries, -1, GROUP)[tile, query, group]  # (groups, GROUP)
+            hit, offset = (grouped >= threshold[query, None]).nonzero(as_tuple=True)
+            tile, query, column, score = tile[hit], query[hit], group[hit] * GROUP + offset, grouped[hit, offset]
+        found.append((query, first_column + tile * width + column, score))
+    query, column, score = (torch.cat(x) for x in zip(*found))
+    order = (query * (column.max() + 1) + column).argsort() if len(query) else query  # (query, column) is unique
+    return query[order], column[order], score[order]
 
 
-def merge_top_k(keys, rows, scores, ranks, first_row):
-    """Merge one chunk's scores (Qb, C) into running top-k lists keys, rows (Qb, k), best first, in place."""
-    threshold = _scores_of(keys[:, -1])  # (Qb,): the k-th best so far; a tie may still enter on its docid
-    not_full = keys[:, -1] == EMPTY
-    if not_full.any() and scores.shape[1] > keys.shape[1]:  # only the chunk's own top k can enter a list
-        threshold[not_full] = scores[not_full].topk(keys.shape[1], dim=1).values[:, -1]
-    query, column = _candidates(scores, threshold)  # (M,), (M,)
+def _chunk_bound(parts, lists, k):
+    """A lower bound on the k-th best score of the chunk for some lists (Qb,) bool: the k-th largest of the group
+    maxima and single scores (each the score of a different document), or -inf when there are fewer than k."""
+    columns = [(scores if group_max is None else group_max)[:, lists].permute(1, 0, 2).reshape(int(lists.sum()), -1)
+               for _, scores, group_max in parts]  # (lists, columns of this part)
+    columns = torch.cat(columns, 1)
+    if columns.shape[1] < k:
+        return torch.full((len(columns),), float("-inf"), device=columns.device)
+    return columns.topk(k, dim=1).values[:, -1]
+
+
+def merge_top_k(keys, rows, kth, parts, ranks, first_row):
+    """Merge one chunk's scores (score_tiles' parts) into the running top-k lists keys, rows (Qb, k), best first,
+    and their k-th best scores kth (Qb,) (-inf while a list is not full), in place."""
+    k = keys.shape[1]
+    threshold = kth.clone()  # a score equal to the k-th may still enter on its docid
+    not_full = threshold == float("-inf")
+    if not_full.any():  # only the chunk's own top k can enter such a list
+        threshold[not_full] = _chunk_bound(parts, not_full, k)
+    query, column, score = _candidates(parts, threshold)  # (M,) each
     if not len(query):
         return
     touched, slot, counts = torch.unique_consecutive(query, return_inverse=True, return_counts=True)
-    position = torch.arange(len(query), device=query.device) - (counts.cumsum(0) - counts)[slot]  # place of each candidate in its row
-    new_keys = keys.new_full((len(touched), int(counts.max())), EMPTY)  # (T, max candidates)
+    position = torch.arange(len(query), device=query.device) - (counts.cumsum(0) - counts)[slot]  # place in its row
+    new_keys = keys.new_full((len(touched), int(counts.max())), EMPTY)  # (T, most candidates of a row)
     new_rows = torch.full_like(new_keys, -1)
-    new_keys[slot, position] = _keys(scores[query, column], ranks[column])
+    new_keys[slot, position] = _keys(score, ranks[column])
     new_rows[slot, position] = first_row + column
-    merged = torch.cat([keys[touched], new_keys], 1).topk(keys.shape[1], dim=1)  # (T, k), sorted
+    merged = torch.cat([keys[touched], new_keys], 1).topk(k, dim=1)  # (T, k), best first
     keys[touched] = merged.values
     rows[touched] = torch.cat([rows[touched], new_rows], 1).gather(1, merged.indices)
-
-
-def default_chunk_rows(num_queries, query_block):
-    """Rows per chunk: a (query block x chunk) score matrix of about 4 MB, which stays in a CPU's cache."""
-    return max(GROUP, (2 ** 20 // min(num_queries, query_block)) // GROUP * GROUP)
+    kth[touched] = _scores_of(merged.values[:, -1])
 
 
 @torch.no_grad()
-def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None):
+def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, tile_rows=None):
     """Exact search at one pair (Eq. 2), streamed over the shards -> (scores, rows), each (Q, min(depth, N)).
 
     queries (Q, d): e^(n,d) of the queries, L2-normalised when the index is cosine (as encode_2d(normalize=True)
     gives them); the search runs on their device. Every chunk of rows is scored against every block of queries
     and merged into a running top-k; rows are global row numbers (docids(index, rows) names them), best first
-    in trec_eval's order.
+    in trec_eval's order. chunk_rows (rows read and merged at a time) and tile_rows (rows per matmul) default to
+    sizes that suit a CPU's cache; on a GPU, larger chunks and tile_rows = chunk_rows.
     """
     _check_pair(index, pair)
     queries = _check_queries(index, pair, queries)
     keys = torch.full((len(queries), min(depth, index.num_docs)), EMPTY, dtype=torch.int64, device=queries.device)  # (Q, k)
     rows = torch.full_like(keys, -1)  # (Q, k)
-    chunk_rows = chunk_rows or default_chunk_rows(len(queries), query_block)
+    kth = torch.full((len(queries),), float("-inf"), device=queries.device)  # (Q,)
+    block_size = min(len(queries), query_block)
+    tile = tile_rows or default_tile_rows(block_size, pair[1])
+    chunk_rows = chunk_rows or default_chunk_rows(block_size, pair[1])
+    score_buffer = queries.new_empty(block_size * chunk_rows)  # reused for every chunk: no fresh pages to fault in
+    max_buffer = queries.new_empty(block_size * chunk_rows // GROUP)
     for first_row, vectors, ranks in chunks(index, pair, chunk_rows):  # (C, d), (C,)
         vectors, ranks = vectors.to(queries.device), ranks.to(queries.device)
         for start in range(0, len(queries), query_block):
             block = slice(start, start + query_block)
-            scores = queries[block] @ vectors.T  # (Qb, C)
-            merge_top_k(keys[block], rows[block], scores, ranks, first_row)
+            parts = score_tiles(queries[block], vectors, tile, score_buffer, max_buffer)
+            merge_top_k(keys[block], rows[block], kth[block], parts, ranks, first_row)
     return _scores_of(keys), rows
 
 
@@ -498,7 +563,7 @@ def _check_queries(index, pair, queries):
 
 
 @torch.no_grad()
-def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk_rows=None):
+def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk_rows=None, tile_rows=None):
     """Eq. 14 on the index: top-k_1 with pairs[0] streamed over the shards, then rerank with each larger pair.
 
     queries[j] (Q, d_j) as for search(). Each later stage reads only the shortlisted rows, gathered from the
@@ -512,14 +577,15 @@ def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk
     for pair in pairs:
         _check_pair(index, pair)
     keep = [min(k, index.num_docs) for k in ks] + [min([depth, index.num_docs] + list(ks))]
-    scores, rows = search(index, pairs[0], queries[0], keep[0], query_block, chunk_rows)  # (Q, k_1)
+    scores, rows = search(index, pairs[0], queries[0], keep[0], query_block, chunk_rows, tile_rows)  # (Q, k_1)
     for pair, stage_queries, k in zip(pairs[1:], queries[1:], keep[1:]):
         stage_queries = _check_queries(index, pair, stage_queries)
+        layer = map_layer(index, pair[0])
         block = max(1, 2 ** 24 // (rows.shape[1] * pair[1]))  # queries per gather: about 64 MB of vectors
         next_scores, next_rows = [], []
         for start in range(0, len(rows), block):
             shortlist = rows[start:start + block]  # (Qb, k_prev)
-            vectors, ranks = gather(index, pair, shortlist.reshape(-1))  # (Qb * k_prev, d), (Qb * k_prev,)
+            vectors, ranks = gather(index, pair, shortlist.reshape(-1), layer)  # (Qb * k_prev, d), (Qb * k_prev,)
             vectors = vectors.to(rows.device).view(*shortlist.shape, pair[1])  # (Qb, k_prev, d)
             stage = torch.bmm(vectors, stage_queries[start:start + block].unsqueeze(2)).squeeze(2)  # (Qb, k_prev)
             top = _keys(stage, ranks.to(rows.device).view(shortlist.shape)).topk(k, dim=1)
