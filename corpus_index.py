@@ -446,18 +446,18 @@ def default_chunk_rows(block_size, dim):
 
 
 def score_tiles(queries, vectors, tile, score_buffer, max_buffer):
-    """Eq. 2 scores of a chunk, one matmul per tile of rows -> [(first column, scores (tiles, Qb, W), group maxima
-    (tiles, Qb, W / GROUP) or None)]: the whole tiles, then the rows left over in one matmul. A chunk shorter than
-    a tile is one matmul, so a corpus of one small chunk is scored by the dense path's very matmul."""
+    """Eq. 2 scores of a chunk, one matmul per tile of rows -> parts [(first column, scores (tiles, Qb, W), group
+    maxima (Qb, tiles, W / GROUP) or None)]: the whole tiles, then the rows left over in one matmul. A chunk
+    shorter than a tile is one matmul, so a corpus of one small chunk is scored by the dense path's very matmul."""
     num_queries, num_rows = len(queries), len(vectors)
     whole = num_rows // tile * tile
     parts = []
     if whole:
         scores = score_buffer[:whole * num_queries].view(whole // tile, num_queries, tile)
-        group_max = max_buffer[:whole * num_queries // GROUP].view(whole // tile, num_queries, tile // GROUP)
+        group_max = max_buffer[:whole * num_queries // GROUP].view(num_queries, whole // tile, tile // GROUP)
         for j in range(whole // tile):
             torch.mm(queries, vectors[j * tile:(j + 1) * tile].T, out=scores[j])  # (Qb, T)
-            torch.amax(scores[j].view(num_queries, -1, GROUP), 2, out=group_max[j])  # while the tile is in cache
+            group_max[:, j] = scores[j].view(num_queries, -1, GROUP).amax(2)  # while the tile is in cache
         parts.append((0, scores, group_max))
     if whole < num_rows:
         left = score_buffer[whole * num_queries:num_rows * num_queries].view(1, num_queries, num_rows - whole)
@@ -466,51 +466,48 @@ def score_tiles(queries, vectors, tile, score_buffer, max_buffer):
     return parts
 
 
-def _candidates(parts, threshold):
-    """(query, column, score) of every score of a chunk >= its query's threshold, by query then column: (M,) each.
+def _candidates(scores, group_max, threshold):
+    """(query, column, score) of every score of a part >= its query's threshold, by query then column: (M,) each.
 
     Where there are group maxima, only the groups whose maximum reaches the threshold are looked into: after
     the first chunks almost none do, so the top-k costs little more than one pass of max over the scores.
     """
-    found = []
-    for first_column, scores, group_max in parts:
-        tiles, num_queries, width = scores.shape
-        if group_max is None:
-            tile, query, column = (scores >= threshold[None, :, None]).nonzero(as_tuple=True)
-            score = scores[tile, query, column]
-        else:
-            tile, query, group = (group_max >= threshold[None, :, None]).nonzero(as_tuple=True)  # groups to look into
-            grouped = scores.view(tiles, num_queries, -1, GROUP)[tile, query, group]  # (groups, GROUP)
-            hit, offset = (grouped >= threshold[query, None]).nonzero(as_tuple=True)
-            tile, query, column, score = tile[hit], query[hit], group[hit] * GROUP + offset, grouped[hit, offset]
-        found.append((query, first_column + tile * width + column, score))
-    query, column, score = (torch.cat(x) for x in zip(*found))
-    order = (query * (column.max() + 1) + column).argsort() if len(query) else query  # (query, column) is unique
-    return query[order], column[order], score[order]
+    tiles, num_queries, width = scores.shape
+    if group_max is None:  # one tile
+        query, column = (scores[0] >= threshold[:, None]).nonzero(as_tuple=True)
+        return query, column, scores[0, query, column]
+    query, tile, group = (group_max >= threshold[:, None, None]).nonzero(as_tuple=True)  # groups to look into, by query
+    grouped = scores.view(tiles, num_queries, -1, GROUP)[tile, query, group]  # (groups, GROUP)
+    hit, offset = (grouped >= threshold[query, None]).nonzero(as_tuple=True)
+    return query[hit], tile[hit] * width + group[hit] * GROUP + offset, grouped[hit, offset]
 
 
-def _chunk_bound(parts, lists, k):
-    """A lower bound on the k-th best score of the chunk for some lists (Qb,) bool: the k-th largest of the group
-    maxima and single scores (each the score of a different document), or -inf when there are fewer than k."""
-    columns = [(scores if group_max is None else group_max)[:, lists].permute(1, 0, 2).reshape(int(lists.sum()), -1)
-               for _, scores, group_max in parts]  # (lists, columns of this part)
-    columns = torch.cat(columns, 1)
+def _part_bound(scores, group_max, lists, k):
+    """A lower bound on the k-th best score of a part for some lists (Qb,) bool: the k-th largest group maximum
+    (each the score of a different document) or, with fewer than k groups, the k-th largest score; -inf when
+    the part has fewer than k documents."""
+    if group_max is not None and group_max.shape[1] * group_max.shape[2] >= k:
+        columns = group_max[lists].reshape(int(lists.sum()), -1)  # (lists, tiles * W / GROUP)
+    else:
+        columns = scores[:, lists].permute(1, 0, 2).reshape(int(lists.sum()), -1)  # (lists, tiles * W)
     if columns.shape[1] < k:
         return torch.full((len(columns),), float("-inf"), device=columns.device)
     return columns.topk(k, dim=1).values[:, -1]
 
 
-def merge_top_k(keys, rows, kth, parts, ranks, first_row):
-    """Merge one chunk's scores (score_tiles' parts) into the running top-k lists keys, rows (Qb, k), best first,
-    and their k-th best scores kth (Qb,) (-inf while a list is not full), in place."""
+def merge_top_k(keys, rows, kth, part, ranks, first_row):
+    """Merge one part of a chunk (score_tiles) into the running top-k lists keys, rows (Qb, k), best first, and
+    their k-th best scores kth (Qb,) (-inf while a list is not full), in place."""
+    first_column, scores, group_max = part
     k = keys.shape[1]
     threshold = kth.clone()  # a score equal to the k-th may still enter on its docid
     not_full = threshold == float("-inf")
-    if not_full.any():  # only the chunk's own top k can enter such a list
-        threshold[not_full] = _chunk_bound(parts, not_full, k)
-    query, column, score = _candidates(parts, threshold)  # (M,) each
+    if not_full.any():  # only the part's own top k can enter such a list
+        threshold[not_full] = _part_bound(scores, group_max, not_full, k)
+    query, column, score = _candidates(scores, group_max, threshold)  # (M,) each, by query
     if not len(query):
         return
+    column = column + first_column
     touched, slot, counts = torch.unique_consecutive(query, return_inverse=True, return_counts=True)
     position = torch.arange(len(query), device=query.device) - (counts.cumsum(0) - counts)[slot]  # place in its row
     new_keys = keys.new_full((len(touched), int(counts.max())), EMPTY)  # (T, most candidates of a row)
@@ -547,8 +544,8 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
         vectors, ranks = vectors.to(queries.device), ranks.to(queries.device)
         for start in range(0, len(queries), query_block):
             block = slice(start, start + query_block)
-            parts = score_tiles(queries[block], vectors, tile, score_buffer, max_buffer)
-            merge_top_k(keys[block], rows[block], kth[block], parts, ranks, first_row)
+            for part in score_tiles(queries[block], vectors, tile, score_buffer, max_buffer):
+                merge_top_k(keys[block], rows[block], kth[block], part, ranks, first_row)
     return _scores_of(keys), rows
 
 
