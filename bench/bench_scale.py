@@ -8,7 +8,7 @@ float16 storage costs, and the work an interrupted encoding redoes.
 
 - peak_memory_2M_vs_200k, search_time_2M_vs_200k: exact search (depth --depth) of the same --queries random
   unit queries over --small_docs and --large_docs random unit vectors written as float16 shards, each search in
-  its own process (peak resident memory from getrusage: the whole process, imports included).
+  its own process (peak resident memory while the search runs: VmHWM, reset when it starts; Linux only).
 - exact_search_flop_rate_vs_matmul: 2 Q N d / time of exact search (--flop_queries over --flop_docs x --flop_dim,
   depth --depth) over the FLOP rate of a 2048^3 float32 matmul, same device and threads.
 - adaptive_speedup_queries_in_blocks: --adaptive against exhaustive search at its last pair, both streamed
@@ -23,7 +23,7 @@ float16 storage costs, and the work an interrupted encoding redoes.
 import argparse
 import json
 import os
-import resource
+import re
 import shutil
 import signal
 import statistics
@@ -90,16 +90,23 @@ def random_queries(count, dim, seed):
     return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)  # (Q, d)
 
 
+def resident_mb(field):
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc/self/status."""
+    return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+
 def search_child(folder, queries_path, out, depth, device):
-    """One search in a fresh process: its time and the process's peak resident memory."""
+    """One search in a fresh process: its time, and the process's peak resident memory while it ran (the peak is
+    reset just before the search, so what importing torch took on the way does not count, what it holds does)."""
     index = ci.open_index(folder)
     queries = torch.load(queries_path).to(device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset VmHWM to the current resident size
+    before = resident_mb("VmRSS")
     start = time.perf_counter()
     ci.search(index, (1, queries.shape[1]), queries, depth)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
-    json.dump({"seconds": seconds, "peak_mb": peak / 1024, "before_mb": before / 1024}, open(out, "w"))
+    json.dump({"seconds": seconds, "peak_mb": resident_mb("VmHWM"), "before_mb": before}, open(out, "w"))
 
 
 def run_search_child(folder, queries_path, out, args):
@@ -224,7 +231,8 @@ def main(argv=None):
         before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
         for name, num_docs in sizes.items():
             print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth {args.depth}: "
-                  f"{best[name]:.2f} s, peak RSS {peak[name]:.0f} MB ({before[name]:.0f} MB before the search)")
+                  f"{best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} MB "
+                  f"({before[name]:.0f} MB resident when it began)")
             shutil.rmtree(os.path.join(workdir, name))
         tag = f"{args.large_docs // 1000}k_vs_{args.small_docs // 1000}k".replace("000k", "M")
         lines += [f"RATIO peak_memory_{tag} {peak['large'] / peak['small']:.3f} goal <=1.3",
