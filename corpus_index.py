@@ -23,12 +23,13 @@ are stored raw, not normalised: for cosine similarity Eq. 2 normalises after tru
 normalises each pair's first d coordinates when it reads them (a unit vector at width D_n would do too,
 normalisation being scale-invariant, but raw vectors also serve dot-product models unchanged).
 
-Search memory is O(Q x depth + one shard) for any corpus size N: every chunk of rows is scored against
-every block of queries and merged into a running top-k per query. The merge orders documents by one int64
-key, (score, docid rank), so ties come out as trec_eval orders them: score descending, then docid descending
-as strings. Scores are float32 (float16 storage is converted per chunk). A chunk first finds, per group of
-64 scores, whether any reaches the query's current k-th score, so the top-k costs one pass of max over
-the scores and touches only the few that can enter the list.
+Search memory is O(Q x depth) for the running top-k lists, plus one shard's mapped file and one chunk's
+scores (16 MB), whatever the corpus size N. The lists order documents by one int64 key, (score, docid rank),
+so ties come out as trec_eval orders them: score descending, then docid descending as strings. Scores are
+float32 (float16 storage is converted chunk by chunk). A chunk is scored in tiles of rows small enough that a
+tile's scores are still in cache when their maximum per group of 64 is taken; only the groups whose maximum
+reaches a query's current k-th score are looked into, so after the first chunks the top-k costs about one
+pass of max over the scores.
 """
 import hashlib
 import json
@@ -39,7 +40,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import distributed
 import starbucks as sb
