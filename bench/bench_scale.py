@@ -19,6 +19,8 @@ float16 storage costs, and the work an interrupted encoding redoes.
   the passages were handed to the encoder, then resumed: (passages encoded by both runs - N) / N. A batch
   counts as encoded when it starts, so a batch cut short by the kill counts as lost.
 - FLOAT16 lines: nDCG@10 at every pair of the model from float32 and from float16 shards of the real set.
+- FAISS lines (when faiss is installed): flat, IVF and HNSW indexes of the small scaling corpus, recall@k
+  against exact search (corpus_index defaults: nlist 4 sqrt(N), nprobe 16; HNSW M 32, efSearch 128).
 """
 import argparse
 import json
@@ -113,6 +115,30 @@ def run_search_child(folder, queries_path, out, args):
     subprocess.run([sys.executable, os.path.abspath(__file__), "--search_child", folder, queries_path, out,
                     "--depth", str(args.depth), "--threads", str(args.threads), "--device", args.device], check=True)
     return json.load(open(out))
+
+
+def faiss_recall(folder, queries):
+    """FAISS (optional) against exact search on one index: recall@10 and @100, build and search seconds."""
+    try:
+        import faiss
+    except ImportError:
+        return ["FAISS not installed (pip install faiss-cpu): skipped"]
+    faiss.omp_set_num_threads(torch.get_num_threads())  # the threads every other side has
+    index = ci.open_index(folder)
+    pair = (1, queries.shape[1])
+    start = time.perf_counter()
+    _, exact = ci.search(index, pair, queries, 100)
+    lines = [f"FAISS against exact search ({time.perf_counter() - start:.2f} s), {len(queries)} queries x "
+             f"{index.num_docs} random unit vectors of {pair[1]} dims (no structure: a hard case for IVF and HNSW)"]
+    for kind in ("flat", "ivf", "hnsw"):
+        start = time.perf_counter()
+        built = ci.faiss_index(index, pair, kind)
+        built_s = time.perf_counter() - start
+        _, rows = ci.faiss_search(built, queries, 100)
+        lines.append(f"FAISS {kind}: recall@10 {ci.overlap_at_k(rows, exact, 10):.4f} recall@100 "
+                     f"{ci.overlap_at_k(rows, exact, 100):.4f}; build {built_s:.1f} s, search "
+                     f"{time.perf_counter() - start - built_s:.2f} s")
+    return lines
 
 
 def median_ratio(numerator, denominator, rounds):
@@ -233,6 +259,8 @@ def main(argv=None):
             print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth {args.depth}: "
                   f"{best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} MB "
                   f"({before[name]:.0f} MB resident when it began)")
+        print("\n".join(faiss_recall(os.path.join(workdir, "small"), torch.load(queries_path))))
+        for name in sizes:
             shutil.rmtree(os.path.join(workdir, name))
         tag = f"{args.large_docs // 1000}k_vs_{args.small_docs // 1000}k".replace("000k", "M")
         lines += [f"RATIO peak_memory_{tag} {peak['large'] / peak['small']:.3f} goal <=1.3",
