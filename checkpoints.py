@@ -67,7 +67,8 @@ def set_rng_state(state):
 # ----------------------------------------------------------------------------------------------
 # Atomic save
 
-def _fsync(path):
+def fsync(path):
+    """Flush a file's (or folder's) data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -113,7 +114,7 @@ def save_checkpoint(output_dir, step, write, save_total_limit=None):
     write(tmp)
     sizes = _file_sizes(tmp)
     for name in sizes:
-        _fsync(os.path.join(tmp, name))
+        fsync(os.path.join(tmp, name))
     with open(os.path.join(tmp, MARKER), "w") as f:
         json.dump({"step": step, "files": sizes,
                    "sha256": {name: sha256_of(os.path.join(tmp, name)) for name in sizes}}, f, indent=1)
@@ -122,7 +123,7 @@ def save_checkpoint(output_dir, step, write, save_total_limit=None):
     if os.path.exists(final):  # the same step saved by an earlier, interrupted run: the older ones remain meanwhile
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(output_dir)  # make the rename itself durable
+    fsync(output_dir)  # make the rename itself durable
     if save_total_limit:
         for old in complete_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old)

@@ -282,23 +282,12 @@ def beir_records(path):
 def read_beir(folder, split="test"):
     """A BEIR folder -> (corpus {docid: text}, queries {qid: text}, qrels) limited to judged queries."""
     corpus = {docid: _passage_text(r) for docid, r in beir_records(os.path.join(folder, "corpus.jsonl"))}
-    queries = {qid: r["text"] for qid, r in beir_records(os.path.join(folder, "queries.jsonl"))}
-    qrels = read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
-    return corpus, {q: queries[q] for q in qrels if q in queries}, qrels
+    return (corpus, *read_beir_queries(folder, split))
 
 
 def read_msmarco(collection, queries_path, qrels_path):
     """MS MARCO TSV (pid<TAB>text, qid<TAB>text) with TREC qrels -> (corpus, queries, qrels)."""
-    def two_columns(path):
-        lines, table = _Lines(path), {}
-        for line_no, row in lines.rows():
-            if len(row) < 2:
-                lines.bad(line_no, "expected id<TAB>text")
-                continue
-            table[row[0].strip()] = row[1]
-        return table
-    corpus, queries, qrels = two_columns(collection), two_columns(queries_path), read_qrels(qrels_path)
-    return corpus, {q: queries[q] for q in qrels if q in queries}, qrels
+    return (dict(stream_msmarco_collection(collection)), *read_msmarco_queries(queries_path, qrels_path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,3 +523,69 @@ def read_labelled_file(path, label_names=None):
     if unknown:
         raise DataError(f"{path}: labels {unknown[:3]} are not in the training file's labels {names[:5]}")
     return [t for t, _ in pairs], [names.index(label) for _, label in pairs], names
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming a corpus too large to hold (corpus_index.py): one line at a time, never one dict
+
+def _stream_lines(path):
+    """(line number, text) of every non-blank line, decoded one at a time; .gz read as it streams."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    empty = True
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+                if line.strip():
+                    empty = False
+                    yield line_no, line
+        except (EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: damaged or cut-short gzip file ({e})") from None
+    if empty:
+        raise DataError(f"{path}: file is empty")
+
+
+def stream_beir_corpus(folder):
+    """(docid, text) of a BEIR folder's corpus.jsonl in file order, title and text joined as read_beir joins them."""
+    path = os.path.join(folder, "corpus.jsonl")
+    for line_no, line in _stream_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            ending = "the file ends in the middle of this record" if not line.endswith("\n") else f"not valid JSON ({e.msg})"
+            raise DataError(f"{path}:{line_no}: {ending}") from None
+        if not isinstance(record, dict) or "_id" not in record:
+            raise DataError(f"{path}:{line_no}: a JSON object with an '_id' was expected")
+        yield str(record["_id"]), _passage_text(record)
+
+
+def stream_msmarco_collection(path):
+    """(pid, text) of an MS MARCO collection.tsv (pid<TAB>text) in file order, as read_msmarco reads each line."""
+    for line_no, line in _stream_lines(path):
+        cells = line.rstrip("\r\n").split("\t")
+        if len(cells) < 2:
+            raise DataError(f"{path}:{line_no}: expected id<TAB>text")
+        yield cells[0].strip(), cells[1]
+
+
+def read_beir_queries(folder, split="test"):
+    """The queries and qrels of a BEIR folder, without its corpus -> (queries limited to judged ones, qrels)."""
+    queries = {qid: r["text"] for qid, r in beir_records(os.path.join(folder, "queries.jsonl"))}
+    qrels = read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
+    return {q: queries[q] for q in qrels if q in queries}, qrels
+
+
+def read_msmarco_queries(queries_path, qrels_path):
+    """MS MARCO queries (qid<TAB>text) and TREC qrels, without the collection -> (judged queries, qrels)."""
+    lines, queries = _Lines(queries_path), {}
+    for line_no, row in lines.rows():
+        if len(row) < 2:
+            lines.bad(line_no, "expected id<TAB>text")
+            continue
+        queries[row[0].strip()] = row[1]
+    qrels = read_qrels(qrels_path)
+    return {q: queries[q] for q in qrels if q in queries}, qrels

@@ -13,7 +13,6 @@ the full pair on the same real passages. Goals: speed-up >= 10, nDCG@10 kept >= 
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -25,6 +24,7 @@ import metrics  # noqa: E402
 import models  # noqa: E402
 import search  # noqa: E402
 import starbucks as sb  # noqa: E402
+from timing import median_ratio  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,19 +41,6 @@ def parse_args(argv=None):
                    help="torch threads; 1 by default: on a small shared CPU, waking a second thread costs "
                         "milliseconds that would be charged to the small searches")
     return p.parse_args(argv)
-
-
-def median_ratio(numerator, denominator, rounds):
-    """Median over rounds of time(numerator) / time(denominator), the two run alternately in each round;
-    also the median time of each."""
-    ratios, times = [], ([], [])
-    for _ in range(rounds):
-        for f, log in ((numerator, times[0]), (denominator, times[1])):
-            start = time.perf_counter()
-            f()
-            log.append(time.perf_counter() - start)
-        ratios.append(times[0][-1] / times[1][-1])
-    return statistics.median(ratios), statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(argv=None):

@@ -156,3 +156,40 @@ def test_real_words_do_not_tokenize_to_unk():
     tok = AutoTokenizer.from_pretrained(models.resolve_model_path("all-MiniLM-L6-v2"))
     ids = tok("The quick brown fox jumps over the lazy dog")["input_ids"]
     assert tok.unk_token_id not in ids
+
+
+def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
+    (tmp_path / "qrels").mkdir()
+    records = [{"_id": 7, "title": "T", "text": "body"}, {"_id": "d2", "title": "", "text": "line\u2028separator"},
+               {"_id": "é", "text": "accent"}]
+    write(tmp_path / "corpus.jsonl", "".join(json.dumps(r) + "\n" for r in records) + "\n")
+    write(tmp_path / "queries.jsonl", json.dumps({"_id": "q1", "text": "query one"}) + "\n"
+          + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n")
+    write(tmp_path / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\t7\t2\n")
+    corpus, queries, qrels = data.read_beir(str(tmp_path))
+    assert list(data.stream_beir_corpus(str(tmp_path))) == list(corpus.items())
+    assert data.read_beir_queries(str(tmp_path)) == (queries, qrels)
+    collection = "0\tThe presence of communication.\r\n1\tManhattan project.\textra column\n\n2\ttrailing  \n"
+    for name in ("collection.tsv", "collection.tsv.gz"):
+        raw = gzip.compress(collection.encode()) if name.endswith(".gz") else collection
+        c = write(tmp_path / name, raw)
+        q = write(tmp_path / "queries.tsv", "1048585\twhat is paula deen's brother\n3\tunjudged\n")
+        r = write(tmp_path / "qrels.tsv", "1048585 0 1 1\n")
+        corpus, queries, qrels = data.read_msmarco(c, q, r)
+        assert list(data.stream_msmarco_collection(c)) == list(corpus.items())
+        assert data.read_msmarco_queries(q, r) == (queries, qrels)
+
+
+@pytest.mark.parametrize("name, raw, message", [
+    ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"_id": "2", "te', r"corpus\.jsonl:2: the file ends in the middle"),
+    ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"text": "no id"}\n', r"corpus\.jsonl:2: a JSON object with an '_id'"),
+    ("corpus.jsonl", b'{"_id": "1", "text": "\xff"}\n', r"corpus\.jsonl:1: not valid UTF-8"),
+    ("corpus.jsonl", b"\n\n", r"file is empty"),
+    ("collection.tsv", b"0\tfine\nno tab here\n", r"collection\.tsv:2: expected id<TAB>text"),
+    ("collection.tsv.gz", gzip.compress(b"0\tfine\n" * 1000)[:-30], r"damaged or cut-short gzip"),
+])
+def test_streamed_corpus_errors_name_file_and_line(tmp_path, name, raw, message):
+    path = write(tmp_path / name, raw)
+    stream = data.stream_beir_corpus(str(tmp_path)) if name == "corpus.jsonl" else data.stream_msmarco_collection(path)
+    with pytest.raises(data.DataError, match=message):
+        list(stream)

@@ -16,7 +16,10 @@ def _python_files():
 
 
 def _is_script(relpath):
-    return relpath.startswith("bench" + os.sep) or os.path.splitext(relpath)[0] in SCRIPTS
+    """The commands: the top-level scripts, bench/bench_*.py and bench/reproduce.py (bench/timing.py is a module)."""
+    name = os.path.basename(relpath)
+    return os.path.splitext(relpath)[0] in SCRIPTS or (relpath.startswith("bench" + os.sep) and
+                                                       (name.startswith("bench_") or name == "reproduce.py"))
 
 
 def _tree(path):

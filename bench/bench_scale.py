@@ -1,0 +1,333 @@
+"""Paper-scale retrieval (corpus_index.py), measured in one run: memory and time of streamed exact search against
+corpus size, its FLOP rate against this machine's matmul, the 2D funnel (Eq. 14) on the sharded index, what
+float16 storage costs, and the work an interrupted encoding redoes.
+
+    python bench/bench_scale.py                                            # about 5 minutes on 2 CPU cores
+    python bench/bench_scale.py --model_name_or_path output/demo/srl      # the funnel's quality on the demo's SRL model
+    python bench/bench_scale.py --large_docs 8800000 --dim 768 --device cuda   # bigger (not run here: no GPU)
+
+- peak_memory_2M_vs_200k, search_time_2M_vs_200k: exact search (depth --depth) of the same --queries random
+  unit queries over --small_docs and --large_docs random unit vectors written as float16 shards, each search in
+  its own process (peak resident memory while the search runs: VmHWM, reset when it starts; Linux only).
+- exact_search_flop_rate_vs_matmul: 2 Q N d / time of exact search (--flop_queries over --flop_docs x --flop_dim,
+  depth --depth) over the FLOP rate of a 2048^3 float32 matmul, same device and threads.
+- adaptive_speedup_queries_in_blocks: --adaptive against exhaustive search at its last pair, both streamed
+  over the same float16 shards of --adaptive_docs random vectors, --block queries at once, median of --rounds.
+- adaptive_ndcg10_kept: nDCG@10 of the funnel over exhaustive search at its last pair on the real embedded
+  set (wiki-ict, inverse-cloze over held-out Wikipedia: a NON-STANDARD task), encoded by --model_name_or_path.
+- encode_resume_lost_work: the real set encoded in shards of --resume_shard_size passages, kill -9 once half
+  the passages were handed to the encoder, then resumed: (passages encoded by both runs - N) / N. A batch
+  counts as encoded when it starts, so a batch cut short by the kill counts as lost.
+- FLOAT16 lines: nDCG@10 at every pair of the model from float32 and from float16 shards of the real set.
+- FAISS lines (when faiss is installed): flat, IVF and HNSW indexes of the small scaling corpus, recall@k
+  against exact search (corpus_index defaults: nlist 4 sqrt(N), nprobe 16; HNSW M 32, efSearch 128).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import corpus_index as ci  # noqa: E402
+import data  # noqa: E402
+import metrics  # noqa: E402
+import models  # noqa: E402
+import search  # noqa: E402
+import starbucks as sb  # noqa: E402
+from timing import median_ratio  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
+    p.add_argument("--small_docs", type=int, default=200_000)
+    p.add_argument("--large_docs", type=int, default=2_000_000)
+    p.add_argument("--dim", type=int, default=128, help="dimension of the scaling corpora")
+    p.add_argument("--queries", type=int, default=100, help="queries of the scaling searches")
+    p.add_argument("--depth", type=int, default=1000)
+    p.add_argument("--shard_size", type=int, default=100_000)
+    p.add_argument("--flop_docs", type=int, default=200_000)
+    p.add_argument("--flop_dim", type=int, default=768)
+    p.add_argument("--flop_queries", type=int, default=512)
+    p.add_argument("--adaptive", default="2x24:200:6x384", help="funnel SMALL:K:LARGE (or longer)")
+    p.add_argument("--adaptive_docs", type=int, default=1_000_000)
+    p.add_argument("--block", type=int, default=64, help="queries per block for the funnel's speed")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--resume_shard_size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every side")
+    p.add_argument("--device", default="cpu", help="where the synthetic searches and the matmul run")
+    p.add_argument("--workdir", default=None, help="where the shards go (default: a new folder in /tmp, removed)")
+    p.add_argument("--search_child", nargs=3, metavar=("INDEX", "QUERIES", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--encode_child", metavar="INDEX", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic corpora: random unit vectors written as shards (search time does not depend on the values)
+
+def write_random_index(folder, num_docs, widths, shard_size, seed):
+    """float16 shards of random vectors {n: D_n} for num_docs documents, cosine; -> seconds taken."""
+    start = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    ci.start_index(folder, ci.index_config([(n, d) for n, d in widths.items()], "float16", shard_size, normalize=True))
+    for shard, first in enumerate(range(0, num_docs, shard_size)):
+        rows = min(shard_size, num_docs - first)
+        vectors = {n: F.normalize(torch.randn(rows, d, generator=g), dim=-1).numpy().astype(np.float16)
+                   for n, d in widths.items()}
+        ci.write_shard(folder, shard, [str(i) for i in range(first, first + rows)], vectors)
+    ci.finalize_index(folder, -(-num_docs // shard_size))
+    return time.perf_counter() - start
+
+
+def random_queries(count, dim, seed):
+    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)  # (Q, d)
+
+
+def resident_mb(field):
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc/self/status."""
+    return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def search_child(folder, queries_path, out, depth, device):
+    """One search in a fresh process: its time, and the process's peak resident memory while it ran (the peak is
+    reset just before the search, so what importing torch took on the way does not count, what it holds does)."""
+    index = ci.open_index(folder)
+    queries = torch.load(queries_path).to(device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset VmHWM to the current resident size
+    before = resident_mb("VmRSS")
+    start = time.perf_counter()
+    ci.search(index, (1, queries.shape[1]), queries, depth)
+    seconds = time.perf_counter() - start
+    json.dump({"seconds": seconds, "peak_mb": resident_mb("VmHWM"), "before_mb": before}, open(out, "w"))
+
+
+def run_search_child(folder, queries_path, out, depth, threads, device):
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--search_child", folder, queries_path, out,
+                    "--depth", str(depth), "--threads", str(threads), "--device", device], check=True)
+    return json.load(open(out))
+
+
+def faiss_recall(folder, queries):
+    """FAISS (optional) against exact search on one index: recall@10 and @100, build and search seconds."""
+    try:
+        import faiss
+    except ImportError:
+        return ["FAISS not installed (pip install faiss-cpu): skipped"]
+    faiss.omp_set_num_threads(torch.get_num_threads())  # the threads every other side has
+    index = ci.open_index(folder)
+    pair = (1, queries.shape[1])
+    start = time.perf_counter()
+    _, exact = ci.search(index, pair, queries, 100)
+    lines = [f"FAISS against exact search ({time.perf_counter() - start:.2f} s), {len(queries)} queries x "
+             f"{index.num_docs} random unit vectors of {pair[1]} dims (no structure: a hard case for IVF and HNSW)"]
+    for kind in ("flat", "ivf", "hnsw"):
+        start = time.perf_counter()
+        built = ci.faiss_index(index, pair, kind)
+        built_s = time.perf_counter() - start
+        _, rows = ci.faiss_search(built, queries, 100)
+        lines.append(f"FAISS {kind}: recall@10 {ci.overlap_at_k(rows, exact, 10):.4f} recall@100 "
+                     f"{ci.overlap_at_k(rows, exact, 100):.4f}; build {built_s:.1f} s, search "
+                     f"{time.perf_counter() - start - built_s:.2f} s")
+    return lines
+
+
+def matmul_gflops(device):
+    """This machine's float32 matmul rate: best of 5 products of two 2048 x 2048 matrices."""
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# The real set: quality of the funnel, float16 storage, resumed encoding
+
+def copy_as_float16(source, target):
+    """The float32 index in source written again with float16 storage, as encode_corpus would have written it."""
+    index = ci.open_index(source)
+    with open(os.path.join(source, ci.CONFIG)) as f:
+        config = dict(json.load(f), dtype="float16")
+    ci.start_index(target, config)
+    for shard in range(len(index.shard_rows)):
+        path = os.path.join(source, ci.shard_name(shard))
+        vectors = {n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(np.float16) for n in index.widths}
+        ci.write_shard(target, shard, [d.decode() for d in np.load(os.path.join(path, "docids.npy"))], vectors,
+                       ci._read_marker(source, shard)["source_sha256"])
+    ci.finalize_index(target, len(index.shard_rows))
+    return ci.open_index(target)
+
+
+def ndcg10(index, scores, rows, qids, qrels):
+    return metrics.ndcg_at_k(ci.run_from_hits(index, scores, rows, qids), qrels, 10)
+
+
+def load(name_or_path):
+    model, tokenizer = models.load_model(name_or_path, torch.device("cpu"))
+    model.eval()
+    config, _ = models.read_config(models.resolve_model_path(name_or_path), model)
+    return model, tokenizer, config
+
+
+def encode_child(folder, model_name_or_path, shard_size):
+    """Encode the real set into folder, printing the passages handed to the encoder so far (killed by the parent)."""
+    model, tokenizer, config = load(model_name_or_path)
+    corpus, _, _ = data.embedded_retrieval_set()
+
+    def counting_tokenizer(texts, **kwargs):  # encode_2d tokenises each batch just before its forward pass
+        counting_tokenizer.passages += len(texts)
+        print(f"ENCODED {counting_tokenizer.passages}", flush=True)
+        return tokenizer(texts, **kwargs)
+    counting_tokenizer.passages = 0
+    encoded = ci.encode_corpus(model, counting_tokenizer, iter(corpus.items()), config.pairs, folder, config.pooling,
+                               128, 8, config.similarity == "cos", shard_size)
+    print(f"RETURNED {encoded}", flush=True)
+
+
+def resume_lost_work(folder, model_name_or_path, shard_size, threads, num_docs):
+    """kill -9 the encoding once half the passages were handed to the encoder, resume; -> (redone / N, details)."""
+    command = [sys.executable, os.path.abspath(__file__), "--encode_child", folder, "--model_name_or_path",
+               model_name_or_path, "--resume_shard_size", str(shard_size), "--threads", str(threads)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    handed = 0
+    for line in first.stdout:
+        handed = int(line.split()[1]) if line.startswith("ENCODED") else handed
+        if handed >= num_docs / 2:
+            first.send_signal(signal.SIGKILL)
+            break
+    handed = max([handed] + [int(line.split()[1]) for line in first.stdout if line.startswith("ENCODED")])
+    first.wait()
+    complete = sum(ci.shard_problem(folder, s) is None for s in range(-(-num_docs // shard_size)))
+    second = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    resumed = int(second.stdout.split("RETURNED")[1])
+    ci.open_index(folder)  # the resumed index is complete
+    return (handed + resumed - num_docs) / num_docs, (handed, complete, resumed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.search_child:
+        return search_child(*args.search_child, args.depth, args.device)
+    if args.encode_child:
+        return encode_child(args.encode_child, args.model_name_or_path, args.resume_shard_size)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_scale_", dir="/tmp")
+    os.makedirs(workdir, exist_ok=True)
+    lines = []
+    try:
+        # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit vectors
+        queries_path = os.path.join(workdir, "queries.pt")
+        torch.save(random_queries(args.queries, args.dim, seed=1), queries_path)
+        sizes = {"small": args.small_docs, "large": args.large_docs}
+        for name, num_docs in sizes.items():
+            seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim}, args.shard_size, seed=2)
+            print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} ({seconds:.1f} s)", flush=True)
+        runs = {name: [] for name in sizes}
+        for _ in range(2):  # alternating; the fastest time and the largest peak of each
+            for name in sizes:
+                runs[name].append(run_search_child(os.path.join(workdir, name), queries_path,
+                                                   os.path.join(workdir, f"{name}.json"), args.depth, args.threads,
+                                                   args.device))
+        best = {name: min(r["seconds"] for r in runs[name]) for name in sizes}
+        peak = {name: max(r["peak_mb"] for r in runs[name]) for name in sizes}
+        before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
+        for name, num_docs in sizes.items():
+            print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth {args.depth}: "
+                  f"{best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} MB "
+                  f"({before[name]:.0f} MB resident when it began)")
+        print("\n".join(faiss_recall(os.path.join(workdir, "small"), torch.load(queries_path))))
+        for name in sizes:
+            shutil.rmtree(os.path.join(workdir, name))
+        tag = f"{args.large_docs // 1000}k_vs_{args.small_docs // 1000}k".replace("000k", "M")
+        lines += [f"RATIO peak_memory_{tag} {peak['large'] / peak['small']:.3f} goal <=1.3",
+                  f"RATIO search_time_{tag} {best['large'] / best['small']:.2f} "
+                  f"goal <={1.1 * args.large_docs / args.small_docs:g}"]
+
+        # 2. FLOP rate of exact search against a dense matmul on this machine
+        folder = os.path.join(workdir, "flops")
+        write_random_index(folder, args.flop_docs, {1: args.flop_dim}, args.shard_size, seed=3)
+        index = ci.open_index(folder)
+        queries = random_queries(args.flop_queries, args.flop_dim, seed=4).to(args.device)
+        ci.search(index, (1, args.flop_dim), queries[:8], args.depth)  # warm-up: files read once
+        start = time.perf_counter()
+        ci.search(index, (1, args.flop_dim), queries, args.depth)
+        seconds = time.perf_counter() - start
+        search_rate = 2 * args.flop_queries * args.flop_docs * args.flop_dim / seconds / 1e9
+        matmul_rate = matmul_gflops(args.device)
+        shutil.rmtree(folder)
+        print(f"exact search {args.flop_queries} x {args.flop_docs} x {args.flop_dim} float16 shards, depth {args.depth}: "
+              f"{seconds:.2f} s = {search_rate:.1f} GFLOP/s; 2048^3 float32 matmul {matmul_rate:.1f} GFLOP/s")
+        lines.append(f"RATIO exact_search_flop_rate_vs_matmul {search_rate / matmul_rate:.3f} goal >=0.5")
+
+        # 3. The funnel (Eq. 14) on the sharded index: speed on random vectors, quality on the real set
+        pairs, ks = search.parse_funnel(args.adaptive)
+        last = pairs[-1]
+        folder = os.path.join(workdir, "adaptive")
+        seconds = write_random_index(folder, args.adaptive_docs, ci.stored_widths(pairs), args.shard_size, seed=5)
+        index = ci.open_index(folder)
+        print(f"wrote {args.adaptive_docs} documents at {ci.stored_widths(pairs)} (layer: width), float16 ({seconds:.1f} s)")
+        stage_queries = [random_queries(args.block, d, seed=6 + j).to(args.device) for j, (_, d) in enumerate(pairs)]
+        speedup, exhaustive_s, adaptive_s = median_ratio(
+            lambda: ci.search(index, last, stage_queries[-1], 10, args.block),
+            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block), args.rounds)
+        shutil.rmtree(folder)
+        flops = search.search_flops(args.adaptive_docs, [last[1]], []) / search.search_flops(args.adaptive_docs, [d for _, d in pairs], ks)
+        print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} documents: exhaustive "
+              f"{exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive {adaptive_s * 1000 / args.block:.2f} ms/query; "
+              f"search FLOPs {flops:.1f}x fewer")
+
+        model, tokenizer, config = load(args.model_name_or_path)
+        sb.check_pairs(pairs, model.config.num_hidden_layers, model.config.hidden_size)
+        corpus, queries_text, qrels = data.embedded_retrieval_set()
+        qids = list(queries_text)
+        every_pair = list(dict.fromkeys(config.pairs + pairs))
+        normalize = config.similarity == "cos"
+        full_folder = os.path.join(workdir, "real_float32")
+        start = time.perf_counter()
+        ci.encode_corpus(model, tokenizer, iter(corpus.items()), every_pair, full_folder, config.pooling, 128, 64,
+                         normalize, shard_size=len(corpus), dtype="float32")
+        encode_rate = len(corpus) / (time.perf_counter() - start)
+        indexes = {"float32": ci.open_index(full_folder),
+                   "float16": copy_as_float16(full_folder, os.path.join(workdir, "real_float16"))}
+        q = sb.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair, config.pooling, 32, 64, normalize)
+        half = indexes["float16"]
+        kept = ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids, qrels) / \
+            ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels)
+        print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, {len(qids)} queries, "
+              f"model {args.model_name_or_path}; shortlist {ks[0]} = {ks[0] / len(corpus):.0%} of the real set, "
+              f"{ks[0] / args.adaptive_docs:.3%} of the synthetic corpus; encode_corpus {encode_rate:.1f} passages/s "
+              f"(max_length 128, pairs {every_pair} from one pass per batch, {args.threads} thread(s))")
+        lines += [f"RATIO adaptive_speedup_queries_in_blocks {speedup:.2f} goal >=10",
+                  f"RATIO adaptive_ndcg10_kept {kept:.4f} goal >=0.99"]
+        for pair in config.pairs:
+            values = {dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels) for dtype, index in indexes.items()}
+            print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 {values['float16']:.4f} "
+                  f"change {values['float16'] - values['float32']:+.5f}")
+
+        # 4. Resumed encoding: kill -9 half-way, resume
+        lost, (handed, complete, resumed) = resume_lost_work(os.path.join(workdir, "resume"), args.model_name_or_path,
+                                                             args.resume_shard_size, args.threads, len(corpus))
+        print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed after {handed} were handed "
+              f"to the encoder ({complete} shards complete); the resumed run encoded {resumed}")
+        lines.append(f"RATIO encode_resume_lost_work {lost:.3f} goal <=0.1")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
