@@ -558,8 +558,9 @@ def stream_beir_corpus(folder):
         except json.JSONDecodeError as e:
             ending = "the file ends in the middle of this record" if not line.endswith("\n") else f"not valid JSON ({e.msg})"
             raise DataError(f"{path}:{line_no}: {ending}") from None
-        if not isinstance(record, dict) or "_id" not in record:
-            raise DataError(f"{path}:{line_no}: a JSON object with an '_id' was expected")
+        if not isinstance(record, dict) or "_id" not in record or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{line_no}: a BEIR record needs '_id' and 'text' fields, got "
+                            f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
         yield str(record["_id"]), _passage_text(record)
 
 

@@ -13,10 +13,10 @@ import json
 import os
 import sys
 
-import torch
 
 import checkpoints
 import cli
+import distributed
 import evaluation
 import models
 
@@ -34,7 +34,17 @@ def parse_args(argv=None):
     p.add_argument("--beir_dirs", nargs="*", help="BEIR folders: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     p.add_argument("--beir_split", default="test")
     p.add_argument("--msmarco", nargs=3, metavar=("COLLECTION", "QUERIES", "QRELS"), default=None)
-    p.add_argument("--runs", default=None, help="write one TREC run file per model, dataset and pair here")
+    p.add_argument("--runs", "--save_runs", default=None,
+                   help="write one TREC run file per model, dataset and pair here (trec_eval reproduces every figure)")
+    p.add_argument("--index_dir", default=None,
+                   help="--beir_dirs and --msmarco corpora are encoded here once, in shards (resumable), and searched "
+                        "shard by shard: <index_dir>/<model>-<tag>/<dataset>; default: <output_dir>/index")
+    p.add_argument("--index", choices=("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"), default="exact",
+                   help="search of an indexed corpus: exact (streamed top-k), or FAISS (pip install faiss-cpu), "
+                        "reported with its recall@10 against exact search")
+    p.add_argument("--storage_dtype", choices=("float16", "float32"), default="float16",
+                   help="the index's vectors on disk (README: what float16 costs)")
+    p.add_argument("--shard_size", type=cli.positive_int, default=100_000, help="passages per index shard")
     p.add_argument("--depth", type=cli.positive_int, default=1000)
     p.add_argument("--adaptive", default=None, metavar="SMALL:K:LARGE",
                    help="also report 2D adaptive retrieval (Eq. 14), e.g. 2x24:50:6x384 or a funnel 1x12:200:2x24:50:6x384")
@@ -55,21 +65,26 @@ def main(argv=None):
     names = args.names or [os.path.basename(m.rstrip("/")) for m in args.model_name_or_path]
     if len(names) != len(args.model_name_or_path) or len(set(names)) != len(names):
         raise ValueError("--names needs one distinct name per model")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, _, device = distributed.setup()  # torchrun: each rank encodes its slice of an index's shards
     datasets = evaluation.load_datasets(args.sts_files, args.beir_dirs, args.beir_split, args.msmarco)
     settings = evaluation.EvalSettings(args.pairs, args.grid, args.pooling, args.similarity, args.query_max_len,
                                        args.passage_max_len, args.max_seq_length, args.per_device_eval_batch_size,
-                                       args.depth, args.runs, args.adaptive)
+                                       args.depth, args.runs, args.adaptive,
+                                       args.index_dir or os.path.join(args.output_dir, "index"), args.storage_dtype,
+                                       args.shard_size, args.index)
     if args.adaptive and not any(kind == "retrieval" for kind, _ in datasets.values()):
         raise ValueError("--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")
     coverage = {name: evaluation.judgment_coverage(name, dataset)  # fails here, before any model loads
                 for name, (kind, dataset) in datasets.items() if kind == "retrieval"}
     all_results, configs, adaptive = {}, {}, {}
     for name, path in zip(names, args.model_name_or_path):
+        config, all_results[name] = evaluation.evaluate_model(path, datasets, settings, device)
         if args.adaptive:
             adaptive[name] = evaluation.adaptive_retrieval(path, datasets, settings, device)
-        config, all_results[name] = evaluation.evaluate_model(path, datasets, settings, device)
         configs[name] = {"path": path, "pooling": config.pooling, "similarity": config.similarity}
+    distributed.cleanup()
+    if rank != 0:  # the other ranks encoded their shards; rank 0 searched and reports
+        return all_results
     os.makedirs(args.output_dir, exist_ok=True)
     labels = {"lee2005": "Lee et al. 2005 document similarity (50 docs, 1225 pairs)",
               "wiki-ict": "inverse-cloze retrieval over held-out Wikipedia articles (real text, NON-STANDARD task)"}

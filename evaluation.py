@@ -3,6 +3,7 @@ pass per batch (Eq. 1), 2D adaptive retrieval (Eq. 14) beside exhaustive search,
 
 evaluate.py is the command line over these; bench/ and recipe.py call them directly.
 """
+import hashlib
 import os
 import sys
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import corpus_index as ci
 import data
 import flops
 import metrics
@@ -33,6 +35,17 @@ class EvalSettings:
     depth: int = 1000  # ranked documents per query (run files, recall)
     runs_dir: str = None  # write one TREC run file per model, dataset and pair here
     adaptive: str = None  # SMALL:K:LARGE funnel (Eq. 14)
+    index_dir: str = "output/index"  # corpora read from files are encoded here once: <index_dir>/<model>-<tag>/<dataset>
+    storage_dtype: str = "float16"  # the index's vectors on disk
+    shard_size: int = 100_000  # passages per shard
+    index: str = "exact"  # exact (streamed over the shards) or faiss-flat / faiss-ivf / faiss-hnsw
+
+
+@dataclass
+class CorpusFile:
+    """A corpus read from its file one line at a time, never held as one dict: encoded into a sharded index."""
+    path: str
+    read: object  # () -> iterator of (docid, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,10 +81,12 @@ def load_datasets(sts_files=(), beir_dirs=(), beir_split="test", msmarco=None):
     sets = {}
     for path in sts_files or []:
         sets[os.path.basename(path)] = ("sts", data.read_sts_file(path))
-    for folder in beir_dirs or []:
-        sets[os.path.basename(folder.rstrip("/"))] = ("retrieval", data.read_beir(folder, beir_split))
+    for folder in beir_dirs or []:  # the corpus is streamed into an index; queries and qrels are small
+        corpus = CorpusFile(os.path.join(folder, "corpus.jsonl"), lambda folder=folder: data.stream_beir_corpus(folder))
+        sets[os.path.basename(folder.rstrip("/"))] = ("retrieval", (corpus, *data.read_beir_queries(folder, beir_split)))
     if msmarco:
-        sets["msmarco"] = ("retrieval", data.read_msmarco(*msmarco))
+        corpus = CorpusFile(msmarco[0], lambda: data.stream_msmarco_collection(msmarco[0]))
+        sets["msmarco"] = ("retrieval", (corpus, *data.read_msmarco_queries(msmarco[1], msmarco[2])))
     if not sets:
         sets["lee2005"] = ("sts", data.lee_sts())
         sets["wiki-ict"] = ("retrieval", data.embedded_retrieval_set())
@@ -84,17 +99,26 @@ def judgment_coverage(name, dataset, warn_share=0.1):
 
     A query is evaluated when it has a judgment and a text (trec_eval's rule); a judgment naming an
     unknown query or document is counted, and over warn_share of them is a warning naming a few. No
-    evaluable query, or no judged document in the corpus, is an error: the table would be all zeros."""
+    evaluable query, or no judged document in the corpus, is an error: the table would be all zeros.
+    A corpus file is read once here, so that a malformed line stops the run before any model loads."""
     corpus, queries, qrels = dataset
     judgments = [(q, d) for q, judged in qrels.items() for d in judged]
     unknown_queries = [(q, d) for q, d in judgments if q not in queries]
+    if not isinstance(corpus, dict):  # one pass over the file: every line checked, only judged ids kept
+        judged_docs, size = {d for _, d in judgments}, 0
+        found = set()
+        for docid, _ in corpus.read():
+            size += 1
+            if docid in judged_docs:
+                found.add(docid)
+        corpus = dict.fromkeys(found) if size else {}
     unknown_docs = [(q, d) for q, d in judgments if q in queries and d not in corpus]
     evaluated = sum(1 for q in queries if qrels.get(q))
     if evaluated == 0:
         raise data.DataError(f"{name}: no query can be evaluated: none of the {len(qrels)} judged query ids is among "
                              f"the {len(queries)} queries (e.g. qrels {sorted(qrels)[:3]}, queries {sorted(queries)[:3]})")
     if len(unknown_docs) == len(judgments) - len(unknown_queries):
-        raise data.DataError(f"{name}: no judged document is in the corpus of {len(corpus)} passages "
+        raise data.DataError(f"{name}: no judged document is in the corpus "
                              f"(e.g. {[d for _, d in unknown_docs[:3]]}); check the qrels and corpus ids")
     for kind, unknown in (("queries", unknown_queries), ("documents", unknown_docs)):
         if len(unknown) > warn_share * len(judgments):
@@ -102,6 +126,61 @@ def judgment_coverage(name, dataset, warn_share=0.1):
                   f"{sorted({q if kind == 'queries' else d for q, d in unknown})[:3]}", file=sys.stderr)
     return {"queries": len(queries), "evaluated": evaluated, "judgments": len(judgments),
             "unknown_query_judgments": len(unknown_queries), "unknown_document_judgments": len(unknown_docs)}
+
+
+def hits_graded(index, scores, rows, qids, qrels):
+    """{qid: [(grade, rank)]} of the judged documents among each judged query's hits (rows best first; -1: none)."""
+    graded = {}
+    for i, (qid, ranked) in enumerate(ci.ranked_lists(index, scores, rows.clamp(min=0), qids)):
+        judgments = qrels.get(qid)
+        if judgments:
+            graded[qid] = [(judgments[d], rank) for rank, ((d, _), row) in enumerate(zip(ranked, rows[i].tolist()), 1)
+                           if row >= 0 and d in judgments]
+    return graded
+
+
+def index_folder(settings, model_path, name):
+    """Where a model's index of a dataset lives: <index_dir>/<model folder name>-<tag>/<dataset>; the tag hashes
+    the model's absolute path and its weight files' sizes and times, so that another or a retrained model never
+    reuses this one's vectors (the index itself refuses other pairs, pooling, lengths or corpus text)."""
+    folder = os.path.abspath(model_path)
+    weights = sorted((f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f)))
+                     for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".gguf"))) \
+        if os.path.isdir(folder) else [(folder, os.path.getsize(folder), os.path.getmtime(folder))]
+    tag = hashlib.sha256(repr((folder, weights)).encode()).hexdigest()[:10]
+    return os.path.join(settings.index_dir, f"{os.path.basename(os.path.normpath(model_path))}-{tag}", name)
+
+
+def encoded_index(model, tokenizer, model_path, name, corpus, config, settings):
+    """The corpus's sharded index for this model (encoded once, resumably; under torchrun each rank encodes its
+    slice of the shards): every evaluated pair and every --adaptive pair, so that both use one folder."""
+    pairs = sorted(set(config.pairs) | set(search.parse_funnel(settings.adaptive)[0] if settings.adaptive else []))
+    folder = index_folder(settings, model_path, name)
+    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, config.pooling, settings.passage_max_len,
+                     settings.batch_size, config.similarity == "cos", settings.shard_size, settings.storage_dtype,
+                     progress=lambda it: tqdm(it, desc=f"{name} shard", leave=False))
+    return ci.open_index(folder)
+
+
+def index_retrieval(model, tokenizer, model_path, name, dataset, pairs, config, settings):
+    """{pair: (scores, rows)} of every query at every pair over the corpus's sharded index, exact or FAISS;
+    the index; and, for FAISS, {pair: recall@10 against exact search}."""
+    corpus, queries, qrels = dataset
+    normalize = config.similarity == "cos"
+    index = encoded_index(model, tokenizer, model_path, name, corpus, config, settings)
+    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling, settings.query_max_len,
+                         settings.batch_size, normalize)
+    depth = min(settings.depth, index.num_docs)
+    hits, recall = {}, {}
+    for pair in pairs:
+        queries_at = q_emb[pair].to(next(model.parameters()).device)
+        hits[pair] = ci.search(index, pair, queries_at, depth)
+        if settings.index != "exact":
+            built = ci.faiss_index(index, pair, settings.index.split("-", 1)[1])
+            approximate = ci.faiss_search(built, q_emb[pair], depth)
+            recall[pair] = ci.overlap_at_k(approximate[1], hits[pair][1].cpu(), min(10, depth))
+            hits[pair] = approximate
+    return hits, index, recall
 
 
 def load_for_evaluation(name_or_path, settings, device):
@@ -135,7 +214,23 @@ def evaluate_model(name_or_path, datasets, settings, device):
                     results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = {"Spearman": value}
                 continue
             corpus, queries, qrels = dataset
-            docids, qids = list(corpus), list(queries)
+            qids = list(queries)
+            if isinstance(corpus, CorpusFile):  # encoded once into a sharded index, searched shard by shard
+                hits, index, recall = index_retrieval(model, tokenizer, model_path, name, dataset, pairs, config,
+                                                      settings)
+                for (n, d), (scores, rows) in hits.items():
+                    figures = metrics.retrieval_scores(hits_graded(index, scores, rows, qids, qrels), qrels,
+                                                       settings.depth)
+                    if recall:
+                        figures["recall@10 vs exact"] = recall[(n, d)]
+                    results.setdefault(name, {})[f"{n}x{d}"] = figures
+                    if settings.runs_dir:
+                        os.makedirs(settings.runs_dir, exist_ok=True)
+                        tag = f"{os.path.basename(path.rstrip('/'))}.{name}.{n}x{d}"
+                        metrics.write_trec_run(ci.ranked_lists(index, scores, rows, qids),
+                                               os.path.join(settings.runs_dir, f"{tag}.trec"), tag)
+                continue
+            docids = list(corpus)
             for pair, scores in score_matrices(model, tokenizer, dataset, pairs, config.pooling, config.similarity,
                                                settings.query_max_len, settings.passage_max_len,
                                                settings.batch_size).items():
@@ -236,10 +331,20 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
     for name, (kind, (corpus, queries, qrels)) in datasets.items():
         if kind != "retrieval":
             continue
-        docids, texts = list(corpus), [queries[q] for q in queries]
-        d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling,
-                             settings.passage_max_len, settings.batch_size, normalize,
-                             progress=lambda it: tqdm(it, desc="corpus", leave=False))
+        texts = [queries[q] for q in queries]
+        if isinstance(corpus, CorpusFile):  # the funnel on the sharded index: shortlist, then gather to rerank
+            index = encoded_index(model, tokenizer, path, name, corpus, config, settings)
+            num_docs, rank = index.num_docs, lambda q, stage_pairs, stage_ks: ci.adaptive_search(
+                index, stage_pairs, [q[p] for p in stage_pairs], stage_ks, depth=10)
+            name_rows = lambda rows: ci.docids(index, rows)
+        else:
+            docids = list(corpus)
+            d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling,
+                                 settings.passage_max_len, settings.batch_size, normalize,
+                                 progress=lambda it: tqdm(it, desc="corpus", leave=False))
+            num_docs, rank = len(docids), lambda q, stage_pairs, stage_ks: search.adaptive_search(
+                [q[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs], stage_ks, depth=10)
+            name_rows = lambda rows, docids=docids: [[docids[j] for j in row] for row in rows.tolist()]
         tokens = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.query_max_len)["input_ids"]]
         sb.encode_2d(model, tokenizer, texts[:settings.batch_size], pairs, config.pooling,
                      settings.query_max_len)  # warm-up, untimed
@@ -248,16 +353,15 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
             q_emb = sb.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling, settings.query_max_len,
                                  settings.batch_size, normalize)  # stops at the largest stage's layer
             encoded = time.perf_counter()
-            scores, indices = search.adaptive_search([q_emb[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs],
-                                                 stage_ks, depth=10)
+            scores, indices = rank(q_emb, stage_pairs, stage_ks)
             searched = time.perf_counter()
-            run = {qid: {docids[j]: s for s, j in zip(scores[row].tolist(), indices[row].tolist())}
-                   for row, qid in enumerate(queries)}
+            run = {qid: dict(zip(names, values)) for qid, names, values in zip(queries, name_rows(indices),
+                                                                              scores.tolist())}
             layers = max(n for n, _ in stage_pairs)
             results.setdefault(name, {})[label] = {
                 "nDCG@10": metrics.ndcg_at_k(run, qrels, 10), "MRR@10": metrics.mrr_at_k(run, qrels, 10),
                 "encode GFLOPs/q": float(np.mean([flops.encoder_flops(model, layers, t) for t in tokens])) / 1e9,
-                "search MFLOPs/q": search.search_flops(len(docids), [d for _, d in stage_pairs], stage_ks) / 1e6,
+                "search MFLOPs/q": search.search_flops(num_docs, [d for _, d in stage_pairs], stage_ks) / 1e6,
                 "encode ms/q": (encoded - start) * 1000 / len(texts), "search ms/q": (searched - encoded) * 1000 / len(texts)}
     return results
 
@@ -269,8 +373,9 @@ def print_adaptive(adaptive, datasets):
     for model_name, by_dataset in adaptive.items():
         for dataset, rows in by_dataset.items():
             corpus, queries, _ = datasets[dataset][1]
+            documents = f"{len(corpus)} documents" if isinstance(corpus, dict) else f"the indexed {corpus.path}"
             lines.append(f"\n{dataset} adaptive retrieval (Eq. 14), model {model_name}: "
-                         f"{len(corpus)} documents, {len(queries)} queries")
+                         f"{documents}, {len(queries)} queries")
             width = max(len(label) for label in rows) + 2
             lines.append(f"{'search':<{width}}" + "".join(f"{c:>17}" for c in columns))
             for label, values in rows.items():

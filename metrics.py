@@ -141,10 +141,14 @@ def run_from_scores(scores, docids, qids, depth):
 
 
 def write_trec_run(run, path, name):
+    """A TREC run file: run is {qid: {docid: score}} or an iterable of (qid, [(docid, score)] best first), so that
+    the run of millions of hits is written as it streams."""
+    ranked = ((qid, [(d, docs[d]) for d in ranked_docids(docs)]) for qid, docs in run.items()) \
+        if isinstance(run, dict) else run
     with open(path, "w") as f:
-        for qid, doc_scores in run.items():
-            for rank, docid in enumerate(ranked_docids(doc_scores), 1):
-                f.write(f"{qid} Q0 {docid} {rank} {doc_scores[docid]:.9g} {name}\n")
+        for qid, hits in ranked:
+            for rank, (docid, score) in enumerate(hits, 1):
+                f.write(f"{qid} Q0 {docid} {rank} {score:.9g} {name}\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -209,3 +209,32 @@ def test_coverage_counts_unknown_ids_and_warns_when_many(tmp_path, capsys):
     assert "1 of 3 judgments name unknown queries, e.g. ['q9']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no judged document is in the corpus"):
         evaluation.judgment_coverage("set", data.read_beir(_beir_folder(tmp_path / "b", ["d1"], ["q1"], [("q1", "d7")])))
+
+
+def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(tmp_path):
+    """Slow: the embedded wiki-ict set written as a BEIR folder; evaluate.py streams its corpus into a sharded
+    index (float32, one shard: batched as the dense path batches) and gets the dense path's figures exactly,
+    its run files reproduce them through trec_eval's code, and --adaptive runs on the index."""
+    import data
+    corpus, queries, qrels = data.embedded_retrieval_set()
+    folder = tmp_path / "wiki-ict"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n"
+                                                 for d, t in corpus.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{g}\n" for q, judged in qrels.items() for d, g in judged.items()))
+    pairs = ["--pairs", "2x24,6x384"]
+    dense = evaluate.main([*pairs, "--output_dir", str(tmp_path / "dense")])["all-MiniLM-L6-v2"]["wiki-ict"]
+    streamed = evaluate.main([*pairs, "--beir_dirs", str(folder), "--storage_dtype", "float32", "--index_dir",
+                              str(tmp_path / "index"), "--runs", str(tmp_path / "runs"), "--adaptive", "2x24:50:6x384",
+                              "--output_dir", str(tmp_path / "streamed")])["all-MiniLM-L6-v2"]["wiki-ict"]
+    assert streamed == dense
+    run = {}
+    for line in open(tmp_path / "runs" / "model.wiki-ict.6x384.trec"):
+        qid, _, docid, _, score, _ = line.split()
+        run.setdefault(qid, {})[docid] = float(score)
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
+    assert np.mean([v["ndcg_cut_10"] for v in ref.values()]) == pytest.approx(dense["6x384"]["nDCG@10"], abs=1e-6)
+    saved = json.load(open(tmp_path / "streamed" / "results.json"))["adaptive"]["all-MiniLM-L6-v2"]["wiki-ict"]
+    assert 0 < saved["adaptive 2x24:50:6x384"]["nDCG@10"] <= saved["exhaustive 6x384"]["nDCG@10"] + 0.05
