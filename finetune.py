@@ -131,7 +131,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
     distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
     tokens = training.tokens_per_step(tokenizer, records, kind, B, group_size, query_max_len, passage_max_len,
                                       run.seed)
-    accounting = flops.flops_accounting(model, tuning_spec, tokens, flops_budget)
+    accounting = flops.flops_accounting(model, tuning_spec, tokens, flops_budget, max(n for n, _ in embed_pairs))
     total = accounting.get("budget_steps") or run.total_steps(steps_per_epoch)
     accounting["planned_flops"] = accounting["flops_per_token"] * accounting["tokens_per_step"] * total
     if rank == 0:

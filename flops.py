@@ -2,6 +2,8 @@
 FLOPs per token by tuning method (Ziarko et al., 2024; README Eq. 15), from which a FLOP budget
 sets the number of steps (finetune.py --flops_budget, recipe.py).
 """
+import torch
+
 import starbucks as sb
 import tuning
 
@@ -45,10 +47,27 @@ def steps_for_budget(budget, per_token, tokens_per_step):
     return steps
 
 
-def flops_accounting(model, tuning_spec, tokens_per_step, flops_budget=None):
-    """Eq. 15 for a run: N, N_trainable, FLOPs per token, tokens per step and, with a budget, the steps."""
+def run_parameters(model, max_layer=None):
+    """The parameters a forward that stops after block max_layer runs: all but those of the blocks above it
+    and of BERT's pooler (pooling reads the hidden states; the pooler never runs)."""
+    blocks = sb.transformer_layers(model)
+    skipped = [blocks[max_layer:] if max_layer else [], [getattr(model, "pooler", None) or torch.nn.Identity()]]
+    never = {id(p) for modules in skipped for module in modules for p in module.parameters()}
+    return [p for p in model.parameters() if id(p) not in never]
+
+
+def parameters_run(model, max_layer=None):
+    """N of Eq. 15 for a forward to block max_layer (LoRA adapters not counted): what runs, not what exists."""
+    return tuning.parameter_counts(model, run_parameters(model, max_layer))[0]
+
+
+def flops_accounting(model, tuning_spec, tokens_per_step, flops_budget=None, max_layer=None):
+    """Eq. 15 for a run: N, N_trainable, FLOPs per token, tokens per step and, with a budget, the steps.
+
+    N and N_trainable count only what runs: a model trained at layer n (--method separate, Eq. 7) runs its
+    embeddings and blocks 1..n, so the blocks above n (2.9x the FLOPs at n = 2 of BERT-base) are left out."""
     method, _ = tuning.parse_tuning(tuning_spec)
-    n, n_trainable = tuning.parameter_counts(model)
+    n, n_trainable = tuning.parameter_counts(model, run_parameters(model, max_layer))
     per_token = flops_per_token(method, n, n_trainable)
     accounting = {"tuning": tuning_spec, "N": n, "N_trainable": n_trainable, "flops_per_token": per_token,
                   "tokens_per_step": tokens_per_step, "flops_budget": flops_budget}

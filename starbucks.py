@@ -230,7 +230,8 @@ def srl_loss(q_2d, p_2d, pairs, temperature=1.0, kl_weight=1.0, similarity="dot"
 
 
 def embedding_kl_loss(student, teacher, temperature=1.0):
-    """Eq. 4': KL over embedding coordinates, KL(softmax(teacher/T) || softmax(student/T)), teacher NOT detached.
+    """Eq. 4': KL over embedding coordinates, KL(softmax(teacher[:, :d]/T) || softmax(student/T)), batch mean over
+    the rows, teacher NOT detached. student (N, d), teacher (N, >= d): the rows are every text of the batch.
 
     This is what the authors' STS script and sentence-transformers' 2D loss use; offered only to
     reproduce those runs (Eq. 4, over candidate scores and detached, is the intended form).
@@ -240,18 +241,27 @@ def embedding_kl_loss(student, teacher, temperature=1.0):
                     F.softmax(teacher[:, :d] / temperature, dim=-1), reduction="batchmean")
 
 
-def srl_loss_embedding_kl(q_2d, p_2d, pairs, temperature=1.0, kl_weight=0.3, similarity="cos"):
-    """Eq. 5 with Eq. 4' in place of Eq. 4 (the released STS script: coordinate KL on the anchors, x0.3).
-
-    Departure from the paper, kept only to reproduce the released STS numbers; means over |S| as Eq. 5.
+def released_starbucks_loss(base_loss, a_2d, b_2d, pairs, kl_weight=0.3):
+    """Eq. 5', the authors' StarbucksLoss as released (sts/starbucks_loss.py, forward): the SUM over pairs of
+    base_loss(a, b) plus, for every pair but the last, kl_weight x Eq. 4' over the embeddings of EVERY text of
+    the batch (both columns concatenated, as its ForwardDecorator concatenates each call's embeddings), the
+    teacher being the full pair's embedding truncated to d. kl_weight = kl_temperature (0.3) x kl_div_weight (1):
+    the released code multiplies by its 'temperature' and divides by none. Departs from the paper's mean over
+    |S| (Eq. 5) on purpose: it reproduces the released STS runs.
     """
-    teacher = q_2d[pairs[-1]]
+    teacher = torch.cat([a_2d[pairs[-1]], b_2d[pairs[-1]]])  # (B + B', H): every text at the full pair
     total = 0.0
     for pair in pairs:
-        total = total + contrastive_loss(q_2d[pair], p_2d[pair], temperature, similarity)
+        total = total + base_loss(a_2d[pair], b_2d[pair])
         if pair != pairs[-1]:
-            total = total + kl_weight * embedding_kl_loss(q_2d[pair], teacher)
-    return total / len(pairs)
+            total = total + kl_weight * embedding_kl_loss(torch.cat([a_2d[pair], b_2d[pair]]), teacher)
+    return total
+
+
+def srl_loss_embedding_kl(q_2d, p_2d, pairs, temperature=1.0, kl_weight=0.3, similarity="cos"):
+    """Eq. 5' with Eq. 3 as the base loss: the released AllNLI STS run (MultipleNegativesRankingLoss in StarbucksLoss)."""
+    return released_starbucks_loss(lambda q, p: contrastive_loss(q, p, temperature, similarity), q_2d, p_2d, pairs,
+                                   kl_weight)
 
 
 def full_loss(q_2d, p_2d, pairs, temperature=1.0, similarity="dot"):
@@ -275,20 +285,25 @@ def matryoshka_loss(q, p, dims, temperature=1.0, similarity="dot"):
 
 
 def matryoshka_2d_loss(q_layers, p_layers, dims, generator, temperature=1.0, similarity="cos",
-                       kl_temperature=0.3, kl_weight=1.0):
+                       kl_temperature=0.3, kl_weight=1.0, base_loss=None):
     """Eq. 9: 2DMSE as the paper's STS baseline ran it: ONE random size per step, not all of them.
 
-    q_layers / p_layers: {n: (B, H)} full-width pooled embeddings of every layer 1..L (keys sorted).
-    Samples d_a for the last layer, one earlier layer n uniformly and one d_b; weight w_n = 1/n;
-    KL over the coordinates of full-width embeddings with temperature T = 0.3, multiplied by T.
+    q_layers / p_layers: {n: (B, H)} and {n: (B', H)} full-width pooled embeddings of every layer 1..L (keys
+    sorted). Samples d_a for the last layer, one earlier layer n uniformly and one d_b; weight w_n = 1/n; KL
+    over the coordinates of the full-width embeddings of EVERY text (both columns, as the library's forward
+    decorator concatenates them) with temperature T = 0.3, multiplied by T, the teacher not detached: this
+    mirrors sentence-transformers' Matryoshka2dLoss before its 2026 fixes (issues #3757, #3880, #3901), the
+    version the paper's STS baseline ran. base_loss(a, b), default Eq. 3 (CoSENT on scored pairs).
     """
+    base_loss = base_loss or (lambda q, p: contrastive_loss(q, p, temperature, similarity))
     layers = sorted(q_layers)
     last = layers[-1]
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=generator))]
     d_a, n, d_b = pick(dims), pick(layers[:-1]), pick(dims)
-    loss = contrastive_loss(q_layers[last][:, :d_a], p_layers[last][:, :d_a], temperature, similarity)
-    loss = loss + contrastive_loss(q_layers[n][:, :d_b], p_layers[n][:, :d_b], temperature, similarity) / n
-    kl = embedding_kl_loss(q_layers[n], q_layers[last], kl_temperature)  # on the anchors, as the library
+    loss = base_loss(q_layers[last][:, :d_a], p_layers[last][:, :d_a])
+    loss = loss + base_loss(q_layers[n][:, :d_b], p_layers[n][:, :d_b]) / n
+    kl = embedding_kl_loss(torch.cat([q_layers[n], p_layers[n]]), torch.cat([q_layers[last], p_layers[last]]),
+                           kl_temperature)  # every text, full width
     return loss + kl_weight * kl_temperature * kl
 
 
@@ -302,10 +317,9 @@ def cosent_loss(a, b, gold, scale=20.0):
 
 
 def srl_cosent_loss(a_2d, b_2d, gold, pairs, scale=20.0):
-    """Eq. 5 on scored pairs (the paper's low-resource STS-B run): mean over pairs of CoSENT.
-
-    There is no candidate distribution on scored pairs, so the KL term (Eq. 4) has nothing to act on.
-    """
+    """Eq. 5 on scored pairs (the paper's low-resource STS-B run, as the paper writes it): mean over pairs of
+    CoSENT. No candidate distribution exists on scored pairs, so Eq. 4 has nothing to act on; the released
+    run's coordinate KL is `released_starbucks_loss` with CoSENT (finetune.py --kl embeddings)."""
     return sum(cosent_loss(a_2d[p], b_2d[p], gold, scale) for p in pairs) / len(pairs)
 
 

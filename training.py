@@ -197,12 +197,16 @@ def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, simil
     kl: 'scores' (Eq. 4, the paper) or 'embeddings' (Eq. 4', the released STS script)."""
     full = pairs[-1]
     t, sim = temperature, similarity
-    if kind == "scored":
+    if kind == "scored":  # CoSENT takes the place of Eq. 3
+        if method == "srl" and kl == "embeddings":  # the released low-resource STS-B run
+            return pairs, lambda q, p, gold, g: sb.released_starbucks_loss(
+                lambda a, b: sb.cosent_loss(a, b, gold), q, p, pairs, kl_weight)
         if method == "srl":
             return pairs, lambda q, p, gold, g: sb.srl_cosent_loss(q, p, gold, pairs)
         if method in ("full", "separate"):
             return [full], lambda q, p, gold, g: sb.cosent_loss(q[full], p[full], gold)
-        raise ValueError(f"--method {method} needs query/passage data, not scored pairs")
+        if method != "2dmse":  # the paper's STS tables have 2DMSE on scored pairs; MRL they do not
+            raise ValueError(f"--method {method} needs query/passage data, not scored pairs")
     if method == "srl" and kl == "scores":
         return pairs, lambda q, p, gold, g: sb.srl_loss(q, p, pairs, t, kl_weight, sim)
     if method == "srl":
@@ -219,7 +223,7 @@ def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, simil
     every_layer = [(n, hidden_size) for n in range(1, num_layers + 1)]
     return every_layer, lambda q, p, gold, g: sb.matryoshka_2d_loss(
         {n: q[(n, hidden_size)] for n, _ in every_layer}, {n: p[(n, hidden_size)] for n, _ in every_layer},
-        dims, g, t, sim)
+        dims, g, t, sim, base_loss=(lambda a, b: sb.cosent_loss(a, b, gold)) if kind == "scored" else None)
 
 
 def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, generator, grad_cache_chunk=0):

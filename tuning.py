@@ -150,11 +150,13 @@ def apply_tuning(model, tuning, lora_r=32, lora_alpha=32, lora_target_modules=AL
     return model
 
 
-def parameter_counts(model):
+def parameter_counts(model, parameters=None):
     """(N, N_trainable): N counts the model's own parameters (embeddings included, LoRA adapters not);
-    N_trainable counts those with requires_grad (for LoRA: the adapters)."""
+    N_trainable counts those with requires_grad (for LoRA: the adapters). parameters: count only these
+    (default: all of the model's)."""
     adapters = {id(m.lora_A) for m in model.modules() if isinstance(m, LoRALinear)} | \
                {id(m.lora_B) for m in model.modules() if isinstance(m, LoRALinear)}
-    n = sum(p.numel() for p in model.parameters() if id(p) not in adapters)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parameters = list(model.parameters()) if parameters is None else parameters
+    n = sum(p.numel() for p in parameters if id(p) not in adapters)
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
     return n, trainable

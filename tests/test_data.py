@@ -182,7 +182,7 @@ def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
 
 @pytest.mark.parametrize("name, raw, message", [
     ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"_id": "2", "te', r"corpus\.jsonl:2: the file ends in the middle"),
-    ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"text": "no id"}\n', r"corpus\.jsonl:2: a JSON object with an '_id'"),
+    ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"text": "no id"}\n', r"corpus\.jsonl:2: a BEIR record needs '_id'"),
     ("corpus.jsonl", b'{"_id": "1", "text": "\xff"}\n', r"corpus\.jsonl:1: not valid UTF-8"),
     ("corpus.jsonl", b"\n\n", r"file is empty"),
     ("collection.tsv", b"0\tfine\nno tab here\n", r"collection\.tsv:2: expected id<TAB>text"),

@@ -81,11 +81,21 @@ def test_scored_pairs_train_with_cosent(tmp_path, tiny_model_dir):
         run(tiny_model_dir, str(path), tmp_path / "out2", "--method", "mrl")
 
 
-def test_same_batches_for_every_method(train_file):
+def test_same_batches_for_every_method(tmp_path, tiny_model_dir, train_file, monkeypatch):
+    """Rows of a table differ only by the loss: every method's training steps see the same token ids."""
+    seen, real_step = {}, training.contrastive_step
+
+    def recording(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, *rest):
+        seen.setdefault(method, []).append((q_tok["input_ids"].tolist(), p_tok["input_ids"].tolist()))
+        return real_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, *rest)
+    monkeypatch.setattr(training, "contrastive_step", recording)
+    for method in ("srl", "full", "2dmse", "mrl"):
+        run(tiny_model_dir, train_file, tmp_path / method, "--method", method)
+    assert len(seen["srl"]) == 2 and seen["srl"][0] != seen["srl"][1]  # two different batches
+    assert seen["full"] == seen["srl"] and seen["2dmse"] == seen["srl"] and seen["mrl"] == seen["srl"]
     kind, records, _ = data.read_training_file(train_file)
-    a = training.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
-    b = training.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
-    assert a == b and len(a[1]) == 9 and a[1][0] == records[0]["positives"][0]
+    queries, passages, _ = training.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
+    assert len(passages) == 9 and passages[0] == records[0]["positives"][0]  # each query's positive first
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
@@ -163,3 +173,13 @@ def test_a_negative_is_never_repeated_to_fill_a_group(tmp_path, tiny_model_dir):
     finetune.main(["--model_name_or_path", tiny_model_dir, "--train_file", str(triplets), "--output_dir", str(out),
                    "--per_device_train_batch_size", "4", "--max_steps", "1", "--pairs", "2x16,4x32"])
     assert json.load(open(out / "starbucks_config.json"))["training_arguments"]["train_group_size"] == 2
+
+
+def test_2dmse_and_the_released_kl_train_on_scored_pairs(tmp_path, tiny_model_dir):
+    """The paper's STS-B table has 2DMSE; the released low-resource run wraps CoSENT in StarbucksLoss (Eq. 5')."""
+    path = tmp_path / "sts.tsv"
+    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a b {i}\tc d {i}\t{i % 5}\n" for i in range(8)))
+    for extra in (["--method", "2dmse"], ["--method", "srl", "--kl", "embeddings", "--kl_weight", "0.3"]):
+        out = tmp_path / "_".join(extra)
+        run(tiny_model_dir, str(path), out, *extra)
+        assert os.path.exists(out / "model.safetensors")

@@ -23,7 +23,8 @@ def batch(B=3, T=7, vocab=30522, seed=0):
 # ---- pairs -------------------------------------------------------------------------------------
 
 def test_default_pairs_bert_base_is_the_papers_grid():
-    assert sb.default_pairs(12, 768) == sb.STARBUCKS_PAIRS
+    """The paper's six pairs for BERT-base, written out here (README, Eq. 1), not read from the constant."""
+    assert sb.default_pairs(12, 768) == [(2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768)]
 
 
 def test_default_pairs_minilm_keeps_the_shape():
@@ -239,8 +240,10 @@ def test_srl_embedding_kl_single_pair_is_contrastive_and_adds_weighted_kl():
                           sb.contrastive_loss(q, p, 1.0, "cos"))
     pairs = [(1, 4), (2, 8)]
     q2d, p2d = {(1, 4): q[:, :4], (2, 8): q}, {(1, 4): p[:, :4], (2, 8): p}
-    expected = (sb.contrastive_loss(q[:, :4], p[:, :4], 1.0, "cos") + 0.3 * sb.embedding_kl_loss(q[:, :4], q)
-                + sb.contrastive_loss(q, p, 1.0, "cos")) / 2
+    # the released StarbucksLoss: a sum over pairs; the KL over every text (anchors and passages) of the batch
+    expected = (sb.contrastive_loss(q[:, :4], p[:, :4], 1.0, "cos")
+                + 0.3 * sb.embedding_kl_loss(torch.cat([q, p])[:, :4], torch.cat([q, p]))
+                + sb.contrastive_loss(q, p, 1.0, "cos"))
     assert torch.allclose(sb.srl_loss_embedding_kl(q2d, p2d, pairs), expected)
 
 
@@ -275,7 +278,8 @@ def test_matryoshka_2d_loss_samples_one_size_and_is_reproducible():
     d_b = dims[int(torch.randint(3, (1,), generator=g))]
     ce = sb.contrastive_loss(q[3][:, :d_a], p[3][:, :d_a], 1.0, "cos") \
         + sb.contrastive_loss(q[n][:, :d_b], p[n][:, :d_b], 1.0, "cos") / n
-    pt, ps = F.softmax(q[3] / 0.3, -1), F.softmax(q[n] / 0.3, -1)
+    pt = F.softmax(torch.cat([q[3], p[3]]) / 0.3, -1)  # every text of the batch, as the library's decorator
+    ps = F.softmax(torch.cat([q[n], p[n]]) / 0.3, -1)
     kl = (pt * (pt.log() - ps.log())).sum(-1).mean()
     assert loss.item() == pytest.approx((ce + 0.3 * kl).item(), rel=1e-5)
     draws = {sb.matryoshka_2d_loss(q, p, dims, torch.Generator().manual_seed(s)).item() for s in range(20)}

@@ -1,0 +1,90 @@
+"""Our losses against independent transcriptions of the authors' released code (github.com/ielab/Starbucks at
+2a3b24f), written here from their source without calling ours, on tiny random tensors, to 1e-6."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flops
+import starbucks as sb
+from conftest import tiny_bert
+
+LAYERS, DIMS = [1, 2, 3], [4, 6, 8]  # their matryoshka_layers / matryoshka_dims, paired by position; H = 8
+
+
+def _shrink(x, dim):
+    """sts/matryoshkaloss_modified.py ForwardDecorator.shrink: truncate to dim, then L2-normalise."""
+    return F.normalize(x[..., :dim], p=2, dim=-1)
+
+
+def _mnrl(anchors, *candidates, scale=20.0):
+    """sentence-transformers' MultipleNegativesRankingLoss: cos_sim(a, cat(positives, negatives)) * 20, CE on arange."""
+    b = torch.cat(candidates)  # all positives, then all negatives
+    scores = F.normalize(anchors, dim=-1) @ F.normalize(b, dim=-1).T * scale
+    return F.cross_entropy(scores, torch.arange(len(anchors)))
+
+
+def _cosent(a, b, labels, scale=20.0):
+    """sentence-transformers' CoSENTLoss, line by line."""
+    scores = F.cosine_similarity(a, b) * scale
+    scores = scores[:, None] - scores[None, :]
+    labels = (labels[:, None] < labels[None, :]).float()
+    scores = scores - (1 - labels) * 1e12
+    return torch.logsumexp(torch.cat((torch.zeros(1, dtype=scores.dtype), scores.view(-1))), dim=0)
+
+
+def _released_starbucks(columns, inner, kl_temperature=0.3, kl_div_weight=1.0, last_layer_weight=1.0):
+    """sts/starbucks_loss.py StarbucksLoss.forward (lines 102-150): columns[layer] = [pooled (B, H) per text column].
+
+    The last layer's loss at its full width, then for every prior layer the inner loss at its paired dim and the
+    KL between that layer's and the last layer's concatenated embeddings (every call of the forward decorator),
+    both cut to dim, F.kl_div(log_softmax(p), softmax(q), 'batchmean'), times kl_temperature * kl_div_weight."""
+    last = LAYERS[-1]
+    loss = inner(*[_shrink(c, DIMS[-1]) for c in columns[last]]) * last_layer_weight
+    final_embeddings = torch.cat(columns[last], dim=0)
+    for layer, dim in zip(LAYERS[:-1], DIMS):
+        loss = loss + inner(*[_shrink(c, dim) for c in columns[layer]]) * 1  # prior_layers_weight
+        p, q = torch.cat(columns[layer], dim=0)[:, :dim], final_embeddings.clone()[:, :dim]
+        loss = loss + F.kl_div(F.log_softmax(p, dim=-1), F.softmax(q, dim=-1), reduction="batchmean") \
+            * kl_temperature * kl_div_weight
+    return loss
+
+
+def _columns(num_columns, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: [torch.randn(batch, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(num_columns)]
+            for n in LAYERS}  # float64: the two orders of summation agree far below 1e-6
+
+
+def test_released_starbucks_loss_with_mnrl_equals_the_authors_allnli_run():
+    """Triplets (anchor, entailment, contradiction): ours takes the candidates group-major (p_i, n_i), theirs
+    all positives then all negatives; cross-entropy does not care about the order of the candidates."""
+    columns = _columns(3)
+    pairs = list(zip(LAYERS, DIMS))
+    q_2d = {(n, d): columns[n][0][:, :d] for n, d in pairs}
+    p_2d = {(n, d): torch.stack([columns[n][1], columns[n][2]], dim=1).reshape(-1, 8)[:, :d] for n, d in pairs}
+    ours = sb.srl_loss_embedding_kl(q_2d, p_2d, pairs, temperature=0.05, kl_weight=0.3, similarity="cos")
+    theirs = _released_starbucks(columns, _mnrl)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    grads = torch.autograd.grad(ours, columns[LAYERS[-1]][0]), torch.autograd.grad(theirs, columns[LAYERS[-1]][0])
+    torch.testing.assert_close(*grads, atol=1e-6, rtol=0)  # the teacher is not detached in either
+
+
+def test_released_starbucks_loss_with_cosent_equals_the_authors_low_resource_run():
+    columns, gold = _columns(2, seed=1), torch.tensor([0.1, 0.9, 0.5, 0.3], dtype=torch.float64)
+    pairs = list(zip(LAYERS, DIMS))
+    a_2d = {(n, d): columns[n][0][:, :d] for n, d in pairs}
+    b_2d = {(n, d): columns[n][1][:, :d] for n, d in pairs}
+    ours = sb.released_starbucks_loss(lambda a, b: sb.cosent_loss(a, b, gold), a_2d, b_2d, pairs, 0.3)
+    theirs = _released_starbucks(columns, lambda a, b: _cosent(a, b, gold))
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+
+
+def test_separate_models_count_only_the_layers_that_run():
+    """Eq. 15 for --method separate (Eq. 7): a model trained at layer n runs layers 1..n only, so N counts
+    the embeddings and those n blocks (a hand count), not the blocks above n that never run."""
+    model = tiny_bert(num_layers=4, hidden=32)
+    blocks = sb.transformer_layers(model)
+    embeddings = sum(p.numel() for p in model.embeddings.parameters())
+    per_block = sum(p.numel() for p in blocks[0].parameters())
+    assert flops.parameters_run(model, 2) == embeddings + 2 * per_block
+    assert flops.parameters_run(model, 4) == embeddings + 4 * per_block  # all blocks; the pooler never runs
