@@ -40,6 +40,8 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_grad_cache.py
 	$(PY) bench/bench_search.py
 	$(PY) bench/bench_pretrain.py
+	$(PY) bench/bench_scale.py
+	$(PY) bench/bench_cascade.py
 
 clean:
 	rm -rf $(VENV) output

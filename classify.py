@@ -104,6 +104,7 @@ def table(rows, pairs, costs):
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.manual_seed(args.seed)  # the heads' initial weights
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.train_file:
         train_texts, train_y, names = data.read_labelled_file(args.train_file)
