@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--max_length", type=int, default=128, help="tokens per crop (the paper: 512)")
     p.add_argument("--mlm_probability", type=float, default=0.2, help="encoder masking rate (the authors' flag name)")
     p.add_argument("--decoder_mlm_probability", type=float, default=0.4, help="MAE decoder masking rate; its set contains the encoder's")
+    p.add_argument("--objective", choices=("smae", "mlm_2d", "mlm"), default="smae",
+                   help="smae: Eq. 13; mlm_2d: the sliced MLM of every pair without the MAE decoder (the authors' "
+                        "BertFor2DMatryoshkaMaskedLM); mlm: plain MLM at the full pair (the paper's ablations)")
     training.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
     args = p.parse_args(argv)
     if cli.bf16_problem(args.bf16):
@@ -69,13 +72,19 @@ class SMAE(torch.nn.Module):
     encoder, that DDP all-reduces once with the sum of both uses' gradients.
     """
 
-    def __init__(self, encoder, heads, pairs):
+    def __init__(self, encoder, heads, pairs, objective="smae"):
         super().__init__()
-        self.encoder, self.heads, self.pairs = encoder, heads, pairs
+        self.encoder, self.heads, self.pairs, self.objective = encoder, heads, pairs, objective
+        if objective != "smae":  # the ablations have no MAE decoder: keep it out of the optimizer and of DDP
+            heads.decoder_layer.requires_grad_(False)
 
     def forward(self, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels, token_counts=None):
-        return sb.smae_loss(self.encoder, self.heads, input_ids, attention_mask, labels, decoder_input_ids,
-                            decoder_labels, self.pairs, token_counts=token_counts)
+        if self.objective == "smae":
+            return sb.smae_loss(self.encoder, self.heads, input_ids, attention_mask, labels, decoder_input_ids,
+                                decoder_labels, self.pairs, token_counts=token_counts)
+        pairs = self.pairs if self.objective == "mlm_2d" else [self.pairs[-1]]  # mlm: the full pair alone
+        return sb.mlm_2d_loss(self.encoder, self.heads, input_ids, attention_mask, labels, pairs,
+                              token_counts[0] if token_counts else None)
 
 
 def masked_batch(crops, tokenizer, is_subword, seed, mlm_probability=0.2, decoder_mlm_probability=0.4):
@@ -106,7 +115,7 @@ def training_step(net, batch, device):
 
 
 def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_length, mlm_probability,
-          decoder_mlm_probability, saved_arguments):
+          decoder_mlm_probability, saved_arguments, objective="smae"):
     """The loop: seeded per step (data order by epoch, masks by step); non-finite steps are skipped.
 
     run: the shared flags (training.TrainingArguments); saved_arguments: the command line's flags, the
@@ -121,7 +130,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     total = run.total_steps(steps_per_epoch)
     is_subword = training.subword_flags(tokenizer)
     distributed.freeze_unreached(encoder, max(n for n, _ in pairs))  # the pooler, layers above the pairs
-    smae = SMAE(encoder, heads, pairs)
+    smae = SMAE(encoder, heads, pairs, objective)
     trainable = [p for p in smae.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
     identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")])
@@ -186,7 +195,8 @@ def main(argv=None):
               f"its vocabulary decoder tied to the word embeddings")
     config = sb.StarbucksConfig(pairs, pooling="cls", similarity="dot")  # the MAE sentence vector is the CLS one
     train(encoder, heads, tokenizer, crops, pairs, config, args.output_dir, training.TrainingArguments.from_flags(args),
-          args.max_length, args.mlm_probability, args.decoder_mlm_probability, saved_arguments=vars(args))
+          args.max_length, args.mlm_probability, args.decoder_mlm_probability, saved_arguments=vars(args),
+          objective=args.objective)
     distributed.cleanup()
 
 

@@ -307,6 +307,28 @@ def matryoshka_2d_loss(q_layers, p_layers, dims, generator, temperature=1.0, sim
     return loss + kl_weight * kl_temperature * kl
 
 
+def matryoshka_2d_retrieval_loss(q_layers, p_layers, dims, generator, temperature=1.0, similarity="dot",
+                                 kl_weight=1.0):
+    """Eq. 9', 2DMSE as the authors' retrieval code runs it (retrieval/modeling.py, `sub_model_sampling`; the
+    paper's MS MARCO 2DMSE row): one layer sampled from the pairs' layers but the last, plus the last layer;
+    at each of the two, Eq. 3 at EVERY dim of `dims` (the last layer's full width once), each plus kl_weight x
+    Eq. 4 against the detached full pair's scores; summed, no 1/n weight.
+
+    q_layers / p_layers: {n: (B, H)} and {n: (BG, H)} full-width pooled embeddings of the pairs' layers (keys
+    sorted). Their code draws the layer with Python's random; here it is the step's seeded generator.
+    """
+    layers = sorted(q_layers)
+    last, full = layers[-1], q_layers[layers[-1]].shape[-1]
+    teacher = similarity_scores(q_layers[last], p_layers[last], temperature, similarity)  # (B, BG)
+    labels = positive_index(teacher.shape[0], teacher.shape[1], teacher.device)
+    loss = F.cross_entropy(teacher, labels)
+    sampled = layers[int(torch.randint(len(layers) - 1, (1,), generator=generator))]
+    for n, d in [(sampled, d) for d in dims] + [(last, d) for d in dims if d != full]:
+        scores = similarity_scores(q_layers[n][:, :d], p_layers[n][:, :d], temperature, similarity)
+        loss = loss + F.cross_entropy(scores, labels) + kl_weight * kl_loss(scores, teacher)
+    return loss
+
+
 def cosent_loss(a, b, gold, scale=20.0):
     """CoSENT on scored pairs: log(1 + sum over (i, j) with gold_i > gold_j of exp(scale (cos_j - cos_i)))."""
     cos = F.cosine_similarity(a, b, dim=-1) * scale  # (B,)
@@ -479,6 +501,21 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
     else:  # sums over this slice / counts of the whole batch, alternating MLM and MAE as `targets`
         terms = torch.stack([c.sum() / token_counts[i % 2] for i, c in enumerate(per_term)])
     return terms.mean()  # = (1/|S|) sum over pairs of (L_MLM + L_MAE) / 2
+
+
+def mlm_2d_loss(encoder, heads, input_ids, attention_mask, labels, pairs, token_count=None):
+    """SMAE's ablation without the MAE decoder: (1/|S|) sum over pairs of Eq. 11, every pair from one encoder pass
+    (the authors' BertFor2DMatryoshkaMaskedLM, smae/modeling.py). With pairs = [(L, H)] it is plain MLM
+    continued pre-training. token_count: the whole batch's masked tokens when this call sees a slice (torchrun)."""
+    hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])  # {n: (B, T, H)}
+    word_embeddings = encoder.get_input_embeddings().weight  # (V, H)
+    masked = labels != -100  # (B, T)
+    states = torch.cat([mlm_transform(heads, hidden[n][:, :, :d][masked]) for n, d in pairs])  # (|S| M, H)
+    ce = F.cross_entropy(mlm_logits(heads, word_embeddings, states), labels[masked].repeat(len(pairs)),
+                         reduction="none")  # (|S| M,): one vocabulary matmul for every pair
+    per_pair = ce.view(len(pairs), -1)  # (|S|, M)
+    terms = per_pair.mean(1) if token_count is None else per_pair.sum(1) / token_count
+    return terms.mean()
 
 
 def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, encoder_rate=0.2, decoder_rate=0.4):

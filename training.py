@@ -187,7 +187,9 @@ def batch_tensors(crops, pad_token_id, special_ids):
 # ----------------------------------------------------------------------------------------------
 # Each method's loss (Eq. 5-9, 17) and one contrastive step
 
-METHODS = ("srl", "2dmse", "mrl", "full", "separate", "symmetric")  # symmetric: Eq. 17 at the full pair
+# 2dmse: sentence-transformers' 2D loss (the paper's STS row); 2dmse_retrieval: the authors' retrieval code's
+# sampler (its MS MARCO row); symmetric: Eq. 17 at the full pair
+METHODS = ("srl", "2dmse", "2dmse_retrieval", "mrl", "full", "separate", "symmetric")
 
 
 def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, similarity, kl="scores", kl_weight=1.0):
@@ -219,6 +221,12 @@ def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, simil
         dims = sorted({d for _, d in pairs})
         return [(num_layers, hidden_size)], lambda q, p, gold, g: sb.matryoshka_loss(
             q[(num_layers, hidden_size)], p[(num_layers, hidden_size)], dims, t, sim)
+    if method == "2dmse_retrieval":  # the pairs' layers at full width; one is sampled inside the loss
+        layers = sorted({n for n, _ in pairs})
+        dims = sorted({d for _, d in pairs})
+        return [(n, hidden_size) for n in layers], lambda q, p, gold, g: sb.matryoshka_2d_retrieval_loss(
+            {n: q[(n, hidden_size)] for n in layers}, {n: p[(n, hidden_size)] for n in layers}, dims, g, t, sim,
+            kl_weight)
     dims = sorted({d for _, d in pairs})  # 2dmse: every layer at full width, sampled inside the loss
     every_layer = [(n, hidden_size) for n in range(1, num_layers + 1)]
     return every_layer, lambda q, p, gold, g: sb.matryoshka_2d_loss(

@@ -30,6 +30,10 @@ import pretrain  # noqa: E402 (its main only)
 import starbucks as sb  # noqa: E402
 
 METHODS = ["full", "separate", "2dmse", "mrl", "srl", "smae+srl"]
+# the paper's further rows, run on request (--methods): its retrieval code's 2DMSE and the SMAE ablations
+# (pre-training with the sliced MLM only, or plain MLM, then SRL)
+MORE_METHODS = ["2dmse_retrieval", "mlm_2d+srl", "mlm+srl"]
+PRETRAINED = {"smae+srl": "smae", "mlm_2d+srl": "mlm_2d", "mlm+srl": "mlm"}  # method: pretrain.py --objective
 METRICS = [("lee2005", "Spearman"), ("wiki-ict", "nDCG@10"), ("wiki-ict", "MRR@10")]
 # The paper's Tables A1/A2 (BERT-base): STS avg Spearman / MS MARCO dev MRR@10, per (n, d) and method.
 PAPER = {
@@ -65,7 +69,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=SCALES, default="cpu")
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--methods", nargs="+", choices=METHODS + MORE_METHODS, default=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max_steps", type=int, default=None, help="default: the scale's budget")
     p.add_argument("--learning_rate", type=float, default=1e-4)
@@ -88,14 +92,15 @@ def train_run(method, seed, study, scale, run_dir):
               "--train_group_size", str(scale["group"]), "--learning_rate", str(study.learning_rate),
               "--seed", str(seed), "--overwrite_output_dir"]  # a run left unfinished starts over
     start_from = study.model_name_or_path
-    if method == "smae+srl":
-        start_from = os.path.join(run_dir, "smae")
+    if method in PRETRAINED:
+        start_from = os.path.join(run_dir, PRETRAINED[method])
         pretrain.main(["--model_name_or_path", study.model_name_or_path, "--output_dir", start_from,
                        "--max_steps", str(scale["pretrain_steps"]), "--seed", str(seed),
-                       "--per_device_train_batch_size", str(scale["pretrain_batch"]), "--overwrite_output_dir"])
+                       "--per_device_train_batch_size", str(scale["pretrain_batch"]), "--overwrite_output_dir",
+                       "--objective", PRETRAINED[method]])
     out = os.path.join(run_dir, "model")
     finetune.main(["--model_name_or_path", start_from, "--output_dir", out,
-                   "--method", "srl" if method == "smae+srl" else method, *common])
+                   "--method", "srl" if method in PRETRAINED else method, *common])
     return out
 
 

@@ -88,3 +88,55 @@ def test_separate_models_count_only_the_layers_that_run():
     per_block = sum(p.numel() for p in blocks[0].parameters())
     assert flops.parameters_run(model, 2) == embeddings + 2 * per_block
     assert flops.parameters_run(model, 4) == embeddings + 4 * per_block  # all blocks; the pooler never runs
+
+
+def test_retrieval_2dmse_equals_the_authors_sub_model_sampling():
+    """retrieval/modeling.py forward (lines 101-146) with sub_model_sampling: one sampled prior layer plus the
+    last, every dim of each (the full pair once), CE and the detached score KL at each, summed."""
+    g = torch.Generator().manual_seed(3)
+    L, B, G, H = 3, 4, 2, 8
+    q_reps = torch.randn(L, B, H, generator=g, dtype=torch.float64)  # their [num_layers, batch, hidden]
+    p_reps = torch.randn(L, B * G, H, generator=g, dtype=torch.float64)
+    temperature, kl_weight, dims = 0.5, 1.0, [4, 6, 8]
+    sampled_draw = torch.Generator().manual_seed(11)  # ours draws the layer with the step's generator
+    layer_idx = int(torch.randint(L - 1, (1,), generator=torch.Generator().manual_seed(11)))
+
+    target = torch.arange(B) * (p_reps.size(1) // q_reps.size(1))
+    all_scores = torch.einsum("lqh,ldh -> lqdh", q_reps, p_reps)
+    full_layer_scores = all_scores[L - 1].sum(dim=-1)
+    total = F.cross_entropy(full_layer_scores / temperature, target)
+    target_scores = full_layer_scores.detach()
+    for layer, dim in [(layer, dim) for layer in (layer_idx, L - 1) for dim in dims]:
+        if layer == L - 1 and dim == H:
+            continue
+        layer_scores = all_scores[layer, :, :, :dim].sum(dim=-1)
+        total = total + F.cross_entropy(layer_scores / temperature, target)
+        total = total + kl_weight * F.kl_div(F.log_softmax(layer_scores / temperature, dim=1),
+                                             F.softmax(target_scores / temperature, dim=1), reduction="batchmean")
+    ours = sb.matryoshka_2d_retrieval_loss({n + 1: q_reps[n] for n in range(L)}, {n + 1: p_reps[n] for n in range(L)},
+                                           dims, sampled_draw, temperature, "dot", kl_weight)
+    assert ours.item() == pytest.approx(total.item(), abs=1e-6)
+
+
+def test_mlm_2d_equals_the_authors_2d_masked_lm():
+    """smae/modeling.py BertFor2DMatryoshkaMaskedLM.forward (lines 72-81) with its sliced head decorator
+    (lines 14-27): mean over pairs of the cross-entropy of cls(hidden_states[layer][:, :, :dim]), -100 ignored."""
+    encoder = tiny_bert(num_layers=4, hidden=32)
+    heads = sb.SMAEHeads(encoder)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1000, 2000, (2, 10), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, 2:5] = torch.randint(1000, 2000, (2, 3), generator=g)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # 0: embeddings
+        total = 0
+        for layer, dim in [(2, 16), (4, 32)]:
+            h = hidden[layer][:, :, :dim]
+            z = F.linear(h, heads.transform.dense.weight[:, :dim], heads.transform.dense.bias)
+            z = heads.transform.LayerNorm(heads.transform.transform_act_fn(z))
+            scores = z @ encoder.embeddings.word_embeddings.weight.T + heads.bias
+            total = total + F.cross_entropy(scores.view(-1, scores.shape[-1]), labels.view(-1))
+        total = total / 2
+        ours = sb.mlm_2d_loss(encoder, heads, ids, mask, labels, [(2, 16), (4, 32)])
+    assert ours.item() == pytest.approx(total.item(), abs=1e-5)

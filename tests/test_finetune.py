@@ -35,7 +35,7 @@ def run(tiny_model_dir, train_file, out, *extra):
                    "--train_group_size", "3", *extra])
 
 
-@pytest.mark.parametrize("method", ["srl", "2dmse", "mrl", "full", "symmetric"])
+@pytest.mark.parametrize("method", ["srl", "2dmse", "2dmse_retrieval", "mrl", "full", "symmetric"])
 def test_each_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir, train_file, method):
     run(tiny_model_dir, train_file, tmp_path, "--method", method)
     model = AutoModel.from_pretrained(tmp_path)
@@ -183,3 +183,15 @@ def test_2dmse_and_the_released_kl_train_on_scored_pairs(tmp_path, tiny_model_di
         out = tmp_path / "_".join(extra)
         run(tiny_model_dir, str(path), out, *extra)
         assert os.path.exists(out / "model.safetensors")
+
+
+def test_presets_set_every_setting_of_a_released_run_and_flags_win(capsys):
+    args = finetune.parse_args(["--preset", "msmarco-srl", "--learning_rate", "3e-5", "--output_dir", "/nonexistent/x"])
+    for name, value in finetune.PRESETS["msmarco-srl"].items():
+        if name not in ("learning_rate", "bf16"):
+            assert getattr(args, name) == value, name
+    assert args.learning_rate == 3e-5 and (args.pooling, args.train_group_size, args.weight_decay) == ("cls", 8, 0.0)
+    out = capsys.readouterr().out
+    assert "--preset msmarco-srl: --method srl" in out and "--passage_max_len 196" in out
+    if not torch.cuda.is_available():
+        assert not args.bf16 and "no CUDA bf16, so the run is in fp32" in out

@@ -346,3 +346,24 @@ def test_non_finite_gradient_steps_are_skipped_and_counted(tmp_path, lee_text_fi
     assert [r["skipped_steps"] for r in log] == [0, 1, 1]
     from transformers import AutoModel
     assert all(torch.isfinite(p).all() for p in AutoModel.from_pretrained(out).parameters())
+
+
+@pytest.mark.parametrize("objective", ["mlm_2d", "mlm"])
+def test_the_smae_ablations_train_without_the_mae_decoder(tmp_path, lee_text_file, objective):
+    """pretrain.py --objective mlm_2d / mlm: the sliced MLM of every pair, or of the full pair alone; the MAE
+    decoder layer takes no part (frozen, so neither the optimizer nor DDP sees it)."""
+    out = tmp_path / objective
+    pretrain.main(["--from_scratch", "--config_overrides", TINY, "--train_file", lee_text_file, "--max_length", "32",
+                   "--pairs", "2x16,4x32", "--per_device_train_batch_size", "4", "--max_steps", "2",
+                   "--objective", objective, "--output_dir", str(out)])
+    encoder = models.load_model(str(out), torch.device("cpu"))[0]
+    heads = sb.SMAEHeads(encoder)
+    saved = torch.load(out / pretrain.HEADS_FILE, weights_only=True)
+    heads.load_state_dict(saved)
+    fresh = sb.SMAEHeads(encoder)  # its decoder layer: a copy of the trained encoder's layer 1
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    assert set(saved) == set(fresh.state_dict())
+    module = pretrain.SMAE(encoder, fresh, [(2, 16), (4, 32)], objective)
+    assert not any(p.requires_grad for p in fresh.decoder_layer.parameters())
+    assert all(p.requires_grad for p in fresh.transform.parameters()) and module.objective == objective

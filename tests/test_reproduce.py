@@ -60,3 +60,9 @@ def test_the_report_goes_inside_output_dir_unless_named(tmp_path):
     assert study.results == str(tmp_path / "RESULTS.md") and study.plot_dir == str(tmp_path / "heatmaps")
     named = reproduce.parse_args(["--results", "RESULTS.md", "--plot_dir", "docs/heatmaps"])
     assert (named.results, named.plot_dir) == ("RESULTS.md", "docs/heatmaps")
+
+
+def test_the_papers_further_rows_are_offered_and_pretrain_with_their_objective():
+    study = reproduce.parse_args(["--methods", "2dmse_retrieval", "mlm_2d+srl", "mlm+srl"])
+    assert study.methods == ["2dmse_retrieval", "mlm_2d+srl", "mlm+srl"]
+    assert reproduce.PRETRAINED == {"smae+srl": "smae", "mlm_2d+srl": "mlm_2d", "mlm+srl": "mlm"}
