@@ -213,6 +213,8 @@ def restore(folder, model, optimizer, scheduler, run):
         state = load_training_state(folder)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise DamagedCheckpoint(f"{TRAINING_STATE} does not load ({e})") from None
+    if not isinstance(state, dict) or not {"run", "step", "skipped", "optimizer", "scheduler", "rng"} <= set(state):
+        raise DamagedCheckpoint(f"{TRAINING_STATE} lacks parts of a training state")  # e.g. an old, damaged one
     differences = [f"{name}={state['run'].get(name)}, this run has {value}"
                    for name, value in run.items() if state["run"].get(name) != value]
     if differences:
@@ -228,43 +230,58 @@ def restore(folder, model, optimizer, scheduler, run):
 
 
 def file_fingerprint(path, head_bytes=1 << 20):
-    """A data file as part of a run's identity: its path, size and the SHA-256 of its first MiB."""
-    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256_first_mib": sha256_of(path, head_bytes)}
+    """A file as part of a run's identity, by content, not by where it lies: its size and the SHA-256 of its
+    first MiB; a folder (a model): the same for each of its weight files."""
+    if os.path.isdir(path):
+        return {name: file_fingerprint(os.path.join(path, name), head_bytes) for name in sorted(os.listdir(path))
+                if name.endswith((".safetensors", ".bin", ".gguf", ".pt"))}
+    return {"bytes": os.path.getsize(path), "sha256_first_mib": sha256_of(path, head_bytes)}
 
 
 # Flags that do not change what a run computes: they may differ between a run and its --resume.
 NOT_IDENTITY = ("output_dir", "resume", "overwrite_output_dir", "save_steps", "save_total_limit", "logging_steps",
-                "max_bad_steps")
+                "max_bad_steps", "train_file", "model_name_or_path")  # these two: compared by content, so a moved
+# copy of the same data or model resumes (data_file_0, model_weights)
 
 
-def run_identity(flags, world_size, data_files=()):
-    """Everything that decides a run's result: its flags but NOT_IDENTITY, the world size and a fingerprint of
-    each data file (None: the embedded data) -> {setting: value}, as JSON-able values."""
+def run_identity(flags, world_size, data_files=(), model_folder=None):
+    """Everything that decides a run's result: its flags but NOT_IDENTITY, the world size, a fingerprint of
+    each data file (None: the embedded data) and of the starting model's weights -> {setting: value}, JSON-able."""
     identity = {k: json.loads(json.dumps(v)) for k, v in sorted(flags.items()) if k not in NOT_IDENTITY}
     identity["world_size"] = world_size
     for i, path in enumerate(data_files):
         identity[f"data_file_{i}"] = file_fingerprint(path) if path else None
+    if model_folder:  # a model re-trained in place is another starting point
+        identity["model_weights"] = file_fingerprint(model_folder)
     return identity
 
 
 RUN_FILES = (LOG, WEIGHTS, "starbucks_config.json")  # what a finished or started run leaves in its folder
 
 
-def output_dir_problem(output_dir, resume=False, overwrite=False, source=None):
+def output_dir_problem(output_dir, resume=False, overwrite=False, source=None, empty=False):
     """Why a run must not write into output_dir, or None; checked before any model or data is loaded.
 
-    A file is refused; so is the folder of `source` (export's model) or one inside it; a folder that
-    holds another run (checkpoints, a train log, weights) is refused unless resume or overwrite."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        return f"--output_dir {output_dir} is a file, not a folder"
-    if source and os.path.isdir(source):
-        here, there = os.path.realpath(output_dir), os.path.realpath(source)
+    A file (or a path through one) is refused; so is the folder of the `source` model or one inside it, and a
+    folder that holds it (--overwrite_output_dir would delete it); a folder that holds another run (checkpoints,
+    a train log, weights) is refused unless resume or overwrite, and with empty=True (export) any non-empty one."""
+    parent = os.path.abspath(output_dir)
+    while parent and not os.path.exists(parent):  # the nearest existing ancestor must be a folder too
+        parent = os.path.dirname(parent)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir) or not os.path.isdir(parent):
+        return f"--output_dir {output_dir}: {output_dir if os.path.exists(output_dir) else parent} is a file, not a folder"
+    if source and os.path.exists(source):
+        here = os.path.realpath(output_dir)
+        there = os.path.realpath(source if os.path.isdir(source) else os.path.dirname(source))
         if here == there or here.startswith(there + os.sep):
             return f"--output_dir {output_dir} is the source model's folder (or inside it): it would be overwritten"
+        if there.startswith(here + os.sep) and not resume:  # --overwrite_output_dir would delete the start model
+            return (f"--output_dir {output_dir} holds the model this run starts from ({source}): "
+                    f"write the new run to another folder")
     if not os.path.isdir(output_dir) or resume or overwrite:
         return None
     names = os.listdir(output_dir)
-    if source is not None and names:
+    if empty and names:
         return f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to replace what is there"
     held = [n for n in names if n in RUN_FILES or _NAME.match(n)]
     if held:

@@ -32,14 +32,15 @@ import tuning
 
 
 # Every hyperparameter of each released run (github.com/ielab/Starbucks at 2a3b24f); an explicit flag still wins.
-# Learning rate, weight decay and warmup not in their commands are Hugging Face TrainingArguments' defaults
-# (5e-5, 0, 0). Departures that remain: our SRL averages over the pairs where their retrieval code sums
+# Settings not in their commands are their trainers' defaults: Tevatron's warmup_ratio 0.1 for the retrieval
+# run (its arguments.py), Hugging Face's learning rate 5e-5 and weight decay 0. Departures that remain: our SRL averages over the pairs where their retrieval code sums
 # (Eq. 5); their STS runs use fp16, which this project does not offer (bf16 on a GPU, fp32 elsewhere).
 PRESETS = {
-    "msmarco-srl": dict(  # retrieval/README.md, lines 27-49, and Tevatron's defaults (temperature 1, no normalising)
+    "msmarco-srl": dict(  # retrieval/README.md, lines 27-49, and Tevatron's defaults (temperature 1, no normalising,
+        # warmup_ratio 0.1)
         method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="cls", similarity="dot", temperature=1.0,
         kl="scores", kl_weight=1.0, query_max_len=32, passage_max_len=196, train_group_size=8,
-        per_device_train_batch_size=128, num_train_epochs=3.0, learning_rate=1e-4, warmup_ratio=0.0, weight_decay=0.0,
+        per_device_train_batch_size=128, num_train_epochs=3.0, learning_rate=1e-4, warmup_ratio=0.1, weight_decay=0.0,
         bf16=True),
     "allnli-srl": dict(  # sts/train_starbucks.py with training_data=full: MultipleNegativesRankingLoss in StarbucksLoss
         method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos", temperature=0.05,
@@ -105,7 +106,8 @@ def parse_args(argv=None):
         p.error("--resume with --tuning lora is not supported: checkpoints hold merged weights")
     if args.temperature is None:
         args.temperature = 0.05 if args.similarity == "cos" else 1.0
-    problem = checkpoints.output_dir_problem(args.output_dir, args.resume, args.overwrite_output_dir)
+    problem = checkpoints.output_dir_problem(args.output_dir, args.resume, args.overwrite_output_dir,
+                                             source=args.model_name_or_path)  # never under the run's own output
     if problem:
         p.error(problem)
     return args
@@ -172,7 +174,8 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
               f"{accounting['tokens_per_step']:.0f} tokens per step x {total} steps = {accounting['planned_flops']:.4g}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
-    identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")])
+    identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")],
+                                        models.resolve_model_path(saved_arguments["model_name_or_path"]))
     optimizer, scheduler, _, start, train_log = training.start_training(
         model, output_dir, run.resume, run.learning_rate, run.weight_decay, training.linear_schedule, total,
         math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir)

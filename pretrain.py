@@ -59,7 +59,8 @@ def parse_args(argv=None):
         p.error("--max_length must be at least 3 ([CLS], one token, [SEP])")
     if not 0 < args.mlm_probability <= args.decoder_mlm_probability <= 1:
         p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
-    problem = checkpoints.output_dir_problem(args.output_dir, args.resume, args.overwrite_output_dir)
+    problem = checkpoints.output_dir_problem(args.output_dir, args.resume, args.overwrite_output_dir,
+                                             source=args.model_name_or_path)  # never under the run's own output
     if problem:
         p.error(problem)
     return args
@@ -133,7 +134,8 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     smae = SMAE(encoder, heads, pairs, objective)
     trainable = [p for p in smae.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
-    identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")])
+    identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")],
+                                        models.resolve_model_path(saved_arguments["model_name_or_path"]))
     optimizer, scheduler, folder, start, train_log = training.start_training(
         encoder, output_dir, run.resume, run.learning_rate, run.weight_decay, training.cosine_schedule, total,
         math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir, optimized=smae)

@@ -7,13 +7,11 @@ MRL heads are fitted on the frozen encoder's training-split features (Eq. 18-19)
 swept on the test split and the cheapest operating point whose accuracy is within 0.5 points of the full pair's
 is kept (the selection uses the test split itself, as MRL's own table of operating points does). Its expected
 encoder + head FLOPs over the full pair's give the first ratio; its wall time over the full pair's on the same
-test texts (median of --repeats, alternated) the second.
+test texts (median of --repeats rounds, the two alternated) the second.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -23,6 +21,7 @@ import evaluation  # noqa: E402
 import models  # noqa: E402
 import starbucks as sb  # noqa: E402
 import training  # noqa: E402
+from timing import median_ratio  # noqa: E402
 
 
 def main():
@@ -53,18 +52,13 @@ def main():
                                                     chosen["threshold"], config.pooling) for e in enc],
             "full": lambda: [sb.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs[-1:], 0.0,
                                                  config.pooling) for e in enc]}
-    times = {name: [] for name in runs}
-    for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if repeat:
-                times[name].append(time.perf_counter() - start)
-    ratio = statistics.median(a / b for a, b in zip(times["cascade"], times["full"]))
+    for run in runs.values():  # a warm-up round, untimed
+        run()
+    ratio, cascade_s, full_s = median_ratio(runs["cascade"], runs["full"], args.repeats)
     print(f"# {args.model_name_or_path} on mini_newsgroup ({len(test_texts)} test texts), pairs {pairs}: full pair "
           f"accuracy {full_accuracy:.4f}; cascade threshold {chosen['threshold']} accuracy {chosen['accuracy']:.4f}, "
           f"stopped per pair {[round(s, 2) for s in chosen['stopped']]}; median of {args.repeats}: cascade "
-          f"{statistics.median(times['cascade']):.3f}s, full {statistics.median(times['full']):.3f}s")
+          f"{cascade_s:.3f}s, full {full_s:.3f}s")
     print(f"RATIO cascade_cost_vs_full_at_full_accuracy {chosen['relative_cost']:.3f} goal <=0.4")
     print(f"RATIO cascade_time_vs_full {ratio:.3f} goal <=0.6")
 

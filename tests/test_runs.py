@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, BertTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -626,3 +627,53 @@ def test_a_json_string_with_a_unicode_line_separator_is_one_record(tmp_path):
     path = _write_bytes(tmp_path / "seps.jsonl", (json.dumps(record, ensure_ascii=False) + "\n").encode())
     kind, records, skipped = data.read_training_file(path)
     assert records == [{"query": "first\u2028second", "positives": ["para\u2029graph"], "negatives": []}]
+
+
+def test_a_moved_copy_of_the_data_resumes_and_a_path_through_a_file_is_refused(tiny, tmp_path, capsys):
+    """The run's identity compares the data by content, not by path; --output_dir a_file/sub fails before loading."""
+    copy = tmp_path / "moved.jsonl"
+    copy.write_text(open(tiny["train"]).read())
+    finetune.main(_finetune_args(tiny, tmp_path / "run", "--max_steps", "2"))
+    capsys.readouterr()
+    finetune.main(_finetune_args(tiny, tmp_path / "run", "--max_steps", "2", "--train_file", str(copy), "--resume"))
+    assert "resuming from" in capsys.readouterr().out
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):
+        finetune.main(_finetune_args(tiny, a_file / "sub"))
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_overwrite_never_deletes_the_model_a_run_starts_from(tiny, tmp_path, capsys):
+    finetune.main(_finetune_args(tiny, tmp_path, "--max_steps", "1"))
+    with pytest.raises(SystemExit):
+        finetune.main(["--model_name_or_path", str(tmp_path / "checkpoint-1"), "--train_file", tiny["train"],
+                       "--output_dir", str(tmp_path), "--overwrite_output_dir", "--max_steps", "1"])
+    assert "holds the model this run starts from" in capsys.readouterr().err
+    assert os.path.isdir(tmp_path / "checkpoint-1")
+
+
+def test_a_damaged_checkpoint_with_an_old_marker_falls_back_too(tiny, tmp_path, capsys):
+    """A marker from before checksums (sizes only) and a training state that loads but lacks its parts."""
+    finetune.main(_finetune_args(tiny, tmp_path))
+    folder = tmp_path / "checkpoint-3"
+    marker = json.load(open(folder / checkpoints.MARKER))
+    torch.save({"step": 3}, folder / checkpoints.TRAINING_STATE)
+    marker["files"][checkpoints.TRAINING_STATE] = os.path.getsize(folder / checkpoints.TRAINING_STATE)
+    del marker["sha256"]
+    json.dump(marker, open(folder / checkpoints.MARKER, "w"))
+    capsys.readouterr()
+    finetune.main(_finetune_args(tiny, tmp_path, "--resume"))
+    out = capsys.readouterr()
+    assert "lacks parts of a training state" in out.err and "resuming from" in out.out and "checkpoint-2" in out.out
+
+
+def test_a_model_retrained_in_place_is_another_run(tiny, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny["plain"], model)
+    args = _finetune_args(tiny, tmp_path / "run", "--model_name_or_path", str(model), "--max_steps", "2")
+    finetune.main(args)
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 1e-3 for k, v in weights.items()}, model / "model.safetensors")  # same size, other weights
+    with pytest.raises(ValueError, match="was written with model_weights="):
+        finetune.main(args + ["--resume"])
