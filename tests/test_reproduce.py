@@ -66,3 +66,40 @@ def test_the_papers_further_rows_are_offered_and_pretrain_with_their_objective()
     study = reproduce.parse_args(["--methods", "2dmse_retrieval", "mlm_2d+srl", "mlm+srl"])
     assert study.methods == ["2dmse_retrieval", "mlm_2d+srl", "mlm+srl"]
     assert reproduce.PRETRAINED == {"smae+srl": "smae", "mlm_2d+srl": "mlm_2d", "mlm+srl": "mlm"}
+
+
+def test_both_2dmse_rows_and_the_smae_ablations_get_verdicts():
+    results = fake_results({"srl": [(0.50, 0.80)] * 2, "2dmse": [(0.40, 0.70)] * 2,
+                            "2dmse_retrieval": [(0.55, 0.70)] * 2, "smae+srl": [(0.60, 0.80)] * 2,
+                            "mlm_2d+srl": [(0.58, 0.80)] * 2, "mlm+srl": [(0.70, 0.80)] * 2})
+    lines = [l for l in reproduce.verdicts(reproduce.summarise(results, PAIRS), PAIRS, list(results))
+             if "lee2005 Spearman" in l]
+    st, retrieval = [l for l in lines if l.startswith("- Claim 1")]
+    assert "2dmse)" in st and ": holds here" in st
+    assert "2dmse_retrieval" in retrieval and "does not hold" in retrieval and "1x8" in retrieval
+    mlm_2d, mlm = [l for l in lines if l.startswith("- SMAE ablation")]
+    assert "mlm_2d+srl by +0.0200" in mlm_2d and "beyond" in mlm_2d  # std 0 over identical seeds
+    assert "mlm+srl by -0.1000" in mlm
+
+
+def test_the_default_study_runs_every_row_and_pretrains_once_per_objective(tmp_path, monkeypatch):
+    """Each objective pre-trains once, at 10x the old 30 CPU steps, and every seed fine-tunes from it."""
+    assert reproduce.parse_args([]).methods == reproduce.METHODS and len(reproduce.METHODS) == 9
+    assert reproduce.SCALES["cpu"]["pretrain_steps"] >= 300
+    calls = []
+
+    def fake_pretrain(argv):
+        calls.append(("pretrain", argv))
+        os.makedirs(argv[argv.index("--output_dir") + 1], exist_ok=True)
+    monkeypatch.setattr(reproduce.pretrain, "main", fake_pretrain)
+    monkeypatch.setattr(reproduce.finetune, "main", lambda argv: calls.append(("finetune", argv)))
+    study = reproduce.parse_args(["--output_dir", str(tmp_path), "--seeds", "3", "4"])
+    scale = reproduce.SCALES["cpu"]
+    for seed in study.seeds:
+        for method in ("smae+srl", "mlm+srl"):
+            reproduce.train_run(method, seed, study, scale, str(tmp_path / f"{method}_seed{seed}"))
+    pretrains = [argv for kind, argv in calls if kind == "pretrain"]
+    assert [a[a.index("--objective") + 1] for a in pretrains] == ["smae", "mlm"]
+    assert all(a[a.index("--seed") + 1] == "3" and a[a.index("--max_steps") + 1] == "300" for a in pretrains)
+    starts = [a[a.index("--model_name_or_path") + 1] for kind, a in calls if kind == "finetune"]
+    assert starts == [str(tmp_path / "pretrained_smae"), str(tmp_path / "pretrained_mlm")] * 2
