@@ -68,23 +68,6 @@ def parse_args(argv=None):
     return args
 
 
-def finetune_end_to_end(model, tokenizer, classifier, texts, labels, pooling, steps, batch_size, learning_rate,
-                        weight_decay, max_length, seed):
-    """Eq. 19 through the encoder: every pair's head and the encoder trained together (MRL's full training)."""
-    torch.manual_seed(seed)
-    optimizer = training.adamw(torch.nn.ModuleList([model, classifier]), learning_rate, weight_decay)
-    model.train(), classifier.train()
-    for step, indices in training.global_batches(len(texts), batch_size, 0, steps, seed):
-        enc = tokenizer([texts[i] for i in indices], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        features = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], classifier.pairs, pooling)
-        loss = sb.mrl_classification_loss(classifier(features), labels[indices])  # forward, Eq. 19
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model.eval(), classifier.eval()
-
-
 def probe_accuracy(classifier, train_x, train_y, test_x, test_y, epochs, learning_rate, weight_decay, seed):
     """{pair: accuracy} of a classifier fitted on train_x and scored on test_x (dicts of (N, d) features)."""
     training.fit_probe(classifier, train_x, train_y, epochs, learning_rate, weight_decay, seed)
@@ -130,7 +113,7 @@ def main(argv=None):
 
     heads = {"MRL": sb.NestedClassifier(pairs, H, C), "MRL-E": sb.NestedClassifier(pairs, H, C, efficient=True)}
     if args.tuning == "full":  # one encoder per head kind would double the cost: end to end trains MRL's heads
-        model, heads["MRL"] = finetune_end_to_end(model, tokenizer, heads["MRL"], train_texts, train_y,
+        model, heads["MRL"] = training.train_classifier_end_to_end(model, tokenizer, heads["MRL"], train_texts, train_y,
                                                   config.pooling, args.max_steps, args.per_device_train_batch_size,
                                                   lr, args.weight_decay, args.max_seq_length, args.seed)
     encode = lambda texts: sb.encode_2d(model, tokenizer, texts, sorted(set(pairs) | {full}), config.pooling,

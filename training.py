@@ -324,3 +324,21 @@ def fit_probe(classifier, features_2d, labels, epochs=300, learning_rate=1e-2, w
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return classifier.eval()
+
+
+def train_classifier_end_to_end(model, tokenizer, classifier, texts, labels, pooling, steps, batch_size,
+                                learning_rate, weight_decay, max_length, seed):
+    """Eq. 19 through the encoder: every pair's head and the encoder trained together (MRL's full training);
+    -> (model, classifier), both in eval mode."""
+    torch.manual_seed(seed)
+    optimizer = adamw(torch.nn.ModuleList([model, classifier]), learning_rate, weight_decay)
+    model.train(), classifier.train()
+    for _, indices in global_batches(len(texts), batch_size, 0, steps, seed):
+        enc = tokenizer([texts[i] for i in indices], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        features = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], classifier.pairs, pooling)
+        loss = sb.mrl_classification_loss(classifier(features), labels[indices])  # forward, Eq. 19
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval(), classifier.eval()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import classify  # noqa: E402 (its main only)
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import finetune  # noqa: E402 (its main only: each run is its command line)
@@ -139,6 +140,47 @@ def run_all(study):
     return results
 
 
+def classification_rows(study, seed, pairs):
+    """{row: {'nxd': accuracy}} on classify.py's embedded mini_newsgroup, split by the seed: MRL / MRL-E heads,
+    the SVD and Rand. LP baselines and 1-NN on the starting encoder (frozen, probes), FF as the study's separately
+    trained encoders (Eq. 7) with a probe at their own pair, and the study's SRL encoder with a probe. Kept in
+    <output_dir>/classification_seed<S>.json, so a finished seed is not recomputed."""
+    done = os.path.join(study.output_dir, f"classification_seed{seed}.json")
+    if not os.path.exists(done):
+        folder = os.path.join(study.output_dir, f"classification_seed{seed}")
+
+        def accuracy(model, name, *extra):
+            rows, _ = classify.main(["--model_name_or_path", model, "--output_dir", os.path.join(folder, name),
+                                     "--seed", str(seed), *extra])
+            return {row: {f"{n}x{d}": v for (n, d), v in by_pair.items()} for row, by_pair in rows.items()}
+        base = accuracy(study.model_name_or_path, "base")
+        rows = {name: base[name] for name in ("MRL", "MRL-E", "SVD", "Rand. LP", "1-NN")}
+        if "separate" in study.methods:
+            rows["FF (separate)"] = {}
+            for n, d in pairs:
+                layer = os.path.join(study.output_dir, f"separate_seed{seed}", "model", f"layer_{n}")
+                rows["FF (separate)"].update(accuracy(layer, f"separate_{n}x{d}", "--pairs", f"{n}x{d}")["MRL"])
+        if "srl" in study.methods:
+            rows["SRL + probe"] = accuracy(os.path.join(study.output_dir, f"srl_seed{seed}", "model"), "srl")["MRL"]
+        json.dump(rows, open(done + ".tmp", "w"))
+        os.replace(done + ".tmp", done)
+    return json.load(open(done))
+
+
+def classification_table(by_seed, pairs):
+    """Markdown lines: one row per pair, one column per classification row, mean +- std over seeds."""
+    names = list(next(iter(by_seed.values())))
+    lines = ["| (n,d) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for n, d in pairs:
+        cells = []
+        for name in names:
+            values = [rows[name][f"{n}x{d}"] for rows in by_seed.values()]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.4f} +- {std:.4f}")
+        lines.append(f"| {n},{d} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summarise(results, pairs):
     """{(dataset, metric): {pair: {method: (mean, std)}}} over seeds."""
     table = {}
@@ -198,7 +240,7 @@ def verdicts(table, pairs, methods):
     return lines
 
 
-def write_report(study, results, pairs, seconds, cpu_seconds, command):
+def write_report(study, results, pairs, seconds, cpu_seconds, command, classification=None):
     table = summarise(results, pairs)
     scale = SCALES[study.scale]
     methods = [m for m in METHODS if m in results]
@@ -238,6 +280,15 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command):
     for pair, row in PAPER.items():
         out.append(f"| {pair[0]},{pair[1]} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in row.values()) + " |")
     out += ["", "## Verdicts on the paper's claims", ""] + verdicts(table, pairs, methods)
+    if classification:
+        out += ["", f"## Classification: MRL's side (README Eq. 18-20), accuracy, mean +- std over {len(classification)} "
+                "seeds", "", "Embedded mini_newsgroup (gensim's test data: alt.atheism against sci.space), split 100/100 "
+                "by each seed (the std covers the split and the heads' initialisation). MRL, MRL-E, SVD, Rand. LP and "
+                "1-NN: the starting encoder, frozen, with probes (`classify.py`); SVD and Rand. LP take d coordinates "
+                "of the full pair's embedding. FF (separate): the study's separately trained encoders (Eq. 7), a "
+                "probe at each one's own pair. SRL + probe: the study's SRL encoder, frozen, MRL heads. Both were "
+                "fine-tuned on the retrieval data above, not on these labels.", ""]
+        out += classification_table(classification, pairs)
     if study.plot:
         means = {m: {d: {f"{n}x{k}": {metric: statistics.mean(r["results"][d][f"{n}x{k}"][metric]
                                                              for r in results[m].values())
@@ -273,7 +324,8 @@ def main(argv=None):
     pairs = sb.default_pairs(model.config.num_hidden_layers, model.config.hidden_size)
     runs = [run for by_seed in results.values() for run in by_seed.values()]
     seconds, cpu_seconds = sum(r["seconds"] for r in runs), sum(r.get("cpu_seconds", float("nan")) for r in runs)
-    write_report(study, results, pairs, seconds, cpu_seconds, command.strip())
+    classification = {seed: classification_rows(study, seed, pairs) for seed in study.seeds}
+    write_report(study, results, pairs, seconds, cpu_seconds, command.strip(), classification)
     print(open(study.results).read())
 
 

@@ -103,3 +103,29 @@ def test_the_default_study_runs_every_row_and_pretrains_once_per_objective(tmp_p
     assert all(a[a.index("--seed") + 1] == "3" and a[a.index("--max_steps") + 1] == "300" for a in pretrains)
     starts = [a[a.index("--model_name_or_path") + 1] for kind, a in calls if kind == "finetune"]
     assert starts == [str(tmp_path / "pretrained_smae"), str(tmp_path / "pretrained_mlm")] * 2
+
+
+def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatch):
+    """Probes on the starting encoder, FF from each layer folder of the separate run at its own pair, the SRL run."""
+    calls = []
+
+    def fake_classify(argv):
+        model, seed = argv[argv.index("--model_name_or_path") + 1], int(argv[argv.index("--seed") + 1])
+        calls.append(argv)
+        pairs = [tuple(map(int, argv[argv.index("--pairs") + 1].split("x")))] if "--pairs" in argv else PAIRS
+        value = 0.5 + 0.1 * seed + (0.2 if "srl" in model else 0.0)
+        return {row: {p: value for p in pairs} for row in ("MRL", "MRL-E", "1-NN", "mAP@10", "SVD", "Rand. LP")}, []
+    monkeypatch.setattr(reproduce.classify, "main", fake_classify)
+    study = reproduce.parse_args(["--output_dir", str(tmp_path), "--methods", "separate", "srl"])
+    by_seed = {seed: reproduce.classification_rows(study, seed, PAIRS) for seed in (0, 1)}
+    models = [a[a.index("--model_name_or_path") + 1] for a in calls]
+    assert models[:4] == [reproduce.models.DEFAULT_MODEL, str(tmp_path / "separate_seed0" / "model" / "layer_1"),
+                          str(tmp_path / "separate_seed0" / "model" / "layer_2"), str(tmp_path / "srl_seed0" / "model")]
+    assert calls[1][calls[1].index("--pairs") + 1] == "1x8"
+    assert by_seed[1]["SRL + probe"] == {"1x8": 0.8, "2x16": 0.8} and by_seed[0]["FF (separate)"]["2x16"] == 0.5
+    table = reproduce.classification_table(by_seed, PAIRS)
+    assert table[0].startswith("| (n,d) | MRL | MRL-E | SVD | Rand. LP | 1-NN | FF (separate) | SRL + probe |")
+    assert f"| 1,8 | 0.5500 +- {statistics.stdev([0.5, 0.6]):.4f}" in table[2]
+    calls.clear()
+    reproduce.classification_rows(study, 0, PAIRS)
+    assert calls == []  # a finished seed is read back, not recomputed
