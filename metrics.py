@@ -171,7 +171,11 @@ def nearest_neighbour_accuracy(train, train_labels, test, test_labels):
 
 def map_at_k(train, train_labels, test, test_labels, k=10):
     """Class-based retrieval mAP@k: each test text ranks the training texts by cosine similarity; relevant =
-    same class; AP@k = sum_i P@i rel_i / min(k, relevant in the training set), averaged over test texts."""
+    same class; AP@k = sum_i P@i rel_i / min(k, relevant in the training set), averaged over test texts.
+
+    MRL's retrieval/compute_metrics.py divides by k and ranks by L2 distance. The divisors agree whenever every
+    class has at least k training texts (the embedded sets: 50 per class, k = 10); with fewer, ours still
+    reaches 1 for a perfect ranking and MRL's cannot. Cosine: sub-embeddings are compared as Eq. 2 does."""
     relevant = (train_labels[_cosine_neighbours(train, test, k)] == test_labels[:, None]).float()  # (Q, k)
     precision = relevant.cumsum(1) / torch.arange(1, relevant.shape[1] + 1)  # P@i
     available = (train_labels[None, :] == test_labels[:, None]).sum(1).clamp(max=relevant.shape[1])  # min(k, R)

@@ -3,6 +3,7 @@ import io
 import json
 import os
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +141,18 @@ def test_classify_runs_end_to_end_on_labelled_files(tmp_path, tiny_model_dir):
     assert points[-1]["relative_cost"] > 1  # every example ran every layer and consulted every head
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert saved["cascade"] == points and os.path.exists(tmp_path / "out" / "table.md")
+
+
+def test_map_at_k_equals_mrls_divisor_when_every_class_has_k_texts():
+    """MRL's compute_metrics.py: AP@k = sum(P@i at the hits) / k. Same value here when each class has >= k texts."""
+    torch.manual_seed(0)
+    train, train_y = torch.randn(40, 8), torch.arange(40) % 2  # 20 per class >= k
+    test, test_y = torch.randn(7, 8), torch.randint(0, 2, (7,))
+    k = 10
+    order = (F.normalize(test, dim=-1) @ F.normalize(train, dim=-1).T).argsort(1, descending=True)
+    aps = []
+    for i in range(7):
+        matches = (train_y[order[i, :k]] == test_y[i]).numpy()
+        precs = matches.cumsum() / numpy.arange(1, k + 1)
+        aps.append(precs[matches].sum() / k)
+    assert metrics.map_at_k(train, train_y, test, test_y, k) == pytest.approx(float(numpy.mean(aps)))
