@@ -30,50 +30,26 @@ def run_command(main):
         sys.exit(f"error: {e}")
 
 
-def _number(text, kind):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+def checked_number(kind, ok, requirement):
+    """An argparse type: text -> kind, finite, and ok(value), else 'must be <requirement>, got <value>'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return value
+    return parse
 
 
-def positive_int(text):
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text):
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or positive, got {value}")
-    return value
-
-
-def positive_float(text):
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def non_negative_float(text):
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or positive, got {value}")
-    return value
-
-
-def fraction(text):
-    """A ratio in [0, 1), e.g. --warmup_ratio."""
-    value = _number(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+positive_int = checked_number(int, lambda v: v >= 1, "at least 1")
+non_negative_int = checked_number(int, lambda v: v >= 0, "0 (off) or positive")
+positive_float = checked_number(float, lambda v: v > 0, "positive")
+non_negative_float = checked_number(float, lambda v: v >= 0, "0 or positive")
+fraction = checked_number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # a ratio, e.g. --warmup_ratio
 
 
 def bf16_problem(bf16):

@@ -83,3 +83,17 @@ def test_a_run_whose_every_step_was_skipped_fails_and_saves_no_model(tmp_path, m
         finetune.main(["--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "2",
                        "--save_steps", "0", "--max_bad_steps", "5"])
     assert not os.path.exists(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("flag_type, good, bad", [
+    (cli.positive_int, ("1", 1), ["0", "-3", "1.5", "x"]),
+    (cli.non_negative_int, ("0", 0), ["-1", "nan"]),
+    (cli.positive_float, ("1e-5", 1e-5), ["0", "-1", "inf", "nan"]),
+    (cli.non_negative_float, ("0", 0.0), ["-0.1", "inf"]),
+    (cli.fraction, ("0.1", 0.1), ["1", "-0.01", "nan"]),
+])
+def test_flag_types_accept_their_range_and_refuse_the_rest(flag_type, good, bad):
+    assert flag_type(good[0]) == good[1] and type(flag_type(good[0])) is type(good[1])
+    for text in bad:
+        with pytest.raises(cli.argparse.ArgumentTypeError):
+            flag_type(text)
