@@ -143,6 +143,12 @@ def checkpoint_problem(folder):
             sizes = json.load(f)["files"]
     except (ValueError, KeyError, TypeError):
         return "the completeness marker is unreadable"
+    return files_problem(folder, sizes)
+
+
+def files_problem(folder, sizes):
+    """None if every file named in sizes {name: bytes written} lies in folder at that size, else the first that
+    does not (the check of a checkpoint's marker, and of an index shard's)."""
     for name, size in sizes.items():
         path = os.path.join(folder, name)
         if not os.path.exists(path):
@@ -229,13 +235,21 @@ def restore(folder, model, optimizer, scheduler, run):
     return state
 
 
-def file_fingerprint(path, head_bytes=1 << 20):
-    """A file as part of a run's identity, by content, not by where it lies: its size and the SHA-256 of its
-    first MiB; a folder (a model): the same for each of its weight files."""
+_HASHED = {}  # (real path, size, mtime_ns) -> SHA-256: a file read once per process however often it is named
+
+
+def file_fingerprint(path):
+    """A file by content, not by where it lies: its size and the SHA-256 of ALL of it (a tuning that changes
+    only late tensors, such as bias-only, leaves a file's first bytes and size as they were); a folder (a
+    model): the same for each of its weight files. Part of a run's identity and of an index folder's name."""
     if os.path.isdir(path):
-        return {name: file_fingerprint(os.path.join(path, name), head_bytes) for name in sorted(os.listdir(path))
+        return {name: file_fingerprint(os.path.join(path, name)) for name in sorted(os.listdir(path))
                 if name.endswith((".safetensors", ".bin", ".gguf", ".pt"))}
-    return {"bytes": os.path.getsize(path), "sha256_first_mib": sha256_of(path, head_bytes)}
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_of(path)
+    return {"bytes": stat.st_size, "sha256": _HASHED[key]}
 
 
 # Flags that do not change what a run computes: they may differ between a run and its --resume.

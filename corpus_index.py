@@ -119,13 +119,11 @@ def shard_problem(folder, shard, check_hashes=False):
         return "no completeness marker (its encoding did not finish)"
     except (ValueError, KeyError, TypeError):
         return "the completeness marker is unreadable"
+    problem = checkpoints.files_problem(path, {name: written["bytes"] for name, written in files.items()})
+    if problem or not check_hashes:
+        return problem
     for name, written in files.items():
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            return f"{name} is missing"
-        if os.path.getsize(file) != written["bytes"]:
-            return f"{name} has {os.path.getsize(file)} bytes where {written['bytes']} were written"
-        if check_hashes and checkpoints.sha256_of(file) != written["sha256"]:
+        if checkpoints.sha256_of(os.path.join(path, name)) != written["sha256"]:
             return f"{name} does not have the sha256 it was written with"
     return None
 

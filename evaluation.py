@@ -4,6 +4,7 @@ pass per batch (Eq. 1), 2D adaptive retrieval (Eq. 14) beside exhaustive search,
 evaluate.py is the command line over these; bench/ and recipe.py call them directly.
 """
 import hashlib
+import json
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import corpus_index as ci
 import data
 import flops
@@ -141,13 +143,11 @@ def hits_graded(index, scores, rows, qids, qrels):
 
 def index_folder(settings, model_path, name):
     """Where a model's index of a dataset lives: <index_dir>/<model folder name>-<tag>/<dataset>; the tag hashes
-    the model's absolute path and its weight files' sizes and times, so that another or a retrained model never
-    reuses this one's vectors (the index itself refuses other pairs, pooling, lengths or corpus text)."""
-    folder = os.path.abspath(model_path)
-    weights = sorted((f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f)))
-                     for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".gguf"))) \
-        if os.path.isdir(folder) else [(folder, os.path.getsize(folder), os.path.getmtime(folder))]
-    tag = hashlib.sha256(repr((folder, weights)).encode()).hexdigest()[:10]
+    the model's weights by content (checkpoints.file_fingerprint), so that another or a retrained model never
+    reuses this one's vectors and a moved copy does (the index itself refuses other pairs, pooling, lengths or
+    corpus text)."""
+    weights = checkpoints.file_fingerprint(model_path) or os.path.abspath(model_path)  # no weight file: by place
+    tag = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(settings.index_dir, f"{os.path.basename(os.path.normpath(model_path))}-{tag}", name)
 
 

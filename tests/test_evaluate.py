@@ -238,3 +238,24 @@ def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(
     assert np.mean([v["ndcg_cut_10"] for v in ref.values()]) == pytest.approx(dense["6x384"]["nDCG@10"], abs=1e-6)
     saved = json.load(open(tmp_path / "streamed" / "results.json"))["adaptive"]["all-MiniLM-L6-v2"]["wiki-ict"]
     assert 0 < saved["adaptive 2x24:50:6x384"]["nDCG@10"] <= saved["exhaustive 6x384"]["nDCG@10"] + 0.05
+
+
+def test_index_folder_follows_the_weights_content_not_their_place_or_first_bytes(tmp_path):
+    """A moved copy reuses the index; a model re-trained in place gets its own, even when only its last bytes
+    changed (bias-only tuning leaves the size and the first MiB as they were)."""
+    settings = evaluation.EvalSettings(index_dir=str(tmp_path / "index"))
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    weights = bytearray(os.urandom(3 << 20))
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    (model / "config.json").write_text("{}")
+    before = evaluation.index_folder(settings, str(model), "wiki")
+    moved = tmp_path / "elsewhere" / "model"
+    moved.mkdir(parents=True)
+    (moved / "model.safetensors").write_bytes(bytes(weights))
+    assert evaluation.index_folder(settings, str(moved), "wiki") == before
+    weights[-1] ^= 1
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    os.utime(model / "model.safetensors", ns=(1, 1))  # a new file at an old time: content decides, not the clock
+    after = evaluation.index_folder(settings, str(model), "wiki")
+    assert after != before and os.path.basename(os.path.dirname(after)).startswith("model-")
