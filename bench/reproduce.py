@@ -132,7 +132,7 @@ def run_all(study):
                 checkpoint = train_run(method, seed, study, scale, run_dir)
                 _, figures = evaluation.evaluate_model(checkpoint, datasets, eval_settings, device)
                 os.makedirs(run_dir, exist_ok=True)
-                json.dump({"results": figures, "seconds": time.time() - started,
+                json.dump({"results": figures, "seconds": time.time() - started, "commit": _commit(),
                            "cpu_seconds": time.process_time() - cpu_started}, open(done + ".tmp", "w"))
                 os.replace(done + ".tmp", done)
             results.setdefault(method, {})[seed] = json.load(open(done))
@@ -247,7 +247,9 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
     methods = [m for m in METHODS if m in results]
     out = ["# Small-scale reproduction of Starbucks (Tables A1/A2 shape)", "",
            f"Produced by `{command}` (bench/reproduce.py) at commit {_commit()}; nothing in this file is typed "
-           "by hand.", "",
+           "by hand. Its runs were trained at commit(s) " + ", ".join(sorted(
+               {run.get("commit", "not recorded (before runs recorded theirs)") for by_seed in results.values()
+                for run in by_seed.values()})) + "; a study that resumes reads the runs it kept.", "",
            f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device "
            f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}; training + evaluation wall "
            f"time {seconds / 60:.1f} min (sum over runs), CPU time {cpu_seconds / 60:.1f} min (all threads: the work "
