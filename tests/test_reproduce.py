@@ -129,3 +129,16 @@ def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatc
     calls.clear()
     reproduce.classification_rows(study, 0, PAIRS)
     assert calls == []  # a finished seed is read back, not recomputed
+
+
+def test_the_report_names_its_commits_budget_and_classification_table(tmp_path):
+    results = fake_results({m: [(0.5, 0.8), (0.6, 0.7)] for m in ("srl", "2dmse", "smae+srl", "mlm+srl")})
+    results["srl"][0]["commit"] = "abc1234"
+    study = reproduce.parse_args(["--output_dir", str(tmp_path), "--seeds", "0", "1"])
+    classification = {s: {"MRL": {"1x8": 0.7, "2x16": 0.9}, "SRL + probe": {"1x8": 0.8, "2x16": 0.9}} for s in (0, 1)}
+    reproduce.write_report(study, results, PAIRS, 60.0, 90.0, "python bench/reproduce.py", classification)
+    text = open(study.results).read()
+    assert "trained at commit(s) abc1234, not recorded" in text
+    assert "300 steps x 8 crops of at most 128 tokens (at most 307,200 tokens)" in text
+    assert "## Classification" in text and "| 1,8 | 0.7000 +- 0.0000 | 0.8000 +- 0.0000 |" in text
+    assert "SMAE ablation (SMAE against mlm pre-training" in text
