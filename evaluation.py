@@ -395,14 +395,20 @@ def classification_costs(model, tokenizer, texts, pairs, num_classes, max_length
             for n, d in pairs}
 
 
-def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean", max_length=256,
-                   batch_size=32, num_classes=2):
-    """Eq. 20 at each threshold -> [{'threshold', 'accuracy', 'relative_cost', 'stopped': share per pair}].
+@dataclass
+class CascadeOutcomes:
+    """Every pair's answer to every text, from one forward pass: all that Eq. 20 needs to price any thresholds."""
+    confidence: torch.Tensor  # (N, P): max softmax probability of each pair's head
+    predicted: torch.Tensor  # (N, P): each pair's class
+    cost: np.ndarray  # (N, P): FLOPs of stopping at pair i (layers run + heads consulted) over the full pair's mean
+    gold: torch.Tensor  # (N,)
 
-    One forward pass gives every pair's prediction and confidence; each threshold then only picks, per example,
-    the first pair confident enough (what sb.cascade_classify decides, pass by pass: tested). The cost of an
-    example that stops at pair i: the encoder's first n_i layers (the pass is continued, never rerun) plus every
-    head it consulted (2 d_j C each), over the cost of classifying at the full pair."""
+
+def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling="mean", max_length=256, batch_size=32,
+                     num_classes=2):
+    """One forward pass per batch -> CascadeOutcomes. The cost of an example that stops at pair i: the encoder's
+    first n_i layers (the cascade continues its pass, never reruns it) plus every head it consulted (2 d_j C
+    each), over the mean cost of classifying at the full pair alone."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: less padding
     device = next(model.parameters()).device
     confidence, predicted, tokens = [], [], []
@@ -415,23 +421,56 @@ def cascade_points(model, tokenizer, texts, labels, classifier, pairs, threshold
             confidence.append(probabilities.amax(-1).cpu())  # (b, P)
             predicted.append(probabilities.argmax(-1).cpu())  # (b, P)
             tokens += enc["attention_mask"].sum(1).tolist()
-    confidence, predicted = torch.cat(confidence), torch.cat(predicted)  # (N, P) each
     per_layer = {n: np.array([flops.encoder_flops(model, n, t) for t in tokens]) for n in {n for n, _ in pairs}}
-    encoder_cost = np.stack([per_layer[n] for n, _ in pairs], 1)  # (N, P): layers run to stop at each pair
-    heads = np.cumsum([2 * d * num_classes for _, d in pairs])  # heads consulted up to pair i
+    heads = np.cumsum([2 * d * num_classes for _, d in pairs])  # (P,): heads consulted up to pair i
+    cost = np.stack([per_layer[n] for n, _ in pairs], 1) + heads  # (N, P)
     full = per_layer[pairs[-1][0]].mean() + 2 * pairs[-1][1] * num_classes  # the full pair alone, its head only
-    gold = torch.tensor([labels[i] for i in order])
-    points = []
-    for threshold in thresholds:
-        confident = confidence >= threshold
-        confident[:, -1] = True  # the last pair always answers
-        stopped = confident.float().argmax(1)  # (N,): the first confident pair
-        rows = torch.arange(len(stopped))
-        cost = encoder_cost[rows.numpy(), stopped.numpy()] + heads[stopped.numpy()]
-        points.append({"threshold": threshold, "accuracy": metrics.accuracy(predicted[rows, stopped], gold),
-                       "relative_cost": float(cost.mean() / full),
-                       "stopped": [float((stopped == i).float().mean()) for i in range(len(pairs))]})
-    return points
+    return CascadeOutcomes(torch.cat(confidence), torch.cat(predicted), cost / full,
+                           torch.tensor([labels[i] for i in order]))
+
+
+def cascade_point(outcomes, thresholds):
+    """Eq. 20 at one threshold for every pair, or one per pair (the last always answers), priced from outcomes
+    -> {'threshold', 'accuracy', 'relative_cost', 'stopped': share per pair}: what sb.cascade_classify decides,
+    pass by pass (tested)."""
+    confident = outcomes.confidence >= torch.as_tensor(thresholds, dtype=outcomes.confidence.dtype)  # (N, P)
+    confident[:, -1] = True
+    stopped = confident.float().argmax(1)  # (N,): the first pair confident enough
+    rows = torch.arange(len(stopped))
+    return {"threshold": thresholds, "accuracy": metrics.accuracy(outcomes.predicted[rows, stopped], outcomes.gold),
+            "relative_cost": float(outcomes.cost[rows.numpy(), stopped.numpy()].mean()),
+            "stopped": [float((stopped == i).float().mean()) for i in range(outcomes.confidence.shape[1])]}
+
+
+def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean", max_length=256,
+                   batch_size=32, num_classes=2):
+    """Eq. 20 at each of thresholds (a number, or one per pair) -> [cascade_point], from one forward pass."""
+    outcomes = cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling, max_length, batch_size,
+                                num_classes)
+    return [cascade_point(outcomes, threshold) for threshold in thresholds]
+
+
+THRESHOLD_GRID = [round(0.01 * i, 2) for i in range(100)] + [0.995, 0.999, 1.01]
+
+
+def choose_thresholds(outcomes, tolerance=0.005, grid=THRESHOLD_GRID):
+    """One threshold per pair (as MRL's cascade, one per size, chosen on held-out data) whose accuracy is at least
+    the full pair's minus tolerance, at a low expected cost -> (thresholds, their cascade_point). A local search:
+    from the cheapest single threshold of grid, move one pair's threshold at a time while that lowers the cost.
+    Never dearer than one threshold for all; not always the cheapest (a move of two at once can be needed)."""
+    pairs = outcomes.confidence.shape[1]
+    target = cascade_point(outcomes, 1.01)["accuracy"] - tolerance  # threshold > 1: every text at the full pair
+    best = min((q for q in map(lambda t: cascade_point(outcomes, t), grid) if q["accuracy"] >= target),
+               key=lambda q: q["relative_cost"])
+    thresholds, improved = [best["threshold"]] * pairs, True
+    while improved:
+        improved = False
+        for i in range(pairs - 1):  # the last pair always answers
+            for value in grid:
+                point = cascade_point(outcomes, thresholds[:i] + [value] + thresholds[i + 1:])
+                if point["accuracy"] >= target and point["relative_cost"] < best["relative_cost"] - 1e-12:
+                    best, thresholds, improved = point, point["threshold"], True
+    return thresholds, {**best, "threshold": thresholds}
 
 
 def plot_cascade(points, accuracy_by_pair, costs, pairs, path):

@@ -98,7 +98,7 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
     model, heads, enc, fresh = _setup(tokenizer)
     labels = [i % 3 for i in range(len(TEXTS))]
     confidence = sorted(v.max(-1).values.min().item() for v in fresh.values())
-    thresholds = [0.0, confidence[1] + 1e-4, 0.5, 1.01]
+    thresholds = [0.0, confidence[1] + 1e-4, 0.5, [confidence[1] + 1e-4, 0.9, 0.0], 1.01]
     points = evaluation.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean",
                                        batch_size=len(TEXTS), num_classes=3)
     tokens = enc["attention_mask"].sum(1).tolist()
@@ -112,6 +112,28 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
         assert point["stopped"] == pytest.approx([float((stopped == i).float().mean()) for i in range(len(PAIRS))])
         assert point["relative_cost"] == pytest.approx(sum(cost) / len(cost) / full)
     assert points[0]["stopped"][0] == 1 and points[-1]["stopped"][-1] == 1
+
+
+def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local_search():
+    """Four texts, three pairs costing 0.2 / 0.5 / 1 of the full pair. Text 2 is right at pair 2 with confidence
+    0.52, wrong at pair 1 with 0.55; text 3 is wrong at pairs 1-2. One threshold for all must exceed 0.55 and so
+    sends text 2 to the full pair (cost 0.6); one per pair stops it at pair 2 (0.475)."""
+    outcomes = evaluation.CascadeOutcomes(
+        confidence=torch.tensor([[0.9, 0.95, 0.99], [0.6, 0.9, 0.99], [0.55, 0.52, 0.99], [0.4, 0.5, 0.99]]),
+        predicted=torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 0]]),
+        cost=numpy.array([[0.2, 0.5, 1.0]] * 4), gold=torch.zeros(4, dtype=torch.long))
+    assert evaluation.cascade_point(outcomes, 0.56)["relative_cost"] == pytest.approx(0.6)
+    thresholds, point = evaluation.choose_thresholds(outcomes, tolerance=0.0)
+    assert 0.55 < thresholds[0] <= 0.6 and 0.5 < thresholds[1] <= 0.52
+    assert point["accuracy"] == 1.0 and point["relative_cost"] == pytest.approx(0.475)
+    assert point["stopped"] == [0.5, 0.25, 0.25] and point["threshold"] == thresholds
+    # One error allowed: 0.55 for all (text 2 stops wrong at pair 1) costs 0.4. Stopping text 3 at pair 2 instead
+    # would cost 0.35, but needs two thresholds moved at once (0.56, 0.5): each move alone adds an error or cost.
+    _, one_error = evaluation.choose_thresholds(outcomes, tolerance=0.25)
+    assert one_error["accuracy"] == 0.75 and one_error["relative_cost"] == pytest.approx(0.4)
+    assert evaluation.cascade_point(outcomes, [0.56, 0.5, 0.0]) == {"threshold": [0.56, 0.5, 0.0], "accuracy": 0.75,
+                                                                   "relative_cost": pytest.approx(0.35),
+                                                                   "stopped": [0.5, 0.5, 0.0]}
 
 
 def test_svd_directions_at_full_width_recover_the_full_accuracy():
