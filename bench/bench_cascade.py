@@ -39,9 +39,10 @@ def main():
     p.add_argument("--dataset", choices=sorted(data.CLASSIFICATION_SETS), default="tweets",
                    help="embedded labelled text (classify.py --dataset); tweets: enough test texts that 0.5 points is "
                         "not a single text")
-    p.add_argument("--max_train_samples", type=int, default=4000, help="training texts drawn from the split")
+    p.add_argument("--max_train_samples", type=int, default=5000, help="training texts drawn from the split")
     p.add_argument("--max_eval_samples", type=int, default=2000, help="test texts drawn from the split")
-    p.add_argument("--held_out", type=int, default=1000, help="training texts kept aside to choose the threshold")
+    p.add_argument("--held_out", type=int, default=2000, help="training texts kept aside to choose the thresholds "
+                   "(as many as the test texts: the choice is only as sure as its sample)")
     p.add_argument("--max_steps", type=int, default=200, help="--tuning full: optimizer steps (batch 16)")
     p.add_argument("--learning_rate", type=float, default=5e-5, help="--tuning full")
     p.add_argument("--repeats", type=int, default=5)
