@@ -101,7 +101,7 @@ def main():
     print(f"# one threshold for all pairs, chosen the same way ({one['threshold']}): on the test texts accuracy "
           f"{one_on_test['accuracy']:.4f}, relative cost {one_on_test['relative_cost']:.3f}")
     print(f"RATIO cascade_cost_vs_full_at_full_accuracy {chosen['relative_cost']:.3f} goal <=0.4")
-    print(f"RATIO cascade_accuracy_drop_points {100 * (full['accuracy'] - chosen['accuracy']):.1f} goal <=0.5")
+    print(f"RATIO cascade_accuracy_drop_points {100 * (full['accuracy'] - chosen['accuracy']):.2f} goal <=0.5")
     print(f"RATIO cascade_time_vs_full {ratio:.3f} goal <=0.6")
 
 
