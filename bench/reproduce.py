@@ -148,11 +148,11 @@ def run_all(study):
 
 
 def classification_rows(study, seed, pairs):
-    """{row: {'nxd': accuracy}} on classify.py's embedded --classification_dataset, split and subsampled by the
-    seed: MRL / MRL-E heads, the SVD and Rand. LP baselines and 1-NN on the starting encoder (frozen, probes), FF
-    as the study's separately trained encoders (Eq. 7) with a probe at their own pair, and the study's SRL
-    encoder with a probe. Kept in
-    <output_dir>/classification_<dataset>_<train>_<test>_seed<S>.json, so a finished seed is not recomputed."""
+    """{'rows': {row: {'nxd': accuracy}}, 'commit'} on classify.py's embedded --classification_dataset, split and
+    subsampled by the seed: MRL / MRL-E heads, the SVD and Rand. LP baselines and 1-NN on the starting encoder
+    (frozen, probes), FF as the study's separately trained encoders (Eq. 7) with a probe at their own pair, and
+    the study's SRL encoder with a probe. Kept in <output_dir>/classification_<dataset>_<train>_<test>_seed<S>.json
+    with the commit that computed it (the report names it), so a finished seed is not recomputed."""
     stem = f"classification_{study.classification_dataset}_{study.max_train_samples}_{study.max_eval_samples}_seed{seed}"
     done = os.path.join(study.output_dir, stem + ".json")
     if not os.path.exists(done):
@@ -174,9 +174,10 @@ def classification_rows(study, seed, pairs):
                                                      "--thresholds", "1.01")["MRL"])  # one pair: no cascade
         if "srl" in study.methods:
             rows["SRL + probe"] = accuracy(os.path.join(study.output_dir, f"srl_seed{seed}", "model"), "srl")["MRL"]
-        json.dump(rows, open(done + ".tmp", "w"))
+        json.dump({"rows": rows, "commit": _commit()}, open(done + ".tmp", "w"))
         os.replace(done + ".tmp", done)
-    return json.load(open(done))
+    saved = json.load(open(done))
+    return saved if "rows" in saved else {"rows": saved, "commit": None}  # kept before records named their commit
 
 
 def classification_table(by_seed, pairs):
@@ -295,15 +296,17 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
         out.append(f"| {pair[0]},{pair[1]} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in row.values()) + " |")
     out += ["", "## Verdicts on the paper's claims", ""] + verdicts(table, pairs, methods)
     if classification:
-        out += ["", f"## Classification: MRL's side (README Eq. 18-20), accuracy, mean +- std over {len(classification)} "
-                "seeds", "", f"Labelled text: {data.CLASSIFICATION_ABOUT[study.classification_dataset]}; each seed splits the set "
-                f"half/half and draws at most {study.max_train_samples} training and {study.max_eval_samples} test texts from "
+        out += ["", f"## Classification: MRL's side (README Eq. 18-20), accuracy, mean +- std over "
+                f"{len(classification)} seeds", "", f"Labelled text: "
+                f"{data.CLASSIFICATION_ABOUT[study.classification_dataset]}; each seed splits the set half/half and "
+                f"draws at most {study.max_train_samples} training and {study.max_eval_samples} test texts from "
                 "it (the std covers the split, the draw and the heads' initialisation). MRL, MRL-E, SVD, Rand. LP and "
                 "1-NN: the starting encoder, frozen, with probes (`classify.py`); SVD and Rand. LP take d coordinates "
                 "of the full pair's embedding. FF (separate): the study's separately trained encoders (Eq. 7), a "
                 "probe at each one's own pair. SRL + probe: the study's SRL encoder, frozen, MRL heads. Both were "
-                "fine-tuned on the retrieval data above, not on these labels.", ""]
-        out += classification_table(classification, pairs)
+                "fine-tuned on the retrieval data above, not on these labels. Computed at commit(s) " + ", ".join(
+                    sorted({r["commit"] or "not recorded" for r in classification.values()})) + ".", ""]
+        out += classification_table({seed: r["rows"] for seed, r in classification.items()}, pairs)
     if study.plot:
         means = {m: {d: {f"{n}x{k}": {metric: statistics.mean(r["results"][d][f"{n}x{k}"][metric]
                                                              for r in results[m].values())

