@@ -7,9 +7,10 @@ Trains full (Eq. 6), separate (Eq. 7), 2dmse (Eq. 9: sentence-transformers' Matr
 paper's STS row), 2dmse_retrieval (Eq. 9': the authors' retrieval code, the paper's MS MARCO row), mrl
 (Eq. 8), srl (Eq. 5), smae+srl (Eq. 13 pre-training, then Eq. 5) and the SMAE ablations mlm_2d+srl (the
 sliced MLM without the MAE decoder) and mlm+srl (plain MLM), each then SRL, on identical data, steps
-and seeds with the scripts a user runs; evaluates every layer x dim of the grid; writes RESULTS.md (mean +- std over seeds, the paper's numbers beside
-them, verdicts on the paper's three claims) and one heat map per method and metric. Each finished run
-is kept under --output_dir, so an interrupted study resumes where it stopped.
+and seeds with the scripts a user runs; evaluates every layer x dim of the grid; adds MRL's classification
+rows (classify.py); writes RESULTS.md (mean +- std over seeds, the paper's numbers beside them, verdicts on
+the paper's claims) and one heat map per method and metric. Each finished run is kept under --output_dir,
+so an interrupted study resumes where it stopped.
 """
 import argparse
 import json
