@@ -37,6 +37,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
     p.add_argument("--tuning", choices=("full", "probe"), default="full")
+    p.add_argument("--pairs", default=None, help="LAYERxDIM list in order of cost; default: the model's pairs")
     p.add_argument("--dataset", choices=sorted(data.CLASSIFICATION_SETS), default="tweets",
                    help="embedded labelled text (classify.py --dataset); tweets: enough test texts that 0.5 points is "
                         "not a single text")
@@ -59,7 +60,7 @@ def main():
     held, fit = order[:args.held_out], order[args.held_out:]
     model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))
     model.eval()
-    config, _ = models.read_config(models.resolve_model_path(args.model_name_or_path), model)
+    config, _ = models.read_config(models.resolve_model_path(args.model_name_or_path), model, args.pairs)
     pairs = config.pairs
     heads = sb.NestedClassifier(pairs, model.config.hidden_size, C)
     fit_texts, fit_y = [train_texts[i] for i in fit], torch.tensor([train_y[i] for i in fit])
