@@ -433,18 +433,32 @@ def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling
                            torch.tensor([labels[i] for i in order]))
 
 
-def cascade_point(outcomes, thresholds):
-    """Eq. 20 at one threshold for every pair, or one per pair (the last always answers), priced from outcomes
-    -> {'threshold', 'accuracy', 'relative_cost', 'stopped': share per pair}: what sb.cascade_classify decides,
-    pass by pass (tested)."""
+def cascade_answers(outcomes, thresholds):
+    """Eq. 20 text by text, read off outcomes -> (the class each text gets (N,), the index of the pair it stopped
+    at (N,)), in outcomes' order. thresholds: one for every pair, or one per pair (the last always answers)."""
     per_pair = torch.tensor(sb.cascade_thresholds(outcomes.pairs, thresholds), dtype=outcomes.confidence.dtype)
     confident = outcomes.confidence >= per_pair  # (N, P)
     confident[:, -1] = True
     stopped = confident.float().argmax(1)  # (N,): the first pair confident enough
-    rows = torch.arange(len(stopped))
-    return {"threshold": thresholds, "accuracy": metrics.accuracy(outcomes.predicted[rows, stopped], outcomes.gold),
-            "relative_cost": float(outcomes.cost[rows.numpy(), stopped.numpy()].mean()),
+    return outcomes.predicted[torch.arange(len(stopped)), stopped], stopped
+
+
+def cascade_point(outcomes, thresholds):
+    """Eq. 20 at one threshold for every pair, or one per pair (the last always answers), priced from outcomes
+    -> {'threshold', 'accuracy', 'relative_cost', 'stopped': share per pair}: what sb.cascade_classify decides,
+    pass by pass (tested)."""
+    predicted, stopped = cascade_answers(outcomes, thresholds)
+    return {"threshold": thresholds, "accuracy": metrics.accuracy(predicted, outcomes.gold),
+            "relative_cost": float(outcomes.cost[np.arange(len(stopped)), stopped.numpy()].mean()),
             "stopped": [float((stopped == i).float().mean()) for i in range(len(outcomes.pairs))]}
+
+
+def accuracy_drop(outcomes, thresholds):
+    """-> (accuracy of the full pair minus the cascade's on the same texts, the standard error of that paired
+    difference): how sure a drop measured on N texts is (the per-text difference is -1, 0 or 1)."""
+    right = [(cascade_answers(outcomes, t)[0] == outcomes.gold).double() for t in (1.01, thresholds)]  # (N,) each
+    lost = right[0] - right[1]  # (N,)
+    return float(lost.mean()), float(lost.std() / len(lost) ** 0.5) if len(lost) > 1 else float("nan")
 
 
 def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean", max_length=256,

@@ -81,6 +81,7 @@ def main():
     test_outcomes = outcomes(test_texts, test_y)
     chosen, full = evaluation.cascade_point(test_outcomes, threshold), evaluation.cascade_point(test_outcomes, 1.01)
     one_on_test = evaluation.cascade_point(test_outcomes, one["threshold"])
+    drop, error = evaluation.accuracy_drop(test_outcomes, threshold)
 
     enc = [tokenizer(test_texts[s:s + args.batch_size], padding=True, truncation=True, max_length=MAX_LENGTH,
                      return_tensors="pt") for s in range(0, len(test_texts), args.batch_size)]
@@ -102,7 +103,9 @@ def main():
     print(f"# one threshold for all pairs, chosen the same way ({one['threshold']}): on the test texts accuracy "
           f"{one_on_test['accuracy']:.4f}, relative cost {one_on_test['relative_cost']:.3f}")
     print(f"RATIO cascade_cost_vs_full_at_full_accuracy {chosen['relative_cost']:.3f} goal <=0.4")
-    print(f"RATIO cascade_accuracy_drop_points {100 * (full['accuracy'] - chosen['accuracy']):.2f} goal <=0.5")
+    print(f"# accuracy drop on the test texts {100 * drop:.2f} points, standard error of this paired difference "
+          f"{100 * error:.2f} points")
+    print(f"RATIO cascade_accuracy_drop_points {100 * drop:.2f} goal <=0.5")
     print(f"RATIO cascade_time_vs_full {ratio:.3f} goal <=0.6")
 
 

@@ -151,6 +151,11 @@ def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local
     assert evaluation.cascade_point(outcomes, [0.56, 0.5, 0.0]) == {"threshold": [0.56, 0.5, 0.0], "accuracy": 0.75,
                                                                    "relative_cost": pytest.approx(0.35),
                                                                    "stopped": [0.5, 0.5, 0.0]}
+    predicted, stopped = evaluation.cascade_answers(outcomes, [0.56, 0.5, 0.0])
+    assert predicted.tolist() == [0, 0, 0, 1] and stopped.tolist() == [0, 0, 1, 1]
+    # the full pair is right on all four, the cascade loses text 3: differences 0, 0, 0, 1; sample std 0.5 over sqrt 4
+    assert evaluation.accuracy_drop(outcomes, [0.56, 0.5, 0.0]) == pytest.approx((0.25, 0.25))
+    assert evaluation.accuracy_drop(outcomes, 1.01) == (0.0, 0.0)
 
 
 def test_svd_directions_at_full_width_recover_the_full_accuracy():
