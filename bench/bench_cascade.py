@@ -12,8 +12,9 @@ ImageNet validation images, evaluated on the other 40K). MRL picks each step's m
 here is the cost at the full pair's accuracy, so evaluation.choose_thresholds searches for the cheapest thresholds
 whose held-out accuracy is within 0.5 points of the full pair's. Those thresholds are then run on the test split
 beside the full pair: expected encoder + head FLOPs over the full pair's, accuracy drop in points and wall time
-over the full pair's (median of --repeats rounds, the two alternated) are the RATIO lines. The cheapest single
-threshold for all pairs, chosen the same way, is printed beside them.
+over the full pair's (median of --repeats rounds, the two alternated) are the RATIO lines; the drop's standard
+error (the paired difference, text by text) is printed beside it, and so is the cheapest single threshold for
+all pairs, chosen the same way. --pairs runs the cascade over other pairs (in order of cost).
 """
 import argparse
 import os
