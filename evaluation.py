@@ -472,28 +472,35 @@ def cascade_points(model, tokenizer, texts, labels, classifier, pairs, threshold
 THRESHOLD_GRID = [round(0.01 * i, 2) for i in range(100)] + [0.995, 0.999, 1.01]
 
 
-def cheapest_threshold(outcomes, tolerance=0.005, grid=THRESHOLD_GRID):
+def qualifies(outcomes, point, target, margin=0.0):
+    """A cascade_point reaches the target accuracy with margin standard errors of its drop (accuracy_drop) to
+    spare: a point chosen on held-out texts for reaching it is likely to have been lucky there."""
+    return point["accuracy"] - (margin * accuracy_drop(outcomes, point["threshold"])[1] if margin else 0.0) >= target
+
+
+def cheapest_threshold(outcomes, tolerance=0.005, grid=THRESHOLD_GRID, margin=0.0):
     """The cascade_point of the cheapest single threshold of grid whose accuracy is at least the full pair's
-    minus tolerance (grid ends above 1: every text at the full pair, which always qualifies)."""
+    minus tolerance, with margin (qualifies; grid ends above 1: every text at the full pair, which always does)."""
     target = cascade_point(outcomes, 1.01)["accuracy"] - tolerance
-    return min((q for q in (cascade_point(outcomes, t) for t in grid) if q["accuracy"] >= target),
+    return min((q for q in (cascade_point(outcomes, t) for t in grid) if qualifies(outcomes, q, target, margin)),
                key=lambda q: q["relative_cost"])
 
 
-def choose_thresholds(outcomes, tolerance=0.005, grid=THRESHOLD_GRID):
+def choose_thresholds(outcomes, tolerance=0.005, grid=THRESHOLD_GRID, margin=0.0):
     """One threshold per pair (as MRL's cascade, one per size, chosen on held-out data) whose accuracy is at least
-    the full pair's minus tolerance, at a low expected cost -> (thresholds, their cascade_point). A local search:
-    from cheapest_threshold, move one pair's threshold at a time while that lowers the cost. Never dearer than
-    one threshold for all; not always the cheapest (a move of two at once can be needed)."""
+    the full pair's minus tolerance, with margin (qualifies), at a low expected cost -> (thresholds, their
+    cascade_point). A local search: from cheapest_threshold, move one pair's threshold at a time while that lowers
+    the cost. Never dearer than one threshold for all; not always the cheapest (a move of two at once can be
+    needed)."""
     target = cascade_point(outcomes, 1.01)["accuracy"] - tolerance
-    best = cheapest_threshold(outcomes, tolerance, grid)
+    best = cheapest_threshold(outcomes, tolerance, grid, margin)
     thresholds, improved = [best["threshold"]] * len(outcomes.pairs), True
     while improved:
         improved = False
         for i in range(len(outcomes.pairs) - 1):  # the last pair always answers
             for value in grid:
                 point = cascade_point(outcomes, thresholds[:i] + [value] + thresholds[i + 1:])
-                if point["accuracy"] >= target and point["relative_cost"] < best["relative_cost"] - 1e-12:
+                if point["relative_cost"] < best["relative_cost"] - 1e-12 and qualifies(outcomes, point, target, margin):
                     best, thresholds, improved = point, point["threshold"], True
     return thresholds, {**best, "threshold": thresholds}
 

@@ -14,7 +14,9 @@ whose held-out accuracy is within 0.5 points of the full pair's. Those threshold
 beside the full pair: expected encoder + head FLOPs over the full pair's, accuracy drop in points and wall time
 over the full pair's (median of --repeats rounds, the two alternated) are the RATIO lines; the drop's standard
 error (the paired difference, text by text) is printed beside it, and so is the cheapest single threshold for
-all pairs, chosen the same way. --pairs runs the cascade over other pairs (in order of cost).
+all pairs, chosen the same way. --pairs runs the cascade over other pairs (in order of cost). --margin N asks the
+held-out accuracy to stay within 0.5 points with N standard errors to spare: the cheapest point that only just
+qualifies on held-out texts has often been lucky there (the winner's curse) and loses more on the test texts.
 """
 import argparse
 import os
@@ -46,6 +48,9 @@ def main():
     p.add_argument("--max_eval_samples", type=cli.positive_int, default=2000, help="test texts drawn from the split")
     p.add_argument("--held_out", type=cli.positive_int, default=2000, help="training texts kept aside to choose the thresholds "
                    "(as many as the test texts: the choice is only as sure as its sample)")
+    p.add_argument("--margin", type=cli.non_negative_float, default=0.0,
+                   help="choose only thresholds whose held-out accuracy minus this many standard errors of its drop is "
+                        "within 0.5 points (evaluation.qualifies): a guard against picking a lucky point")
     p.add_argument("--max_steps", type=cli.positive_int, default=200, help="--tuning full: optimizer steps (batch 16)")
     p.add_argument("--learning_rate", type=float, default=5e-5, help="--tuning full")
     p.add_argument("--repeats", type=cli.positive_int, default=5)
@@ -77,8 +82,8 @@ def main():
                                            args.batch_size, C)
     held_outcomes = outcomes([train_texts[i] for i in held], [train_y[i] for i in held])
     held_full = evaluation.cascade_point(held_outcomes, 1.01)  # threshold > 1: every example at the full pair
-    one = evaluation.cheapest_threshold(held_outcomes, 0.005)
-    threshold, held_chosen = evaluation.choose_thresholds(held_outcomes, 0.005)
+    one = evaluation.cheapest_threshold(held_outcomes, 0.005, margin=args.margin)
+    threshold, held_chosen = evaluation.choose_thresholds(held_outcomes, 0.005, margin=args.margin)
     test_outcomes = outcomes(test_texts, test_y)
     chosen, full = evaluation.cascade_point(test_outcomes, threshold), evaluation.cascade_point(test_outcomes, 1.01)
     one_on_test = evaluation.cascade_point(test_outcomes, one["threshold"])

@@ -156,6 +156,12 @@ def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local
     # the full pair is right on all four, the cascade loses text 3: differences 0, 0, 0, 1; sample std 0.5 over sqrt 4
     assert evaluation.accuracy_drop(outcomes, [0.56, 0.5, 0.0]) == pytest.approx((0.25, 0.25))
     assert evaluation.accuracy_drop(outcomes, 1.01) == (0.0, 0.0)
+    # margin 1: 0.55 for all is 0.75 accurate with a drop's standard error of 0.25, so it counts as 0.5
+    assert not evaluation.qualifies(outcomes, evaluation.cascade_point(outcomes, 0.55), 0.75, margin=1)
+    assert evaluation.qualifies(outcomes, evaluation.cascade_point(outcomes, 0.55), 0.5, margin=1)
+    assert evaluation.cheapest_threshold(outcomes, 0.25, margin=1)["relative_cost"] == pytest.approx(0.6)
+    _, sure = evaluation.choose_thresholds(outcomes, tolerance=0.25, margin=1)  # only errorless points qualify
+    assert sure["accuracy"] == 1.0 and sure["relative_cost"] == pytest.approx(0.475)
 
 
 def test_svd_directions_at_full_width_recover_the_full_accuracy():
