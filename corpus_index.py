@@ -467,9 +467,10 @@ def _candidates(scores, group_max, threshold):
         query, column = (scores[0] >= threshold[:, None]).nonzero(as_tuple=True)
         return query, column, scores[0, query, column]
     query, tile, group = (group_max >= threshold[:, None, None]).nonzero(as_tuple=True)  # groups to look into, by query
-    grouped = scores.view(tiles, num_queries, -1, GROUP)[tile, query, group]  # (groups, GROUP)
+    flat = (tile * num_queries + query) * (width // GROUP) + group  # their rows in scores.view(-1, GROUP)
+    grouped = scores.view(-1, GROUP).index_select(0, flat)  # (groups, GROUP); one copy of 64 floats per group
     hit, offset = (grouped >= threshold[query, None]).nonzero(as_tuple=True)
-    return query[hit], tile[hit] * width + group[hit] * GROUP + offset, grouped[hit, offset]
+    return query[hit], tile[hit] * width + group[hit] * GROUP + offset, grouped.view(-1)[hit * GROUP + offset]
 
 
 def _part_bound(scores, group_max, lists, k):
@@ -485,26 +486,36 @@ def _part_bound(scores, group_max, lists, k):
     return columns.topk(k, dim=1).values[:, -1]
 
 
-def merge_top_k(keys, rows, kth, part, ranks, first_row):
-    """Merge one part of a chunk (score_tiles) into the running top-k lists keys, rows (Qb, k), best first, and
-    their k-th best scores kth (Qb,) (-inf while a list is not full), in place."""
+def part_candidates(part, kth, k, ranks, first_row):
+    """The documents of one part of a chunk (score_tiles) that may enter top-k lists whose k-th best scores are
+    kth (Qb,) (-inf while a list is not full) -> (query, key, global row), (M,) each, by query, and the number of
+    candidates of each list (Qb,)."""
     first_column, scores, group_max = part
-    k = keys.shape[1]
     threshold = kth.clone()  # a score equal to the k-th may still enter on its docid
     not_full = threshold == float("-inf")
     if not_full.any():  # only the part's own top k can enter such a list
         threshold[not_full] = _part_bound(scores, group_max, not_full, k)
     query, column, score = _candidates(scores, group_max, threshold)  # (M,) each, by query
-    if not len(query):
-        return
     column = column + first_column
-    touched, slot, counts = torch.unique_consecutive(query, return_inverse=True, return_counts=True)
-    position = torch.arange(len(query), device=query.device) - (counts.cumsum(0) - counts)[slot]  # place in its row
-    new_keys = keys.new_full((len(touched), int(counts.max())), EMPTY)  # (T, most candidates of a row)
+    return query, _keys(score, ranks[column]), first_row + column, torch.bincount(query, minlength=len(kth))
+
+
+def merge_top_k(keys, rows, kth, candidates):
+    """Merge the candidates of several parts (part_candidates) into the running top-k lists keys, rows (Qb, k),
+    best first, and their k-th best scores kth (Qb,), in place."""
+    counts = torch.stack([count for *_, count in candidates])  # (P, Qb)
+    total = counts.sum(0)  # (Qb,)
+    touched = total.nonzero().squeeze(1)  # (T,) lists with candidates
+    if not len(touched):
+        return
+    slot = (total > 0).cumsum(0) - 1  # (Qb,) each touched list's row among the touched
+    new_keys = keys.new_full((len(touched), int(total.max())), EMPTY)  # (T, most candidates of a list)
     new_rows = torch.full_like(new_keys, -1)
-    new_keys[slot, position] = _keys(score, ranks[column])
-    new_rows[slot, position] = first_row + column
-    merged = torch.cat([keys[touched], new_keys], 1).topk(k, dim=1)  # (T, k), best first
+    for (query, key, row, count), earlier in zip(candidates, counts.cumsum(0) - counts):  # earlier parts' (Qb,)
+        position = torch.arange(len(query), device=query.device) - (count.cumsum(0) - count)[query] + earlier[query]
+        new_keys[slot[query], position] = key
+        new_rows[slot[query], position] = row
+    merged = torch.cat([keys[touched], new_keys], 1).topk(keys.shape[1], dim=1)  # (T, k), best first
     keys[touched] = merged.values
     rows[touched] = torch.cat([rows[touched], new_rows], 1).gather(1, merged.indices)
     kth[touched] = _scores_of(merged.values[:, -1])
@@ -530,12 +541,23 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     chunk_rows = chunk_rows or default_chunk_rows(block_size, pair[1])
     score_buffer = queries.new_empty(block_size * chunk_rows)  # reused for every chunk: no fresh pages to fault in
     max_buffer = queries.new_empty(block_size * chunk_rows // GROUP)
+    blocks = [slice(start, start + query_block) for start in range(0, len(queries), query_block)]
+    # Candidates wait until some list has k of them: a merge (a top-k over k + waiting) then serves many chunks,
+    # at the cost of thresholds that lag behind; the waiting stay O(Qb x k + one part).
+    waiting, waiting_per_list = [[] for _ in blocks], [0] * len(blocks)
     for first_row, vectors, ranks in chunks(index, pair, chunk_rows):  # (C, d), (C,)
         vectors, ranks = vectors.to(queries.device), ranks.to(queries.device)
-        for start in range(0, len(queries), query_block):
-            block = slice(start, start + query_block)
+        for b, block in enumerate(blocks):
             for part in score_tiles(queries[block], vectors, tile, score_buffer, max_buffer):
-                merge_top_k(keys[block], rows[block], kth[block], part, ranks, first_row)
+                found = part_candidates(part, kth[block], keys.shape[1], ranks, first_row)
+                waiting[b].append(found)
+                waiting_per_list[b] = waiting_per_list[b] + found[3]
+                if int(waiting_per_list[b].max()) >= keys.shape[1]:
+                    merge_top_k(keys[block], rows[block], kth[block], waiting[b])
+                    waiting[b], waiting_per_list[b] = [], 0
+    for b, block in enumerate(blocks):
+        if waiting[b]:
+            merge_top_k(keys[block], rows[block], kth[block], waiting[b])
     return _scores_of(keys), rows
 
 
