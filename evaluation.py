@@ -388,11 +388,20 @@ def print_adaptive(adaptive, datasets):
 # ----------------------------------------------------------------------------------------------
 # Classification with the sizes (Eq. 18-20): costs and the cascade's operating points
 
+def token_counts(tokenizer, texts, max_length=256):
+    """Tokens of each text after truncation, as the encoder sees them: [N]."""
+    return [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+
+
+def text_flops(model, tokens, layers):
+    """{n: (N,) encoder FLOPs of each text (tokens [N]) through the first n layers} for every n in layers."""
+    return {n: np.array([flops.encoder_flops(model, n, t) for t in tokens]) for n in set(layers)}
+
+
 def classification_costs(model, tokenizer, texts, pairs, num_classes, max_length=256):
     """{pair: mean FLOPs per text} of classifying at one pair: the encoder's first n layers + the head (2 d C)."""
-    tokens = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    return {(n, d): float(np.mean([flops.encoder_flops(model, n, t) for t in tokens])) + 2 * d * num_classes
-            for n, d in pairs}
+    per_layer = text_flops(model, token_counts(tokenizer, texts, max_length), [n for n, _ in pairs])
+    return {(n, d): float(per_layer[n].mean()) + 2 * d * num_classes for n, d in pairs}
 
 
 @dataclass
@@ -406,36 +415,34 @@ class CascadeOutcomes:
 
 
 def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling="mean", max_length=256, batch_size=32,
-                     num_classes=2):
-    """One forward pass per batch -> CascadeOutcomes. The cost of an example that stops at pair i: the encoder's
-    first n_i layers (the cascade continues its pass, never reruns it) plus every head it consulted (2 d_j C
-    each), over the mean cost of classifying at the full pair alone."""
+                     num_classes=2, features=None):
+    """One forward pass per batch (encode_2d) -> CascadeOutcomes, in the texts' order. The cost of an example that
+    stops at pair i: the encoder's first n_i layers (the cascade continues its pass, never reruns it) plus every
+    head it consulted (2 d_j C each), over the mean cost of classifying at the full pair alone.
+
+    features: encode_2d's {pair: (N, d)} of these texts with the same max_length and batch_size (so the same
+    batches and values), when the caller has them already: no second pass.
+    """
     sb.cascade_thresholds(pairs, 0.0)  # pairs in order of layer, as the cascade runs them
     if not texts or len(texts) != len(labels):
         raise ValueError(f"the cascade needs texts and one label each, got {len(texts)} texts, {len(labels)} labels")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: less padding
-    device = next(model.parameters()).device
-    confidence, predicted, tokens = [], [], []
+    if features is None:
+        features = sb.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size)
+    device = next(classifier.parameters()).device
     with torch.no_grad():
-        for s in range(0, len(texts), batch_size):
-            enc = tokenizer([texts[i] for i in order[s:s + batch_size]], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt").to(device)
-            e = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], pairs, pooling)
-            probabilities = torch.stack([classifier.logits(p, e[p]).softmax(-1) for p in pairs], 1)  # (b, P, C)
-            confidence.append(probabilities.amax(-1).cpu())  # (b, P)
-            predicted.append(probabilities.argmax(-1).cpu())  # (b, P)
-            tokens += enc["attention_mask"].sum(1).tolist()
-    per_layer = {n: np.array([flops.encoder_flops(model, n, t) for t in tokens]) for n in {n for n, _ in pairs}}
+        probabilities = torch.stack([classifier.logits(p, features[p].to(device)).softmax(-1).cpu() for p in pairs],
+                                    1)  # (N, P, C)
+    per_layer = text_flops(model, token_counts(tokenizer, texts, max_length), [n for n, _ in pairs])
     heads = np.cumsum([2 * d * num_classes for _, d in pairs])  # (P,): heads consulted up to pair i
     cost = np.stack([per_layer[n] for n, _ in pairs], 1) + heads  # (N, P)
     full = per_layer[pairs[-1][0]].mean() + 2 * pairs[-1][1] * num_classes  # the full pair alone, its head only
-    return CascadeOutcomes(list(pairs), torch.cat(confidence), torch.cat(predicted), cost / full,
-                           torch.tensor([labels[i] for i in order]))
+    return CascadeOutcomes(list(pairs), probabilities.amax(-1), probabilities.argmax(-1), cost / full,
+                           torch.tensor(list(labels)))
 
 
 def cascade_answers(outcomes, thresholds):
     """Eq. 20 text by text, read off outcomes -> (the class each text gets (N,), the index of the pair it stopped
-    at (N,)), in outcomes' order. thresholds: one for every pair, or one per pair (the last always answers)."""
+    at (N,)), in the texts' order. thresholds: one for every pair, or one per pair (the last always answers)."""
     per_pair = torch.tensor(sb.cascade_thresholds(outcomes.pairs, thresholds), dtype=outcomes.confidence.dtype)
     confident = outcomes.confidence >= per_pair  # (N, P)
     confident[:, -1] = True
@@ -462,10 +469,11 @@ def accuracy_drop(outcomes, thresholds):
 
 
 def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean", max_length=256,
-                   batch_size=32, num_classes=2):
-    """Eq. 20 at each of thresholds (a number, or one per pair) -> [cascade_point], from one forward pass."""
+                   batch_size=32, num_classes=2, features=None):
+    """Eq. 20 at each of thresholds (a number, or one per pair) -> [cascade_point], from one forward pass (none
+    with features: see cascade_outcomes)."""
     outcomes = cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling, max_length, batch_size,
-                                num_classes)
+                                num_classes, features)
     return [cascade_point(outcomes, threshold) for threshold in thresholds]
 
 

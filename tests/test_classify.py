@@ -116,6 +116,9 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
         assert point["stopped"] == pytest.approx([float((stopped == i).float().mean()) for i in range(len(PAIRS))])
         assert point["relative_cost"] == pytest.approx(sum(cost) / len(cost) / full)
     assert points[1]["accuracy"] == 1.0 and points[1]["stopped"] == pytest.approx([0.5, 1 / 6, 1 / 3])
+    features = sb.encode_2d(model, tokenizer, TEXTS, PAIRS + [(3, 32)], "mean", 256, 4)  # as classify.py has them
+    assert evaluation.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean", batch_size=4,
+                                     num_classes=3, features=features) == points
     assert points[0]["stopped"][0] == 1 and points[-1]["stopped"][-1] == 1
     with pytest.raises(ValueError, match="one threshold per pair"):
         evaluation.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, [[0.5, 0.5]], "mean")
