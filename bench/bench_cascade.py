@@ -59,14 +59,15 @@ def main():
     p.add_argument("--learning_rate", type=float, default=5e-5, help="--tuning full")
     p.add_argument("--repeats", type=cli.positive_int, default=5)
     p.add_argument("--batch_size", type=cli.positive_int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="the split, the texts drawn, the held-out cut, the training")
     args = p.parse_args()
-    torch.manual_seed(0)
-    split = data.CLASSIFICATION_SETS[args.dataset](seed=0)
-    (train_texts, train_y), C = data.subsample(*split["train"], args.max_train_samples), len(split["labels"])
-    test_texts, test_y = data.subsample(*split["test"], args.max_eval_samples, part="test")
+    torch.manual_seed(args.seed)
+    split = data.CLASSIFICATION_SETS[args.dataset](seed=args.seed)
+    (train_texts, train_y), C = data.subsample(*split["train"], args.max_train_samples, args.seed), len(split["labels"])
+    test_texts, test_y = data.subsample(*split["test"], args.max_eval_samples, args.seed, part="test")
     if not 0 < args.held_out < len(train_texts):
         p.error(f"--held_out {args.held_out} must leave training texts: {args.dataset} gives {len(train_texts)}")
-    order = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held, fit = order[:args.held_out], order[args.held_out:]
     model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))
     model.eval()
@@ -76,7 +77,8 @@ def main():
     fit_texts, fit_y = [train_texts[i] for i in fit], torch.tensor([train_y[i] for i in fit])
     if args.tuning == "full":
         model, heads = training.train_classifier_end_to_end(model, tokenizer, heads, fit_texts, fit_y, config.pooling,
-                                                            args.max_steps, 16, args.learning_rate, 1e-4, MAX_LENGTH, 0)
+                                                            args.max_steps, 16, args.learning_rate, 1e-4, MAX_LENGTH,
+                                                            args.seed)
     else:
         features = sb.encode_2d(model, tokenizer, fit_texts, pairs, config.pooling, MAX_LENGTH, args.batch_size)
         heads = training.fit_probe(heads, features, fit_y)
@@ -104,7 +106,7 @@ def main():
         for run in runs.values():  # a warm-up round, untimed
             run()
         ratio, cascade_s, full_s = median_ratio(runs["cascade"], runs["full"], args.repeats)
-    print(f"# {args.model_name_or_path}, tuning {args.tuning}, on {args.dataset}: heads fitted on {len(fit)} texts, "
+    print(f"# {args.model_name_or_path}, tuning {args.tuning}, on {args.dataset} (seed {args.seed}): heads fitted on {len(fit)} texts, "
           f"thresholds chosen on {len(held)} held-out texts ({threshold[:-1]} for the pairs but the last; held-out "
           f"accuracy {held_chosen['accuracy']:.4f}, full pair {held_full['accuracy']:.4f}); on the {len(test_texts)} "
           f"test texts: "
