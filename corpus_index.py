@@ -543,7 +543,7 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     max_buffer = queries.new_empty(block_size * chunk_rows // GROUP)
     blocks = [slice(start, start + query_block) for start in range(0, len(queries), query_block)]
     # Candidates wait until some list has k of them: a merge (a top-k over k + waiting) then serves many chunks,
-    # at the cost of thresholds that lag behind; the waiting stay O(Qb x k + one part).
+    # at the cost of thresholds that lag behind; fewer than k wait per list (+ one part), O(Q x k) as the lists.
     waiting, waiting_per_list = [[] for _ in blocks], [0] * len(blocks)
     for first_row, vectors, ranks in chunks(index, pair, chunk_rows):  # (C, d), (C,)
         vectors, ranks = vectors.to(queries.device), ranks.to(queries.device)
