@@ -428,6 +428,9 @@ def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling
         raise ValueError(f"the cascade needs texts and one label each, got {len(texts)} texts, {len(labels)} labels")
     if features is None:
         features = sb.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size)
+    elif any(p not in features or len(features[p]) != len(texts) for p in pairs):
+        raise ValueError(f"features must hold every pair of {list(pairs)} for the {len(texts)} texts, got "
+                         f"{ {p: len(v) for p, v in features.items()} }")
     device = next(classifier.parameters()).device
     with torch.no_grad():
         probabilities = torch.stack([classifier.logits(p, features[p].to(device)).softmax(-1).cpu() for p in pairs],

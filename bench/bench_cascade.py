@@ -67,6 +67,8 @@ def main():
     test_texts, test_y = data.subsample(*split["test"], args.max_eval_samples, args.seed, part="test")
     if not 0 < args.held_out < len(train_texts):
         p.error(f"--held_out {args.held_out} must leave training texts: {args.dataset} gives {len(train_texts)}")
+    if args.margin and args.held_out < 2:
+        p.error("--margin needs at least 2 held-out texts: a standard error of one text is undefined")
     order = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held, fit = order[:args.held_out], order[args.held_out:]
     model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))

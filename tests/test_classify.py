@@ -119,6 +119,8 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
     features = sb.encode_2d(model, tokenizer, TEXTS, PAIRS + [(3, 32)], "mean", 256, 4)  # as classify.py has them
     assert evaluation.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean", batch_size=4,
                                      num_classes=3, features=features) == points
+    with pytest.raises(ValueError, match="features must hold every pair"):
+        evaluation.cascade_points(model, tokenizer, TEXTS[:-1], labels[:-1], heads, PAIRS, [0.5], features=features)
     assert points[0]["stopped"][0] == 1 and points[-1]["stopped"][-1] == 1
     with pytest.raises(ValueError, match="one threshold per pair"):
         evaluation.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, [[0.5, 0.5]], "mean")
