@@ -29,7 +29,8 @@ so ties come out as trec_eval orders them: score descending, then docid descendi
 float32 (float16 storage is converted chunk by chunk). A chunk is scored in tiles of rows small enough that a
 tile's scores are still in cache when their maximum per group of 64 is taken; only the groups whose maximum
 reaches a query's current k-th score are looked into, so after the first chunks the top-k costs about one
-pass of max over the scores.
+pass of max over the scores. At depths of 512 and more, each list starts at a floor taken from a sample of the
+corpus, which skips most of what the first chunks would have let in (exact: a list left short is searched again).
 """
 import hashlib
 import json
@@ -55,6 +56,7 @@ EMPTY = torch.iinfo(torch.int64).min  # the key of an empty slot in a top-k list
 GROUP = 64  # scores per group in the top-k pre-filter: one max per group is compared with the k-th score
 TILE_BYTES = 2 ** 20  # one matmul's scores, kept in cache for their group maxima
 SCORE_BYTES = 2 ** 24  # one chunk's scores: the top-k lists are merged once per chunk
+SEED_RANK = 64  # a seeded search starts each list at the SEED_RANK-th best score of a sample (seed_floors)
 _BAD_DOCID = re.compile(r"[\s\x00]")  # TREC run files split on whitespace; numpy bytes drop trailing NULs
 
 
@@ -456,6 +458,14 @@ def score_tiles(queries, vectors, tile, score_buffer, max_buffer):
     return parts
 
 
+def _at_least(values, threshold):
+    """Flat positions (M,), ascending, of values >= threshold (broadcast against values). On a CPU through numpy,
+    whose comparison and nonzero are several times faster than torch's here (bench/bench_scale.py times both)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(values.numpy() >= threshold.numpy()))
+    return (values >= threshold).view(-1).nonzero().squeeze(1)
+
+
 def _candidates(scores, group_max, threshold):
     """(query, column, score) of every score of a part >= its query's threshold, by query then column: (M,) each.
 
@@ -464,13 +474,15 @@ def _candidates(scores, group_max, threshold):
     """
     tiles, num_queries, width = scores.shape
     if group_max is None:  # one tile
-        query, column = (scores[0] >= threshold[:, None]).nonzero(as_tuple=True)
-        return query, column, scores[0, query, column]
-    query, tile, group = (group_max >= threshold[:, None, None]).nonzero(as_tuple=True)  # groups to look into, by query
-    flat = (tile * num_queries + query) * (width // GROUP) + group  # their rows in scores.view(-1, GROUP)
-    grouped = scores.view(-1, GROUP).index_select(0, flat)  # (groups, GROUP); one copy of 64 floats per group
-    hit, offset = (grouped >= threshold[query, None]).nonzero(as_tuple=True)
-    return query[hit], tile[hit] * width + group[hit] * GROUP + offset, grouped.view(-1)[hit * GROUP + offset]
+        flat = _at_least(scores[0], threshold[:, None])  # query * width + column
+        return flat // width, flat % width, scores[0].reshape(-1)[flat]
+    groups = width // GROUP  # per tile
+    flat = _at_least(group_max, threshold[:, None, None])  # groups to look into: (query * tiles + tile) * groups + group
+    query, tile, group = flat // (tiles * groups), flat // groups % tiles, flat % groups
+    grouped = scores.view(-1, GROUP).index_select(0, (tile * num_queries + query) * groups + group)  # (G, GROUP)
+    hit = _at_least(grouped, threshold[query, None])  # group * GROUP + offset
+    within = hit // GROUP
+    return query[within], tile[within] * width + group[within] * GROUP + hit % GROUP, grouped.view(-1)[hit]
 
 
 def _part_bound(scores, group_max, lists, k):
@@ -521,27 +533,64 @@ def merge_top_k(keys, rows, kth, candidates):
     kth[touched] = _scores_of(merged.values[:, -1])
 
 
+def seed_sample(num_docs, k):
+    """Rows (S,) of an even sample of S = SEED_RANK N / (2k) documents, whose SEED_RANK-th best score about 2k
+    documents of the corpus reach; None where S > N / 16 (k < 8 SEED_RANK), too costly for what it saves, or
+    where the corpus has fewer than 2k documents."""
+    size = -(-SEED_RANK * num_docs // (2 * k))
+    return torch.arange(size) * num_docs // size if 16 * size <= num_docs and num_docs >= 2 * k else None
+
+
+def seed_floors(index, pair, queries, k, query_block, chunk_rows):
+    """A floor (Q,) under each query's k-th best score, or None: the SEED_RANK-th best score of seed_sample's rows.
+
+    The first chunks are where most documents enter the lists and cost most; starting each list at its floor
+    skips what cannot reach the final top k. Exact wherever k documents reach the floor (every skipped one scores
+    below all of them); search() searches again, without floors, the queries whose lists end short.
+    """
+    sample = seed_sample(index.num_docs, k)
+    if sample is None:
+        return None
+    layer = map_layer(index, pair[0])
+    best = queries.new_full((len(queries), min(SEED_RANK, len(sample))), float("-inf"))  # (Q, r) best sampled scores
+    for start in range(0, len(sample), chunk_rows):
+        vectors = gather(index, pair, sample[start:start + chunk_rows], layer)[0].to(queries.device)  # (P, d)
+        for block in range(0, len(queries), query_block):
+            both = torch.cat([best[block:block + query_block], queries[block:block + query_block] @ vectors.T], 1)
+            best[block:block + query_block] = both.topk(best.shape[1], dim=1).values
+    return best[:, -1]
+
+
 @torch.no_grad()
-def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, tile_rows=None):
+def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, tile_rows=None, seed=True):
     """Exact search at one pair (Eq. 2), streamed over the shards -> (scores, rows), each (Q, min(depth, N)).
 
     queries (Q, d): e^(n,d) of the queries, L2-normalised when the index is cosine (as encode_2d(normalize=True)
     gives them); the search runs on their device. Every chunk of rows is scored against every block of queries
     and merged into a running top-k; rows are global row numbers (docids(index, rows) names them), best first
     in trec_eval's order. chunk_rows (rows read and merged at a time) and tile_rows (rows per matmul) default to
-    sizes that suit a CPU's cache; on a GPU, larger chunks and tile_rows = chunk_rows.
+    sizes that suit a CPU's cache; on a GPU, larger chunks and tile_rows = chunk_rows. seed: start the lists at
+    seed_floors (the same result, sooner at depths of 512 and more).
     """
     _check_pair(index, pair)
     queries = _check_queries(index, pair, queries)
     keys = torch.full((len(queries), min(depth, index.num_docs)), EMPTY, dtype=torch.int64, device=queries.device)  # (Q, k)
     rows = torch.full_like(keys, -1)  # (Q, k)
-    kth = torch.full((len(queries),), float("-inf"), device=queries.device)  # (Q,)
     block_size = min(len(queries), query_block)
     tile = tile_rows or default_tile_rows(block_size, pair[1])
     chunk_rows = chunk_rows or default_chunk_rows(block_size, pair[1])
+    floors = seed_floors(index, pair, queries, keys.shape[1], query_block, chunk_rows) if seed else None  # (Q,)
+    kth = floors.clone() if floors is not None else torch.full((len(queries),), float("-inf"), device=queries.device)
     score_buffer = queries.new_empty(block_size * chunk_rows)  # reused for every chunk: no fresh pages to fault in
     max_buffer = queries.new_empty(block_size * chunk_rows // GROUP)
     blocks = [slice(start, start + query_block) for start in range(0, len(queries), query_block)]
+
+    def merge(b):
+        merge_top_k(keys[blocks[b]], rows[blocks[b]], kth[blocks[b]], waiting[b])
+        if floors is not None:  # a list that is not full yet keeps its floor
+            torch.maximum(kth[blocks[b]], floors[blocks[b]], out=kth[blocks[b]])
+        waiting[b], waiting_per_list[b] = [], 0
+
     # Candidates wait until some list has k of them: a merge (a top-k over k + waiting) then serves many chunks,
     # at the cost of thresholds that lag behind; fewer than k wait per list (+ one part), O(Q x k) as the lists.
     waiting, waiting_per_list = [[] for _ in blocks], [0] * len(blocks)
@@ -553,12 +602,16 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
                 waiting[b].append(found)
                 waiting_per_list[b] = waiting_per_list[b] + found[3]
                 if int(waiting_per_list[b].max()) >= keys.shape[1]:
-                    merge_top_k(keys[block], rows[block], kth[block], waiting[b])
-                    waiting[b], waiting_per_list[b] = [], 0
-    for b, block in enumerate(blocks):
+                    merge(b)
+    for b in range(len(blocks)):
         if waiting[b]:
-            merge_top_k(keys[block], rows[block], kth[block], waiting[b])
-    return _scores_of(keys), rows
+            merge(b)
+    scores = _scores_of(keys)
+    short = keys[:, -1] == EMPTY  # (Q,) only where fewer than k documents reached a floor
+    if short.any():
+        scores[short], rows[short] = search(index, pair, queries[short], depth, query_block, chunk_rows, tile_rows,
+                                            seed=False)
+    return scores, rows
 
 
 def _check_queries(index, pair, queries):

@@ -15,3 +15,13 @@ def median_ratio(numerator, denominator, rounds):
             log.append(time.perf_counter() - start)
         ratios.append(times[0][-1] / times[1][-1])
     return statistics.median(ratios), statistics.median(times[0]), statistics.median(times[1])
+
+
+def fastest(run, times):
+    """The shortest of `times` wall times of run(), in seconds."""
+    best = float("inf")
+    for _ in range(times):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best

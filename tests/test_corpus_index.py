@@ -65,14 +65,17 @@ def random_qrels(qids, docids, seed=0):
 
 @pytest.mark.parametrize("depth, shard_size, chunk_rows, tile_rows, query_block", [
     (10, 300, 256, 64, 64), (100, 300, 128, 128, 5), (1000, 1000, None, None, 1024), (5000, 77, 64, 64, 16),
-    (1, 1000, 512, 64, 37)])
+    (1, 1000, 512, 64, 37), (600, 700, 256, 64, 16)])
 def test_streamed_search_equals_the_dense_path_exactly_with_ties(tmp_path, depth, shard_size, chunk_rows, tile_rows,
                                                                  query_block):
-    """Chunks of whole tiles (group maxima), of left-over rows, and a whole shard in one matmul."""
+    """Chunks of whole tiles (group maxima), of left-over rows, and a whole shard in one matmul; at depth 600 over
+    4,000 documents the lists start at seeded floors."""
+    num_docs = 4000 if depth == 600 else 1000
+    assert (ci.seed_sample(num_docs, min(depth, num_docs)) is not None) == (depth == 600)
     g = torch.Generator().manual_seed(0)
-    vectors = torch.randint(-2, 3, (1000, 8), generator=g).float() / 4  # exact dot products in any order: many ties
+    vectors = torch.randint(-2, 3, (num_docs, 8), generator=g).float() / 4  # exact dot products in any order: many ties
     queries = torch.randint(-2, 3, (37, 8), generator=g).float() / 4
-    docids, qids = shuffled_docids(1000), [f"q{i}" for i in range(37)]
+    docids, qids = shuffled_docids(num_docs), [f"q{i}" for i in range(37)]
     qrels = random_qrels(qids, docids)
     index = build_index(str(tmp_path), docids, {1: vectors}, shard_size)
     for d in (3, 8):  # a prefix pair and the stored width
@@ -83,6 +86,40 @@ def test_streamed_search_equals_the_dense_path_exactly_with_ties(tmp_path, depth
         assert [list(run[q].items()) for q in qids] == [list(dense[q].items()) for q in qids]  # order and scores
         assert metrics.retrieval_scores(judged_ranks_of_run(run, qids, qrels), qrels, depth) == \
             metrics.retrieval_scores(metrics.judged_ranks(dense_scores, docids, qids, qrels), qrels, depth)
+
+
+def test_seeded_floors_skip_documents_and_lists_left_short_are_searched_again(tmp_path):
+    """Seeding on a random corpus skips documents (fewer candidates) and gives the unseeded result. A corpus whose
+    sample misleads (only sampled rows near the query) leaves lists short of k above their floors: those queries
+    are searched again without floors, and the result is still the dense path's."""
+    g = torch.Generator().manual_seed(5)
+    num_docs, k = 6000, 600
+    sample = ci.seed_sample(num_docs, k)
+    assert sample is not None and len(sample) == -(-ci.SEED_RANK * num_docs // (2 * k))
+    vectors = F.normalize(torch.randn(num_docs, 16, generator=g), dim=-1)
+    queries = F.normalize(torch.randn(7, 16, generator=g), dim=-1)
+    index = build_index(str(tmp_path / "random"), [str(i) for i in range(num_docs)], {2: vectors}, shard_size=2500)
+    floors = ci.seed_floors(index, (2, 16), queries, k, query_block=4, chunk_rows=100)
+    dense = queries @ vectors.T  # (Q, N)
+    reaching = (dense >= floors[:, None]).sum(1)
+    assert (reaching >= k).all() and (reaching < num_docs / 2).all()  # a floor that skips most documents
+    assert [t.tolist() for t in ci.search(index, (2, 16), queries, k, 4, 256, 64)] == \
+        [t.tolist() for t in ci.search(index, (2, 16), queries, k, 4, 256, 64, seed=False)]
+
+    misleading = vectors.clone()
+    misleading[:, 0] = -1.0  # every document far from the first query ...
+    misleading[sample[:ci.SEED_RANK], 0] = 1.0  # ... except SEED_RANK sampled ones: its floor is reached by 64 < k
+    docids, qids = shuffled_docids(num_docs), [f"q{i}" for i in range(8)]
+    index = build_index(str(tmp_path / "misleading"), docids, {2: misleading}, shard_size=2500)
+    first = torch.zeros(1, 16)
+    first[0, 0] = 1.0
+    queries = torch.cat([first, queries])
+    floors = ci.seed_floors(index, (2, 16), queries, k, query_block=4, chunk_rows=100)
+    dense = queries @ misleading.T  # (Q, N); the first query's scores are all +-1: ties in trec_eval's order
+    assert int((dense[0] >= floors[0]).sum()) == ci.SEED_RANK < k
+    run = ci.run_from_hits(index, *ci.search(index, (2, 16), queries, k, 4, 256, 64), qids)
+    expected = metrics.run_from_scores(dense, docids, qids, k)
+    assert [list(run[q].items()) for q in qids] == [list(expected[q].items()) for q in qids]
 
 
 def test_float_ties_constructed_on_purpose_keep_trec_eval_order(tmp_path):
