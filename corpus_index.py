@@ -353,24 +353,21 @@ def chunks(index, pair, chunk_rows):
         del layer
 
 
-def map_layer(index, n):
-    """Every shard's layer-n file, memory-mapped (nothing is read until rows are indexed): [(rows, D_n)]."""
-    return [_map(_layer_file(index, shard, n)) for shard in range(len(index.shard_rows))]
-
-
-def gather(index, pair, rows, layer=None):
+def gather(index, pair, rows):
     """Vectors (M, d) float32 and docid ranks (M,) of global rows (M,), read from the memory-mapped shards.
 
-    layer: map_layer(index, n), to map the files once for many calls.
+    One shard's file is mapped at a time and unmapped once its rows are copied: rows spread over the whole
+    corpus would otherwise leave every file's pages in this process's resident memory.
     """
     n, d = pair
-    layer = layer or map_layer(index, n)
     rows = rows.cpu().numpy()
     shard_of = np.searchsorted(index.shard_starts, rows, side="right") - 1  # (M,)
     stored = np.empty((len(rows), d), dtype=DTYPES[index.dtype])  # (M, d) as stored
     for shard in np.unique(shard_of).tolist():
         mine = np.flatnonzero(shard_of == shard)
-        stored[mine] = layer[shard][rows[mine] - index.shard_starts[shard], :d]
+        layer = _map(_layer_file(index, shard, n))  # (rows, D_n)
+        stored[mine] = layer[rows[mine] - index.shard_starts[shard], :d]
+        del layer
     ranks = _map(os.path.join(index.folder, DOCID_RANK))[rows]
     return _prepare(stored, index.normalize, torch.empty(len(rows), d)), torch.from_numpy(ranks)
 
@@ -551,10 +548,9 @@ def seed_floors(index, pair, queries, k, query_block, chunk_rows):
     sample = seed_sample(index.num_docs, k)
     if sample is None:
         return None
-    layer = map_layer(index, pair[0])
     best = queries.new_full((len(queries), min(SEED_RANK, len(sample))), float("-inf"))  # (Q, r) best sampled scores
     for start in range(0, len(sample), chunk_rows):
-        vectors = gather(index, pair, sample[start:start + chunk_rows], layer)[0].to(queries.device)  # (P, d)
+        vectors = gather(index, pair, sample[start:start + chunk_rows])[0].to(queries.device)  # (P, d)
         for block in range(0, len(queries), query_block):
             both = torch.cat([best[block:block + query_block], queries[block:block + query_block] @ vectors.T], 1)
             best[block:block + query_block] = both.topk(best.shape[1], dim=1).values
@@ -642,12 +638,11 @@ def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk
     scores, rows = search(index, pairs[0], queries[0], keep[0], query_block, chunk_rows, tile_rows)  # (Q, k_1)
     for pair, stage_queries, k in zip(pairs[1:], queries[1:], keep[1:]):
         stage_queries = _check_queries(index, pair, stage_queries)
-        layer = map_layer(index, pair[0])
         block = max(1, 2 ** 24 // (rows.shape[1] * pair[1]))  # queries per gather: about 64 MB of vectors
         next_scores, next_rows = [], []
         for start in range(0, len(rows), block):
             shortlist = rows[start:start + block]  # (Qb, k_prev)
-            vectors, ranks = gather(index, pair, shortlist.reshape(-1), layer)  # (Qb * k_prev, d), (Qb * k_prev,)
+            vectors, ranks = gather(index, pair, shortlist.reshape(-1))  # (Qb * k_prev, d), (Qb * k_prev,)
             vectors = vectors.to(rows.device).view(*shortlist.shape, pair[1])  # (Qb, k_prev, d)
             stage = torch.bmm(vectors, stage_queries[start:start + block].unsqueeze(2)).squeeze(2)  # (Qb, k_prev)
             top = _keys(stage, ranks.to(rows.device).view(shortlist.shape)).topk(k, dim=1)
