@@ -354,20 +354,24 @@ def chunks(index, pair, chunk_rows):
 
 
 def gather(index, pair, rows):
-    """Vectors (M, d) float32 and docid ranks (M,) of global rows (M,), read from the memory-mapped shards.
+    """Vectors (M, d) float32 and docid ranks (M,) of global rows (M,), read from the shards' files.
 
-    One shard's file is mapped at a time and unmapped once its rows are copied: rows spread over the whole
-    corpus would otherwise leave every file's pages in this process's resident memory.
+    Each row's first d values are read with one pread: rows spread over the corpus would cost a page fault
+    each through a fresh memory map (and leave every file's pages resident), about twice the time here.
     """
     n, d = pair
     rows = rows.cpu().numpy()
     shard_of = np.searchsorted(index.shard_starts, rows, side="right") - 1  # (M,)
     stored = np.empty((len(rows), d), dtype=DTYPES[index.dtype])  # (M, d) as stored
+    row_bytes = index.widths[n] * stored.itemsize
     for shard in np.unique(shard_of).tolist():
         mine = np.flatnonzero(shard_of == shard)
-        layer = _map(_layer_file(index, shard, n))  # (rows, D_n)
-        stored[mine] = layer[rows[mine] - index.shard_starts[shard], :d]
-        del layer
+        path = _layer_file(index, shard, n)
+        first_byte = np.load(path, mmap_mode="r").offset  # where the rows begin, after the .npy header
+        positions = (first_byte + (rows[mine] - index.shard_starts[shard]) * row_bytes).tolist()
+        with open(path, "rb", buffering=0) as f:
+            for i, position in zip(mine.tolist(), positions):
+                os.preadv(f.fileno(), [stored[i]], position)
     ranks = _map(os.path.join(index.folder, DOCID_RANK))[rows]
     return _prepare(stored, index.normalize, torch.empty(len(rows), d)), torch.from_numpy(ranks)
 

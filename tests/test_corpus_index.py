@@ -358,6 +358,18 @@ def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_sever
 # ----------------------------------------------------------------------------------------------
 # Eq. 14 on the shards
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gather_reads_the_prefix_of_any_rows_across_shards(tmp_path, dtype):
+    g = torch.Generator().manual_seed(6)
+    raw = torch.randn(500, 12, generator=g)
+    index = build_index(str(tmp_path), shuffled_docids(500), {3: raw}, shard_size=64, normalize=True, dtype=dtype)
+    stored = raw.numpy().astype(ci.DTYPES[dtype])
+    rows = torch.tensor([499, 0, 63, 64, 64, 200, 7, 448])  # unsorted, repeated, at shard edges
+    vectors, ranks = ci.gather(index, (3, 5), rows)
+    assert torch.equal(vectors, F.normalize(torch.from_numpy(stored[rows.numpy(), :5]).float(), dim=-1))
+    assert torch.equal(ranks, torch.from_numpy(np.load(tmp_path / ci.DOCID_RANK))[rows])
+
+
 def test_adaptive_search_on_shards_equals_starbucks_adaptive_search(tmp_path):
     g = torch.Generator().manual_seed(3)
     raw = {1: torch.randn(1500, 8, generator=g), 2: torch.randn(1500, 16, generator=g), 4: torch.randn(1500, 48, generator=g)}
