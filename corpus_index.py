@@ -356,8 +356,8 @@ def chunks(index, pair, chunk_rows):
 def gather(index, pair, rows):
     """Vectors (M, d) float32 and docid ranks (M,) of global rows (M,), read from the shards' files.
 
-    Each row's first d values are read with one pread: rows spread over the corpus would cost a page fault
-    each through a fresh memory map (and leave every file's pages resident), about twice the time here.
+    Each row's first d values are read with one pread: through a freshly mapped file, rows spread over the
+    corpus cost a page fault each (most of the funnel's rerank) and leave every file's pages resident.
     """
     n, d = pair
     rows = rows.cpu().numpy()
@@ -535,9 +535,9 @@ def merge_top_k(keys, rows, kth, candidates):
 
 
 def seed_sample(num_docs, k):
-    """Rows (S,) of an even sample of S = SEED_RANK N / (2k) documents, whose SEED_RANK-th best score about 2k
-    documents of the corpus reach; None where S > N / 16 (k < 8 SEED_RANK), too costly for what it saves, or
-    where the corpus has fewer than 2k documents."""
+    """Rows (S,) of an even sample of S = SEED_RANK N / (2k) >= SEED_RANK documents, whose SEED_RANK-th best score
+    about 2k documents of the corpus reach; None where S > N / 16 (k < 8 SEED_RANK), too costly for what it saves,
+    or where the corpus has fewer than 2k documents."""
     size = -(-SEED_RANK * num_docs // (2 * k))
     return torch.arange(size) * num_docs // size if 16 * size <= num_docs and num_docs >= 2 * k else None
 
@@ -552,7 +552,7 @@ def seed_floors(index, pair, queries, k, query_block, chunk_rows):
     sample = seed_sample(index.num_docs, k)
     if sample is None:
         return None
-    best = queries.new_full((len(queries), min(SEED_RANK, len(sample))), float("-inf"))  # (Q, r) best sampled scores
+    best = queries.new_full((len(queries), SEED_RANK), float("-inf"))  # (Q, SEED_RANK) best sampled scores
     for start in range(0, len(sample), chunk_rows):
         vectors = gather(index, pair, sample[start:start + chunk_rows])[0].to(queries.device)  # (P, d)
         for block in range(0, len(queries), query_block):
@@ -608,7 +608,7 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
             merge(b)
     scores = _scores_of(keys)
     short = keys[:, -1] == EMPTY  # (Q,) only where fewer than k documents reached a floor
-    if short.any():
+    if floors is not None and short.any():
         scores[short], rows[short] = search(index, pair, queries[short], depth, query_block, chunk_rows, tile_rows,
                                             seed=False)
     return scores, rows

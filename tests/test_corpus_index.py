@@ -96,6 +96,9 @@ def test_seeded_floors_skip_documents_and_lists_left_short_are_searched_again(tm
     num_docs, k = 6000, 600
     sample = ci.seed_sample(num_docs, k)
     assert sample is not None and len(sample) == -(-ci.SEED_RANK * num_docs // (2 * k))
+    assert len(ci.seed_sample(1024, 512)) == ci.SEED_RANK and ci.seed_sample(1023, 512) is None  # N < 16 S
+    assert ci.seed_sample(10 ** 6, 511) is None and ci.seed_sample(10 ** 6, 512) is not None  # k < 8 SEED_RANK
+    assert ci.seed_sample(10 ** 6, 600_000) is None  # fewer than 2k documents
     vectors = F.normalize(torch.randn(num_docs, 16, generator=g), dim=-1)
     queries = F.normalize(torch.randn(7, 16, generator=g), dim=-1)
     index = build_index(str(tmp_path / "random"), [str(i) for i in range(num_docs)], {2: vectors}, shard_size=2500)
