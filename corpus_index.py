@@ -556,8 +556,9 @@ def seed_floors(index, pair, queries, k, query_block, chunk_rows):
     for start in range(0, len(sample), chunk_rows):
         vectors = gather(index, pair, sample[start:start + chunk_rows])[0].to(queries.device)  # (P, d)
         for block in range(0, len(queries), query_block):
-            both = torch.cat([best[block:block + query_block], queries[block:block + query_block] @ vectors.T], 1)
-            best[block:block + query_block] = both.topk(best.shape[1], dim=1).values
+            top = (queries[block:block + query_block] @ vectors.T).topk(min(SEED_RANK, len(vectors)), dim=1).values
+            best[block:block + query_block] = torch.cat([best[block:block + query_block], top], 1).topk(
+                SEED_RANK, dim=1).values  # one (Qb, P) score matrix at a time, as large as a chunk's
     return best[:, -1]
 
 
