@@ -125,6 +125,16 @@ def test_seeded_floors_skip_documents_and_lists_left_short_are_searched_again(tm
     assert [list(run[q].items()) for q in qids] == [list(expected[q].items()) for q in qids]
 
 
+def test_positions_at_least_a_threshold_equal_torchs_nonzero():
+    """_at_least (numpy on a CPU) against torch's comparison and nonzero: ties, -0.0 against +0.0, -inf thresholds."""
+    g = torch.Generator().manual_seed(7)
+    values = torch.randint(-3, 4, (5, 6, 8), generator=g).float() / 2
+    values[0, 0, :2] = torch.tensor([-0.0, 0.0])
+    threshold = torch.tensor([0.0, 1.0, float("-inf"), 1.5, -0.0])[:, None, None]  # (5, 1, 1): per first index
+    for v, t in ((values, threshold), (values[:, 2], threshold[:, 0]), (values.reshape(-1, 8)[:7], values.reshape(-1, 8)[:7, 3:4])):
+        assert torch.equal(ci._at_least(v, t), (v >= t).reshape(-1).nonzero().squeeze(1))
+
+
 def test_float_ties_constructed_on_purpose_keep_trec_eval_order(tmp_path):
     """Irrational-looking float scores, exactly tied across shards: each document has one non-zero coordinate,
     so its score is one rounded product in any summation order; one document is all zeros (-0.0 against +0.0)."""
