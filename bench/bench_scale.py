@@ -14,7 +14,8 @@ float16 storage costs, and the work an interrupted encoding redoes.
   and threads. Beside it, for reference: the same search without seeded floors, and the selection of scores
   above a threshold per query through numpy (what corpus_index does on a CPU) against torch.
 - adaptive_speedup_queries_in_blocks: --adaptive against exhaustive search at its last pair, both streamed
-  over the same float16 shards of --adaptive_docs random vectors, --block queries at once, median of --rounds.
+  over the same float16 shards of --adaptive_docs random vectors, --block queries at once, median of --rounds;
+  beside it, the share of the funnel's time that its first stage takes alone (median of --rounds).
 - adaptive_ndcg10_kept: nDCG@10 of the funnel over exhaustive search at its last pair on the real embedded
   set (wiki-ict, inverse-cloze over held-out Wikipedia: a NON-STANDARD task), encoded by --model_name_or_path.
 - encode_resume_lost_work: the real set encoded in shards of --resume_shard_size passages, kill -9 once half
@@ -284,11 +285,15 @@ def main(argv=None):
         speedup, exhaustive_s, adaptive_s = median_ratio(
             lambda: ci.search(index, last, stage_queries[-1], 10, args.block),
             lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block), args.rounds)
+        first_share, _, _ = median_ratio(  # where the funnel's time goes: its first stage alone
+            lambda: ci.search(index, pairs[0], stage_queries[0], ks[0], args.block),
+            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block), args.rounds)
         shutil.rmtree(folder)
         flops = search.search_flops(args.adaptive_docs, [last[1]], []) / search.search_flops(args.adaptive_docs, [d for _, d in pairs], ks)
         print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} documents: exhaustive "
               f"{exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive {adaptive_s * 1000 / args.block:.2f} ms/query; "
-              f"search FLOPs {flops:.1f}x fewer")
+              f"search FLOPs {flops:.1f}x fewer; the first stage alone ({pairs[0][0]}x{pairs[0][1]}, top {ks[0]}) "
+              f"{first_share:.2f} of the funnel's time")
 
         model, tokenizer, config = load(args.model_name_or_path)
         sb.check_pairs(pairs, model.config.num_hidden_layers, model.config.hidden_size)
