@@ -609,7 +609,10 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
             merge(b)
     scores = _scores_of(keys)
     short = keys[:, -1] == EMPTY  # (Q,) only where fewer than k documents reached a floor
-    if floors is not None and short.any():
+    if short.any():
+        if floors is None:  # every document was scored: a list can only end short on scores that do not compare
+            raise RuntimeError(f"{int(short.sum())} queries' lists hold fewer than {keys.shape[1]} documents after "
+                               f"every document was scored: non-finite scores in {index.folder}?")
         scores[short], rows[short] = search(index, pair, queries[short], depth, query_block, chunk_rows, tile_rows,
                                             seed=False)
     return scores, rows
@@ -619,6 +622,8 @@ def _check_queries(index, pair, queries):
     if queries.ndim != 2 or queries.shape[1] != pair[1] or not len(queries):
         raise ValueError(f"queries {tuple(queries.shape)} are not (Q, {pair[1]}) for pair {pair[0]}x{pair[1]}")
     queries = queries.float()
+    if not torch.isfinite(queries).all():
+        raise ValueError("queries hold NaN or infinite values: their scores could not rank documents")
     norms = queries.norm(dim=1)
     if index.normalize and not (((norms - 1).abs() < 1e-3) | (norms == 0)).all():
         raise ValueError("the index is cosine: pass L2-normalised queries (encode_2d(..., normalize=True))")

@@ -175,7 +175,7 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics_bit_for_bit(tmp_
             metrics.retrieval_scores(metrics.judged_ranks(dense[pair], docids, qids, qrels), qrels, 1000)
 
 
-def test_search_rejects_pairs_not_stored_and_unnormalised_queries_on_a_cosine_index(tmp_path):
+def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_non_finite_scores(tmp_path):
     index = build_index(str(tmp_path), shuffled_docids(20), {2: torch.randn(20, 16)}, 8, normalize=True)
     with pytest.raises(ValueError, match="not in the index"):
         ci.search(index, (2, 32), torch.randn(3, 32))
@@ -185,6 +185,15 @@ def test_search_rejects_pairs_not_stored_and_unnormalised_queries_on_a_cosine_in
         ci.search(index, (2, 8), torch.randn(3, 8) * 3)
     with pytest.raises(ValueError, match=r"not \(Q, 8\)"):
         ci.search(index, (2, 8), torch.randn(3, 9))
+    dot_product = build_index(str(tmp_path / "dot"), [str(i) for i in range(5)], {2: torch.randn(5, 8)}, shard_size=5)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            ci.search(dot_product, (2, 8), torch.full((2, 8), bad))
+    vectors = torch.randn(5, 8)
+    vectors[3, 0] = float("nan")  # written around encode_corpus, which refuses non-finite embeddings
+    broken = build_index(str(tmp_path / "broken"), [str(i) for i in range(5)], {2: vectors}, shard_size=5)
+    with pytest.raises(RuntimeError, match="non-finite scores"):
+        ci.search(broken, (2, 8), torch.randn(2, 8))
 
 
 # ----------------------------------------------------------------------------------------------
