@@ -611,7 +611,7 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     short = keys[:, -1] == EMPTY  # (Q,) only where fewer than k documents reached a floor
     if short.any():
         if floors is None:  # every document was scored: a list can only end short on scores that do not compare
-            raise RuntimeError(f"{int(short.sum())} queries' lists hold fewer than {keys.shape[1]} documents after "
+            raise ValueError(f"{int(short.sum())} queries' lists hold fewer than {keys.shape[1]} documents after "
                                f"every document was scored: non-finite scores in {index.folder}?")
         scores[short], rows[short] = search(index, pair, queries[short], depth, query_block, chunk_rows, tile_rows,
                                             seed=False)

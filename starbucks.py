@@ -366,6 +366,9 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
                        pooling, normalize)
         for pair in pairs:
             chunks[pair].append(out[pair].float().cpu())
+            if not torch.isfinite(chunks[pair][-1]).all():  # no score or metric could be right after this
+                raise ValueError(f"the model's {pair[0]}x{pair[1]} embeddings are not finite (NaN or inf): a broken "
+                                 f"checkpoint, or an overflow in reduced precision")
     inverse = torch.empty(len(texts), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
     return {pair: torch.cat(chunks[pair])[inverse] if texts else torch.empty(0, pair[1]) for pair in pairs}

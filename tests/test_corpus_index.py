@@ -192,7 +192,7 @@ def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_
     vectors = torch.randn(5, 8)
     vectors[3, 0] = float("nan")  # written around encode_corpus, which refuses non-finite embeddings
     broken = build_index(str(tmp_path / "broken"), [str(i) for i in range(5)], {2: vectors}, shard_size=5)
-    with pytest.raises(RuntimeError, match="non-finite scores"):
+    with pytest.raises(ValueError, match="non-finite scores"):
         ci.search(broken, (2, 8), torch.randn(2, 8))
 
 

@@ -319,3 +319,8 @@ def test_encode_2d_equals_embed_2d_in_input_order(tiny_model_dir):
         for pair in pairs:
             assert torch.allclose(out[pair][i], one[pair][0], atol=1e-5)
     assert sb.encode_2d(model, tok, [], pairs)[(2, 16)].shape == (0, 16)
+    with torch.no_grad():
+        model.encoder.layer[3].output.dense.bias[0] = float("nan")  # layer 4 broken, layer 2 still fine
+    assert torch.isfinite(sb.encode_2d(model, tok, texts, [(2, 16)], "mean")[(2, 16)]).all()
+    with pytest.raises(ValueError, match="4x32 embeddings are not finite"):
+        sb.encode_2d(model, tok, texts, pairs, "mean", batch_size=2)
