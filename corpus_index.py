@@ -353,8 +353,8 @@ def chunks(index, pair, chunk_rows):
         del layer
 
 
-def gather(index, pair, rows):
-    """Vectors (M, d) float32 and docid ranks (M,) of global rows (M,), read from the shards' files.
+def read_rows(index, pair, rows):
+    """Vectors (M, d) float32 of global rows (M,), read from the shards' files (Eq. 2: normalised for cosine).
 
     Each row's first d values are read with one pread: through a freshly mapped file, rows spread over the
     corpus cost a page fault each (most of the funnel's rerank) and leave every file's pages resident.
@@ -367,13 +367,20 @@ def gather(index, pair, rows):
     for shard in np.unique(shard_of).tolist():
         mine = np.flatnonzero(shard_of == shard)
         path = _layer_file(index, shard, n)
-        first_byte = np.load(path, mmap_mode="r").offset  # where the rows begin, after the .npy header
-        positions = (first_byte + (rows[mine] - index.shard_starts[shard]) * row_bytes).tolist()
-        with open(path, "rb", buffering=0) as f:
-            for i, position in zip(mine.tolist(), positions):
-                os.preadv(f.fileno(), [stored[i]], position)
-    ranks = _map(os.path.join(index.folder, DOCID_RANK))[rows]
-    return _prepare(stored, index.normalize, torch.empty(len(rows), d)), torch.from_numpy(ranks)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+            positions = f.tell() + (rows[mine] - index.shard_starts[shard]) * row_bytes  # after the .npy header
+            for i, position in zip(mine.tolist(), positions.tolist()):
+                if os.preadv(f.fileno(), [stored[i]], position) != stored[i].nbytes:  # else stored[i] is garbage
+                    raise ValueError(f"{path} is shorter than when the index was opened: re-open it (open_index)")
+    return _prepare(stored, index.normalize, torch.empty(len(rows), d))
+
+
+def gather(index, pair, rows):
+    """Vectors (M, d) float32 (read_rows) and docid ranks (M,) of global rows (M,)."""
+    ranks = _map(os.path.join(index.folder, DOCID_RANK))[rows.cpu().numpy()]
+    return read_rows(index, pair, rows), torch.from_numpy(ranks)
 
 
 def docids(index, rows):
@@ -554,7 +561,7 @@ def seed_floors(index, pair, queries, k, query_block, chunk_rows):
         return None
     best = queries.new_full((len(queries), SEED_RANK), float("-inf"))  # (Q, SEED_RANK) best sampled scores
     for start in range(0, len(sample), chunk_rows):
-        vectors = gather(index, pair, sample[start:start + chunk_rows])[0].to(queries.device)  # (P, d)
+        vectors = read_rows(index, pair, sample[start:start + chunk_rows]).to(queries.device)  # (P, d)
         for block in range(0, len(queries), query_block):
             top = (queries[block:block + query_block] @ vectors.T).topk(min(SEED_RANK, len(vectors)), dim=1).values
             best[block:block + query_block] = torch.cat([best[block:block + query_block], top], 1).topk(
@@ -612,7 +619,7 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     if short.any():
         if floors is None:  # every document was scored: a list can only end short on scores that do not compare
             raise ValueError(f"{int(short.sum())} queries' lists hold fewer than {keys.shape[1]} documents after "
-                               f"every document was scored: non-finite scores in {index.folder}?")
+                             f"every document was scored: non-finite scores in {index.folder}?")
         scores[short], rows[short] = search(index, pair, queries[short], depth, query_block, chunk_rows, tile_rows,
                                             seed=False)
     return scores, rows

@@ -390,6 +390,10 @@ def test_gather_reads_the_prefix_of_any_rows_across_shards(tmp_path, dtype):
     vectors, ranks = ci.gather(index, (3, 5), rows)
     assert torch.equal(vectors, F.normalize(torch.from_numpy(stored[rows.numpy(), :5]).float(), dim=-1))
     assert torch.equal(ranks, torch.from_numpy(np.load(tmp_path / ci.DOCID_RANK))[rows])
+    layer = tmp_path / ci.shard_name(7) / "layer-3.npy"  # rows 448-499
+    os.truncate(layer, os.path.getsize(layer) - 1)  # torn after open_index checked it
+    with pytest.raises(ValueError, match="shorter than when the index was opened"):
+        ci.gather(index, (3, 12), rows)
 
 
 def test_adaptive_search_on_shards_equals_starbucks_adaptive_search(tmp_path):
