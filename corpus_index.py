@@ -32,6 +32,7 @@ reaches a query's current k-th score are looked into, so after the first chunks 
 pass of max over the scores. At depths of 512 and more, each list starts at a floor taken from a sample of the
 corpus, which skips most of what the first chunks would have let in (exact: a list left short is searched again).
 """
+import functools
 import hashlib
 import json
 import os
@@ -356,24 +357,29 @@ def chunks(index, pair, chunk_rows):
 def read_rows(index, pair, rows):
     """Vectors (M, d) float32 of global rows (M,), read from the shards' files (Eq. 2: normalised for cosine).
 
-    Each row's first d values are read with one pread: through a freshly mapped file, rows spread over the
-    corpus cost a page fault each (most of the funnel's rerank) and leave every file's pages resident.
+    Each row's first d values are read with one pread, in file order, the preads of a shard looped over in C
+    (map): through a freshly mapped file, rows spread over the corpus cost a page fault each (most of the
+    funnel's rerank) and leave every file's pages resident.
     """
     n, d = pair
     rows = rows.cpu().numpy()
-    shard_of = np.searchsorted(index.shard_starts, rows, side="right") - 1  # (M,)
+    order = np.argsort(rows, kind="stable")  # (M,) file order
+    in_order = rows[order]
+    ends = np.searchsorted(in_order, index.shard_starts[1:] + [index.num_docs])  # (shards,) end of each in in_order
     stored = np.empty((len(rows), d), dtype=DTYPES[index.dtype])  # (M, d) as stored
-    row_bytes = index.widths[n] * stored.itemsize
-    for shard in np.unique(shard_of).tolist():
-        mine = np.flatnonzero(shard_of == shard)
+    row_bytes, prefix_bytes = index.widths[n] * stored.itemsize, d * stored.itemsize
+    for shard, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist())):
+        if start == end:
+            continue
         path = _layer_file(index, shard, n)
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-            positions = f.tell() + (rows[mine] - index.shard_starts[shard]) * row_bytes  # after the .npy header
-            for i, position in zip(mine.tolist(), positions.tolist()):
-                if os.preadv(f.fileno(), [stored[i]], position) != stored[i].nbytes:  # else stored[i] is garbage
-                    raise ValueError(f"{path} is shorter than when the index was opened: re-open it (open_index)")
+            positions = f.tell() + (in_order[start:end] - index.shard_starts[shard]) * row_bytes  # after the header
+            read = b"".join(map(functools.partial(os.pread, f.fileno(), prefix_bytes), positions.tolist()))
+        if len(read) != (end - start) * prefix_bytes:  # a short read would shift every row after it
+            raise ValueError(f"{path} is shorter than when the index was opened: re-open it (open_index)")
+        stored[order[start:end]] = np.frombuffer(read, dtype=stored.dtype).reshape(end - start, d)
     return _prepare(stored, index.normalize, torch.empty(len(rows), d))
 
 
