@@ -451,10 +451,20 @@ def default_chunk_rows(block_size, dim):
     return max(tile, min(SCORE_BYTES // (4 * block_size), 2 ** 23 // dim) // tile * tile)
 
 
+def _check_scores(values):
+    """Refuse NaN and +inf scores: NaN is never >= a threshold, so its document would be skipped without a sound,
+    and +inf always is. Group maxima show both. (-inf, which only an infinite vector of a dot-product index gives,
+    ranks its document last, as its score says.)"""
+    if not (values < float("inf")).all():  # False for NaN and +inf
+        raise ValueError("non-finite scores (NaN or +inf): the index holds non-finite vectors (written around "
+                         "encode_corpus, or damaged: open_index(folder, check_hashes=True) checks every file)")
+
+
 def score_tiles(queries, vectors, tile, score_buffer, max_buffer):
     """Eq. 2 scores of a chunk, one matmul per tile of rows -> parts [(first column, scores (tiles, Qb, W), group
     maxima (Qb, tiles, W / GROUP) or None)]: the whole tiles, then the rows left over in one matmul. A chunk
-    shorter than a tile is one matmul, so a corpus of one small chunk is scored by the dense path's very matmul."""
+    shorter than a tile is one matmul, so a corpus of one small chunk is scored by the dense path's very matmul.
+    NaN and +inf scores are refused (_check_scores)."""
     num_queries, num_rows = len(queries), len(vectors)
     whole = num_rows // tile * tile
     parts = []
@@ -464,10 +474,12 @@ def score_tiles(queries, vectors, tile, score_buffer, max_buffer):
         for j in range(whole // tile):
             torch.mm(queries, vectors[j * tile:(j + 1) * tile].T, out=scores[j])  # (Qb, T)
             group_max[:, j] = scores[j].view(num_queries, -1, GROUP).amax(2)  # while the tile is in cache
+        _check_scores(group_max)
         parts.append((0, scores, group_max))
     if whole < num_rows:
         left = score_buffer[whole * num_queries:num_rows * num_queries].view(1, num_queries, num_rows - whole)
         torch.mm(queries, vectors[whole:].T, out=left[0])  # (Qb, C - whole)
+        _check_scores(left)
         parts.append((whole, left, None))
     return parts
 
@@ -668,6 +680,7 @@ def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk
             vectors, ranks = gather(index, pair, shortlist.reshape(-1))  # (Qb * k_prev, d), (Qb * k_prev,)
             vectors = vectors.to(rows.device).view(*shortlist.shape, pair[1])  # (Qb, k_prev, d)
             stage = torch.bmm(vectors, stage_queries[start:start + block].unsqueeze(2)).squeeze(2)  # (Qb, k_prev)
+            _check_scores(stage)
             top = _keys(stage, ranks.to(rows.device).view(shortlist.shape)).topk(k, dim=1)
             next_scores.append(_scores_of(top.values))
             next_rows.append(shortlist.gather(1, top.indices))

@@ -196,6 +196,38 @@ def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_
         ci.search(broken, (2, 8), torch.randn(2, 8))
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("row", [5, 280])  # in a whole tile (checked on its group maxima), in the rows left over
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_search_refuses_a_non_finite_document_even_when_the_lists_fill_without_it(tmp_path, normalize, row, bad):
+    """At depth 3 of 300 the lists fill up without the broken document: it used to be skipped, with exit 0."""
+    vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(8))
+    vectors[row, 2] = bad
+    index = build_index(str(tmp_path), [str(i) for i in range(300)], {2: vectors}, shard_size=300, normalize=normalize)
+    queries = F.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(9)), dim=-1)
+    with pytest.raises(ValueError, match="non-finite scores"):
+        ci.search(index, (2, 8), queries, depth=3, chunk_rows=128, tile_rows=64)  # chunks 128, 128, 44: tiles of 64
+
+
+def test_a_minus_infinite_score_ranks_last_and_the_funnel_refuses_a_non_finite_rerank(tmp_path):
+    vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(10))
+    vectors[7] = 0.0
+    vectors[7, 0] = float("-inf")  # scores -inf against queries whose first coordinate is positive
+    queries = torch.randn(4, 8, generator=torch.Generator().manual_seed(11))
+    queries[:, 0] = queries[:, 0].abs() + 0.1
+    dot_product = build_index(str(tmp_path / "dot"), [str(i) for i in range(300)], {2: vectors}, shard_size=300)
+    scores, rows = ci.search(dot_product, (2, 8), queries, depth=300, chunk_rows=128, tile_rows=64)
+    assert (rows[:, -1] == 7).all() and (scores[:, -1] == float("-inf")).all()
+
+    large = torch.randn(300, 16, generator=torch.Generator().manual_seed(12))
+    large[40, 3] = float("nan")  # only in the later stage's layer: the first stage shortlists it
+    index = build_index(str(tmp_path / "funnel"), [str(i) for i in range(300)], {2: vectors.nan_to_num(0.0), 4: large},
+                        shard_size=100)
+    stage_queries = [torch.randn(4, 8), torch.randn(4, 16)]
+    with pytest.raises(ValueError, match="non-finite scores"):
+        ci.adaptive_search(index, [(2, 8), (4, 16)], stage_queries, [300], depth=3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Encoding: prefixes stored once, raw; shards written whole or not at all; resume
 
