@@ -635,9 +635,9 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     scores = _scores_of(keys)
     short = keys[:, -1] == EMPTY  # (Q,) only where fewer than k documents reached a floor
     if short.any():
-        if floors is None:  # every document was scored: a list can only end short on scores that do not compare
-            raise ValueError(f"{int(short.sum())} queries' lists hold fewer than {keys.shape[1]} documents after "
-                             f"every document was scored: non-finite scores in {index.folder}?")
+        if floors is None:  # a guard: every document was scored, and _check_scores refused any NaN
+            raise RuntimeError(f"{int(short.sum())} queries' lists hold fewer than {keys.shape[1]} documents after "
+                               f"every document of {index.folder} was scored")
         scores[short], rows[short] = search(index, pair, queries[short], depth, query_block, chunk_rows, tile_rows,
                                             seed=False)
     return scores, rows
