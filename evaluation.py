@@ -466,8 +466,8 @@ def cascade_point(outcomes, thresholds):
 def accuracy_drop(outcomes, thresholds):
     """-> (accuracy of the full pair minus the cascade's on the same texts, the standard error of that paired
     difference): how sure a drop measured on N texts is (the per-text difference is -1, 0 or 1)."""
-    right = [(cascade_answers(outcomes, t)[0] == outcomes.gold).double() for t in (1.01, thresholds)]  # (N,) each
-    lost = right[0] - right[1]  # (N,)
+    full = (outcomes.predicted[:, -1] == outcomes.gold).double()  # (N,) the full pair alone answers every text
+    lost = full - (cascade_answers(outcomes, thresholds)[0] == outcomes.gold).double()  # (N,)
     return float(lost.mean()), float(lost.std() / len(lost) ** 0.5) if len(lost) > 1 else float("nan")
 
 
