@@ -588,7 +588,8 @@ def seed_floors(index, pair, queries, k, query_block, chunk_rows):
 
 
 @torch.no_grad()
-def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, tile_rows=None, seed=True):
+def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, tile_rows=None, seed=True,
+           progress=None):
     """Exact search at one pair (Eq. 2), streamed over the shards -> (scores, rows), each (Q, min(depth, N)).
 
     queries (Q, d): e^(n,d) of the queries, L2-normalised when the index is cosine (as encode_2d(normalize=True)
@@ -596,7 +597,8 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     and merged into a running top-k; rows are global row numbers (docids(index, rows) names them), best first
     in trec_eval's order. chunk_rows (rows read and merged at a time) and tile_rows (rows per matmul) default to
     sizes that suit a CPU's cache; on a GPU, larger chunks and tile_rows = chunk_rows. seed: start the lists at
-    seed_floors (the same result, sooner at depths of 512 and more).
+    seed_floors (the same result, sooner at depths of 512 and more). progress: e.g. functools.partial(tqdm, desc=...),
+    called as progress(chunks, total=number of chunks).
     """
     _check_pair(index, pair)
     queries = _check_queries(index, pair, queries)
@@ -620,7 +622,10 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     # Candidates wait until some list has k of them: a merge (a top-k over k + waiting) then serves many chunks,
     # at the cost of thresholds that lag behind; fewer than k wait per list (+ one part), O(Q x k) as the lists.
     waiting, waiting_per_list = [[] for _ in blocks], [0] * len(blocks)
-    for first_row, vectors, ranks in chunks(index, pair, chunk_rows):  # (C, d), (C,)
+    stream = chunks(index, pair, chunk_rows)
+    if progress:
+        stream = progress(stream, total=sum(-(-rows // chunk_rows) for rows in index.shard_rows))
+    for first_row, vectors, ranks in stream:  # (C, d), (C,)
         vectors, ranks = vectors.to(queries.device), ranks.to(queries.device)
         for b, block in enumerate(blocks):
             for part in score_tiles(queries[block], vectors, tile, score_buffer, max_buffer):

@@ -3,6 +3,7 @@ pass per batch (Eq. 1), 2D adaptive retrieval (Eq. 14) beside exhaustive search,
 
 evaluate.py is the command line over these; bench/ and recipe.py call them directly.
 """
+import functools
 import hashlib
 import json
 import os
@@ -174,7 +175,8 @@ def index_retrieval(model, tokenizer, model_path, name, dataset, pairs, config, 
     hits, recall = {}, {}
     for pair in pairs:
         queries_at = q_emb[pair].to(next(model.parameters()).device)
-        hits[pair] = ci.search(index, pair, queries_at, depth)
+        hits[pair] = ci.search(index, pair, queries_at, depth, progress=functools.partial(
+            tqdm, desc=f"{name} {pair[0]}x{pair[1]} search", unit="chunk", leave=False))
         if settings.index != "exact":
             built = ci.faiss_index(index, pair, settings.index.split("-", 1)[1])
             approximate = ci.faiss_search(built, q_emb[pair], depth)

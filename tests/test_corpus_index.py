@@ -88,6 +88,24 @@ def test_streamed_search_equals_the_dense_path_exactly_with_ties(tmp_path, depth
             metrics.retrieval_scores(metrics.judged_ranks(dense_scores, docids, qids, qrels), qrels, depth)
 
 
+def test_search_shows_every_chunk_to_progress_and_returns_the_same(tmp_path):
+    vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(13))
+    index = build_index(str(tmp_path), [str(i) for i in range(300)], {2: vectors}, shard_size=100)
+    queries = torch.randn(5, 8, generator=torch.Generator().manual_seed(14))
+    seen = []
+
+    def progress(chunks, total):
+        seen.append(total)
+        for chunk in chunks:
+            seen.append(chunk[0])  # its first global row
+            yield chunk
+
+    scores, rows = ci.search(index, (2, 8), queries, depth=7, chunk_rows=64, progress=progress)
+    assert seen == [6, 0, 64, 100, 164, 200, 264]  # shards of 100 rows in chunks of 64
+    expected = ci.search(index, (2, 8), queries, depth=7, chunk_rows=64)
+    assert torch.equal(scores, expected[0]) and torch.equal(rows, expected[1])
+
+
 def test_seeded_floors_skip_documents_and_lists_left_short_are_searched_again(tmp_path):
     """Seeding on a random corpus skips documents (fewer candidates) and gives the unseeded result. A corpus whose
     sample misleads (only sampled rows near the query) leaves lists short of k above their floors: those queries
