@@ -6,6 +6,7 @@ only what both repeat lives here. Every function takes plain values, never the C
 """
 import math
 import random
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -292,7 +293,9 @@ def finish_step(step, loss, params, optimizer, scheduler, max_grad_norm, train_l
         train_log.bad_in_row = 0
     else:
         train_log.skipped, train_log.bad_in_row = train_log.skipped + 1, train_log.bad_in_row + 1
-    scheduler.step()
+    with warnings.catch_warnings():  # skipping step 1 on purpose: the schedule moves on, as torch's warning fears
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     line = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
             "skipped_steps": train_log.skipped, **({"tokens": tokens} if tokens is not None else {})}

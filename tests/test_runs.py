@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -527,6 +528,22 @@ def test_export_refuses_its_source_and_a_non_empty_folder_and_output_dir_files_a
 
 # ----------------------------------------------------------------------------------------------
 # Non-finite steps
+
+def test_a_skipped_first_step_moves_the_schedule_on_without_torchs_warning():
+    """torch warns when the scheduler steps before the optimizer ever has: here that is the design (a skipped step
+    uses up its learning rate), so finish_step keeps the warning from the user; any other warning still shows."""
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
+    log = checkpoints.TrainLog()
+    loss = (param * float("nan")).sum()
+    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        line = training.finish_step(0, loss, [param], optimizer, scheduler, 1.0, log)
+    assert line["lr"] == 1.0 and scheduler.get_last_lr() == [0.5] and torch.equal(param.detach(), torch.ones(2))
+    assert log.skipped == 1 and log.lines and json.loads(log.lines[0])["skipped"]
+
 
 def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(tiny, tmp_path, monkeypatch, capsys):
     real_step, calls = training.contrastive_step, []
