@@ -239,7 +239,7 @@ def test_a_minus_infinite_score_ranks_last_and_the_funnel_refuses_a_non_finite_r
 
     large = torch.randn(300, 16, generator=torch.Generator().manual_seed(12))
     large[40, 3] = float("nan")  # only in the later stage's layer: the first stage shortlists it
-    index = build_index(str(tmp_path / "funnel"), [str(i) for i in range(300)], {2: vectors.nan_to_num(0.0), 4: large},
+    index = build_index(str(tmp_path / "funnel"), [str(i) for i in range(300)], {2: torch.randn(300, 8), 4: large},
                         shard_size=100)
     stage_queries = [torch.randn(4, 8), torch.randn(4, 16)]
     with pytest.raises(ValueError, match="non-finite scores"):
