@@ -406,11 +406,14 @@ def docids(index, rows):
 
 
 def ranked_lists(index, scores, rows, qids):
-    """(qid, [(docid, score), ...] best first) for every query of a search's (scores, rows), one at a time."""
+    """(qid, [(docid, score), ...] best first) for every query of a search's (scores, rows), one at a time. Rows of
+    -1 are left out: a FAISS search that found fewer than depth documents pads its lists with them, at the end."""
     for start in range(0, len(qids), 1024):
-        names = docids(index, rows[start:start + 1024])
-        for qid, docs, values in zip(qids[start:start + 1024], names, scores[start:start + 1024].tolist()):
-            yield qid, list(zip(docs, values))
+        block = rows[start:start + 1024]
+        names = docids(index, block.clamp(min=0))
+        for qid, docs, values, found in zip(qids[start:start + 1024], names, scores[start:start + 1024].tolist(),
+                                            (block >= 0).tolist()):
+            yield qid, [(docid, value) for docid, value, keep in zip(docs, values, found) if keep]
 
 
 def run_from_hits(index, scores, rows, qids):

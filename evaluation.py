@@ -134,11 +134,10 @@ def judgment_coverage(name, dataset, warn_share=0.1):
 def hits_graded(index, scores, rows, qids, qrels):
     """{qid: [(grade, rank)]} of the judged documents among each judged query's hits (rows best first; -1: none)."""
     graded = {}
-    for i, (qid, ranked) in enumerate(ci.ranked_lists(index, scores, rows.clamp(min=0), qids)):
+    for qid, ranked in ci.ranked_lists(index, scores, rows, qids):
         judgments = qrels.get(qid)
         if judgments:
-            graded[qid] = [(judgments[d], rank) for rank, ((d, _), row) in enumerate(zip(ranked, rows[i].tolist()), 1)
-                           if row >= 0 and d in judgments]
+            graded[qid] = [(judgments[d], rank) for rank, (d, _) in enumerate(ranked, 1) if d in judgments]
     return graded
 
 

@@ -482,5 +482,11 @@ def test_faiss_indexes_against_exact_search(tmp_path):
     assert ci.overlap_at_k(ci.faiss_search(ci.faiss_index(index, (2, 32), "hnsw"), queries, 10)[1], exact_rows, 10) >= 0.9
     one_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=1)  # approximate: some neighbours missed
     assert 0 < ci.overlap_at_k(ci.faiss_search(one_list, queries, 10)[1], exact_rows, 10) < 1.0
+    scores, rows = ci.faiss_search(one_list, queries, 1000)  # one list holds fewer: FAISS pads with -1 at the end
+    assert (rows == -1).any() and ((rows[:, 1:] >= 0) <= (rows[:, :-1] >= 0)).all()  # -1 only after the found
+    qids = [f"q{i}" for i in range(len(queries))]
+    for (qid, ranked), found, values in zip(ci.ranked_lists(index, scores, rows, qids), rows, scores):
+        found = found[found >= 0]  # a run file lists what was found, named; no slot of -1 names a document
+        assert [d for d, _ in ranked] == ci.docids(index, found) and [v for _, v in ranked] == values[:len(found)].tolist()
     with pytest.raises(ValueError, match="unknown FAISS index"):
         ci.faiss_index(index, (2, 32), "lsh")

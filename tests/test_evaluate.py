@@ -136,6 +136,31 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
     assert set(next(iter(grid.values()))["sts.tsv"]) == {"2x16", "2x32", "4x16", "4x32"}
 
 
+def test_an_approximate_index_that_finds_fewer_than_depth_writes_runs_of_what_it_found(tmp_path, tiny_model_dir):
+    """FAISS IVF over 300 passages probes 16 of its 69 lists, about 70 passages: it pads each list with row -1,
+    which used to name a shard -1 and crash the run file after the whole evaluation."""
+    pytest.importorskip("faiss")
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    words = ["coffee", "tea", "milk", "water", "bread", "rice"]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"{words[i % 6]} {i}"})
+                                               + "\n" for i in range(300)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(words)))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(6)))
+    results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs", "4x32",
+                             "--beir_dirs", str(beir), "--index", "faiss-ivf", "--index_dir", str(tmp_path / "index"),
+                             "--runs", str(tmp_path / "runs"), "--output_dir", str(tmp_path / "out")])
+    assert 0 <= results["tiny"]["beir"]["4x32"]["recall@10 vs exact"] <= 1
+    per_query = {}
+    for line in open(tmp_path / "runs" / f"{os.path.basename(tiny_model_dir)}.beir.4x32.trec"):
+        qid, _, docid, rank, _, _ = line.split()
+        per_query.setdefault(qid, []).append((int(rank), docid))
+    assert set(per_query) == {f"q{i}" for i in range(6)}
+    for hits in per_query.values():  # fewer than the 300 asked for, ranked 1, 2, ..., each a passage of the corpus
+        assert [rank for rank, _ in hits] == list(range(1, len(hits) + 1)) and len(hits) < 300
+        assert {docid for _, docid in hits} <= {f"d{i}" for i in range(300)}
+
+
 def test_plot_writes_one_heatmap_per_model_dataset_metric(tmp_path):
     pytest.importorskip("matplotlib")
     results = {"m": {"lee": {f"{n}x{d}": {"Spearman": n * d / 100} for n in (1, 2) for d in (8, 16, 32)}}}
