@@ -57,6 +57,7 @@ EMPTY = torch.iinfo(torch.int64).min  # the key of an empty slot in a top-k list
 GROUP = 64  # scores per group in the top-k pre-filter: one max per group is compared with the k-th score
 TILE_BYTES = 2 ** 20  # one matmul's scores, kept in cache for their group maxima
 SCORE_BYTES = 2 ** 24  # one chunk's scores: the top-k lists are merged once per chunk
+GPU_SCORE_BYTES = 2 ** 29  # one chunk's scores on a GPU, scored in one matmul
 SEED_RANK = 64  # a seeded search starts each list at the SEED_RANK-th best score of a sample (seed_floors)
 _BAD_DOCID = re.compile(r"[\s\x00]")  # TREC run files split on whitespace; numpy bytes drop trailing NULs
 
@@ -454,6 +455,21 @@ def default_chunk_rows(block_size, dim):
     return max(tile, min(SCORE_BYTES // (4 * block_size), 2 ** 23 // dim) // tile * tile)
 
 
+def chunk_and_tile_rows(device, block_size, dim, chunk_rows=None, tile_rows=None):
+    """(chunk_rows, tile_rows) of a search on `device`, checked: the CPU defaults above, or on a GPU one matmul per
+    chunk of up to GPU_SCORE_BYTES of scores (no cache to fit; each tile costs kernel launches and a sync)."""
+    if device.type == "cpu":
+        chunk_rows = chunk_rows or default_chunk_rows(block_size, dim)
+        tile_rows = tile_rows or default_tile_rows(block_size, dim)
+    else:
+        chunk_rows = chunk_rows or max(GROUP, min(GPU_SCORE_BYTES // (4 * block_size), 2 ** 28 // dim) // GROUP * GROUP)
+        tile_rows = tile_rows or max(GROUP, chunk_rows // GROUP * GROUP)
+    if chunk_rows < 1 or tile_rows < GROUP or tile_rows % GROUP:
+        raise ValueError(f"chunk_rows {chunk_rows} must be positive and tile_rows {tile_rows} a positive multiple "
+                         f"of {GROUP} (scores are screened by their maximum per group of {GROUP})")
+    return chunk_rows, tile_rows
+
+
 def _check_scores(values):
     """Refuse NaN and +inf scores: NaN is never >= a threshold, so its document would be skipped without a sound,
     and +inf always is. Group maxima show both. (-inf, which only an infinite vector of a dot-product index gives,
@@ -599,7 +615,7 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     gives them); the search runs on their device. Every chunk of rows is scored against every block of queries
     and merged into a running top-k; rows are global row numbers (docids(index, rows) names them), best first
     in trec_eval's order. chunk_rows (rows read and merged at a time) and tile_rows (rows per matmul) default to
-    sizes that suit a CPU's cache; on a GPU, larger chunks and tile_rows = chunk_rows. seed: start the lists at
+    sizes that suit a CPU's cache, or on a GPU to larger chunks of one matmul each (chunk_and_tile_rows). seed: start the lists at
     seed_floors (the same result, sooner at depths of 512 and more). progress: e.g. functools.partial(tqdm, desc=...),
     called as progress(chunks, total=number of chunks).
     """
@@ -608,8 +624,7 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     keys = torch.full((len(queries), min(depth, index.num_docs)), EMPTY, dtype=torch.int64, device=queries.device)  # (Q, k)
     rows = torch.full_like(keys, -1)  # (Q, k)
     block_size = min(len(queries), query_block)
-    tile = tile_rows or default_tile_rows(block_size, pair[1])
-    chunk_rows = chunk_rows or default_chunk_rows(block_size, pair[1])
+    chunk_rows, tile = chunk_and_tile_rows(queries.device, block_size, pair[1], chunk_rows, tile_rows)
     floors = seed_floors(index, pair, queries, keys.shape[1], query_block, chunk_rows) if seed else None  # (Q,)
     kth = floors.clone() if floors is not None else torch.full((len(queries),), float("-inf"), device=queries.device)
     score_buffer = queries.new_empty(block_size * chunk_rows)  # reused for every chunk: no fresh pages to fault in

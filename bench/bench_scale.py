@@ -99,8 +99,8 @@ def funnel_floor(index, pairs, queries, ks, block):
     read its first pair's vectors from the shards and normalise them (Eq. 2); score: that, their matmuls and
     group maxima (score_tiles, as search runs them), then the reads of the second pair's vectors of the first
     stage's shortlist (read_rows)."""
-    pair, chunk_rows = pairs[0], ci.default_chunk_rows(block, pairs[0][1])
-    tile = ci.default_tile_rows(block, pair[1])
+    pair = pairs[0]
+    chunk_rows, tile = ci.chunk_and_tile_rows(queries[0].device, block, pair[1])
     scores, maxima = queries[0].new_empty(block * chunk_rows), queries[0].new_empty(block * chunk_rows // ci.GROUP)
     shortlist = ci.search(index, pair, queries[0], ks[0], block)[1]  # (block, k_1)
 

@@ -88,6 +88,21 @@ def test_streamed_search_equals_the_dense_path_exactly_with_ties(tmp_path, depth
             metrics.retrieval_scores(metrics.judged_ranks(dense_scores, docids, qids, qrels), qrels, depth)
 
 
+def test_chunk_and_tile_rows_fit_a_cpus_cache_or_make_one_matmul_per_chunk_on_a_gpu(tmp_path):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert ci.chunk_and_tile_rows(cpu, 1024, 768) == (4096, 256)  # 16 MB of scores, 1 MB tiles
+    assert ci.chunk_and_tile_rows(cpu, 64, 24) == (65536, 4096)
+    assert ci.chunk_and_tile_rows(gpu, 1024, 768) == (131072, 131072)  # 512 MB of scores in one matmul
+    assert ci.chunk_and_tile_rows(gpu, 1, 768) == (349504, 349504)  # 1 GB of float32 vectors at most
+    assert ci.chunk_and_tile_rows(gpu, 64, 24, chunk_rows=1000) == (1000, 960)
+    for chunk_rows, tile_rows in ((1000, 100), (-5, 64), (1000, 32)):
+        with pytest.raises(ValueError, match="a positive multiple of 64"):
+            ci.chunk_and_tile_rows(cpu, 64, 24, chunk_rows, tile_rows)
+    index = build_index(str(tmp_path), [str(i) for i in range(10)], {2: torch.randn(10, 8)}, shard_size=10)
+    with pytest.raises(ValueError, match="a positive multiple of 64"):
+        ci.search(index, (2, 8), torch.randn(2, 8), tile_rows=100)
+
+
 def test_search_shows_every_chunk_to_progress_and_returns_the_same(tmp_path):
     vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(13))
     index = build_index(str(tmp_path), [str(i) for i in range(300)], {2: vectors}, shard_size=100)
