@@ -615,9 +615,9 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     gives them); the search runs on their device. Every chunk of rows is scored against every block of queries
     and merged into a running top-k; rows are global row numbers (docids(index, rows) names them), best first
     in trec_eval's order. chunk_rows (rows read and merged at a time) and tile_rows (rows per matmul) default to
-    sizes that suit a CPU's cache, or on a GPU to larger chunks of one matmul each (chunk_and_tile_rows). seed: start the lists at
-    seed_floors (the same result, sooner at depths of 512 and more). progress: e.g. functools.partial(tqdm, desc=...),
-    called as progress(chunks, total=number of chunks).
+    sizes that suit a CPU's cache, or on a GPU to larger chunks of one matmul each (chunk_and_tile_rows).
+    seed: start the lists at seed_floors (the same result, sooner at depths of 512 and more).
+    progress: e.g. functools.partial(tqdm, desc=...), called as progress(chunks, total=number of chunks).
     """
     _check_pair(index, pair)
     queries = _check_queries(index, pair, queries)
@@ -642,7 +642,7 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     waiting, waiting_per_list = [[] for _ in blocks], [0] * len(blocks)
     stream = chunks(index, pair, chunk_rows)
     if progress:
-        stream = progress(stream, total=sum(-(-rows // chunk_rows) for rows in index.shard_rows))
+        stream = progress(stream, total=sum(-(-shard_rows // chunk_rows) for shard_rows in index.shard_rows))
     for first_row, vectors, ranks in stream:  # (C, d), (C,)
         vectors, ranks = vectors.to(queries.device), ranks.to(queries.device)
         for b, block in enumerate(blocks):
