@@ -29,7 +29,7 @@ demo: $(VENV)/.installed
 	$(PY) finetune.py --method srl --model_name_or_path $(DEMO_DIR)/smae $(DEMO_TRAIN_ARGS) \
 		--output_dir $(DEMO_DIR)/smae_srl
 	$(PY) evaluate.py --model_name_or_path all-MiniLM-L6-v2 $(DEMO_DIR)/full $(DEMO_DIR)/srl $(DEMO_DIR)/smae_srl \
-		--names base full srl smae+srl --output_dir $(DEMO_DIR)/evaluate
+		--names base full srl smae+srl --overwrite_output_dir --output_dir $(DEMO_DIR)/evaluate
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

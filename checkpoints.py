@@ -25,13 +25,13 @@ import numpy as np
 import safetensors.torch
 import torch
 
+import cli
 import distributed
 
 MARKER = "checkpoint_complete.json"  # written last: {"step", "files": {path: bytes}, "sha256": {path: hex}}
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, counters, run settings
 WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
 LOG = "train_log.jsonl"  # one JSON line per step, in the output folder and (up to its step) in each checkpoint
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def complete_checkpoints(output_dir):
     if not os.path.isdir(output_dir):
         return found
     for name in os.listdir(output_dir):
-        match = _NAME.match(name)
+        match = cli.CHECKPOINT_NAME.match(name)
         if not match:
             continue
         path = os.path.join(output_dir, name)
@@ -270,49 +270,15 @@ def run_identity(flags, world_size, data_files=(), model_folder=None):
     return identity
 
 
-RUN_FILES = (LOG, WEIGHTS, "starbucks_config.json")  # what a finished or started run leaves in its folder
-
-
-def output_dir_problem(output_dir, resume=False, overwrite=False, source=None, empty=False):
-    """Why a run must not write into output_dir, or None; checked before any model or data is loaded.
-
-    A file (or a path through one) is refused; so is the folder of the `source` model or one inside it, and a
-    folder that holds it (--overwrite_output_dir would delete it); a folder that holds another run (checkpoints,
-    a train log, weights) is refused unless resume or overwrite, and with empty=True (export) any non-empty one."""
-    parent = os.path.abspath(output_dir)
-    while parent and not os.path.exists(parent):  # the nearest existing ancestor must be a folder too
-        parent = os.path.dirname(parent)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir) or not os.path.isdir(parent):
-        return f"--output_dir {output_dir}: {output_dir if os.path.exists(output_dir) else parent} is a file, not a folder"
-    if source and os.path.exists(source):
-        here = os.path.realpath(output_dir)
-        there = os.path.realpath(source if os.path.isdir(source) else os.path.dirname(source))
-        if here == there or here.startswith(there + os.sep):
-            return f"--output_dir {output_dir} is the source model's folder (or inside it): it would be overwritten"
-        if there.startswith(here + os.sep) and not resume:  # --overwrite_output_dir would delete the start model
-            return (f"--output_dir {output_dir} holds the model this run starts from ({source}): "
-                    f"write the new run to another folder")
-    if not os.path.isdir(output_dir) or resume or overwrite:
-        return None
-    names = os.listdir(output_dir)
-    if empty and names:
-        return f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to replace what is there"
-    held = [n for n in names if n in RUN_FILES or _NAME.match(n)]
-    if held:
-        return (f"--output_dir {output_dir} holds another run ({', '.join(sorted(held)[:3])}); pass --resume to "
-                f"continue it or --overwrite_output_dir to start over there")
-    return None
-
-
 def clear_run(output_dir):
     """--overwrite_output_dir: remove an earlier run's checkpoints, log and weights, so that two runs never mix."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if _NAME.match(name) or (name.startswith(".checkpoint-") and name.endswith(".tmp")):
+        if cli.CHECKPOINT_NAME.match(name) or (name.startswith(".checkpoint-") and name.endswith(".tmp")):
             shutil.rmtree(path)
-        elif name in RUN_FILES:
+        elif name in cli.RUN_FILES:
             os.remove(path)
 
 

@@ -42,6 +42,8 @@ def parse_args(argv=None):
                    help="at most this many training texts, drawn at random by --seed (default: all)")
     p.add_argument("--max_eval_samples", type=cli.positive_int, default=None, help="likewise for the test texts")
     p.add_argument("--output_dir", default="output/classify", help="results.json and table.md go here")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace an earlier run's results.json and table.md in --output_dir")
     p.add_argument("--pairs", default=None, help="LAYERxDIM list; default: the checkpoint's pairs")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
     p.add_argument("--tuning", choices=("probe", "full"), default="probe",
@@ -65,7 +67,8 @@ def parse_args(argv=None):
         args.thresholds = sorted(float(t) for t in args.thresholds.split(","))
     except ValueError:
         p.error(f"--thresholds {args.thresholds!r}: comma-separated numbers")
-    problem = checkpoints.output_dir_problem(args.output_dir, overwrite=True)  # its own results are replaced
+    problem = cli.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace them",
+                                     overwrite=args.overwrite_output_dir, held=("results.json", "table.md"))
     if problem:
         p.error(problem)
     return args

@@ -4,18 +4,40 @@ their range while parsing (before any model or data is loaded).
 """
 import argparse
 import math
+import os
+import re
 import sys
 
+# Module-level imports stay light (no torch): a script parses its flags and checks its paths first.
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and '(default: ...)' after every flag's help."""
+DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the packaged encoder (models.PACKAGED_MODELS)
+RUN_FILES = ("train_log.jsonl", "model.safetensors", "starbucks_config.json")  # what a run leaves
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default once: '(default: ...)' after its help,
+    unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with HelpFormatter and one-line errors: 'error: argument --flag: ...', exit code 2."""
+    """argparse with HelpFormatter, one-line errors ('error: argument --flag: ...', exit code 2), and
+    negative numbers as values: `--learning_rate -1e-4` reaches the range check."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=HelpFormatter, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("help") is None:  # argparse prints no line, so no default, for a flag without help
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
@@ -57,4 +79,38 @@ def bf16_problem(bf16):
     import torch
     if bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         return "--bf16 needs a CUDA GPU with bf16 support; this machine has none (drop the flag to train in fp32)"
+    return None
+
+
+def output_dir_problem(output_dir, advice, resume=False, overwrite=False, source=None, empty=False,
+                       held=RUN_FILES):
+    """Why a run must not write into output_dir, or None; checked before any model or data is loaded.
+
+    A file (or a path through one) is refused; so is the folder of the `source` model or one inside it,
+    and a folder that holds it (overwriting would delete it); a folder that holds an earlier run's files
+    (`held`, or checkpoints) is refused unless resume or overwrite, and with empty=True (export) any
+    non-empty one. advice: what the script's flags offer then (each script names only its own flags)."""
+    parent = os.path.abspath(output_dir)
+    while parent and not os.path.exists(parent):  # the nearest existing ancestor must be a folder too
+        parent = os.path.dirname(parent)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir) or not os.path.isdir(parent):
+        blocking = output_dir if os.path.exists(output_dir) else parent
+        return f"--output_dir {output_dir}: {blocking} is a file, not a folder"
+    if source and os.path.exists(source):
+        here = os.path.realpath(output_dir)
+        there = os.path.realpath(source if os.path.isdir(source) else os.path.dirname(source))
+        if here == there or here.startswith(there + os.sep):
+            return (f"--output_dir {output_dir} is the source model's folder (or inside it): "
+                    f"it would be overwritten")
+        if there.startswith(here + os.sep) and not resume:  # overwriting would delete the start model
+            return (f"--output_dir {output_dir} holds the model this run starts from ({source}): "
+                    f"write the new run to another folder")
+    if not os.path.isdir(output_dir) or resume or overwrite:
+        return None
+    names = os.listdir(output_dir)
+    if empty and names:
+        return f"--output_dir {output_dir} is not empty; {advice}"
+    found = sorted(n for n in names if n in held or CHECKPOINT_NAME.match(n))
+    if found:
+        return f"--output_dir {output_dir} holds another run ({', '.join(found[:3])}); {advice}"
     return None

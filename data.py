@@ -44,6 +44,10 @@ class DataError(ValueError):
     """A problem with an input file; the message names the file and line."""
 
 
+class BadLine(DataError):
+    """One malformed line or record: a reader called with skip_bad_lines=True skips and counts it."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Locating packaged files (models.py resolves model names with packaged_path)
 
@@ -90,7 +94,7 @@ class _Lines:
 
     def bad(self, line_no, message):
         if not self.skip_bad_lines:
-            raise DataError(f"{self.path}:{line_no}: {message} (pass --skip_bad_lines to skip such lines)")
+            raise BadLine(f"{self.path}:{line_no}: {message}")
         self.skipped += 1
 
     def jsonl(self):
@@ -154,7 +158,7 @@ def read_training_file(path, skip_bad_lines=False):
     kind 'scored': records are (text_a, text_b, score).
     """
     lines = _Lines(path, skip_bad_lines)
-    records, kind = [], None
+    records, kind, first_line, first_row = [], None, None, None
     source = lines.jsonl() if _is_jsonl(path) else _rows_as_records(lines)
     for line_no, rec in source:
         if "query" in rec and "positive_passages" in rec:  # Tevatron
@@ -172,14 +176,18 @@ def read_training_file(path, skip_bad_lines=False):
             score = _float(rec.get("score", rec.get("label")))
             record = (rec["sentence1"], rec["sentence2"], score)
         else:
-            lines.bad(line_no, f"unknown record layout with fields {sorted(rec)}")
+            lines.bad(line_no, f"unknown record layout with fields {sorted(rec)}; known layouts: {LAYOUTS}")
             continue
         problem = _training_problem(this, record)
+        if kind is not None and this != kind and first_line == 1 and not _is_jsonl(path):
+            raise DataError(_header_problem(path, first_row))  # row 1 was a header we could not read
         if kind is not None and this != kind:
             problem = f"a {this} record in a file of {kind} records"
         if problem:
             lines.bad(line_no, problem)
             continue
+        if kind is None:
+            first_line, first_row = line_no, rec
         kind = this
         records.append(record)
     if not records:
@@ -205,6 +213,17 @@ def _training_problem(kind, record):
 _TSV_HEADERS = {
     ("sentence1", "sentence2", "score"), ("anchor", "positive"), ("anchor", "positive", "negative"),
 }
+LAYOUTS = ("Tevatron {query, positive_passages, negative_passages}; sentence-transformers {anchor, "
+           "positive[, negative]}; scored {sentence1, sentence2, score or label}")
+
+
+def _header_problem(path, first_row):
+    """Row 1 read as a record of another kind than the rows after it: a header we do not know, or a
+    scored pair whose score is not a number."""
+    cells = list(first_row.values())
+    known = " | ".join(",".join(h) for h in sorted(_TSV_HEADERS))
+    return (f"{path}:1: {cells} is neither a known header ({known}, or none) nor a record like the rows "
+            f"after it (its last column {cells[-1]!r} is not a score)")
 
 
 def _rows_as_records(lines):
@@ -260,6 +279,9 @@ def read_qrels(path):
         else:
             lines.bad(line_no, f"{len(cells)} columns: expected TREC 'qid 0 docid grade' or BEIR 'qid docid grade'")
             continue
+        if _float(grade) is None and line_no == 1:
+            raise DataError(f"{path}:1: header {cells} not known: BEIR qrels start with 'query-id corpus-id "
+                            f"score'; TREC qrels have no header")
         if _float(grade) is None:
             lines.bad(line_no, f"grade {grade!r} is not a number")
             continue
@@ -611,7 +633,12 @@ def stream_msmarco_collection(path):
 def read_beir_queries(folder, split="test"):
     """The queries and qrels of a BEIR folder, without its corpus -> (queries limited to judged ones, qrels)."""
     queries = {qid: r["text"] for qid, r in beir_records(os.path.join(folder, "queries.jsonl"))}
-    qrels = read_qrels(os.path.join(folder, "qrels", f"{split}.tsv"))
+    path = os.path.join(folder, "qrels", f"{split}.tsv")
+    if not os.path.exists(path):
+        found = sorted(os.listdir(os.path.join(folder, "qrels"))) if os.path.isdir(
+            os.path.join(folder, "qrels")) else []
+        raise DataError(f"{path}: no such file; qrels there: {found or 'none'} (pick one with --beir_split)")
+    qrels = read_qrels(path)
     return {q: queries[q] for q in qrels if q in queries}, qrels
 
 

@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", nargs="+", default=[models.DEFAULT_MODEL])
     p.add_argument("--names", nargs="+", default=None, help="column names for the models (default: folder names)")
     p.add_argument("--output_dir", default="output/evaluate", help="results.json and table.txt go here")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace an earlier evaluation's results.json and table.txt in --output_dir")
     p.add_argument("--pairs", default=None, help="LAYERxDIM list; default: the checkpoint's pairs")
     p.add_argument("--grid", action="store_true", help="every layer x every dim of the pairs")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
@@ -54,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--per_device_eval_batch_size", type=cli.positive_int, default=64)
     p.add_argument("--plot", action="store_true", help="heat maps (layer x dim) as PNG; needs matplotlib")
     args = p.parse_args(argv)
-    problem = checkpoints.output_dir_problem(args.output_dir, overwrite=True)  # its own tables are replaced
+    problem = cli.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace them",
+                                     overwrite=args.overwrite_output_dir, held=("results.json", "table.txt"))
     if problem:
         p.error(problem)
     return args

@@ -66,8 +66,8 @@ def write_sentence_transformers_files(folder, hidden_size, d, pooling, similarit
 def main(argv=None):
     args = parse_args(argv)
     path = models.resolve_model_path(args.model_name_or_path)
-    problem = checkpoints.output_dir_problem(args.output_dir, overwrite=args.overwrite_output_dir, source=path,
-                                             empty=True)
+    problem = cli.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace what is there",
+                                     overwrite=args.overwrite_output_dir, source=path, empty=True)
     if problem:
         raise ValueError(problem)
     full, tokenizer = models.load_model(path, "cpu")

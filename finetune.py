@@ -106,8 +106,8 @@ def parse_args(argv=None):
         p.error("--resume with --tuning lora is not supported: checkpoints hold merged weights")
     if args.temperature is None:
         args.temperature = 0.05 if args.similarity == "cos" else 1.0
-    problem = checkpoints.output_dir_problem(args.output_dir, args.resume, args.overwrite_output_dir,
-                                             source=args.model_name_or_path)  # never under the run's own output
+    problem = cli.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
+                                     args.resume, args.overwrite_output_dir, source=args.model_name_or_path)
     if problem:
         p.error(problem)
     return args
@@ -123,7 +123,8 @@ def load_training_records(train_file, train_group_size, skip_bad_lines, rank=0):
         negatives = max((train_group_size or DEFAULT_GROUP_SIZE) - 1, 7)
         return ("contrastive", data.embedded_training_data(seed=0, num_negatives=negatives),
                 train_group_size or DEFAULT_GROUP_SIZE)
-    kind, records, skipped = data.read_training_file(train_file, skip_bad_lines)
+    kind, records, skipped = training.read_training_data(data.read_training_file, train_file,
+                                                         skip_bad_lines)
     if skip_bad_lines and rank == 0:
         print(f"skipped {skipped} bad lines of {train_file}", file=sys.stderr)
     if kind == "scored":

@@ -59,8 +59,8 @@ def parse_args(argv=None):
         p.error("--max_length must be at least 3 ([CLS], one token, [SEP])")
     if not 0 < args.mlm_probability <= args.decoder_mlm_probability <= 1:
         p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
-    problem = checkpoints.output_dir_problem(args.output_dir, args.resume, args.overwrite_output_dir,
-                                             source=args.model_name_or_path)  # never under the run's own output
+    problem = cli.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
+                                     args.resume, args.overwrite_output_dir, source=args.model_name_or_path)
     if problem:
         p.error(problem)
     return args
@@ -179,7 +179,8 @@ def main(argv=None):
     if args.train_file is None:
         documents = data.training_documents()
     else:
-        documents, bad = data.read_text_file(args.train_file, args.skip_bad_lines)
+        documents, bad = training.read_training_data(data.read_text_file, args.train_file,
+                                                     args.skip_bad_lines)
         if bad and rank == 0:
             print(f"skipped {bad} bad lines of {args.train_file}", file=sys.stderr)
     encoder, tokenizer = models.load_encoder(args.model_name_or_path, device, args.from_scratch, args.config_overrides,

@@ -13,6 +13,7 @@ import torch
 
 import checkpoints
 import cli
+import data
 import distributed
 import starbucks as sb
 from grad_cache import grad_cache_step
@@ -44,6 +45,14 @@ def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
                    help="start over in an --output_dir that holds another run (its checkpoints and log are removed)")
     p.add_argument("--max_bad_steps", type=cli.positive_int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+
+
+def read_training_data(read, path, skip_bad_lines):
+    """read(path, skip_bad_lines) -> its result; a bad line's error names the flag that skips it."""
+    try:
+        return read(path, skip_bad_lines)
+    except data.BadLine as e:
+        raise data.BadLine(f"{e} (pass --skip_bad_lines to skip such lines)") from None
 
 
 @dataclass
