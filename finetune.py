@@ -257,6 +257,13 @@ def main(argv=None):
     model, tokenizer = models.load_model(args.model_name_or_path, device)
     tuning.apply_tuning(model, args.tuning, args.lora_r, args.lora_alpha, args.lora_target_modules)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
+    preset_pairs = args.preset and args.pairs == PRESETS[args.preset]["pairs"]
+    if preset_pairs and not all(n <= L and d <= H for n, d in sb.parse_pairs(args.pairs)):
+        shape = ",".join(f"{n}x{d}" for n, d in sb.default_pairs(L, H))
+        raise ValueError(f"--preset {args.preset} trains BERT-base's pairs ({args.pairs}, 12 layers x "
+                         f"768), but {args.model_name_or_path} has {L} layers x {H}: pass --pairs (the "
+                         f"paper's shape for this model is --pairs {shape}) or a 12 x 768 "
+                         f"--model_name_or_path")
     pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(L, H)
     if rank == 0:
         print(f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, device {device}"
