@@ -77,15 +77,15 @@ def main():
     fit_texts, fit_y = [train_texts[i] for i in fit], torch.tensor([train_y[i] for i in fit])
     if args.tuning == "full":
         model, heads = cascade.train_classifier_end_to_end(model, tokenizer, heads, fit_texts, fit_y, config.pooling,
-                                                            args.max_steps, 16, args.learning_rate, 1e-4, MAX_LENGTH,
-                                                            args.seed)
+                                                           args.max_steps, 16, args.learning_rate, 1e-4, MAX_LENGTH,
+                                                           args.seed)
     else:
         features = sb.encode_2d(model, tokenizer, fit_texts, pairs, config.pooling, MAX_LENGTH, args.batch_size)
         heads = cascade.fit_probe(heads, features, fit_y)
 
     def outcomes(texts, labels):
         return cascade.cascade_outcomes(model, tokenizer, texts, labels, heads, pairs, config.pooling, MAX_LENGTH,
-                                           args.batch_size, C)
+                                        args.batch_size, C)
     held_outcomes = outcomes([train_texts[i] for i in held], [train_y[i] for i in held])
     held_full = cascade.cascade_point(held_outcomes, 1.01)  # threshold > 1: every example at the full pair
     one = cascade.cheapest_threshold(held_outcomes, 0.005, margin=args.margin)
@@ -99,9 +99,9 @@ def main():
     enc = [tokenizer(test_texts[s:s + args.batch_size], padding=True, truncation=True, max_length=MAX_LENGTH,
                      return_tensors="pt") for s in range(0, len(test_texts), args.batch_size)]
     runs = {"cascade": lambda: [cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs,
-                                                    threshold, config.pooling) for e in enc],
+                                                         threshold, config.pooling) for e in enc],
             "full": lambda: [cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs[-1:], 0.0,
-                                                 config.pooling) for e in enc]}
+                                                      config.pooling) for e in enc]}
     with torch.no_grad():
         for run in runs.values():  # a warm-up round, untimed
             run()

@@ -100,7 +100,7 @@ def main(argv=None):
 
     def in_blocks(stage_dims, ks):
         return lambda: funnel.adaptive_search([query_vectors[d][:args.block] for d in stage_dims],
-                                          [index[d] for d in stage_dims], ks, 10)
+                                              [index[d] for d in stage_dims], ks, 10)
 
     lines = []
     for text, (stage_pairs, ks) in zip(args.adaptive, funnels):

@@ -148,8 +148,8 @@ def main(argv=None):
         rows[name] = baseline
     costs = cascade.classification_costs(model, tokenizer, test_texts, pairs, C, args.max_seq_length)
     points = cascade.cascade_points(model, tokenizer, test_texts, test_y.tolist(), heads["MRL"], pairs,
-                                       args.thresholds, config.pooling, args.max_seq_length,
-                                       args.per_device_eval_batch_size, C, features=test_x)
+                                    args.thresholds, config.pooling, args.max_seq_length,
+                                    args.per_device_eval_batch_size, C, features=test_x)
 
     text = [f"# {source}; model {path}; {args.tuning}", "", "Accuracy (mAP@10 for the class-based retrieval column); "
             "SVD and Rand. LP: d dimensions of the full pair's embedding.", "", table(rows, pairs, costs), "",

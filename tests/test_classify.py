@@ -80,7 +80,7 @@ def test_the_cascade_continues_one_pass_equal_to_a_fresh_forward_and_never_runs_
     rows_seen = []
     hook = sb.transformer_layers(model)[3].register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
     predicted, stopped = cascade.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS,
-                                             thresholds)
+                                                  thresholds)
     hook.remove()
     assert (stopped == 0).any() and (stopped == 1).sum() == 1 and (stopped == 2).any()
     for row, i in enumerate(stopped.tolist()):
@@ -102,12 +102,12 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
     labels = cascade.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS, split)[0].tolist()
     thresholds = [0.0, split, split[0], 1.01]
     points = cascade.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean",
-                                       batch_size=4, num_classes=3)
+                                    batch_size=4, num_classes=3)
     tokens = enc["attention_mask"].sum(1).tolist()
     full = sum(flops.encoder_flops(model, PAIRS[-1][0], t) for t in tokens) / len(TEXTS) + 2 * PAIRS[-1][1] * 3
     for threshold, point in zip(thresholds, points):
         predicted, stopped = cascade.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS,
-                                                 threshold)
+                                                      threshold)
         cost = [flops.encoder_flops(model, PAIRS[i][0], t) + sum(2 * d * 3 for _, d in PAIRS[:i + 1])
                 for i, t in zip(stopped.tolist(), tokens)]
         assert point["accuracy"] == pytest.approx(metrics.accuracy(predicted, torch.tensor(labels)))
@@ -116,7 +116,7 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
     assert points[1]["accuracy"] == 1.0 and points[1]["stopped"] == pytest.approx([0.5, 1 / 6, 1 / 3])
     features = sb.encode_2d(model, tokenizer, TEXTS, PAIRS + [(3, 32)], "mean", 256, 4)  # as classification/classify.py has them
     assert cascade.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean", batch_size=4,
-                                     num_classes=3, features=features) == points
+                                  num_classes=3, features=features) == points
     with pytest.raises(ValueError, match="features must hold every pair"):
         cascade.cascade_points(model, tokenizer, TEXTS[:-1], labels[:-1], heads, PAIRS, [0.5], features=features)
     assert points[0]["stopped"][0] == 1 and points[-1]["stopped"][-1] == 1
@@ -152,8 +152,8 @@ def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local
     _, one_error = cascade.choose_thresholds(outcomes, tolerance=0.25)
     assert one_error["accuracy"] == 0.75 and one_error["relative_cost"] == pytest.approx(0.4)
     assert cascade.cascade_point(outcomes, [0.56, 0.5, 0.0]) == {"threshold": [0.56, 0.5, 0.0], "accuracy": 0.75,
-                                                                   "relative_cost": pytest.approx(0.35),
-                                                                   "stopped": [0.5, 0.5, 0.0]}
+                                                                 "relative_cost": pytest.approx(0.35),
+                                                                 "stopped": [0.5, 0.5, 0.0]}
     predicted, stopped = cascade.cascade_answers(outcomes, [0.56, 0.5, 0.0])
     assert predicted.tolist() == [0, 0, 0, 1] and stopped.tolist() == [0, 0, 1, 1]
     # the full pair is right on all four, the cascade loses text 3: differences 0, 0, 0, 1; sample std 0.5 over sqrt 4
@@ -227,7 +227,7 @@ def test_tweets_are_read_whole_deduplicated_and_split_by_label_and_subsample_is_
     assert datasets.tweets_classification(seed=1)["test"] != split["test"]
     few = datasets.subsample(*split["test"], 50, seed=0, part="test")
     assert few == datasets.subsample(*split["test"], 50, seed=0, part="test") != datasets.subsample(*split["test"], 50, seed=1,
-                                                                                             part="test")
+                                                                                                    part="test")
     label_of = dict(zip(*split["test"]))
     assert len(few[0]) == 50 and all(label_of[t] == y for t, y in zip(*few))  # each text keeps its label
     positions = [split["test"][0].index(t) for t in few[0]]

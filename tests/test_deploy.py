@@ -275,7 +275,7 @@ def test_evaluate_adaptive_with_k_equal_to_corpus_matches_exhaustive(tiny_folder
 def test_evaluate_adaptive_rejects_pairs_outside_the_model(tiny_folder):
     with pytest.raises(ValueError, match="outside"):
         funnel.adaptive_retrieval(tiny_folder, {"tiny": ("retrieval", tiny_retrieval_set())},
-                                    evaluate_args("1x8:5:6x32"), torch.device("cpu"))
+                                  evaluate_args("1x8:5:6x32"), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def test_print_adaptive_lists_each_search_with_its_values(capsys):
     row = {"nDCG@10": 0.5, "MRR@10": 0.25, "encode GFLOPs/q": 1.0, "search MFLOPs/q": 2.0, "encode ms/q": 3.0,
            "search ms/q": 4.0}
     text = funnel.print_adaptive({"m": {"tiny": {"exhaustive 4x32": row, "adaptive 1x8:5:4x32": row}}},
-                                   {"tiny": ("retrieval", dataset)})
+                                 {"tiny": ("retrieval", dataset)})
     lines = text.strip().splitlines()
     assert "12 documents, 6 queries" in lines[0] and lines[1].split()[:3] == ["search", "nDCG@10", "MRR@10"]
     assert lines[3].split() == ["adaptive", "1x8:5:4x32", "0.5000", "0.2500", "1.0000", "2.0000", "3.0000", "4.0000"]

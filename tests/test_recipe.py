@@ -115,7 +115,7 @@ def test_random_llama_shape():
 
 def test_grid_reuses_finished_runs(tmp_path, monkeypatch):
     opts = compute_optimal.parse_args(["--output_dir", str(tmp_path), "--sizes", "random:1x64", "--tunings", "full",
-                              "--budgets", "1e9,2e9"])
+                                       "--budgets", "1e9,2e9"])
     for budget in (0.0, 1e9, 2e9):
         folder = tmp_path / "runs" / compute_optimal.run_name("random:1x64", "full", budget)
         os.makedirs(folder)
@@ -133,7 +133,7 @@ def test_runs_over_the_step_cap_are_skipped_and_listed(tmp_path, monkeypatch, vo
     tokenizer = BertTokenizer(vocab=vocab_path)
     monkeypatch.setattr(compute_optimal.Sizes, "build", lambda self, size: (tiny_llama(), tokenizer))
     opts = compute_optimal.parse_args(["--output_dir", str(tmp_path), "--sizes", "random:1x64", "--tunings", "lora",
-                              "--budgets", "1e15", "--max_steps_per_run", "5", "--eval_pairs", "32"])
+                                       "--budgets", "1e15", "--max_steps_per_run", "5", "--eval_pairs", "32"])
     results, skipped = compute_optimal.run_grid(opts)
     assert [r["budget"] for r in results] == [0.0]  # the untrained model is still measured
     assert len(skipped) == 1 and skipped[0][:3] == ("random:1x64", "lora", 1e15)
