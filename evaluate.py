@@ -83,7 +83,8 @@ def main(argv=None):
     for name, path in zip(names, args.model_name_or_path):
         config, all_results[name] = evaluation.evaluate_model(path, datasets, settings, device)
         if args.adaptive:
-            adaptive[name] = evaluation.adaptive_retrieval(path, datasets, settings, device)
+            from deploy import funnel
+            adaptive[name] = funnel.adaptive_retrieval(path, datasets, settings, device)
         configs[name] = {"path": path, "pooling": config.pooling, "similarity": config.similarity}
     distributed.cleanup()
     if rank != 0:  # the other ranks encoded their shards; rank 0 searched and reports
@@ -104,7 +105,8 @@ def main(argv=None):
               f"{c['unknown_query_judgments']} name unknown queries, {c['unknown_document_judgments']} unknown documents")
     table = evaluation.print_tables(all_results, list(datasets))
     if adaptive:
-        table += "\n" + evaluation.print_adaptive(adaptive, datasets)
+        from deploy import funnel
+        table += "\n" + funnel.print_adaptive(adaptive, datasets)
     open(os.path.join(args.output_dir, "table.txt"), "w").write(table + "\n")
     if args.plot:
         print("\n".join(evaluation.plot_heatmaps(all_results, args.output_dir)))

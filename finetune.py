@@ -24,11 +24,9 @@ import checkpoints
 import cli
 import data
 import distributed
-import flops
 import models
 import starbucks as sb
 import training
-import tuning
 
 
 # Every hyperparameter of each released run (github.com/ielab/Starbucks at 2a3b24f); an explicit flag still wins.
@@ -54,6 +52,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
+    from recipe import tuning  # --tuning and --lora_target_modules: its names
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="every hyperparameter of one of the authors' released runs (README: released run -> command); "
@@ -166,6 +165,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
     distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
     tokens = training.tokens_per_step(tokenizer, records, kind, B, group_size, query_max_len, passage_max_len,
                                       run.seed)
+    from recipe import flops
     accounting = flops.flops_accounting(model, tuning_spec, tokens, flops_budget, max(n for n, _ in embed_pairs))
     total = accounting.get("budget_steps") or run.total_steps(steps_per_epoch)
     accounting["planned_flops"] = accounting["flops_per_token"] * accounting["tokens_per_step"] * total
@@ -251,11 +251,17 @@ def main(argv=None):
                                                                  args.skip_bad_lines, rank)
 
     def load_tuned_model():
-        model = models.load_model(args.model_name_or_path, device)[0]
-        return tuning.apply_tuning(model, args.tuning, args.lora_r, args.lora_alpha, args.lora_target_modules)
+        return tuned(models.load_model(args.model_name_or_path, device)[0])
+
+    def tuned(model):
+        if args.tuning == "full":  # every parameter trains, as loaded
+            return model
+        from recipe import tuning
+        return tuning.apply_tuning(model, args.tuning, args.lora_r, args.lora_alpha,
+                                   args.lora_target_modules)
 
     model, tokenizer = models.load_model(args.model_name_or_path, device)
-    tuning.apply_tuning(model, args.tuning, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    tuned(model)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     preset_pairs = args.preset and args.pairs == PRESETS[args.preset]["pairs"]
     if preset_pairs and not all(n <= L and d <= H for n, d in sb.parse_pairs(args.pairs)):

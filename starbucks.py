@@ -9,8 +9,9 @@ References
   (Eq. 9, the random-sampling baseline).
 - Su, "CoSENT" (the loss the paper uses for the low-resource STS-B variant).
 - Ziarko, Jiang, Miłoś et al. "Repurposing Language Models into Embedding Models: Finding the
-  Compute-Optimal Recipe", arXiv 2406.04165 (symmetric InfoNCE, Eq. 17; its FLOP accounting is in
-  flops.py and its tuning methods in tuning.py).
+  Compute-Optimal Recipe", arXiv 2406.04165 (symmetric InfoNCE, Eq. 17, is in
+  recipe/decoder.py, its FLOP accounting in recipe/flops.py and its tuning methods in
+  recipe/tuning.py).
 
 Equation numbers (Eq. 1, Eq. 2, ...) are those of the README's "Equations" section. Every function
 here is pure: tensors and a model in, tensors out; no files, no argparse, no global state.
@@ -269,16 +270,6 @@ def full_loss(q_2d, p_2d, pairs, temperature=1.0, similarity="dot"):
     return contrastive_loss(q_2d[pairs[-1]], p_2d[pairs[-1]], temperature, similarity)
 
 
-def symmetric_contrastive_loss(q, p, temperature=1.0, similarity="cos"):
-    """Eq. 17: symmetric InfoNCE (Ziarko et al.): queries against the batch's passages, and each positive
-    against the batch's queries, averaged. q (B, d), p (B*G, d); hard negatives join the first direction only."""
-    scores = similarity_scores(q, p, temperature, similarity)  # (B, BG)
-    positives = positive_index(q.shape[0], p.shape[0], q.device)  # (B,)
-    query_to_passage = F.cross_entropy(scores, positives)
-    passage_to_query = F.cross_entropy(scores[:, positives].T, torch.arange(q.shape[0], device=q.device))  # (B, B)
-    return (query_to_passage + passage_to_query) / 2
-
-
 def matryoshka_loss(q, p, dims, temperature=1.0, similarity="dot"):
     """Eq. 8: 1D Matryoshka (MRL), sum over d of L_CE at the last layer truncated to d (c_d = 1)."""
     return sum(contrastive_loss(q[:, :d], p[:, :d], temperature, similarity) for d in dims)
@@ -375,7 +366,7 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
 
 
 # ----------------------------------------------------------------------------------------------
-# Early-exit encoding at one size (Eq. 1); search.py uses the sizes (Eq. 14)
+# Early-exit encoding at one size (Eq. 1); deploy/funnel.py uses the sizes (Eq. 14)
 
 def encode(model, tokenizer, texts, pair, pooling="cls", max_length=128, batch_size=64, normalize=False,
            progress=None):
@@ -570,107 +561,3 @@ def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, enc
         masked_ids = torch.where(masked & (u >= 0.8) & (u < 0.9), random_tokens, masked_ids)
         out += [masked_ids.to(input_ids.device), torch.where(masked, ids, -100).to(input_ids.device)]
     return tuple(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Classification with the sizes (Eq. 18-20): MRL's nested classifiers and its adaptive cascade, in 2D
-# (Kusupati et al., 2022, Sec. 3 and 4.2; the 2D cascade that continues one forward pass is ours).
-
-class NestedClassifier(torch.nn.Module):
-    """Eq. 18: one linear head per layer-dim pair, logits^(n,d) = W^(n,d) e^(n,d) + b^(n,d).
-
-    efficient=True is MRL-E: ONE weight W (C, H) and bias b for every pair, the pair (n, d) using W[:, :d],
-    so all heads together cost one full classifier's parameters.
-    """
-
-    def __init__(self, pairs, hidden_size, num_classes, efficient=False):
-        super().__init__()
-        self.pairs, self.efficient = [tuple(p) for p in pairs], efficient
-        if efficient:
-            self.shared = torch.nn.Linear(hidden_size, num_classes)  # W (C, H), sliced by d
-        else:
-            self.heads = torch.nn.ModuleDict({f"{n}x{d}": torch.nn.Linear(d, num_classes) for n, d in self.pairs})
-
-    def logits(self, pair, e):
-        """(B, d) -> (B, C) for one pair."""
-        n, d = pair
-        if self.efficient:
-            return F.linear(e, self.shared.weight[:, :d], self.shared.bias)
-        return self.heads[f"{n}x{d}"](e)
-
-    def forward(self, features_2d):
-        """{(n, d): (B, d)} -> {(n, d): (B, C)}."""
-        return {pair: self.logits(pair, features_2d[pair]) for pair in self.pairs}
-
-
-def mrl_classification_loss(logits_2d, labels, weights=None):
-    """Eq. 19: sum over pairs of c_(n,d) * cross-entropy (MRL's loss; c = 1 unless weights={pair: c})."""
-    return sum((1.0 if weights is None else weights[pair]) * F.cross_entropy(logits, labels)
-               for pair, logits in logits_2d.items())
-
-
-def cascade_thresholds(pairs, thresholds):
-    """Eq. 20's thresholds as one per pair (a number: the same for all), checked: pairs in order of layer."""
-    thresholds = [thresholds] * len(pairs) if isinstance(thresholds, (int, float)) else list(thresholds)
-    if len(thresholds) != len(pairs) or [p[0] for p in pairs] != sorted(p[0] for p in pairs):
-        raise ValueError(f"the cascade needs pairs in order of layer and one threshold per pair, got {pairs}, "
-                         f"{thresholds}")
-    return thresholds
-
-
-@torch.no_grad()
-def cascade_classify(model, input_ids, attention_mask, classifier, pairs, thresholds, pooling="mean"):
-    """Eq. 20: classify with the cheapest pair first; an example whose max softmax probability is below its
-    pair's threshold goes on to the next pair. -> (predictions (B,), index of the pair each stopped at (B,)).
-
-    pairs: in order of cost (sorted by layer, then dim); thresholds: one per pair, or one for all (the last
-    pair always answers). Moving from layer n to n' CONTINUES the same forward pass from layer n, on the
-    examples still undecided only: an example that stops early never runs the later layers.
-    """
-    blocks, norm = transformer_layers(model), final_norm(model)
-    thresholds = cascade_thresholds(pairs, thresholds)
-    inputs = {}
-
-    def capture(module, positional, keywords):  # what the model passes its first block: embeddings, masks
-        inputs["args"], inputs["kwargs"] = positional, keywords
-        raise _StopForward
-    handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
-    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    hidden, args, kwargs = inputs["args"][0], list(inputs["args"][1:]), dict(inputs["kwargs"])  # hidden (B, T, H)
-    batch = hidden.shape[0]
-    rows, mask = torch.arange(batch, device=hidden.device), attention_mask  # the undecided examples
-    predictions = torch.empty(batch, dtype=torch.long, device=hidden.device)
-    stopped_at = torch.empty(batch, dtype=torch.long, device=hidden.device)
-    layers_run = 0
-    for i, (n, d) in enumerate(pairs):
-        for block in blocks[layers_run:n]:  # continue the pass: layers layers_run+1 .. n, undecided rows only
-            out = block(hidden, *args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        layers_run = n
-        h = norm(hidden) if norm is not None else hidden
-        probabilities = F.softmax(classifier.logits((n, d), pool(h, mask, pooling)[:, :d]), dim=-1)  # (b, C)
-        confidence, predicted = probabilities.max(-1)
-        stop = confidence >= thresholds[i] if i < len(pairs) - 1 else torch.ones_like(confidence, dtype=torch.bool)
-        predictions[rows[stop]], stopped_at[rows[stop]] = predicted[stop], i
-        keep = ~stop
-        if not keep.any():
-            break
-        size = len(rows)  # per-example tensors (masks) follow the undecided rows; shared ones (rotary) do not
-        take = lambda x: x[keep] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == size else x
-        rows, hidden, mask = rows[keep], hidden[keep], mask[keep]
-        args, kwargs = [take(a) for a in args], {k: take(v) for k, v in kwargs.items()}
-    return predictions, stopped_at
-
-
-def svd_directions(full_embeddings, m):
-    """MRL's SVD baseline: the top-m right singular vectors of the (centred) full embeddings, (H, m); a size-m
-    embedding is e^(L,H) @ V[:, :m]."""
-    centred = full_embeddings - full_embeddings.mean(0, keepdim=True)  # (N, H)
-    directions = torch.linalg.svd(centred, full_matrices=False).Vh[:m].T  # (H, min(m, N, H))
-    return F.pad(directions, (0, m - directions.shape[1]))  # (H, m): past the data's rank, zero columns

@@ -16,7 +16,6 @@ import cli
 import data
 import distributed
 import starbucks as sb
-from grad_cache import grad_cache_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +223,8 @@ def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, simil
     if method == "srl":
         return pairs, lambda q, p, gold, g: sb.srl_loss_embedding_kl(q, p, pairs, t, kl_weight, sim)
     if method == "symmetric":  # Ziarko et al.'s loss (Eq. 17) at the full pair
-        return [full], lambda q, p, gold, g: sb.symmetric_contrastive_loss(q[full], p[full], t, sim)
+        from recipe import decoder
+        return [full], lambda q, p, gold, g: decoder.symmetric_contrastive_loss(q[full], p[full], t, sim)
     if method in ("full", "separate"):  # separate: `full` is (n, H) of the layer being trained
         return [full], lambda q, p, gold, g: sb.full_loss(q, p, [full], t, sim)
     if method == "mrl":
@@ -261,6 +261,7 @@ def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, gen
 
     inputs = [(q_tok["input_ids"], q_tok["attention_mask"]), (p_tok["input_ids"], p_tok["attention_mask"])]
     if grad_cache_chunk:
+        from large_batch.grad_cache import grad_cache_step
         return grad_cache_step(embed, inputs, global_loss, grad_cache_chunk, getattr(net, "no_sync", None),
                                loss_scale=world_size)
     loss = global_loss(*(embed(*x) for x in inputs))
@@ -318,39 +319,3 @@ def bad_steps_message(step, train_log, output_dir):
             f"or gradient (each was skipped, {train_log.skipped} in all). Last good checkpoint: "
             f"{checkpoints.latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
             f"the data, then --resume.")
-
-
-# ----------------------------------------------------------------------------------------------
-# Classification heads on frozen features (Eq. 18-19): the linear probe
-
-def fit_probe(classifier, features_2d, labels, epochs=300, learning_rate=1e-2, weight_decay=1e-4, seed=0):
-    """Train a NestedClassifier on cached features {pair: (N, d)} with Eq. 19, full batch, AdamW; -> classifier.
-
-    Frozen encoder: the features are computed once, so every epoch costs only the heads' matmuls."""
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    classifier.train()
-    for _ in range(epochs):
-        loss = sb.mrl_classification_loss(classifier({p: features_2d[p] for p in classifier.pairs}), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return classifier.eval()
-
-
-def train_classifier_end_to_end(model, tokenizer, classifier, texts, labels, pooling, steps, batch_size,
-                                learning_rate, weight_decay, max_length, seed):
-    """Eq. 19 through the encoder: every pair's head and the encoder trained together (MRL's full training);
-    -> (model, classifier), both in eval mode."""
-    torch.manual_seed(seed)
-    optimizer = adamw(torch.nn.ModuleList([model, classifier]), learning_rate, weight_decay)
-    model.train(), classifier.train()
-    for _, indices in global_batches(len(texts), batch_size, 0, steps, seed):
-        enc = tokenizer([texts[i] for i in indices], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        features = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], classifier.pairs, pooling)
-        loss = sb.mrl_classification_loss(classifier(features), labels[indices])  # forward, Eq. 19
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model.eval(), classifier.eval()

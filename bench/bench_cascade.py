@@ -11,7 +11,7 @@ in two: the heads (and encoder) learn on one part, the cascade's thresholds are 
 part, never on the test split. One threshold per pair, as in MRL's cascade notebook (RAIVNLab/MRL,
 eval_ckpts/Notebooks/Cascade Performance Paper.ipynb: one threshold per size step, chosen on 10K held-out
 ImageNet validation images, evaluated on the other 40K). MRL picks each step's most accurate threshold; the goal
-here is the cost at the full pair's accuracy, so evaluation.choose_thresholds searches for the cheapest thresholds
+here is the cost at the full pair's accuracy, so cascade.choose_thresholds searches for the cheapest thresholds
 whose held-out accuracy is within 0.5 points of the full pair's. Those thresholds are then run on the test split
 beside the full pair: expected encoder + head FLOPs over the full pair's, accuracy drop in points and wall time
 over the full pair's (median of --repeats rounds, the two alternated) are the RATIO lines; the drop's standard
@@ -30,11 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
-import data  # noqa: E402
-import evaluation  # noqa: E402
 import models  # noqa: E402
 import starbucks as sb  # noqa: E402
-import training  # noqa: E402
+from classification import cascade, datasets  # noqa: E402
 from timing import median_ratio  # noqa: E402
 
 MAX_LENGTH = 256
@@ -45,8 +43,8 @@ def main():
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
     p.add_argument("--tuning", choices=("full", "probe"), default="full")
     p.add_argument("--pairs", default=None, help="LAYERxDIM list in order of cost; default: the model's pairs")
-    p.add_argument("--dataset", choices=sorted(data.CLASSIFICATION_SETS), default="tweets",
-                   help="embedded labelled text (classify.py --dataset); tweets: enough test texts that 0.5 points is "
+    p.add_argument("--dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="tweets",
+                   help="embedded labelled text (classification/classify.py --dataset); tweets: enough test texts that 0.5 points is "
                         "not a single text")
     p.add_argument("--max_train_samples", type=cli.positive_int, default=5000, help="training texts drawn from the split")
     p.add_argument("--max_eval_samples", type=cli.positive_int, default=2000, help="test texts drawn from the split")
@@ -54,7 +52,7 @@ def main():
                    "(as many as the test texts: the choice is only as sure as its sample)")
     p.add_argument("--margin", type=cli.non_negative_float, default=0.0,
                    help="choose only thresholds whose held-out accuracy minus this many standard errors of its drop is "
-                        "within 0.5 points (evaluation.qualifies): a guard against picking a lucky point")
+                        "within 0.5 points (cascade.qualifies): a guard against picking a lucky point")
     p.add_argument("--max_steps", type=cli.positive_int, default=200, help="--tuning full: optimizer steps (batch 16)")
     p.add_argument("--learning_rate", type=float, default=5e-5, help="--tuning full")
     p.add_argument("--repeats", type=cli.positive_int, default=5)
@@ -62,9 +60,9 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="the split, the texts drawn, the held-out cut, the training")
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    split = data.CLASSIFICATION_SETS[args.dataset](seed=args.seed)
-    (train_texts, train_y), C = data.subsample(*split["train"], args.max_train_samples, args.seed), len(split["labels"])
-    test_texts, test_y = data.subsample(*split["test"], args.max_eval_samples, args.seed, part="test")
+    split = datasets.CLASSIFICATION_SETS[args.dataset](seed=args.seed)
+    (train_texts, train_y), C = datasets.subsample(*split["train"], args.max_train_samples, args.seed), len(split["labels"])
+    test_texts, test_y = datasets.subsample(*split["test"], args.max_eval_samples, args.seed, part="test")
     if not 0 < args.held_out < len(train_texts):
         p.error(f"--held_out {args.held_out} must leave training texts: {args.dataset} gives {len(train_texts)}")
     if args.margin and args.held_out < 2:
@@ -75,35 +73,35 @@ def main():
     model.eval()
     config, _ = models.read_config(models.resolve_model_path(args.model_name_or_path), model, args.pairs)
     pairs = config.pairs
-    heads = sb.NestedClassifier(pairs, model.config.hidden_size, C)
+    heads = cascade.NestedClassifier(pairs, model.config.hidden_size, C)
     fit_texts, fit_y = [train_texts[i] for i in fit], torch.tensor([train_y[i] for i in fit])
     if args.tuning == "full":
-        model, heads = training.train_classifier_end_to_end(model, tokenizer, heads, fit_texts, fit_y, config.pooling,
-                                                            args.max_steps, 16, args.learning_rate, 1e-4, MAX_LENGTH,
-                                                            args.seed)
+        model, heads = cascade.train_classifier_end_to_end(model, tokenizer, heads, fit_texts, fit_y, config.pooling,
+                                                           args.max_steps, 16, args.learning_rate, 1e-4, MAX_LENGTH,
+                                                           args.seed)
     else:
         features = sb.encode_2d(model, tokenizer, fit_texts, pairs, config.pooling, MAX_LENGTH, args.batch_size)
-        heads = training.fit_probe(heads, features, fit_y)
+        heads = cascade.fit_probe(heads, features, fit_y)
 
     def outcomes(texts, labels):
-        return evaluation.cascade_outcomes(model, tokenizer, texts, labels, heads, pairs, config.pooling, MAX_LENGTH,
-                                           args.batch_size, C)
+        return cascade.cascade_outcomes(model, tokenizer, texts, labels, heads, pairs, config.pooling, MAX_LENGTH,
+                                        args.batch_size, C)
     held_outcomes = outcomes([train_texts[i] for i in held], [train_y[i] for i in held])
-    held_full = evaluation.cascade_point(held_outcomes, 1.01)  # threshold > 1: every example at the full pair
-    one = evaluation.cheapest_threshold(held_outcomes, 0.005, margin=args.margin)
-    threshold, held_chosen = evaluation.choose_thresholds(held_outcomes, 0.005, margin=args.margin)
+    held_full = cascade.cascade_point(held_outcomes, 1.01)  # threshold > 1: every example at the full pair
+    one = cascade.cheapest_threshold(held_outcomes, 0.005, margin=args.margin)
+    threshold, held_chosen = cascade.choose_thresholds(held_outcomes, 0.005, margin=args.margin)
     test_outcomes = outcomes(test_texts, test_y)
-    chosen, full = evaluation.cascade_point(test_outcomes, threshold), evaluation.cascade_point(test_outcomes, 1.01)
-    one_on_test = evaluation.cascade_point(test_outcomes, one["threshold"])
-    drop, error = evaluation.accuracy_drop(test_outcomes, threshold)
-    _, hindsight = evaluation.choose_thresholds(test_outcomes, 0.005)  # chosen on the test texts: optimistic
+    chosen, full = cascade.cascade_point(test_outcomes, threshold), cascade.cascade_point(test_outcomes, 1.01)
+    one_on_test = cascade.cascade_point(test_outcomes, one["threshold"])
+    drop, error = cascade.accuracy_drop(test_outcomes, threshold)
+    _, hindsight = cascade.choose_thresholds(test_outcomes, 0.005)  # chosen on the test texts: optimistic
 
     enc = [tokenizer(test_texts[s:s + args.batch_size], padding=True, truncation=True, max_length=MAX_LENGTH,
                      return_tensors="pt") for s in range(0, len(test_texts), args.batch_size)]
-    runs = {"cascade": lambda: [sb.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs,
-                                                    threshold, config.pooling) for e in enc],
-            "full": lambda: [sb.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs[-1:], 0.0,
-                                                 config.pooling) for e in enc]}
+    runs = {"cascade": lambda: [cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs,
+                                                         threshold, config.pooling) for e in enc],
+            "full": lambda: [cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs[-1:], 0.0,
+                                                      config.pooling) for e in enc]}
     with torch.no_grad():
         for run in runs.values():  # a warm-up round, untimed
             run()

@@ -47,8 +47,8 @@ import corpus_index as ci  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 import models  # noqa: E402
-import search  # noqa: E402
 import starbucks as sb  # noqa: E402
+from deploy import funnel  # noqa: E402
 from timing import fastest, median_ratio  # noqa: E402
 
 
@@ -299,7 +299,7 @@ def main(argv=None):
         lines.append(f"RATIO exact_search_flop_rate_vs_matmul {search_rate / matmul_rate:.3f} goal >=0.5")
 
         # 3. The funnel (Eq. 14) on the sharded index: speed on random vectors, quality on the real set
-        pairs, ks = search.parse_funnel(args.adaptive)
+        pairs, ks = funnel.parse_funnel(args.adaptive)
         last = pairs[-1]
         folder = os.path.join(workdir, "adaptive")
         seconds = write_random_index(folder, args.adaptive_docs, ci.stored_widths(pairs), args.shard_size, seed=5)
@@ -317,7 +317,7 @@ def main(argv=None):
         bound, _, floor_s = median_ratio(lambda: ci.search(index, last, stage_queries[-1], 10, args.block), floor,
                                          args.rounds)
         shutil.rmtree(folder)
-        flops = search.search_flops(args.adaptive_docs, [last[1]], []) / search.search_flops(args.adaptive_docs, [d for _, d in pairs], ks)
+        flops = funnel.search_flops(args.adaptive_docs, [last[1]], []) / funnel.search_flops(args.adaptive_docs, [d for _, d in pairs], ks)
         print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} documents: exhaustive "
               f"{exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive {adaptive_s * 1000 / args.block:.2f} ms/query; "
               f"search FLOPs {flops:.1f}x fewer; the first stage alone ({pairs[0][0]}x{pairs[0][1]}, top {ks[0]}) "

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import metrics  # noqa: E402
 import models  # noqa: E402
-import search  # noqa: E402
 import starbucks as sb  # noqa: E402
+from deploy import funnel  # noqa: E402
 from timing import median_ratio  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    funnels = [search.parse_funnel(f) for f in args.adaptive]
+    funnels = [funnel.parse_funnel(f) for f in args.adaptive]
     model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))
     model.eval()
     path = models.resolve_model_path(args.model_name_or_path)
@@ -67,7 +67,7 @@ def main(argv=None):
     q_emb = sb.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling, 32, 64, normalize)
 
     def ndcg(stage_pairs, ks):
-        scores, indices = search.adaptive_search([q_emb[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs], ks, 10)
+        scores, indices = funnel.adaptive_search([q_emb[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs], ks, 10)
         run = {qid: {docids[j]: s for s, j in zip(scores[row].tolist(), indices[row].tolist())}
                for row, qid in enumerate(qids)}
         return metrics.ndcg_at_k(run, qrels, 10)
@@ -95,12 +95,12 @@ def main(argv=None):
     def one_at_a_time(stage_dims, ks):
         def run():
             for i in range(args.queries_per_round):
-                search.adaptive_search([query_vectors[d][i:i + 1] for d in stage_dims], [index[d] for d in stage_dims], ks, 10)
+                funnel.adaptive_search([query_vectors[d][i:i + 1] for d in stage_dims], [index[d] for d in stage_dims], ks, 10)
         return run
 
     def in_blocks(stage_dims, ks):
-        return lambda: search.adaptive_search([query_vectors[d][:args.block] for d in stage_dims],
-                                          [index[d] for d in stage_dims], ks, 10)
+        return lambda: funnel.adaptive_search([query_vectors[d][:args.block] for d in stage_dims],
+                                              [index[d] for d in stage_dims], ks, 10)
 
     lines = []
     for text, (stage_pairs, ks) in zip(args.adaptive, funnels):
@@ -108,7 +108,7 @@ def main(argv=None):
         kept = ndcg(stage_pairs, ks) / exhaustive_ndcg
         one, one_full, one_adaptive = median_ratio(one_at_a_time([H], []), one_at_a_time(stage_dims, ks), args.rounds)
         block, block_full, block_adaptive = median_ratio(in_blocks([H], []), in_blocks(stage_dims, ks), args.rounds)
-        flops = search.search_flops(args.num_docs, [H], []) / search.search_flops(args.num_docs, stage_dims, ks)
+        flops = funnel.search_flops(args.num_docs, [H], []) / funnel.search_flops(args.num_docs, stage_dims, ks)
         print(f"{text}: shortlist {ks[0]} = {ks[0] / len(docids):.1%} of the real set, "
               f"{ks[0] / args.num_docs:.4%} of the synthetic corpus; search FLOPs {flops:.1f}x fewer; "
               f"ms per query one at a time {one_full / args.queries_per_round * 1000:.1f} exhaustive, "

@@ -8,7 +8,7 @@ paper's STS row), 2dmse_retrieval (Eq. 9': the authors' retrieval code, the pape
 (Eq. 8), srl (Eq. 5), smae+srl (Eq. 13 pre-training, then Eq. 5) and the SMAE ablations mlm_2d+srl (the
 sliced MLM without the MAE decoder) and mlm+srl (plain MLM), each then SRL, on identical data, steps
 and seeds with the scripts a user runs; evaluates every layer x dim of the grid; adds MRL's classification
-rows (classify.py); writes RESULTS.md (mean +- std over seeds, the paper's numbers beside them, verdicts on
+rows (classification/classify.py); writes RESULTS.md (mean +- std over seeds, the paper's numbers beside them, verdicts on
 the paper's claims) and one heat map per method and metric. Each finished run is kept under --output_dir,
 so an interrupted study resumes where it stopped.
 """
@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import classify  # noqa: E402 (its main only)
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import finetune  # noqa: E402 (its main only: each run is its command line)
 import models  # noqa: E402
 import pretrain  # noqa: E402 (its main only)
 import starbucks as sb  # noqa: E402
+from classification import classify  # noqa: E402 (its main only)
+from classification import datasets  # noqa: E402
 
 METHODS = ["full", "separate", "2dmse", "2dmse_retrieval", "mrl", "srl", "smae+srl", "mlm_2d+srl", "mlm+srl"]
 PRETRAINED = {"smae+srl": "smae", "mlm_2d+srl": "mlm_2d", "mlm+srl": "mlm"}  # method: pretrain.py --objective
@@ -66,8 +67,8 @@ class Study:
     results: str = None  # the report; None: <output_dir>/RESULTS.md (the committed one only when named)
     plot: bool = False
     plot_dir: str = None  # None: <output_dir>/heatmaps
-    classification_dataset: str = "tweets"  # classify.py --dataset
-    max_train_samples: int = 2000  # classification texts drawn per seed (classify.py's flags)
+    classification_dataset: str = "tweets"  # classification/classify.py --dataset
+    max_train_samples: int = 2000  # classification texts drawn per seed (classification/classify.py's flags)
     max_eval_samples: int = 1000
 
 
@@ -85,8 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", action="store_true", help="heat maps per method (needs matplotlib)")
     p.add_argument("--plot_dir", default=None, help="where the heat maps go; default: <output_dir>/heatmaps "
                    "(the committed ones: docs/heatmaps)")
-    p.add_argument("--classification_dataset", choices=sorted(data.CLASSIFICATION_SETS), default="tweets",
-                   help="the classification table's labelled text (classify.py --dataset)")
+    p.add_argument("--classification_dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="tweets",
+                   help="the classification table's labelled text (classification/classify.py --dataset)")
     p.add_argument("--max_train_samples", type=int, default=2000, help="classification training texts per seed")
     p.add_argument("--max_eval_samples", type=int, default=1000, help="classification test texts per seed")
     study = Study(**vars(p.parse_args(argv)))
@@ -149,7 +150,7 @@ def run_all(study):
 
 
 def classification_rows(study, seed, pairs):
-    """{'rows': {row: {'nxd': accuracy}}, 'commit'} on classify.py's embedded --classification_dataset, split and
+    """{'rows': {row: {'nxd': accuracy}}, 'commit'} on classification/classify.py's embedded --classification_dataset, split and
     subsampled by the seed: MRL / MRL-E heads, the SVD and Rand. LP baselines and 1-NN on the starting encoder
     (frozen, probes), FF as the study's separately trained encoders (Eq. 7) with a probe at their own pair, and
     the study's SRL encoder with a probe. Kept in <output_dir>/classification_<dataset>_<train>_<test>_seed<S>.json
@@ -299,10 +300,10 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
     if classification:
         out += ["", f"## Classification: MRL's side (README Eq. 18-20), accuracy, mean +- std over "
                 f"{len(classification)} seeds", "", f"Labelled text: "
-                f"{data.CLASSIFICATION_ABOUT[study.classification_dataset]}; each seed splits the set half/half and "
+                f"{datasets.CLASSIFICATION_ABOUT[study.classification_dataset]}; each seed splits the set half/half and "
                 f"draws at most {study.max_train_samples} training and {study.max_eval_samples} test texts from "
                 "it (the std covers the split, the draw and the heads' initialisation). MRL, MRL-E, SVD, Rand. LP and "
-                "1-NN: the starting encoder, frozen, with probes (`classify.py`); SVD and Rand. LP take d coordinates "
+                "1-NN: the starting encoder, frozen, with probes (`classification/classify.py`); SVD and Rand. LP take d coordinates "
                 "of the full pair's embedding. FF (separate): the study's separately trained encoders (Eq. 7), a "
                 "probe at each one's own pair. SRL + probe: the study's SRL encoder, frozen, MRL heads. Both were "
                 "fine-tuned on the retrieval data above, not on these labels. Computed at commit(s) " + ", ".join(

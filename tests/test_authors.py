@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import flops
 import starbucks as sb
 from conftest import tiny_bert
+from recipe import flops
 
 LAYERS, DIMS = [1, 2, 3], [4, 6, 8]  # their matryoshka_layers / matryoshka_dims, paired by position; H = 8
 

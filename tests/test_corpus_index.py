@@ -18,8 +18,8 @@ import data
 import distributed
 import evaluation
 import metrics
-import search
 import starbucks as sb
+from deploy import funnel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PAIRS = [(2, 8), (2, 16), (4, 32)]
@@ -470,7 +470,7 @@ def test_adaptive_search_on_shards_equals_starbucks_adaptive_search(tmp_path):
                              ([(4, 48)], [], 10)):
         stage_queries = [F.normalize(queries[n][:, :d], dim=-1) for n, d in pairs]
         stage_corpus = [F.normalize(raw[n][:, :d], dim=-1) for n, d in pairs]  # Eq. 2: normalise after truncation
-        expected_scores, expected_rows = search.adaptive_search(stage_queries, stage_corpus, ks, depth)
+        expected_scores, expected_rows = funnel.adaptive_search(stage_queries, stage_corpus, ks, depth)
         scores, rows = ci.adaptive_search(index, pairs, stage_queries, ks, depth, query_block=8, chunk_rows=256,
                                           tile_rows=64)
         assert torch.equal(rows, expected_rows)

@@ -1,4 +1,4 @@
-"""Using the sizes (README Eq. 14): early-exit encode, adaptive search, FLOPs, export.py, evaluate.py --adaptive."""
+"""Using the sizes (README Eq. 14): early-exit encode, adaptive search, FLOPs, deploy/export.py, evaluate.py --adaptive."""
 import importlib.util
 import json
 import os
@@ -11,11 +11,10 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 import data
 import evaluation
-import export
-import flops
 import models
-import search
 import starbucks as sb
+from deploy import export, funnel
+from recipe import flops
 
 TEXTS = ["The cat sat on the mat.", "Stocks fell sharply in early trading on Monday.",
          "A short one.", "Rain is expected across the south of the country tomorrow afternoon."]
@@ -99,14 +98,14 @@ def test_encode_bad_input(tiny, texts, pair, message):
 # Funnels and adaptive search (Eq. 14)
 
 def test_parse_funnel():
-    assert search.parse_funnel("2x24:50:6x384") == ([(2, 24), (6, 384)], [50])
-    assert search.parse_funnel("1x12:200:2x24:50:6x384") == ([(1, 12), (2, 24), (6, 384)], [200, 50])
+    assert funnel.parse_funnel("2x24:50:6x384") == ([(2, 24), (6, 384)], [50])
+    assert funnel.parse_funnel("1x12:200:2x24:50:6x384") == ([(1, 12), (2, 24), (6, 384)], [200, 50])
 
 
 @pytest.mark.parametrize("text", ["2x24", "2x24:50", "2x24:0:6x384", "2x24:k:6x384", "2x24:50:6x", "2x24,3x48:50:6x384"])
 def test_parse_funnel_errors(text):
     with pytest.raises(ValueError, match="funnel|pair"):
-        search.parse_funnel(text)
+        funnel.parse_funnel(text)
 
 
 def test_adaptive_search_by_hand():
@@ -114,9 +113,9 @@ def test_adaptive_search_by_hand():
     # prefer document 0 (score 10) but it was not shortlisted, so the answer is 3 (score 2) then 2 (score 1)
     small, large = torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([[10.0], [0.0], [1.0], [2.0]])
     q = torch.tensor([[1.0]])
-    scores, indices = search.adaptive_search([q, q], [small, large], [2], depth=2)
+    scores, indices = funnel.adaptive_search([q, q], [small, large], [2], depth=2)
     assert indices.tolist() == [[3, 2]] and scores.tolist() == [[2.0, 1.0]]
-    scores, indices = search.adaptive_search([q], [large], [], depth=2)  # one stage: exhaustive
+    scores, indices = funnel.adaptive_search([q], [large], [], depth=2)  # one stage: exhaustive
     assert indices.tolist() == [[0, 3]] and scores.tolist() == [[10.0, 2.0]]
 
 
@@ -124,11 +123,11 @@ def test_adaptive_search_with_k_equal_to_corpus_is_exhaustive_with_the_large_pai
     g = torch.Generator().manual_seed(0)
     q_small, q_large = torch.randn(7, 4, generator=g), torch.randn(7, 32, generator=g)
     c_small, c_large = torch.randn(50, 4, generator=g), torch.randn(50, 32, generator=g)
-    scores, indices = search.adaptive_search([q_small, q_large], [c_small, c_large], [50], depth=10)
+    scores, indices = funnel.adaptive_search([q_small, q_large], [c_small, c_large], [50], depth=10)
     ref_scores, ref_indices = exhaustive(q_large, c_large, 10)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(scores, ref_scores)
-    _, capped = search.adaptive_search([q_small, q_large], [c_small, c_large], [10 ** 6], depth=10)  # k > N: all of it
+    _, capped = funnel.adaptive_search([q_small, q_large], [c_small, c_large], [10 ** 6], depth=10)  # k > N: all of it
     assert torch.equal(capped, ref_indices)
 
 
@@ -138,7 +137,7 @@ def test_adaptive_search_funnel_matches_python_reference_across_query_blocks():
     dims, ks = [2, 4, 8], [40, 12]
     corpus = [torch.randn(num_docs, d, generator=g) for d in dims]
     queries = [torch.randn(150, d, generator=g) for d in dims]
-    scores, indices = search.adaptive_search(queries, corpus, ks, depth=5)
+    scores, indices = funnel.adaptive_search(queries, corpus, ks, depth=5)
     assert indices.shape == (150, 5)
     sample = [0, 63, 64, 130, 149]  # both sides of each block boundary
     expected = funnel_by_hand([q[sample] for q in queries], [c for c in corpus], ks, 5)
@@ -159,7 +158,7 @@ def test_adaptive_search_funnel_matches_python_reference_across_query_blocks():
 ])
 def test_adaptive_search_bad_input(queries, corpus, ks, depth, message):
     with pytest.raises(ValueError, match=message):
-        search.adaptive_search(queries, corpus, ks, depth)
+        funnel.adaptive_search(queries, corpus, ks, depth)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,15 +175,15 @@ def test_encoder_flops_by_hand(tiny):
 
 
 def test_search_flops_by_hand():
-    assert search.search_flops(1000, [384], []) == 2 * 1000 * 384
-    assert search.search_flops(1000, [24, 384], [50]) == 2 * 1000 * 24 + 2 * 50 * 384
-    assert search.search_flops(10, [12, 24, 384], [200, 5]) == 2 * 10 * 12 + 2 * 10 * 24 + 2 * 5 * 384  # k capped at N
+    assert funnel.search_flops(1000, [384], []) == 2 * 1000 * 384
+    assert funnel.search_flops(1000, [24, 384], [50]) == 2 * 1000 * 24 + 2 * 50 * 384
+    assert funnel.search_flops(10, [12, 24, 384], [200, 5]) == 2 * 10 * 12 + 2 * 10 * 24 + 2 * 5 * 384  # k capped at N
     with pytest.raises(ValueError):
-        search.search_flops(1000, [24, 384], [])
+        funnel.search_flops(1000, [24, 384], [])
 
 
 # ----------------------------------------------------------------------------------------------
-# export.py
+# deploy/export.py
 
 def test_export_loads_with_automodel_and_equals_embed_2d(tiny, tiny_folder, tmp_path):
     model, tokenizer = tiny
@@ -227,7 +226,7 @@ def test_export_and_adaptive_refuse_separately_trained_checkpoints(tiny_folder, 
     with pytest.raises(ValueError, match="separately trained"):
         export.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="separately trained"):
-        evaluation.adaptive_retrieval(str(folder), {}, evaluate_args("1x8:5:4x32"), torch.device("cpu"))
+        funnel.adaptive_retrieval(str(folder), {}, evaluate_args("1x8:5:4x32"), torch.device("cpu"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
@@ -260,7 +259,7 @@ def evaluate_args(adaptive):
 def test_evaluate_adaptive_with_k_equal_to_corpus_matches_exhaustive(tiny_folder):
     datasets = {"tiny": ("retrieval", tiny_retrieval_set())}
     args = evaluate_args("1x8:12:4x32")
-    rows = evaluation.adaptive_retrieval(tiny_folder, datasets, args, torch.device("cpu"))["tiny"]
+    rows = funnel.adaptive_retrieval(tiny_folder, datasets, args, torch.device("cpu"))["tiny"]
     assert list(rows) == ["exhaustive 1x8", "exhaustive 4x32", "adaptive 1x8:12:4x32"]
     for metric in ("nDCG@10", "MRR@10"):
         assert rows["adaptive 1x8:12:4x32"][metric] == rows["exhaustive 4x32"][metric]
@@ -269,14 +268,14 @@ def test_evaluate_adaptive_with_k_equal_to_corpus_matches_exhaustive(tiny_folder
     for pair in ("1x8", "4x32"):
         for metric in ("nDCG@10", "MRR@10"):
             assert rows[f"exhaustive {pair}"][metric] == pytest.approx(table["tiny"][pair][metric])
-    assert rows["adaptive 1x8:12:4x32"]["search MFLOPs/q"] == pytest.approx(search.search_flops(12, [8, 32], [12]) / 1e6)
+    assert rows["adaptive 1x8:12:4x32"]["search MFLOPs/q"] == pytest.approx(funnel.search_flops(12, [8, 32], [12]) / 1e6)
     assert rows["exhaustive 1x8"]["encode GFLOPs/q"] < rows["exhaustive 4x32"]["encode GFLOPs/q"]
 
 
 def test_evaluate_adaptive_rejects_pairs_outside_the_model(tiny_folder):
     with pytest.raises(ValueError, match="outside"):
-        evaluation.adaptive_retrieval(tiny_folder, {"tiny": ("retrieval", tiny_retrieval_set())},
-                                    evaluate_args("1x8:5:6x32"), torch.device("cpu"))
+        funnel.adaptive_retrieval(tiny_folder, {"tiny": ("retrieval", tiny_retrieval_set())},
+                                  evaluate_args("1x8:5:6x32"), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,8 +299,8 @@ def test_print_adaptive_lists_each_search_with_its_values(capsys):
     dataset = tiny_retrieval_set()
     row = {"nDCG@10": 0.5, "MRR@10": 0.25, "encode GFLOPs/q": 1.0, "search MFLOPs/q": 2.0, "encode ms/q": 3.0,
            "search ms/q": 4.0}
-    text = evaluation.print_adaptive({"m": {"tiny": {"exhaustive 4x32": row, "adaptive 1x8:5:4x32": row}}},
-                                   {"tiny": ("retrieval", dataset)})
+    text = funnel.print_adaptive({"m": {"tiny": {"exhaustive 4x32": row, "adaptive 1x8:5:4x32": row}}},
+                                 {"tiny": ("retrieval", dataset)})
     lines = text.strip().splitlines()
     assert "12 documents, 6 queries" in lines[0] and lines[1].split()[:3] == ["search", "nDCG@10", "MRR@10"]
     assert lines[3].split() == ["adaptive", "1x8:5:4x32", "0.5000", "0.2500", "1.0000", "2.0000", "3.0000", "4.0000"]

@@ -7,9 +7,9 @@ import pytest
 
 import cli
 import evaluate
-import export
 import finetune
 import pretrain
+from deploy import export
 
 SCRIPTS = {"finetune": finetune.main, "pretrain": pretrain.main, "evaluate": evaluate.main, "export": export.main}
 

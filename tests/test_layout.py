@@ -6,20 +6,27 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"finetune", "pretrain", "evaluate", "export", "recipe", "classify"}  # run as commands; import none of them
+# run as commands (`python finetune.py`, `python -m classification.classify`); import none of them
+SCRIPTS = {"finetune", "pretrain", "evaluate", "classification.classify", "recipe.compute_optimal",
+           "deploy.export"}
+# the toolkit: packages in folders, which import the reference; the reference imports them lazily
+TOOLKIT = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "*", "__init__.py")))
+REFERENCE = ["starbucks", "finetune", "pretrain", "evaluate", "data", "metrics", "models", "training", "cli",
+             "checkpoints", "distributed", "evaluation", "corpus_index"]
 
 
 def _python_files():
-    """{name: path} of every project file outside tests (top level and bench/)."""
+    """{name: path} of every project file outside tests (top level, bench/ and the toolkit's folders)."""
     paths = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py"))
+    paths += [p for folder in TOOLKIT for p in glob.glob(os.path.join(ROOT, folder, "*.py"))]
     return {os.path.relpath(p, ROOT): p for p in sorted(paths)}
 
 
 def _is_script(relpath):
-    """The commands: the top-level scripts, bench/bench_*.py and bench/reproduce.py (bench/timing.py is a module)."""
+    """The commands: the scripts, bench/bench_*.py and bench/reproduce.py (bench/timing.py is a module)."""
     name = os.path.basename(relpath)
-    return os.path.splitext(relpath)[0] in SCRIPTS or (relpath.startswith("bench" + os.sep) and
-                                                       (name.startswith("bench_") or name == "reproduce.py"))
+    return os.path.splitext(relpath)[0].replace(os.sep, ".") in SCRIPTS or (
+        relpath.startswith("bench" + os.sep) and (name.startswith("bench_") or name == "reproduce.py"))
 
 
 def _tree(path):
@@ -36,6 +43,9 @@ def test_no_file_imports_a_script_except_to_run_its_main(relpath):
             imported.update({a.asname or a.name: a.name for a in node.names if a.name in SCRIPTS})
         elif isinstance(node, ast.ImportFrom) and node.module in SCRIPTS:
             raise AssertionError(f"{relpath}: `from {node.module} import ...` (import the module, call its main)")
+        elif isinstance(node, ast.ImportFrom):  # from classification import classify
+            imported.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
+                             if f"{node.module}.{a.name}" in SCRIPTS})
     if not imported:
         return
     assert _is_script(relpath), f"{relpath} is a module and imports the script(s) {sorted(imported.values())}"
@@ -79,3 +89,27 @@ def test_no_block_of_six_lines_is_repeated_between_files():
             if where[0] != relpath:
                 repeated.append(f"{where[0]}:{where[1]} and {relpath}:{lines[i][0]}")
     assert not repeated, "repeated blocks: " + "; ".join(repeated[:5])
+
+
+def _module_level_imports(node):
+    """The modules a file imports when it is imported: every import outside a function body."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.Import):
+            yield from (a.name for a in child.names)
+        elif isinstance(child, ast.ImportFrom):
+            yield child.module or ""
+        elif not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield from _module_level_imports(child)
+
+
+def test_the_toolkit_is_found():
+    assert {"classification", "recipe", "deploy", "large_batch"} <= set(TOOLKIT)
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_the_reference_imports_the_toolkit_only_inside_functions(name):
+    """The reference runs without the toolkit's folders: it imports one only in the function that serves a
+    flag asking for it (e.g. `--adaptive` -> `from deploy import funnel`), never at module level."""
+    toolkit = [m for m in _module_level_imports(_tree(os.path.join(ROOT, f"{name}.py")))
+               if m.split(".")[0] in TOOLKIT]
+    assert not toolkit, f"{name}.py imports {toolkit} at module level"

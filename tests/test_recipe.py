@@ -1,4 +1,4 @@
-"""recipe.py: the fit, the recommendation and the frontier on synthetic numbers; sizes; cached runs."""
+"""recipe/compute_optimal.py: the fit, the recommendation and the frontier on synthetic numbers; sizes; cached runs."""
 import json
 import math
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import recipe
+from recipe import compute_optimal
 from test_tuning import tiny_llama, inputs, embedding, L, H
 
 
@@ -27,16 +27,16 @@ def synthetic_grid():
 
 
 def test_fit_line_recovers_a_line_in_log_budget():
-    f = recipe.fit_line([1e10, 1e11, 1e12], [2.0, 1.5, 1.0])
+    f = compute_optimal.fit_line([1e10, 1e11, 1e12], [2.0, 1.5, 1.0])
     assert f["a"] == pytest.approx(7.0) and f["b"] == pytest.approx(-0.5) and f["r2"] == pytest.approx(1.0)
-    noisy = recipe.fit_line([1e10, 1e11, 1e12, 1e13], [2.0, 1.4, 1.1, 0.4])
+    noisy = compute_optimal.fit_line([1e10, 1e11, 1e12, 1e13], [2.0, 1.4, 1.1, 0.4])
     assert 0.9 < noisy["r2"] < 1.0 and noisy["points"] == 4
     with pytest.raises(ValueError, match="two distinct budgets"):
-        recipe.fit_line([1e10, 1e10], [1.0, 2.0])
+        compute_optimal.fit_line([1e10, 1e10], [1.0, 2.0])
 
 
 def test_fit_all_fits_each_method_and_size_over_trained_runs():
-    fits = recipe.fit_all(synthetic_grid(), "eval_loss")
+    fits = compute_optimal.fit_all(synthetic_grid(), "eval_loss")
     assert set(fits) == {("full", "s"), ("lora", "s"), ("lora", "big")}
     assert fits[("full", "s")]["a"] == pytest.approx(3.0) and fits[("full", "s")]["b"] == pytest.approx(-0.1)
     assert fits[("full", "s")]["points"] == 5  # the untrained budget-0 row is left out
@@ -45,13 +45,13 @@ def test_fit_all_fits_each_method_and_size_over_trained_runs():
 
 def test_recommendation_follows_the_crossing_of_the_fits():
     rows = synthetic_grid()
-    fits = recipe.fit_all(rows, "eval_loss")
-    low = recipe.recommend(rows, fits, 1e10, "eval_loss")
-    high = recipe.recommend(rows, fits, 1e14, "eval_loss")
+    fits = compute_optimal.fit_all(rows, "eval_loss")
+    low = compute_optimal.recommend(rows, fits, 1e10, "eval_loss")
+    high = compute_optimal.recommend(rows, fits, 1e14, "eval_loss")
     assert (low["tuning"], low["size"]) == ("full", "s") and low["predicted"] == pytest.approx(2.0)
     assert (high["tuning"], high["size"]) == ("lora", "s") and high["predicted"] == pytest.approx(1.5)
     assert high["tokens"] == pytest.approx(1e14 / 420.0) and high["flops_per_token"] == 420.0
-    assert not high["extrapolated"] and recipe.recommend(rows, fits, 1e16, "eval_loss")["extrapolated"]
+    assert not high["extrapolated"] and compute_optimal.recommend(rows, fits, 1e16, "eval_loss")["extrapolated"]
     assert [r[:2] for r in high["ranking"]] == [("lora", "s"), ("full", "s")]  # big's runs stop at 1e11
     assert ("lora", "big") in [r[:2] for r in low["ranking"]]
 
@@ -59,24 +59,24 @@ def test_recommendation_follows_the_crossing_of_the_fits():
 def test_higher_is_better_metric_picks_the_maximum():
     rows = [result("full", "s", b, 1.0, spearman=0.1 * math.log10(b)) for b in (1e10, 1e12)]
     rows += [result("lora", "s", b, 1.0, spearman=0.5) for b in (1e10, 1e12)]
-    fits = recipe.fit_all(rows, "spearman")
-    assert recipe.recommend(rows, fits, 1e12, "spearman")["tuning"] == "full"  # 1.2 > 0.5
-    assert recipe.recommend(rows, fits, 1e10, "spearman")["tuning"] == "full"  # 1.0 > 0.5
-    assert recipe.recommend(rows, fits, 1e2, "spearman")["tuning"] == "lora"  # 0.2 < 0.5
+    fits = compute_optimal.fit_all(rows, "spearman")
+    assert compute_optimal.recommend(rows, fits, 1e12, "spearman")["tuning"] == "full"  # 1.2 > 0.5
+    assert compute_optimal.recommend(rows, fits, 1e10, "spearman")["tuning"] == "full"  # 1.0 > 0.5
+    assert compute_optimal.recommend(rows, fits, 1e2, "spearman")["tuning"] == "lora"  # 0.2 < 0.5
 
 
 def test_frontier_keeps_each_methods_best_size_and_the_winner():
-    frontier = recipe.best_per_budget(synthetic_grid(), "eval_loss")
+    frontier = compute_optimal.best_per_budget(synthetic_grid(), "eval_loss")
     assert list(frontier) == [1e10, 1e11, 1e12, 1e13, 1e14]
     assert frontier[1e10]["lora"][0] == "s"  # s (2.1) beats big (3.5)
-    win = recipe.winners(frontier, "eval_loss")
+    win = compute_optimal.winners(frontier, "eval_loss")
     assert win[1e10] == "full" and win[1e14] == "lora"
 
 
 def test_report_has_the_grid_fits_and_recommendation():
     rows = synthetic_grid()
-    fits = recipe.fit_all(rows, "eval_loss")
-    text = recipe.report(rows, fits, recipe.recommend(rows, fits, 1e14, "eval_loss"), "eval_loss", "python recipe.py", 1.0)
+    fits = compute_optimal.fit_all(rows, "eval_loss")
+    text = compute_optimal.report(rows, fits, compute_optimal.recommend(rows, fits, 1e14, "eval_loss"), "eval_loss", "python -m recipe.compute_optimal", 1.0)
     assert "| full | s | 3.0000 | -0.1000 | 1.000 | 5 | 1e+10..1e+14 |" in text
     assert "**lora** on **s**" in text and "(untrained)" in text
     assert len([line for line in text.splitlines() if line.startswith("| s |") or line.startswith("| big |")]) == 13
@@ -85,21 +85,21 @@ def test_report_has_the_grid_fits_and_recommendation():
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     rows = synthetic_grid()
-    path = recipe.plot(rows, recipe.fit_all(rows, "eval_loss"), "eval_loss", str(tmp_path / "recipe.png"))
+    path = compute_optimal.plot(rows, compute_optimal.fit_all(rows, "eval_loss"), "eval_loss", str(tmp_path / "recipe.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_parse_size_and_bad_sizes():
-    assert recipe.parse_size("smollm2-135m:4") == ("smollm2-135m", 4)
-    assert recipe.parse_size("random:2x128") == ("random", (2, 128))
+    assert compute_optimal.parse_size("smollm2-135m:4") == ("smollm2-135m", 4)
+    assert compute_optimal.parse_size("random:2x128") == ("random", (2, 128))
     for bad in ("smollm2-135m", "smollm2-135m:0", "random:2x100", "gpt2:3", "random:x64"):
         with pytest.raises(ValueError, match="cannot read size"):
-            recipe.parse_size(bad)
+            compute_optimal.parse_size(bad)
 
 
 def test_first_blocks_equal_the_full_model_cut_at_layer_k():
     model, (ids, mask) = tiny_llama(), inputs()
-    small = recipe.first_blocks(model, 2)
+    small = compute_optimal.first_blocks(model, 2)
     assert small.config.num_hidden_layers == 2 and len(small.layers) == 2 and len(model.layers) == L
     with torch.no_grad():
         import starbucks as sb
@@ -109,40 +109,40 @@ def test_first_blocks_equal_the_full_model_cut_at_layer_k():
 
 
 def test_random_llama_shape():
-    model = recipe.random_llama(2, 128, vocab_size=100)
+    model = compute_optimal.random_llama(2, 128, vocab_size=100)
     assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (2, 128, 2)
 
 
 def test_grid_reuses_finished_runs(tmp_path, monkeypatch):
-    opts = recipe.parse_args(["--output_dir", str(tmp_path), "--sizes", "random:1x64", "--tunings", "full",
-                              "--budgets", "1e9,2e9"])
+    opts = compute_optimal.parse_args(["--output_dir", str(tmp_path), "--sizes", "random:1x64", "--tunings", "full",
+                                       "--budgets", "1e9,2e9"])
     for budget in (0.0, 1e9, 2e9):
-        folder = tmp_path / "runs" / recipe.run_name("random:1x64", "full", budget)
+        folder = tmp_path / "runs" / compute_optimal.run_name("random:1x64", "full", budget)
         os.makedirs(folder)
         json.dump(result("full", "random:1x64", budget, 1.0), open(folder / "result.json", "w"))
-    monkeypatch.setattr(recipe, "run_one", lambda *a: pytest.fail("a finished run ran again"))
-    monkeypatch.setattr(recipe.data, "embedded_training_data", lambda **k: [])
-    monkeypatch.setattr(recipe, "held_out_pairs", lambda count: [])
-    monkeypatch.setattr(recipe.data, "lee_sts", lambda: None)
-    results, skipped = recipe.run_grid(opts)
+    monkeypatch.setattr(compute_optimal, "run_one", lambda *a: pytest.fail("a finished run ran again"))
+    monkeypatch.setattr(compute_optimal.data, "embedded_training_data", lambda **k: [])
+    monkeypatch.setattr(compute_optimal, "held_out_pairs", lambda count: [])
+    monkeypatch.setattr(compute_optimal.data, "lee_sts", lambda: None)
+    results, skipped = compute_optimal.run_grid(opts)
     assert [r["budget"] for r in results] == [0.0, 1e9, 2e9] and skipped == []
 
 
 def test_runs_over_the_step_cap_are_skipped_and_listed(tmp_path, monkeypatch, vocab_path):
     from transformers import BertTokenizer
     tokenizer = BertTokenizer(vocab=vocab_path)
-    monkeypatch.setattr(recipe.Sizes, "build", lambda self, size: (tiny_llama(), tokenizer))
-    opts = recipe.parse_args(["--output_dir", str(tmp_path), "--sizes", "random:1x64", "--tunings", "lora",
-                              "--budgets", "1e15", "--max_steps_per_run", "5", "--eval_pairs", "32"])
-    results, skipped = recipe.run_grid(opts)
+    monkeypatch.setattr(compute_optimal.Sizes, "build", lambda self, size: (tiny_llama(), tokenizer))
+    opts = compute_optimal.parse_args(["--output_dir", str(tmp_path), "--sizes", "random:1x64", "--tunings", "lora",
+                                       "--budgets", "1e15", "--max_steps_per_run", "5", "--eval_pairs", "32"])
+    results, skipped = compute_optimal.run_grid(opts)
     assert [r["budget"] for r in results] == [0.0]  # the untrained model is still measured
     assert len(skipped) == 1 and skipped[0][:3] == ("random:1x64", "lora", 1e15)
     assert "over --max_steps_per_run 5" in skipped[0][3]
-    assert not os.path.exists(tmp_path / "runs" / recipe.run_name("random:1x64", "lora", 1e15) / "result.json")
+    assert not os.path.exists(tmp_path / "runs" / compute_optimal.run_name("random:1x64", "lora", 1e15) / "result.json")
 
 
 def test_bad_grid_flags_are_clear_errors():
     for argv in (["--budgets", "0,1e9"], ["--tunings", "prefix"], ["--sizes", "gpt2:2"],
                  ["--tunings", "bias", "--learning_rates", "full=1e-4"]):
         with pytest.raises(SystemExit):
-            recipe.parse_args(argv)
+            compute_optimal.parse_args(argv)

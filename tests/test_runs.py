@@ -30,11 +30,11 @@ import checkpoints  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import finetune  # noqa: E402
-import grad_cache  # noqa: E402
 import models  # noqa: E402
 import pretrain  # noqa: E402
 import starbucks as sb  # noqa: E402
 import training  # noqa: E402
+from large_batch import grad_cache  # noqa: E402
 
 WORDS = "the cat sat on a mat while dogs ran over green hills and birds sang near old stone walls".split()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -507,7 +507,7 @@ def test_when_every_checkpoint_is_damaged_resume_stops_instead_of_starting_over(
 
 def test_export_refuses_its_source_and_a_non_empty_folder_and_output_dir_files_are_refused(tiny, tmp_path, capsys):
     import evaluate
-    import export
+    from deploy import export
     before = sorted(os.listdir(tiny["plain"]))
     with pytest.raises(ValueError, match="is the source model's folder"):
         export.main(["--model_name_or_path", tiny["plain"], "--pair", "2x16", "--output_dir", tiny["plain"]])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import starbucks as sb
 from conftest import tiny_bert
+from recipe import decoder
 
 
 def batch(B=3, T=7, vocab=30522, seed=0):
@@ -175,11 +176,11 @@ def test_symmetric_contrastive_loss_averages_both_directions():
     s = (q @ p.T / 0.5).numpy()
     q_to_p = -np.mean([s[i, 2 * i] - np.log(np.exp(s[i]).sum()) for i in range(3)])
     p_to_q = -np.mean([s[i, 2 * i] - np.log(np.exp(s[:, 2 * i]).sum()) for i in range(3)])  # positive i vs all queries
-    loss = sb.symmetric_contrastive_loss(q, p, temperature=0.5, similarity="dot")
+    loss = decoder.symmetric_contrastive_loss(q, p, temperature=0.5, similarity="dot")
     assert loss.item() == pytest.approx((q_to_p + p_to_q) / 2, rel=1e-5)
     p1 = p[::2]  # G = 1: swapping queries and passages gives the same loss
-    assert sb.symmetric_contrastive_loss(p1, q, 0.5, "dot").item() == pytest.approx(
-        sb.symmetric_contrastive_loss(q, p1, 0.5, "dot").item(), rel=1e-6)
+    assert decoder.symmetric_contrastive_loss(p1, q, 0.5, "dot").item() == pytest.approx(
+        decoder.symmetric_contrastive_loss(q, p1, 0.5, "dot").item(), rel=1e-6)
 
 
 def test_kl_loss_matches_definition_and_sends_no_gradient_to_teacher():

@@ -1,4 +1,4 @@
-"""tuning.py: LoRA (Eq. 16) is exact, each method trains exactly what it claims, FLOPs (Eq. 15) by hand."""
+"""recipe/tuning.py: LoRA (Eq. 16) is exact, each method trains exactly what it claims, FLOPs (Eq. 15) by hand."""
 import json
 
 import pytest
@@ -6,10 +6,9 @@ import torch
 from transformers import AutoModel, LlamaConfig, LlamaModel
 
 import finetune
-import flops
 import starbucks as sb
-import tuning
 from conftest import save_with_vocab, tiny_bert
+from recipe import flops, tuning
 
 # tiny Llama: H = 32, 4 query heads and 2 key/value heads of 8, MLP 64, vocab 30522 (BERT's, for its tokenizer)
 L, H, I, V, KV = 3, 32, 64, 30522, 16

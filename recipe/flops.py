@@ -1,11 +1,11 @@
 """Counting FLOPs: the encoder's forward at a sub-layer (the cost of a size, Eq. 14) and training
 FLOPs per token by tuning method (Ziarko et al., 2024; README Eq. 15), from which a FLOP budget
-sets the number of steps (finetune.py --flops_budget, recipe.py).
+sets the number of steps (finetune.py --flops_budget, recipe/compute_optimal.py).
 """
 import torch
 
 import starbucks as sb
-import tuning
+from recipe import tuning
 
 
 def encoder_flops(model, n, tokens):

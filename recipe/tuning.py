@@ -3,7 +3,7 @@
 References
 - Ziarko, Jiang, Miłoś et al. "Repurposing Language Models into Embedding Models: Finding the
   Compute-Optimal Recipe", arXiv 2406.04165 (2024): full fine-tuning, LoRA, bias-only and block
-  freezing compared at equal training FLOPs (Eq. 15, in flops.py).
+  freezing compared at equal training FLOPs (Eq. 15, in recipe/flops.py).
 - Hu et al. "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022 (Eq. 16).
 
 Kept apart from starbucks.py, which holds pure functions of tensors: these functions change a model

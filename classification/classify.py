@@ -1,11 +1,11 @@
 """Classify with every size of a 2D encoder: MRL's nested classifiers, MRL-E, its baselines and the 2D cascade
 (README Eq. 18-20; Kusupati et al., 2022).
 
-    python classify.py                                            # packaged MiniLM, embedded mini_newsgroup
-    python classify.py --dataset polarity --model_name_or_path out/srl
-    python classify.py --dataset tweets --max_train_samples 4000 --max_eval_samples 2000   # 3-class sentiment
-    python classify.py --train_file train.tsv --test_file test.tsv   # text<TAB>label, or JSONL {"text", "label"}
-    python classify.py --tuning full --max_steps 50                  # encoder and heads end to end (Eq. 19)
+    python -m classification.classify                             # packaged MiniLM, embedded mini_newsgroup
+    python -m classification.classify --dataset polarity --model_name_or_path out/srl
+    python -m classification.classify --dataset tweets --max_train_samples 4000 --max_eval_samples 2000   # 3-class sentiment
+    python -m classification.classify --train_file train.tsv --test_file test.tsv   # text<TAB>label, or JSONL {"text", "label"}
+    python -m classification.classify --tuning full --max_steps 50   # encoder and heads end to end (Eq. 19)
 
 At every layer-dim pair: linear-probe accuracy of one head per pair (MRL) and of one shared, sliced head
 (MRL-E), 1-nearest-neighbour accuracy and class-based mAP@10 (training-free), and two baselines built from
@@ -23,19 +23,18 @@ import torch
 import checkpoints
 import cli
 import data
-import evaluation
 import metrics
 import models
 import starbucks as sb
-import training
+from classification import cascade, datasets
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
-    p.add_argument("--dataset", choices=sorted(data.CLASSIFICATION_SETS), default="newsgroups",
+    p.add_argument("--dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="newsgroups",
                    help="embedded labelled text, split half/half by --seed: " +
-                        "; ".join(f"{name}: {about}" for name, about in data.CLASSIFICATION_ABOUT.items()))
+                        "; ".join(f"{name}: {about}" for name, about in datasets.CLASSIFICATION_ABOUT.items()))
     p.add_argument("--train_file", default=None, help="text<TAB>label TSV or JSONL {text, label}; with --test_file")
     p.add_argument("--test_file", default=None)
     p.add_argument("--max_train_samples", type=cli.positive_int, default=None,
@@ -76,7 +75,7 @@ def parse_args(argv=None):
 
 def probe_accuracy(classifier, train_x, train_y, test_x, test_y, epochs, learning_rate, weight_decay, seed):
     """{pair: accuracy} of a classifier fitted on train_x and scored on test_x (dicts of (N, d) features)."""
-    training.fit_probe(classifier, train_x, train_y, epochs, learning_rate, weight_decay, seed)
+    cascade.fit_probe(classifier, train_x, train_y, epochs, learning_rate, weight_decay, seed)
     with torch.no_grad():
         return {pair: metrics.accuracy(logits.argmax(-1), test_y) for pair, logits in classifier(test_x).items()}
 
@@ -96,16 +95,16 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the heads' initial weights
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.train_file:
-        train_texts, train_y, names = data.read_labelled_file(args.train_file)
-        test_texts, test_y, _ = data.read_labelled_file(args.test_file, names)
+        train_texts, train_y, names = datasets.read_labelled_file(args.train_file)
+        test_texts, test_y, _ = datasets.read_labelled_file(args.test_file, names)
         source = f"{args.train_file} / {args.test_file}"
     else:
-        split = data.CLASSIFICATION_SETS[args.dataset](args.seed)
+        split = datasets.CLASSIFICATION_SETS[args.dataset](args.seed)
         (train_texts, train_y), (test_texts, test_y), names = split["train"], split["test"], split["labels"]
         source = f"embedded {args.dataset}, split {len(train_texts)}/{len(test_texts)} by seed {args.seed}"
     if args.max_train_samples or args.max_eval_samples:
-        train_texts, train_y = data.subsample(train_texts, train_y, args.max_train_samples, args.seed, "train")
-        test_texts, test_y = data.subsample(test_texts, test_y, args.max_eval_samples, args.seed, "test")
+        train_texts, train_y = datasets.subsample(train_texts, train_y, args.max_train_samples, args.seed, "train")
+        test_texts, test_y = datasets.subsample(test_texts, test_y, args.max_eval_samples, args.seed, "test")
         source += f", {len(train_texts)}/{len(test_texts)} of them drawn by the seed"
     if len(set(train_y)) < 2:
         raise data.DataError("the training split has fewer than two classes")
@@ -121,9 +120,9 @@ def main(argv=None):
     print(f"classify: {source}, {C} classes {names}; pairs {pairs}; {args.tuning}")
     lr = args.learning_rate or (1e-2 if args.tuning == "probe" else 2e-5)
 
-    heads = {"MRL": sb.NestedClassifier(pairs, H, C), "MRL-E": sb.NestedClassifier(pairs, H, C, efficient=True)}
+    heads = {"MRL": cascade.NestedClassifier(pairs, H, C), "MRL-E": cascade.NestedClassifier(pairs, H, C, efficient=True)}
     if args.tuning == "full":  # one encoder per head kind would double the cost: end to end trains MRL's heads
-        model, heads["MRL"] = training.train_classifier_end_to_end(model, tokenizer, heads["MRL"], train_texts, train_y,
+        model, heads["MRL"] = cascade.train_classifier_end_to_end(model, tokenizer, heads["MRL"], train_texts, train_y,
                                                   config.pooling, args.max_steps, args.per_device_train_batch_size,
                                                   lr, args.weight_decay, args.max_seq_length, args.seed)
     encode = lambda texts: sb.encode_2d(model, tokenizer, texts, sorted(set(pairs) | {full}), config.pooling,
@@ -139,21 +138,21 @@ def main(argv=None):
                                     args.weight_decay, args.seed)
     rows["1-NN"] = {p: metrics.nearest_neighbour_accuracy(train_x[p], train_y, test_x[p], test_y) for p in pairs}
     rows["mAP@10"] = {p: metrics.map_at_k(train_x[p], train_y, test_x[p], test_y, 10) for p in pairs}
-    directions = sb.svd_directions(train_x[full], H)  # (H, H), fitted on the training split
+    directions = cascade.svd_directions(train_x[full], H)  # (H, H), fitted on the training split
     generator = torch.Generator().manual_seed(args.seed)
     for name, project in (("SVD", lambda x, d: x @ directions[:, :d]),
                           ("Rand. LP", lambda x, d, cols=torch.randperm(H, generator=generator): x[:, cols[:d]])):
         baseline = {}
         for n, d in pairs:
-            probe = sb.NestedClassifier([(n, d)], d, C)
+            probe = cascade.NestedClassifier([(n, d)], d, C)
             baseline.update(probe_accuracy(probe, {(n, d): project(train_x[full], d)}, train_y,
                                            {(n, d): project(test_x[full], d)}, test_y, args.num_train_epochs, lr,
                                            args.weight_decay, args.seed))
         rows[name] = baseline
-    costs = evaluation.classification_costs(model, tokenizer, test_texts, pairs, C, args.max_seq_length)
-    points = evaluation.cascade_points(model, tokenizer, test_texts, test_y.tolist(), heads["MRL"], pairs,
-                                       args.thresholds, config.pooling, args.max_seq_length,
-                                       args.per_device_eval_batch_size, C, features=test_x)
+    costs = cascade.classification_costs(model, tokenizer, test_texts, pairs, C, args.max_seq_length)
+    points = cascade.cascade_points(model, tokenizer, test_texts, test_y.tolist(), heads["MRL"], pairs,
+                                    args.thresholds, config.pooling, args.max_seq_length,
+                                    args.per_device_eval_batch_size, C, features=test_x)
 
     text = [f"# {source}; model {path}; {args.tuning}", "", "Accuracy (mAP@10 for the class-based retrieval column); "
             "SVD and Rand. LP: d dimensions of the full pair's embedding.", "", table(rows, pairs, costs), "",
@@ -164,14 +163,14 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     open(os.path.join(args.output_dir, "table.md"), "w").write("\n".join(text) + "\n")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"command": "python classify.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        json.dump({"command": "python -m classification.classify " + " ".join(sys.argv[1:] if argv is None else argv),
                    "data": source, "model": path, "labels": names, "pairs": [list(p) for p in pairs],
                    "accuracy": {m: {f"{n}x{d}": v for (n, d), v in r.items()} for m, r in rows.items()},
                    "relative_cost": {f"{n}x{d}": costs[(n, d)] / costs[pairs[-1]] for n, d in pairs},
                    "cascade": points}, f, indent=2)
     print("\n".join(text))
     if args.plot:
-        print(evaluation.plot_cascade(points, rows["MRL"], costs, pairs, os.path.join(args.output_dir, "cascade.png")))
+        print(cascade.plot_cascade(points, rows["MRL"], costs, pairs, os.path.join(args.output_dir, "cascade.png")))
     return rows, points
 
 

@@ -1,7 +1,7 @@
 """Compute-optimal recipe (Ziarko et al., 2024): which tuning method and size for a FLOP budget (README Eq. 15).
 
-    python recipe.py                                          # the default grid on the embedded data
-    python recipe.py --sizes smollm2-135m:2,smollm2-135m:4,random:2x128 --tunings full,lora,freeze:1 \\
+    python -m recipe.compute_optimal                          # the default grid on the embedded data
+    python -m recipe.compute_optimal --sizes smollm2-135m:2,smollm2-135m:4,random:2x128 --tunings full,lora,freeze:1 \\
         --budgets 2e12,6e12,2e13 --target_budget 2e13 --plot --output_dir output/recipe
 
 Grid: sizes x tuning methods x FLOP budgets. A size is the packaged SmolLM2-135M cut to its first K
@@ -33,11 +33,10 @@ import cli
 import data
 import evaluation
 import finetune
-import flops
 import models
 import starbucks as sb
 import training
-import tuning
+from recipe import flops, tuning
 
 METRICS = {"eval_loss": "lower", "spearman": "higher"}  # which way is better
 
@@ -446,7 +445,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     grid = parse_args(argv)
-    command = "python recipe.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m recipe.compute_optimal " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.time()
     results, skipped = run_grid(grid)
     fits = fit_all(results, grid.metric)

@@ -1,7 +1,7 @@
 """Export one (n, d) size of a 2D Matryoshka encoder as a standalone model (README Eq. 1).
 
-    python export.py                                            # packaged MiniLM, its smallest pair
-    python export.py --model_name_or_path out/srl --pair 2x24 --output_dir out/srl-2x24
+    python -m deploy.export                                     # packaged MiniLM, its smallest pair
+    python -m deploy.export --model_name_or_path out/srl --pair 2x24 --output_dir out/srl-2x24
 
 The folder holds the first n layers only (config num_hidden_layers = n) and the tokenizer, so
 `AutoModel.from_pretrained(folder)`, then pooling and [:d], gives e^(n,d) without this project;

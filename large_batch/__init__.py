@@ -1,0 +1,1 @@
+"""Large contrastive batches on little memory: GradCache."""
