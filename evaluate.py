@@ -13,17 +13,12 @@ import json
 import os
 import sys
 
-
-import checkpoints
 import cli
-import distributed
-import evaluation
-import models
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--model_name_or_path", nargs="+", default=[models.DEFAULT_MODEL])
+    p.add_argument("--model_name_or_path", nargs="+", default=[cli.DEFAULT_MODEL])
     p.add_argument("--names", nargs="+", default=None, help="column names for the models (default: folder names)")
     p.add_argument("--output_dir", default="output/evaluate", help="results.json and table.txt go here")
     p.add_argument("--overwrite_output_dir", action="store_true",
@@ -58,9 +53,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     problem = cli.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace them",
                                      overwrite=args.overwrite_output_dir, held=("results.json", "table.txt"))
-    if problem:
-        p.error(problem)
+    paths = [*(args.sts_files or []), *(args.beir_dirs or []), *(args.msmarco or [])]
+    for problem in (problem, *map(cli.model_problem, args.model_name_or_path),
+                    *(f"{path}: no such file or folder" for path in paths if not os.path.exists(path))):
+        if problem:
+            p.error(problem)
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help, a bad flag or a missing path answer here, before torch and transformers load
+
+import distributed  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
+import evaluation  # noqa: E402
 
 
 def main(argv=None):
@@ -81,7 +86,7 @@ def main(argv=None):
                 for name, (kind, dataset) in datasets.items() if kind == "retrieval"}
     all_results, configs, adaptive = {}, {}, {}
     for name, path in zip(names, args.model_name_or_path):
-        config, all_results[name] = evaluation.evaluate_model(path, datasets, settings, device)
+        config, all_results[name] = evaluation.evaluate_model(path, datasets, settings, device, name)
         if args.adaptive:
             from deploy import funnel
             adaptive[name] = funnel.adaptive_retrieval(path, datasets, settings, device)

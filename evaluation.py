@@ -196,8 +196,11 @@ def load_for_evaluation(name_or_path, settings, device):
     return path, folder, model, tokenizer, config, separate
 
 
-def evaluate_model(name_or_path, datasets, settings, device):
-    """-> (config, {dataset: {'n x d': {metric: value}}}) for every pair of one model (or one per layer: Eq. 7)."""
+def evaluate_model(name_or_path, datasets, settings, device, column=None):
+    """-> (config, {dataset: {'n x d': {metric: value}}}) for every pair of one model (or one per layer: Eq. 7).
+
+    column: the model's name in the tables, which also names its run files (default: its folder name)."""
+    column = column or os.path.basename(name_or_path.rstrip("/"))
     path, folder, model, tokenizer, config, separate = load_for_evaluation(name_or_path, settings, device)
     # separately trained models (Eq. 7): each layer's pairs come from that layer's own model
     groups = {path: config.pairs} if not separate else {
@@ -228,7 +231,7 @@ def evaluate_model(name_or_path, datasets, settings, device):
                     results.setdefault(name, {})[f"{n}x{d}"] = figures
                     if settings.runs_dir:
                         os.makedirs(settings.runs_dir, exist_ok=True)
-                        tag = f"{os.path.basename(path.rstrip('/'))}.{name}.{n}x{d}"
+                        tag = f"{column}.{name}.{n}x{d}"
                         metrics.write_trec_run(ci.ranked_lists(index, scores, rows, qids),
                                                os.path.join(settings.runs_dir, f"{tag}.trec"), tag)
                 continue
@@ -241,7 +244,7 @@ def evaluate_model(name_or_path, datasets, settings, device):
                                                                                               settings.depth)
                 if settings.runs_dir:
                     os.makedirs(settings.runs_dir, exist_ok=True)
-                    tag = f"{os.path.basename(path.rstrip('/'))}.{name}.{pair[0]}x{pair[1]}"
+                    tag = f"{column}.{name}.{pair[0]}x{pair[1]}"
                     run = metrics.run_from_scores(scores, docids, qids, min(settings.depth, len(docids)))
                     metrics.write_trec_run(run, os.path.join(settings.runs_dir, f"{tag}.trec"), tag)
     return config, results

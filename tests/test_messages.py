@@ -227,3 +227,13 @@ def test_a_preset_names_its_bert_base_pairs_and_what_to_pass_on_a_smaller_model(
     with pytest.raises(ValueError, match=r"--preset stsb-srl trains BERT-base's pairs .* has 6 layers x 384: "
                                          r"pass --pairs \(.*--pairs 1x12,2x24,3x48,4x96,5x192,6x384\)"):
         finetune.main(["--preset", "stsb-srl", "--train_file", str(path), "--output_dir", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_keeps_the_example_lines_as_written(script):
+    """A backslash at a line's end in a docstring joins the lines unless escaped: the examples stay copyable."""
+    doc = TREES[script].body[0].value.value
+    for line in doc.splitlines():
+        assert "         --" not in line.strip(), f"{script}: a continuation was joined: {line}"
+    source = open(MODULES[script], encoding="utf-8").read().split('"""', 2)[1]
+    assert doc.count("\\\n") == source.count("\\\n")  # each continuation of the source shows in --help
