@@ -43,6 +43,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+def explicit_flags(parser, argv=None):
+    """The dests of the flags that argv (default: sys.argv[1:]) gives, in any spelling (--kl=x, a
+    prefix): those whose placeholder argv replaces when parsed into a namespace of placeholders."""
+    unset = object()
+    dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    namespace = argparse.Namespace(**{dest: unset for dest in dests})
+    parsed = parser.parse_known_args(argv, namespace)[0]
+    return {dest for dest, value in vars(parsed).items() if value is not unset}
+
+
 def run_command(main):
     """A script's entry point: main(); a bad input or setting (DataError, ValueError) ends the run with
     one line on stderr, 'error: ...', and exit code 1 instead of a traceback."""

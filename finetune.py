@@ -43,11 +43,15 @@ PRESETS = {
     "allnli-srl": dict(  # sts/train_starbucks.py with training_data=full: MultipleNegativesRankingLoss in StarbucksLoss
         method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos", temperature=0.05,
         kl="embeddings", kl_weight=0.3, train_group_size=2, per_device_train_batch_size=128, num_train_epochs=1.0,
-        learning_rate=5e-5, warmup_ratio=0.1, weight_decay=0.0, seed=42),
+        learning_rate=5e-5, warmup_ratio=0.1, weight_decay=0.0, seed=42,
+        # the script sets no max_seq_length, so sentence-transformers' Transformer module infers
+        # min(max_position_embeddings, tokenizer.model_max_length) = 512 for bert-base-uncased
+        query_max_len=512, passage_max_len=512),
     "stsb-srl": dict(  # sts/train_starbucks.py with training_data=low: CoSENT in StarbucksLoss, STS-B train
         method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos", temperature=0.05,
         kl="embeddings", kl_weight=0.3, per_device_train_batch_size=16, num_train_epochs=4.0, learning_rate=5e-5,
-        warmup_ratio=0.1, weight_decay=0.0, seed=42),
+        warmup_ratio=0.1, weight_decay=0.0, seed=42,
+        query_max_len=512, passage_max_len=512),  # as allnli-srl; scored pairs read passage_max_len
 }
 
 
@@ -93,6 +97,7 @@ def parse_args(argv=None):
         print(f"--preset {preset}: this machine has no CUDA bf16, so the run is in fp32 (the released run: bf16)")
     if preset:
         print(f"--preset {preset}: " + ", ".join(f"--{k} {getattr(args, k)}" for k in PRESETS[preset]))
+    check_2dmse_kl(args, cli.explicit_flags(p, argv))
     try:
         tuning.parse_tuning(args.tuning)
     except ValueError as e:
@@ -110,6 +115,24 @@ def parse_args(argv=None):
     if problem:
         p.error(problem)
     return args
+
+
+def check_2dmse_kl(args, given):
+    """--kl and --kl_weight with the 2DMSE baselines: honoured where their loss has that KL, else a
+    ValueError. 2dmse is sentence-transformers' Matryoshka2dLoss: a KL over embedding coordinates
+    (Eq. 4') weighted by kl_div_weight (default 1, kept by the authors' sts/train_2d_matryoshka.py);
+    2dmse_retrieval is their retrieval/modeling.py: a KL over candidate scores (Eq. 4) weighted by
+    kl_divergence_weight. given: the flags the command line names (a preset's kl_weight belongs to
+    another loss and is not carried over to 2dmse).
+    """
+    if args.method == "2dmse" and "kl" in given and args.kl != "embeddings":
+        raise ValueError("--method 2dmse has only the KL over embeddings (sentence-transformers' "
+                         "Matryoshka2dLoss): drop --kl scores or pass --kl embeddings")
+    if args.method == "2dmse_retrieval" and "kl" in given and args.kl != "scores":
+        raise ValueError("--method 2dmse_retrieval has only the KL over candidate scores (the "
+                         "authors' retrieval code): drop --kl embeddings or pass --kl scores")
+    if args.method == "2dmse" and "kl_weight" not in given:
+        args.kl_weight = 1.0  # Matryoshka2dLoss's kl_div_weight
 
 
 DEFAULT_GROUP_SIZE = 4
