@@ -3,6 +3,7 @@ line on stderr ('error: ...') and a non-zero exit code, never a traceback, and f
 their range while parsing (before any model or data is loaded).
 """
 import argparse
+import copy
 import math
 import os
 import re
@@ -45,11 +46,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def explicit_flags(parser, argv=None):
     """The dests of the flags that argv (default: sys.argv[1:]) gives, in any spelling (--kl=x, a
-    prefix): those whose placeholder argv replaces when parsed into a namespace of placeholders."""
+    prefix): parsed by a copy of the parser whose defaults are placeholders, those argv replaces."""
     unset = object()
-    dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
-    namespace = argparse.Namespace(**{dest: unset for dest in dests})
-    parsed = parser.parse_known_args(argv, namespace)[0]
+    probe = copy.deepcopy(parser)
+    probe.set_defaults(**{a.dest: unset for a in probe._actions if a.dest != argparse.SUPPRESS})
+    parsed = probe.parse_known_args(argv)[0]
     return {dest for dest, value in vars(parsed).items() if value is not unset}
 
 

@@ -97,7 +97,8 @@ def parse_args(argv=None):
         print(f"--preset {preset}: this machine has no CUDA bf16, so the run is in fp32 (the released run: bf16)")
     if preset:
         print(f"--preset {preset}: " + ", ".join(f"--{k} {getattr(args, k)}" for k in PRESETS[preset]))
-    check_2dmse_kl(args, cli.explicit_flags(p, argv))
+    given = cli.explicit_flags(p, argv)
+    args.kl_weight = check_2dmse_kl(args.method, args.kl, args.kl_weight, given)
     try:
         tuning.parse_tuning(args.tuning)
     except ValueError as e:
@@ -117,22 +118,23 @@ def parse_args(argv=None):
     return args
 
 
-def check_2dmse_kl(args, given):
+def check_2dmse_kl(method, kl, kl_weight, given):
     """--kl and --kl_weight with the 2DMSE baselines: honoured where their loss has that KL, else a
     ValueError. 2dmse is sentence-transformers' Matryoshka2dLoss: a KL over embedding coordinates
     (Eq. 4') weighted by kl_div_weight (default 1, kept by the authors' sts/train_2d_matryoshka.py);
     2dmse_retrieval is their retrieval/modeling.py: a KL over candidate scores (Eq. 4) weighted by
     kl_divergence_weight. given: the flags the command line names (a preset's kl_weight belongs to
-    another loss and is not carried over to 2dmse).
+    another loss and is not carried over to 2dmse). -> the KL weight the method trains with.
     """
-    if args.method == "2dmse" and "kl" in given and args.kl != "embeddings":
+    if method == "2dmse" and "kl" in given and kl != "embeddings":
         raise ValueError("--method 2dmse has only the KL over embeddings (sentence-transformers' "
                          "Matryoshka2dLoss): drop --kl scores or pass --kl embeddings")
-    if args.method == "2dmse_retrieval" and "kl" in given and args.kl != "scores":
+    if method == "2dmse_retrieval" and "kl" in given and kl != "scores":
         raise ValueError("--method 2dmse_retrieval has only the KL over candidate scores (the "
                          "authors' retrieval code): drop --kl embeddings or pass --kl scores")
-    if args.method == "2dmse" and "kl_weight" not in given:
-        args.kl_weight = 1.0  # Matryoshka2dLoss's kl_div_weight
+    if method == "2dmse" and "kl_weight" not in given:
+        return 1.0  # Matryoshka2dLoss's kl_div_weight
+    return kl_weight
 
 
 DEFAULT_GROUP_SIZE = 4
