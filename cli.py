@@ -3,6 +3,7 @@ line on stderr ('error: ...') and a non-zero exit code, never a traceback, and f
 their range while parsing (before any model or data is loaded).
 """
 import argparse
+import copy
 import math
 import os
 import re
@@ -44,6 +45,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+
+def explicit_flags(parser, argv=None):
+    """The dests of the flags that argv (default: sys.argv[1:]) gives, in any spelling (--kl=x, a
+    prefix): parsed by a copy of the parser whose defaults are placeholders, those argv replaces."""
+    unset = object()
+    probe = copy.deepcopy(parser)
+    probe.set_defaults(**{a.dest: unset for a in probe._actions if a.dest != argparse.SUPPRESS})
+    parsed = probe.parse_known_args(argv)[0]
+    return {dest for dest, value in vars(parsed).items() if value is not unset}
 
 
 def run_command(main):
@@ -107,6 +118,30 @@ def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
     p.add_argument("--max_bad_steps", type=positive_int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each "
                         "is skipped)")
+
+
+def parse_with_preset(parser, argv, presets):
+    """Parse argv over a --preset's settings (explicit flags win) -> (args, the flags argv names).
+
+    A preset's bf16 falls back to fp32 where this machine has no CUDA bf16 (preset_summary says so)."""
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**presets[preset])  # below what the command line says
+    args = parser.parse_args(argv)
+    given = explicit_flags(parser, argv)
+    if preset and args.bf16 and "bf16" not in given and bf16_problem(True):
+        args.bf16 = False  # an explicit fallback: the preset's precision, where this machine has it
+    return args, given
+
+
+def preset_summary(name, preset, flags):
+    """What --preset NAME set, as the run's flags say (printed as a run starts), and the precision it
+    could not have on this machine."""
+    lines = [f"--preset {name}: " + ", ".join(f"--{k} {flags[k]}" for k in preset)]
+    if preset.get("bf16") and not flags["bf16"]:
+        lines.append(f"--preset {name}: this machine has no CUDA bf16, so the run is in fp32 "
+                     f"(the released run: bf16)")
+    return "\n".join(lines)
 
 
 def bf16_problem(bf16):

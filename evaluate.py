@@ -61,8 +61,8 @@ def parse_args(argv=None):
     return args
 
 
-if __name__ == "__main__":
-    parse_args()  # --help, a bad flag or a missing path answer here, before torch and transformers load
+if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
+    cli.run_command(parse_args)
 
 import distributed  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
 import evaluation  # noqa: E402

@@ -33,11 +33,15 @@ PRESETS = {
     "allnli-srl": dict(  # sts/train_starbucks.py with training_data=full: MultipleNegativesRankingLoss in StarbucksLoss
         method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos", temperature=0.05,
         kl="embeddings", kl_weight=0.3, train_group_size=2, per_device_train_batch_size=128, num_train_epochs=1.0,
-        learning_rate=5e-5, warmup_ratio=0.1, weight_decay=0.0, seed=42),
+        learning_rate=5e-5, warmup_ratio=0.1, weight_decay=0.0, seed=42,
+        # the script sets no max_seq_length, so sentence-transformers' Transformer module infers
+        # min(max_position_embeddings, tokenizer.model_max_length) = 512 for bert-base-uncased
+        query_max_len=512, passage_max_len=512),
     "stsb-srl": dict(  # sts/train_starbucks.py with training_data=low: CoSENT in StarbucksLoss, STS-B train
         method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos", temperature=0.05,
         kl="embeddings", kl_weight=0.3, per_device_train_batch_size=16, num_train_epochs=4.0, learning_rate=5e-5,
-        warmup_ratio=0.1, weight_decay=0.0, seed=42),
+        warmup_ratio=0.1, weight_decay=0.0, seed=42,
+        query_max_len=512, passage_max_len=512),  # as allnli-srl; scored pairs read passage_max_len
 }
 
 
@@ -78,13 +82,8 @@ def parse_args(argv=None):
                    help="comma-separated Linear names inside the blocks (e.g. q_proj,v_proj), or all-linear")
     p.add_argument("--flops_budget", "--flops-budget", type=cli.positive_float, default=None,
                    help="training FLOPs (Eq. 15); sets --max_steps from the measured tokens per step")
-    preset = p.parse_known_args(argv)[0].preset
-    if preset:
-        p.set_defaults(**PRESETS[preset])  # below what the command line says
-    args = p.parse_args(argv)
-    given = sys.argv[1:] if argv is None else argv
-    if preset and args.bf16 and "--bf16" not in given and cli.bf16_problem(True):
-        args.bf16 = False  # an explicit fallback: the preset's precision, where this machine has it
+    args, given = cli.parse_with_preset(p, argv, PRESETS)
+    args.kl_weight = check_2dmse_kl(args.method, args.kl, args.kl_weight, given)
     if args.lora_target_modules != "all-linear":
         args.lora_target_modules = [m for m in args.lora_target_modules.split(",") if m]
     for problem in (cli.model_problem(args.model_name_or_path),
@@ -105,19 +104,27 @@ def parse_args(argv=None):
     return args
 
 
+def check_2dmse_kl(method, kl, kl_weight, given):
+    """--kl and --kl_weight with the 2DMSE baselines: honoured where their loss has that KL, else a
+    ValueError. 2dmse is sentence-transformers' Matryoshka2dLoss: a KL over embedding coordinates
+    (Eq. 4') weighted by kl_div_weight (default 1, kept by the authors' sts/train_2d_matryoshka.py);
+    2dmse_retrieval is their retrieval/modeling.py: a KL over candidate scores (Eq. 4) weighted by
+    kl_divergence_weight. given: the flags the command line names (a preset's kl_weight belongs to
+    another loss and is not carried over to 2dmse). -> the KL weight the method trains with.
+    """
+    if method == "2dmse" and "kl" in given and kl != "embeddings":
+        raise ValueError("--method 2dmse has only the KL over embeddings (sentence-transformers' "
+                         "Matryoshka2dLoss): drop --kl scores or pass --kl embeddings")
+    if method == "2dmse_retrieval" and "kl" in given and kl != "scores":
+        raise ValueError("--method 2dmse_retrieval has only the KL over candidate scores (the "
+                         "authors' retrieval code): drop --kl embeddings or pass --kl scores")
+    if method == "2dmse" and "kl_weight" not in given:
+        return 1.0  # Matryoshka2dLoss's kl_div_weight
+    return kl_weight
 
-def preset_summary(preset, flags):
-    """What a --preset set, as the run's flags say (printed at the start), and the precision it could
-    not have on this machine."""
-    lines = [f"--preset {preset}: " + ", ".join(f"--{k} {flags[k]}" for k in PRESETS[preset])]
-    if PRESETS[preset].get("bf16") and not flags["bf16"]:
-        lines.append(f"--preset {preset}: this machine has no CUDA bf16, so the run is in fp32 "
-                     f"(the released run: bf16)")
-    return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    parse_args()  # --help, a bad flag or a missing path answer here, before torch and transformers load
+if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
+    cli.run_command(parse_args)
 
 import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
 from tqdm import tqdm  # noqa: E402
@@ -264,7 +271,7 @@ def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, p
 def main(argv=None):
     args = parse_args(argv)
     if args.preset:
-        print(preset_summary(args.preset, vars(args)))
+        print(cli.preset_summary(args.preset, PRESETS[args.preset], vars(args)))
     torch.manual_seed(args.seed)
     rank, world_size, device = distributed.setup()  # torchrun: one process per GPU; else one process
     kind, records, args.train_group_size = load_training_records(args.train_file, args.train_group_size,

@@ -4,6 +4,8 @@
     python pretrain.py --train_file corpus.jsonl --max_length 512 --output_dir out/smae
     python pretrain.py --from_scratch --config_overrides num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024 --output_dir out/tiny
     python pretrain.py --save_steps 100 --resume --output_dir out/smae   # continue after a crash
+    torchrun --nproc-per-node 8 pretrain.py --preset smae --model_name_or_path bert-base-uncased \\
+        --train_file fineweb.jsonl --output_dir out/smae   # the released run's settings
     torchrun --nproc-per-node 4 pretrain.py --output_dir out/smae       # 4 GPUs, DDP over encoder and heads
     python finetune.py --model_name_or_path out/smae --output_dir out/smae_srl   # then SRL as usual
 
@@ -14,17 +16,39 @@ and smae_heads.pt beside it: the MLM head and the MAE decoder layer, kept out of
 weights. Every checkpoint-<step> folder is such a folder too, plus what --resume needs.
 Reads top to bottom: settings, data, model, optimizer, loop, save.
 """
+import contextlib
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import cli
 
 HEADS_FILE = "smae_heads.pt"
 
+# Every hyperparameter of the released SMAE run (github.com/ielab/Starbucks at 2a3b24f:
+# smae/README.md, smae/pretrain_smae.sh on 4 nodes x 2 GPUs); an explicit flag still wins. Global
+# batch 512 = 32 per device x 2 accumulation steps x 8 GPUs: on fewer processes, raise
+# --gradient_accumulation_steps. Crops of 512 tokens: their MLMDataset keeps
+# tokenizer.model_max_length (512) - 2 pieces, plus [CLS] and [SEP]. Hugging Face's defaults where
+# the command has none: seed 42, max_grad_norm 1. The schedule is always cosine here (their
+# --lr_scheduler_type cosine). Not in the preset: the model (their bert-base-uncased) and the data
+# (FineWeb sample-100BT): pass --model_name_or_path and --train_file.
+PRESETS = {
+    "smae": dict(objective="smae", max_length=512, mlm_probability=0.2, decoder_mlm_probability=0.4,
+                 per_device_train_batch_size=32, gradient_accumulation_steps=2, learning_rate=1e-4,
+                 weight_decay=0.001, warmup_ratio=0.05, num_train_epochs=1.0, bf16=True,
+                 save_steps=10000, logging_steps=100, seed=42, max_grad_norm=1.0),
+}
+RELEASED_GLOBAL_BATCH = 512
+
+
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="every hyperparameter of the authors' released SMAE run; flags given "
+                        "explicitly override it")
     p.add_argument("--model_name_or_path", default=cli.DEFAULT_MODEL,
                    help="model folder or packaged model name")
     p.add_argument("--from_scratch", action="store_true",
@@ -42,7 +66,11 @@ def parse_args(argv=None):
                    help="smae: Eq. 13; mlm_2d: the sliced MLM of every pair without the MAE decoder (the authors' "
                         "BertFor2DMatryoshkaMaskedLM); mlm: plain MLM at the full pair (the paper's ablations)")
     cli.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
-    args = p.parse_args(argv)
+    p.add_argument("--gradient_accumulation_steps", type=cli.positive_int, default=1,
+                   help="micro-batches of --per_device_train_batch_size per optimizer step; the "
+                        "loss is the mean over the masked tokens of all of them (steps count "
+                        "optimizer steps)")
+    args, given = cli.parse_with_preset(p, argv, PRESETS)
     if cli.bf16_problem(args.bf16):
         p.error(cli.bf16_problem(args.bf16))
     if args.config_overrides and not args.from_scratch:
@@ -61,8 +89,8 @@ def parse_args(argv=None):
     return args
 
 
-if __name__ == "__main__":
-    parse_args()  # --help, a bad flag or a missing path answer here, before torch and transformers load
+if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
+    cli.run_command(parse_args)
 
 import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
 from tqdm import tqdm  # noqa: E402
@@ -73,6 +101,12 @@ import models  # noqa: E402
 import starbucks as sb  # noqa: E402
 import training  # noqa: E402
 import checkpoints  # noqa: E402
+
+
+@dataclass
+class PretrainArguments(training.TrainingArguments):
+    """The shared flags plus pre-training's own loop setting."""
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (Hugging Face's name)
 
 
 class SMAE(torch.nn.Module):
@@ -106,7 +140,7 @@ def masked_batch(crops, tokenizer, is_subword, seed, mlm_probability=0.2, decode
     return enc_ids, attention_mask, labels, dec_ids, dec_labels
 
 
-def training_step(net, batch, device):
+def training_step(net, batch, device, accumulation=1):
     """Eq. 13 on this rank's rows of the global batch -> the global batch's loss; gradients in .grad.
 
     Every term of the loss is a mean over masked tokens, and the ranks' slices hold different
@@ -114,29 +148,41 @@ def training_step(net, batch, device):
     masked the whole global batch and so knows its counts: each rank divides its sums of
     cross-entropies by the global counts (smae_loss's token_counts), and the ranks' losses add up to
     exactly the single-process loss. DDP averages gradients over ranks: backward of loss x world size.
+    accumulation k: the global batch is k micro-batches of consecutive rows, each split over the
+    ranks in turn, with the same global counts, so their losses and gradients add up to the whole
+    batch's (DDP synchronises the gradients at the last one only).
     """
     rank, world_size = distributed.rank_and_world_size()
     labels, decoder_labels = batch[2], batch[4]
     token_counts = (int((labels != -100).sum()), int((decoder_labels != -100).sum()))
-    mine = [distributed.shard(x, rank, world_size).to(device) for x in batch]  # (B / world size, T) each
-    loss = net(*mine, token_counts=token_counts)
-    (loss * world_size).backward()
-    return distributed.sum_over_ranks(loss.detach())
+    rows = len(labels) // accumulation  # a micro-batch: every rank's rows of it
+    total = None
+    for k in range(accumulation):
+        micro = [x[k * rows:(k + 1) * rows] for x in batch]
+        mine = [distributed.shard(x, rank, world_size).to(device) for x in micro]  # (rows / W, T)
+        sync = k == accumulation - 1 or not hasattr(net, "no_sync")
+        with contextlib.nullcontext() if sync else net.no_sync():
+            loss = net(*mine, token_counts=token_counts)
+            (loss * world_size).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return distributed.sum_over_ranks(total)
 
 
 def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_length, mlm_probability,
           decoder_mlm_probability, saved_arguments, objective="smae"):
     """The loop: seeded per step (data order by epoch, masks by step); non-finite steps are skipped.
 
-    run: the shared flags (training.TrainingArguments); saved_arguments: the command line's flags, the
-    run's identity in its checkpoints and written into starbucks_config.json."""
+    run: the shared flags and the accumulation (PretrainArguments); saved_arguments: the command
+    line's flags, the run's identity in its checkpoints and written into starbucks_config.json."""
     device = next(encoder.parameters()).device
     rank, world_size = distributed.rank_and_world_size()
-    B = run.per_device_train_batch_size * world_size  # the global batch: every rank's crops together
-    steps_per_epoch = len(crops) // B
+    A = run.gradient_accumulation_steps
+    B = run.per_device_train_batch_size * world_size * A  # global batch: all ranks' micro-batches
+    steps_per_epoch = len(crops) // B  # optimizer steps, as every count of the loop
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(crops)} crops of text are fewer than one batch of {B} "
-                             f"({world_size} processes x {run.per_device_train_batch_size})")
+                             f"({world_size} processes x {run.per_device_train_batch_size} x {A} "
+                             f"accumulation steps)")
     total = run.total_steps(steps_per_epoch)
     is_subword = training.subword_flags(tokenizer)
     distributed.freeze_unreached(encoder, max(n for n, _ in pairs))  # the pooler, layers above the pairs
@@ -165,7 +211,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
         batch = masked_batch([crops[i] for i in indices], tokenizer, is_subword, run.seed * 1_000_003 + step,
                              mlm_probability, decoder_mlm_probability)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16 and device.type == "cuda"):
-            loss = training_step(net, batch, device)  # forward, Eq. 13, backward
+            loss = training_step(net, batch, device, A)  # forward, Eq. 13, backward
         line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm, train_log)
         if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:  # or not one step applied
             train_log.close()
@@ -183,8 +229,10 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     rank, world_size, device = distributed.setup()  # torchrun: one process per GPU; else one process
+    torch.manual_seed(args.seed)
+    if args.preset and rank == 0:
+        print(cli.preset_summary(args.preset, PRESETS[args.preset], vars(args)))
     if args.train_file is None:
         documents = data.training_documents()
     else:
@@ -206,8 +254,15 @@ def main(argv=None):
               f"{'from the checkpoint' if from_checkpoint else 'initialised fresh (the checkpoint has none)'}, "
               f"its vocabulary decoder tied to the word embeddings")
     config = sb.StarbucksConfig(pairs, pooling="cls", similarity="dot")  # the MAE sentence vector is the CLS one
-    train(encoder, heads, tokenizer, crops, pairs, config, args.output_dir, training.TrainingArguments.from_flags(args),
-          args.max_length, args.mlm_probability, args.decoder_mlm_probability, saved_arguments=vars(args),
+    if args.preset and rank == 0:
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+        if batch != RELEASED_GLOBAL_BATCH:
+            print(f"--preset {args.preset}: the global batch is {batch} ({world_size} processes); "
+                  f"the released run's was {RELEASED_GLOBAL_BATCH} (8 GPUs): raise "
+                  f"--gradient_accumulation_steps")
+    run = PretrainArguments.from_flags(args)
+    train(encoder, heads, tokenizer, crops, pairs, config, args.output_dir, run, args.max_length,
+          args.mlm_probability, args.decoder_mlm_probability, saved_arguments=vars(args),
           objective=args.objective)
     distributed.cleanup()
 

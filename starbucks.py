@@ -472,6 +472,7 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
         raise ValueError("token_counts needs the masked-positions computation (all_positions=False)")
     hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])  # {n: (B, T, H)}
     word_embeddings = encoder.get_input_embeddings().weight  # (V, H), shared by encoder, head and decoder
+    # Departure: one forward, one dropout mask for every pair (authors re-embed per pair); same mean
     decoder_embeds = encoder.embeddings(input_ids=decoder_input_ids)  # (B, T, H), once for all pairs
     # transform of the first token only; the authors transform every token, then keep the first (same values)
     sentences = {(n, d): mlm_transform(heads, hidden[n][:, 0, :d]) for n, d in pairs}  # {pair: (B, H)}

@@ -172,7 +172,8 @@ def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, simil
     """-> (pairs to embed, loss(q_2d, p_2d, gold, generator)) for a method (Eq. 5-9, 17).
 
     kind: 'contrastive' (query/passage groups) or 'scored' (pairs with a gold score: CoSENT);
-    kl: 'scores' (Eq. 4, the paper) or 'embeddings' (Eq. 4', the released STS script)."""
+    kl: 'scores' (Eq. 4, the paper) or 'embeddings' (Eq. 4', the released STS script), srl only;
+    kl_weight: srl's beta, 2dmse's (Matryoshka2dLoss's kl_div_weight) and 2dmse_retrieval's."""
     full = pairs[-1]
     t, sim = temperature, similarity
     if kind == "scored":  # CoSENT takes the place of Eq. 3
@@ -208,7 +209,8 @@ def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, simil
     every_layer = [(n, hidden_size) for n in range(1, num_layers + 1)]
     return every_layer, lambda q, p, gold, g: sb.matryoshka_2d_loss(
         {n: q[(n, hidden_size)] for n, _ in every_layer}, {n: p[(n, hidden_size)] for n, _ in every_layer},
-        dims, g, t, sim, base_loss=(lambda a, b: sb.cosent_loss(a, b, gold)) if kind == "scored" else None)
+        dims, g, t, sim, kl_weight=kl_weight,
+        base_loss=(lambda a, b: sb.cosent_loss(a, b, gold)) if kind == "scored" else None)
 
 
 def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, generator, grad_cache_chunk=0):

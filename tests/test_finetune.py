@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
+import cli
 import data
 import evaluation
 import finetune
@@ -196,7 +197,55 @@ def test_presets_set_every_setting_of_a_released_run_and_flags_win(capsys):
         if name not in ("learning_rate", "bf16"):
             assert getattr(args, name) == value, name
     assert args.learning_rate == 3e-5 and (args.pooling, args.train_group_size, args.weight_decay) == ("cls", 8, 0.0)
-    out = finetune.preset_summary("msmarco-srl", vars(args))  # main prints it
+    out = cli.preset_summary("msmarco-srl", finetune.PRESETS["msmarco-srl"], vars(args))  # main prints it
     assert "--preset msmarco-srl: --method srl" in out and "--passage_max_len 196" in out
     if not torch.cuda.is_available():
         assert not args.bf16 and "no CUDA bf16, so the run is in fp32" in out
+
+
+@pytest.mark.parametrize("preset", ["allnli-srl", "stsb-srl"])
+def test_the_sts_presets_read_512_tokens_as_sentence_transformers(preset, tmp_path, vocab_path):
+    """sts/train_starbucks.py sets no max_seq_length: sentence-transformers infers it from the model
+    (bert-base-uncased: 512 positions, tokenizer.model_max_length 512) and cuts both texts there."""
+    from sentence_transformers.models import Transformer
+    from transformers import BertConfig, BertModel, BertTokenizer
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)  # bert-base-uncased's
+    BertModel(config).save_pretrained(tmp_path)
+    BertTokenizer(vocab=vocab_path, model_max_length=512).save_pretrained(tmp_path)
+    inferred = Transformer(str(tmp_path)).max_seq_length
+    args = finetune.parse_args(["--preset", preset, "--output_dir", "/nonexistent/x"])
+    assert args.query_max_len == args.passage_max_len == inferred == 512
+    args = finetune.parse_args(["--preset", preset, "--query_max_len", "64",
+                                "--output_dir", "/nonexistent/x"])
+    assert (args.query_max_len, args.passage_max_len) == (64, 512)
+
+
+def test_2dmse_honours_an_explicit_kl_weight_and_refuses_a_kl_it_has_not():
+    """Matryoshka2dLoss weighs its KL (over embeddings); the retrieval 2DMSE its KL over scores."""
+    out = ["--output_dir", "/nonexistent/x"]
+    with pytest.raises(ValueError, match="--method 2dmse has only the KL over embeddings"):
+        finetune.parse_args(["--method", "2dmse", "--kl", "scores", *out])
+    with pytest.raises(ValueError, match="2dmse_retrieval has only the KL over candidate scores"):
+        finetune.parse_args(["--method", "2dmse_retrieval", "--kl=embeddings", *out])
+    args = finetune.parse_args(["--method", "2dmse", "--kl", "embeddings", "--kl_w", "0.5", *out])
+    assert args.kl_weight == 0.5
+    args = finetune.parse_args(["--method", "2dmse_retrieval", "--kl", "scores", "--kl_weight", "2",
+                                *out])
+    assert args.kl_weight == 2.0
+    assert finetune.parse_args(["--method", "srl", "--kl", "scores", *out]).kl == "scores"
+    # allnli-srl's 0.3 is StarbucksLoss's weight; 2dmse keeps Matryoshka2dLoss's default 1
+    args = finetune.parse_args(["--preset", "allnli-srl", "--method", "2dmse", *out])
+    assert args.kl_weight == 1.0
+    torch.manual_seed(0)
+    q = {(n, 32): torch.randn(4, 32) for n in range(1, 5)}
+    p = {(n, 32): torch.randn(12, 32) for n in range(1, 5)}
+    for kind, gold in (("contrastive", None), ("scored", torch.rand(4))):
+        p_kind = p if kind == "contrastive" else {k: v[:4] for k, v in p.items()}
+        loss = {}
+        for w in (0.0, 0.5, 1.0):
+            _, loss_fn = training.method_loss("2dmse", [(2, 16), (4, 32)], 4, 32, kind, 0.05, "cos",
+                                              "embeddings", w)
+            loss[w] = float(loss_fn(q, p_kind, gold, torch.Generator().manual_seed(3)))
+        assert loss[1.0] > loss[0.0]
+        assert loss[0.5] == pytest.approx((loss[0.0] + loss[1.0]) / 2, rel=1e-5)

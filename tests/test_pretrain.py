@@ -12,6 +12,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import pretrain  # noqa: E402
@@ -198,6 +199,84 @@ def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_
     assert abs(float((sum(means) / 2 - whole).detach())) > 1e-4
     with pytest.raises(ValueError, match="token_counts"):
         sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs, all_positions=True, token_counts=counts)
+
+
+@pytest.mark.parametrize("objective", ["smae", "mlm_2d"])
+def test_accumulation_2_of_batch_b_gives_the_loss_and_gradients_of_batch_2b(tokenizer, objective):
+    """--gradient_accumulation_steps: the micro-batches' sums over the whole batch's counts."""
+    crops = training.crop_documents(tokenizer, data.lee_background_documents()[:3], 32)
+    crops = [min(crops, key=len)] + crops[:7]  # a short crop first: unequal counts
+    batch = pretrain.masked_batch(crops, tokenizer, training.subword_flags(tokenizer), 6)
+    assert (batch[2][:4] != -100).sum() != (batch[2][4:] != -100).sum()
+    results = []
+    for accumulation in (1, 2):
+        mlm = tiny_masked_lm()
+        net = pretrain.SMAE(mlm.bert, heads_of(mlm), [(2, 16), (4, 32)], objective)
+        loss = pretrain.training_step(net, batch, torch.device("cpu"), accumulation)
+        grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+        results.append((loss, grads))
+    (loss_1, grads_1), (loss_2, grads_2) = results
+    torch.testing.assert_close(loss_2, loss_1)
+    assert grads_1.keys() == grads_2.keys() and len(grads_1) > 10
+    for k in grads_1:
+        torch.testing.assert_close(grads_2[k], grads_1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_accumulation_counts_optimizer_steps_and_trains_as_the_big_batch(tmp_path, lee_text_file):
+    """pretrain.py --gradient_accumulation_steps 2 --per_device_train_batch_size 2: the same run as
+    batch 4 (dropout off: the rest, data order and masks, is the global batch's)."""
+    logs, weights = [], []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{batch}a{accumulation}"
+        pretrain.main(["--from_scratch", "--config_overrides",
+                       TINY + ",hidden_dropout_prob=0.0,attention_probs_dropout_prob=0.0",
+                       "--train_file", lee_text_file, "--max_length", "32", "--pairs", "2x16,4x32",
+                       "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps",
+                       str(accumulation), "--max_steps", "3", "--learning_rate", "1e-3",
+                       "--output_dir", str(out)])
+        logs.append([json.loads(line) for line in open(out / "train_log.jsonl")])
+        weights.append(models.load_model(str(out), torch.device("cpu"))[0].state_dict())
+        config = json.load(open(out / "starbucks_config.json"))
+        assert config["training_arguments"]["gradient_accumulation_steps"] == accumulation
+    assert [r["step"] for r in logs[1]] == [1, 2, 3]  # optimizer steps, not micro-batches
+    for one, two in zip(*logs):
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-5) and one["lr"] == two["lr"]
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_too_few_crops_for_one_accumulated_batch_is_a_clear_error(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("one short document\nand another\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"one batch of 4 \(1 processes x 2 x 2 accumulation"):
+        pretrain.main(["--from_scratch", "--config_overrides", TINY, "--train_file", str(path),
+                       "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                       "--output_dir", str(tmp_path / "o")])
+
+
+def test_smae_preset_holds_the_released_run_and_explicit_flags_win():
+    args = pretrain.parse_args(["--preset", "smae", "--learning_rate", "3e-5",
+                                "--output_dir", "/nonexistent/x"])
+    released = dict(max_length=512, mlm_probability=0.2, decoder_mlm_probability=0.4,
+                    weight_decay=0.001, per_device_train_batch_size=32,
+                    gradient_accumulation_steps=2, warmup_ratio=0.05, num_train_epochs=1.0,
+                    save_steps=10000, logging_steps=100, seed=42, objective="smae")
+    for name, value in released.items():  # smae/README.md and smae/pretrain_smae.sh
+        assert getattr(args, name) == value == pretrain.PRESETS["smae"][name], name
+    assert pretrain.PRESETS["smae"]["learning_rate"] == 1e-4 and args.learning_rate == 3e-5
+    assert pretrain.PRESETS["smae"]["bf16"] is True
+    assert 32 * 2 * 8 == pretrain.RELEASED_GLOBAL_BATCH  # per device x accumulation x their 8 GPUs
+    out = cli.preset_summary("smae", pretrain.PRESETS["smae"], vars(args))  # main prints it
+    assert "--preset smae: --objective smae, --max_length 512" in out
+    assert "--learning_rate 3e-05" in out
+    if not torch.cuda.is_available():
+        assert not args.bf16 and "no CUDA bf16, so the run is in fp32" in out
+    args = pretrain.parse_args(["--preset", "smae", "--gradient_accumulation_steps", "16",
+                                "--max_length=128", "--output_dir", "/nonexistent/x"])
+    assert args.gradient_accumulation_steps == 16 and args.max_length == 128
+    assert args.per_device_train_batch_size == 32
+    plain = pretrain.parse_args(["--output_dir", "/nonexistent/x"])
+    assert (plain.gradient_accumulation_steps, plain.max_length, plain.preset) == (1, 128, None)
 
 
 # ----------------------------------------------------------------------------------------------
