@@ -60,6 +60,7 @@ DOCID_RANK = "docid_rank.npy"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 CHUNK_BYTES = 2 ** 26  # a chunk's float32 vectors: few merges of the top-k lists
 SCORE_BYTES = 2 ** 23  # a chunk's scores on the torch path, which holds them whole
+TIES = 16  # documents fetched past a chunk's k-th: room for ties with it, else it is searched again
 _BAD_DOCID = re.compile(r"[\s\x00]")  # TREC run files split on whitespace; numpy bytes drop trailing NULs
 
 
@@ -453,7 +454,8 @@ def _top(queries, vectors, m):
     without a sound. Other chunks (non-finite or huge vectors) are scored by a matmul, checked,
     and torch.topk.
     """
-    bound = queries.abs().amax() * vectors.abs().amax() * vectors.shape[1]  # NaN if any value is
+    low, high = vectors.aminmax()  # one pass, no copy; NaN if any value is
+    bound = queries.abs().amax() * torch.maximum(-low, high) * vectors.shape[1]
     if _uses_faiss(queries.device) and bound < 1e38:
         faiss.omp_set_num_threads(torch.get_num_threads())  # set_num_threads governs both paths
         scores, columns = faiss.knn(np.ascontiguousarray(queries.numpy()), vectors.numpy(), m,
@@ -466,8 +468,8 @@ def _top(queries, vectors, m):
 
 def _chunk_top(queries, vectors, k):
     """(scores, columns) (Qb, m), best score first, holding every document of the chunk whose score
-    reaches the chunk's k-th best: m = k + 1, or more while documents tie with a k-th best score."""
-    m = min(k + 1, len(vectors))
+    reaches the chunk's k-th best: m = k + TIES, or more while documents tie with a k-th best."""
+    m = min(k + TIES, len(vectors))
     while True:
         scores, columns = _top(queries, vectors, m)
         if m == len(vectors) or (scores[:, -1] < scores[:, k - 1]).all():
