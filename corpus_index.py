@@ -23,14 +23,14 @@ are stored raw, not normalised: for cosine similarity Eq. 2 normalises after tru
 normalises each pair's first d coordinates when it reads them (a unit vector at width D_n would do too,
 normalisation being scale-invariant, but raw vectors also serve dot-product models unchanged).
 
-Search memory is O(Q x depth) for the running top-k lists, plus one shard's mapped file and one chunk's
-scores (16 MB), whatever the corpus size N. The lists order documents by one int64 key, (score, docid rank),
-so ties come out as trec_eval orders them: score descending, then docid descending as strings. Scores are
-float32 (float16 storage is converted chunk by chunk). A chunk is scored in tiles of rows small enough that a
-tile's scores are still in cache when their maximum per group of 64 is taken; only the groups whose maximum
-reaches a query's current k-th score are looked into, so after the first chunks the top-k costs about one
-pass of max over the scores. At depths of 512 and more, each list starts at a floor taken from a sample of the
-corpus, which skips most of what the first chunks would have let in (exact: a list left short is searched again).
+Search memory is O(Q x depth) for the running top-k lists, plus one shard's mapped file and
+one chunk (64 MB of vectors; on the torch path 8 MB of scores), whatever the corpus size N.
+Each chunk is searched by FAISS's exact flat inner-product search (pip install faiss-cpu), or
+without it by a matmul and torch.topk, and merged into the lists by a plain top-k on score.
+Where documents tie at the k-th score their docids decide, and each list is finally sorted as
+trec_eval sorts a run: score descending, then docid descending as strings (docid_rank.npy).
+Scores are float32 (float16 storage is converted chunk by chunk); NaN and +inf scores are
+refused, -inf ranks last.
 """
 import functools
 import hashlib
@@ -43,6 +43,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+try:
+    import faiss
+except ImportError:  # optional: exact search then runs on torch.topk alone
+    faiss = None
+
 import checkpoints
 import distributed
 import starbucks as sb
@@ -53,12 +58,9 @@ SHARD_MARKER = "shard_complete.json"
 INDEX_MARKER = "index_complete.json"
 DOCID_RANK = "docid_rank.npy"
 DTYPES = {"float16": np.float16, "float32": np.float32}
-EMPTY = torch.iinfo(torch.int64).min  # the key of an empty slot in a top-k list: below every document
-GROUP = 64  # scores per group in the top-k pre-filter: one max per group is compared with the k-th score
-TILE_BYTES = 2 ** 20  # one matmul's scores, kept in cache for their group maxima
-SCORE_BYTES = 2 ** 24  # one chunk's scores: the top-k lists are merged once per chunk
-GPU_SCORE_BYTES = 2 ** 29  # one chunk's scores on a GPU, scored in one matmul
-SEED_RANK = 64  # a seeded search starts each list at the SEED_RANK-th best score of a sample (seed_floors)
+CHUNK_BYTES = 2 ** 26  # a chunk's float32 vectors: few merges of the top-k lists
+SCORE_BYTES = 2 ** 23  # a chunk's scores on the torch path, which holds them whole
+TIES = 16  # documents fetched past a chunk's k-th: room for ties with it, else it is searched again
 _BAD_DOCID = re.compile(r"[\s\x00]")  # TREC run files split on whitespace; numpy bytes drop trailing NULs
 
 
@@ -423,290 +425,171 @@ def run_from_hits(index, scores, rows, qids):
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact search, streamed, with a running top-k in trec_eval's order
+# Exact search, streamed: each chunk's top k by FAISS (or a matmul and torch.topk), merged by score
 
-def _sortable(scores):
-    """float32 -> int32 of the same order (-0.0 counted as +0.0, as float comparison does)."""
-    bits = (scores + 0.0).view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+def _uses_faiss(device):
+    return faiss is not None and device.type == "cpu"  # faiss-cpu: queries on a GPU stay with torch
 
 
-def _keys(scores, ranks):
-    """One int64 per document ordering (score, docid rank): a larger key ranks first, ties on docid included."""
-    return _sortable(scores).to(torch.int64) * 2 ** 32 + ranks
-
-
-def _scores_of(keys):
-    """The float32 scores inside keys (exact: the inverse of _sortable); -inf for empty slots."""
-    high = (keys >> 32).to(torch.int32)
-    scores = torch.where(high < 0, high ^ 0x7FFFFFFF, high).view(torch.float32)
-    return scores.masked_fill(keys == EMPTY, float("-inf"))
-
-
-def default_tile_rows(block_size, dim):
-    """Rows per tile: about 1 MB of (query block x tile) scores and of vectors, in a CPU's L2 cache for one matmul
-    and the max over its scores."""
-    return max(GROUP, TILE_BYTES // (4 * max(block_size, dim)) // GROUP * GROUP)
-
-
-def default_chunk_rows(block_size, dim):
-    """Rows per chunk, a multiple of the tile: 16 MB of (query block x chunk) scores, at most 32 MB of vectors."""
-    tile = default_tile_rows(block_size, dim)
-    return max(tile, min(SCORE_BYTES // (4 * block_size), 2 ** 23 // dim) // tile * tile)
-
-
-def chunk_and_tile_rows(device, block_size, dim, chunk_rows=None, tile_rows=None):
-    """(chunk_rows, tile_rows) of a search on `device`, checked: the CPU defaults above, or on a GPU one matmul per
-    chunk of up to GPU_SCORE_BYTES of scores (no cache to fit; each tile costs kernel launches and a sync)."""
-    if device.type == "cpu":
-        chunk_rows = chunk_rows or default_chunk_rows(block_size, dim)
-        tile_rows = tile_rows or default_tile_rows(block_size, dim)
-    else:
-        chunk_rows = chunk_rows or max(GROUP, min(GPU_SCORE_BYTES // (4 * block_size), 2 ** 28 // dim) // GROUP * GROUP)
-        tile_rows = tile_rows or max(GROUP, chunk_rows // GROUP * GROUP)
-    if chunk_rows < 1 or tile_rows < GROUP or tile_rows % GROUP:
-        raise ValueError(f"chunk_rows {chunk_rows} must be positive and tile_rows {tile_rows} a positive multiple "
-                         f"of {GROUP} (scores are screened by their maximum per group of {GROUP})")
-    return chunk_rows, tile_rows
+def default_chunk_rows(block_size, dim, device):
+    """Rows per chunk: 64 MB of float32 vectors; on the torch path also at most 8 MB of scores for a
+    block of queries (FAISS scores in blocks of its own)."""
+    rows = CHUNK_BYTES // (4 * dim)
+    return max(1, rows if _uses_faiss(device) else min(rows, SCORE_BYTES // (4 * block_size)))
 
 
 def _check_scores(values):
-    """Refuse NaN and +inf scores: NaN is never >= a threshold, so its document would be skipped without a sound,
-    and +inf always is. Group maxima show both. (-inf, which only an infinite vector of a dot-product index gives,
-    ranks its document last, as its score says.)"""
+    """Refuse NaN and +inf scores: NaN has no place in a ranking and +inf outranks every document.
+    (-inf, which only an infinite vector of a dot-product index gives, ranks its document last.)"""
     if not (values < float("inf")).all():  # False for NaN and +inf
-        raise ValueError("non-finite scores (NaN or +inf): the index holds non-finite vectors (written around "
-                         "encode_corpus, or damaged: open_index(folder, check_hashes=True) checks every file)")
+        raise ValueError("non-finite scores (NaN or +inf): the index holds non-finite vectors "
+                         "(written around encode_corpus, or damaged: open_index(folder, "
+                         "check_hashes=True) checks every file)")
 
 
-def score_tiles(queries, vectors, tile, score_buffer, max_buffer):
-    """Eq. 2 scores of a chunk, one matmul per tile of rows -> parts [(first column, scores (tiles, Qb, W), group
-    maxima (Qb, tiles, W / GROUP) or None)]: the whole tiles, then the rows left over in one matmul. A chunk
-    shorter than a tile is one matmul, so a corpus of one small chunk is scored by the dense path's very matmul.
-    NaN and +inf scores are refused (_check_scores)."""
-    num_queries, num_rows = len(queries), len(vectors)
-    whole = num_rows // tile * tile
-    parts = []
-    if whole:
-        scores = score_buffer[:whole * num_queries].view(whole // tile, num_queries, tile)
-        group_max = max_buffer[:whole * num_queries // GROUP].view(num_queries, whole // tile, tile // GROUP)
-        for j in range(whole // tile):
-            torch.mm(queries, vectors[j * tile:(j + 1) * tile].T, out=scores[j])  # (Qb, T)
-            group_max[:, j] = scores[j].view(num_queries, -1, GROUP).amax(2)  # while the tile is in cache
-        _check_scores(group_max)
-        parts.append((0, scores, group_max))
-    if whole < num_rows:
-        left = score_buffer[whole * num_queries:num_rows * num_queries].view(1, num_queries, num_rows - whole)
-        torch.mm(queries, vectors[whole:].T, out=left[0])  # (Qb, C - whole)
-        _check_scores(left)
-        parts.append((whole, left, None))
-    return parts
+def _top(queries, vectors, m):
+    """The m best scores (Qb, m) of a chunk, best first, and their columns (Qb, m).
 
-
-def _at_least(values, threshold):
-    """Flat positions (M,), ascending, of values >= threshold (broadcast against values). On a CPU through numpy,
-    whose comparison and nonzero are several times faster than torch's here (bench/bench_scale.py times both)."""
-    if values.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(values.numpy() >= threshold.numpy()))
-    return (values >= threshold).view(-1).nonzero().squeeze(1)
-
-
-def _candidates(scores, group_max, threshold):
-    """(query, column, score) of every score of a part >= its query's threshold, by query then column: (M,) each.
-
-    Where there are group maxima, only the groups whose maximum reaches the threshold are looked into: after
-    the first chunks almost none do, so the top-k costs little more than one pass of max over the scores.
+    FAISS's exact flat search where no score can overflow: it would drop NaN and -inf scores
+    without a sound. Other chunks (non-finite or huge vectors) are scored by a matmul, checked,
+    and torch.topk.
     """
-    tiles, num_queries, width = scores.shape
-    if group_max is None:  # one tile
-        flat = _at_least(scores[0], threshold[:, None])  # query * width + column
-        return flat // width, flat % width, scores[0].reshape(-1)[flat]
-    groups = width // GROUP  # per tile
-    flat = _at_least(group_max, threshold[:, None, None])  # groups to look into: (query * tiles + tile) * groups + group
-    query, tile, group = flat // (tiles * groups), flat // groups % tiles, flat % groups
-    grouped = scores.view(-1, GROUP).index_select(0, (tile * num_queries + query) * groups + group)  # (G, GROUP)
-    hit = _at_least(grouped, threshold[query, None])  # group * GROUP + offset
-    within = hit // GROUP
-    return query[within], tile[within] * width + group[within] * GROUP + hit % GROUP, grouped.view(-1)[hit]
+    low, high = vectors.aminmax()  # one pass, no copy; NaN if any value is
+    bound = queries.abs().amax() * torch.maximum(-low, high) * vectors.shape[1]
+    if _uses_faiss(queries.device) and bound < 1e38:
+        faiss.omp_set_num_threads(torch.get_num_threads())  # set_num_threads governs both paths
+        scores, columns = faiss.knn(np.ascontiguousarray(queries.numpy()), vectors.numpy(), m,
+                                    metric=faiss.METRIC_INNER_PRODUCT)
+        return torch.from_numpy(scores), torch.from_numpy(columns)
+    scores = queries @ vectors.T  # (Qb, C)
+    _check_scores(scores)
+    return scores.topk(m, dim=1)
 
 
-def _part_bound(scores, group_max, lists, k):
-    """A lower bound on the k-th best score of a part for some lists (Qb,) bool: the k-th largest group maximum
-    (each the score of a different document) or, with fewer than k groups, the k-th largest score; -inf when
-    the part has fewer than k documents."""
-    if group_max is not None and group_max.shape[1] * group_max.shape[2] >= k:
-        columns = group_max[lists].reshape(int(lists.sum()), -1)  # (lists, tiles * W / GROUP)
-    else:
-        columns = scores[:, lists].permute(1, 0, 2).reshape(int(lists.sum()), -1)  # (lists, tiles * W)
-    if columns.shape[1] < k:
-        return torch.full((len(columns),), float("-inf"), device=columns.device)
-    return columns.topk(k, dim=1).values[:, -1]
+def _chunk_top(queries, vectors, k):
+    """(scores, columns) (Qb, m), best score first, holding every document of the chunk whose score
+    reaches the chunk's k-th best: m = k + TIES, or more while documents tie with a k-th best."""
+    m = min(k + TIES, len(vectors))
+    while True:
+        scores, columns = _top(queries, vectors, m)
+        if m == len(vectors) or (scores[:, -1] < scores[:, k - 1]).all():
+            return scores, columns
+        m = min(2 * m, len(vectors))  # the same call again: the same scores, a longer list
 
 
-def part_candidates(part, kth, k, ranks, first_row):
-    """The documents of one part of a chunk (score_tiles) that may enter top-k lists whose k-th best scores are
-    kth (Qb,) (-inf while a list is not full) -> (query, key, global row), (M,) each, by query, and the number of
-    candidates of each list (Qb,)."""
-    first_column, scores, group_max = part
-    threshold = kth.clone()  # a score equal to the k-th may still enter on its docid
-    not_full = threshold == float("-inf")
-    if not_full.any():  # only the part's own top k can enter such a list
-        threshold[not_full] = _part_bound(scores, group_max, not_full, k)
-    query, column, score = _candidates(scores, group_max, threshold)  # (M,) each, by query
-    column = column + first_column
-    return query, _keys(score, ranks[column]), first_row + column, torch.bincount(query, minlength=len(kth))
+def _trec_order(scores, ranks):
+    """Per row, the positions of (scores, docid ranks) (R, M) in trec_eval's order: score
+    descending, then docid descending as strings (docid rank descending). -0.0 and +0.0 sort as
+    equal."""
+    by_rank = ranks.argsort(dim=1, descending=True)
+    by_score = scores.gather(1, by_rank).argsort(dim=1, descending=True, stable=True)
+    return by_rank.gather(1, by_score)
 
 
-def merge_top_k(keys, rows, kth, candidates):
-    """Merge the candidates of several parts (part_candidates) into the running top-k lists keys, rows (Qb, k),
-    best first, and their k-th best scores kth (Qb,), in place."""
-    counts = torch.stack([count for *_, count in candidates])  # (P, Qb)
-    total = counts.sum(0)  # (Qb,)
-    touched = total.nonzero().squeeze(1)  # (T,) lists with candidates
-    if not len(touched):
-        return
-    slot = (total > 0).cumsum(0) - 1  # (Qb,) each touched list's row among the touched
-    new_keys = keys.new_full((len(touched), int(total.max())), EMPTY)  # (T, most candidates of a list)
-    new_rows = torch.full_like(new_keys, -1)
-    for (query, key, row, count), earlier in zip(candidates, counts.cumsum(0) - counts):  # earlier parts' (Qb,)
-        position = torch.arange(len(query), device=query.device) - (count.cumsum(0) - count)[query] + earlier[query]
-        new_keys[slot[query], position] = key
-        new_rows[slot[query], position] = row
-    merged = torch.cat([keys[touched], new_keys], 1).topk(keys.shape[1], dim=1)  # (T, k), best first
-    keys[touched] = merged.values
-    rows[touched] = torch.cat([rows[touched], new_rows], 1).gather(1, merged.indices)
-    kth[touched] = _scores_of(merged.values[:, -1])
+def _merge(lists, found, k):
+    """The top k of running lists and a chunk's candidates, each (scores, ranks, rows) (Qb, width),
+    -> (scores, ranks, rows) (Qb, min(k, width)), best score first.
 
-
-def seed_sample(num_docs, k):
-    """Rows (S,) of an even sample of S = SEED_RANK N / (2k) >= SEED_RANK documents, whose SEED_RANK-th best score
-    about 2k documents of the corpus reach; None where S > N / 16 (k < 8 SEED_RANK), too costly for what it saves,
-    or where the corpus has fewer than 2k documents."""
-    size = -(-SEED_RANK * num_docs // (2 * k))
-    return torch.arange(size) * num_docs // size if 16 * size <= num_docs and num_docs >= 2 * k else None
-
-
-def seed_floors(index, pair, queries, k, query_block, chunk_rows):
-    """A floor (Q,) under each query's k-th best score, or None: the SEED_RANK-th best score of seed_sample's rows.
-
-    The first chunks are where most documents enter the lists and cost most; starting each list at its floor
-    skips what cannot reach the final top k. Exact wherever k documents reach the floor (every skipped one scores
-    below all of them); search() searches again, without floors, the queries whose lists end short.
+    Plain top-k by score, exact as a set: where more documents than fit tie with the k-th score,
+    their docid ranks decide, as trec_eval's order would.
     """
-    sample = seed_sample(index.num_docs, k)
-    if sample is None:
-        return None
-    best = queries.new_full((len(queries), SEED_RANK), float("-inf"))  # (Q, SEED_RANK) best sampled scores
-    for start in range(0, len(sample), chunk_rows):
-        vectors = read_rows(index, pair, sample[start:start + chunk_rows]).to(queries.device)  # (P, d)
-        for block in range(0, len(queries), query_block):
-            top = (queries[block:block + query_block] @ vectors.T).topk(min(SEED_RANK, len(vectors)), dim=1).values
-            best[block:block + query_block] = torch.cat([best[block:block + query_block], top], 1).topk(
-                SEED_RANK, dim=1).values  # one (Qb, P) score matrix at a time, as large as a chunk's
-    return best[:, -1]
+    scores, ranks, rows = (torch.cat(parts, 1) for parts in zip(lists, found))
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    keep = top.indices
+    if ((scores >= top.values[:, -1:]).sum(1) > k).any():
+        keep = _trec_order(scores, ranks)[:, :k]
+    return tuple(t.gather(1, keep) for t in (scores, ranks, rows))
 
 
 @torch.no_grad()
-def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, tile_rows=None, seed=True,
-           progress=None):
-    """Exact search at one pair (Eq. 2), streamed over the shards -> (scores, rows), each (Q, min(depth, N)).
+def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, progress=None):
+    """Exact search at one pair (Eq. 2), streamed over the shards -> (scores, rows), each
+    (Q, min(depth, N)).
 
-    queries (Q, d): e^(n,d) of the queries, L2-normalised when the index is cosine (as encode_2d(normalize=True)
-    gives them); the search runs on their device. Every chunk of rows is scored against every block of queries
-    and merged into a running top-k; rows are global row numbers (docids(index, rows) names them), best first
-    in trec_eval's order. chunk_rows (rows read and merged at a time) and tile_rows (rows per matmul) default to
-    sizes that suit a CPU's cache, or on a GPU to larger chunks of one matmul each (chunk_and_tile_rows).
-    seed: start the lists at seed_floors (the same result, sooner at depths of 512 and more).
-    progress: e.g. functools.partial(tqdm, desc=...), called as progress(chunks, total=number of chunks).
+    queries (Q, d): e^(n,d) of the queries, L2-normalised when the index is cosine (as
+    encode_2d(normalize=True) gives them); the search runs on their device. Each chunk of rows is
+    searched by FAISS's exact flat inner-product search (a matmul and torch.topk without FAISS or
+    on a GPU), one block of query_block queries at a time, and merged into running top-k lists.
+    rows are global row numbers (docids(index, rows) names them), best first in trec_eval's order.
+    chunk_rows: rows read at a time (default_chunk_rows).
+    progress: e.g. functools.partial(tqdm, desc=...), called as progress(chunks, total=chunks).
     """
     _check_pair(index, pair)
     queries = _check_queries(index, pair, queries)
-    keys = torch.full((len(queries), min(depth, index.num_docs)), EMPTY, dtype=torch.int64, device=queries.device)  # (Q, k)
-    rows = torch.full_like(keys, -1)  # (Q, k)
-    block_size = min(len(queries), query_block)
-    chunk_rows, tile = chunk_and_tile_rows(queries.device, block_size, pair[1], chunk_rows, tile_rows)
-    floors = seed_floors(index, pair, queries, keys.shape[1], query_block, chunk_rows) if seed else None  # (Q,)
-    kth = floors.clone() if floors is not None else torch.full((len(queries),), float("-inf"), device=queries.device)
-    score_buffer = queries.new_empty(block_size * chunk_rows)  # reused for every chunk: no fresh pages to fault in
-    max_buffer = queries.new_empty(block_size * chunk_rows // GROUP)
+    if depth < 1:
+        raise ValueError(f"depth {depth} must be positive")
+    k = min(depth, index.num_docs)
+    device = queries.device
     blocks = [slice(start, start + query_block) for start in range(0, len(queries), query_block)]
-
-    def merge(b):
-        merge_top_k(keys[blocks[b]], rows[blocks[b]], kth[blocks[b]], waiting[b])
-        if floors is not None:  # a list that is not full yet keeps its floor
-            torch.maximum(kth[blocks[b]], floors[blocks[b]], out=kth[blocks[b]])
-        waiting[b], waiting_per_list[b] = [], 0
-
-    # Candidates wait until some list has k of them: a merge (a top-k over k + waiting) then serves many chunks,
-    # at the cost of thresholds that lag behind; fewer than k wait per list (+ one part), O(Q x k) as the lists.
-    waiting, waiting_per_list = [[] for _ in blocks], [0] * len(blocks)
+    chunk_rows = chunk_rows or default_chunk_rows(min(len(queries), query_block), pair[1], device)
+    empty = torch.empty(len(queries), 0, dtype=torch.int64, device=device)
+    lists = [(queries.new_empty(len(empty[b]), 0), empty[b], empty[b]) for b in blocks]
     stream = chunks(index, pair, chunk_rows)
     if progress:
-        stream = progress(stream, total=sum(-(-shard_rows // chunk_rows) for shard_rows in index.shard_rows))
+        stream = progress(stream, total=sum(-(-rows // chunk_rows) for rows in index.shard_rows))
     for first_row, vectors, ranks in stream:  # (C, d), (C,)
-        vectors, ranks = vectors.to(queries.device), ranks.to(queries.device)
+        vectors, ranks = vectors.to(device), ranks.to(device)
         for b, block in enumerate(blocks):
-            for part in score_tiles(queries[block], vectors, tile, score_buffer, max_buffer):
-                found = part_candidates(part, kth[block], keys.shape[1], ranks, first_row)
-                waiting[b].append(found)
-                waiting_per_list[b] = waiting_per_list[b] + found[3]
-                if int(waiting_per_list[b].max()) >= keys.shape[1]:
-                    merge(b)
-    for b in range(len(blocks)):
-        if waiting[b]:
-            merge(b)
-    scores = _scores_of(keys)
-    short = keys[:, -1] == EMPTY  # (Q,) only where fewer than k documents reached a floor
-    if short.any():
-        if floors is None:  # a guard: every document was scored, and _check_scores refused any NaN
-            raise RuntimeError(f"{int(short.sum())} queries' lists hold fewer than {keys.shape[1]} documents after "
-                               f"every document of {index.folder} was scored")
-        scores[short], rows[short] = search(index, pair, queries[short], depth, query_block, chunk_rows, tile_rows,
-                                            seed=False)
-    return scores, rows
+            scores, columns = _chunk_top(queries[block], vectors, k)  # (Qb, m) each
+            # a score under a full list's k-th cannot enter it: keep the columns reaching some k-th
+            kth = lists[b][0][:, -1:] if lists[b][0].shape[1] == k else float("-inf")
+            reach = int((scores >= kth).sum(1).max())
+            if reach:
+                columns = columns[:, :reach]
+                found = scores[:, :reach], ranks[columns], columns + first_row
+                lists[b] = _merge(lists[b], found, k)
+    scores, ranks, rows = (torch.cat(parts) for parts in zip(*lists))
+    order = _trec_order(scores, ranks)
+    return scores.gather(1, order), rows.gather(1, order)
 
 
 def _check_queries(index, pair, queries):
     if queries.ndim != 2 or queries.shape[1] != pair[1] or not len(queries):
-        raise ValueError(f"queries {tuple(queries.shape)} are not (Q, {pair[1]}) for pair {pair[0]}x{pair[1]}")
+        raise ValueError(f"queries {tuple(queries.shape)} are not (Q, {pair[1]}) for pair "
+                         f"{pair[0]}x{pair[1]}")
     queries = queries.float()
     if not torch.isfinite(queries).all():
-        raise ValueError("queries hold NaN or infinite values: their scores could not rank documents")
+        raise ValueError("queries hold NaN or infinite values: their scores could not rank "
+                         "documents")
     norms = queries.norm(dim=1)
     if index.normalize and not (((norms - 1).abs() < 1e-3) | (norms == 0)).all():
-        raise ValueError("the index is cosine: pass L2-normalised queries (encode_2d(..., normalize=True))")
+        raise ValueError("the index is cosine: pass L2-normalised queries "
+                         "(encode_2d(..., normalize=True))")
     return queries
 
 
 @torch.no_grad()
-def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk_rows=None, tile_rows=None):
-    """Eq. 14 on the index: top-k_1 with pairs[0] streamed over the shards, then rerank with each larger pair.
+def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk_rows=None):
+    """Eq. 14 on the index: top-k_1 with pairs[0] (search), then rerank with each larger pair.
 
-    queries[j] (Q, d_j) as for search(). Each later stage reads only the shortlisted rows, gathered from the
-    memory-mapped shards, in blocks of queries. Ties are broken as trec_eval does, at every stage.
-    Returns (scores, rows), each (Q, min(depth, k_last, N)), best first by the last pair.
+    queries[j] (Q, d_j) as for search(). Each later stage reads only the shortlisted rows, gathered
+    from the memory-mapped shards, in blocks of queries, and keeps its float scores of them. Ties
+    are broken as trec_eval does, at every stage. Returns (scores, rows), each
+    (Q, min(depth, k_last, N)), best first by the last pair.
     """
     if len(pairs) != len(queries) or len(ks) != len(pairs) - 1:
-        raise ValueError(f"a funnel of {len(pairs)} pairs needs as many query matrices and {len(pairs) - 1} ks")
+        raise ValueError(f"a funnel of {len(pairs)} pairs needs as many query matrices and "
+                         f"{len(pairs) - 1} ks")
     if any(k < 1 for k in ks) or list(ks) != sorted(ks, reverse=True) or depth < 1:
-        raise ValueError(f"shortlist sizes {list(ks)} must be positive and non-increasing, depth {depth} positive")
+        raise ValueError(f"shortlist sizes {list(ks)} must be positive and non-increasing, "
+                         f"depth {depth} positive")
     for pair in pairs:
         _check_pair(index, pair)
     keep = [min(k, index.num_docs) for k in ks] + [min([depth, index.num_docs] + list(ks))]
-    scores, rows = search(index, pairs[0], queries[0], keep[0], query_block, chunk_rows, tile_rows)  # (Q, k_1)
+    scores, rows = search(index, pairs[0], queries[0], keep[0], query_block, chunk_rows)  # (Q, k_1)
     for pair, stage_queries, k in zip(pairs[1:], queries[1:], keep[1:]):
         stage_queries = _check_queries(index, pair, stage_queries)
-        block = max(1, 2 ** 24 // (rows.shape[1] * pair[1]))  # queries per gather: about 64 MB of vectors
+        block = max(1, 2 ** 24 // (rows.shape[1] * pair[1]))  # queries per gather: 64 MB of vectors
         next_scores, next_rows = [], []
         for start in range(0, len(rows), block):
             shortlist = rows[start:start + block]  # (Qb, k_prev)
-            vectors, ranks = gather(index, pair, shortlist.reshape(-1))  # (Qb * k_prev, d), (Qb * k_prev,)
+            vectors, ranks = gather(index, pair, shortlist.reshape(-1))  # (Qb k_prev, d), ranks
             vectors = vectors.to(rows.device).view(*shortlist.shape, pair[1])  # (Qb, k_prev, d)
-            stage = torch.bmm(vectors, stage_queries[start:start + block].unsqueeze(2)).squeeze(2)  # (Qb, k_prev)
-            _check_scores(stage)
-            top = _keys(stage, ranks.to(rows.device).view(shortlist.shape)).topk(k, dim=1)
-            next_scores.append(_scores_of(top.values))
-            next_rows.append(shortlist.gather(1, top.indices))
+            stage = torch.bmm(vectors, stage_queries[start:start + block].unsqueeze(2)).squeeze(2)
+            _check_scores(stage)  # (Qb, k_prev)
+            order = _trec_order(stage, ranks.to(rows.device).view(shortlist.shape))[:, :k]
+            next_scores.append(stage.gather(1, order))
+            next_rows.append(shortlist.gather(1, order))
         scores, rows = torch.cat(next_scores), torch.cat(next_rows)
     return scores, rows
 
@@ -718,10 +601,8 @@ def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_s
     """A FAISS index of one pair's vectors, added chunk by chunk from the shards (inner product; cosine when the
     index is normalised). kind: 'flat' (exact, in memory), 'ivf' (IndexIVFFlat, nlist lists, nprobe searched,
     trained on an evenly spaced sample) or 'hnsw' (IndexHNSWFlat, hnsw_m links, ef_search). Holds N x d float32."""
-    try:
-        import faiss
-    except ImportError:
-        raise ValueError("--index faiss-* needs FAISS: pip install faiss-cpu") from None
+    if faiss is None:
+        raise ValueError("--index faiss-* needs FAISS: pip install faiss-cpu")
     d = pair[1]
     _check_pair(index, pair)
     if kind == "flat":

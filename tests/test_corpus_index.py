@@ -61,46 +61,140 @@ def random_qrels(qids, docids, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact search equals the dense path, ties included
+# Exact search equals the dense path, ties included, with FAISS and with torch.topk
 
-@pytest.mark.parametrize("depth, shard_size, chunk_rows, tile_rows, query_block", [
-    (10, 300, 256, 64, 64), (100, 300, 128, 128, 5), (1000, 1000, None, None, 1024), (5000, 77, 64, 64, 16),
-    (1, 1000, 512, 64, 37), (600, 700, 256, 64, 16)])
-def test_streamed_search_equals_the_dense_path_exactly_with_ties(tmp_path, depth, shard_size, chunk_rows, tile_rows,
-                                                                 query_block):
-    """Chunks of whole tiles (group maxima), of left-over rows, and a whole shard in one matmul; at depth 600 over
-    4,000 documents the lists start at seeded floors."""
-    num_docs = 4000 if depth == 600 else 1000
-    assert (ci.seed_sample(num_docs, min(depth, num_docs)) is not None) == (depth == 600)
+@pytest.fixture(params=["faiss", "torch"])
+def path(request, monkeypatch):
+    """Each test that takes it runs on FAISS's flat search (skipped when FAISS is absent) and on the
+    torch.topk fallback that runs without FAISS."""
+    if request.param == "faiss":
+        pytest.importorskip("faiss")
+    else:
+        monkeypatch.setattr(ci, "faiss", None)
+    return request.param
+
+
+def trec_order(scores, docids, k):
+    """trec_eval's order of one query's (N,) scores, written independently: score, then docid, both
+    descending (docids compared as Python strings) -> [(docid, score)] of the first k."""
+    ranked = sorted(zip(scores.tolist(), docids), key=lambda pair: (pair[0], pair[1]), reverse=True)
+    return [(docid, score) for score, docid in ranked[:k]]
+
+
+def assert_same_ranking(first, second, atol):
+    """Two searches' (scores, rows) through different kernels or chunkings: scores within atol at
+    every position, and the same document at every position whose score is further than 2 atol
+    from its neighbours' (two documents nearer than that may change places, as rounding decides)."""
+    (scores, rows), (other_scores, other_rows) = first, second
+    torch.testing.assert_close(scores, other_scores, rtol=0, atol=atol)
+    gaps = scores[:, :-1] - scores[:, 1:]  # (Q, k - 1), >= 0
+    apart = torch.ones_like(scores, dtype=torch.bool)
+    apart[:, :-1] &= gaps > 2 * atol
+    apart[:, 1:] &= gaps > 2 * atol
+    assert apart.float().mean() > 0.9  # the check is not vacuous
+    assert torch.equal(rows[apart], other_rows[apart])
+
+
+def quarter_vectors(count, dim, generator):
+    """Values in {-0.5, ..., 0.5}: their dot products are exact in float32 in any summation order,
+    so every kernel gives the same scores, and many of them tie."""
+    return torch.randint(-2, 3, (count, dim), generator=generator).float() / 4
+
+
+@pytest.mark.parametrize("depth, shard_size, chunk_rows, query_block", [
+    (10, 300, 256, 64), (100, 300, 128, 5), (1000, 1000, None, 1024), (5000, 77, 64, 16),
+    (1, 1000, 512, 37), (600, 700, 256, 16)])
+def test_streamed_search_equals_the_dense_path_exactly_with_ties(tmp_path, path, depth, shard_size,
+                                                                 chunk_rows, query_block):
+    """Exact scores (quarter_vectors), so scores and order are compared exactly, ties included."""
     g = torch.Generator().manual_seed(0)
-    vectors = torch.randint(-2, 3, (num_docs, 8), generator=g).float() / 4  # exact dot products in any order: many ties
-    queries = torch.randint(-2, 3, (37, 8), generator=g).float() / 4
-    docids, qids = shuffled_docids(num_docs), [f"q{i}" for i in range(37)]
+    vectors, queries = quarter_vectors(1000, 8, g), quarter_vectors(37, 8, g)
+    docids, qids = shuffled_docids(1000), [f"q{i}" for i in range(37)]
     qrels = random_qrels(qids, docids)
     index = build_index(str(tmp_path), docids, {1: vectors}, shard_size)
     for d in (3, 8):  # a prefix pair and the stored width
-        scores, rows = ci.search(index, (1, d), queries[:, :d], depth, query_block, chunk_rows, tile_rows)
+        scores, rows = ci.search(index, (1, d), queries[:, :d], depth, query_block, chunk_rows)
         run = ci.run_from_hits(index, scores, rows, qids)
         dense_scores = queries[:, :d] @ vectors[:, :d].T  # (Q, N)
         dense = metrics.run_from_scores(dense_scores, docids, qids, min(depth, 1000))
-        assert [list(run[q].items()) for q in qids] == [list(dense[q].items()) for q in qids]  # order and scores
+        assert [list(run[q].items()) for q in qids] == [list(dense[q].items()) for q in qids]
+        assert [list(run[q].items()) for q in qids] == \
+            [trec_order(dense_scores[i], docids, depth) for i in range(len(qids))]
         assert metrics.retrieval_scores(judged_ranks_of_run(run, qids, qrels), qrels, depth) == \
             metrics.retrieval_scores(metrics.judged_ranks(dense_scores, docids, qids, qrels), qrels, depth)
 
 
-def test_chunk_and_tile_rows_fit_a_cpus_cache_or_make_one_matmul_per_chunk_on_a_gpu(tmp_path):
+def test_many_documents_tied_at_the_cut_off_come_in_trec_evals_order(tmp_path, path):
+    """400 documents of one vector, spread over shards and chunks, straddle the cut-off: at the top
+    of a list, or below up to 1248 others. Which of them make the top k is decided by docid
+    (descending as strings), as trec_eval sorts."""
+    g = torch.Generator().manual_seed(21)
+    vectors = quarter_vectors(3000, 8, g)
+    vectors[torch.randperm(3000, generator=g)[:400]] = 0.5  # each scores sum(q) / 2
+    queries = torch.full((4, 8), 0.25)
+    queries[1, :2], queries[2, :3], queries[3, :4] = torch.tensor([0.5, -0.5]), \
+        torch.tensor([-0.5, -0.5, 0.5]), torch.tensor([-0.5, -0.5, -0.5, 0.5])
+    docids = shuffled_docids(3000, seed=3)
+    index = build_index(str(tmp_path), docids, {1: vectors}, shard_size=700)
+    dense = queries @ vectors.T  # (Q, N), exact
+    for i, query in enumerate(queries):
+        tie = float(query.sum()) / 2
+        above, tied = int((dense[i] > tie).sum()), int((dense[i] == tie).sum())
+        for depth in (above + 50, above + 300):  # 50 or 300 of the tied documents make the list
+            assert tied >= 400 and depth < above + tied
+            for chunk_rows in (None, 128, 333):
+                scores, rows = ci.search(index, (1, 8), query[None], depth, chunk_rows=chunk_rows)
+                ranked = list(ci.run_from_hits(index, scores, rows, ["q"])["q"].items())
+                assert ranked == trec_order(dense[i], docids, depth)
+
+
+def test_faiss_and_torch_topk_give_the_same_lists(tmp_path, monkeypatch):
+    """Random float vectors: the same ranking, scores within float32 rounding (the two paths
+    multiply through different kernels)."""
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(22)
+    vectors = torch.randn(5000, 24, generator=g)
+    docids = shuffled_docids(5000, seed=4)
+    for normalize in (True, False):
+        index = build_index(str(tmp_path / str(normalize)), docids, {3: vectors}, shard_size=1200,
+                            normalize=normalize)
+        queries = torch.randn(30, 16, generator=g)
+        queries = F.normalize(queries, dim=-1) if normalize else queries
+        with_faiss = ci.search(index, (3, 16), queries, depth=300, chunk_rows=500)
+        monkeypatch.setattr(ci, "faiss", None)
+        with_torch = ci.search(index, (3, 16), queries, depth=300, chunk_rows=500)
+        monkeypatch.undo()
+        assert_same_ranking(with_faiss, with_torch, atol=1e-5)
+
+
+def test_chunk_size_and_threads_change_no_ranking(tmp_path, path):
+    """Chunks of other sizes and other numbers of threads: the same ranking, scores within
+    rounding."""
+    g = torch.Generator().manual_seed(23)
+    vectors = torch.randn(4000, 32, generator=g)
+    index = build_index(str(tmp_path), shuffled_docids(4000), {2: vectors}, 1500, normalize=True)
+    queries = F.normalize(torch.randn(40, 32, generator=g), dim=-1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for chunk_rows, num_threads in ((None, 1), (97, 2), (1024, 1), (4000, 2)):
+            torch.set_num_threads(num_threads)
+            results.append(ci.search(index, (2, 32), queries, depth=200, query_block=16,
+                                     chunk_rows=chunk_rows))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        assert_same_ranking(result, results[0], atol=1e-6)
+
+
+def test_default_chunks_hold_64_mb_of_vectors_and_on_the_torch_path_8_mb_of_scores(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
-    assert ci.chunk_and_tile_rows(cpu, 1024, 768) == (4096, 256)  # 16 MB of scores, 1 MB tiles
-    assert ci.chunk_and_tile_rows(cpu, 64, 24) == (65536, 4096)
-    assert ci.chunk_and_tile_rows(gpu, 1024, 768) == (131072, 131072)  # 512 MB of scores in one matmul
-    assert ci.chunk_and_tile_rows(gpu, 1, 768) == (349504, 349504)  # 1 GB of float32 vectors at most
-    assert ci.chunk_and_tile_rows(gpu, 64, 24, chunk_rows=1000) == (1000, 960)
-    for chunk_rows, tile_rows in ((1000, 100), (-5, 64), (1000, 32)):
-        with pytest.raises(ValueError, match="a positive multiple of 64"):
-            ci.chunk_and_tile_rows(cpu, 64, 24, chunk_rows, tile_rows)
-    index = build_index(str(tmp_path), [str(i) for i in range(10)], {2: torch.randn(10, 8)}, shard_size=10)
-    with pytest.raises(ValueError, match="a positive multiple of 64"):
-        ci.search(index, (2, 8), torch.randn(2, 8), tile_rows=100)
+    assert ci.default_chunk_rows(1024, 768, gpu) == 2 ** 21 // 1024  # torch on a GPU: scores bind
+    assert ci.default_chunk_rows(1, 768, gpu) == 2 ** 24 // 768  # one query: the vectors bind
+    if ci.faiss is not None:
+        assert ci.default_chunk_rows(1024, 768, cpu) == 2 ** 24 // 768  # FAISS scores in blocks
+    monkeypatch.setattr(ci, "faiss", None)
+    assert ci.default_chunk_rows(1024, 768, cpu) == 2 ** 21 // 1024
 
 
 def test_search_shows_every_chunk_to_progress_and_returns_the_same(tmp_path):
@@ -121,89 +215,56 @@ def test_search_shows_every_chunk_to_progress_and_returns_the_same(tmp_path):
     assert torch.equal(scores, expected[0]) and torch.equal(rows, expected[1])
 
 
-def test_seeded_floors_skip_documents_and_lists_left_short_are_searched_again(tmp_path):
-    """Seeding on a random corpus skips documents (fewer candidates) and gives the unseeded result. A corpus whose
-    sample misleads (only sampled rows near the query) leaves lists short of k above their floors: those queries
-    are searched again without floors, and the result is still the dense path's."""
-    g = torch.Generator().manual_seed(5)
-    num_docs, k = 6000, 600
-    sample = ci.seed_sample(num_docs, k)
-    assert sample is not None and len(sample) == -(-ci.SEED_RANK * num_docs // (2 * k))
-    assert len(ci.seed_sample(1024, 512)) == ci.SEED_RANK and ci.seed_sample(1023, 512) is None  # N < 16 S
-    assert ci.seed_sample(10 ** 6, 511) is None and ci.seed_sample(10 ** 6, 512) is not None  # k < 8 SEED_RANK
-    assert ci.seed_sample(10 ** 6, 600_000) is None  # fewer than 2k documents
-    vectors = F.normalize(torch.randn(num_docs, 16, generator=g), dim=-1)
-    queries = F.normalize(torch.randn(7, 16, generator=g), dim=-1)
-    index = build_index(str(tmp_path / "random"), [str(i) for i in range(num_docs)], {2: vectors}, shard_size=2500)
-    floors = ci.seed_floors(index, (2, 16), queries, k, query_block=4, chunk_rows=100)
-    dense = queries @ vectors.T  # (Q, N)
-    reaching = (dense >= floors[:, None]).sum(1)
-    assert (reaching >= k).all() and (reaching < num_docs / 2).all()  # a floor that skips most documents
-    assert [t.tolist() for t in ci.search(index, (2, 16), queries, k, 4, 256, 64)] == \
-        [t.tolist() for t in ci.search(index, (2, 16), queries, k, 4, 256, 64, seed=False)]
-
-    misleading = vectors.clone()
-    misleading[:, 0] = -1.0  # every document far from the first query ...
-    misleading[sample[:ci.SEED_RANK], 0] = 1.0  # ... except SEED_RANK sampled ones: its floor is reached by 64 < k
-    docids, qids = shuffled_docids(num_docs), [f"q{i}" for i in range(8)]
-    index = build_index(str(tmp_path / "misleading"), docids, {2: misleading}, shard_size=2500)
-    first = torch.zeros(1, 16)
-    first[0, 0] = 1.0
-    queries = torch.cat([first, queries])
-    floors = ci.seed_floors(index, (2, 16), queries, k, query_block=4, chunk_rows=100)
-    dense = queries @ misleading.T  # (Q, N); the first query's scores are all +-1: ties in trec_eval's order
-    assert int((dense[0] >= floors[0]).sum()) == ci.SEED_RANK < k
-    run = ci.run_from_hits(index, *ci.search(index, (2, 16), queries, k, 4, 256, 64), qids)
-    expected = metrics.run_from_scores(dense, docids, qids, k)
-    assert [list(run[q].items()) for q in qids] == [list(expected[q].items()) for q in qids]
-
-
-def test_positions_at_least_a_threshold_equal_torchs_nonzero():
-    """_at_least (numpy on a CPU) against torch's comparison and nonzero: ties, -0.0 against +0.0, -inf thresholds."""
-    g = torch.Generator().manual_seed(7)
-    values = torch.randint(-3, 4, (5, 6, 8), generator=g).float() / 2
-    values[0, 0, :2] = torch.tensor([-0.0, 0.0])
-    threshold = torch.tensor([0.0, 1.0, float("-inf"), 1.5, -0.0])[:, None, None]  # (5, 1, 1): per first index
-    for v, t in ((values, threshold), (values[:, 2], threshold[:, 0]), (values.reshape(-1, 8)[:7], values.reshape(-1, 8)[:7, 3:4])):
-        assert torch.equal(ci._at_least(v, t), (v >= t).reshape(-1).nonzero().squeeze(1))
-
-
-def test_float_ties_constructed_on_purpose_keep_trec_eval_order(tmp_path):
-    """Irrational-looking float scores, exactly tied across shards: each document has one non-zero coordinate,
-    so its score is one rounded product in any summation order; one document is all zeros (-0.0 against +0.0)."""
+def test_float_ties_constructed_on_purpose_keep_trec_eval_order(tmp_path, path):
+    """Irrational-looking float scores, exactly tied across shards: each document has one non-zero
+    coordinate, so its score is one rounded product in any kernel; one document is all zeros (-0.0
+    against +0.0)."""
     g = torch.Generator().manual_seed(1)
     values = torch.randn(4, generator=g)  # few distinct values: many exact ties
     vectors = torch.zeros(600, 8)
-    vectors[torch.arange(600), torch.randint(0, 8, (600,), generator=g)] = values[torch.randint(0, 4, (600,), generator=g)]
+    vectors[torch.arange(600), torch.randint(0, 8, (600,), generator=g)] = \
+        values[torch.randint(0, 4, (600,), generator=g)]
     vectors[17] = 0.0
     queries = torch.randn(9, 8, generator=g)
     docids, qids = shuffled_docids(600, seed=2), [f"q{i}" for i in range(9)]
     index = build_index(str(tmp_path), docids, {3: vectors}, shard_size=128)
-    scores, rows = ci.search(index, (3, 8), queries, depth=250, chunk_rows=128, tile_rows=64)
+    scores, rows = ci.search(index, (3, 8), queries, depth=250, chunk_rows=100)
     run = ci.run_from_hits(index, scores, rows, qids)
     dense = metrics.run_from_scores(queries @ vectors.T, docids, qids, 250)
     assert [list(run[q].items()) for q in qids] == [list(dense[q].items()) for q in qids]
     assert len(set(scores[0].tolist())) < 20  # the lists are mostly ties
 
 
-def test_index_of_the_real_set_gives_evaluates_runs_and_metrics_bit_for_bit(tmp_path, minilm):
-    """The packaged MiniLM on wiki-ict: encode_corpus + search == score_matrices + run_from_scores / judged_ranks.
+def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm, path):
+    """The packaged MiniLM on wiki-ict: encode_corpus + search == score_matrices + run_from_scores /
+    judged_ranks.
 
-    One shard holds the 318 passages, so they are batched as score_matrices batches them; with several shards
-    each shard's passages are padded differently, which moves embeddings by about 1e-7."""
+    One shard holds the 318 passages, so they are batched as score_matrices batches them; with
+    several shards each shard's passages are padded differently, which moves embeddings by about
+    1e-7. On the torch path the one chunk is scored by the dense path's very matmul: runs equal bit
+    for bit. FAISS multiplies through its own kernel: scores within rounding, the same ranking
+    wherever two documents are further apart than that, and on this set the same metrics."""
     model, tokenizer = minilm
     corpus, queries, qrels = data.embedded_retrieval_set()
     docids, qids = list(corpus), list(queries)
+    row_of = {docid: row for row, docid in enumerate(docids)}  # one shard, in corpus order
     pairs = sb.default_pairs(6, 384)
-    dense = evaluation.score_matrices(model, tokenizer, (corpus, queries, qrels), pairs, "mean", "cos", 32, 128, 64)
-    ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, str(tmp_path), "mean", 128, 64, normalize=True,
-                     shard_size=1000, dtype="float32")
+    dense = evaluation.score_matrices(model, tokenizer, (corpus, queries, qrels), pairs, "mean",
+                                      "cos", 32, 128, 64)
+    ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, str(tmp_path), "mean", 128, 64,
+                     normalize=True, shard_size=1000, dtype="float32")
     index = ci.open_index(str(tmp_path))
     q = sb.encode_2d(model, tokenizer, [queries[x] for x in qids], pairs, "mean", 32, 64, normalize=True)
     for pair in pairs:
-        run = ci.run_from_hits(index, *ci.search(index, pair, q[pair], depth=1000), qids)
+        scores, rows = ci.search(index, pair, q[pair], depth=1000)
+        run = ci.run_from_hits(index, scores, rows, qids)
         expected = metrics.run_from_scores(dense[pair], docids, qids, len(docids))
-        assert [list(run[x].items()) for x in qids] == [list(expected[x].items()) for x in qids]
+        if path == "torch":
+            assert [list(run[x].items()) for x in qids] == [list(expected[x].items()) for x in qids]
+        else:
+            expected_rows = torch.tensor([[row_of[d] for d in expected[x]] for x in qids])
+            expected_scores = torch.tensor([list(expected[x].values()) for x in qids])
+            assert_same_ranking((scores, rows), (expected_scores, expected_rows), atol=1e-6)
         assert metrics.retrieval_scores(judged_ranks_of_run(run, qids, qrels), qrels, 1000) == \
             metrics.retrieval_scores(metrics.judged_ranks(dense[pair], docids, qids, qrels), qrels, 1000)
 
@@ -230,26 +291,28 @@ def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("row", [5, 280])  # in a whole tile (checked on its group maxima), in the rows left over
+@pytest.mark.parametrize("row", [5, 280])  # in the first chunk, in the last
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_search_refuses_a_non_finite_document_even_when_the_lists_fill_without_it(tmp_path, normalize, row, bad):
+def test_search_refuses_a_non_finite_document_even_when_the_lists_fill_without_it(
+        tmp_path, path, normalize, row, bad):
     """At depth 3 of 300 the lists fill up without the broken document: it used to be skipped, with exit 0."""
     vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(8))
     vectors[row, 2] = bad
     index = build_index(str(tmp_path), [str(i) for i in range(300)], {2: vectors}, shard_size=300, normalize=normalize)
     queries = F.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(9)), dim=-1)
     with pytest.raises(ValueError, match="non-finite scores"):
-        ci.search(index, (2, 8), queries, depth=3, chunk_rows=128, tile_rows=64)  # chunks 128, 128, 44: tiles of 64
+        ci.search(index, (2, 8), queries, depth=3, chunk_rows=128)  # chunks of 128, 128 and 44 rows
 
 
-def test_a_minus_infinite_score_ranks_last_and_the_funnel_refuses_a_non_finite_rerank(tmp_path):
+def test_a_minus_infinite_score_ranks_last_and_the_funnel_refuses_a_non_finite_rerank(
+        tmp_path, path):
     vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(10))
     vectors[7] = 0.0
     vectors[7, 0] = float("-inf")  # scores -inf against queries whose first coordinate is positive
     queries = torch.randn(4, 8, generator=torch.Generator().manual_seed(11))
     queries[:, 0] = queries[:, 0].abs() + 0.1
     dot_product = build_index(str(tmp_path / "dot"), [str(i) for i in range(300)], {2: vectors}, shard_size=300)
-    scores, rows = ci.search(dot_product, (2, 8), queries, depth=300, chunk_rows=128, tile_rows=64)
+    scores, rows = ci.search(dot_product, (2, 8), queries, depth=300, chunk_rows=128)
     assert (rows[:, -1] == 7).all() and (scores[:, -1] == float("-inf")).all()
 
     large = torch.randn(300, 16, generator=torch.Generator().manual_seed(12))
@@ -399,6 +462,7 @@ LIMITED_SEARCH = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import torch
     import corpus_index as ci
+    ci.faiss = ci.faiss if {with_faiss} else None
     torch.set_num_threads(1)
     index = ci.open_index({folder!r})
     queries = torch.load({queries!r})
@@ -415,7 +479,8 @@ LIMITED_SEARCH = textwrap.dedent("""
 """)
 
 
-def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_several_times(tmp_path):
+def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_several_times(
+        tmp_path, path):
     num_docs, num_queries, dim, depth, allowance = 200_000, 300, 16, 100, 48 * 2 ** 20
     assert num_queries * num_docs * 4 >= 4 * allowance  # the dense (Q, N) float32 scores: 240 MB against 50 MB
     g = torch.Generator().manual_seed(0)
@@ -426,7 +491,8 @@ def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_sever
     build_index(folder, docids, {1: vectors}, shard_size=50_000)
     torch.save(queries, tmp_path / "queries.pt")
     script = LIMITED_SEARCH.format(root=ROOT, folder=folder, queries=str(tmp_path / "queries.pt"), allowance=allowance,
-                                   depth=depth, out=str(tmp_path / "run.json"))
+                                   depth=depth, out=str(tmp_path / "run.json"),
+                                   with_faiss=path == "faiss")
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -471,13 +537,29 @@ def test_adaptive_search_on_shards_equals_starbucks_adaptive_search(tmp_path):
         stage_queries = [F.normalize(queries[n][:, :d], dim=-1) for n, d in pairs]
         stage_corpus = [F.normalize(raw[n][:, :d], dim=-1) for n, d in pairs]  # Eq. 2: normalise after truncation
         expected_scores, expected_rows = funnel.adaptive_search(stage_queries, stage_corpus, ks, depth)
-        scores, rows = ci.adaptive_search(index, pairs, stage_queries, ks, depth, query_block=8, chunk_rows=256,
-                                          tile_rows=64)
-        assert torch.equal(rows, expected_rows)
-        if len(pairs) > 1:  # the last stage scores the same gathered rows with the same bmm
-            assert torch.equal(scores, expected_scores)
-        else:  # one stage is a chunked matmul against one (Q, N) matmul: BLAS may round a dot product differently
-            torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
+        scores, rows = ci.adaptive_search(index, pairs, stage_queries, ks, depth, query_block=8,
+                                          chunk_rows=256)
+        # the first stage scores through another kernel (FAISS or a chunked matmul): to rounding
+        assert_same_ranking((scores, rows), (expected_scores, expected_rows), atol=1e-6)
+
+
+def test_the_funnel_returns_the_float_rescoring_of_its_shortlist(tmp_path, path):
+    """Exactly: each later stage's scores are its pair's dot products of the shortlisted rows (read
+    from the shards, normalised after truncation), ranked in trec_eval's order."""
+    g = torch.Generator().manual_seed(24)
+    raw = {1: torch.randn(2000, 8, generator=g), 3: torch.randn(2000, 32, generator=g)}
+    docids = shuffled_docids(2000, seed=5)
+    index = build_index(str(tmp_path), docids, raw, shard_size=300, normalize=True)
+    pairs, ks, depth = [(1, 8), (3, 32)], [150], 20
+    stage_queries = [F.normalize(torch.randn(12, d, generator=g), dim=-1) for _, d in pairs]
+    scores, rows = ci.adaptive_search(index, pairs, stage_queries, ks, depth)
+    shortlist = ci.search(index, pairs[0], stage_queries[0], ks[0])[1]  # (Q, 150)
+    vectors = ci.read_rows(index, pairs[1], shortlist.reshape(-1)).view(12, ks[0], 32)
+    rescored = torch.bmm(vectors, stage_queries[1].unsqueeze(2)).squeeze(2)  # (Q, 150): its bmm
+    for i in range(12):
+        names = ci.docids(index, shortlist[i])
+        expected = trec_order(rescored[i], names, depth)
+        assert list(zip(ci.docids(index, rows[i]), scores[i].tolist())) == expected
 
 
 # ----------------------------------------------------------------------------------------------
