@@ -13,12 +13,12 @@ import json
 import os
 import sys
 
-import cli
+import data
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--model_name_or_path", nargs="+", default=[cli.DEFAULT_MODEL])
+    p = data.ArgumentParser(description=__doc__)
+    p.add_argument("--model_name_or_path", nargs="+", default=[data.DEFAULT_MODEL])
     p.add_argument("--names", nargs="+", default=None, help="column names for the models (default: folder names)")
     p.add_argument("--output_dir", default="output/evaluate", help="results.json and table.txt go here")
     p.add_argument("--overwrite_output_dir", action="store_true",
@@ -41,20 +41,20 @@ def parse_args(argv=None):
                         "reported with its recall@10 against exact search")
     p.add_argument("--storage_dtype", choices=("float16", "float32"), default="float16",
                    help="the index's vectors on disk (README: what float16 costs)")
-    p.add_argument("--shard_size", type=cli.positive_int, default=100_000, help="passages per index shard")
-    p.add_argument("--depth", type=cli.positive_int, default=1000)
+    p.add_argument("--shard_size", type=data.positive_int, default=100_000, help="passages per index shard")
+    p.add_argument("--depth", type=data.positive_int, default=1000)
     p.add_argument("--adaptive", default=None, metavar="SMALL:K:LARGE",
                    help="also report 2D adaptive retrieval (Eq. 14), e.g. 2x24:50:6x384 or a funnel 1x12:200:2x24:50:6x384")
-    p.add_argument("--query_max_len", type=cli.positive_int, default=32)
-    p.add_argument("--passage_max_len", type=cli.positive_int, default=128)
-    p.add_argument("--max_seq_length", type=cli.positive_int, default=256, help="STS texts")
-    p.add_argument("--per_device_eval_batch_size", type=cli.positive_int, default=64)
+    p.add_argument("--query_max_len", type=data.positive_int, default=32)
+    p.add_argument("--passage_max_len", type=data.positive_int, default=128)
+    p.add_argument("--max_seq_length", type=data.positive_int, default=256, help="STS texts")
+    p.add_argument("--per_device_eval_batch_size", type=data.positive_int, default=64)
     p.add_argument("--plot", action="store_true", help="heat maps (layer x dim) as PNG; needs matplotlib")
     args = p.parse_args(argv)
-    problem = cli.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace them",
+    problem = data.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace them",
                                      overwrite=args.overwrite_output_dir, held=("results.json", "table.txt"))
     paths = [*(args.sts_files or []), *(args.beir_dirs or []), *(args.msmarco or [])]
-    for problem in (problem, *map(cli.model_problem, args.model_name_or_path),
+    for problem in (problem, *map(data.model_problem, args.model_name_or_path),
                     *(f"{path}: no such file or folder" for path in paths if not os.path.exists(path))):
         if problem:
             p.error(problem)
@@ -62,10 +62,11 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
-    cli.run_command(parse_args)
+    data.run_command(parse_args)
 
-import distributed  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
-import evaluation  # noqa: E402
+import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
+
+import metrics  # noqa: E402
 
 
 def main(argv=None):
@@ -73,25 +74,31 @@ def main(argv=None):
     names = args.names or [os.path.basename(m.rstrip("/")) for m in args.model_name_or_path]
     if len(names) != len(args.model_name_or_path) or len(set(names)) != len(names):
         raise ValueError("--names needs one distinct name per model")
-    rank, _, device = distributed.setup()  # torchrun: each rank encodes its slice of an index's shards
-    datasets = evaluation.load_datasets(args.sts_files, args.beir_dirs, args.beir_split, args.msmarco)
-    settings = evaluation.EvalSettings(args.pairs, args.grid, args.pooling, args.similarity, args.query_max_len,
-                                       args.passage_max_len, args.max_seq_length, args.per_device_eval_batch_size,
-                                       args.depth, args.runs, args.adaptive,
-                                       args.index_dir or os.path.join(args.output_dir, "index"), args.storage_dtype,
-                                       args.shard_size, args.index)
+    torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1  # each rank encodes its slice of an index's shards
+    if torchrun:
+        import training
+        rank, _, device = training.setup()
+    else:
+        rank, device = 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    datasets = metrics.load_datasets(args.sts_files, args.beir_dirs, args.beir_split, args.msmarco)
+    settings = metrics.EvalSettings(args.pairs, args.grid, args.pooling, args.similarity,
+                                    args.query_max_len, args.passage_max_len, args.max_seq_length,
+                                    args.per_device_eval_batch_size, args.depth, args.runs, args.adaptive,
+                                    args.index_dir or os.path.join(args.output_dir, "index"),
+                                    args.storage_dtype, args.shard_size, args.index)
     if args.adaptive and not any(kind == "retrieval" for kind, _ in datasets.values()):
         raise ValueError("--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")
-    coverage = {name: evaluation.judgment_coverage(name, dataset)  # fails here, before any model loads
+    coverage = {name: metrics.judgment_coverage(name, dataset)  # fails here, before any model loads
                 for name, (kind, dataset) in datasets.items() if kind == "retrieval"}
     all_results, configs, adaptive = {}, {}, {}
     for name, path in zip(names, args.model_name_or_path):
-        config, all_results[name] = evaluation.evaluate_model(path, datasets, settings, device, name)
+        config, all_results[name] = metrics.evaluate_model(path, datasets, settings, device, name)
         if args.adaptive:
             from deploy import funnel
             adaptive[name] = funnel.adaptive_retrieval(path, datasets, settings, device)
         configs[name] = {"path": path, "pooling": config.pooling, "similarity": config.similarity}
-    distributed.cleanup()
+    if torchrun:
+        training.cleanup()
     if rank != 0:  # the other ranks encoded their shards; rank 0 searched and reports
         return all_results
     os.makedirs(args.output_dir, exist_ok=True)
@@ -108,15 +115,15 @@ def main(argv=None):
     for n, c in coverage.items():
         print(f"{n}: {c['evaluated']} of {c['queries']} queries evaluated; of {c['judgments']} judgments, "
               f"{c['unknown_query_judgments']} name unknown queries, {c['unknown_document_judgments']} unknown documents")
-    table = evaluation.print_tables(all_results, list(datasets))
+    table = metrics.print_tables(all_results, list(datasets))
     if adaptive:
         from deploy import funnel
         table += "\n" + funnel.print_adaptive(adaptive, datasets)
     open(os.path.join(args.output_dir, "table.txt"), "w").write(table + "\n")
     if args.plot:
-        print("\n".join(evaluation.plot_heatmaps(all_results, args.output_dir)))
+        print("\n".join(metrics.plot_heatmaps(all_results, args.output_dir)))
     return all_results
 
 
 if __name__ == "__main__":
-    cli.run_command(main)
+    data.run_command(main)

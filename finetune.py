@@ -17,7 +17,8 @@ import os
 import sys
 from dataclasses import asdict
 
-import cli
+import data  # torch-free: the command line is checked before torch loads
+
 
 # Every hyperparameter of each released run (github.com/ielab/Starbucks at 2a3b24f); an explicit flag still wins.
 # Settings not in their commands are their trainers' defaults: Tevatron's warmup_ratio 0.1 for the retrieval
@@ -50,11 +51,11 @@ PRESETS = {
 METHODS = ("srl", "2dmse", "2dmse_retrieval", "mrl", "full", "separate", "symmetric")
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="every hyperparameter of one of the authors' released runs (README: released run -> command); "
                         "flags given explicitly override it")
-    p.add_argument("--model_name_or_path", default=cli.DEFAULT_MODEL,
+    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL,
                    help="model folder or packaged model name")
     p.add_argument("--train_file", default=None, help="Tevatron/sentence-transformers/STS file; default: embedded inverse-cloze data")
     p.add_argument("--output_dir", default="output/finetune")
@@ -62,42 +63,42 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default=None, help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default="mean")
     p.add_argument("--similarity", choices=("dot", "cos"), default="cos")
-    p.add_argument("--temperature", type=cli.positive_float, default=None, help="default: 0.05 for cos, 1.0 for dot")
-    p.add_argument("--kl_weight", type=cli.non_negative_float, default=1.0, help="beta of Eq. 5")
+    p.add_argument("--temperature", type=data.positive_float, default=None, help="default: 0.05 for cos, 1.0 for dot")
+    p.add_argument("--kl_weight", type=data.non_negative_float, default=1.0, help="beta of Eq. 5")
     p.add_argument("--kl", choices=("scores", "embeddings"), default="scores",
                    help="scores: Eq. 4 (the paper); embeddings: Eq. 4' (the released STS script, use --kl_weight 0.3)")
-    p.add_argument("--train_group_size", type=cli.positive_int, default=None,
+    p.add_argument("--train_group_size", type=data.positive_int, default=None,
                    help="passages per query: 1 positive + G-1 hard negatives; default: 4, or fewer when the data "
                         "has fewer negatives per query (a triplet file: 2). A negative is never repeated")
-    p.add_argument("--query_max_len", type=cli.positive_int, default=32)
-    p.add_argument("--passage_max_len", type=cli.positive_int, default=128)
-    cli.add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
-    p.add_argument("--grad_cache_chunk", type=cli.non_negative_int, default=0,
+    p.add_argument("--query_max_len", type=data.positive_int, default=32)
+    p.add_argument("--passage_max_len", type=data.positive_int, default=128)
+    data.add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
+    p.add_argument("--grad_cache_chunk", type=data.non_negative_int, default=0,
                    help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
     p.add_argument("--tuning", default="full", help="which parameters train: full, lora, bias or freeze:K "
                    "(all but the last K blocks frozen)")
-    p.add_argument("--lora_r", type=cli.positive_int, default=32, help="LoRA rank r (Eq. 16); Ziarko et al. use 32")
-    p.add_argument("--lora_alpha", type=cli.positive_float, default=32.0, help="LoRA alpha: the update is scaled by alpha / r")
+    p.add_argument("--lora_r", type=data.positive_int, default=32, help="LoRA rank r (Eq. 16); Ziarko et al. use 32")
+    p.add_argument("--lora_alpha", type=data.positive_float, default=32.0, help="LoRA alpha: the update is scaled by alpha / r")
     p.add_argument("--lora_target_modules", default="all-linear",
                    help="comma-separated Linear names inside the blocks (e.g. q_proj,v_proj), or all-linear")
-    p.add_argument("--flops_budget", "--flops-budget", type=cli.positive_float, default=None,
+    p.add_argument("--flops_budget", "--flops-budget", type=data.positive_float, default=None,
                    help="training FLOPs (Eq. 15); sets --max_steps from the measured tokens per step")
-    args, given = cli.parse_with_preset(p, argv, PRESETS)
+    args, given = data.parse_with_preset(p, argv, PRESETS)
     args.kl_weight = check_2dmse_kl(args.method, args.kl, args.kl_weight, given)
     if args.lora_target_modules != "all-linear":
         args.lora_target_modules = [m for m in args.lora_target_modules.split(",") if m]
-    for problem in (cli.model_problem(args.model_name_or_path),
+    for problem in (data.model_problem(args.model_name_or_path),
                     args.train_file and not os.path.isfile(args.train_file)
                     and f"--train_file {args.train_file}: no such file"):
         if problem:
             p.error(problem)
-    if cli.bf16_problem(args.bf16):
-        p.error(cli.bf16_problem(args.bf16))
+    if data.bf16_problem(args.bf16):
+        p.error(data.bf16_problem(args.bf16))
     if args.resume and args.tuning == "lora":
         p.error("--resume with --tuning lora is not supported: checkpoints hold merged weights")
     if args.temperature is None:
         args.temperature = 0.05 if args.similarity == "cos" else 1.0
-    problem = cli.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
+    problem = data.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
                                      args.resume, args.overwrite_output_dir, source=args.model_name_or_path)
     if problem:
         p.error(problem)
@@ -124,14 +125,11 @@ def check_2dmse_kl(method, kl, kl_weight, given):
 
 
 if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
-    cli.run_command(parse_args)
+    data.run_command(parse_args)
 
 import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
 from tqdm import tqdm  # noqa: E402
 
-import checkpoints  # noqa: E402
-import data  # noqa: E402
-import distributed  # noqa: E402
 import models  # noqa: E402
 import starbucks as sb  # noqa: E402
 import training  # noqa: E402
@@ -179,7 +177,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
     run: the shared flags (training.TrainingArguments); saved_arguments: the command line's flags, the
     run's identity in its checkpoints and written into starbucks_config.json; method: for the progress bar."""
     device = next(model.parameters()).device
-    rank, world_size = distributed.rank_and_world_size()
+    rank, world_size = training.rank_and_world_size()
     B = run.per_device_train_batch_size * world_size  # the global batch: every rank's queries together
     steps_per_epoch = len(records) // B
     if steps_per_epoch == 0:
@@ -187,7 +185,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
                              f"({world_size} processes x {run.per_device_train_batch_size})")
     if kind == "scored":  # both sides are texts of one kind: the passage length for both
         query_max_len = passage_max_len
-    distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
+    training.freeze_unreached(model, max(n for n, _ in embed_pairs))
     tokens = training.tokens_per_step(tokenizer, records, kind, B, group_size, query_max_len, passage_max_len,
                                       run.seed)
     from recipe import flops
@@ -200,12 +198,12 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
               f"{accounting['tokens_per_step']:.0f} tokens per step x {total} steps = {accounting['planned_flops']:.4g}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
-    identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")],
+    identity = training.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")],
                                         models.resolve_model_path(saved_arguments["model_name_or_path"]))
     optimizer, scheduler, _, start, train_log = training.start_training(
         model, output_dir, run.resume, run.learning_rate, run.weight_decay, training.linear_schedule, total,
         math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir)
-    net = distributed.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
+    net = training.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
     model.train()
 
     def flops_seen(step):
@@ -221,7 +219,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
     for step, indices in progress:
         # every rank draws the whole global batch (the same negatives as one process) and keeps its slice
         queries, passages, gold, generator = training.global_batch(records, kind, step, indices, group_size, run.seed)
-        queries, passages = distributed.shard(queries, rank, world_size), distributed.shard(passages, rank, world_size)
+        queries, passages = training.shard(queries, rank, world_size), training.shard(passages, rank, world_size)
         gold = gold.to(device) if gold is not None else None
         q_tok, p_tok = (t.to(device) for t in training.tokenize_batch(tokenizer, queries, passages, query_max_len,
                                                                        passage_max_len))
@@ -236,7 +234,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}")
         if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
-            checkpoints.save_training_checkpoint(output_dir, step + 1, lambda folder: save(folder, step + 1),
+            training.save_training_checkpoint(output_dir, step + 1, lambda folder: save(folder, step + 1),
                                                  optimizer, scheduler, identity, train_log, run.save_total_limit)
     train_log.close()
     if rank == 0:
@@ -261,7 +259,7 @@ def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, p
         embed_pairs, loss_fn = training.method_loss("separate", [(n, H)], L, H, kind, temperature, similarity)
         train(model_n, tokenizer, kind, records, embed_pairs, loss_fn, config, os.path.join(output_dir, f"layer_{n}"),
               **train_kwargs)
-    if distributed.rank_and_world_size()[0] == 0:
+    if training.rank_and_world_size()[0] == 0:
         with open(os.path.join(output_dir, models.CONFIG_FILE), "w") as f:
             json.dump({**asdict(sb.StarbucksConfig(pairs, pooling, similarity, temperature)),
                        "separate": {f"{n}": f"layer_{n}" for n in layers},
@@ -271,9 +269,9 @@ def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, p
 def main(argv=None):
     args = parse_args(argv)
     if args.preset:
-        print(cli.preset_summary(args.preset, PRESETS[args.preset], vars(args)))
+        print(data.preset_summary(args.preset, PRESETS[args.preset], vars(args)))
     torch.manual_seed(args.seed)
-    rank, world_size, device = distributed.setup()  # torchrun: one process per GPU; else one process
+    rank, world_size, device = training.setup()  # torchrun: one process per GPU; else one process
     kind, records, args.train_group_size = load_training_records(args.train_file, args.train_group_size,
                                                                  args.skip_bad_lines, rank)
 
@@ -313,8 +311,8 @@ def main(argv=None):
         embed_pairs, loss_fn = training.method_loss(args.method, pairs, L, H, kind, args.temperature,
                                                     args.similarity, args.kl, args.kl_weight)
         train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, args.output_dir, **train_kwargs)
-    distributed.cleanup()
+    training.cleanup()
 
 
 if __name__ == "__main__":
-    cli.run_command(main)
+    data.run_command(main)

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
 from transformers.utils import logging as hf_logging
 
 import data
-from cli import DEFAULT_MODEL, PACKAGED_MODELS  # light: scripts check names before torch
+from data import DEFAULT_MODEL, PACKAGED_MODELS  # light: scripts check names before torch
 import starbucks as sb
 
 CONFIG_FILE = "starbucks_config.json"

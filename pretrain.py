@@ -22,7 +22,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-import cli
+import data  # torch-free: the command line is checked before torch loads
+
 
 HEADS_FILE = "smae_heads.pt"
 
@@ -45,11 +46,11 @@ RELEASED_GLOBAL_BATCH = 512
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="every hyperparameter of the authors' released SMAE run; flags given "
                         "explicitly override it")
-    p.add_argument("--model_name_or_path", default=cli.DEFAULT_MODEL,
+    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL,
                    help="model folder or packaged model name")
     p.add_argument("--from_scratch", action="store_true",
                    help="random initialisation with the config (and vocabulary) of --model_name_or_path")
@@ -65,23 +66,23 @@ def parse_args(argv=None):
     p.add_argument("--objective", choices=("smae", "mlm_2d", "mlm"), default="smae",
                    help="smae: Eq. 13; mlm_2d: the sliced MLM of every pair without the MAE decoder (the authors' "
                         "BertFor2DMatryoshkaMaskedLM); mlm: plain MLM at the full pair (the paper's ablations)")
-    cli.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
-    p.add_argument("--gradient_accumulation_steps", type=cli.positive_int, default=1,
+    data.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
+    p.add_argument("--gradient_accumulation_steps", type=data.positive_int, default=1,
                    help="micro-batches of --per_device_train_batch_size per optimizer step; the "
                         "loss is the mean over the masked tokens of all of them (steps count "
                         "optimizer steps)")
-    args, given = cli.parse_with_preset(p, argv, PRESETS)
-    if cli.bf16_problem(args.bf16):
-        p.error(cli.bf16_problem(args.bf16))
+    args, given = data.parse_with_preset(p, argv, PRESETS)
+    if data.bf16_problem(args.bf16):
+        p.error(data.bf16_problem(args.bf16))
     if args.config_overrides and not args.from_scratch:
         p.error("--config_overrides needs --from_scratch (a checkpoint keeps its own size)")
     if args.max_length < 3:
         p.error("--max_length must be at least 3 ([CLS], one token, [SEP])")
     if not 0 < args.mlm_probability <= args.decoder_mlm_probability <= 1:
         p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
-    problem = cli.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
+    problem = data.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
                                      args.resume, args.overwrite_output_dir, source=args.model_name_or_path)
-    for problem in (problem, cli.model_problem(args.model_name_or_path),
+    for problem in (problem, data.model_problem(args.model_name_or_path),
                     args.train_file and not os.path.isfile(args.train_file)
                     and f"--train_file {args.train_file}: no such file"):
         if problem:
@@ -90,17 +91,14 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
-    cli.run_command(parse_args)
+    data.run_command(parse_args)
 
 import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
 from tqdm import tqdm  # noqa: E402
 
-import data  # noqa: E402
-import distributed  # noqa: E402
 import models  # noqa: E402
 import starbucks as sb  # noqa: E402
 import training  # noqa: E402
-import checkpoints  # noqa: E402
 
 
 @dataclass
@@ -152,20 +150,20 @@ def training_step(net, batch, device, accumulation=1):
     ranks in turn, with the same global counts, so their losses and gradients add up to the whole
     batch's (DDP synchronises the gradients at the last one only).
     """
-    rank, world_size = distributed.rank_and_world_size()
+    rank, world_size = training.rank_and_world_size()
     labels, decoder_labels = batch[2], batch[4]
     token_counts = (int((labels != -100).sum()), int((decoder_labels != -100).sum()))
     rows = len(labels) // accumulation  # a micro-batch: every rank's rows of it
     total = None
     for k in range(accumulation):
         micro = [x[k * rows:(k + 1) * rows] for x in batch]
-        mine = [distributed.shard(x, rank, world_size).to(device) for x in micro]  # (rows / W, T)
+        mine = [training.shard(x, rank, world_size).to(device) for x in micro]  # (rows / W, T)
         sync = k == accumulation - 1 or not hasattr(net, "no_sync")
         with contextlib.nullcontext() if sync else net.no_sync():
             loss = net(*mine, token_counts=token_counts)
             (loss * world_size).backward()
         total = loss.detach() if total is None else total + loss.detach()
-    return distributed.sum_over_ranks(total)
+    return training.sum_over_ranks(total)
 
 
 def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_length, mlm_probability,
@@ -175,7 +173,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     run: the shared flags and the accumulation (PretrainArguments); saved_arguments: the command
     line's flags, the run's identity in its checkpoints and written into starbucks_config.json."""
     device = next(encoder.parameters()).device
-    rank, world_size = distributed.rank_and_world_size()
+    rank, world_size = training.rank_and_world_size()
     A = run.gradient_accumulation_steps
     B = run.per_device_train_batch_size * world_size * A  # global batch: all ranks' micro-batches
     steps_per_epoch = len(crops) // B  # optimizer steps, as every count of the loop
@@ -185,18 +183,18 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
                              f"accumulation steps)")
     total = run.total_steps(steps_per_epoch)
     is_subword = training.subword_flags(tokenizer)
-    distributed.freeze_unreached(encoder, max(n for n, _ in pairs))  # the pooler, layers above the pairs
+    training.freeze_unreached(encoder, max(n for n, _ in pairs))  # the pooler, layers above the pairs
     smae = SMAE(encoder, heads, pairs, objective)
     trainable = [p for p in smae.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
-    identity = checkpoints.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")],
+    identity = training.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")],
                                         models.resolve_model_path(saved_arguments["model_name_or_path"]))
     optimizer, scheduler, folder, start, train_log = training.start_training(
         encoder, output_dir, run.resume, run.learning_rate, run.weight_decay, training.cosine_schedule, total,
         math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir, optimized=smae)
     if folder:  # the encoder's weights are restored; the heads are in their own file
         heads.load_state_dict(torch.load(os.path.join(folder, HEADS_FILE), weights_only=True))
-    net = distributed.wrap(smae, device)  # DDP over encoder and heads together under torchrun
+    net = training.wrap(smae, device)  # DDP over encoder and heads together under torchrun
     smae.train()
 
     def save(folder):
@@ -219,7 +217,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}", skipped=train_log.skipped)
         if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
-            checkpoints.save_training_checkpoint(output_dir, step + 1, save, optimizer, scheduler, identity,
+            training.save_training_checkpoint(output_dir, step + 1, save, optimizer, scheduler, identity,
                                                  train_log, run.save_total_limit)
     train_log.close()
     if rank == 0:
@@ -229,10 +227,10 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = distributed.setup()  # torchrun: one process per GPU; else one process
+    rank, world_size, device = training.setup()  # torchrun: one process per GPU; else one process
     torch.manual_seed(args.seed)
     if args.preset and rank == 0:
-        print(cli.preset_summary(args.preset, PRESETS[args.preset], vars(args)))
+        print(data.preset_summary(args.preset, PRESETS[args.preset], vars(args)))
     if args.train_file is None:
         documents = data.training_documents()
     else:
@@ -264,8 +262,8 @@ def main(argv=None):
     train(encoder, heads, tokenizer, crops, pairs, config, args.output_dir, run, args.max_length,
           args.mlm_probability, args.decoder_mlm_probability, saved_arguments=vars(args),
           objective=args.objective)
-    distributed.cleanup()
+    training.cleanup()
 
 
 if __name__ == "__main__":
-    cli.run_command(main)
+    data.run_command(main)

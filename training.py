@@ -1,21 +1,479 @@
-"""What the two training loops (finetune.py, pretrain.py) share: their flags, AdamW, the schedules,
-the data order, the contrastive batch and loss of each method, and the step's bookkeeping.
+"""What the two training loops (finetune.py, pretrain.py) share: the step's bookkeeping around the
+paper's math. The loops themselves stay in the scripts, top to bottom (forward, loss, backward,
+clip, step); every function takes plain values, never the CLI's namespace.
 
-The loops themselves stay in the scripts, top to bottom (forward, loss, backward, clip, step);
-only what both repeat lives here. Every function takes plain values, never the CLI's namespace.
+- Checkpoints that survive a crash: <output_dir>/checkpoint-<step> is written into a hidden
+  temporary folder, every file flushed, a marker listing every file's size and SHA-256 written
+  last, then renamed into place (one atomic rename). A run killed at any point leaves a complete
+  checkpoint or nothing `latest_checkpoint` picks up; one damaged later fails its checksums and
+  --resume falls back to the one before. Each records the run's identity (every setting that
+  decides the result): --resume refuses another run's checkpoint, naming what differs. RNG states
+  of torch (CPU, CUDA), numpy and Python's `random` are saved and restored.
+- Several processes (torchrun) on PyTorch's own engine: one process per GPU (or per CPU process
+  with gloo); every rank builds the same global batch and keeps its slice; embeddings are gathered
+  so that every rank's passages are candidates for every query (README Eq. 3: the in-batch
+  negatives of the whole global batch). Without torchrun these are no-ops for one process.
+- AdamW, the schedules, the data order, the contrastive batch and each method's loss (Eq. 5-9),
+  the masked batch of pre-training (Eq. 10-13), and the step: clip, skip a non-finite one, log.
+
+    torchrun --nproc-per-node 4 finetune.py --output_dir out/srl
 """
+import hashlib
+import json
 import math
+import os
+import pickle
 import random
+import re
+import shutil
+import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+import numpy as np
+import safetensors.torch
 import torch
+import torch.distributed as dist
 
-import checkpoints
-import cli
 import data
-import distributed
 import starbucks as sb
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+
+def setup():
+    """-> (rank, world_size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world_size, device
+
+
+def rank_and_world_size():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be saving; nobody leaves before it is done
+        dist.destroy_process_group()
+
+
+def shard(items, rank, world_size):
+    """This rank's contiguous slice of a global batch; rank r of W holds items[r*b:(r+1)*b], b = len/W."""
+    if len(items) % world_size:
+        raise ValueError(f"a global batch of {len(items)} does not split over {world_size} ranks")
+    b = len(items) // world_size
+    return items[rank * b:(rank + 1) * b]
+
+
+def gather_with_grad(x):
+    """(b, d) on each rank -> (W*b, d), rank order; gradient flows only into this rank's own rows.
+
+    Every rank then computes the loss of the whole global batch; the caller multiplies the loss by
+    W before backward, because DDP averages gradients over ranks and each rank's backward carries
+    only its own rows' share (sum over ranks of the shares = the single-process gradient).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x  # the local rows keep their graph
+    return torch.cat(parts)
+
+
+def all_finite(*values):
+    """True on every rank when every value is finite on every rank (ranks skip a step together)."""
+    ok = torch.tensor(float(all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)))
+    if dist.is_initialized():
+        ok = ok.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() == 1.0)
+
+
+def sum_over_ranks(x):
+    """The sum of a tensor over every rank (e.g. each rank's share of a loss), on every rank."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. each rank's RNG state for a checkpoint)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def freeze_unreached(model, max_layer):
+    """Freeze what no loss here reaches: the pooler and the layers above max_layer; returns their names.
+
+    Neither gets a gradient in one process either (AdamW skips them), so results are unchanged; under
+    DDP a trainable parameter without a gradient would stall the gradient all-reduce, and
+    find_unused_parameters cannot see it (the pooler does reach the forward's output, just not the loss).
+    """
+    blocks = sb.transformer_layers(model)
+    unreached = {id(p) for block in blocks[max_layer:] for p in block.parameters()}
+    frozen = []
+    for name, p in model.named_parameters():
+        if id(p) in unreached or name.startswith("pooler."):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def wrap(model, device):
+    """DistributedDataParallel under torchrun, the model itself in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that survive a crash
+
+MARKER = "checkpoint_complete.json"  # written last: {"step", "files": {path: bytes}, "sha256": {path: hex}}
+TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, counters, run settings
+WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
+LOG = "train_log.jsonl"  # one JSON line per step, in the output folder and (up to its step) in each checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states (everything that draws random numbers during a step: dropout, sampling)
+
+def rng_state():
+    """The state of every random generator a training step may use (torch CPU and CUDA, numpy, random)."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # plain lists and ints, so that torch.load(weights_only=True) reads them back
+        "numpy": {"bit_generator": numpy_state["bit_generator"],
+                  "key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"]),
+                  "has_gauss": int(numpy_state["has_gauss"]), "gauss": float(numpy_state["gauss"])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic save
+
+def fsync(path):
+    """Flush a file's (or folder's) data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sizes(folder):
+    """{relative path: size} of every file under folder."""
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return sizes
+
+
+def sha256_of(path, limit=None):
+    """Hex SHA-256 of a file (of its first `limit` bytes), read in 1 MiB blocks."""
+    digest, left = hashlib.sha256(), limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            block = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not block:
+                break
+            digest.update(block)
+            left = None if left is None else left - len(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(output_dir, step, write, save_total_limit=None):
+    """Write <output_dir>/checkpoint-<step> atomically; write(folder) fills it. Returns the path.
+
+    Temporary folder, fsync every file, marker last, one rename: a crash leaves no half checkpoint
+    under the final name. save_total_limit keeps only that many newest complete checkpoints.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    for name in os.listdir(output_dir):  # leftovers of a crash mid-save: never complete, safe to drop
+        if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(output_dir, name))
+    tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
+    os.makedirs(tmp)
+    write(tmp)
+    sizes = _file_sizes(tmp)
+    for name in sizes:
+        fsync(os.path.join(tmp, name))
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump({"step": step, "files": sizes,
+                   "sha256": {name: sha256_of(os.path.join(tmp, name)) for name in sizes}}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(final):  # the same step saved by an earlier, interrupted run: the older ones remain meanwhile
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync(output_dir)  # make the rename itself durable
+    if save_total_limit:
+        for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and loading
+
+def checkpoint_problem(folder):
+    """None if folder is a complete checkpoint, else what is wrong with it (marker missing, file cut short...)."""
+    marker = os.path.join(folder, MARKER)
+    if not os.path.exists(marker):
+        return "no completeness marker (the save did not finish)"
+    try:
+        with open(marker) as f:
+            sizes = json.load(f)["files"]
+    except (ValueError, KeyError, TypeError):
+        return "the completeness marker is unreadable"
+    return files_problem(folder, sizes)
+
+
+def files_problem(folder, sizes):
+    """None if every file named in sizes {name: bytes written} lies in folder at that size, else the first that
+    does not (the check of a checkpoint's marker, and of an index shard's)."""
+    for name, size in sizes.items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes where {size} were written"
+    return None
+
+
+def checksum_problem(folder):
+    """None if every file of a complete checkpoint has the SHA-256 its marker recorded, else the first that
+    does not (a marker from before checksums were recorded has sizes only: nothing more to check)."""
+    with open(os.path.join(folder, MARKER)) as f:
+        recorded = json.load(f).get("sha256", {})
+    for name, digest in recorded.items():
+        if sha256_of(os.path.join(folder, name)) != digest:
+            return f"{name} does not match its checksum (changed or damaged after it was saved)"
+    return None
+
+
+def complete_checkpoints(output_dir):
+    """Paths of the complete checkpoints in output_dir, oldest step first; incomplete ones are reported and ignored."""
+    found = []
+    if not os.path.isdir(output_dir):
+        return found
+    for name in os.listdir(output_dir):
+        match = data.CHECKPOINT_NAME.match(name)
+        if not match:
+            continue
+        path = os.path.join(output_dir, name)
+        problem = checkpoint_problem(path)
+        if problem:
+            print(f"ignoring {path}: {problem}", file=sys.stderr)
+            continue
+        found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir):
+    """The complete checkpoint with the highest step in output_dir, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_training_state(folder):
+    """The training_state.pt of a complete checkpoint (a clear error for an incomplete one)."""
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise ValueError(f"{folder} is not a complete checkpoint: {problem}")
+    return torch.load(os.path.join(folder, TRAINING_STATE), weights_only=True)
+
+
+class DamagedCheckpoint(Exception):
+    """A complete checkpoint whose files fail their checksums or do not load; resume tries the one before."""
+
+
+def restore(folder, model, optimizer, scheduler, run):
+    """Load weights, optimizer and scheduler from a complete checkpoint -> the rest of its training state.
+
+    run: the run's identity ({setting: value}, saved as state["run"]); a checkpoint written with other
+    values is refused (ValueError naming each), since resuming it would silently continue another run.
+    Raises DamagedCheckpoint when a file fails its checksum or does not load.
+    """
+    problem = checksum_problem(folder)
+    if problem:
+        raise DamagedCheckpoint(problem)
+    try:
+        state = load_training_state(folder)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise DamagedCheckpoint(f"{TRAINING_STATE} does not load ({e})") from None
+    if not isinstance(state, dict) or not {"run", "step", "skipped", "optimizer", "scheduler", "rng"} <= set(state):
+        raise DamagedCheckpoint(f"{TRAINING_STATE} lacks parts of a training state")  # e.g. an old, damaged one
+    differences = [f"{name}={state['run'].get(name)}, this run has {value}"
+                   for name, value in run.items() if state["run"].get(name) != value]
+    if differences:
+        raise ValueError(f"{folder} was written with " + "; with ".join(differences) + ": it is another run's "
+                         "checkpoint; use the same settings, or a new --output_dir (or --overwrite_output_dir)")
+    try:
+        model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:  # safetensors' header errors have their own type: any failure to load is damage
+        raise DamagedCheckpoint(f"its weights or optimizer state do not load ({type(e).__name__}: {e})") from None
+    return state
+
+
+_HASHED = {}  # (real path, size, mtime_ns) -> SHA-256: a file read once per process however often it is named
+
+
+def file_fingerprint(path):
+    """A file by content, not by where it lies: its size and the SHA-256 of ALL of it (a tuning that changes
+    only late tensors, such as bias-only, leaves a file's first bytes and size as they were); a folder (a
+    model): the same for each of its weight files. Part of a run's identity and of an index folder's name."""
+    if os.path.isdir(path):
+        return {name: file_fingerprint(os.path.join(path, name)) for name in sorted(os.listdir(path))
+                if name.endswith((".safetensors", ".bin", ".gguf", ".pt"))}
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_of(path)
+    return {"bytes": stat.st_size, "sha256": _HASHED[key]}
+
+
+# Flags that do not change what a run computes: they may differ between a run and its --resume.
+NOT_IDENTITY = ("output_dir", "resume", "overwrite_output_dir", "save_steps", "save_total_limit", "logging_steps",
+                "max_bad_steps", "train_file", "model_name_or_path")  # these two: compared by content, so a moved
+# copy of the same data or model resumes (data_file_0, model_weights)
+
+
+def run_identity(flags, world_size, data_files=(), model_folder=None):
+    """Everything that decides a run's result: its flags but NOT_IDENTITY, the world size, a fingerprint of
+    each data file (None: the embedded data) and of the starting model's weights -> {setting: value}, JSON-able."""
+    identity = {k: json.loads(json.dumps(v)) for k, v in sorted(flags.items()) if k not in NOT_IDENTITY}
+    identity["world_size"] = world_size
+    for i, path in enumerate(data_files):
+        identity[f"data_file_{i}"] = file_fingerprint(path) if path else None
+    if model_folder:  # a model re-trained in place is another starting point
+        identity["model_weights"] = file_fingerprint(model_folder)
+    return identity
+
+
+def clear_run(output_dir):
+    """--overwrite_output_dir: remove an earlier run's checkpoints, log and weights, so that two runs never mix."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if data.CHECKPOINT_NAME.match(name) or (name.startswith(".checkpoint-") and name.endswith(".tmp")):
+            shutil.rmtree(path)
+        elif name in data.RUN_FILES:
+            os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run's side of it (finetune.py and pretrain.py)
+
+@dataclass
+class TrainLog:
+    """The run's train_log.jsonl: its lines (each checkpoint keeps a copy), the file rank 0 writes, the skip counts."""
+    lines: list = field(default_factory=list)
+    file: object = None  # open on rank 0 only
+    skipped: int = 0  # steps skipped in all (non-finite loss or gradient)
+    bad_in_row: int = 0  # steps skipped in a row up to now (a checkpoint is only written after a good step)
+
+    def append(self, line):
+        self.lines.append(json.dumps(line))
+        if self.file:
+            self.file.write(self.lines[-1] + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            if self.skipped:
+                print(f"skipped {self.skipped} steps with a non-finite loss or gradient (marked in {LOG})")
+
+
+def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total):
+    """-> (checkpoint folder or None, first step, TrainLog).
+
+    resume: continue from the last complete checkpoint in output_dir whose files pass their checksums
+    and load (a damaged one is reported and the one before it is tried): weights, optimizer, scheduler
+    and this rank's RNG state are restored here, the caller restores what else it saved (no RNG use).
+    run: the run's identity, checked by `restore`. Rank 0 opens output_dir's log.
+    """
+    rank = rank_and_world_size()[0]
+    folder, state = None, None
+    for candidate in reversed(complete_checkpoints(output_dir) if resume else []):
+        try:
+            state = restore(candidate, model, optimizer, scheduler, run)
+            folder = candidate
+            break
+        except DamagedCheckpoint as e:
+            print(f"skipping {candidate}: {e}; trying the checkpoint before it", file=sys.stderr)
+    if resume and state is None and complete_checkpoints(output_dir):  # the model may hold a damaged one's weights
+        raise ValueError(f"every checkpoint in {output_dir} is damaged (see above): nothing to resume; "
+                         f"start over with --overwrite_output_dir")
+    start, train_log = 0, TrainLog()
+    if folder:
+        start, train_log.skipped = state["step"], state["skipped"]
+        with open(os.path.join(folder, LOG)) as f:
+            train_log.lines = f.read().splitlines()
+        set_rng_state(state["rng"][rank])  # dropout continues exactly where the checkpoint left it
+        if rank == 0:
+            print(f"resuming from {folder}: step {start} of {total}")
+    elif resume and rank == 0:
+        print(f"--resume: no complete checkpoint in {output_dir}; starting at step 0")
+    os.makedirs(output_dir, exist_ok=True)
+    if rank == 0:
+        train_log.file = open(os.path.join(output_dir, LOG), "w")
+        train_log.file.write("".join(line + "\n" for line in train_log.lines))
+    return folder, start, train_log
+
+
+def save_training_checkpoint(output_dir, step, save_model, optimizer, scheduler, run, train_log, save_total_limit):
+    """checkpoint-<step>: save_model(folder) (an evaluable model folder) plus what --resume needs.
+
+    Every rank calls it (every rank's RNG state goes in); rank 0 alone writes.
+    """
+    state = {"step": step, "skipped": train_log.skipped, "rng": gather_objects(rng_state()),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run}
+
+    def write(folder):
+        save_model(folder)
+        torch.save(state, os.path.join(folder, TRAINING_STATE))
+        with open(os.path.join(folder, LOG), "w") as f:
+            f.write("".join(line + "\n" for line in train_log.lines))
+    if rank_and_world_size()[0] == 0:
+        save_checkpoint(output_dir, step, write, save_total_limit)
 
 
 def read_training_data(read, path, skip_bad_lines):
@@ -219,14 +677,14 @@ def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, gen
     Under torchrun every rank's passages are candidates for every query, so the loss and the
     gradients equal one process's on the concatenated batch. grad_cache_chunk > 0: GradCache.
     """
-    world_size = distributed.rank_and_world_size()[1]
+    world_size = rank_and_world_size()[1]
 
     def embed(input_ids, attention_mask):
         return {k: v.float() for k, v in sb.embed_2d(net, input_ids, attention_mask, embed_pairs, pooling).items()}
 
     def global_loss(q_2d, p_2d):
-        return loss_fn({k: distributed.gather_with_grad(v) for k, v in q_2d.items()},
-                       {k: distributed.gather_with_grad(v) for k, v in p_2d.items()}, gold, generator)
+        return loss_fn({k: gather_with_grad(v) for k, v in q_2d.items()},
+                       {k: gather_with_grad(v) for k, v in p_2d.items()}, gold, generator)
 
     inputs = [(q_tok["input_ids"], q_tok["attention_mask"]), (p_tok["input_ids"], p_tok["attention_mask"])]
     if grad_cache_chunk:
@@ -234,7 +692,7 @@ def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, gen
         return grad_cache_step(embed, inputs, global_loss, grad_cache_chunk, getattr(net, "no_sync", None),
                                loss_scale=world_size)
     loss = global_loss(*(embed(*x) for x in inputs))
-    (loss * world_size).backward()  # DDP averages over ranks; see distributed.gather_with_grad
+    (loss * world_size).backward()  # DDP averages over ranks; see gather_with_grad
     return loss.detach()
 
 
@@ -246,14 +704,14 @@ def start_training(model, output_dir, resume, learning_rate, weight_decay, sched
     """AdamW over `optimized` (default: the model), the LR schedule and, with resume, the last complete
     checkpoint restored into the model -> (optimizer, scheduler, checkpoint folder or None, first step, train log).
 
-    identity: the run's settings (checkpoints.run_identity), checked on resume; overwrite (without resume):
+    identity: the run's settings (run_identity), checked on resume; overwrite (without resume):
     an earlier run's checkpoints and log in output_dir are removed first. optimized: a module holding the
     model and more (SMAE's heads), whose extra weights the caller restores."""
-    if overwrite and not resume and distributed.rank_and_world_size()[0] == 0:
-        checkpoints.clear_run(output_dir)
+    if overwrite and not resume and rank_and_world_size()[0] == 0:
+        clear_run(output_dir)
     optimizer = adamw(optimized or model, learning_rate, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
-    folder, start, train_log = checkpoints.resume_or_start(output_dir, resume, model, optimizer, scheduler,
+    folder, start, train_log = resume_or_start(output_dir, resume, model, optimizer, scheduler,
                                                            identity, total)
     return optimizer, scheduler, folder, start, train_log
 
@@ -266,7 +724,7 @@ def finish_step(step, loss, params, optimizer, scheduler, max_grad_norm, train_l
     """
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     lr = scheduler.get_last_lr()[0]
-    finite = distributed.all_finite(loss, grad_norm)
+    finite = all_finite(loss, grad_norm)
     if finite:
         optimizer.step()
         train_log.bad_in_row = 0
@@ -286,5 +744,5 @@ def bad_steps_message(step, train_log, output_dir):
     """Why a run stopped after too many non-finite steps in a row, and where to resume from."""
     return (f"error: stopped at step {step + 1}: {train_log.bad_in_row} steps in a row had a non-finite loss "
             f"or gradient (each was skipped, {train_log.skipped} in all). Last good checkpoint: "
-            f"{checkpoints.latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
+            f"{latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
             f"the data, then --resume.")

@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
+import data  # noqa: E402
 import models  # noqa: E402
 import starbucks as sb  # noqa: E402
 from classification import cascade, datasets  # noqa: E402
@@ -46,17 +46,17 @@ def main():
     p.add_argument("--dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="tweets",
                    help="embedded labelled text (classification/classify.py --dataset); tweets: enough test texts that 0.5 points is "
                         "not a single text")
-    p.add_argument("--max_train_samples", type=cli.positive_int, default=5000, help="training texts drawn from the split")
-    p.add_argument("--max_eval_samples", type=cli.positive_int, default=2000, help="test texts drawn from the split")
-    p.add_argument("--held_out", type=cli.positive_int, default=2000, help="training texts kept aside to choose the thresholds "
+    p.add_argument("--max_train_samples", type=data.positive_int, default=5000, help="training texts drawn from the split")
+    p.add_argument("--max_eval_samples", type=data.positive_int, default=2000, help="test texts drawn from the split")
+    p.add_argument("--held_out", type=data.positive_int, default=2000, help="training texts kept aside to choose the thresholds "
                    "(as many as the test texts: the choice is only as sure as its sample)")
-    p.add_argument("--margin", type=cli.non_negative_float, default=0.0,
+    p.add_argument("--margin", type=data.non_negative_float, default=0.0,
                    help="choose only thresholds whose held-out accuracy minus this many standard errors of its drop is "
                         "within 0.5 points (cascade.qualifies): a guard against picking a lucky point")
-    p.add_argument("--max_steps", type=cli.positive_int, default=200, help="--tuning full: optimizer steps (batch 16)")
+    p.add_argument("--max_steps", type=data.positive_int, default=200, help="--tuning full: optimizer steps (batch 16)")
     p.add_argument("--learning_rate", type=float, default=5e-5, help="--tuning full")
-    p.add_argument("--repeats", type=cli.positive_int, default=5)
-    p.add_argument("--batch_size", type=cli.positive_int, default=32)
+    p.add_argument("--repeats", type=data.positive_int, default=5)
+    p.add_argument("--batch_size", type=data.positive_int, default=32)
     p.add_argument("--seed", type=int, default=0, help="the split, the texts drawn, the held-out cut, the training")
     args = p.parse_args()
     torch.manual_seed(args.seed)

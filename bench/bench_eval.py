@@ -2,7 +2,7 @@
 
     python bench/bench_eval.py [--repeats 3]
 
-Both runs go through evaluation.evaluate_model (encoding, scoring, metrics) on Lee 2005 and the
+Both runs go through metrics.evaluate_model (encoding, scoring, metrics) on Lee 2005 and the
 inverse-cloze retrieval set, alternating; the ratio is the median of the per-round ratios. All pairs share one forward pass per batch, so the goal is <= 1.1;
 re-encoding per pair, as the authors' evaluation does, costs sum(n)/L (3.5x for the paper's grid).
 """
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import evaluation  # noqa: E402
+import metrics  # noqa: E402
 import models  # noqa: E402
 import starbucks as sb  # noqa: E402
 
@@ -27,13 +27,13 @@ def main():
     args = p.parse_args()
     datasets = {"lee2005": ("sts", data.lee_sts()), "wiki-ict": ("retrieval", data.embedded_retrieval_set())}
     pairs = sb.default_pairs(6, 384)
-    settings = {name: evaluation.EvalSettings(pairs=",".join(f"{n}x{d}" for n, d in chosen))
+    settings = {name: metrics.EvalSettings(pairs=",".join(f"{n}x{d}" for n, d in chosen))
                 for name, chosen in (("all_pairs", pairs), ("full_pair", pairs[-1:]))}
     times = {name: [] for name in settings}
     for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
         for name, eval_settings in settings.items():
             start = time.perf_counter()
-            evaluation.evaluate_model(models.DEFAULT_MODEL, datasets, eval_settings, torch.device("cpu"))
+            metrics.evaluate_model(models.DEFAULT_MODEL, datasets, eval_settings, torch.device("cpu"))
             if repeat:
                 times[name].append(time.perf_counter() - start)
     every, full = statistics.median(times["all_pairs"]), statistics.median(times["full_pair"])

@@ -1,4 +1,4 @@
-"""Paper-scale retrieval (corpus_index.py), measured in one run: memory and time of streamed exact search against
+"""Paper-scale retrieval (index/corpus_index.py), measured in one run: memory and time of streamed exact search against
 corpus size, its FLOP rate against this machine's matmul, the 2D funnel (Eq. 14) on the sharded index, what
 float16 storage costs, and the work an interrupted encoding redoes.
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import corpus_index as ci  # noqa: E402
+from index import corpus_index as ci  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 import models  # noqa: E402

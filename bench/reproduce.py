@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import evaluation  # noqa: E402
+import metrics  # noqa: E402
 import finetune  # noqa: E402 (its main only: each run is its command line)
 import models  # noqa: E402
 import pretrain  # noqa: E402 (its main only)
@@ -129,7 +129,7 @@ def run_all(study):
     """{method: {seed: results}} where results = {dataset: {'nxd': {metric: value}}} on the full grid."""
     scale = SCALES[study.scale]
     datasets = {"lee2005": ("sts", data.lee_sts()), "wiki-ict": ("retrieval", data.embedded_retrieval_set())}
-    eval_settings = evaluation.EvalSettings(grid=True)
+    eval_settings = metrics.EvalSettings(grid=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for seed in study.seeds:
@@ -139,7 +139,7 @@ def run_all(study):
             if not os.path.exists(done):  # finished runs are kept: an interrupted study resumes
                 started, cpu_started = time.time(), time.process_time()
                 checkpoint = train_run(method, seed, study, scale, run_dir)
-                _, figures = evaluation.evaluate_model(checkpoint, datasets, eval_settings, device)
+                _, figures = metrics.evaluate_model(checkpoint, datasets, eval_settings, device)
                 os.makedirs(run_dir, exist_ok=True)
                 json.dump({"results": figures, "seconds": time.time() - started, "commit": _commit(),
                            "cpu_seconds": time.process_time() - cpu_started}, open(done + ".tmp", "w"))
@@ -315,7 +315,7 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
                                       for metric in results[m][study.seeds[0]]["results"][d][f"{n}x{k}"]}
                          for n, k in _grid(results)} for d in ("lee2005", "wiki-ict")} for m in methods}
         os.makedirs(study.plot_dir, exist_ok=True)
-        paths = evaluation.plot_heatmaps(means, study.plot_dir)
+        paths = metrics.plot_heatmaps(means, study.plot_dir)
         out += ["", "## Heat maps (layer x dim, mean over seeds)", ""]
         out += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(os.path.abspath(study.results)))})"
                 for p in paths if "MRR" not in p and "R100" not in p and "R1000" not in p]

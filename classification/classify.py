@@ -20,8 +20,7 @@ import sys
 
 import torch
 
-import checkpoints
-import cli
+import training
 import data
 import metrics
 import models
@@ -30,16 +29,16 @@ from classification import cascade, datasets
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
     p.add_argument("--dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="newsgroups",
                    help="embedded labelled text, split half/half by --seed: " +
                         "; ".join(f"{name}: {about}" for name, about in datasets.CLASSIFICATION_ABOUT.items()))
     p.add_argument("--train_file", default=None, help="text<TAB>label TSV or JSONL {text, label}; with --test_file")
     p.add_argument("--test_file", default=None)
-    p.add_argument("--max_train_samples", type=cli.positive_int, default=None,
+    p.add_argument("--max_train_samples", type=data.positive_int, default=None,
                    help="at most this many training texts, drawn at random by --seed (default: all)")
-    p.add_argument("--max_eval_samples", type=cli.positive_int, default=None, help="likewise for the test texts")
+    p.add_argument("--max_eval_samples", type=data.positive_int, default=None, help="likewise for the test texts")
     p.add_argument("--output_dir", default="output/classify", help="results.json and table.md go here")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace an earlier run's results.json and table.md in --output_dir")
@@ -47,14 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
     p.add_argument("--tuning", choices=("probe", "full"), default="probe",
                    help="probe: heads on the frozen encoder's features; full: encoder and heads end to end")
-    p.add_argument("--num_train_epochs", type=cli.positive_int, default=300, help="probe epochs (full batch)")
-    p.add_argument("--max_steps", type=cli.positive_int, default=50, help="--tuning full: optimizer steps")
-    p.add_argument("--per_device_train_batch_size", type=cli.positive_int, default=16, help="--tuning full")
-    p.add_argument("--learning_rate", type=cli.positive_float, default=None,
+    p.add_argument("--num_train_epochs", type=data.positive_int, default=300, help="probe epochs (full batch)")
+    p.add_argument("--max_steps", type=data.positive_int, default=50, help="--tuning full: optimizer steps")
+    p.add_argument("--per_device_train_batch_size", type=data.positive_int, default=16, help="--tuning full")
+    p.add_argument("--learning_rate", type=data.positive_float, default=None,
                    help="default: 1e-2 for probes, 2e-5 end to end")
-    p.add_argument("--weight_decay", type=cli.non_negative_float, default=1e-4)
-    p.add_argument("--max_seq_length", type=cli.positive_int, default=256)
-    p.add_argument("--per_device_eval_batch_size", type=cli.positive_int, default=32)
+    p.add_argument("--weight_decay", type=data.non_negative_float, default=1e-4)
+    p.add_argument("--max_seq_length", type=data.positive_int, default=256)
+    p.add_argument("--per_device_eval_batch_size", type=data.positive_int, default=32)
     p.add_argument("--thresholds", default="0,0.5,0.6,0.7,0.8,0.9,0.95,0.99,1.01",
                    help="cascade confidence thresholds (max softmax probability); 0: the smallest pair, >1: the full one")
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +65,7 @@ def parse_args(argv=None):
         args.thresholds = sorted(float(t) for t in args.thresholds.split(","))
     except ValueError:
         p.error(f"--thresholds {args.thresholds!r}: comma-separated numbers")
-    problem = cli.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace them",
+    problem = data.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace them",
                                      overwrite=args.overwrite_output_dir, held=("results.json", "table.md"))
     if problem:
         p.error(problem)
@@ -175,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_command(main)
+    data.run_command(main)

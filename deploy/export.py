@@ -19,21 +19,20 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel
 
-import checkpoints
-import cli
+import training
 import data
 import models
 import starbucks as sb
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL, help="model folder or packaged model name")
     p.add_argument("--pair", default=None, help="LAYERxDIM to export, e.g. 2x24; default: the checkpoint's smallest pair")
     p.add_argument("--output_dir", default="output/export")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
     p.add_argument("--similarity", choices=("dot", "cos"), default=None, help="default: the checkpoint's, else cos")
-    p.add_argument("--max_seq_length", type=cli.positive_int, default=256, help="sentence-transformers' truncation length")
+    p.add_argument("--max_seq_length", type=data.positive_int, default=256, help="sentence-transformers' truncation length")
     p.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty --output_dir")
     return p.parse_args(argv)
 
@@ -66,7 +65,7 @@ def write_sentence_transformers_files(folder, hidden_size, d, pooling, similarit
 def main(argv=None):
     args = parse_args(argv)
     path = models.resolve_model_path(args.model_name_or_path)
-    problem = cli.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace what is there",
+    problem = data.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace what is there",
                                      overwrite=args.overwrite_output_dir, source=path, empty=True)
     if problem:
         raise ValueError(problem)
@@ -116,4 +115,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_command(main)
+    data.run_command(main)

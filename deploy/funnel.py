@@ -1,7 +1,7 @@
 """Searching with the sizes (README Eq. 14): exhaustive search at one pair, the 2D adaptive funnel
 (shortlist with a small pair, rerank with larger ones), and the search FLOPs of each; and
 evaluate.py --adaptive: the funnel beside exhaustive search at each of its sizes, in memory or on
-the sharded index (corpus_index.py).
+the sharded index (index/corpus_index.py).
 
 Kusupati et al., "Matryoshka Representation Learning" (adaptive retrieval); in 2D the query's small
 embedding comes from an early layer, so the shortlist is ready before the forward pass finishes.
@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import corpus_index as ci
-import evaluation
+from index import corpus_index as ci, retrieval
 import metrics
 import starbucks as sb
 from recipe import flops
@@ -90,7 +89,7 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
 
     Times are per query over the whole query set: encoding (up to the search's largest layer) and search.
     """
-    path, _, model, tokenizer, config, separate = evaluation.load_for_evaluation(name_or_path, settings, device)
+    path, _, model, tokenizer, config, separate = metrics.load_for_evaluation(name_or_path, settings, device)
     if separate:
         raise ValueError(f"--adaptive needs one 2D model; {path} holds one separately trained model per layer")
     pairs, ks = parse_funnel(settings.adaptive)
@@ -103,8 +102,8 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
         if kind != "retrieval":
             continue
         texts = [queries[q] for q in queries]
-        if isinstance(corpus, evaluation.CorpusFile):  # the funnel on the sharded index: shortlist, then gather to rerank
-            index = evaluation.encoded_index(model, tokenizer, path, name, corpus, config, settings)
+        if isinstance(corpus, metrics.CorpusFile):  # the funnel on the sharded index: shortlist, then gather to rerank
+            index = retrieval.encoded_index(model, tokenizer, path, name, corpus, config, settings)
             num_docs, rank = index.num_docs, lambda q, stage_pairs, stage_ks: ci.adaptive_search(
                 index, stage_pairs, [q[p] for p in stage_pairs], stage_ks, depth=10)
             name_rows = lambda rows: ci.docids(index, rows)

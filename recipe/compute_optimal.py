@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import cli
 import data
-import evaluation
+import metrics
 import finetune
 import models
 import starbucks as sb
@@ -134,7 +133,7 @@ def measure(model, tokenizer, grid, held_out, lee):
     """{'eval_loss', 'spearman'} of a model at its full pair (mean pooling, cosine)."""
     model.eval()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    spearman = evaluation.sts_scores(model, tokenizer, lee, [(L, H)], "mean", max_length=256, batch_size=16)[(L, H)]
+    spearman = metrics.sts_scores(model, tokenizer, lee, [(L, H)], "mean", max_length=256, batch_size=16)[(L, H)]
     return {"eval_loss": eval_loss(model, tokenizer, held_out, "mean", grid.temperature, "cos", grid.query_max_len,
                                    grid.passage_max_len),
             "spearman": float(spearman)}
@@ -395,7 +394,7 @@ class Grid:
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--output_dir", default="output/recipe")
     p.add_argument("--sizes", default="smollm2-135m:1,smollm2-135m:2,random:2x128",
                    help="comma-separated: smollm2-135m:K (first K blocks) or random:LxH")
@@ -463,4 +462,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_command(main)
+    data.run_command(main)

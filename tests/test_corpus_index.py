@@ -1,4 +1,4 @@
-"""corpus_index.py: the sharded 2D index, exact streamed search against evaluation's dense path, Eq. 14 on shards."""
+"""index/corpus_index.py: the sharded 2D index, exact streamed search against evaluation's dense path, Eq. 14 on shards."""
 import json
 import os
 import random
@@ -13,10 +13,9 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import corpus_index as ci
+from index import corpus_index as ci
 import data
-import distributed
-import evaluation
+import training
 import metrics
 import starbucks as sb
 from deploy import funnel
@@ -249,7 +248,7 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm
     docids, qids = list(corpus), list(queries)
     row_of = {docid: row for row, docid in enumerate(docids)}  # one shard, in corpus order
     pairs = sb.default_pairs(6, 384)
-    dense = evaluation.score_matrices(model, tokenizer, (corpus, queries, qrels), pairs, "mean",
+    dense = metrics.score_matrices(model, tokenizer, (corpus, queries, qrels), pairs, "mean",
                                       "cos", 32, 128, 64)
     ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, str(tmp_path), "mean", 128, 64,
                      normalize=True, shard_size=1000, dtype="float32")
@@ -434,12 +433,12 @@ def _encoding_rank(rank, port, model_dir, folder):
     from transformers import AutoModel, AutoTokenizer
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    distributed.setup()
+    training.setup()
     model, tokenizer = AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4, shard_size=3)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump(encoded, f)
-    distributed.cleanup()
+    training.cleanup()
 
 
 def test_two_ranks_encode_alternate_shards_and_rank_0_finishes_the_index(tmp_path, tiny, tiny_model_dir):
@@ -461,7 +460,7 @@ LIMITED_SEARCH = textwrap.dedent("""
     import resource, sys, json
     sys.path.insert(0, {root!r})
     import torch
-    import corpus_index as ci
+    from index import corpus_index as ci
     ci.faiss = ci.faiss if {with_faiss} else None
     torch.set_num_threads(1)
     index = ci.open_index({folder!r})

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 import data
-import evaluation
+import metrics
 import models
 import starbucks as sb
 from deploy import export, funnel
@@ -253,7 +253,7 @@ def tiny_retrieval_set():
 
 
 def evaluate_args(adaptive):
-    return evaluation.EvalSettings(pairs="1x8,4x32", pooling="cls", similarity="dot", adaptive=adaptive)
+    return metrics.EvalSettings(pairs="1x8,4x32", pooling="cls", similarity="dot", adaptive=adaptive)
 
 
 def test_evaluate_adaptive_with_k_equal_to_corpus_matches_exhaustive(tiny_folder):
@@ -264,7 +264,7 @@ def test_evaluate_adaptive_with_k_equal_to_corpus_matches_exhaustive(tiny_folder
     for metric in ("nDCG@10", "MRR@10"):
         assert rows["adaptive 1x8:12:4x32"][metric] == rows["exhaustive 4x32"][metric]
     # the exhaustive rows agree with evaluate.py's main table
-    _, table = evaluation.evaluate_model(tiny_folder, datasets, args, torch.device("cpu"))
+    _, table = metrics.evaluate_model(tiny_folder, datasets, args, torch.device("cpu"))
     for pair in ("1x8", "4x32"):
         for metric in ("nDCG@10", "MRR@10"):
             assert rows[f"exhaustive {pair}"][metric] == pytest.approx(table["tiny"][pair][metric])

@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 import evaluate
-import evaluation
+from index import retrieval
 import metrics
 
 
@@ -163,7 +163,7 @@ def test_an_approximate_index_that_finds_fewer_than_depth_writes_runs_of_what_it
 def test_plot_writes_one_heatmap_per_model_dataset_metric(tmp_path):
     pytest.importorskip("matplotlib")
     results = {"m": {"lee": {f"{n}x{d}": {"Spearman": n * d / 100} for n in (1, 2) for d in (8, 16, 32)}}}
-    paths = evaluation.plot_heatmaps(results, str(tmp_path))
+    paths = metrics.plot_heatmaps(results, str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["heatmap_m_lee_Spearman.png"]
     assert open(paths[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -228,12 +228,12 @@ def test_coverage_counts_unknown_ids_and_warns_when_many(tmp_path, capsys):
     folder = _beir_folder(tmp_path / "set", ["d1", "d2"], ["q1", "q2", "q3"],
                           [("q1", "d1"), ("q2", "d9"), ("q9", "d1")])
     dataset = data.read_beir(folder)
-    counts = evaluation.judgment_coverage("set", dataset)
+    counts = metrics.judgment_coverage("set", dataset)
     assert counts == {"queries": 2, "evaluated": 2, "judgments": 3, "unknown_query_judgments": 1,  # read_beir keeps judged queries
                       "unknown_document_judgments": 1}
     assert "1 of 3 judgments name unknown queries, e.g. ['q9']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no judged document is in the corpus"):
-        evaluation.judgment_coverage("set", data.read_beir(_beir_folder(tmp_path / "b", ["d1"], ["q1"], [("q1", "d7")])))
+        metrics.judgment_coverage("set", data.read_beir(_beir_folder(tmp_path / "b", ["d1"], ["q1"], [("q1", "d7")])))
 
 
 def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(tmp_path):
@@ -272,19 +272,19 @@ def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(
 def test_index_folder_follows_the_weights_content_not_their_place_or_first_bytes(tmp_path):
     """A moved copy reuses the index; a model re-trained in place gets its own, even when only its last bytes
     changed (bias-only tuning leaves the size and the first MiB as they were)."""
-    settings = evaluation.EvalSettings(index_dir=str(tmp_path / "index"))
+    settings = metrics.EvalSettings(index_dir=str(tmp_path / "index"))
     model = tmp_path / "run" / "model"
     model.mkdir(parents=True)
     weights = bytearray(os.urandom(3 << 20))
     (model / "model.safetensors").write_bytes(bytes(weights))
     (model / "config.json").write_text("{}")
-    before = evaluation.index_folder(settings, str(model), "wiki")
+    before = retrieval.index_folder(settings, str(model), "wiki")
     moved = tmp_path / "elsewhere" / "model"
     moved.mkdir(parents=True)
     (moved / "model.safetensors").write_bytes(bytes(weights))
-    assert evaluation.index_folder(settings, str(moved), "wiki") == before
+    assert retrieval.index_folder(settings, str(moved), "wiki") == before
     weights[-1] ^= 1
     (model / "model.safetensors").write_bytes(bytes(weights))
     os.utime(model / "model.safetensors", ns=(1, 1))  # a new file at an old time: content decides, not the clock
-    after = evaluation.index_folder(settings, str(model), "wiki")
+    after = retrieval.index_folder(settings, str(model), "wiki")
     assert after != before and os.path.basename(os.path.dirname(after)).startswith("model-")

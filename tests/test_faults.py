@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import cli
+import data
 import evaluate
 import finetune
 import pretrain
@@ -60,7 +60,7 @@ def test_every_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys
     for script, argv, expected in _cases(tmp_path):
         before = sorted(os.listdir(out))
         with pytest.raises(SystemExit) as stop:
-            cli.run_command(lambda: SCRIPTS[script]([*argv, "--output_dir", str(out)]))
+            data.run_command(lambda: SCRIPTS[script]([*argv, "--output_dir", str(out)]))
         err = capsys.readouterr().err
         message = stop.value.code if isinstance(stop.value.code, str) else err.strip().splitlines()[-1]
         assert stop.value.code not in (0, None), (script, argv)
@@ -86,14 +86,14 @@ def test_a_run_whose_every_step_was_skipped_fails_and_saves_no_model(tmp_path, m
 
 
 @pytest.mark.parametrize("flag_type, good, bad", [
-    (cli.positive_int, ("1", 1), ["0", "-3", "1.5", "x"]),
-    (cli.non_negative_int, ("0", 0), ["-1", "nan"]),
-    (cli.positive_float, ("1e-5", 1e-5), ["0", "-1", "inf", "nan"]),
-    (cli.non_negative_float, ("0", 0.0), ["-0.1", "inf"]),
-    (cli.fraction, ("0.1", 0.1), ["1", "-0.01", "nan"]),
+    (data.positive_int, ("1", 1), ["0", "-3", "1.5", "x"]),
+    (data.non_negative_int, ("0", 0), ["-1", "nan"]),
+    (data.positive_float, ("1e-5", 1e-5), ["0", "-1", "inf", "nan"]),
+    (data.non_negative_float, ("0", 0.0), ["-0.1", "inf"]),
+    (data.fraction, ("0.1", 0.1), ["1", "-0.01", "nan"]),
 ])
 def test_flag_types_accept_their_range_and_refuse_the_rest(flag_type, good, bad):
     assert flag_type(good[0]) == good[1] and type(flag_type(good[0])) is type(good[1])
     for text in bad:
-        with pytest.raises(cli.argparse.ArgumentTypeError):
+        with pytest.raises(data.argparse.ArgumentTypeError):
             flag_type(text)

@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import cli
 import data
-import evaluation
+import metrics
 import finetune
 import models
 import starbucks as sb
@@ -65,11 +64,11 @@ def test_separately_trained_folder_evaluates_each_pair_with_its_layers_model(tmp
     run(tiny_model_dir, train_file, tmp_path, "--method", "separate")
     docs = ["coffee is hot", "tea is hot", "rice is food", "soup is warm", "water is cold"]
     sts = ("sts", ([docs[0], docs[1], docs[2], docs[3]], [docs[1], docs[2], docs[3], docs[4]], [3.0, 1.0, 2.0, 0.5]))
-    together = evaluation.evaluate_model(str(tmp_path), {"toy": sts}, evaluation.EvalSettings(), torch.device("cpu"))[1]
+    together = metrics.evaluate_model(str(tmp_path), {"toy": sts}, metrics.EvalSettings(), torch.device("cpu"))[1]
     assert set(together["toy"]) == {"2x16", "4x32"}
     for n, d in [(2, 16), (4, 32)]:  # each pair equals evaluating that layer's own model at that pair alone
-        alone = evaluation.evaluate_model(str(tmp_path / f"layer_{n}"), {"toy": sts},
-                                          evaluation.EvalSettings(pairs=f"{n}x{d}"), torch.device("cpu"))[1]
+        alone = metrics.evaluate_model(str(tmp_path / f"layer_{n}"), {"toy": sts},
+                                          metrics.EvalSettings(pairs=f"{n}x{d}"), torch.device("cpu"))[1]
         assert together["toy"][f"{n}x{d}"] == alone["toy"][f"{n}x{d}"]
 
 
@@ -197,7 +196,7 @@ def test_presets_set_every_setting_of_a_released_run_and_flags_win(capsys):
         if name not in ("learning_rate", "bf16"):
             assert getattr(args, name) == value, name
     assert args.learning_rate == 3e-5 and (args.pooling, args.train_group_size, args.weight_decay) == ("cls", 8, 0.0)
-    out = cli.preset_summary("msmarco-srl", finetune.PRESETS["msmarco-srl"], vars(args))  # main prints it
+    out = data.preset_summary("msmarco-srl", finetune.PRESETS["msmarco-srl"], vars(args))  # main prints it
     assert "--preset msmarco-srl: --method srl" in out and "--passage_max_len 196" in out
     if not torch.cuda.is_available():
         assert not args.bf16 and "no CUDA bf16, so the run is in fp32" in out

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import cli  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import pretrain  # noqa: E402
@@ -266,7 +265,7 @@ def test_smae_preset_holds_the_released_run_and_explicit_flags_win():
     assert pretrain.PRESETS["smae"]["learning_rate"] == 1e-4 and args.learning_rate == 3e-5
     assert pretrain.PRESETS["smae"]["bf16"] is True
     assert 32 * 2 * 8 == pretrain.RELEASED_GLOBAL_BATCH  # per device x accumulation x their 8 GPUs
-    out = cli.preset_summary("smae", pretrain.PRESETS["smae"], vars(args))  # main prints it
+    out = data.preset_summary("smae", pretrain.PRESETS["smae"], vars(args))  # main prints it
     assert "--preset smae: --objective smae, --max_length 512" in out
     assert "--learning_rate 3e-05" in out
     if not torch.cuda.is_available():

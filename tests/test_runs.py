@@ -26,9 +26,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import checkpoints  # noqa: E402
 import data  # noqa: E402
-import distributed  # noqa: E402
 import finetune  # noqa: E402
 import models  # noqa: E402
 import pretrain  # noqa: E402
@@ -120,43 +118,43 @@ def _write_files(content):
 
 def test_checkpoint_cut_in_half_or_unfinished_is_never_picked(tmp_path):
     for step in (2, 4):
-        checkpoints.save_checkpoint(str(tmp_path), step, _write_files({"weights.bin": "x" * 1000, "log": "ok"}))
-    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+        training.save_checkpoint(str(tmp_path), step, _write_files({"weights.bin": "x" * 1000, "log": "ok"}))
+    assert training.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
     # a crash mid-save leaves only the hidden temporary folder, even with every file in it
     os.makedirs(tmp_path / ".checkpoint-6.tmp")
     (tmp_path / ".checkpoint-6.tmp" / "weights.bin").write_text("x" * 1000)
     # a checkpoint-named folder without the marker (e.g. copied by hand, interrupted)
     os.makedirs(tmp_path / "checkpoint-8")
     (tmp_path / "checkpoint-8" / "weights.bin").write_text("x" * 1000)
-    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert training.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
     # the newest complete one cut in half (a lost write): its marker's sizes no longer match
     with open(tmp_path / "checkpoint-4" / "weights.bin", "r+") as f:
         f.truncate(500)
-    assert "500 bytes where 1000" in checkpoints.checkpoint_problem(str(tmp_path / "checkpoint-4"))
-    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert "500 bytes where 1000" in training.checkpoint_problem(str(tmp_path / "checkpoint-4"))
+    assert training.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
     os.remove(tmp_path / "checkpoint-2" / "log")
-    assert checkpoints.latest_checkpoint(str(tmp_path)) is None
+    assert training.latest_checkpoint(str(tmp_path)) is None
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        checkpoints.load_training_state(str(tmp_path / "checkpoint-4"))
+        training.load_training_state(str(tmp_path / "checkpoint-4"))
     # the next save clears the crash's leftovers and replaces a broken folder of the same step
-    checkpoints.save_checkpoint(str(tmp_path), 4, _write_files({"weights.bin": "y" * 10}))
+    training.save_checkpoint(str(tmp_path), 4, _write_files({"weights.bin": "y" * 10}))
     assert not os.path.exists(tmp_path / ".checkpoint-6.tmp")
-    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert training.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
     assert (tmp_path / "checkpoint-4" / "weights.bin").read_text() == "y" * 10
 
 
 def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
     for step in (1, 2, 3, 10):
-        checkpoints.save_checkpoint(str(tmp_path), step, _write_files({"a": str(step)}), save_total_limit=2)
+        training.save_checkpoint(str(tmp_path), step, _write_files({"a": str(step)}), save_total_limit=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-3"]  # numeric, not string, order
 
 
 def test_rng_state_round_trips_through_a_checkpoint_file(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    torch.save({"rng": checkpoints.rng_state()}, tmp_path / "state.pt")
+    torch.save({"rng": training.rng_state()}, tmp_path / "state.pt")
     first = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
-    checkpoints.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    training.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert first[2:] == again[2:]
@@ -227,7 +225,7 @@ def _step_setup(model_dir, method="srl"):
     model, tokenizer = models.load_model(model_dir, torch.device("cpu"))
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     embed_pairs, loss_fn = training.method_loss(method, sb.default_pairs(L, H), L, H, "contrastive", 0.05, "cos")
-    distributed.freeze_unreached(model, max(n for n, _ in embed_pairs))
+    training.freeze_unreached(model, max(n for n, _ in embed_pairs))
     return model, tokenizer, embed_pairs, loss_fn
 
 
@@ -300,15 +298,15 @@ def _two_rank_worker(rank, port, model_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
-    rank, world_size, device = distributed.setup()
+    rank, world_size, device = training.setup()
     model, tokenizer, embed_pairs, loss_fn = _step_setup(model_dir)
-    net = distributed.wrap(model, device)
+    net = training.wrap(model, device)
     queries, passages = _batch()
-    queries, passages = distributed.shard(queries, rank, world_size), distributed.shard(passages, rank, world_size)
+    queries, passages = training.shard(queries, rank, world_size), training.shard(passages, rank, world_size)
     results = {chunk: _step(net, model, tokenizer, embed_pairs, loss_fn, queries, passages, chunk) for chunk in (0, 3)}
-    results["objects"] = distributed.gather_objects(f"rank {rank}")
+    results["objects"] = training.gather_objects(f"rank {rank}")
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    distributed.cleanup()
+    training.cleanup()
 
 
 def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenated_batch(tiny, tmp_path):
@@ -329,7 +327,7 @@ def _pretrain_step_setup(model_dir):
     torch.manual_seed(3)
     heads = sb.SMAEHeads(encoder)
     pairs = [(2, 16), (4, 32)]
-    distributed.freeze_unreached(encoder, 4)
+    training.freeze_unreached(encoder, 4)
     crops = training.crop_documents(tokenizer, [_sentence(random.Random(i)) for i in range(8)], 16)
     batch = pretrain.masked_batch(crops, tokenizer, training.subword_flags(tokenizer), 11)
     return pretrain.SMAE(encoder, heads, pairs), batch
@@ -347,13 +345,13 @@ def _two_rank_pretrain_worker(rank, port, model_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
-    rank, world_size, device = distributed.setup()
+    rank, world_size, device = training.setup()
     smae, batch = _pretrain_step_setup(model_dir)
-    net = distributed.wrap(smae, device)
+    net = training.wrap(smae, device)
     tied = smae.encoder.get_input_embeddings().weight is net.module.encoder.embeddings.word_embeddings.weight
     result = _pretrain_step(net, smae, batch)
     torch.save({"step": result, "tied": tied}, os.path.join(out_dir, f"rank{rank}.pt"))
-    distributed.cleanup()
+    training.cleanup()
 
 
 def test_two_ranks_give_the_smae_loss_and_gradients_of_one_process_on_the_concatenated_batch(tiny, tmp_path):
@@ -390,7 +388,7 @@ def test_torchrun_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tm
         assert a["step"] == b["step"] and a["lr"] == b["lr"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    state = checkpoints.load_training_state(str(tmp_path / "two" / "checkpoint-2"))
+    state = training.load_training_state(str(tmp_path / "two" / "checkpoint-2"))
     assert len(state["rng"]) == 2 and state["run"]["world_size"] == 2  # every rank's RNG, saved by rank 0
     for name in SCRIPTS[script][2]:
         assert os.path.exists(tmp_path / "two" / name)
@@ -399,7 +397,7 @@ def test_torchrun_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tm
 def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
     """DDP needs every trainable parameter to get a gradient; here layers 3-4 and the pooler get none."""
     model, tokenizer = models.load_model(tiny["plain"], torch.device("cpu"))
-    frozen = distributed.freeze_unreached(model, 2)
+    frozen = training.freeze_unreached(model, 2)
     assert frozen and all(n.startswith(("pooler.", "encoder.layer.2.", "encoder.layer.3.")) for n in frozen)
     queries, passages = _batch()
     q = tokenizer(queries, padding=True, return_tensors="pt")
@@ -413,16 +411,16 @@ def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
 
 def test_one_process_helpers_are_identities():
     x = torch.randn(3, 4, requires_grad=True)
-    assert distributed.gather_with_grad(x) is x
-    assert distributed.sum_over_ranks(x) is x
-    assert distributed.gather_objects("a") == ["a"]
-    assert distributed.rank_and_world_size() == (0, 1)
-    assert distributed.shard(list(range(6)), 1, 3) == [2, 3]
+    assert training.gather_with_grad(x) is x
+    assert training.sum_over_ranks(x) is x
+    assert training.gather_objects("a") == ["a"]
+    assert training.rank_and_world_size() == (0, 1)
+    assert training.shard(list(range(6)), 1, 3) == [2, 3]
     with pytest.raises(ValueError, match="does not split"):
-        distributed.shard(list(range(5)), 0, 2)
-    assert distributed.all_finite(torch.tensor(1.0), 2.0)
-    assert not distributed.all_finite(torch.tensor(1.0), torch.tensor([0.0, float("nan")]))
-    assert not distributed.all_finite(float("inf"))
+        training.shard(list(range(5)), 0, 2)
+    assert training.all_finite(torch.tensor(1.0), 2.0)
+    assert not training.all_finite(torch.tensor(1.0), torch.tensor([0.0, float("nan")]))
+    assert not training.all_finite(float("inf"))
 
 
 def test_global_batches_are_a_seeded_permutation_per_epoch_and_resume_mid_epoch(tiny):
@@ -437,7 +435,7 @@ def test_global_batches_are_a_seeded_permutation_per_epoch_and_resume_mid_epoch(
 
 def test_adamw_decays_matrices_only_and_leaves_frozen_parameters_out(tiny):
     model, _ = models.load_model(tiny["plain"], torch.device("cpu"))
-    frozen = set(distributed.freeze_unreached(model, 2))
+    frozen = set(training.freeze_unreached(model, 2))
     optimizer = training.adamw(model, 1e-3, 0.1)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -483,13 +481,13 @@ def test_a_fresh_run_in_another_runs_folder_is_refused_unless_overwrite(tiny, tm
 @pytest.mark.parametrize("damage", ["training_state", "safetensors_header"])
 def test_a_damaged_checkpoint_of_the_same_size_falls_back_to_the_one_before(tiny, tmp_path, capsys, damage):
     finetune.main(_finetune_args(tiny, tmp_path))
-    name = checkpoints.TRAINING_STATE if damage == "training_state" else checkpoints.WEIGHTS
+    name = training.TRAINING_STATE if damage == "training_state" else training.WEIGHTS
     path = tmp_path / "checkpoint-3" / name
     size = os.path.getsize(path)
     with open(path, "r+b") as f:  # same size, other bytes: a size check alone would accept it
         f.seek(size // 2 if damage == "training_state" else 0)
         f.write(b"\xff" * 16)
-    assert os.path.getsize(path) == size and checkpoints.checkpoint_problem(str(tmp_path / "checkpoint-3")) is None
+    assert os.path.getsize(path) == size and training.checkpoint_problem(str(tmp_path / "checkpoint-3")) is None
     capsys.readouterr()
     finetune.main(_finetune_args(tiny, tmp_path, "--resume"))
     out = capsys.readouterr()
@@ -499,7 +497,7 @@ def test_a_damaged_checkpoint_of_the_same_size_falls_back_to_the_one_before(tiny
 
 def test_when_every_checkpoint_is_damaged_resume_stops_instead_of_starting_over(tiny, tmp_path):
     finetune.main(_finetune_args(tiny, tmp_path, "--max_steps", "1"))
-    with open(tmp_path / "checkpoint-1" / checkpoints.WEIGHTS, "r+b") as f:
+    with open(tmp_path / "checkpoint-1" / training.WEIGHTS, "r+b") as f:
         f.write(b"\xff" * 16)
     with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
         finetune.main(_finetune_args(tiny, tmp_path, "--max_steps", "1", "--resume"))
@@ -535,7 +533,7 @@ def test_a_skipped_first_step_moves_the_schedule_on_without_torchs_warning():
     param = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.AdamW([param], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
-    log = checkpoints.TrainLog()
+    log = training.TrainLog()
     loss = (param * float("nan")).sum()
     loss.backward()
     with warnings.catch_warnings():
@@ -573,7 +571,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_message_keeping_the_last
         finetune.main(["--model_name_or_path", tiny["plain"], "--train_file", tiny["train"],
                        "--output_dir", str(tmp_path), "--max_steps", "8", "--save_steps", "1", "--warmup_ratio", "0",
                        "--learning_rate", "1e30", "--max_bad_steps", "3"])
-    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")  # none saved while bad
+    assert training.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")  # none saved while bad
     assert not os.path.exists(tmp_path / "model.safetensors")
 
 
@@ -589,7 +587,7 @@ def test_pretrain_stops_after_too_many_non_finite_steps_naming_the_last_good_che
     with pytest.raises(SystemExit, match=r"stopped at step 4: 3 steps in a row .*/checkpoint-1\. "):
         pretrain.main(_script_args("pretrain.py", tiny, "plain", tmp_path, "--max_steps", "8", "--save_steps", "1",
                                    "--per_device_train_batch_size", "4", "--max_bad_steps", "3"))
-    assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    assert training.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
     log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
     assert [r.get("skipped", False) for r in log] == [False, True, True, True]
     assert [r["skipped_steps"] for r in log] == [0, 1, 2, 3]
@@ -674,11 +672,11 @@ def test_a_damaged_checkpoint_with_an_old_marker_falls_back_too(tiny, tmp_path, 
     """A marker from before checksums (sizes only) and a training state that loads but lacks its parts."""
     finetune.main(_finetune_args(tiny, tmp_path))
     folder = tmp_path / "checkpoint-3"
-    marker = json.load(open(folder / checkpoints.MARKER))
-    torch.save({"step": 3}, folder / checkpoints.TRAINING_STATE)
-    marker["files"][checkpoints.TRAINING_STATE] = os.path.getsize(folder / checkpoints.TRAINING_STATE)
+    marker = json.load(open(folder / training.MARKER))
+    torch.save({"step": 3}, folder / training.TRAINING_STATE)
+    marker["files"][training.TRAINING_STATE] = os.path.getsize(folder / training.TRAINING_STATE)
     del marker["sha256"]
-    json.dump(marker, open(folder / checkpoints.MARKER, "w"))
+    json.dump(marker, open(folder / training.MARKER, "w"))
     capsys.readouterr()
     finetune.main(_finetune_args(tiny, tmp_path, "--resume"))
     out = capsys.readouterr()

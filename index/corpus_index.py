@@ -1,6 +1,6 @@
 """Paper-scale retrieval: a corpus encoded once to a sharded on-disk 2D index, and exact search streamed over it.
 
-    import corpus_index as ci, data, starbucks as sb
+    from index import corpus_index as ci; import data, starbucks as sb
     ci.encode_corpus(model, tokenizer, data.stream_msmarco_collection("collection.tsv"), pairs, "index/msmarco",
                      pooling="cls", max_length=196)                    # resumable; torchrun: one slice of shards per rank
     index = ci.open_index("index/msmarco")
@@ -48,8 +48,7 @@ try:
 except ImportError:  # optional: exact search then runs on torch.topk alone
     faiss = None
 
-import checkpoints
-import distributed
+import training
 import starbucks as sb
 
 FORMAT = 1
@@ -86,7 +85,7 @@ def _write_json(path, value):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-    checkpoints.fsync(os.path.dirname(os.path.abspath(path)))
+    training.fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def write_shard(folder, shard, docids, vectors, source_sha256=""):
@@ -106,13 +105,13 @@ def write_shard(folder, shard, docids, vectors, source_sha256=""):
             raise ValueError(f"{name} has {len(array)} rows for {len(docids)} docids")
         path = os.path.join(tmp, name)
         np.save(path, array)
-        checkpoints.fsync(path)
-        marker["files"][name] = {"bytes": os.path.getsize(path), "sha256": checkpoints.sha256_of(path)}
+        training.fsync(path)
+        marker["files"][name] = {"bytes": os.path.getsize(path), "sha256": training.sha256_of(path)}
     _write_json(os.path.join(tmp, SHARD_MARKER), marker)
     if os.path.exists(final):  # an earlier attempt whose marker did not match its files
         shutil.rmtree(final)
     os.rename(tmp, final)
-    checkpoints.fsync(folder)
+    training.fsync(folder)
 
 
 def shard_problem(folder, shard, check_hashes=False):
@@ -125,11 +124,11 @@ def shard_problem(folder, shard, check_hashes=False):
         return "no completeness marker (its encoding did not finish)"
     except (ValueError, KeyError, TypeError):
         return "the completeness marker is unreadable"
-    problem = checkpoints.files_problem(path, {name: written["bytes"] for name, written in files.items()})
+    problem = training.files_problem(path, {name: written["bytes"] for name, written in files.items()})
     if problem or not check_hashes:
         return problem
     for name, written in files.items():
-        if checkpoints.sha256_of(os.path.join(path, name)) != written["sha256"]:
+        if training.sha256_of(os.path.join(path, name)) != written["sha256"]:
             return f"{name} does not have the sha256 it was written with"
     return None
 
@@ -193,11 +192,11 @@ def finalize_index(folder, num_shards):
     path = os.path.join(folder, DOCID_RANK)
     with open(path + ".tmp", "wb") as f:
         np.save(f, docid_rank)
-    checkpoints.fsync(path + ".tmp")
+    training.fsync(path + ".tmp")
     os.replace(path + ".tmp", path)
     _write_json(os.path.join(folder, INDEX_MARKER),
                 {"num_docs": len(docids), "shard_rows": shard_rows,
-                 "docid_rank": {"bytes": os.path.getsize(path), "sha256": checkpoints.sha256_of(path)}})
+                 "docid_rank": {"bytes": os.path.getsize(path), "sha256": training.sha256_of(path)}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +216,7 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
     and the index marker. Returns the number of documents this process encoded.
     """
     config = index_config(pairs, dtype, shard_size, pooling, max_length, normalize)
-    rank, world_size = distributed.rank_and_world_size()
+    rank, world_size = training.rank_and_world_size()
     if rank == 0:
         start_index(folder, config)
     if world_size > 1:
@@ -310,7 +309,7 @@ def open_index(folder, check_hashes=False):
             raise ValueError(f"{os.path.join(folder, shard_name(shard))}: {problem}")
     rank_file = os.path.join(folder, DOCID_RANK)
     if not os.path.exists(rank_file) or os.path.getsize(rank_file) != marker["docid_rank"]["bytes"] or \
-            (check_hashes and checkpoints.sha256_of(rank_file) != marker["docid_rank"]["sha256"]):
+            (check_hashes and training.sha256_of(rank_file) != marker["docid_rank"]["sha256"]):
         raise ValueError(f"{rank_file} is missing or not as written")
     return CorpusIndex(folder, [tuple(p) for p in config["pairs"]], {int(n): d for n, d in config["widths"].items()},
                        config["normalize"], config["dtype"], marker["shard_rows"])
