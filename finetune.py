@@ -135,6 +135,47 @@ import starbucks as sb  # noqa: E402
 import training  # noqa: E402
 
 
+def method_loss(method, config, shape, kind, kl="scores", kl_weight=1.0):
+    """The table from --method to its loss in starbucks.py (README Eq. 5-9; symmetric: Eq. 17, in
+    recipe/decoder.py) -> (the pairs to embed, loss(q_2d, p_2d, gold, generator)).
+
+    config: the pairs, similarity and temperature; shape: (L, H) of the model; kind 'scored': pairs
+    with a gold score, CoSENT in the place of Eq. 3; kl: 'scores' (Eq. 4) or 'embeddings' (Eq. 4',
+    the released STS script), for srl; kl_weight: srl's beta, and 2DMSE's KL weight (both forms)."""
+    pairs, t, sim = config.pairs, config.temperature, config.similarity
+    (L, H), full = shape, pairs[-1]
+    dims, layers = sorted({d for _, d in pairs}), sorted({n for n, _ in pairs})
+    if kind == "scored":  # CoSENT takes the place of Eq. 3
+        if method == "srl" and kl == "embeddings":  # the released low-resource STS-B run (Eq. 5')
+            return pairs, lambda q, p, gold, g: sb.released_starbucks_loss(
+                lambda a, b: sb.cosent_loss(a, b, gold), q, p, pairs, kl_weight)
+        if method == "srl":
+            return pairs, lambda q, p, gold, g: sb.srl_cosent_loss(q, p, gold, pairs)
+        if method in ("full", "separate"):
+            return [full], lambda q, p, gold, g: sb.cosent_loss(q[full], p[full], gold)
+        if method != "2dmse":  # the paper's STS tables have 2DMSE on scored pairs; MRL they do not
+            raise ValueError(f"--method {method} needs query/passage data, not scored pairs")
+    if method == "srl" and kl == "scores":  # Eq. 5
+        return pairs, lambda q, p, gold, g: sb.srl_loss(q, p, pairs, t, kl_weight, sim)
+    if method == "srl":  # Eq. 5'
+        return pairs, lambda q, p, gold, g: sb.srl_loss_embedding_kl(q, p, pairs, t, kl_weight, sim)
+    if method == "symmetric":  # Ziarko et al.'s loss (Eq. 17) at the full pair
+        from recipe import decoder
+        return [full], lambda q, p, gold, g: decoder.symmetric_contrastive_loss(q[full], p[full], t, sim)
+    if method in ("full", "separate"):  # Eq. 6, 7; separate: `full` is (n, H) of the layer trained
+        return [full], lambda q, p, gold, g: sb.full_loss(q, p, [full], t, sim)
+    if method == "mrl":  # Eq. 8 at the last layer
+        return [(L, H)], lambda q, p, gold, g: sb.matryoshka_loss(q[(L, H)], p[(L, H)], dims, t, sim)
+    if method == "2dmse_retrieval":  # Eq. 9': the pairs' layers at full width, one sampled per step
+        return [(n, H) for n in layers], lambda q, p, gold, g: sb.matryoshka_2d_retrieval_loss(
+            {n: q[(n, H)] for n in layers}, {n: p[(n, H)] for n in layers}, dims, g, t, sim, kl_weight)
+    every_layer = [(n, H) for n in range(1, L + 1)]  # Eq. 9: every layer at full width, sampled
+    return every_layer, lambda q, p, gold, g: sb.matryoshka_2d_loss(
+        {n: q[(n, H)] for n in range(1, L + 1)}, {n: p[(n, H)] for n in range(1, L + 1)}, dims, g, t,
+        sim, kl_weight=kl_weight,
+        base_loss=(lambda a, b: sb.cosent_loss(a, b, gold)) if kind == "scored" else None)
+
+
 DEFAULT_GROUP_SIZE = 4
 
 
@@ -256,7 +297,8 @@ def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, p
         torch.manual_seed(run.seed)
         model_n = model if n == layers[0] else load_tuned_model()
         config = sb.StarbucksConfig([(n, d) for m, d in pairs if m == n], pooling, similarity, temperature)
-        embed_pairs, loss_fn = training.method_loss("separate", [(n, H)], L, H, kind, temperature, similarity)
+        embed_pairs, loss_fn = method_loss("separate", sb.StarbucksConfig([(n, H)], pooling, similarity,
+                                                                          temperature), (L, H), kind)
         train(model_n, tokenizer, kind, records, embed_pairs, loss_fn, config, os.path.join(output_dir, f"layer_{n}"),
               **train_kwargs)
     if training.rank_and_world_size()[0] == 0:
@@ -308,8 +350,7 @@ def main(argv=None):
                          args.temperature, args.output_dir, **train_kwargs)
     else:
         config = sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)
-        embed_pairs, loss_fn = training.method_loss(args.method, pairs, L, H, kind, args.temperature,
-                                                    args.similarity, args.kl, args.kl_weight)
+        embed_pairs, loss_fn = method_loss(args.method, config, (L, H), kind, args.kl, args.kl_weight)
         train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, args.output_dir, **train_kwargs)
     training.cleanup()
 

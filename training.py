@@ -626,51 +626,6 @@ def batch_tensors(crops, pad_token_id, special_ids):
 # ----------------------------------------------------------------------------------------------
 # Each method's loss (Eq. 5-9, 17) and one contrastive step
 
-def method_loss(method, pairs, num_layers, hidden_size, kind, temperature, similarity, kl="scores", kl_weight=1.0):
-    """-> (pairs to embed, loss(q_2d, p_2d, gold, generator)) for a method (Eq. 5-9, 17).
-
-    kind: 'contrastive' (query/passage groups) or 'scored' (pairs with a gold score: CoSENT);
-    kl: 'scores' (Eq. 4, the paper) or 'embeddings' (Eq. 4', the released STS script), srl only;
-    kl_weight: srl's beta, 2dmse's (Matryoshka2dLoss's kl_div_weight) and 2dmse_retrieval's."""
-    full = pairs[-1]
-    t, sim = temperature, similarity
-    if kind == "scored":  # CoSENT takes the place of Eq. 3
-        if method == "srl" and kl == "embeddings":  # the released low-resource STS-B run
-            return pairs, lambda q, p, gold, g: sb.released_starbucks_loss(
-                lambda a, b: sb.cosent_loss(a, b, gold), q, p, pairs, kl_weight)
-        if method == "srl":
-            return pairs, lambda q, p, gold, g: sb.srl_cosent_loss(q, p, gold, pairs)
-        if method in ("full", "separate"):
-            return [full], lambda q, p, gold, g: sb.cosent_loss(q[full], p[full], gold)
-        if method != "2dmse":  # the paper's STS tables have 2DMSE on scored pairs; MRL they do not
-            raise ValueError(f"--method {method} needs query/passage data, not scored pairs")
-    if method == "srl" and kl == "scores":
-        return pairs, lambda q, p, gold, g: sb.srl_loss(q, p, pairs, t, kl_weight, sim)
-    if method == "srl":
-        return pairs, lambda q, p, gold, g: sb.srl_loss_embedding_kl(q, p, pairs, t, kl_weight, sim)
-    if method == "symmetric":  # Ziarko et al.'s loss (Eq. 17) at the full pair
-        from recipe import decoder
-        return [full], lambda q, p, gold, g: decoder.symmetric_contrastive_loss(q[full], p[full], t, sim)
-    if method in ("full", "separate"):  # separate: `full` is (n, H) of the layer being trained
-        return [full], lambda q, p, gold, g: sb.full_loss(q, p, [full], t, sim)
-    if method == "mrl":
-        dims = sorted({d for _, d in pairs})
-        return [(num_layers, hidden_size)], lambda q, p, gold, g: sb.matryoshka_loss(
-            q[(num_layers, hidden_size)], p[(num_layers, hidden_size)], dims, t, sim)
-    if method == "2dmse_retrieval":  # the pairs' layers at full width; one is sampled inside the loss
-        layers = sorted({n for n, _ in pairs})
-        dims = sorted({d for _, d in pairs})
-        return [(n, hidden_size) for n in layers], lambda q, p, gold, g: sb.matryoshka_2d_retrieval_loss(
-            {n: q[(n, hidden_size)] for n in layers}, {n: p[(n, hidden_size)] for n in layers}, dims, g, t, sim,
-            kl_weight)
-    dims = sorted({d for _, d in pairs})  # 2dmse: every layer at full width, sampled inside the loss
-    every_layer = [(n, hidden_size) for n in range(1, num_layers + 1)]
-    return every_layer, lambda q, p, gold, g: sb.matryoshka_2d_loss(
-        {n: q[(n, hidden_size)] for n, _ in every_layer}, {n: p[(n, hidden_size)] for n, _ in every_layer},
-        dims, g, t, sim, kl_weight=kl_weight,
-        base_loss=(lambda a, b: sb.cosent_loss(a, b, gold)) if kind == "scored" else None)
-
-
 def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, generator, grad_cache_chunk=0):
     """Loss of the global batch (this rank's slice in q_tok/p_tok) -> detached loss; gradients in .grad.
 

@@ -38,7 +38,8 @@ def setup(batch_size, group_size, passage_max_len, chunk):
     model, tok = models.load_model(models.DEFAULT_MODEL, torch.device("cpu"))
     model.train()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    embed_pairs, loss_fn = training.method_loss("srl", sb.default_pairs(L, H), L, H, "contrastive", 0.05, "cos")
+    embed_pairs = sb.default_pairs(L, H)
+    loss_fn = lambda q, p, gold, g: sb.srl_loss(q, p, embed_pairs, 0.05, 1.0, "cos")  # Eq. 5, as finetune.py
     records = data.embedded_training_data(num_negatives=group_size - 1)
     queries, passages, _ = training.batch_texts(records, "contrastive", list(range(batch_size)), group_size,
                                                 random.Random(0))

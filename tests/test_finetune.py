@@ -243,8 +243,8 @@ def test_2dmse_honours_an_explicit_kl_weight_and_refuses_a_kl_it_has_not():
         p_kind = p if kind == "contrastive" else {k: v[:4] for k, v in p.items()}
         loss = {}
         for w in (0.0, 0.5, 1.0):
-            _, loss_fn = training.method_loss("2dmse", [(2, 16), (4, 32)], 4, 32, kind, 0.05, "cos",
-                                              "embeddings", w)
+            config = sb.StarbucksConfig([(2, 16), (4, 32)], "mean", "cos", 0.05)
+            _, loss_fn = finetune.method_loss("2dmse", config, (4, 32), kind, "embeddings", w)
             loss[w] = float(loss_fn(q, p_kind, gold, torch.Generator().manual_seed(3)))
         assert loss[1.0] > loss[0.0]
         assert loss[0.5] == pytest.approx((loss[0.0] + loss[1.0]) / 2, rel=1e-5)

@@ -224,7 +224,8 @@ def _step_setup(model_dir, method="srl"):
     """(model, tokenizer, embed_pairs, loss_fn) as finetune.py builds them (cosine, mean pooling)."""
     model, tokenizer = models.load_model(model_dir, torch.device("cpu"))
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    embed_pairs, loss_fn = training.method_loss(method, sb.default_pairs(L, H), L, H, "contrastive", 0.05, "cos")
+    config = sb.StarbucksConfig(sb.default_pairs(L, H), "mean", "cos", 0.05)
+    embed_pairs, loss_fn = finetune.method_loss(method, config, (L, H), "contrastive")
     training.freeze_unreached(model, max(n for n, _ in embed_pairs))
     return model, tokenizer, embed_pairs, loss_fn
 
