@@ -112,3 +112,22 @@ def test_the_reference_imports_the_toolkit_only_inside_functions(name):
     toolkit = [m for m in _module_level_imports(_tree(os.path.join(ROOT, f"{name}.py")))
                if m.split(".")[0] in TOOLKIT]
     assert not toolkit, f"{name}.py imports {toolkit} at module level"
+
+
+def test_pip_install_makes_the_reference_and_the_toolkit_importable_from_any_folder(tmp_path):
+    """pyproject.toml: `pip install .` installs the 8 reference modules and the toolkit's packages."""
+    import subprocess
+    import sys
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), ROOT], check=True, capture_output=True)
+    code = ("import starbucks, finetune, pretrain, evaluate, data, metrics, models, training; "
+            "from index import corpus_index; from classification import cascade; "
+            "print(starbucks.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(site)}).stdout
+    assert out.strip() == str(site / "starbucks.py")
+
+
+def test_the_reference_is_eight_top_level_files():
+    assert sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))) == sorted(REFERENCE)
