@@ -44,3 +44,17 @@ def minilm():
     from transformers import AutoModel, AutoTokenizer
     path = models.resolve_model_path("all-MiniLM-L6-v2")
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def assert_same_ranking(first, second, atol):
+    """Two searches' (scores, rows) through different kernels or chunkings: scores within atol at
+    every position, and the same document at every position whose score is further than 2 atol
+    from its neighbours' (two documents nearer than that may change places, as rounding decides)."""
+    (scores, rows), (other_scores, other_rows) = first, second
+    torch.testing.assert_close(scores, other_scores, rtol=0, atol=atol)
+    gaps = scores[:, :-1] - scores[:, 1:]  # (Q, k - 1), >= 0
+    apart = torch.ones_like(scores, dtype=torch.bool)
+    apart[:, :-1] &= gaps > 2 * atol
+    apart[:, 1:] &= gaps > 2 * atol
+    assert apart.float().mean() > 0.9  # the check is not vacuous
+    assert torch.equal(rows[apart], other_rows[apart])

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from index import corpus_index as ci
+from conftest import assert_same_ranking
 import data
 import training
 import metrics
@@ -78,20 +79,6 @@ def trec_order(scores, docids, k):
     descending (docids compared as Python strings) -> [(docid, score)] of the first k."""
     ranked = sorted(zip(scores.tolist(), docids), key=lambda pair: (pair[0], pair[1]), reverse=True)
     return [(docid, score) for score, docid in ranked[:k]]
-
-
-def assert_same_ranking(first, second, atol):
-    """Two searches' (scores, rows) through different kernels or chunkings: scores within atol at
-    every position, and the same document at every position whose score is further than 2 atol
-    from its neighbours' (two documents nearer than that may change places, as rounding decides)."""
-    (scores, rows), (other_scores, other_rows) = first, second
-    torch.testing.assert_close(scores, other_scores, rtol=0, atol=atol)
-    gaps = scores[:, :-1] - scores[:, 1:]  # (Q, k - 1), >= 0
-    apart = torch.ones_like(scores, dtype=torch.bool)
-    apart[:, :-1] &= gaps > 2 * atol
-    apart[:, 1:] &= gaps > 2 * atol
-    assert apart.float().mean() > 0.9  # the check is not vacuous
-    assert torch.equal(rows[apart], other_rows[apart])
 
 
 def quarter_vectors(count, dim, generator):
