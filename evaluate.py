@@ -1,4 +1,5 @@
-"""Evaluate every layer-dim pair of one or more encoders: Spearman (STS) and nDCG@10 / MRR@10 / recall.
+"""Evaluate every layer-dim pair of one or more encoders: Spearman
+(STS) and nDCG@10 / MRR@10 / recall.
 
     python evaluate.py                                          # packaged MiniLM on the embedded data
     python evaluate.py --model_name_or_path out/full out/srl    # side by side, one table per metric
@@ -19,43 +20,57 @@ import data
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", nargs="+", default=[data.DEFAULT_MODEL])
-    p.add_argument("--names", nargs="+", default=None, help="column names for the models (default: folder names)")
-    p.add_argument("--output_dir", default="output/evaluate", help="results.json and table.txt go here")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="replace an earlier evaluation's results.json and table.txt in --output_dir")
+    p.add_argument("--names", nargs="+", default=None,
+                   help="column names for the models (default: folder names)")
+    p.add_argument("--output_dir", default="output/evaluate",
+                   help="results.json and table.txt go here")
+    p.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="replace an earlier evaluation's results.json and table.txt in --output_dir")
     p.add_argument("--pairs", default=None, help="LAYERxDIM list; default: the checkpoint's pairs")
     p.add_argument("--grid", action="store_true", help="every layer x every dim of the pairs")
-    p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
-    p.add_argument("--similarity", choices=("dot", "cos"), default=None, help="default: the checkpoint's, else cos")
+    p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None,
+                   help="default: the checkpoint's, else mean")
+    p.add_argument("--similarity", choices=("dot", "cos"), default=None,
+                   help="default: the checkpoint's, else cos")
     p.add_argument("--sts_files", nargs="*", help="scored-pair files (STS-B TSV/CSV/JSONL)")
-    p.add_argument("--beir_dirs", nargs="*", help="BEIR folders: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    p.add_argument("--beir_dirs", nargs="*",
+                   help="BEIR folders: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     p.add_argument("--beir_split", default="test")
     p.add_argument("--msmarco", nargs=3, metavar=("COLLECTION", "QUERIES", "QRELS"), default=None)
     p.add_argument("--runs", "--save_runs", default=None,
-                   help="write one TREC run file per model, dataset and pair here (trec_eval reproduces every figure)")
+                   help="write one TREC run file per model, dataset and pair here (trec_eval "
+                        "reproduces every figure)")
     p.add_argument("--index_dir", default=None,
-                   help="--beir_dirs and --msmarco corpora are encoded here once, in shards (resumable), and searched "
-                        "shard by shard: <index_dir>/<model>-<tag>/<dataset>; default: <output_dir>/index")
-    p.add_argument("--index", choices=("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"), default="exact",
-                   help="search of an indexed corpus: exact (streamed top-k), or FAISS (pip install faiss-cpu), "
-                        "reported with its recall@10 against exact search")
+                   help="--beir_dirs and --msmarco corpora are encoded here once, in shards "
+                        "(resumable), and searched shard by shard: "
+                        "<index_dir>/<model>-<tag>/<dataset>; default: <output_dir>/index")
+    p.add_argument(
+        "--index", choices=("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"), default="exact",
+        help="search of an indexed corpus: exact (streamed top-k), or FAISS (pip install faiss-cpu), "
+        "reported with its recall@10 against exact search")
     p.add_argument("--storage_dtype", choices=("float16", "float32"), default="float16",
                    help="the index's vectors on disk (README: what float16 costs)")
-    p.add_argument("--shard_size", type=data.positive_int, default=100_000, help="passages per index shard")
+    p.add_argument("--shard_size", type=data.positive_int, default=100_000,
+                   help="passages per index shard")
     p.add_argument("--depth", type=data.positive_int, default=1000)
     p.add_argument("--adaptive", default=None, metavar="SMALL:K:LARGE",
-                   help="also report 2D adaptive retrieval (Eq. 14), e.g. 2x24:50:6x384 or a funnel 1x12:200:2x24:50:6x384")
+                   help="also report 2D adaptive retrieval (Eq. 14), e.g. 2x24:50:6x384 or a "
+                        "funnel 1x12:200:2x24:50:6x384")
     p.add_argument("--query_max_len", type=data.positive_int, default=32)
     p.add_argument("--passage_max_len", type=data.positive_int, default=128)
     p.add_argument("--max_seq_length", type=data.positive_int, default=256, help="STS texts")
     p.add_argument("--per_device_eval_batch_size", type=data.positive_int, default=64)
-    p.add_argument("--plot", action="store_true", help="heat maps (layer x dim) as PNG; needs matplotlib")
+    p.add_argument("--plot", action="store_true",
+                   help="heat maps (layer x dim) as PNG; needs matplotlib")
     args = p.parse_args(argv)
-    problem = data.output_dir_problem(args.output_dir, "pass --overwrite_output_dir to replace them",
-                                     overwrite=args.overwrite_output_dir, held=("results.json", "table.txt"))
+    problem = data.output_dir_problem(
+        args.output_dir, "pass --overwrite_output_dir to replace them",
+        overwrite=args.overwrite_output_dir, held=("results.json", "table.txt"))
     paths = [*(args.sts_files or []), *(args.beir_dirs or []), *(args.msmarco or [])]
     for problem in (problem, *map(data.model_problem, args.model_name_or_path),
-                    *(f"{path}: no such file or folder" for path in paths if not os.path.exists(path))):
+                    *(f"{path}: no such file or folder"
+                      for path in paths if not os.path.exists(path))):
         if problem:
             p.error(problem)
     return args
@@ -74,20 +89,22 @@ def main(argv=None):
     names = args.names or [os.path.basename(m.rstrip("/")) for m in args.model_name_or_path]
     if len(names) != len(args.model_name_or_path) or len(set(names)) != len(names):
         raise ValueError("--names needs one distinct name per model")
-    torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1  # each rank encodes its slice of an index's shards
+    # each rank encodes its slice of an index's shards
+    torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if torchrun:
         import training
         rank, _, device = training.setup()
     else:
         rank, device = 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datasets = metrics.load_datasets(args.sts_files, args.beir_dirs, args.beir_split, args.msmarco)
-    settings = metrics.EvalSettings(args.pairs, args.grid, args.pooling, args.similarity,
-                                    args.query_max_len, args.passage_max_len, args.max_seq_length,
-                                    args.per_device_eval_batch_size, args.depth, args.runs, args.adaptive,
-                                    args.index_dir or os.path.join(args.output_dir, "index"),
-                                    args.storage_dtype, args.shard_size, args.index)
+    settings = metrics.EvalSettings(
+        args.pairs, args.grid, args.pooling, args.similarity, args.query_max_len,
+        args.passage_max_len, args.max_seq_length, args.per_device_eval_batch_size,
+        args.depth, args.runs, args.adaptive, args.index_dir or os.path.join(
+            args.output_dir, "index"), args.storage_dtype, args.shard_size, args.index)
     if args.adaptive and not any(kind == "retrieval" for kind, _ in datasets.values()):
-        raise ValueError("--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")
+        raise ValueError(
+            "--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")
     coverage = {name: metrics.judgment_coverage(name, dataset)  # fails here, before any model loads
                 for name, (kind, dataset) in datasets.items() if kind == "retrieval"}
     all_results, configs, adaptive = {}, {}, {}
@@ -102,19 +119,28 @@ def main(argv=None):
     if rank != 0:  # the other ranks encoded their shards; rank 0 searched and reports
         return all_results
     os.makedirs(args.output_dir, exist_ok=True)
-    labels = {"lee2005": "Lee et al. 2005 document similarity (50 docs, 1225 pairs)",
-              "wiki-ict": "inverse-cloze retrieval over held-out Wikipedia articles (real text, NON-STANDARD task)"}
+    labels = {
+        "lee2005": "Lee et al. 2005 document similarity (50 docs, 1225 pairs)",
+        "wiki-ict": "inverse-cloze retrieval over held-out Wikipedia articles (real text, NON-STANDARD task)"
+    }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                   "datasets": {n: labels.get(n, n) for n in datasets}, "models": configs,
-                   "judgments": coverage, "results": all_results, **({"adaptive": adaptive} if adaptive else {})},
-                  f, indent=2)
+        json.dump(
+            {
+                "command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "datasets": {n: labels.get(n, n)
+                             for n in datasets}, "models": configs, "judgments": coverage,
+                "results": all_results, **({"adaptive": adaptive} if adaptive else {})
+            }, f, indent=2)
     for n in datasets:
         if n in labels:
             print(f"{n}: {labels[n]}")
     for n, c in coverage.items():
-        print(f"{n}: {c['evaluated']} of {c['queries']} queries evaluated; of {c['judgments']} judgments, "
-              f"{c['unknown_query_judgments']} name unknown queries, {c['unknown_document_judgments']} unknown documents")
+        print(
+            f"{n}: {c['evaluated']} of {c['queries']} queries evaluated; of {c['judgments']} "
+            "judgments, "
+            f"{c['unknown_query_judgments']} name unknown queries, "
+            f"{c['unknown_document_judgments']} unknown documents"
+        )
     table = metrics.print_tables(all_results, list(datasets))
     if adaptive:
         from deploy import funnel

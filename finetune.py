@@ -5,7 +5,8 @@
     python finetune.py --train_file train.jsonl --pooling cls --similarity dot --output_dir out
     python finetune.py --save_steps 100 --resume --output_dir out/srl   # continue after a crash
     python finetune.py --model_name_or_path smollm2-135m --method full --pooling last --tuning lora \\
-        --flops_budget 1e15 --output_dir out/lora               # a decoder, LoRA, steps set by FLOPs (Eq. 15)
+        --flops_budget 1e15 --output_dir out/lora               # a
+        decoder, LoRA, steps set by FLOPs (Eq. 15)
     torchrun --nproc-per-node 4 finetune.py --output_dir out/srl       # 4 GPUs, negatives across all
 
 Every method trains on the same batches (same data order, negatives and seed), so rows of a table
@@ -20,69 +21,87 @@ from dataclasses import asdict
 import data  # torch-free: the command line is checked before torch loads
 
 
-# Every hyperparameter of each released run (github.com/ielab/Starbucks at 2a3b24f); an explicit flag still wins.
-# Settings not in their commands are their trainers' defaults: Tevatron's warmup_ratio 0.1 for the retrieval
-# run (its arguments.py), Hugging Face's learning rate 5e-5 and weight decay 0. Departures that remain: our SRL averages over the pairs where their retrieval code sums
-# (Eq. 5); their STS runs use fp16, which this project does not offer (bf16 on a GPU, fp32 elsewhere).
+# Every hyperparameter of each released run (github.com/ielab/Starbucks at 2a3b24f); an
+# explicit flag still wins. Settings not in their commands are their trainers' defaults:
+# Tevatron's warmup_ratio 0.1 for the retrieval run (its arguments.py), Hugging Face's
+# learning rate 5e-5 and weight decay 0. Departures that remain: our SRL averages over the
+# pairs where their retrieval code sums (Eq. 5); their STS runs use fp16, which this project
+# does not offer (bf16 on a GPU, fp32 elsewhere).
 PRESETS = {
-    "msmarco-srl": dict(  # retrieval/README.md, lines 27-49, and Tevatron's defaults (temperature 1, no normalising,
-        # warmup_ratio 0.1)
-        method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="cls", similarity="dot", temperature=1.0,
-        kl="scores", kl_weight=1.0, query_max_len=32, passage_max_len=196, train_group_size=8,
-        per_device_train_batch_size=128, num_train_epochs=3.0, learning_rate=1e-4, warmup_ratio=0.1, weight_decay=0.0,
-        bf16=True),
-    "allnli-srl": dict(  # sts/train_starbucks.py with training_data=full: MultipleNegativesRankingLoss in StarbucksLoss
-        method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos", temperature=0.05,
-        kl="embeddings", kl_weight=0.3, train_group_size=2, per_device_train_batch_size=128, num_train_epochs=1.0,
-        learning_rate=5e-5, warmup_ratio=0.1, weight_decay=0.0, seed=42,
-        # the script sets no max_seq_length, so sentence-transformers' Transformer module infers
-        # min(max_position_embeddings, tokenizer.model_max_length) = 512 for bert-base-uncased
+    # retrieval/README.md, lines 27-49, and Tevatron's defaults (temperature 1, no normalising,
+    # warmup_ratio 0.1)
+    "msmarco-srl": dict(
+        method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="cls", similarity="dot",
+        temperature=1.0, kl="scores", kl_weight=1.0, query_max_len=32, passage_max_len=196,
+        train_group_size=8, per_device_train_batch_size=128, num_train_epochs=3.0,
+        learning_rate=1e-4, warmup_ratio=0.1, weight_decay=0.0, bf16=True),
+    # sts/train_starbucks.py with training_data=full: MultipleNegativesRankingLoss in StarbucksLoss.
+    # The script sets no max_seq_length, so sentence-transformers' Transformer module infers
+    # min(max_position_embeddings, tokenizer.model_max_length) = 512 for bert-base-uncased.
+    "allnli-srl": dict(
+        method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos",
+        temperature=0.05, kl="embeddings", kl_weight=0.3, train_group_size=2,
+        per_device_train_batch_size=128, num_train_epochs=1.0, learning_rate=5e-5,
+        warmup_ratio=0.1, weight_decay=0.0, seed=42, query_max_len=512, passage_max_len=512),
+    # sts/train_starbucks.py with training_data=low: CoSENT in StarbucksLoss, STS-B train; 512
+    # tokens as allnli-srl (scored pairs read passage_max_len)
+    "stsb-srl": dict(
+        method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos",
+        temperature=0.05, kl="embeddings", kl_weight=0.3, per_device_train_batch_size=16,
+        num_train_epochs=4.0, learning_rate=5e-5, warmup_ratio=0.1, weight_decay=0.0, seed=42,
         query_max_len=512, passage_max_len=512),
-    "stsb-srl": dict(  # sts/train_starbucks.py with training_data=low: CoSENT in StarbucksLoss, STS-B train
-        method="srl", pairs="2x32,4x64,6x128,8x256,10x512,12x768", pooling="mean", similarity="cos", temperature=0.05,
-        kl="embeddings", kl_weight=0.3, per_device_train_batch_size=16, num_train_epochs=4.0, learning_rate=5e-5,
-        warmup_ratio=0.1, weight_decay=0.0, seed=42,
-        query_max_len=512, passage_max_len=512),  # as allnli-srl; scored pairs read passage_max_len
 }
 
 
-# 2dmse: sentence-transformers' 2D loss (the paper's STS row); 2dmse_retrieval: the authors' retrieval
-# code's sampler (its MS MARCO row); symmetric: Eq. 17 at the full pair
+# 2dmse: sentence-transformers' 2D loss (the paper's STS row); 2dmse_retrieval: the authors'
+# retrieval code's sampler (its MS MARCO row); symmetric: Eq. 17 at the full pair
 METHODS = ("srl", "2dmse", "2dmse_retrieval", "mrl", "full", "separate", "symmetric")
 
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="every hyperparameter of one of the authors' released runs (README: released run -> command); "
-                        "flags given explicitly override it")
+                   help="every hyperparameter of one of the authors' released runs (README: "
+                        "released run -> command); flags given explicitly override it")
     p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL,
                    help="model folder or packaged model name")
-    p.add_argument("--train_file", default=None, help="Tevatron/sentence-transformers/STS file; default: embedded inverse-cloze data")
+    p.add_argument(
+        "--train_file", default=None,
+        help="Tevatron/sentence-transformers/STS file; default: embedded inverse-cloze data")
     p.add_argument("--output_dir", default="output/finetune")
     p.add_argument("--method", choices=METHODS, default="srl")
-    p.add_argument("--pairs", default=None, help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
+    p.add_argument("--pairs", default=None,
+                   help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default="mean")
     p.add_argument("--similarity", choices=("dot", "cos"), default="cos")
-    p.add_argument("--temperature", type=data.positive_float, default=None, help="default: 0.05 for cos, 1.0 for dot")
+    p.add_argument("--temperature", type=data.positive_float, default=None,
+                   help="default: 0.05 for cos, 1.0 for dot")
     p.add_argument("--kl_weight", type=data.non_negative_float, default=1.0, help="beta of Eq. 5")
     p.add_argument("--kl", choices=("scores", "embeddings"), default="scores",
-                   help="scores: Eq. 4 (the paper); embeddings: Eq. 4' (the released STS script, use --kl_weight 0.3)")
+                   help="scores: Eq. 4 (the paper); embeddings: Eq. 4' (the released STS script, "
+                        "use --kl_weight 0.3)")
     p.add_argument("--train_group_size", type=data.positive_int, default=None,
-                   help="passages per query: 1 positive + G-1 hard negatives; default: 4, or fewer when the data "
-                        "has fewer negatives per query (a triplet file: 2). A negative is never repeated")
+                   help="passages per query: 1 positive + G-1 hard negatives; default: 4, or fewer"
+                        " when the data has fewer negatives per query (a triplet file: 2). A "
+                        "negative is never repeated")
     p.add_argument("--query_max_len", type=data.positive_int, default=32)
     p.add_argument("--passage_max_len", type=data.positive_int, default=128)
     data.add_training_arguments(p, learning_rate=5e-5, weight_decay=0.01, warmup_ratio=0.1)
-    p.add_argument("--grad_cache_chunk", type=data.non_negative_int, default=0,
-                   help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
-    p.add_argument("--tuning", default="full", help="which parameters train: full, lora, bias or freeze:K "
-                   "(all but the last K blocks frozen)")
-    p.add_argument("--lora_r", type=data.positive_int, default=32, help="LoRA rank r (Eq. 16); Ziarko et al. use 32")
-    p.add_argument("--lora_alpha", type=data.positive_float, default=32.0, help="LoRA alpha: the update is scaled by alpha / r")
-    p.add_argument("--lora_target_modules", default="all-linear",
-                   help="comma-separated Linear names inside the blocks (e.g. q_proj,v_proj), or all-linear")
-    p.add_argument("--flops_budget", "--flops-budget", type=data.positive_float, default=None,
-                   help="training FLOPs (Eq. 15); sets --max_steps from the measured tokens per step")
+    p.add_argument(
+        "--grad_cache_chunk", type=data.non_negative_int, default=0,
+        help="GradCache: embed N texts at a time (same loss and gradients, less memory); 0: off")
+    p.add_argument(
+        "--tuning", default="full", help="which parameters train: full, lora, bias or freeze:K "
+        "(all but the last K blocks frozen)")
+    p.add_argument("--lora_r", type=data.positive_int, default=32,
+                   help="LoRA rank r (Eq. 16); Ziarko et al. use 32")
+    p.add_argument("--lora_alpha", type=data.positive_float, default=32.0,
+                   help="LoRA alpha: the update is scaled by alpha / r")
+    p.add_argument(
+        "--lora_target_modules", default="all-linear",
+        help="comma-separated Linear names inside the blocks (e.g. q_proj,v_proj), or all-linear")
+    p.add_argument(
+        "--flops_budget", "--flops-budget", type=data.positive_float, default=None,
+        help="training FLOPs (Eq. 15); sets --max_steps from the measured tokens per step")
     args, given = data.parse_with_preset(p, argv, PRESETS)
     args.kl_weight = check_2dmse_kl(args.method, args.kl, args.kl_weight, given)
     if args.lora_target_modules != "all-linear":
@@ -98,8 +117,10 @@ def parse_args(argv=None):
         p.error("--resume with --tuning lora is not supported: checkpoints hold merged weights")
     if args.temperature is None:
         args.temperature = 0.05 if args.similarity == "cos" else 1.0
-    problem = data.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
-                                     args.resume, args.overwrite_output_dir, source=args.model_name_or_path)
+    problem = data.output_dir_problem(
+        args.output_dir,
+        "pass --resume to continue it or --overwrite_output_dir to start over there", args.resume,
+        args.overwrite_output_dir, source=args.model_name_or_path)
     if problem:
         p.error(problem)
     return args
@@ -161,27 +182,35 @@ def method_loss(method, config, shape, kind, kl="scores", kl_weight=1.0):
         return pairs, lambda q, p, gold, g: sb.srl_loss_embedding_kl(q, p, pairs, t, kl_weight, sim)
     if method == "symmetric":  # Ziarko et al.'s loss (Eq. 17) at the full pair
         from recipe import decoder
-        return [full], lambda q, p, gold, g: decoder.symmetric_contrastive_loss(q[full], p[full], t, sim)
+        return [
+            full
+        ], lambda q, p, gold, g: decoder.symmetric_contrastive_loss(q[full], p[full], t, sim)
     if method in ("full", "separate"):  # Eq. 6, 7; separate: `full` is (n, H) of the layer trained
         return [full], lambda q, p, gold, g: sb.full_loss(q, p, [full], t, sim)
     if method == "mrl":  # Eq. 8 at the last layer
-        return [(L, H)], lambda q, p, gold, g: sb.matryoshka_loss(q[(L, H)], p[(L, H)], dims, t, sim)
+        return [(L, H)], lambda q, p, gold, g: sb.matryoshka_loss(q[(L, H)], p[
+            (L, H)], dims, t, sim)
     if method == "2dmse_retrieval":  # Eq. 9': the pairs' layers at full width, one sampled per step
         return [(n, H) for n in layers], lambda q, p, gold, g: sb.matryoshka_2d_retrieval_loss(
-            {n: q[(n, H)] for n in layers}, {n: p[(n, H)] for n in layers}, dims, g, t, sim, kl_weight)
+            {n: q[(n, H)]
+             for n in layers}, {n: p[(n, H)]
+                                for n in layers}, dims, g, t, sim, kl_weight)
     every_layer = [(n, H) for n in range(1, L + 1)]  # Eq. 9: every layer at full width, sampled
     return every_layer, lambda q, p, gold, g: sb.matryoshka_2d_loss(
-        {n: q[(n, H)] for n in range(1, L + 1)}, {n: p[(n, H)] for n in range(1, L + 1)}, dims, g, t,
-        sim, kl_weight=kl_weight,
-        base_loss=(lambda a, b: sb.cosent_loss(a, b, gold)) if kind == "scored" else None)
+        {n: q[(n, H)]
+         for n in range(1, L + 1)}, {n: p[(n, H)]
+                                     for n in range(1, L + 1)}, dims, g, t, sim, kl_weight=
+        kl_weight, base_loss=(lambda a, b: sb.cosent_loss(a, b, gold))
+        if kind == "scored" else None)
 
 
 DEFAULT_GROUP_SIZE = 4
 
 
 def load_training_records(train_file, train_group_size, skip_bad_lines, rank=0):
-    """-> (kind, records, G): 'contrastive' {'query','positives','negatives'} or 'scored' (a, b, score), and the
-    group size: train_group_size, or by default 4 capped at 1 + the fewest negatives of any query."""
+    """-> (kind, records, G): 'contrastive' {'query','positives','negatives'} or
+    'scored' (a, b, score), and the group size: train_group_size, or by default 4 capped
+    at 1 + the fewest negatives of any query."""
     if train_file is None:
         negatives = max((train_group_size or DEFAULT_GROUP_SIZE) - 1, 7)
         return ("contrastive", data.embedded_training_data(seed=0, num_negatives=negatives),
@@ -191,35 +220,43 @@ def load_training_records(train_file, train_group_size, skip_bad_lines, rank=0):
     if skip_bad_lines and rank == 0:
         print(f"skipped {skipped} bad lines of {train_file}", file=sys.stderr)
     if kind == "scored":
-        return kind, records, train_group_size or DEFAULT_GROUP_SIZE  # pairs with a score: no groups
+        # pairs with a score: no groups
+        return kind, records, train_group_size or DEFAULT_GROUP_SIZE
     fewest = min(len(r["negatives"]) for r in records)
     if train_group_size is None:
         group_size = min(DEFAULT_GROUP_SIZE, fewest + 1)
         if group_size < DEFAULT_GROUP_SIZE and rank == 0:
-            print(f"train_group_size {group_size}: some queries of {train_file} have only {fewest} hard negatives",
-                  file=sys.stderr)
+            print(
+                f"train_group_size {group_size}: some queries of {train_file} have only {fewest} "
+                "hard negatives",
+                file=sys.stderr)
         return kind, records, group_size
     short = sum(1 for r in records if len(r["negatives"]) < train_group_size - 1)
     if short and fewest == 0:
         raise data.DataError(f"{train_file}: {short} queries have no negative passage; "
                              f"use --train_group_size 1 (in-batch negatives only)")
-    if short:  # Tevatron would sample with replacement: a repeated negative weighs double in the loss
-        raise data.DataError(f"--train_group_size {train_group_size} needs {train_group_size - 1} hard negatives per "
-                             f"query, but {short} queries of {train_file} have fewer (the fewest: {fewest}); pass "
-                             f"--train_group_size {fewest + 1} or leave it out (a negative is never repeated)")
+    # Tevatron would sample with replacement: a repeated negative weighs double in the loss
+    if short:
+        raise data.DataError(
+            f"--train_group_size {train_group_size} needs {train_group_size - 1} hard negatives "
+            "per "
+            f"query, but {short} queries of {train_file} have fewer (the fewest: {fewest}); pass "
+            f"--train_group_size {fewest + 1} or leave it out (a negative is never repeated)")
     return kind, records, train_group_size
 
 
-def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_dir, run, group_size,
-          query_max_len, passage_max_len, saved_arguments, grad_cache_chunk=0, tuning_spec="full", flops_budget=None,
-          method=""):
+def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_dir, run,
+          group_size, query_max_len, passage_max_len, saved_arguments, grad_cache_chunk=0,
+          tuning_spec="full", flops_budget=None, method=""):
     """The loop: the same batches for every method; deterministic per step (seeded by step).
 
-    run: the shared flags (training.TrainingArguments); saved_arguments: the command line's flags, the
-    run's identity in its checkpoints and written into starbucks_config.json; method: for the progress bar."""
+    run: the shared flags (training.TrainingArguments); saved_arguments: the command
+    line's flags, the run's identity in its checkpoints and written into
+    starbucks_config.json; method: for the progress bar."""
     device = next(model.parameters()).device
     rank, world_size = training.rank_and_world_size()
-    B = run.per_device_train_batch_size * world_size  # the global batch: every rank's queries together
+    # the global batch: every rank's queries together
+    B = run.per_device_train_batch_size * world_size
     steps_per_epoch = len(records) // B
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(records)} training records are fewer than one batch of {B} "
@@ -227,68 +264,92 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
     if kind == "scored":  # both sides are texts of one kind: the passage length for both
         query_max_len = passage_max_len
     training.freeze_unreached(model, max(n for n, _ in embed_pairs))
-    tokens = training.tokens_per_step(tokenizer, records, kind, B, group_size, query_max_len, passage_max_len,
-                                      run.seed)
+    tokens = training.tokens_per_step(tokenizer, records, kind, B, group_size, query_max_len,
+                                      passage_max_len, run.seed)
     from recipe import flops
-    accounting = flops.flops_accounting(model, tuning_spec, tokens, flops_budget, max(n for n, _ in embed_pairs))
+    accounting = flops.flops_accounting(model, tuning_spec, tokens, flops_budget,
+                                        max(n for n, _ in embed_pairs))
     total = accounting.get("budget_steps") or run.total_steps(steps_per_epoch)
-    accounting["planned_flops"] = accounting["flops_per_token"] * accounting["tokens_per_step"] * total
+    accounting[
+        "planned_flops"] = accounting["flops_per_token"] * accounting["tokens_per_step"] * total
     if rank == 0:
-        print(f"FLOPs (README Eq. 15, tuning {tuning_spec}): N = {accounting['N']:,} parameters, N_trainable = "
-              f"{accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} per token x "
-              f"{accounting['tokens_per_step']:.0f} tokens per step x {total} steps = {accounting['planned_flops']:.4g}")
+        print(
+            f"FLOPs (README Eq. 15, tuning {tuning_spec}): N = {accounting['N']:,} parameters, "
+            "N_trainable = "
+            f"{accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} per token x "
+            f"{accounting['tokens_per_step']:.0f} tokens per step x {total} steps = "
+            f"{accounting['planned_flops']:.4g}"
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
-    identity = training.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")],
-                                        models.resolve_model_path(saved_arguments["model_name_or_path"]))
+    identity = training.run_identity(
+        saved_arguments, world_size, [saved_arguments.get("train_file")],
+        models.resolve_model_path(saved_arguments["model_name_or_path"]))
     optimizer, scheduler, _, start, train_log = training.start_training(
-        model, output_dir, run.resume, run.learning_rate, run.weight_decay, training.linear_schedule, total,
+        model, output_dir, run.resume,
+        run.learning_rate, run.weight_decay, training.linear_schedule, total,
         math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir)
-    net = training.wrap(model, device)  # DDP under torchrun: the forward goes through it, saving does not
+    net = training.wrap(model,
+                        device)  # DDP under torchrun: the forward goes through it, saving does not
     model.train()
 
     def flops_seen(step):
-        """The accounting with what was trained so far: this rank's padded tokens per step x the ranks."""
+        """The accounting with what was trained so far: this rank's
+        padded tokens per step x the ranks."""
         seen = sum(json.loads(line).get("tokens", 0) for line in train_log.lines) * world_size
-        return {**accounting, "steps": step, "tokens_seen": seen, "flops_used": accounting["flops_per_token"] * seen}
+        return {
+            **accounting, "steps": step, "tokens_seen": seen,
+            "flops_used": accounting["flops_per_token"] * seen
+        }
 
     def save(folder, step):
         models.save_model(model, tokenizer, folder, config, saved_arguments, flops_seen(step))
 
-    progress = tqdm(training.global_batches(len(records), B, start, total, run.seed), initial=start, total=total,
-                    disable=rank != 0, dynamic_ncols=True, desc=f"{method} {os.path.basename(output_dir)}")
+    progress = tqdm(training.global_batches(len(records), B, start, total,
+                                            run.seed), initial=start, total=total, disable=rank
+                    != 0, dynamic_ncols=True, desc=f"{method} {os.path.basename(output_dir)}")
     for step, indices in progress:
-        # every rank draws the whole global batch (the same negatives as one process) and keeps its slice
-        queries, passages, gold, generator = training.global_batch(records, kind, step, indices, group_size, run.seed)
-        queries, passages = training.shard(queries, rank, world_size), training.shard(passages, rank, world_size)
+        # every rank draws the whole global batch (the same negatives
+        # as one process) and keeps its slice
+        queries, passages, gold, generator = training.global_batch(records, kind, step, indices,
+                                                                   group_size, run.seed)
+        queries, passages = training.shard(queries, rank, world_size), training.shard(
+            passages, rank, world_size)
         gold = gold.to(device) if gold is not None else None
-        q_tok, p_tok = (t.to(device) for t in training.tokenize_batch(tokenizer, queries, passages, query_max_len,
-                                                                       passage_max_len))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16 and device.type == "cuda"):
-            loss = training.contrastive_step(net, embed_pairs, config.pooling, loss_fn, q_tok, p_tok, gold,
-                                             generator, grad_cache_chunk)  # forward, loss, backward
-        line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm, train_log,
-                                    tokens=q_tok["input_ids"].numel() + p_tok["input_ids"].numel())  # clip, step
-        if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:  # or not one step applied
+        q_tok, p_tok = (t.to(device) for t in training.tokenize_batch(
+            tokenizer, queries, passages, query_max_len, passage_max_len))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16 and
+                            device.type == "cuda"):
+            loss = training.contrastive_step(net, embed_pairs, config.pooling, loss_fn, q_tok,
+                                             p_tok, gold, generator,
+                                             grad_cache_chunk)  # forward, loss, backward
+        line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm,
+                                    train_log, tokens=q_tok["input_ids"].numel() +
+                                    p_tok["input_ids"].numel())  # clip, step
+        # or not one step applied
+        if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:
             train_log.close()
             sys.exit(training.bad_steps_message(step, train_log, output_dir))
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}")
-        if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
-            training.save_training_checkpoint(output_dir, step + 1, lambda folder: save(folder, step + 1),
-                                                 optimizer, scheduler, identity, train_log, run.save_total_limit)
+        if run.save_steps and (
+                step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
+            training.save_training_checkpoint(output_dir, step + 1,
+                                              lambda folder: save(folder, step + 1), optimizer,
+                                              scheduler, identity, train_log, run.save_total_limit)
     train_log.close()
     if rank == 0:
         save(output_dir, total)
         print(f"saved the model to {output_dir}")
 
 
-def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, pooling, similarity, temperature,
-                     output_dir, **train_kwargs):
-    """Eq. 7: one model per layer n of the pairs, each trained at (n, H) and truncated to d at evaluation.
+def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, pooling, similarity,
+                     temperature, output_dir, **train_kwargs):
+    """Eq. 7: one model per layer n of the pairs, each trained at (n,
+    H) and truncated to d at evaluation.
 
-    load_tuned_model() -> a fresh copy of the base model with its tuning applied (every layer but the
-    first starts from one; the first uses `model`). Writes output_dir/layer_<n> and the top
+    load_tuned_model() -> a fresh copy of the base model with its tuning applied (every layer but
+    the first starts from one; the first uses `model`). Writes output_dir/layer_<n> and the top
     starbucks_config.json that maps each layer to its folder."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     layers = sorted({n for n, _ in pairs})
@@ -296,11 +357,13 @@ def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, p
     for n in layers:
         torch.manual_seed(run.seed)
         model_n = model if n == layers[0] else load_tuned_model()
-        config = sb.StarbucksConfig([(n, d) for m, d in pairs if m == n], pooling, similarity, temperature)
-        embed_pairs, loss_fn = method_loss("separate", sb.StarbucksConfig([(n, H)], pooling, similarity,
-                                                                          temperature), (L, H), kind)
-        train(model_n, tokenizer, kind, records, embed_pairs, loss_fn, config, os.path.join(output_dir, f"layer_{n}"),
-              **train_kwargs)
+        config = sb.StarbucksConfig([(n, d)
+                                     for m, d in pairs if m == n], pooling, similarity, temperature)
+        embed_pairs, loss_fn = method_loss(
+            "separate", sb.StarbucksConfig([(n, H)], pooling, similarity, temperature), (L, H),
+            kind)
+        train(model_n, tokenizer, kind, records, embed_pairs, loss_fn, config,
+              os.path.join(output_dir, f"layer_{n}"), **train_kwargs)
     if training.rank_and_world_size()[0] == 0:
         with open(os.path.join(output_dir, models.CONFIG_FILE), "w") as f:
             json.dump({**asdict(sb.StarbucksConfig(pairs, pooling, similarity, temperature)),
@@ -314,8 +377,8 @@ def main(argv=None):
         print(data.preset_summary(args.preset, PRESETS[args.preset], vars(args)))
     torch.manual_seed(args.seed)
     rank, world_size, device = training.setup()  # torchrun: one process per GPU; else one process
-    kind, records, args.train_group_size = load_training_records(args.train_file, args.train_group_size,
-                                                                 args.skip_bad_lines, rank)
+    kind, records, args.train_group_size = load_training_records(
+        args.train_file, args.train_group_size, args.skip_bad_lines, rank)
 
     def load_tuned_model():
         return tuned(models.load_model(args.model_name_or_path, device)[0])
@@ -333,25 +396,32 @@ def main(argv=None):
     preset_pairs = args.preset and args.pairs == PRESETS[args.preset]["pairs"]
     if preset_pairs and not all(n <= L and d <= H for n, d in sb.parse_pairs(args.pairs)):
         shape = ",".join(f"{n}x{d}" for n, d in sb.default_pairs(L, H))
-        raise ValueError(f"--preset {args.preset} trains BERT-base's pairs ({args.pairs}, 12 layers x "
-                         f"768), but {args.model_name_or_path} has {L} layers x {H}: pass --pairs (the "
-                         f"paper's shape for this model is --pairs {shape}) or a 12 x 768 "
-                         f"--model_name_or_path")
-    pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(L, H)
+        raise ValueError(
+            f"--preset {args.preset} trains BERT-base's pairs ({args.pairs}, 12 layers x "
+            f"768), but {args.model_name_or_path} has {L} layers x {H}: pass --pairs (the "
+            f"paper's shape for this model is --pairs {shape}) or a 12 x 768 "
+            f"--model_name_or_path")
+    pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(
+        L, H)
     if rank == 0:
-        print(f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, device {device}"
-              f" x {world_size} processes")
-    train_kwargs = dict(run=training.TrainingArguments.from_flags(args), group_size=args.train_group_size,
-                        query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-                        grad_cache_chunk=args.grad_cache_chunk, tuning_spec=args.tuning,
-                        flops_budget=args.flops_budget, saved_arguments=vars(args), method=args.method)
+        print(
+            f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, "
+            f"device {device}"
+            f" x {world_size} processes")
+    train_kwargs = dict(
+        run=training.TrainingArguments.from_flags(args), group_size=args.train_group_size,
+        query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+        grad_cache_chunk=args.grad_cache_chunk, tuning_spec=args.tuning,
+        flops_budget=args.flops_budget, saved_arguments=vars(args), method=args.method)
     if args.method == "separate":
-        train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, args.pooling, args.similarity,
-                         args.temperature, args.output_dir, **train_kwargs)
+        train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, args.pooling,
+                         args.similarity, args.temperature, args.output_dir, **train_kwargs)
     else:
         config = sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)
-        embed_pairs, loss_fn = method_loss(args.method, config, (L, H), kind, args.kl, args.kl_weight)
-        train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, args.output_dir, **train_kwargs)
+        embed_pairs, loss_fn = method_loss(args.method, config, (L, H), kind, args.kl,
+                                           args.kl_weight)
+        train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, args.output_dir,
+              **train_kwargs)
     training.cleanup()
 
 

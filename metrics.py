@@ -2,7 +2,8 @@
 nDCG@k, MRR@k, Recall@k (retrieval); TREC run files; and a model's metrics at every pair from one
 forward pass per batch (Eq. 1), with the tables evaluate.py prints.
 
-The metrics are pure functions of numbers, runs {qid: {docid: score}} and qrels {qid: {docid: grade}}.
+The metrics are pure functions of numbers, runs {qid: {docid:
+score}} and qrels {qid: {docid: grade}}.
 
 Each retrieval metric is computed once per query from the judged documents' ranks
 (query_ndcg, query_mrr, query_recall); the run-dict functions and the fast path over a score
@@ -51,10 +52,12 @@ def _average_ranks(v):
 # One query: graded = [(grade, 1-based rank)] of its judged documents that were ranked
 
 def query_ndcg(graded, judgments, k):
-    """nDCG@k: gain = grade, discount log2(rank + 1), ideal DCG from all judged documents of the query."""
+    """nDCG@k: gain = grade, discount log2(rank + 1), ideal DCG from
+    all judged documents of the query."""
     ideal = sorted((g for g in judgments.values() if g > 0), reverse=True)[:k]
     idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
-    dcg = sum(g / math.log2(r + 1) for g, r in sorted(graded, key=lambda gr: gr[1]) if g > 0 and r <= k)
+    dcg = sum(g / math.log2(r + 1) for g, r in sorted(graded, key=lambda gr: gr[1])
+              if g > 0 and r <= k)
     return dcg / idcg if idcg > 0 else 0.0
 
 
@@ -79,30 +82,42 @@ def _mean(values):
 
 def ranked_docids(doc_scores):
     """trec_eval's order: score descending, ties broken by docid in descending string order."""
-    return [docid for docid, _ in sorted(doc_scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+    return [
+        docid
+        for docid, _ in sorted(doc_scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+    ]
 
 
 def run_graded(doc_scores, judgments):
     """[(grade, rank)] of the judged documents in one query's run, ranked in trec_eval's order."""
-    return [(judgments[d], rank) for rank, d in enumerate(ranked_docids(doc_scores), 1) if d in judgments]
+    return [(judgments[d], rank) for rank, d in enumerate(ranked_docids(doc_scores), 1)
+            if d in judgments]
 
 
 def _evaluated_queries(run, qrels):
-    """trec_eval's default: queries that have at least one judgment and appear in the run (a query with
-    no qrels line never reaches trec_eval; one judged all 0 is evaluated and scores 0)."""
+    """trec_eval's default: queries that have at least one judgment and appear in the run (a query
+    with no qrels line never reaches trec_eval; one judged all 0 is evaluated and scores 0)."""
     return [q for q in run if qrels.get(q)]
 
 
 def ndcg_at_k(run, qrels, k=10):
-    return _mean([query_ndcg(run_graded(run[q], qrels[q]), qrels[q], k) for q in _evaluated_queries(run, qrels)])
+    return _mean([
+        query_ndcg(run_graded(run[q], qrels[q]), qrels[q], k)
+        for q in _evaluated_queries(run, qrels)
+    ])
 
 
 def mrr_at_k(run, qrels, k=10):
-    return _mean([query_mrr(run_graded(run[q], qrels[q]), k) for q in _evaluated_queries(run, qrels)])
+    return _mean([
+        query_mrr(run_graded(run[q], qrels[q]), k) for q in _evaluated_queries(run, qrels)
+    ])
 
 
 def recall_at_k(run, qrels, k):
-    return _mean([query_recall(run_graded(run[q], qrels[q]), qrels[q], k) for q in _evaluated_queries(run, qrels)])
+    return _mean([
+        query_recall(run_graded(run[q], qrels[q]), qrels[q], k)
+        for q in _evaluated_queries(run, qrels)
+    ])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +142,8 @@ def judged_ranks(scores, docids, qids, qrels):
         judged = [(column[d], g) for d, g in qrels[qid].items() if d in column]
         cols = torch.tensor([c for c, _ in judged], dtype=torch.long)
         s = scores[row, cols][:, None]  # (J, 1)
-        ahead = (scores[row][None] > s) | ((scores[row][None] == s) & (order[None] > order[cols][:, None]))
+        ahead = (scores[row][None] > s) | ((scores[row][None] == s) &
+                                           (order[None] > order[cols][:, None]))
         ranks[qid] = [(g, int(r) + 1) for (_, g), r in zip(judged, ahead.sum(1).tolist())]
     return ranks
 
@@ -146,13 +162,18 @@ def run_from_scores(scores, docids, qids, depth):
     by_docid = torch.argsort(docid_order(docids), descending=True)  # ties: larger docid first
     ordered = scores[:, by_docid].sort(dim=1, descending=True, stable=True)
     top = by_docid[ordered.indices[:, :depth]]  # (Q, depth)
-    return {qid: {docids[j]: s for j, s in zip(top[row].tolist(), ordered.values[row, :depth].tolist())}
-            for row, qid in enumerate(qids)}
+    return {
+        qid: {
+            docids[j]: s
+            for j, s in zip(top[row].tolist(), ordered.values[row, :depth].tolist())
+        }
+        for row, qid in enumerate(qids)
+    }
 
 
 def write_trec_run(run, path, name):
-    """A TREC run file: run is {qid: {docid: score}} or an iterable of (qid, [(docid, score)] best first), so that
-    the run of millions of hits is written as it streams."""
+    """A TREC run file: run is {qid: {docid: score}} or an iterable of (qid, [(docid, score)] best
+    first), so that the run of millions of hits is written as it streams."""
     ranked = ((qid, [(d, docs[d]) for d in ranked_docids(docs)]) for qid, docs in run.items()) \
         if isinstance(run, dict) else run
     with open(path, "w") as f:
@@ -170,7 +191,9 @@ def accuracy(predictions, labels):
 
 def _cosine_neighbours(train, test, k):
     """Indices of each test row's k most cosine-similar training rows, best first: (Q, k)."""
-    scores = torch.nn.functional.normalize(test, dim=-1) @ torch.nn.functional.normalize(train, dim=-1).T  # (Q, N)
+    # (Q, N)
+    scores = torch.nn.functional.normalize(test, dim=-1) @ torch.nn.functional.normalize(
+        train, dim=-1).T
     return scores.topk(min(k, train.shape[0]), dim=1).indices
 
 
@@ -180,15 +203,19 @@ def nearest_neighbour_accuracy(train, train_labels, test, test_labels):
 
 
 def map_at_k(train, train_labels, test, test_labels, k=10):
-    """Class-based retrieval mAP@k: each test text ranks the training texts by cosine similarity; relevant =
-    same class; AP@k = sum_i P@i rel_i / min(k, relevant in the training set), averaged over test texts.
+    """Class-based retrieval mAP@k: each test text ranks the training texts by cosine
+    similarity; relevant = same class; AP@k = sum_i P@i rel_i / min(k, relevant in the
+    training set), averaged over test texts.
 
-    MRL's retrieval/compute_metrics.py divides by k and ranks by L2 distance. The divisors agree whenever every
-    class has at least k training texts (the embedded sets: 50 per class, k = 10); with fewer, ours still
-    reaches 1 for a perfect ranking and MRL's cannot. Cosine: sub-embeddings are compared as Eq. 2 does."""
-    relevant = (train_labels[_cosine_neighbours(train, test, k)] == test_labels[:, None]).float()  # (Q, k)
+    MRL's retrieval/compute_metrics.py divides by k and ranks by L2 distance. The divisors agree
+    whenever every class has at least k training texts (the embedded sets: 50 per class, k = 10);
+    with fewer, ours still reaches 1 for a perfect ranking and MRL's cannot. Cosine:
+    sub-embeddings are compared as Eq. 2 does."""
+    # (Q, k)
+    relevant = (train_labels[_cosine_neighbours(train, test, k)] == test_labels[:, None]).float()
     precision = relevant.cumsum(1) / torch.arange(1, relevant.shape[1] + 1)  # P@i
-    available = (train_labels[None, :] == test_labels[:, None]).sum(1).clamp(max=relevant.shape[1])  # min(k, R)
+    # min(k, R)
+    available = (train_labels[None, :] == test_labels[:, None]).sum(1).clamp(max=relevant.shape[1])
     return float(((precision * relevant).sum(1) / available.clamp(min=1)).mean())
 
 
@@ -208,7 +235,8 @@ class EvalSettings:
     depth: int = 1000  # ranked documents per query (run files, recall)
     runs_dir: str = None  # write one TREC run file per model, dataset and pair here
     adaptive: str = None  # SMALL:K:LARGE funnel (Eq. 14)
-    index_dir: str = "output/index"  # corpora read from files are encoded here once: <index_dir>/<model>-<tag>/<dataset>
+    # corpora read from files are encoded here once: <index_dir>/<model>-<tag>/<dataset>
+    index_dir: str = "output/index"
     storage_dtype: str = "float16"  # the index's vectors on disk
     shard_size: int = 100_000  # passages per shard
     index: str = "exact"  # exact (streamed over the shards) or faiss-flat / faiss-ivf / faiss-hnsw
@@ -216,7 +244,8 @@ class EvalSettings:
 
 @dataclass
 class CorpusFile:
-    """A corpus read from its file one line at a time, never held as one dict: encoded into a sharded index."""
+    """A corpus read from its file one line at a time, never held as one
+    dict: encoded into a sharded index."""
     path: str
     read: object  # () -> iterator of (docid, text)
 
@@ -230,36 +259,44 @@ def sts_scores(model, tokenizer, dataset, pairs, pooling, max_length=256, batch_
     a, b, gold = dataset
     texts = sorted(set(a) | set(b))
     index = {t: i for i, t in enumerate(texts)}
-    emb = sb.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size, normalize=True)
+    emb = sb.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size,
+                       normalize=True)
     ia, ib = torch.tensor([index[t] for t in a]), torch.tensor([index[t] for t in b])
     return {pair: spearman((emb[pair][ia] * emb[pair][ib]).sum(-1).numpy(), gold) for pair in pairs}
 
 
-def score_matrices(model, tokenizer, dataset, pairs, pooling, similarity, query_max_len=32, passage_max_len=128,
-                   batch_size=64):
+def score_matrices(model, tokenizer, dataset, pairs, pooling, similarity, query_max_len=32,
+                   passage_max_len=128, batch_size=64):
     """Query x corpus scores at every pair: {pair: (Q, N)}, from one encoding pass per batch."""
     corpus, queries, _ = dataset
     normalize = similarity == "cos"
-    d_emb = sb.encode_2d(model, tokenizer, list(corpus.values()), pairs, pooling, passage_max_len, batch_size,
-                         normalize, progress=lambda it: tqdm(it, desc="corpus", leave=False))
-    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, pooling, query_max_len, batch_size,
-                         normalize)
+    d_emb = sb.encode_2d(model, tokenizer, list(corpus.values()), pairs, pooling, passage_max_len,
+                         batch_size, normalize,
+                         progress=lambda it: tqdm(it, desc="corpus", leave=False))
+    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, pooling, query_max_len,
+                         batch_size, normalize)
     return {pair: q_emb[pair] @ d_emb[pair].T for pair in pairs}  # (Q, N) each
 
 
 def load_datasets(sts_files=(), beir_dirs=(), beir_split="test", msmarco=None):
-    """{name: ('sts', (a, b, gold)) or ('retrieval', (corpus, queries, qrels))}; embedded default if none given.
+    """{name: ('sts', (a, b, gold)) or ('retrieval', (corpus, queries,
+    qrels))}; embedded default if none given.
 
     msmarco: (collection, queries, qrels) paths."""
     sets = {}
     for path in sts_files or []:
         sets[os.path.basename(path)] = ("sts", data.read_sts_file(path))
-    for folder in beir_dirs or []:  # the corpus is streamed into an index; queries and qrels are small
-        corpus = CorpusFile(os.path.join(folder, "corpus.jsonl"), lambda folder=folder: data.stream_beir_corpus(folder))
-        sets[os.path.basename(folder.rstrip("/"))] = ("retrieval", (corpus, *data.read_beir_queries(folder, beir_split)))
+    # the corpus is streamed into an index; queries and qrels are small
+    for folder in beir_dirs or []:
+        corpus = CorpusFile(os.path.join(folder, "corpus.jsonl"),
+                            lambda folder=folder: data.stream_beir_corpus(folder))
+        sets[os.path.basename(folder.rstrip("/"))] = ("retrieval",
+                                                      (corpus,
+                                                       *data.read_beir_queries(folder, beir_split)))
     if msmarco:
         corpus = CorpusFile(msmarco[0], lambda: data.stream_msmarco_collection(msmarco[0]))
-        sets["msmarco"] = ("retrieval", (corpus, *data.read_msmarco_queries(msmarco[1], msmarco[2])))
+        sets["msmarco"] = ("retrieval", (corpus,
+                                         *data.read_msmarco_queries(msmarco[1], msmarco[2])))
     if not sets:
         sets["lee2005"] = ("sts", data.lee_sts())
         sets["wiki-ict"] = ("retrieval", data.embedded_retrieval_set())
@@ -267,17 +304,20 @@ def load_datasets(sts_files=(), beir_dirs=(), beir_split="test", msmarco=None):
 
 
 def judgment_coverage(name, dataset, warn_share=0.1):
-    """How many of a retrieval set's queries can be evaluated -> {'queries', 'evaluated', 'judgments',
-    'unknown_query_judgments', 'unknown_document_judgments'}; before any model is loaded.
+    """How many of a retrieval set's queries can be evaluated -> {'queries',
+    'evaluated', 'judgments', 'unknown_query_judgments',
+    'unknown_document_judgments'}; before any model is loaded.
 
-    A query is evaluated when it has a judgment and a text (trec_eval's rule); a judgment naming an
-    unknown query or document is counted, and over warn_share of them is a warning naming a few. No
-    evaluable query, or no judged document in the corpus, is an error: the table would be all zeros.
-    A corpus file is read once here, so that a malformed line stops the run before any model loads."""
+    A query is evaluated when it has a judgment and a text (trec_eval's rule); a judgment
+    naming an unknown query or document is counted, and over warn_share of them is a warning
+    naming a few. No evaluable query, or no judged document in the corpus, is an error: the
+    table would be all zeros. A corpus file is read once here, so that a malformed line
+    stops the run before any model loads."""
     corpus, queries, qrels = dataset
     judgments = [(q, d) for q, judged in qrels.items() for d in judged]
     unknown_queries = [(q, d) for q, d in judgments if q not in queries]
-    if not isinstance(corpus, dict):  # one pass over the file: every line checked, only judged ids kept
+    # one pass over the file: every line checked, only judged ids kept
+    if not isinstance(corpus, dict):
         judged_docs, size = {d for _, d in judgments}, 0
         found = set()
         for docid, _ in corpus.read():
@@ -288,39 +328,55 @@ def judgment_coverage(name, dataset, warn_share=0.1):
     unknown_docs = [(q, d) for q, d in judgments if q in queries and d not in corpus]
     evaluated = sum(1 for q in queries if qrels.get(q))
     if evaluated == 0:
-        raise data.DataError(f"{name}: no query can be evaluated: none of the {len(qrels)} judged query ids is among "
-                             f"the {len(queries)} queries (e.g. qrels {sorted(qrels)[:3]}, queries {sorted(queries)[:3]})")
+        raise data.DataError(
+            f"{name}: no query can be evaluated: none of the {len(qrels)} judged query ids is "
+            "among "
+            f"the {len(queries)} queries (e.g. qrels {sorted(qrels)[:3]}, queries "
+            f"{sorted(queries)[:3]})"
+        )
     if len(unknown_docs) == len(judgments) - len(unknown_queries):
-        raise data.DataError(f"{name}: no judged document is in the corpus "
-                             f"(e.g. {[d for _, d in unknown_docs[:3]]}); check the qrels and corpus ids")
+        raise data.DataError(
+            f"{name}: no judged document is in the corpus "
+            f"(e.g. {[d for _, d in unknown_docs[:3]]}); check the qrels and corpus ids")
     for kind, unknown in (("queries", unknown_queries), ("documents", unknown_docs)):
         if len(unknown) > warn_share * len(judgments):
-            print(f"warning: {name}: {len(unknown)} of {len(judgments)} judgments name unknown {kind}, e.g. "
-                  f"{sorted({q if kind == 'queries' else d for q, d in unknown})[:3]}", file=sys.stderr)
-    return {"queries": len(queries), "evaluated": evaluated, "judgments": len(judgments),
-            "unknown_query_judgments": len(unknown_queries), "unknown_document_judgments": len(unknown_docs)}
+            print(
+                f"warning: {name}: {len(unknown)} of {len(judgments)} judgments name unknown "
+                f"{kind}, e.g. "
+                f"{sorted({q if kind == 'queries' else d for q, d in unknown})[:3]}",
+                file=sys.stderr)
+    return {
+        "queries": len(queries), "evaluated": evaluated, "judgments": len(judgments),
+        "unknown_query_judgments": len(unknown_queries),
+        "unknown_document_judgments": len(unknown_docs)
+    }
 
 
 def load_for_evaluation(name_or_path, settings, device):
-    """-> (path, model folder, model in eval mode, tokenizer, StarbucksConfig with the settings' overrides,
-    'separate' map); see models.checkpoint_folders."""
+    """-> (path, model folder, model in eval mode, tokenizer, StarbucksConfig with the settings'
+    overrides, 'separate' map); see models.checkpoint_folders."""
     path, folder = models.checkpoint_folders(name_or_path)
     model, tokenizer = models.load_model(folder, device)
     model.eval()
-    config, separate = models.read_config(path, model, settings.pairs, settings.grid, settings.pooling,
-                                          settings.similarity)
+    config, separate = models.read_config(path, model, settings.pairs, settings.grid,
+                                          settings.pooling, settings.similarity)
     return path, folder, model, tokenizer, config, separate
 
 
 def evaluate_model(name_or_path, datasets, settings, device, column=None):
-    """-> (config, {dataset: {'n x d': {metric: value}}}) for every pair of one model (or one per layer: Eq. 7).
+    """-> (config, {dataset: {'n x d': {metric: value}}}) for every pair
+    of one model (or one per layer: Eq. 7).
 
-    column: the model's name in the tables, which also names its run files (default: its folder name)."""
+    column: the model's name in the tables, which also names its run
+    files (default: its folder name)."""
     column = column or os.path.basename(name_or_path.rstrip("/"))
-    path, folder, model, tokenizer, config, separate = load_for_evaluation(name_or_path, settings, device)
+    path, folder, model, tokenizer, config, separate = load_for_evaluation(
+        name_or_path, settings, device)
     # separately trained models (Eq. 7): each layer's pairs come from that layer's own model
     groups = {path: config.pairs} if not separate else {
-        os.path.join(path, sub): [p for p in config.pairs if p[0] == int(n)] for n, sub in separate.items()}
+        os.path.join(path, sub): [p for p in config.pairs if p[0] == int(n)]
+        for n, sub in separate.items()
+    }
     results = {}
     for model_path, pairs in groups.items():
         if not pairs:
@@ -330,16 +386,17 @@ def evaluate_model(name_or_path, datasets, settings, device, column=None):
             model.eval()
         for name, (kind, dataset) in datasets.items():
             if kind == "sts":
-                for pair, value in sts_scores(model, tokenizer, dataset, pairs, config.pooling, settings.max_seq_length,
-                                              settings.batch_size).items():
+                for pair, value in sts_scores(model, tokenizer, dataset, pairs, config.pooling,
+                                              settings.max_seq_length, settings.batch_size).items():
                     results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = {"Spearman": value}
                 continue
             corpus, queries, qrels = dataset
             qids = list(queries)
-            if isinstance(corpus, CorpusFile):  # encoded once into a sharded index, searched shard by shard
+            # encoded once into a sharded index, searched shard by shard
+            if isinstance(corpus, CorpusFile):
                 from index import corpus_index as ci, retrieval
-                hits, index, recall = retrieval.index_retrieval(model, tokenizer, model_path, name, dataset,
-                                                                pairs, config, settings)
+                hits, index, recall = retrieval.index_retrieval(model, tokenizer, model_path, name,
+                                                                dataset, pairs, config, settings)
                 for (n, d), (scores, rows) in hits.items():
                     graded = retrieval.hits_graded(index, scores, rows, qids, qrels)
                     figures = retrieval_scores(graded, qrels, settings.depth)
@@ -353,12 +410,12 @@ def evaluate_model(name_or_path, datasets, settings, device, column=None):
                                                os.path.join(settings.runs_dir, f"{tag}.trec"), tag)
                 continue
             docids = list(corpus)
-            for pair, scores in score_matrices(model, tokenizer, dataset, pairs, config.pooling, config.similarity,
-                                               settings.query_max_len, settings.passage_max_len,
-                                               settings.batch_size).items():
+            for pair, scores in score_matrices(
+                    model, tokenizer, dataset, pairs, config.pooling, config.similarity,
+                    settings.query_max_len, settings.passage_max_len, settings.batch_size).items():
                 ranks = judged_ranks(scores, docids, qids, qrels)
-                results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = retrieval_scores(ranks, qrels,
-                                                                                              settings.depth)
+                results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = retrieval_scores(
+                    ranks, qrels, settings.depth)
                 if settings.runs_dir:
                     os.makedirs(settings.runs_dir, exist_ok=True)
                     tag = f"{column}.{name}.{pair[0]}x{pair[1]}"
@@ -368,7 +425,8 @@ def evaluate_model(name_or_path, datasets, settings, device, column=None):
 
 
 def print_tables(all_results, datasets, metric_names=("Spearman", "nDCG@10", "MRR@10")):
-    """One table per dataset and metric: rows = pairs, columns = models; the mean over pairs last."""
+    """One table per dataset and metric: rows = pairs, columns =
+    models; the mean over pairs last."""
     names = list(all_results)
     lines = []
     for dataset in datasets:
@@ -386,7 +444,8 @@ def print_tables(all_results, datasets, metric_names=("Spearman", "nDCG@10", "MR
             keyed = sorted(rows, key=lambda p: tuple(map(int, p.split("x"))))
             for pair in keyed:
                 lines.append(f"{pair:<10}" + "".join(
-                    f"{rows[pair][n]:>{width}.4f}" if n in rows[pair] else f"{'-':>{width}}" for n in names))
+                    f"{rows[pair][n]:>{width}.4f}" if n in rows[pair] else f"{'-':>{width}}"
+                    for n in names))
             means = [np.mean([rows[p][n] for p in keyed if n in rows[p]]) for n in names]
             lines.append(f"{'mean':<10}" + "".join(f"{m:>{width}.4f}" for m in means))
     text = "\n".join(lines)
@@ -395,7 +454,8 @@ def print_tables(all_results, datasets, metric_names=("Spearman", "nDCG@10", "MR
 
 
 def plot_heatmaps(all_results, output_dir):
-    """One PNG per model, dataset and metric: layer x dim grid, colour = metric (matplotlib, optional)."""
+    """One PNG per model, dataset and metric: layer x dim grid, colour
+    = metric (matplotlib, optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -426,7 +486,8 @@ def plot_heatmaps(all_results, output_dir):
                 ax.set_title(f"{model_name}: {dataset} {metric}", fontsize=9)
                 fig.colorbar(image, ax=ax)
                 fig.tight_layout()
-                path = os.path.join(output_dir, f"heatmap_{model_name}_{dataset}_{metric.replace('@', '')}.png")
+                path = os.path.join(
+                    output_dir, f"heatmap_{model_name}_{dataset}_{metric.replace('@', '')}.png")
                 fig.savefig(path, dpi=110)
                 plt.close(fig)
                 paths.append(path)

@@ -1,8 +1,9 @@
 """Models as folders: find a packaged model, load an encoder or a decoder (GGUF), read and write
 starbucks_config.json. Every script loads and saves models through here; nothing is downloaded.
 
-A saved folder is what save_pretrained writes (AutoModel loads it unchanged) plus
-starbucks_config.json: the pairs, pooling and similarity that evaluate.py and deploy/export.py read back.
+A saved folder is what save_pretrained writes (AutoModel loads it unchanged)
+plus starbucks_config.json: the pairs, pooling and similarity that
+evaluate.py and deploy/export.py read back.
 """
 import json
 import os
@@ -21,21 +22,24 @@ CONFIG_FILE = "starbucks_config.json"
 
 
 def resolve_model_path(name_or_path):
-    """A local model folder or .gguf file, or the name of a packaged model. There are no hub downloads here."""
+    """A local model folder or .gguf file, or the name of a packaged
+    model. There are no hub downloads here."""
     if name_or_path in PACKAGED_MODELS:
         return data.packaged_path(*PACKAGED_MODELS[name_or_path])
     if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
         return name_or_path
     if not os.path.isdir(name_or_path):
-        raise data.DataError(f"{name_or_path!r} is not a model folder (nothing is downloaded from a hub); "
-                             f"packaged models: {', '.join(PACKAGED_MODELS)}")
+        raise data.DataError(
+            f"{name_or_path!r} is not a model folder (nothing is downloaded from a hub); "
+            f"packaged models: {', '.join(PACKAGED_MODELS)}")
     if not os.path.exists(os.path.join(name_or_path, "config.json")):
         raise data.DataError(f"{name_or_path} is not a model folder: it has no config.json")
     return name_or_path
 
 
 def load_model(name_or_path, device):
-    """(model, tokenizer) of a model folder, a .gguf file or a packaged name; decoders get a pad token."""
+    """(model, tokenizer) of a model folder, a .gguf file or a
+    packaged name; decoders get a pad token."""
     path = resolve_model_path(name_or_path)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar on every load is noise
@@ -51,14 +55,16 @@ def load_model(name_or_path, device):
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    if tokenizer.pad_token is None:  # decoder-only LMs: pad with EOS; pooling reads the attention mask
+    # decoder-only LMs: pad with EOS; pooling reads the attention mask
+    if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # causal attention: real tokens never see right-hand padding
     return model.to(device), tokenizer
 
 
 def load_tokenizer(name_or_path):
-    """A tokenizer folder, or a WordPiece vocab.txt (BertTokenizer(vocab=...); vocab_file= would give all [UNK])."""
+    """A tokenizer folder, or a WordPiece vocab.txt
+    (BertTokenizer(vocab=...); vocab_file= would give all [UNK])."""
     if os.path.isfile(name_or_path):
         return BertTokenizer(vocab=name_or_path)
     try:
@@ -67,8 +73,10 @@ def load_tokenizer(name_or_path):
         raise data.DataError(f"{name_or_path} has no loadable tokenizer: {e}") from None
 
 
-def load_encoder(name_or_path, device, from_scratch=False, config_overrides=None, tokenizer_name=None):
-    """-> (encoder, tokenizer): the checkpoint, or a random one of the checkpoint's config plus config_overrides."""
+def load_encoder(name_or_path, device, from_scratch=False, config_overrides=None,
+                 tokenizer_name=None):
+    """-> (encoder, tokenizer): the checkpoint, or a random one of the
+    checkpoint's config plus config_overrides."""
     if not from_scratch:
         model, tokenizer = load_model(name_or_path, device)
         if tokenizer_name:
@@ -87,32 +95,41 @@ def load_encoder(name_or_path, device, from_scratch=False, config_overrides=None
 
 
 def load_mlm_head(heads, path):
-    """Copy a BERT checkpoint's prediction head (cls.predictions.*) into SMAE heads; False if it has none."""
+    """Copy a BERT checkpoint's prediction head (cls.predictions.*) into
+    SMAE heads; False if it has none."""
     file = os.path.join(path, "model.safetensors")
     if not os.path.exists(file):
         return False
     with safe_open(file, "pt") as f:
         keys = set(f.keys())
         prefix = "cls.predictions."
-        names = [f"transform.{k}" for k in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")]
+        names = [
+            f"transform.{k}"
+            for k in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")
+        ]
         if not all(prefix + n in keys for n in names):
             return False
         state = {n: f.get_tensor(prefix + n) for n in names}
         bias = prefix + "bias" if prefix + "bias" in keys else prefix + "decoder.bias"
         state["bias"] = f.get_tensor(bias)
-    heads.load_state_dict(state, strict=False)  # the decoder layer keeps its copy of the encoder's layer 1
+    # the decoder layer keeps its copy of the encoder's layer 1
+    heads.load_state_dict(state, strict=False)
     return True
 
 
 def save_model(model, tokenizer, output_dir, config, training_arguments, flops=None):
-    """save_pretrained (loads with AutoModel; LoRA merged, Eq. 16) plus starbucks_config.json: pairs,
-    pooling, arguments and the FLOP accounting (Eq. 15)."""
-    tuning = sys.modules.get("recipe.tuning")  # LoRA layers exist only where recipe.tuning added them
+    """save_pretrained (loads with AutoModel; LoRA merged, Eq. 16) plus starbucks_config.json:
+    pairs, pooling, arguments and the FLOP accounting (Eq. 15)."""
+    # LoRA layers exist only where recipe.tuning added them
+    tuning = sys.modules.get("recipe.tuning")
     (tuning.merged_copy(model) if tuning else model).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
-        json.dump({**asdict(config), "training_arguments": training_arguments, **({"flops": flops} if flops else {})},
-                  f, indent=2)
+        json.dump(
+            {
+                **asdict(config), "training_arguments": training_arguments,
+                **({"flops": flops} if flops else {})
+            }, f, indent=2)
 
 
 def read_config(path, model, pairs=None, grid=False, pooling=None, similarity=None):
@@ -124,10 +141,14 @@ def read_config(path, model, pairs=None, grid=False, pooling=None, similarity=No
     if os.path.exists(config_file):
         saved = json.load(open(config_file))
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    layer_dims = sb.parse_pairs(pairs) if pairs else [tuple(p) for p in saved.get("pairs", [])] or sb.default_pairs(L, H)
+    layer_dims = sb.parse_pairs(pairs) if pairs else [tuple(p) for p in saved.get("pairs", [])
+                                                      ] or sb.default_pairs(L, H)
     layer_dims = sb.check_pairs(layer_dims, L, H)
     if grid:
-        layer_dims = [(n, d) for n in sorted({n for n, _ in layer_dims}) for d in sorted({d for _, d in layer_dims})]
+        layer_dims = [(n, d) for n in sorted({n
+                                              for n, _ in layer_dims})
+                      for d in sorted({d
+                                       for _, d in layer_dims})]
     config = sb.StarbucksConfig(layer_dims, pooling or saved.get("pooling", "mean"),
                                 similarity or saved.get("similarity", "cos"))
     return config, saved.get("separate")
@@ -139,7 +160,8 @@ def checkpoint_folders(name_or_path):
     first layer's model is loaded (all share one config)."""
     config_file = os.path.join(name_or_path, CONFIG_FILE)
     separate = None
-    if os.path.exists(config_file) and not os.path.exists(os.path.join(name_or_path, "config.json")):
+    if os.path.exists(config_file) and not os.path.exists(os.path.join(name_or_path,
+                                                                       "config.json")):
         separate = json.load(open(config_file)).get("separate")
     if not separate:
         path = resolve_model_path(name_or_path)

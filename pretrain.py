@@ -52,20 +52,29 @@ def parse_args(argv=None):
                         "explicitly override it")
     p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL,
                    help="model folder or packaged model name")
-    p.add_argument("--from_scratch", action="store_true",
-                   help="random initialisation with the config (and vocabulary) of --model_name_or_path")
+    p.add_argument(
+        "--from_scratch", action="store_true",
+        help="random initialisation with the config (and vocabulary) of --model_name_or_path")
     p.add_argument("--config_overrides", default=None,
-                   help="with --from_scratch, the size: e.g. num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024")
-    p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or WordPiece vocab.txt; default: the model's")
-    p.add_argument("--train_file", default=None, help="plain text (one document per line) or JSONL with 'text'; default: embedded real text")
+                   help="with --from_scratch, the size: e.g. "
+                        "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024")
+    p.add_argument("--tokenizer_name", default=None,
+                   help="tokenizer folder or WordPiece vocab.txt; default: the model's")
+    p.add_argument(
+        "--train_file", default=None,
+        help="plain text (one document per line) or JSONL with 'text'; default: embedded real text")
     p.add_argument("--output_dir", default="output/pretrain")
-    p.add_argument("--pairs", default=None, help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
+    p.add_argument("--pairs", default=None,
+                   help="LAYERxDIM list, e.g. 2x32,4x64; default: the paper's shape for the model")
     p.add_argument("--max_length", type=int, default=128, help="tokens per crop (the paper: 512)")
-    p.add_argument("--mlm_probability", type=float, default=0.2, help="encoder masking rate (the authors' flag name)")
-    p.add_argument("--decoder_mlm_probability", type=float, default=0.4, help="MAE decoder masking rate; its set contains the encoder's")
+    p.add_argument("--mlm_probability", type=float, default=0.2,
+                   help="encoder masking rate (the authors' flag name)")
+    p.add_argument("--decoder_mlm_probability", type=float, default=0.4,
+                   help="MAE decoder masking rate; its set contains the encoder's")
     p.add_argument("--objective", choices=("smae", "mlm_2d", "mlm"), default="smae",
-                   help="smae: Eq. 13; mlm_2d: the sliced MLM of every pair without the MAE decoder (the authors' "
-                        "BertFor2DMatryoshkaMaskedLM); mlm: plain MLM at the full pair (the paper's ablations)")
+                   help="smae: Eq. 13; mlm_2d: the sliced MLM of every pair without the MAE "
+                        "decoder (the authors' BertFor2DMatryoshkaMaskedLM); mlm: plain MLM at the"
+                        " full pair (the paper's ablations)")
     data.add_training_arguments(p, learning_rate=1e-4, weight_decay=0.001, warmup_ratio=0.05)
     p.add_argument("--gradient_accumulation_steps", type=data.positive_int, default=1,
                    help="micro-batches of --per_device_train_batch_size per optimizer step; the "
@@ -79,9 +88,14 @@ def parse_args(argv=None):
     if args.max_length < 3:
         p.error("--max_length must be at least 3 ([CLS], one token, [SEP])")
     if not 0 < args.mlm_probability <= args.decoder_mlm_probability <= 1:
-        p.error("need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside decoder set)")
-    problem = data.output_dir_problem(args.output_dir, "pass --resume to continue it or --overwrite_output_dir to start over there",
-                                     args.resume, args.overwrite_output_dir, source=args.model_name_or_path)
+        p.error(
+            "need 0 < --mlm_probability <= --decoder_mlm_probability <= 1 (encoder set inside "
+            "decoder set)"
+        )
+    problem = data.output_dir_problem(
+        args.output_dir,
+        "pass --resume to continue it or --overwrite_output_dir to start over there", args.resume,
+        args.overwrite_output_dir, source=args.model_name_or_path)
     for problem in (problem, data.model_problem(args.model_name_or_path),
                     args.train_file and not os.path.isfile(args.train_file)
                     and f"--train_file {args.train_file}: no such file"):
@@ -108,7 +122,8 @@ class PretrainArguments(training.TrainingArguments):
 
 
 class SMAE(torch.nn.Module):
-    """The encoder and its SMAE heads as one module whose forward is the loss (Eq. 13), for one DDP over both.
+    """The encoder and its SMAE heads as one module whose forward is the
+    loss (Eq. 13), for one DDP over both.
 
     The vocabulary decoder reads the encoder's word embeddings (tied, Eq. 10): one parameter, in the
     encoder, that DDP all-reduces once with the sum of both uses' gradients.
@@ -117,38 +132,46 @@ class SMAE(torch.nn.Module):
     def __init__(self, encoder, heads, pairs, objective="smae"):
         super().__init__()
         self.encoder, self.heads, self.pairs, self.objective = encoder, heads, pairs, objective
-        if objective != "smae":  # the ablations have no MAE decoder: keep it out of the optimizer and of DDP
+        # the ablations have no MAE decoder: keep it out of the optimizer and of DDP
+        if objective != "smae":
             heads.decoder_layer.requires_grad_(False)
 
-    def forward(self, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels, token_counts=None):
+    def forward(self, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels,
+                token_counts=None):
         if self.objective == "smae":
-            return sb.smae_loss(self.encoder, self.heads, input_ids, attention_mask, labels, decoder_input_ids,
-                                decoder_labels, self.pairs, token_counts=token_counts)
-        pairs = self.pairs if self.objective == "mlm_2d" else [self.pairs[-1]]  # mlm: the full pair alone
+            return sb.smae_loss(self.encoder, self.heads, input_ids, attention_mask, labels,
+                                decoder_input_ids, decoder_labels, self.pairs,
+                                token_counts=token_counts)
+        # mlm: the full pair alone
+        pairs = self.pairs if self.objective == "mlm_2d" else [self.pairs[-1]]
         return sb.mlm_2d_loss(self.encoder, self.heads, input_ids, attention_mask, labels, pairs,
                               token_counts[0] if token_counts else None)
 
 
-def masked_batch(crops, tokenizer, is_subword, seed, mlm_probability=0.2, decoder_mlm_probability=0.4):
-    """The global batch's (input_ids, attention_mask, labels, decoder_input_ids, decoder_labels), all (B, T)."""
+def masked_batch(crops, tokenizer, is_subword, seed, mlm_probability=0.2,
+                 decoder_mlm_probability=0.4):
+    """The global batch's (input_ids, attention_mask, labels,
+    decoder_input_ids, decoder_labels), all (B, T)."""
     input_ids, attention_mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id,
                                                                  tokenizer.all_special_ids)
     enc_ids, labels, dec_ids, dec_labels = sb.whole_word_masking(
-        input_ids, maskable, is_subword, tokenizer.mask_token_id, seed, mlm_probability, decoder_mlm_probability)
+        input_ids, maskable, is_subword, tokenizer.mask_token_id, seed, mlm_probability,
+        decoder_mlm_probability)
     return enc_ids, attention_mask, labels, dec_ids, dec_labels
 
 
 def training_step(net, batch, device, accumulation=1):
-    """Eq. 13 on this rank's rows of the global batch -> the global batch's loss; gradients in .grad.
+    """Eq. 13 on this rank's rows of the global batch -> the
+    global batch's loss; gradients in .grad.
 
     Every term of the loss is a mean over masked tokens, and the ranks' slices hold different
     numbers of them, so averaging the ranks' own means would not give the global mean. Every rank
     masked the whole global batch and so knows its counts: each rank divides its sums of
     cross-entropies by the global counts (smae_loss's token_counts), and the ranks' losses add up to
-    exactly the single-process loss. DDP averages gradients over ranks: backward of loss x world size.
-    accumulation k: the global batch is k micro-batches of consecutive rows, each split over the
-    ranks in turn, with the same global counts, so their losses and gradients add up to the whole
-    batch's (DDP synchronises the gradients at the last one only).
+    exactly the single-process loss. DDP averages gradients over ranks: backward of loss x world
+    size. accumulation k: the global batch is k micro-batches of consecutive rows, each split over
+    the ranks in turn, with the same global counts, so their losses and gradients add up to the
+    whole batch's (DDP synchronises the gradients at the last one only).
     """
     rank, world_size = training.rank_and_world_size()
     labels, decoder_labels = batch[2], batch[4]
@@ -166,8 +189,8 @@ def training_step(net, batch, device, accumulation=1):
     return training.sum_over_ranks(total)
 
 
-def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_length, mlm_probability,
-          decoder_mlm_probability, saved_arguments, objective="smae"):
+def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_length,
+          mlm_probability, decoder_mlm_probability, saved_arguments, objective="smae"):
     """The loop: seeded per step (data order by epoch, masks by step); non-finite steps are skipped.
 
     run: the shared flags and the accumulation (PretrainArguments); saved_arguments: the command
@@ -183,14 +206,17 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
                              f"accumulation steps)")
     total = run.total_steps(steps_per_epoch)
     is_subword = training.subword_flags(tokenizer)
-    training.freeze_unreached(encoder, max(n for n, _ in pairs))  # the pooler, layers above the pairs
+    # the pooler, layers above the pairs
+    training.freeze_unreached(encoder, max(n for n, _ in pairs))
     smae = SMAE(encoder, heads, pairs, objective)
     trainable = [p for p in smae.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
-    identity = training.run_identity(saved_arguments, world_size, [saved_arguments.get("train_file")],
-                                        models.resolve_model_path(saved_arguments["model_name_or_path"]))
+    identity = training.run_identity(
+        saved_arguments, world_size, [saved_arguments.get("train_file")],
+        models.resolve_model_path(saved_arguments["model_name_or_path"]))
     optimizer, scheduler, folder, start, train_log = training.start_training(
-        encoder, output_dir, run.resume, run.learning_rate, run.weight_decay, training.cosine_schedule, total,
+        encoder, output_dir, run.resume,
+        run.learning_rate, run.weight_decay, training.cosine_schedule, total,
         math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir, optimized=smae)
     if folder:  # the encoder's weights are restored; the heads are in their own file
         heads.load_state_dict(torch.load(os.path.join(folder, HEADS_FILE), weights_only=True))
@@ -198,27 +224,34 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     smae.train()
 
     def save(folder):
-        """The loadable encoder folder (models.save_model), plus smae_heads.pt (MLM head, MAE decoder layer)."""
+        """The loadable encoder folder (models.save_model), plus
+        smae_heads.pt (MLM head, MAE decoder layer)."""
         models.save_model(encoder, tokenizer, folder, config, saved_arguments)
         torch.save(heads.state_dict(), os.path.join(folder, HEADS_FILE))
 
-    progress = tqdm(training.global_batches(len(crops), B, start, total, run.seed), initial=start, total=total,
-                    disable=rank != 0, dynamic_ncols=True, desc=f"smae {os.path.basename(output_dir)}")
+    progress = tqdm(training.global_batches(len(crops), B, start, total,
+                                            run.seed), initial=start, total=total, disable=rank
+                    != 0, dynamic_ncols=True, desc=f"smae {os.path.basename(output_dir)}")
     for step, indices in progress:
-        # every rank draws and masks the whole global batch (masks seeded by step) and keeps its rows
-        batch = masked_batch([crops[i] for i in indices], tokenizer, is_subword, run.seed * 1_000_003 + step,
-                             mlm_probability, decoder_mlm_probability)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16 and device.type == "cuda"):
+        # every rank draws and masks the whole global batch (masks
+        # seeded by step) and keeps its rows
+        batch = masked_batch([crops[i] for i in indices], tokenizer, is_subword,
+                             run.seed * 1_000_003 + step, mlm_probability, decoder_mlm_probability)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16 and
+                            device.type == "cuda"):
             loss = training_step(net, batch, device, A)  # forward, Eq. 13, backward
-        line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm, train_log)
-        if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:  # or not one step applied
+        line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm,
+                                    train_log)
+        # or not one step applied
+        if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:
             train_log.close()
             sys.exit(training.bad_steps_message(step, train_log, output_dir))
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}", skipped=train_log.skipped)
-        if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
-            training.save_training_checkpoint(output_dir, step + 1, save, optimizer, scheduler, identity,
-                                                 train_log, run.save_total_limit)
+        # after a good step
+        if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:
+            training.save_training_checkpoint(output_dir, step + 1, save, optimizer, scheduler,
+                                              identity, train_log, run.save_total_limit)
     train_log.close()
     if rank == 0:
         save(output_dir)
@@ -238,20 +271,24 @@ def main(argv=None):
                                                      args.skip_bad_lines)
         if bad and rank == 0:
             print(f"skipped {bad} bad lines of {args.train_file}", file=sys.stderr)
-    encoder, tokenizer = models.load_encoder(args.model_name_or_path, device, args.from_scratch, args.config_overrides,
-                                             args.tokenizer_name)
+    encoder, tokenizer = models.load_encoder(args.model_name_or_path, device, args.from_scratch,
+                                             args.config_overrides, args.tokenizer_name)
     crops = training.crop_documents(tokenizer, documents, args.max_length)
     L, H = encoder.config.num_hidden_layers, encoder.config.hidden_size
-    pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(L, H)
+    pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(
+        L, H)
     heads = sb.SMAEHeads(encoder).to(device)
-    from_checkpoint = not args.from_scratch and models.load_mlm_head(heads,
-                                                                     models.resolve_model_path(args.model_name_or_path))
+    from_checkpoint = not args.from_scratch and models.load_mlm_head(
+        heads, models.resolve_model_path(args.model_name_or_path))
     if rank == 0:
-        print(f"smae: {len(documents)} documents, {len(crops)} crops of <= {args.max_length} tokens, pairs {pairs}, "
-              f"{L} layers x {H}, device {device} x {world_size} processes; MLM head "
-              f"{'from the checkpoint' if from_checkpoint else 'initialised fresh (the checkpoint has none)'}, "
-              f"its vocabulary decoder tied to the word embeddings")
-    config = sb.StarbucksConfig(pairs, pooling="cls", similarity="dot")  # the MAE sentence vector is the CLS one
+        print(
+            f"smae: {len(documents)} documents, {len(crops)} crops of <= {args.max_length} tokens, "
+            f"pairs {pairs}, "
+            f"{L} layers x {H}, device {device} x {world_size} processes; MLM head "
+            f"{'from the checkpoint' if from_checkpoint else 'initialised fresh (the checkpoint has none)'}, "
+            f"its vocabulary decoder tied to the word embeddings")
+    # the MAE sentence vector is the CLS one
+    config = sb.StarbucksConfig(pairs, pooling="cls", similarity="dot")
     if args.preset and rank == 0:
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
         if batch != RELEASED_GLOBAL_BATCH:

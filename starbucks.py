@@ -60,9 +60,13 @@ def check_pairs(pairs, num_layers, hidden_size):
             raise ValueError(f"pair {p!r} is not two integers (layer, dim)")
         n, d = p
         if not 1 <= n <= num_layers:
-            raise ValueError(f"pair {p}: layer {n} is outside 1..{num_layers} (the model has {num_layers} layers)")
+            raise ValueError(
+                f"pair {p}: layer {n} is outside 1..{num_layers} (the model has {num_layers} "
+                "layers)"
+            )
         if not 1 <= d <= hidden_size:
-            raise ValueError(f"pair {p}: dim {d} is outside 1..{hidden_size} (the model's hidden size)")
+            raise ValueError(
+                f"pair {p}: dim {d} is outside 1..{hidden_size} (the model's hidden size)")
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"duplicate pairs in {pairs}")
     if pairs != sorted(pairs):
@@ -94,8 +98,10 @@ class StarbucksConfig:
 # 2D embeddings from one forward pass (Eq. 1)
 
 def transformer_layers(model):
-    """The model's list of transformer blocks (BERT/MPNet: encoder.layer, Llama: layers, GPT-2: h)."""
-    for path in ("encoder.layer", "layers", "h", "gpt_neox.layers", "transformer.h", "model.layers"):
+    """The model's list of transformer blocks (BERT/MPNet:
+    encoder.layer, Llama: layers, GPT-2: h)."""
+    for path in ("encoder.layer", "layers", "h", "gpt_neox.layers", "transformer.h",
+                 "model.layers"):
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)
@@ -105,7 +111,8 @@ def transformer_layers(model):
 
 
 def final_norm(model):
-    """The final norm of a pre-LN backbone (applied to every sub-layer), or None for post-LN BERT."""
+    """The final norm of a pre-LN backbone (applied to every
+    sub-layer), or None for post-LN BERT."""
     for name in ("norm", "ln_f", "final_layer_norm"):
         module = getattr(model, name, None)
         if isinstance(module, torch.nn.Module):
@@ -127,7 +134,8 @@ def layer_hidden_states(model, input_ids, attention_mask, layers):
     blocks = transformer_layers(inner)
     layers = sorted(set(layers))
     last = layers[-1]
-    # A forward that raises out of DDP skips its gradient-sync setup, so under DDP it always finishes.
+    # A forward that raises out of DDP skips its gradient-sync
+    # setup, so under DDP it always finishes.
     stop = last < len(blocks) and inner is model
     hidden = {}
 
@@ -154,12 +162,14 @@ def layer_hidden_states(model, input_ids, attention_mask, layers):
 
 
 def pool(hidden, attention_mask, pooling):
-    """Sentence vector of one layer: 'cls' (first token), 'mean' (over real tokens), 'last' (last real token)."""
+    """Sentence vector of one layer: 'cls' (first token), 'mean' (over
+    real tokens), 'last' (last real token)."""
     if pooling == "cls":
         return hidden[:, 0]  # (B, H)
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
     if pooling == "mean":
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H): divide by real tokens, not T
+        # (B, H): divide by real tokens, not T
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
     if pooling == "last":
         # index of the last real token; works for right and left padding alike
         T = attention_mask.shape[1]
@@ -194,12 +204,14 @@ def similarity_scores(q, p, temperature=1.0, similarity="dot"):
 def positive_index(num_queries, num_candidates, device=None):
     """Column of each query's positive: p[i*G] for query i (G = candidates per query)."""
     if num_queries == 0 or num_candidates % num_queries:
-        raise ValueError(f"{num_candidates} passages do not split into groups for {num_queries} queries")
+        raise ValueError(
+            f"{num_candidates} passages do not split into groups for {num_queries} queries")
     return torch.arange(num_queries, device=device) * (num_candidates // num_queries)  # (B,)
 
 
 def contrastive_loss(q, p, temperature=1.0, similarity="dot"):
-    """Eq. 3: InfoNCE with in-batch negatives; q (B, d), p (B*G, d), positive of query i is p[i*G]."""
+    """Eq. 3: InfoNCE with in-batch negatives; q (B, d), p (B*G,
+    d), positive of query i is p[i*G]."""
     scores = similarity_scores(q, p, temperature, similarity)  # (B, BG)
     return F.cross_entropy(scores, positive_index(q.shape[0], p.shape[0], q.device))
 
@@ -231,8 +243,9 @@ def srl_loss(q_2d, p_2d, pairs, temperature=1.0, kl_weight=1.0, similarity="dot"
 
 
 def embedding_kl_loss(student, teacher, temperature=1.0):
-    """Eq. 4': KL over embedding coordinates, KL(softmax(teacher[:, :d]/T) || softmax(student/T)), batch mean over
-    the rows, teacher NOT detached. student (N, d), teacher (N, >= d): the rows are every text of the batch.
+    """Eq. 4': KL over embedding coordinates, KL(softmax(teacher[:, :d]/T) ||
+    softmax(student/T)), batch mean over the rows, teacher NOT detached. student (N, d), teacher
+    (N, >= d): the rows are every text of the batch.
 
     This is what the authors' STS script and sentence-transformers' 2D loss use; offered only to
     reproduce those runs (Eq. 4, over candidate scores and detached, is the intended form).
@@ -243,26 +256,30 @@ def embedding_kl_loss(student, teacher, temperature=1.0):
 
 
 def released_starbucks_loss(base_loss, a_2d, b_2d, pairs, kl_weight=0.3):
-    """Eq. 5', the authors' StarbucksLoss as released (sts/starbucks_loss.py, forward): the SUM over pairs of
-    base_loss(a, b) plus, for every pair but the last, kl_weight x Eq. 4' over the embeddings of EVERY text of
-    the batch (both columns concatenated, as its ForwardDecorator concatenates each call's embeddings), the
-    teacher being the full pair's embedding truncated to d. kl_weight = kl_temperature (0.3) x kl_div_weight (1):
-    the released code multiplies by its 'temperature' and divides by none. Departs from the paper's mean over
-    |S| (Eq. 5) on purpose: it reproduces the released STS runs.
+    """Eq. 5', the authors' StarbucksLoss as released (sts/starbucks_loss.py, forward): the SUM
+    over pairs of base_loss(a, b) plus, for every pair but the last, kl_weight x Eq. 4' over the
+    embeddings of EVERY text of the batch (both columns concatenated, as its ForwardDecorator
+    concatenates each call's embeddings), the teacher being the full pair's embedding truncated
+    to d. kl_weight = kl_temperature (0.3) x kl_div_weight (1): the released code multiplies by
+    its 'temperature' and divides by none. Departs from the paper's mean over |S| (Eq. 5) on
+    purpose: it reproduces the released STS runs.
     """
-    teacher = torch.cat([a_2d[pairs[-1]], b_2d[pairs[-1]]])  # (B + B', H): every text at the full pair
+    # (B + B', H): every text at the full pair
+    teacher = torch.cat([a_2d[pairs[-1]], b_2d[pairs[-1]]])
     total = 0.0
     for pair in pairs:
         total = total + base_loss(a_2d[pair], b_2d[pair])
         if pair != pairs[-1]:
-            total = total + kl_weight * embedding_kl_loss(torch.cat([a_2d[pair], b_2d[pair]]), teacher)
+            total = total + kl_weight * embedding_kl_loss(torch.cat([a_2d[pair], b_2d[pair]]),
+                                                          teacher)
     return total
 
 
 def srl_loss_embedding_kl(q_2d, p_2d, pairs, temperature=1.0, kl_weight=0.3, similarity="cos"):
-    """Eq. 5' with Eq. 3 as the base loss: the released AllNLI STS run (MultipleNegativesRankingLoss in StarbucksLoss)."""
-    return released_starbucks_loss(lambda q, p: contrastive_loss(q, p, temperature, similarity), q_2d, p_2d, pairs,
-                                   kl_weight)
+    """Eq. 5' with Eq. 3 as the base loss: the released AllNLI STS run
+    (MultipleNegativesRankingLoss in StarbucksLoss)."""
+    return released_starbucks_loss(lambda q, p: contrastive_loss(q, p, temperature, similarity),
+                                   q_2d, p_2d, pairs, kl_weight)
 
 
 def full_loss(q_2d, p_2d, pairs, temperature=1.0, similarity="dot"):
@@ -279,12 +296,13 @@ def matryoshka_2d_loss(q_layers, p_layers, dims, generator, temperature=1.0, sim
                        kl_temperature=0.3, kl_weight=1.0, base_loss=None):
     """Eq. 9: 2DMSE as the paper's STS baseline ran it: ONE random size per step, not all of them.
 
-    q_layers / p_layers: {n: (B, H)} and {n: (B', H)} full-width pooled embeddings of every layer 1..L (keys
-    sorted). Samples d_a for the last layer, one earlier layer n uniformly and one d_b; weight w_n = 1/n; KL
-    over the coordinates of the full-width embeddings of EVERY text (both columns, as the library's forward
-    decorator concatenates them) with temperature T = 0.3, multiplied by T, the teacher not detached: this
-    mirrors sentence-transformers' Matryoshka2dLoss before its 2026 fixes (issues #3757, #3880, #3901), the
-    version the paper's STS baseline ran. base_loss(a, b), default Eq. 3 (CoSENT on scored pairs).
+    q_layers / p_layers: {n: (B, H)} and {n: (B', H)} full-width pooled embeddings of every layer
+    1..L (keys sorted). Samples d_a for the last layer, one earlier layer n uniformly and one d_b;
+    weight w_n = 1/n; KL over the coordinates of the full-width embeddings of EVERY text (both
+    columns, as the library's forward decorator concatenates them) with temperature T = 0.3,
+    multiplied by T, the teacher not detached: this mirrors sentence-transformers' Matryoshka2dLoss
+    before its 2026 fixes (issues #3757, #3880, #3901), the version the paper's STS baseline ran.
+    base_loss(a, b), default Eq. 3 (CoSENT on scored pairs).
     """
     base_loss = base_loss or (lambda q, p: contrastive_loss(q, p, temperature, similarity))
     layers = sorted(q_layers)
@@ -293,20 +311,23 @@ def matryoshka_2d_loss(q_layers, p_layers, dims, generator, temperature=1.0, sim
     d_a, n, d_b = pick(dims), pick(layers[:-1]), pick(dims)
     loss = base_loss(q_layers[last][:, :d_a], p_layers[last][:, :d_a])
     loss = loss + base_loss(q_layers[n][:, :d_b], p_layers[n][:, :d_b]) / n
-    kl = embedding_kl_loss(torch.cat([q_layers[n], p_layers[n]]), torch.cat([q_layers[last], p_layers[last]]),
+    kl = embedding_kl_loss(torch.cat([q_layers[n], p_layers[n]]),
+                           torch.cat([q_layers[last], p_layers[last]]),
                            kl_temperature)  # every text, full width
     return loss + kl_weight * kl_temperature * kl
 
 
-def matryoshka_2d_retrieval_loss(q_layers, p_layers, dims, generator, temperature=1.0, similarity="dot",
-                                 kl_weight=1.0):
-    """Eq. 9', 2DMSE as the authors' retrieval code runs it (retrieval/modeling.py, `sub_model_sampling`; the
-    paper's MS MARCO 2DMSE row): one layer sampled from the pairs' layers but the last, plus the last layer;
-    at each of the two, Eq. 3 at EVERY dim of `dims` (the last layer's full width once), each plus kl_weight x
-    Eq. 4 against the detached full pair's scores; summed, no 1/n weight.
+def matryoshka_2d_retrieval_loss(q_layers, p_layers, dims, generator, temperature=1.0,
+                                 similarity="dot", kl_weight=1.0):
+    """Eq. 9', 2DMSE as the authors' retrieval code runs it (retrieval/modeling.py,
+    `sub_model_sampling`; the paper's MS MARCO 2DMSE row): one layer sampled from the pairs'
+    layers but the last, plus the last layer; at each of the two, Eq. 3 at EVERY dim of
+    `dims` (the last layer's full width once), each plus kl_weight x Eq. 4 against the
+    detached full pair's scores; summed, no 1/n weight.
 
-    q_layers / p_layers: {n: (B, H)} and {n: (BG, H)} full-width pooled embeddings of the pairs' layers (keys
-    sorted). Their code draws the layer with Python's random; here it is the step's seeded generator.
+    q_layers / p_layers: {n: (B, H)} and {n: (BG, H)} full-width pooled embeddings
+    of the pairs' layers (keys sorted). Their code draws the layer with Python's
+    random; here it is the step's seeded generator.
     """
     layers = sorted(q_layers)
     last, full = layers[-1], q_layers[layers[-1]].shape[-1]
@@ -321,18 +342,21 @@ def matryoshka_2d_retrieval_loss(q_layers, p_layers, dims, generator, temperatur
 
 
 def cosent_loss(a, b, gold, scale=20.0):
-    """CoSENT on scored pairs: log(1 + sum over (i, j) with gold_i > gold_j of exp(scale (cos_j - cos_i)))."""
+    """CoSENT on scored pairs: log(1 + sum over (i, j) with gold_i >
+    gold_j of exp(scale (cos_j - cos_i)))."""
     cos = F.cosine_similarity(a, b, dim=-1) * scale  # (B,)
     diff = cos[None, :] - cos[:, None]  # (B, B): entry (i, j) = cos_j - cos_i
-    diff = diff.masked_fill(gold[:, None] <= gold[None, :], float("-inf"))  # keep pairs with gold_i > gold_j
+    # keep pairs with gold_i > gold_j
+    diff = diff.masked_fill(gold[:, None] <= gold[None, :], float("-inf"))
     zero = torch.zeros(1, dtype=diff.dtype, device=diff.device)
     return torch.logsumexp(torch.cat([zero, diff.flatten()]), dim=0)
 
 
 def srl_cosent_loss(a_2d, b_2d, gold, pairs, scale=20.0):
-    """Eq. 5 on scored pairs (the paper's low-resource STS-B run, as the paper writes it): mean over pairs of
-    CoSENT. No candidate distribution exists on scored pairs, so Eq. 4 has nothing to act on; the released
-    run's coordinate KL is `released_starbucks_loss` with CoSENT (finetune.py --kl embeddings)."""
+    """Eq. 5 on scored pairs (the paper's low-resource STS-B run, as the paper writes it):
+    mean over pairs of CoSENT. No candidate distribution exists on scored pairs, so Eq. 4 has
+    nothing to act on; the released run's coordinate KL is `released_starbucks_loss` with
+    CoSENT (finetune.py --kl embeddings)."""
     return sum(cosent_loss(a_2d[p], b_2d[p], gold, scale) for p in pairs) / len(pairs)
 
 
@@ -352,30 +376,39 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
     starts = range(0, len(texts), batch_size)
     for start in (progress(starts) if progress else starts):
         batch = [texts[i] for i in order[start:start + batch_size]]
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
         out = embed_2d(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), pairs,
                        pooling, normalize)
         for pair in pairs:
             chunks[pair].append(out[pair].float().cpu())
-            if not torch.isfinite(chunks[pair][-1]).all():  # no score or metric could be right after this
-                raise ValueError(f"the model's {pair[0]}x{pair[1]} embeddings are not finite (NaN or inf): a broken "
-                                 f"checkpoint, or an overflow in reduced precision")
+            # no score or metric could be right after this
+            if not torch.isfinite(chunks[pair][-1]).all():
+                raise ValueError(
+                    f"the model's {pair[0]}x{pair[1]} embeddings are not finite (NaN or inf): a "
+                    "broken "
+                    f"checkpoint, or an overflow in reduced precision")
     inverse = torch.empty(len(texts), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
-    return {pair: torch.cat(chunks[pair])[inverse] if texts else torch.empty(0, pair[1]) for pair in pairs}
+    return {
+        pair: torch.cat(chunks[pair])[inverse] if texts else torch.empty(0, pair[1])
+        for pair in pairs
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Early-exit encoding at one size (Eq. 1); deploy/funnel.py uses the sizes (Eq. 14)
 
-def encode(model, tokenizer, texts, pair, pooling="cls", max_length=128, batch_size=64, normalize=False,
-           progress=None):
-    """Eq. 1 at one size: e^(n,d) of every text, (N, d), running only the first n layers (early exit)."""
+
+def encode(model, tokenizer, texts, pair, pooling="cls", max_length=128, batch_size=64,
+           normalize=False, progress=None):
+    """Eq. 1 at one size: e^(n,d) of every text, (N, d), running only
+    the first n layers (early exit)."""
     if isinstance(texts, str):
         raise ValueError("texts is one string: pass a list of strings")
     pair = check_pairs([pair], model.config.num_hidden_layers, model.config.hidden_size)[0]
-    return encode_2d(model, tokenizer, list(texts), [pair], pooling, max_length, batch_size, normalize,
-                     progress)[pair]
+    return encode_2d(model, tokenizer, list(texts), [pair], pooling, max_length, batch_size,
+                     normalize, progress)[pair]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,27 +417,34 @@ def encode(model, tokenizer, texts, pair, pooling="cls", max_length=128, batch_s
 # Labels follow transformers' convention: the token id at a masked position, -100 elsewhere.
 
 class SMAEHeads(torch.nn.Module):
-    """The trainable parts of Eq. 10 and 12 outside the encoder: the shared MLM head and the MAE decoder.
+    """The trainable parts of Eq. 10 and 12 outside the encoder: the
+    shared MLM head and the MAE decoder.
 
-    Holds weights only (no forward): mlm_transform, mlm_logits and mae_loss read them. The vocabulary
-    decoder has no weight of its own: it is tied to the encoder's word embeddings (Eq. 10).
+    Holds weights only (no forward): mlm_transform, mlm_logits and mae_loss
+    read them. The vocabulary decoder has no weight of its own: it is tied to
+    the encoder's word embeddings (Eq. 10).
     """
 
     def __init__(self, encoder):
         super().__init__()
         if not isinstance(getattr(encoder, "embeddings", None), torch.nn.Module):
-            raise ValueError(f"SMAE needs a BERT-style encoder with .embeddings, not {type(encoder).__name__}")
+            raise ValueError(
+                f"SMAE needs a BERT-style encoder with .embeddings, not {type(encoder).__name__}")
         config = encoder.config
-        self.transform = BertPredictionHeadTransform(config)  # dense (H x H), GELU, LayerNorm over H
-        self.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))  # the vocabulary decoder's bias
+        # dense (H x H), GELU, LayerNorm over H
+        self.transform = BertPredictionHeadTransform(config)
+        # the vocabulary decoder's bias
+        self.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))
         # Eq. 12: one transformer layer initialised from (a copy of) the encoder's first layer
         self.decoder_layer = copy.deepcopy(transformer_layers(encoder)[0])
-        torch.nn.init.normal_(self.transform.dense.weight, std=config.initializer_range)  # BERT's init
+        # BERT's init
+        torch.nn.init.normal_(self.transform.dense.weight, std=config.initializer_range)
         torch.nn.init.zeros_(self.transform.dense.bias)
 
 
 def mlm_transform(heads, h):
-    """Eq. 10, first part: GELU-LN(W[:, :d] h + b) for h (..., d): the projection reads only d inputs."""
+    """Eq. 10, first part: GELU-LN(W[:, :d] h + b) for h (..., d):
+    the projection reads only d inputs."""
     d = h.shape[-1]
     z = F.linear(h, heads.transform.dense.weight[:, :d], heads.transform.dense.bias)  # (..., H)
     return heads.transform.LayerNorm(heads.transform.transform_act_fn(z))  # (..., H)
@@ -416,74 +456,91 @@ def mlm_logits(heads, word_embeddings, t):
 
 
 def mlm_loss(heads, word_embeddings, h, labels, all_positions=False):
-    """Eq. 11: cross-entropy of the sliced head (Eq. 10) on h = h^(n)[:, :, :d] (B, T, d) at masked positions.
+    """Eq. 11: cross-entropy of the sliced head (Eq. 10) on h = h^(n)[:,
+    :, :d] (B, T, d) at masked positions.
 
-    all_positions=True computes logits at every position and ignores unmasked labels, as the authors'
-    code does (same loss, ~T/M times the head's FLOPs); kept for the benchmark and the tests.
+    all_positions=True computes logits at every position and ignores unmasked
+    labels, as the authors' code does (same loss, ~T/M times the head's
+    FLOPs); kept for the benchmark and the tests.
     """
     if all_positions:
         logits = mlm_logits(heads, word_embeddings, mlm_transform(heads, h))  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     masked = labels != -100  # (B, T)
-    logits = mlm_logits(heads, word_embeddings, mlm_transform(heads, h[masked]))  # (M, V): masked only
+    # (M, V): masked only
+    logits = mlm_logits(heads, word_embeddings, mlm_transform(heads, h[masked]))
     return F.cross_entropy(logits, labels[masked])
 
 
 def mae_decoder(heads, decoder_embeds, sentence, attention_mask, rows=None):
-    """Eq. 12's decoder: one layer over the decoder input's embeddings (B, T, H) with position 0 replaced
-    by the sub-model's sentence vector (B, H) -> its outputs at `rows` (B, T) bool, (M, H); None: all, (B, T, H).
+    """Eq. 12's decoder: one layer over the decoder input's embeddings (B, T, H) with
+    position 0 replaced by the sub-model's sentence vector (B, H) -> its outputs at `rows`
+    (B, T) bool, (M, H); None: all, (B, T, H).
 
     Only the keys and values need every position: with rows given, the attention output and the
     feed-forward (3/4 of the layer's FLOPs) run at those rows only, through the layer's own modules.
     """
     x = torch.cat([sentence[:, None], decoder_embeds[:, 1:]], dim=1)  # (B, T, H)
-    # additive mask (B, 1, 1, T): 0 on real tokens, -inf-like on padding (eager and SDPA attention accept it)
+    # additive mask (B, 1, 1, T): 0 on real tokens, -inf-like on padding
+    # (eager and SDPA attention accept it)
     pad = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
     layer = heads.decoder_layer
     if rows is None:  # the whole layer at every position, as the authors run it
         y = layer(x, attention_mask=pad)
         return y[0] if isinstance(y, tuple) else y  # (B, T, H)
     context = layer.attention.self(x, attention_mask=pad)[0]  # (B, T, H): every query, every key
-    a = layer.attention.output(context[rows], x[rows])  # (M, H): output projection, residual, LayerNorm
+    # (M, H): output projection, residual, LayerNorm
+    a = layer.attention.output(context[rows], x[rows])
     return layer.output(layer.intermediate(a), a)  # (M, H): feed-forward, residual, LayerNorm
 
 
-def mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels, all_positions=False):
-    """Eq. 12: the MAE decoder's prediction of the decoder input's masked tokens (through the Eq. 10 head)."""
+def mae_loss(heads, word_embeddings, decoder_embeds, sentence, attention_mask, decoder_labels,
+             all_positions=False):
+    """Eq. 12: the MAE decoder's prediction of the decoder input's
+    masked tokens (through the Eq. 10 head)."""
     if all_positions:
         y = mae_decoder(heads, decoder_embeds, sentence, attention_mask)  # (B, T, H)
         return mlm_loss(heads, word_embeddings, y, decoder_labels, all_positions=True)
     rows = decoder_labels != -100  # (B, T)
     y = mae_decoder(heads, decoder_embeds, sentence, attention_mask, rows)  # (M, H)
-    return F.cross_entropy(mlm_logits(heads, word_embeddings, mlm_transform(heads, y)), decoder_labels[rows])
+    return F.cross_entropy(mlm_logits(heads, word_embeddings, mlm_transform(heads, y)),
+                           decoder_labels[rows])
 
 
-def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels, pairs,
-              all_positions=False, token_counts=None):
+def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels,
+              pairs, all_positions=False, token_counts=None):
     """Eq. 13: mean over pairs of (L_MLM^(n,d) + L_MAE^(n,d)) / 2, every pair from ONE encoder pass.
 
-    The encoder reads the 20 % masked input (labels), the MAE decoder the 40 % masked one (decoder_labels).
-    all_positions=True is the authors' computation (logits at every position, pair by pair), for comparison.
-    token_counts: (encoder, decoder) masked tokens of a whole batch of which this call sees a slice;
-    each term's cross-entropies are summed and divided by these counts instead of averaged, so the
-    slices' losses add up to the whole batch's loss (torchrun: ranks hold different numbers of masked tokens).
+    The encoder reads the 20 % masked input (labels), the MAE decoder the 40 % masked one
+    (decoder_labels). all_positions=True is the authors' computation (logits at every position, pair
+    by pair), for comparison. token_counts: (encoder, decoder) masked tokens of a whole batch of
+    which this call sees a slice; each term's cross-entropies are summed and divided by these counts
+    instead of averaged, so the slices' losses add up to the whole batch's loss (torchrun: ranks
+    hold different numbers of masked tokens).
     """
     if all_positions and token_counts is not None:
-        raise ValueError("token_counts needs the masked-positions computation (all_positions=False)")
-    hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])  # {n: (B, T, H)}
-    word_embeddings = encoder.get_input_embeddings().weight  # (V, H), shared by encoder, head and decoder
+        raise ValueError(
+            "token_counts needs the masked-positions computation (all_positions=False)")
+    # {n: (B, T, H)}
+    hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])
+    # (V, H), shared by encoder, head and decoder
+    word_embeddings = encoder.get_input_embeddings().weight
     # Departure: one forward, one dropout mask for every pair (authors re-embed per pair); same mean
-    decoder_embeds = encoder.embeddings(input_ids=decoder_input_ids)  # (B, T, H), once for all pairs
-    # transform of the first token only; the authors transform every token, then keep the first (same values)
-    sentences = {(n, d): mlm_transform(heads, hidden[n][:, 0, :d]) for n, d in pairs}  # {pair: (B, H)}
+    # (B, T, H), once for all pairs
+    decoder_embeds = encoder.embeddings(input_ids=decoder_input_ids)
+    # transform of the first token only; the authors transform every token, then keep
+    # the first (same values) {pair: (B, H)}
+    sentences = {(n, d): mlm_transform(heads, hidden[n][:, 0, :d]) for n, d in pairs}
     if all_positions:
-        return sum((mlm_loss(heads, word_embeddings, hidden[n][:, :, :d], labels, True)
-                    + mae_loss(heads, word_embeddings, decoder_embeds, sentences[(n, d)], attention_mask,
-                               decoder_labels, True)) / 2 for n, d in pairs) / len(pairs)
+        return sum((mlm_loss(heads, word_embeddings, hidden[n][:, :, :d], labels, True) +
+                    mae_loss(heads, word_embeddings, decoder_embeds, sentences[
+                        (n, d)], attention_mask, decoder_labels, True)) / 2
+                   for n, d in pairs) / len(pairs)
     masked, decoder_masked = labels != -100, decoder_labels != -100  # (B, T) each
     states, targets = [], []
     for n, d in pairs:
-        y = mae_decoder(heads, decoder_embeds, sentences[(n, d)], attention_mask, decoder_masked)  # (M_dec, H)
+        # (M_dec, H)
+        y = mae_decoder(heads, decoder_embeds, sentences[(n, d)], attention_mask, decoder_masked)
         states += [mlm_transform(heads, hidden[n][:, :, :d][masked]), mlm_transform(heads, y)]
         targets += [labels[masked], decoder_labels[decoder_masked]]
     # One vocabulary matmul for all 2|S| terms (the same logits as Eq. 11/12 pair by pair): the tied
@@ -499,35 +556,41 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
 
 
 def mlm_2d_loss(encoder, heads, input_ids, attention_mask, labels, pairs, token_count=None):
-    """SMAE's ablation without the MAE decoder: (1/|S|) sum over pairs of Eq. 11, every pair from one encoder pass
-    (the authors' BertFor2DMatryoshkaMaskedLM, smae/modeling.py). With pairs = [(L, H)] it is plain MLM
-    continued pre-training. token_count: the whole batch's masked tokens when this call sees a slice (torchrun)."""
-    hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])  # {n: (B, T, H)}
+    """SMAE's ablation without the MAE decoder: (1/|S|) sum over pairs of Eq. 11, every pair from
+    one encoder pass (the authors' BertFor2DMatryoshkaMaskedLM, smae/modeling.py). With pairs =
+    [(L, H)] it is plain MLM continued pre-training. token_count: the whole batch's masked tokens
+    when this call sees a slice (torchrun)."""
+    # {n: (B, T, H)}
+    hidden = layer_hidden_states(encoder, input_ids, attention_mask, [n for n, _ in pairs])
     word_embeddings = encoder.get_input_embeddings().weight  # (V, H)
     masked = labels != -100  # (B, T)
-    states = torch.cat([mlm_transform(heads, hidden[n][:, :, :d][masked]) for n, d in pairs])  # (|S| M, H)
-    ce = F.cross_entropy(mlm_logits(heads, word_embeddings, states), labels[masked].repeat(len(pairs)),
-                         reduction="none")  # (|S| M,): one vocabulary matmul for every pair
+    # (|S| M, H)
+    states = torch.cat([mlm_transform(heads, hidden[n][:, :, :d][masked]) for n, d in pairs])
+    ce = F.cross_entropy(mlm_logits(heads, word_embeddings, states), labels[masked].repeat(
+        len(pairs)), reduction="none")  # (|S| M,): one vocabulary matmul for every pair
     per_pair = ce.view(len(pairs), -1)  # (|S|, M)
     terms = per_pair.mean(1) if token_count is None else per_pair.sum(1) / token_count
     return terms.mean()
 
 
-def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, encoder_rate=0.2, decoder_rate=0.4):
-    """SMAE's inputs: whole-word masks at two rates, the encoder's set inside the decoder's, BERT's 80/10/10.
+def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, encoder_rate=0.2,
+                       decoder_rate=0.4):
+    """SMAE's inputs: whole-word masks at two rates, the encoder's set
+    inside the decoder's, BERT's 80/10/10.
 
-    input_ids, maskable (B, T): maskable marks real, non-special tokens; is_subword (V,): '##' pieces.
-    Per text, words (a piece and its '##' continuations) are drawn in a seeded random order and kept
-    while they fit into round(rate * maskable tokens) (at least 1), as the authors' collator does;
-    a word goes to the encoder's set only if it also goes to the decoder's, so encoder ⊆ decoder.
-    Masked tokens become [MASK] 80 %, a random token 10 %, stay 10 % (drawn apart for each input).
-    Returns (encoder input_ids, labels, decoder input_ids, decoder_labels), all (B, T); the same
-    arguments always give the same result.
+    input_ids, maskable (B, T): maskable marks real, non-special tokens; is_subword (V,): '##'
+    pieces. Per text, words (a piece and its '##' continuations) are drawn in a seeded random order
+    and kept while they fit into round(rate * maskable tokens) (at least 1), as the authors'
+    collator does; a word goes to the encoder's set only if it also goes to the decoder's, so
+    encoder ⊆ decoder. Masked tokens become [MASK] 80 %, a random token 10 %, stay 10 % (drawn apart
+    for each input). Returns (encoder input_ids, labels, decoder input_ids, decoder_labels), all (B,
+    T); the same arguments always give the same result.
     """
     generator = torch.Generator().manual_seed(seed)
     ids = input_ids.cpu()
     maskable = maskable.cpu().bool()
-    follows = torch.cat([torch.zeros_like(maskable[:, :1]), maskable[:, :-1]], dim=1)  # previous token maskable
+    # previous token maskable
+    follows = torch.cat([torch.zeros_like(maskable[:, :1]), maskable[:, :-1]], dim=1)
     starts = maskable & ~(is_subword.cpu()[ids] & follows)  # (B, T) first piece of each word
     encoder_set = torch.zeros_like(maskable)
     decoder_set = torch.zeros_like(maskable)
@@ -535,7 +598,8 @@ def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, enc
         positions = maskable[b].nonzero().flatten().tolist()
         is_start = starts[b].tolist()
         words = []
-        for i in positions:  # the first maskable token always starts a word (its predecessor is not maskable)
+        # the first maskable token always starts a word (its predecessor is not maskable)
+        for i in positions:
             if is_start[i]:
                 words.append([i])
             else:
@@ -560,5 +624,8 @@ def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, enc
         random_tokens = torch.randint(is_subword.shape[0], ids.shape, generator=generator)
         masked_ids = torch.where(masked & (u < 0.8), mask_token_id, ids)
         masked_ids = torch.where(masked & (u >= 0.8) & (u < 0.9), random_tokens, masked_ids)
-        out += [masked_ids.to(input_ids.device), torch.where(masked, ids, -100).to(input_ids.device)]
+        out += [
+            masked_ids.to(input_ids.device),
+            torch.where(masked, ids, -100).to(input_ids.device)
+        ]
     return tuple(out)

@@ -68,7 +68,8 @@ def cleanup():
 
 
 def shard(items, rank, world_size):
-    """This rank's contiguous slice of a global batch; rank r of W holds items[r*b:(r+1)*b], b = len/W."""
+    """This rank's contiguous slice of a global batch; rank r of W
+    holds items[r*b:(r+1)*b], b = len/W."""
     if len(items) % world_size:
         raise ValueError(f"a global batch of {len(items)} does not split over {world_size} ranks")
     b = len(items) // world_size
@@ -109,7 +110,8 @@ def sum_over_ranks(x):
 
 
 def gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. each rank's RNG state for a checkpoint)."""
+    """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. each
+    rank's RNG state for a checkpoint)."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -118,11 +120,13 @@ def gather_objects(obj):
 
 
 def freeze_unreached(model, max_layer):
-    """Freeze what no loss here reaches: the pooler and the layers above max_layer; returns their names.
+    """Freeze what no loss here reaches: the pooler and the layers
+    above max_layer; returns their names.
 
-    Neither gets a gradient in one process either (AdamW skips them), so results are unchanged; under
-    DDP a trainable parameter without a gradient would stall the gradient all-reduce, and
-    find_unused_parameters cannot see it (the pooler does reach the forward's output, just not the loss).
+    Neither gets a gradient in one process either (AdamW skips them), so results are
+    unchanged; under DDP a trainable parameter without a gradient would stall the
+    gradient all-reduce, and find_unused_parameters cannot see it (the pooler does reach
+    the forward's output, just not the loss).
     """
     blocks = sb.transformer_layers(model)
     unreached = {id(p) for block in blocks[max_layer:] for p in block.parameters()}
@@ -138,31 +142,38 @@ def wrap(model, device):
     """DistributedDataParallel under torchrun, the model itself in one process."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints that survive a crash
 
-MARKER = "checkpoint_complete.json"  # written last: {"step", "files": {path: bytes}, "sha256": {path: hex}}
-TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, counters, run settings
+# written last: {"step", "files": {path: bytes}, "sha256": {path: hex}}
+MARKER = "checkpoint_complete.json"
+# optimizer, scheduler, step, RNG states, counters, run settings
+TRAINING_STATE = "training_state.pt"
 WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
-LOG = "train_log.jsonl"  # one JSON line per step, in the output folder and (up to its step) in each checkpoint
+# one JSON line per step, in the output folder and (up to its step) in each checkpoint
+LOG = "train_log.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------
 # RNG states (everything that draws random numbers during a step: dropout, sampling)
 
 def rng_state():
-    """The state of every random generator a training step may use (torch CPU and CUDA, numpy, random)."""
+    """The state of every random generator a training step may use
+    (torch CPU and CUDA, numpy, random)."""
     numpy_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         # plain lists and ints, so that torch.load(weights_only=True) reads them back
-        "numpy": {"bit_generator": numpy_state["bit_generator"],
-                  "key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"]),
-                  "has_gauss": int(numpy_state["has_gauss"]), "gauss": float(numpy_state["gauss"])},
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]), "gauss": float(numpy_state["gauss"])
+        },
         "python": random.getstate(),
     }
 
@@ -222,7 +233,8 @@ def save_checkpoint(output_dir, step, write, save_total_limit=None):
     under the final name. save_total_limit keeps only that many newest complete checkpoints.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    for name in os.listdir(output_dir):  # leftovers of a crash mid-save: never complete, safe to drop
+    # leftovers of a crash mid-save: never complete, safe to drop
+    for name in os.listdir(output_dir):
         if name.startswith(".checkpoint-") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(output_dir, name))
     tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
@@ -232,11 +244,16 @@ def save_checkpoint(output_dir, step, write, save_total_limit=None):
     for name in sizes:
         fsync(os.path.join(tmp, name))
     with open(os.path.join(tmp, MARKER), "w") as f:
-        json.dump({"step": step, "files": sizes,
-                   "sha256": {name: sha256_of(os.path.join(tmp, name)) for name in sizes}}, f, indent=1)
+        json.dump(
+            {
+                "step": step, "files": sizes,
+                "sha256": {name: sha256_of(os.path.join(tmp, name))
+                           for name in sizes}
+            }, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    if os.path.exists(final):  # the same step saved by an earlier, interrupted run: the older ones remain meanwhile
+    # the same step saved by an earlier, interrupted run: the older ones remain meanwhile
+    if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync(output_dir)  # make the rename itself durable
@@ -250,7 +267,8 @@ def save_checkpoint(output_dir, step, write, save_total_limit=None):
 # Finding and loading
 
 def checkpoint_problem(folder):
-    """None if folder is a complete checkpoint, else what is wrong with it (marker missing, file cut short...)."""
+    """None if folder is a complete checkpoint, else what is wrong with it
+    (marker missing, file cut short...)."""
     marker = os.path.join(folder, MARKER)
     if not os.path.exists(marker):
         return "no completeness marker (the save did not finish)"
@@ -263,8 +281,8 @@ def checkpoint_problem(folder):
 
 
 def files_problem(folder, sizes):
-    """None if every file named in sizes {name: bytes written} lies in folder at that size, else the first that
-    does not (the check of a checkpoint's marker, and of an index shard's)."""
+    """None if every file named in sizes {name: bytes written} lies in folder at that size, else the
+    first that does not (the check of a checkpoint's marker, and of an index shard's)."""
     for name, size in sizes.items():
         path = os.path.join(folder, name)
         if not os.path.exists(path):
@@ -275,8 +293,9 @@ def files_problem(folder, sizes):
 
 
 def checksum_problem(folder):
-    """None if every file of a complete checkpoint has the SHA-256 its marker recorded, else the first that
-    does not (a marker from before checksums were recorded has sizes only: nothing more to check)."""
+    """None if every file of a complete checkpoint has the SHA-256 its marker
+    recorded, else the first that does not (a marker from before checksums were
+    recorded has sizes only: nothing more to check)."""
     with open(os.path.join(folder, MARKER)) as f:
         recorded = json.load(f).get("sha256", {})
     for name, digest in recorded.items():
@@ -286,7 +305,8 @@ def checksum_problem(folder):
 
 
 def complete_checkpoints(output_dir):
-    """Paths of the complete checkpoints in output_dir, oldest step first; incomplete ones are reported and ignored."""
+    """Paths of the complete checkpoints in output_dir, oldest step first;
+    incomplete ones are reported and ignored."""
     found = []
     if not os.path.isdir(output_dir):
         return found
@@ -318,15 +338,17 @@ def load_training_state(folder):
 
 
 class DamagedCheckpoint(Exception):
-    """A complete checkpoint whose files fail their checksums or do not load; resume tries the one before."""
+    """A complete checkpoint whose files fail their checksums or do not
+    load; resume tries the one before."""
 
 
 def restore(folder, model, optimizer, scheduler, run):
-    """Load weights, optimizer and scheduler from a complete checkpoint -> the rest of its training state.
+    """Load weights, optimizer and scheduler from a complete
+    checkpoint -> the rest of its training state.
 
-    run: the run's identity ({setting: value}, saved as state["run"]); a checkpoint written with other
-    values is refused (ValueError naming each), since resuming it would silently continue another run.
-    Raises DamagedCheckpoint when a file fails its checksum or does not load.
+    run: the run's identity ({setting: value}, saved as state["run"]); a checkpoint written with
+    other values is refused (ValueError naming each), since resuming it would silently continue
+    another run. Raises DamagedCheckpoint when a file fails its checksum or does not load.
     """
     problem = checksum_problem(folder)
     if problem:
@@ -335,32 +357,43 @@ def restore(folder, model, optimizer, scheduler, run):
         state = load_training_state(folder)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise DamagedCheckpoint(f"{TRAINING_STATE} does not load ({e})") from None
-    if not isinstance(state, dict) or not {"run", "step", "skipped", "optimizer", "scheduler", "rng"} <= set(state):
-        raise DamagedCheckpoint(f"{TRAINING_STATE} lacks parts of a training state")  # e.g. an old, damaged one
+    if not isinstance(state, dict) or not {
+            "run", "step", "skipped", "optimizer", "scheduler", "rng"
+    } <= set(state):
+        # e.g. an old, damaged one
+        raise DamagedCheckpoint(f"{TRAINING_STATE} lacks parts of a training state")
     differences = [f"{name}={state['run'].get(name)}, this run has {value}"
                    for name, value in run.items() if state["run"].get(name) != value]
     if differences:
-        raise ValueError(f"{folder} was written with " + "; with ".join(differences) + ": it is another run's "
-                         "checkpoint; use the same settings, or a new --output_dir (or --overwrite_output_dir)")
+        raise ValueError(
+            f"{folder} was written with " + "; with ".join(differences) + ": it is another run's "
+            "checkpoint; use the same settings, or a new --output_dir (or --overwrite_output_dir)")
     try:
         model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except Exception as e:  # safetensors' header errors have their own type: any failure to load is damage
-        raise DamagedCheckpoint(f"its weights or optimizer state do not load ({type(e).__name__}: {e})") from None
+    # safetensors' header errors have their own type: any failure to load is damage
+    except Exception as e:
+        raise DamagedCheckpoint(
+            f"its weights or optimizer state do not load ({type(e).__name__}: {e})") from None
     return state
 
 
-_HASHED = {}  # (real path, size, mtime_ns) -> SHA-256: a file read once per process however often it is named
+# (real path, size, mtime_ns) -> SHA-256: a file read once per process however often it is named
+_HASHED = {}
 
 
 def file_fingerprint(path):
-    """A file by content, not by where it lies: its size and the SHA-256 of ALL of it (a tuning that changes
-    only late tensors, such as bias-only, leaves a file's first bytes and size as they were); a folder (a
-    model): the same for each of its weight files. Part of a run's identity and of an index folder's name."""
+    """A file by content, not by where it lies: its size and the SHA-256 of ALL of it (a tuning
+    that changes only late tensors, such as bias-only, leaves a file's first bytes and size as
+    they were); a folder (a model): the same for each of its weight files. Part of a run's
+    identity and of an index folder's name."""
     if os.path.isdir(path):
-        return {name: file_fingerprint(os.path.join(path, name)) for name in sorted(os.listdir(path))
-                if name.endswith((".safetensors", ".bin", ".gguf", ".pt"))}
+        return {
+            name: file_fingerprint(os.path.join(path, name))
+            for name in sorted(os.listdir(path))
+            if name.endswith((".safetensors", ".bin", ".gguf", ".pt"))
+        }
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHED:
@@ -369,15 +402,28 @@ def file_fingerprint(path):
 
 
 # Flags that do not change what a run computes: they may differ between a run and its --resume.
-NOT_IDENTITY = ("output_dir", "resume", "overwrite_output_dir", "save_steps", "save_total_limit", "logging_steps",
-                "max_bad_steps", "train_file", "model_name_or_path")  # these two: compared by content, so a moved
+NOT_IDENTITY = (
+    "output_dir",
+    "resume",
+    "overwrite_output_dir",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    # these two: compared by content, so a moved
+    "max_bad_steps",
+    "train_file",
+    "model_name_or_path")
 # copy of the same data or model resumes (data_file_0, model_weights)
 
 
 def run_identity(flags, world_size, data_files=(), model_folder=None):
-    """Everything that decides a run's result: its flags but NOT_IDENTITY, the world size, a fingerprint of
-    each data file (None: the embedded data) and of the starting model's weights -> {setting: value}, JSON-able."""
-    identity = {k: json.loads(json.dumps(v)) for k, v in sorted(flags.items()) if k not in NOT_IDENTITY}
+    """Everything that decides a run's result: its flags but NOT_IDENTITY, the world size, a
+    fingerprint of each data file (None: the embedded data) and of the starting model's
+    weights -> {setting: value}, JSON-able."""
+    identity = {
+        k: json.loads(json.dumps(v))
+        for k, v in sorted(flags.items()) if k not in NOT_IDENTITY
+    }
     identity["world_size"] = world_size
     for i, path in enumerate(data_files):
         identity[f"data_file_{i}"] = file_fingerprint(path) if path else None
@@ -387,12 +433,14 @@ def run_identity(flags, world_size, data_files=(), model_folder=None):
 
 
 def clear_run(output_dir):
-    """--overwrite_output_dir: remove an earlier run's checkpoints, log and weights, so that two runs never mix."""
+    """--overwrite_output_dir: remove an earlier run's checkpoints, log and
+    weights, so that two runs never mix."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if data.CHECKPOINT_NAME.match(name) or (name.startswith(".checkpoint-") and name.endswith(".tmp")):
+        if data.CHECKPOINT_NAME.match(name) or (name.startswith(".checkpoint-") and
+                                                name.endswith(".tmp")):
             shutil.rmtree(path)
         elif name in data.RUN_FILES:
             os.remove(path)
@@ -403,11 +451,13 @@ def clear_run(output_dir):
 
 @dataclass
 class TrainLog:
-    """The run's train_log.jsonl: its lines (each checkpoint keeps a copy), the file rank 0 writes, the skip counts."""
+    """The run's train_log.jsonl: its lines (each checkpoint keeps a copy),
+    the file rank 0 writes, the skip counts."""
     lines: list = field(default_factory=list)
     file: object = None  # open on rank 0 only
     skipped: int = 0  # steps skipped in all (non-finite loss or gradient)
-    bad_in_row: int = 0  # steps skipped in a row up to now (a checkpoint is only written after a good step)
+    # steps skipped in a row up to now (a checkpoint is only written after a good step)
+    bad_in_row: int = 0
 
     def append(self, line):
         self.lines.append(json.dumps(line))
@@ -419,16 +469,20 @@ class TrainLog:
         if self.file:
             self.file.close()
             if self.skipped:
-                print(f"skipped {self.skipped} steps with a non-finite loss or gradient (marked in {LOG})")
+                print(
+                    f"skipped {self.skipped} steps with a non-finite loss or gradient (marked in "
+                    f"{LOG})"
+                )
 
 
 def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total):
     """-> (checkpoint folder or None, first step, TrainLog).
 
-    resume: continue from the last complete checkpoint in output_dir whose files pass their checksums
-    and load (a damaged one is reported and the one before it is tried): weights, optimizer, scheduler
-    and this rank's RNG state are restored here, the caller restores what else it saved (no RNG use).
-    run: the run's identity, checked by `restore`. Rank 0 opens output_dir's log.
+    resume: continue from the last complete checkpoint in output_dir whose files pass
+    their checksums and load (a damaged one is reported and the one before it is tried):
+    weights, optimizer, scheduler and this rank's RNG state are restored here, the caller
+    restores what else it saved (no RNG use). run: the run's identity, checked by
+    `restore`. Rank 0 opens output_dir's log.
     """
     rank = rank_and_world_size()[0]
     folder, state = None, None
@@ -439,9 +493,11 @@ def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total)
             break
         except DamagedCheckpoint as e:
             print(f"skipping {candidate}: {e}; trying the checkpoint before it", file=sys.stderr)
-    if resume and state is None and complete_checkpoints(output_dir):  # the model may hold a damaged one's weights
-        raise ValueError(f"every checkpoint in {output_dir} is damaged (see above): nothing to resume; "
-                         f"start over with --overwrite_output_dir")
+    # the model may hold a damaged one's weights
+    if resume and state is None and complete_checkpoints(output_dir):
+        raise ValueError(
+            f"every checkpoint in {output_dir} is damaged (see above): nothing to resume; "
+            f"start over with --overwrite_output_dir")
     start, train_log = 0, TrainLog()
     if folder:
         start, train_log.skipped = state["step"], state["skipped"]
@@ -459,7 +515,8 @@ def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total)
     return folder, start, train_log
 
 
-def save_training_checkpoint(output_dir, step, save_model, optimizer, scheduler, run, train_log, save_total_limit):
+def save_training_checkpoint(output_dir, step, save_model, optimizer, scheduler, run, train_log,
+                             save_total_limit):
     """checkpoint-<step>: save_model(folder) (an evaluable model folder) plus what --resume needs.
 
     Every rank calls it (every rank's RNG state goes in); rank 0 alone writes.
@@ -509,7 +566,8 @@ class TrainingArguments:
         return cls(**{f.name: getattr(parsed, f.name) for f in fields(cls)})
 
     def total_steps(self, steps_per_epoch):
-        return self.max_steps if self.max_steps > 0 else math.ceil(self.num_train_epochs * steps_per_epoch)
+        return self.max_steps if self.max_steps > 0 else math.ceil(self.num_train_epochs *
+                                                                   steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,20 +576,22 @@ class TrainingArguments:
 def adamw(model, learning_rate, weight_decay):
     """AdamW over the trainable parameters, with no weight decay on biases and norms (as HF)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
-                              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}],
-                             lr=learning_rate)
+    return torch.optim.AdamW([{
+        "params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay
+    }, {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}], lr=learning_rate)
 
 
 def linear_schedule(step, total, warmup):
-    """Linear warmup to 1, then linear decay to 0 (as transformers' get_linear_schedule_with_warmup)."""
+    """Linear warmup to 1, then linear decay to 0 (as transformers'
+    get_linear_schedule_with_warmup)."""
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def cosine_schedule(step, total, warmup):
-    """Linear warmup to 1, then cosine decay to 0 (as transformers' get_cosine_schedule_with_warmup)."""
+    """Linear warmup to 1, then cosine decay to 0 (as transformers'
+    get_cosine_schedule_with_warmup)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -539,7 +599,8 @@ def cosine_schedule(step, total, warmup):
 
 
 def global_batches(num_items, batch_size, start, total, seed):
-    """(step, item indices of its global batch) for steps start..total-1; each epoch a new order, seeded by epoch."""
+    """(step, item indices of its global batch) for steps start..total-1;
+    each epoch a new order, seeded by epoch."""
     steps_per_epoch = num_items // batch_size
     order = None
     for step in range(start, total):
@@ -553,7 +614,8 @@ def global_batches(num_items, batch_size, start, total, seed):
 # The contrastive batch (fine-tuning)
 
 def batch_texts(records, kind, indices, group_size, rng):
-    """One batch: (queries [B], passages [B*G] with each query's positive first, gold scores or None)."""
+    """One batch: (queries [B], passages [B*G] with each query's
+    positive first, gold scores or None)."""
     if kind == "scored":
         a, b, gold = zip(*(records[i] for i in indices))
         return list(a), list(b), torch.tensor(gold, dtype=torch.float)
@@ -562,12 +624,14 @@ def batch_texts(records, kind, indices, group_size, rng):
         r = records[i]
         queries.append(r["query"])
         passages.append(rng.choice(r["positives"]))
-        passages += rng.sample(r["negatives"], group_size - 1)  # finetune checks that there are enough
+        # finetune checks that there are enough
+        passages += rng.sample(r["negatives"], group_size - 1)
     return queries, passages, None
 
 
 def global_batch(records, kind, step, indices, group_size, seed):
-    """The global batch of a step from its items -> (queries, passages, gold, generator), seeded by the step."""
+    """The global batch of a step from its items -> (queries, passages,
+    gold, generator), seeded by the step."""
     rng = random.Random(seed * 1_000_003 + step)  # negatives and 2DMSE sizes depend on step only
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     queries, passages, gold = batch_texts(records, kind, indices, group_size, rng)
@@ -575,14 +639,18 @@ def global_batch(records, kind, step, indices, group_size, seed):
 
 
 def tokenize_batch(tokenizer, queries, passages, query_max_len, passage_max_len):
-    """(q_tok, p_tok): padded to the longest text of each side, truncated at the side's max length."""
-    return (tokenizer(queries, padding=True, truncation=True, max_length=query_max_len, return_tensors="pt"),
-            tokenizer(passages, padding=True, truncation=True, max_length=passage_max_len, return_tensors="pt"))
+    """(q_tok, p_tok): padded to the longest text of each side,
+    truncated at the side's max length."""
+    return (tokenizer(queries, padding=True, truncation=True, max_length=query_max_len,
+                      return_tensors="pt"),
+            tokenizer(passages, padding=True, truncation=True, max_length=passage_max_len,
+                      return_tensors="pt"))
 
 
-def tokens_per_step(tokenizer, records, kind, batch_size, group_size, query_max_len, passage_max_len, seed,
-                    steps=8):
-    """Mean padded tokens (queries and passages) that a step's forward computes, over its first steps."""
+def tokens_per_step(tokenizer, records, kind, batch_size, group_size, query_max_len,
+                    passage_max_len, seed, steps=8):
+    """Mean padded tokens (queries and passages) that a step's
+    forward computes, over its first steps."""
     counts = []
     for step, indices in global_batches(len(records), batch_size, 0, steps, seed):
         queries, passages, _, _ = global_batch(records, kind, step, indices, group_size, seed)
@@ -595,16 +663,19 @@ def tokens_per_step(tokenizer, records, kind, batch_size, group_size, query_max_
 # The masked batch (pre-training, Eq. 10-13)
 
 def subword_flags(tokenizer):
-    """(V,) bool: True for WordPiece continuation pieces ('##...'), the glue of whole-word masking."""
+    """(V,) bool: True for WordPiece continuation pieces ('##...'),
+    the glue of whole-word masking."""
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     flags = torch.tensor([t.startswith("##") for t in tokens])
     if not flags.any():
-        raise ValueError("whole-word masking needs a WordPiece vocabulary ('##' continuation pieces)")
+        raise ValueError(
+            "whole-word masking needs a WordPiece vocabulary ('##' continuation pieces)")
     return flags
 
 
 def crop_documents(tokenizer, documents, max_length):
-    """Every document cut into consecutive crops of max_length - 2 tokens, each wrapped in [CLS] ... [SEP]."""
+    """Every document cut into consecutive crops of max_length - 2
+    tokens, each wrapped in [CLS] ... [SEP]."""
     pieces = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
     size = max_length - 2
     return [[tokenizer.cls_token_id] + ids[i:i + size] + [tokenizer.sep_token_id]
@@ -612,7 +683,8 @@ def crop_documents(tokenizer, documents, max_length):
 
 
 def batch_tensors(crops, pad_token_id, special_ids):
-    """Right-padded (input_ids, attention_mask, maskable) (B, T); maskable = real, non-special tokens."""
+    """Right-padded (input_ids, attention_mask, maskable) (B, T);
+    maskable = real, non-special tokens."""
     T = max(len(c) for c in crops)
     input_ids = torch.full((len(crops), T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(crops), T), dtype=torch.long)
@@ -626,8 +698,11 @@ def batch_tensors(crops, pad_token_id, special_ids):
 # ----------------------------------------------------------------------------------------------
 # Each method's loss (Eq. 5-9, 17) and one contrastive step
 
-def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, generator, grad_cache_chunk=0):
-    """Loss of the global batch (this rank's slice in q_tok/p_tok) -> detached loss; gradients in .grad.
+
+def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, generator,
+                     grad_cache_chunk=0):
+    """Loss of the global batch (this rank's slice in q_tok/p_tok)
+    -> detached loss; gradients in .grad.
 
     Under torchrun every rank's passages are candidates for every query, so the loss and the
     gradients equal one process's on the concatenated batch. grad_cache_chunk > 0: GradCache.
@@ -635,17 +710,21 @@ def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, gen
     world_size = rank_and_world_size()[1]
 
     def embed(input_ids, attention_mask):
-        return {k: v.float() for k, v in sb.embed_2d(net, input_ids, attention_mask, embed_pairs, pooling).items()}
+        return {
+            k: v.float()
+            for k, v in sb.embed_2d(net, input_ids, attention_mask, embed_pairs, pooling).items()
+        }
 
     def global_loss(q_2d, p_2d):
         return loss_fn({k: gather_with_grad(v) for k, v in q_2d.items()},
                        {k: gather_with_grad(v) for k, v in p_2d.items()}, gold, generator)
 
-    inputs = [(q_tok["input_ids"], q_tok["attention_mask"]), (p_tok["input_ids"], p_tok["attention_mask"])]
+    inputs = [(q_tok["input_ids"], q_tok["attention_mask"]),
+              (p_tok["input_ids"], p_tok["attention_mask"])]
     if grad_cache_chunk:
         from large_batch.grad_cache import grad_cache_step
-        return grad_cache_step(embed, inputs, global_loss, grad_cache_chunk, getattr(net, "no_sync", None),
-                               loss_scale=world_size)
+        return grad_cache_step(embed, inputs, global_loss, grad_cache_chunk,
+                               getattr(net, "no_sync", None), loss_scale=world_size)
     loss = global_loss(*(embed(*x) for x in inputs))
     (loss * world_size).backward()  # DDP averages over ranks; see gather_with_grad
     return loss.detach()
@@ -654,14 +733,16 @@ def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, gen
 # ----------------------------------------------------------------------------------------------
 # The step's bookkeeping: optimizer and resume before the loop, clip/skip/step/log after backward
 
-def start_training(model, output_dir, resume, learning_rate, weight_decay, schedule, total, warmup, identity,
-                   overwrite=False, optimized=None):
-    """AdamW over `optimized` (default: the model), the LR schedule and, with resume, the last complete
-    checkpoint restored into the model -> (optimizer, scheduler, checkpoint folder or None, first step, train log).
 
-    identity: the run's settings (run_identity), checked on resume; overwrite (without resume):
-    an earlier run's checkpoints and log in output_dir are removed first. optimized: a module holding the
-    model and more (SMAE's heads), whose extra weights the caller restores."""
+def start_training(model, output_dir, resume, learning_rate, weight_decay, schedule, total, warmup,
+                   identity, overwrite=False, optimized=None):
+    """AdamW over `optimized` (default: the model), the LR schedule and, with resume,
+    the last complete checkpoint restored into the model -> (optimizer, scheduler,
+    checkpoint folder or None, first step, train log).
+
+    identity: the run's settings (run_identity), checked on resume; overwrite (without resume): an
+    earlier run's checkpoints and log in output_dir are removed first. optimized: a module holding
+    the model and more (SMAE's heads), whose extra weights the caller restores."""
     if overwrite and not resume and rank_and_world_size()[0] == 0:
         clear_run(output_dir)
     optimizer = adamw(optimized or model, learning_rate, weight_decay)
@@ -672,10 +753,12 @@ def start_training(model, output_dir, resume, learning_rate, weight_decay, sched
 
 
 def finish_step(step, loss, params, optimizer, scheduler, max_grad_norm, train_log, tokens=None):
-    """After backward: clip, update if the loss and gradient are finite on every rank, log -> the step's log line.
+    """After backward: clip, update if the loss and gradient are finite on
+    every rank, log -> the step's log line.
 
-    A non-finite step is skipped (the weights stay, the schedule moves on) and counted in
-    train_log.skipped and train_log.bad_in_row; the caller decides when too many in a row stop the run.
+    A non-finite step is skipped (the weights stay, the schedule moves on)
+    and counted in train_log.skipped and train_log.bad_in_row; the caller
+    decides when too many in a row stop the run.
     """
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     lr = scheduler.get_last_lr()[0]
@@ -685,19 +768,24 @@ def finish_step(step, loss, params, optimizer, scheduler, max_grad_norm, train_l
         train_log.bad_in_row = 0
     else:
         train_log.skipped, train_log.bad_in_row = train_log.skipped + 1, train_log.bad_in_row + 1
-    with warnings.catch_warnings():  # skipping step 1 on purpose: the schedule moves on, as torch's warning fears
+    # skipping step 1 on purpose: the schedule moves on, as torch's warning fears
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    line = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-            "skipped_steps": train_log.skipped, **({"tokens": tokens} if tokens is not None else {})}
+    line = {
+        "step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
+        "skipped_steps": train_log.skipped, **({"tokens": tokens} if tokens is not None else {})
+    }
     train_log.append(line if finite else {**line, "skipped": True})
     return line
 
 
 def bad_steps_message(step, train_log, output_dir):
     """Why a run stopped after too many non-finite steps in a row, and where to resume from."""
-    return (f"error: stopped at step {step + 1}: {train_log.bad_in_row} steps in a row had a non-finite loss "
-            f"or gradient (each was skipped, {train_log.skipped} in all). Last good checkpoint: "
-            f"{latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
-            f"the data, then --resume.")
+    return (
+        f"error: stopped at step {step + 1}: {train_log.bad_in_row} steps in a row had a "
+        "non-finite loss "
+        f"or gradient (each was skipped, {train_log.skipped} in all). Last good checkpoint: "
+        f"{latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
+        f"the data, then --resume.")
