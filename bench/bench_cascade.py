@@ -5,22 +5,24 @@
     python bench/bench_cascade.py --max_train_samples 18000 --held_out 9000 --max_eval_samples 18000 \\
         --max_steps 1500 --repeats 1 --margin 1        # every tweet; the goals were met so (18 min on 2 cores)
 
-The encoder and its MRL heads are trained together on Eq. 19 (MRL's own setting: its cascade assumes a
-Matryoshka-trained model; --tuning probe fits the heads on frozen features instead). The training split is cut
-in two: the heads (and encoder) learn on one part, the cascade's thresholds are chosen on the other, held-out
-part, never on the test split. One threshold per pair, as in MRL's cascade notebook (RAIVNLab/MRL,
-eval_ckpts/Notebooks/Cascade Performance Paper.ipynb: one threshold per size step, chosen on 10K held-out
-ImageNet validation images, evaluated on the other 40K). MRL picks each step's most accurate threshold; the goal
-here is the cost at the full pair's accuracy, so cascade.choose_thresholds searches for the cheapest thresholds
-whose held-out accuracy is within 0.5 points of the full pair's. Those thresholds are then run on the test split
-beside the full pair: expected encoder + head FLOPs over the full pair's, accuracy drop in points and wall time
-over the full pair's (median of --repeats rounds, the two alternated) are the RATIO lines; the drop's standard
-error (the paired difference, text by text) is printed beside it, and so is the cheapest single threshold for
-all pairs, chosen the same way, and, for reference only, the cost of thresholds chosen on the test texts
-themselves (hindsight: what the cascade could reach if held-out and test texts agreed). --pairs runs the cascade
-over other pairs (in order of cost). --margin N asks the held-out accuracy to stay within 0.5 points with N
-standard errors to spare: the cheapest point that only just qualifies on held-out texts has often been lucky
-there (the winner's curse) and loses more on the test texts.
+The encoder and its MRL heads are trained together on Eq. 19 (MRL's own setting: its cascade assumes
+a Matryoshka-trained model; --tuning probe fits the heads on frozen features instead). The training
+split is cut in two: the heads (and encoder) learn on one part, the cascade's thresholds are chosen
+on the other, held-out part, never on the test split. One threshold per pair, as in MRL's cascade
+notebook (RAIVNLab/MRL, eval_ckpts/Notebooks/Cascade Performance Paper.ipynb: one threshold per size
+step, chosen on 10K held-out ImageNet validation images, evaluated on the other 40K). MRL picks each
+step's most accurate threshold; the goal here is the cost at the full pair's accuracy, so
+cascade.choose_thresholds searches for the cheapest thresholds whose held-out accuracy is within 0.5
+points of the full pair's. Those thresholds are then run on the test split beside the full pair:
+expected encoder + head FLOPs over the full pair's, accuracy drop in points and wall time over the
+full pair's (median of --repeats rounds, the two alternated) are the RATIO lines; the drop's
+standard error (the paired difference, text by text) is printed beside it, and so is the cheapest
+single threshold for all pairs, chosen the same way, and, for reference only, the cost of thresholds
+chosen on the test texts themselves (hindsight: what the cascade could reach if held-out and test
+texts agreed). --pairs runs the cascade over other pairs (in order of cost). --margin N asks the
+held-out accuracy to stay within 0.5 points with N standard errors to spare: the cheapest point that
+only just qualifies on held-out texts has often been lucky there (the winner's curse) and loses more
+on the test texts.
 """
 import argparse
 import os
@@ -87,14 +89,16 @@ def main():
         return cascade.cascade_outcomes(model, tokenizer, texts, labels, heads, pairs, config.pooling, MAX_LENGTH,
                                         args.batch_size, C)
     held_outcomes = outcomes([train_texts[i] for i in held], [train_y[i] for i in held])
-    held_full = cascade.cascade_point(held_outcomes, 1.01)  # threshold > 1: every example at the full pair
+    # threshold > 1: every example at the full pair
+    held_full = cascade.cascade_point(held_outcomes, 1.01)
     one = cascade.cheapest_threshold(held_outcomes, 0.005, margin=args.margin)
     threshold, held_chosen = cascade.choose_thresholds(held_outcomes, 0.005, margin=args.margin)
     test_outcomes = outcomes(test_texts, test_y)
     chosen, full = cascade.cascade_point(test_outcomes, threshold), cascade.cascade_point(test_outcomes, 1.01)
     one_on_test = cascade.cascade_point(test_outcomes, one["threshold"])
     drop, error = cascade.accuracy_drop(test_outcomes, threshold)
-    _, hindsight = cascade.choose_thresholds(test_outcomes, 0.005)  # chosen on the test texts: optimistic
+    # chosen on the test texts: optimistic
+    _, hindsight = cascade.choose_thresholds(test_outcomes, 0.005)
 
     enc = [tokenizer(test_texts[s:s + args.batch_size], padding=True, truncation=True, max_length=MAX_LENGTH,
                      return_tensors="pt") for s in range(0, len(test_texts), args.batch_size)]

@@ -3,8 +3,9 @@
     python bench/bench_eval.py [--repeats 3]
 
 Both runs go through metrics.evaluate_model (encoding, scoring, metrics) on Lee 2005 and the
-inverse-cloze retrieval set, alternating; the ratio is the median of the per-round ratios. All pairs share one forward pass per batch, so the goal is <= 1.1;
-re-encoding per pair, as the authors' evaluation does, costs sum(n)/L (3.5x for the paper's grid).
+inverse-cloze retrieval set, alternating; the ratio is the median of the per-round ratios. All pairs
+share one forward pass per batch, so the goal is <= 1.1; re-encoding per pair, as the authors'
+evaluation does, costs sum(n)/L (3.5x for the paper's grid).
 """
 import argparse
 import os

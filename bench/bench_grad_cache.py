@@ -1,12 +1,14 @@
-"""GradCache (--grad_cache_chunk) against the plain step: peak activation memory and step time, side by side.
+"""GradCache (--grad_cache_chunk) against the plain step: peak activation memory and step time, side
+by side.
 
     python bench/bench_grad_cache.py [--per_device_train_batch_size 8 --train_group_size 4 --chunk 8]
 
 One SRL step (every pair, Eq. 5) of the packaged MiniLM on a real batch of the embedded data.
 Memory: each variant in a fresh process, the peak resident size during one step minus the size
-before it (CPU; on a GPU, torch.cuda.max_memory_allocated tells the same). Time: both variants in one
-process, alternating, the median of the per-round ratios. GradCache holds one chunk's activations
-at a time and pays one extra forward pass without a graph: the goals are memory <= 0.5, time <= 1.6.
+before it (CPU; on a GPU, torch.cuda.max_memory_allocated tells the same). Time: both variants in
+one process, alternating, the median of the per-round ratios. GradCache holds one chunk's
+activations at a time and pays one extra forward pass without a graph: the goals are memory <= 0.5,
+time <= 1.6.
 """
 import argparse
 import json
@@ -39,7 +41,8 @@ def setup(batch_size, group_size, passage_max_len, chunk):
     model.train()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     embed_pairs = sb.default_pairs(L, H)
-    loss_fn = lambda q, p, gold, g: sb.srl_loss(q, p, embed_pairs, 0.05, 1.0, "cos")  # Eq. 5, as finetune.py
+    # Eq. 5, as finetune.py
+    loss_fn = lambda q, p, gold, g: sb.srl_loss(q, p, embed_pairs, 0.05, 1.0, "cos")
     records = data.embedded_training_data(num_negatives=group_size - 1)
     queries, passages, _ = training.batch_texts(records, "contrastive", list(range(batch_size)), group_size,
                                                 random.Random(0))

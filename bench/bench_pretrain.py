@@ -1,5 +1,6 @@
-"""One SMAE step (Eq. 13, vocabulary logits at masked positions only) against the same step with logits
-at every position for every pair (as the authors' code computes them) and one plain MLM step, side by side.
+"""One SMAE step (Eq. 13, vocabulary logits at masked positions only) against the same step with
+logits at every position for every pair (as the authors' code computes them) and one plain MLM step,
+side by side.
 
     python bench/bench_pretrain.py [--repeats 3] [--per_device_train_batch_size 4]
 
@@ -7,8 +8,9 @@ The packaged MiniLM-L6 in train mode on one batch of 128-token crops of the embe
 same masks for all three; a step is forward + backward. Steps alternate so that all variants see the
 same machine state; each ratio is the median of the per-round ratios (the first round warms up and
 is dropped). Peak memory: CUDA's peak allocation; on CPU (no allocator statistics) the bytes of the
-tensors (weights excluded) autograd saves for backward, i.e. the activation memory at the end of the forward.
-FLOPs are counted by torch's FlopCounterMode (matmuls, attention included via eager attention).
+tensors (weights excluded) autograd saves for backward, i.e. the activation memory at the end of the
+forward. FLOPs are counted by torch's FlopCounterMode (matmuls, attention included via eager
+attention).
 """
 import argparse
 import copy
@@ -63,7 +65,8 @@ def main():
         ids, maskable, training.subword_flags(tokenizer), tokenizer.mask_token_id, seed=0))
     mask = mask.to(device)
 
-    def plain_mlm(model, all_positions=True):  # BERT's MLM: the full model, logits at every position
+    # BERT's MLM: the full model, logits at every position
+    def plain_mlm(model, all_positions=True):
         h = sb.layer_hidden_states(model, enc, mask, [L])[L]
         return sb.mlm_loss(heads, model.get_input_embeddings().weight, h, labels, all_positions)
 
@@ -75,7 +78,8 @@ def main():
     }
     tokens = int(mask.sum())
     eager = copy.deepcopy(encoder)
-    eager.set_attn_implementation("eager")  # CPU SDPA is invisible to the FLOP counter; eager is plain matmuls
+    # CPU SDPA is invisible to the FLOP counter; eager is plain matmuls
+    eager.set_attn_implementation("eager")
     flops = {}
     for name, step in variants.items():
         with FlopCounterMode(display=False) as counter:

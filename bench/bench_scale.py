@@ -1,29 +1,34 @@
-"""Paper-scale retrieval (index/corpus_index.py), measured in one run: memory and time of streamed exact search against
-corpus size, its FLOP rate against this machine's matmul, the 2D funnel (Eq. 14) on the sharded index, what
-float16 storage costs, and the work an interrupted encoding redoes.
+"""Paper-scale retrieval (index/corpus_index.py), measured in one run: memory and time of streamed
+exact search against corpus size, its FLOP rate against this machine's matmul, the 2D funnel (Eq.
+14) on the sharded index, what float16 storage costs, and the work an interrupted encoding redoes.
 
     python bench/bench_scale.py                                            # about 5 minutes on 2 CPU cores
     python bench/bench_scale.py --model_name_or_path output/demo/srl      # the funnel's quality on the demo's SRL model
     python bench/bench_scale.py --large_docs 8800000 --dim 768 --device cuda   # bigger (not run here: no GPU)
 
-- peak_memory_2M_vs_200k, search_time_2M_vs_200k: exact search (depth --depth) of the same --queries random
-  unit queries over --small_docs and --large_docs random unit vectors written as float16 shards, each search in
-  its own process (peak resident memory while the search runs: VmHWM, reset when it starts; Linux only).
+- peak_memory_2M_vs_200k, search_time_2M_vs_200k: exact search (depth --depth) of the same --queries
+  random unit queries over --small_docs and --large_docs random unit vectors written as float16
+  shards, each search in its own process (peak resident memory while the search runs: VmHWM, reset
+  when it starts; Linux only).
 - exact_search_flop_rate_vs_matmul: 2 Q N d / time of exact search (--flop_queries over --flop_docs
   x --flop_dim, depth --depth; the fastest of 3) over the FLOP rate of a 2048^3 float32 matmul (the
   fastest of 5), same device and threads; the search as it runs here (FAISS's flat search per chunk
   where FAISS is installed and the device is a CPU). Beside it: the torch.topk path without FAISS.
-- adaptive_speedup_queries_in_blocks: --adaptive against exhaustive search at its last pair, both streamed
-  over the same float16 shards of --adaptive_docs random vectors, --block queries at once, median of
-  --rounds; beside it, the share of the funnel's time that its first stage takes alone (median).
-- adaptive_ndcg10_kept: nDCG@10 of the funnel over exhaustive search at its last pair on the real embedded
-  set (wiki-ict, inverse-cloze over held-out Wikipedia: a NON-STANDARD task), encoded by --model_name_or_path.
-- encode_resume_lost_work: the real set encoded in shards of --resume_shard_size passages, kill -9 once half
-  the passages were handed to the encoder, then resumed: (passages encoded by both runs - N) / N. A batch
-  counts as encoded when it starts, so a batch cut short by the kill counts as lost.
-- FLOAT16 lines: nDCG@10 at every pair of the model from float32 and from float16 shards of the real set.
-- FAISS lines (when faiss is installed): flat, IVF and HNSW indexes of the small scaling corpus, recall@k
-  against exact search (corpus_index defaults: nlist 4 sqrt(N), nprobe 16; HNSW M 32, efSearch 128).
+- adaptive_speedup_queries_in_blocks: --adaptive against exhaustive search at its last pair, both
+  streamed over the same float16 shards of --adaptive_docs random vectors, --block queries at once,
+  median of --rounds; beside it, the share of the funnel's time that its first stage takes alone
+  (median).
+- adaptive_ndcg10_kept: nDCG@10 of the funnel over exhaustive search at its last pair on the real
+  embedded set (wiki-ict, inverse-cloze over held-out Wikipedia: a NON-STANDARD task), encoded by
+  --model_name_or_path.
+- encode_resume_lost_work: the real set encoded in shards of --resume_shard_size passages, kill -9
+  once half the passages were handed to the encoder, then resumed: (passages encoded by both runs -
+  N) / N. A batch counts as encoded when it starts, so a batch cut short by the kill counts as lost.
+- FLOAT16 lines: nDCG@10 at every pair of the model from float32 and from float16 shards of the real
+  set.
+- FAISS lines (when faiss is installed): flat, IVF and HNSW indexes of the small scaling corpus,
+  recall@k against exact search (corpus_index defaults: nlist 4 sqrt(N), nprobe 16; HNSW M 32,
+  efSearch 128).
 """
 import argparse
 import json
@@ -76,7 +81,8 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic corpora: random unit vectors written as shards (search time does not depend on the values)
+# Synthetic corpora: random unit vectors written as shards (search time does not depend on the
+# values)
 
 def write_random_index(folder, num_docs, widths, shard_size, seed):
     """float16 shards of random vectors {n: D_n} for num_docs documents, cosine; -> seconds taken."""
@@ -93,7 +99,8 @@ def write_random_index(folder, num_docs, widths, shard_size, seed):
 
 
 def random_queries(count, dim, seed):
-    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)  # (Q, d)
+    # (Q, d)
+    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 def resident_mb(field):
@@ -102,8 +109,9 @@ def resident_mb(field):
 
 
 def search_child(folder, queries_path, out, depth, device):
-    """One search in a fresh process: its time, and the process's peak resident memory while it ran (the peak is
-    reset just before the search, so what importing torch took on the way does not count, what it holds does)."""
+    """One search in a fresh process: its time, and the process's peak resident memory while it ran
+    (the peak is reset just before the search, so what importing torch took on the way does not
+    count, what it holds does)."""
     index = ci.open_index(folder)
     queries = torch.load(queries_path).to(device)
     with open("/proc/self/clear_refs", "w") as f:
@@ -185,7 +193,8 @@ def encode_child(folder, model_name_or_path, shard_size):
     model, tokenizer, config = load(model_name_or_path)
     corpus, _, _ = data.embedded_retrieval_set()
 
-    def counting_tokenizer(texts, **kwargs):  # encode_2d tokenises each batch just before its forward pass
+    # encode_2d tokenises each batch just before its forward pass
+    def counting_tokenizer(texts, **kwargs):
         counting_tokenizer.passages += len(texts)
         print(f"ENCODED {counting_tokenizer.passages}", flush=True)
         return tokenizer(texts, **kwargs)
@@ -226,7 +235,8 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     lines = []
     try:
-        # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit vectors
+        # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit
+        #    vectors
         queries_path = os.path.join(workdir, "queries.pt")
         torch.save(random_queries(args.queries, args.dim, seed=1), queries_path)
         sizes = {"small": args.small_docs, "large": args.large_docs}
@@ -281,7 +291,8 @@ def main(argv=None):
         rate = next(iter(rates.values()))  # of the path that search takes here
         lines.append(f"RATIO exact_search_flop_rate_vs_matmul {rate / matmul_rate:.3f} goal >=0.5")
 
-        # 3. The funnel (Eq. 14) on the sharded index: speed on random vectors, quality on the real set
+        # 3. The funnel (Eq. 14) on the sharded index: speed on random vectors, quality on the real
+        #    set
         pairs, ks = funnel.parse_funnel(args.adaptive)
         last = pairs[-1]
         folder = os.path.join(workdir, "adaptive")

@@ -1,4 +1,5 @@
-"""2D adaptive retrieval (README Eq. 14) against exhaustive full-size search, and early-exit encoding, side by side.
+"""2D adaptive retrieval (README Eq. 14) against exhaustive full-size search, and early-exit
+encoding, side by side.
 
     python bench/bench_search.py [--adaptive 2x24:200:6x384 --num_docs 1000000 --threads 1]
 

@@ -3,8 +3,9 @@
     python bench/bench_train.py [--repeats 5]
 
 The packaged MiniLM on a real batch of the embedded inverse-cloze data; steps alternate so that both
-variants see the same machine state; the ratio is the median of the per-round ratios. All pairs come from the same forward pass, so the extra cost is
-only the (B x BG) score matrices of the small pairs: the goal is <= 1.05.
+variants see the same machine state; the ratio is the median of the per-round ratios. All pairs come
+from the same forward pass, so the extra cost is only the (B x BG) score matrices of the small
+pairs: the goal is <= 1.05.
 """
 import argparse
 import os

@@ -4,13 +4,14 @@
     python bench/reproduce.py --scale paper --model_name_or_path all-mpnet-base-v2/   # 12 x 768, for a GPU
 
 Trains full (Eq. 6), separate (Eq. 7), 2dmse (Eq. 9: sentence-transformers' Matryoshka2dLoss, the
-paper's STS row), 2dmse_retrieval (Eq. 9': the authors' retrieval code, the paper's MS MARCO row), mrl
-(Eq. 8), srl (Eq. 5), smae+srl (Eq. 13 pre-training, then Eq. 5) and the SMAE ablations mlm_2d+srl (the
-sliced MLM without the MAE decoder) and mlm+srl (plain MLM), each then SRL, on identical data, steps
-and seeds with the scripts a user runs; evaluates every layer x dim of the grid; adds MRL's classification
-rows (classification/classify.py); writes RESULTS.md (mean +- std over seeds, the paper's numbers beside them, verdicts on
-the paper's claims) and one heat map per method and metric. Each finished run is kept under --output_dir,
-so an interrupted study resumes where it stopped.
+paper's STS row), 2dmse_retrieval (Eq. 9': the authors' retrieval code, the paper's MS MARCO row),
+mrl (Eq. 8), srl (Eq. 5), smae+srl (Eq. 13 pre-training, then Eq. 5) and the SMAE ablations
+mlm_2d+srl (the sliced MLM without the MAE decoder) and mlm+srl (plain MLM), each then SRL, on
+identical data, steps and seeds with the scripts a user runs; evaluates every layer x dim of the
+grid; adds MRL's classification rows (classification/classify.py); writes RESULTS.md (mean +- std
+over seeds, the paper's numbers beside them, verdicts on the paper's claims) and one heat map per
+method and metric. Each finished run is kept under --output_dir, so an interrupted study resumes
+where it stopped.
 """
 import argparse
 import json
@@ -35,9 +36,11 @@ from classification import classify  # noqa: E402 (its main only)
 from classification import datasets  # noqa: E402
 
 METHODS = ["full", "separate", "2dmse", "2dmse_retrieval", "mrl", "srl", "smae+srl", "mlm_2d+srl", "mlm+srl"]
-PRETRAINED = {"smae+srl": "smae", "mlm_2d+srl": "mlm_2d", "mlm+srl": "mlm"}  # method: pretrain.py --objective
+# method: pretrain.py --objective
+PRETRAINED = {"smae+srl": "smae", "mlm_2d+srl": "mlm_2d", "mlm+srl": "mlm"}
 METRICS = [("lee2005", "Spearman"), ("wiki-ict", "nDCG@10"), ("wiki-ict", "MRR@10")]
-# The paper's Tables A1/A2 (BERT-base): STS avg Spearman / MS MARCO dev MRR@10, per (n, d) and method.
+# The paper's Tables A1/A2 (BERT-base): STS avg Spearman / MS MARCO dev MRR@10, per (n, d) and
+# method.
 PAPER = {
     (2, 32): {"separate": (.6948, .2092), "2dmse": (.6841, .1589), "srl": (.7214, .2147), "smae+srl": (.7362, .2282)},
     (4, 64): {"separate": (.7326, .2692), "2dmse": (.7068, .2266), "srl": (.7466, .2722), "smae+srl": (.7764, .2950)},
@@ -64,11 +67,13 @@ class Study:
     max_steps: int = None  # default: the scale's budget
     learning_rate: float = 1e-4
     output_dir: str = "output/reproduce"
-    results: str = None  # the report; None: <output_dir>/RESULTS.md (the committed one only when named)
+    # the report; None: <output_dir>/RESULTS.md (the committed one only when named)
+    results: str = None
     plot: bool = False
     plot_dir: str = None  # None: <output_dir>/heatmaps
     classification_dataset: str = "tweets"  # classification/classify.py --dataset
-    max_train_samples: int = 2000  # classification texts drawn per seed (classification/classify.py's flags)
+    # classification texts drawn per seed (classification/classify.py's flags)
+    max_train_samples: int = 2000
     max_eval_samples: int = 1000
 
 
@@ -97,8 +102,9 @@ def parse_args(argv=None):
 
 
 def pretrain_once(objective, study, scale):
-    """Pre-train once per objective (at the first seed) and share it across the fine-tuning seeds, as the
-    paper fine-tunes its one released SMAE checkpoint; the std over seeds is then the fine-tuning's."""
+    """Pre-train once per objective (at the first seed) and share it across the fine-tuning seeds,
+    as the paper fine-tunes its one released SMAE checkpoint; the std over seeds is then the
+    fine-tuning's."""
     folder = os.path.join(study.output_dir, f"pretrained_{objective}")
     done = os.path.join(folder, "PRETRAINED_DONE")
     if not os.path.exists(done):  # a pre-training left unfinished starts over
@@ -150,11 +156,12 @@ def run_all(study):
 
 
 def classification_rows(study, seed, pairs):
-    """{'rows': {row: {'nxd': accuracy}}, 'commit'} on classification/classify.py's embedded --classification_dataset, split and
-    subsampled by the seed: MRL / MRL-E heads, the SVD and Rand. LP baselines and 1-NN on the starting encoder
-    (frozen, probes), FF as the study's separately trained encoders (Eq. 7) with a probe at their own pair, and
-    the study's SRL encoder with a probe. Kept in <output_dir>/classification_<dataset>_<train>_<test>_seed<S>.json
-    with the commit that computed it (the report names it), so a finished seed is not recomputed."""
+    """{'rows': {row: {'nxd': accuracy}}, 'commit'} on classification/classify.py's embedded
+    --classification_dataset, split and subsampled by the seed: MRL / MRL-E heads, the SVD and Rand.
+    LP baselines and 1-NN on the starting encoder (frozen, probes), FF as the study's separately
+    trained encoders (Eq. 7) with a probe at their own pair, and the study's SRL encoder with a
+    probe. Kept in <output_dir>/classification_<dataset>_<train>_<test>_seed<S>.json with the commit
+    that computed it (the report names it), so a finished seed is not recomputed."""
     stem = f"classification_{study.classification_dataset}_{study.max_train_samples}_{study.max_eval_samples}_seed{seed}"
     done = os.path.join(study.output_dir, stem + ".json")
     if not os.path.exists(done):
@@ -173,13 +180,15 @@ def classification_rows(study, seed, pairs):
             for n, d in pairs:
                 layer = os.path.join(study.output_dir, f"separate_seed{seed}", "model", f"layer_{n}")
                 rows["FF (separate)"].update(accuracy(layer, f"separate_{n}x{d}", "--pairs", f"{n}x{d}",
-                                                     "--thresholds", "1.01")["MRL"])  # one pair: no cascade
+                                                     # one pair: no cascade
+                                                     "--thresholds", "1.01")["MRL"])
         if "srl" in study.methods:
             rows["SRL + probe"] = accuracy(os.path.join(study.output_dir, f"srl_seed{seed}", "model"), "srl")["MRL"]
         json.dump({"rows": rows, "commit": _commit()}, open(done + ".tmp", "w"))
         os.replace(done + ".tmp", done)
     saved = json.load(open(done))
-    return saved if "rows" in saved else {"rows": saved, "commit": None}  # kept before records named their commit
+    # kept before records named their commit
+    return saved if "rows" in saved else {"rows": saved, "commit": None}
 
 
 def classification_table(by_seed, pairs):
@@ -210,14 +219,16 @@ def summarise(results, pairs):
 
 
 def verdicts(table, pairs, methods):
-    """Plain-words verdicts on the paper's three claims, computed from the table, with the seeds' spread
-    beside each difference: a difference smaller than the methods' std over seeds is not evidence."""
+    """Plain-words verdicts on the paper's three claims, computed from the table, with the seeds'
+    spread beside each difference: a difference smaller than the methods' std over seeds is not
+    evidence."""
     lines = []
     for (dataset, metric), rows in table.items():
         name = f"{dataset} {metric}"
 
         def noise(a, b, at=pairs):
-            return statistics.mean(rows[p][a][1] + rows[p][b][1] for p in at)  # sum of the two stds, mean over pairs
+            # sum of the two stds, mean over pairs
+            return statistics.mean(rows[p][a][1] + rows[p][b][1] for p in at)
         for baseline in [m for m in ("2dmse", "2dmse_retrieval") if {"srl", m} <= set(methods)]:
             losses = [p for p in pairs if rows[p]["srl"][0] < rows[p][baseline][0]]
             holds = "does not hold" if losses else "holds"

@@ -1,5 +1,5 @@
-"""Classify with every size of a 2D encoder: MRL's nested classifiers, MRL-E, its baselines and the 2D cascade
-(README Eq. 18-20; Kusupati et al., 2022).
+"""Classify with every size of a 2D encoder: MRL's nested classifiers, MRL-E, its baselines and the
+2D cascade (README Eq. 18-20; Kusupati et al., 2022).
 
     python -m classification.classify                             # packaged MiniLM, embedded mini_newsgroup
     python -m classification.classify --dataset polarity --model_name_or_path out/srl
@@ -7,12 +7,13 @@
     python -m classification.classify --train_file train.tsv --test_file test.tsv   # text<TAB>label, or JSONL {"text", "label"}
     python -m classification.classify --tuning full --max_steps 50   # encoder and heads end to end (Eq. 19)
 
-At every layer-dim pair: linear-probe accuracy of one head per pair (MRL) and of one shared, sliced head
-(MRL-E), 1-nearest-neighbour accuracy and class-based mAP@10 (training-free), and two baselines built from
-the full pair's embedding at the same width d: its top-d SVD directions (fitted on the training split) and
-d random coordinates of it (Rand. LP), each with its own probe. Then the cascade (Eq. 20) at every
---thresholds value: accuracy against expected cost (encoder layers run + heads consulted), relative to
-classifying at the full pair. Saves results.json and table.md in --output_dir; --plot adds the curve.
+At every layer-dim pair: linear-probe accuracy of one head per pair (MRL) and of one shared, sliced
+head (MRL-E), 1-nearest-neighbour accuracy and class-based mAP@10 (training-free), and two baselines
+built from the full pair's embedding at the same width d: its top-d SVD directions (fitted on the
+training split) and d random coordinates of it (Rand. LP), each with its own probe. Then the cascade
+(Eq. 20) at every --thresholds value: accuracy against expected cost (encoder layers run + heads
+consulted), relative to classifying at the full pair. Saves results.json and table.md in
+--output_dir; --plot adds the curve.
 """
 import json
 import os
@@ -115,12 +116,14 @@ def main(argv=None):
     if separate:
         raise ValueError(f"{path} holds one model per layer (Eq. 7): classify one of its layer_<n> folders")
     pairs, H = config.pairs, model.config.hidden_size
-    full = (pairs[-1][0], H)  # the baselines start from the full-width embedding of the deepest layer
+    # the baselines start from the full-width embedding of the deepest layer
+    full = (pairs[-1][0], H)
     print(f"classify: {source}, {C} classes {names}; pairs {pairs}; {args.tuning}")
     lr = args.learning_rate or (1e-2 if args.tuning == "probe" else 2e-5)
 
     heads = {"MRL": cascade.NestedClassifier(pairs, H, C), "MRL-E": cascade.NestedClassifier(pairs, H, C, efficient=True)}
-    if args.tuning == "full":  # one encoder per head kind would double the cost: end to end trains MRL's heads
+    # one encoder per head kind would double the cost: end to end trains MRL's heads
+    if args.tuning == "full":
         model, heads["MRL"] = cascade.train_classifier_end_to_end(model, tokenizer, heads["MRL"], train_texts, train_y,
                                                   config.pooling, args.max_steps, args.per_device_train_batch_size,
                                                   lr, args.weight_decay, args.max_seq_length, args.seed)

@@ -45,7 +45,8 @@ def weights_size(folder):
 def write_sentence_transformers_files(folder, hidden_size, d, pooling, similarity, max_seq_length):
     """modules.json (Transformer, Pooling), 1_Pooling/config.json, sentence_bert_config.json and
     config_sentence_transformers.json. No Normalize module: it would act before truncate_dim, so
-    cosine models record similarity_fn_name 'cosine' instead (cosine re-normalises the d coordinates)."""
+    cosine models record similarity_fn_name 'cosine' instead (cosine re-normalises the d
+    coordinates)."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     pooling_config = {"word_embedding_dimension": hidden_size, "pooling_mode_cls_token": pooling == "cls",
@@ -77,11 +78,13 @@ def main(argv=None):
         raise ValueError(f"{path} holds separately trained models (Eq. 7): export one of its layer_<n> folders")
     (n, d), = sb.check_pairs(sb.parse_pairs(args.pair) if args.pair else config.pairs[:1], L, H)
 
-    # the sub-model: from_pretrained with num_hidden_layers = n reads only the weights of layers 1..n
+    # the sub-model: from_pretrained with num_hidden_layers = n reads only the weights of layers
+    # 1..n
     sub_config = AutoConfig.from_pretrained(path)
     sub_config.num_hidden_layers = n
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the unread weights of layers n+1..L are listed as UNEXPECTED
+    # the unread weights of layers n+1..L are listed as UNEXPECTED
+    transformers.logging.set_verbosity_error()
     model = AutoModel.from_pretrained(path, config=sub_config)
     transformers.logging.set_verbosity(verbosity)
     model.eval()

@@ -35,7 +35,8 @@ def parse_funnel(text):
 
 @torch.no_grad()
 def adaptive_search(queries, corpus, ks, depth=10):
-    """Eq. 14: shortlist k_1 documents with the first (small) pair, then rerank with each larger pair.
+    """Eq. 14: shortlist k_1 documents with the first (small) pair, then rerank with each larger
+    pair.
 
     queries[j] (Q, d_j) and corpus[j] (N, d_j) are stage j's embeddings, scored by dot product
     (normalise them beforehand for cosine). ks: one shortlist size per stage but the last, capped at
@@ -55,18 +56,24 @@ def adaptive_search(queries, corpus, ks, depth=10):
             raise ValueError(f"stage {j}: every stage must embed the same {num_queries} queries and {num_docs} documents")
     if any(k < 1 for k in ks) or list(ks) != sorted(ks, reverse=True) or depth < 1:
         raise ValueError(f"shortlist sizes {list(ks)} must be positive and non-increasing, depth {depth} positive")
-    keep = [min(k, num_docs) for k in ks] + [min([depth, num_docs] + list(ks))]  # documents kept after each stage
-    rows = min(num_queries, max(1, 2 ** 25 // num_docs))  # queries per block: (rows, N) scores of ~128 MB
-    # one score buffer for every block: allocating 128 MB afresh each time costs as much as the small matmul
+    # documents kept after each stage
+    keep = [min(k, num_docs) for k in ks] + [min([depth, num_docs] + list(ks))]
+    # queries per block: (rows, N) scores of ~128 MB
+    rows = min(num_queries, max(1, 2 ** 25 // num_docs))
+    # one score buffer for every block: allocating 128 MB afresh each time costs as much as the
+    # small matmul
     buffer = queries[0].new_empty((rows, num_docs))
     all_scores, all_indices = [], []
     for start in range(0, num_queries, rows):
         q = queries[0][start:start + rows]
-        top = torch.mm(q, corpus[0].T, out=buffer[:len(q)]).topk(keep[0], dim=1)  # (rows, k_1) of (rows, N)
+        # (rows, k_1) of (rows, N)
+        top = torch.mm(q, corpus[0].T, out=buffer[:len(q)]).topk(keep[0], dim=1)
         scores, indices = top.values, top.indices
         for j in range(1, len(corpus)):
-            candidates = corpus[j][indices]  # (rows, k_j, d_j): only the shortlist is read at the larger size
-            scores = torch.bmm(candidates, queries[j][start:start + rows].unsqueeze(2)).squeeze(2)  # (rows, k_j)
+            # (rows, k_j, d_j): only the shortlist is read at the larger size
+            candidates = corpus[j][indices]
+            # (rows, k_j)
+            scores = torch.bmm(candidates, queries[j][start:start + rows].unsqueeze(2)).squeeze(2)
             top = scores.topk(keep[j], dim=1)
             scores, indices = top.values, indices.gather(1, top.indices)
         all_scores.append(scores)
@@ -82,12 +89,15 @@ def search_flops(num_docs, dims, ks):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2D adaptive retrieval (Eq. 14) beside exhaustive search at each of its sizes: evaluate.py --adaptive
+# 2D adaptive retrieval (Eq. 14) beside exhaustive search at each of its sizes: evaluate.py
+# --adaptive
 
 def adaptive_retrieval(name_or_path, datasets, settings, device):
-    """{dataset: {search: nDCG@10, MRR@10, FLOPs and ms per query}} for --adaptive and each of its pairs alone.
+    """{dataset: {search: nDCG@10, MRR@10, FLOPs and ms per query}} for --adaptive and each of its
+    pairs alone.
 
-    Times are per query over the whole query set: encoding (up to the search's largest layer) and search.
+    Times are per query over the whole query set: encoding (up to the search's largest layer) and
+    search.
     """
     path, _, model, tokenizer, config, separate = metrics.load_for_evaluation(name_or_path, settings, device)
     if separate:
@@ -102,7 +112,8 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
         if kind != "retrieval":
             continue
         texts = [queries[q] for q in queries]
-        if isinstance(corpus, metrics.CorpusFile):  # the funnel on the sharded index: shortlist, then gather to rerank
+        # the funnel on the sharded index: shortlist, then gather to rerank
+        if isinstance(corpus, metrics.CorpusFile):
             index = retrieval.encoded_index(model, tokenizer, path, name, corpus, config, settings)
             num_docs, rank = index.num_docs, lambda q, stage_pairs, stage_ks: ci.adaptive_search(
                 index, stage_pairs, [q[p] for p in stage_pairs], stage_ks, depth=10)
@@ -121,7 +132,8 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
         for label, (stage_pairs, stage_ks) in searches.items():
             start = time.perf_counter()
             q_emb = sb.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling, settings.query_max_len,
-                                 settings.batch_size, normalize)  # stops at the largest stage's layer
+                                 # stops at the largest stage's layer
+                                 settings.batch_size, normalize)
             encoded = time.perf_counter()
             scores, indices = rank(q_emb, stage_pairs, stage_ks)
             searched = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Paper-scale retrieval: a corpus encoded once to a sharded on-disk 2D index, and exact search streamed over it.
+"""Paper-scale retrieval: a corpus encoded once to a sharded on-disk 2D index, and exact search
+streamed over it.
 
     from index import corpus_index as ci; import data, starbucks as sb
     ci.encode_corpus(model, tokenizer, data.stream_msmarco_collection("collection.tsv"), pairs, "index/msmarco",
@@ -18,10 +19,11 @@ An index folder (every .npy memory-mappable):
     docid_rank.npy                  (N,): each row's position in docid string order (trec_eval's tie order)
     index_complete.json             written last of all: shard sizes, number of documents
 
-Narrower pairs of a layer are prefixes of its stored width (Eq. 1), so nothing is stored twice. The vectors
-are stored raw, not normalised: for cosine similarity Eq. 2 normalises after truncation, so the search
-normalises each pair's first d coordinates when it reads them (a unit vector at width D_n would do too,
-normalisation being scale-invariant, but raw vectors also serve dot-product models unchanged).
+Narrower pairs of a layer are prefixes of its stored width (Eq. 1), so nothing is stored twice. The
+vectors are stored raw, not normalised: for cosine similarity Eq. 2 normalises after truncation, so
+the search normalises each pair's first d coordinates when it reads them (a unit vector at width D_n
+would do too, normalisation being scale-invariant, but raw vectors also serve dot-product models
+unchanged).
 
 Search memory is O(Q x depth) for the running top-k lists, plus one shard's mapped file and
 one chunk (64 MB of vectors; on the torch path 8 MB of scores), whatever the corpus size N.
@@ -60,7 +62,8 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 CHUNK_BYTES = 2 ** 26  # a chunk's float32 vectors: few merges of the top-k lists
 SCORE_BYTES = 2 ** 23  # a chunk's scores on the torch path, which holds them whole
 TIES = 16  # documents fetched past a chunk's k-th: room for ties with it, else it is searched again
-_BAD_DOCID = re.compile(r"[\s\x00]")  # TREC run files split on whitespace; numpy bytes drop trailing NULs
+# TREC run files split on whitespace; numpy bytes drop trailing NULs
+_BAD_DOCID = re.compile(r"[\s\x00]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,15 +92,17 @@ def _write_json(path, value):
 
 
 def write_shard(folder, shard, docids, vectors, source_sha256=""):
-    """Write shard number `shard` atomically: files into a hidden folder, each flushed, the marker last, one rename.
+    """Write shard number `shard` atomically: files into a hidden folder, each flushed, the marker
+    last, one rename.
 
-    docids: list of str; vectors: {n: (rows, D_n) numpy array in the storage dtype}. A crash leaves either the
-    complete shard or a hidden folder that no reader opens.
+    docids: list of str; vectors: {n: (rows, D_n) numpy array in the storage dtype}. A crash leaves
+    either the complete shard or a hidden folder that no reader opens.
     """
     final, tmp = os.path.join(folder, shard_name(shard)), os.path.join(folder, f".{shard_name(shard)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    arrays = {"docids.npy": np.array([docid.encode("utf-8") for docid in docids])}  # (rows,) fixed-width bytes
+    # (rows,) fixed-width bytes
+    arrays = {"docids.npy": np.array([docid.encode("utf-8") for docid in docids])}
     arrays.update({f"layer-{n}.npy": v for n, v in vectors.items()})
     marker = {"rows": len(docids), "source_sha256": source_sha256, "files": {}}
     for name, array in arrays.items():
@@ -165,7 +170,8 @@ def start_index(folder, config):
 
 
 def finalize_index(folder, num_shards):
-    """Check every shard, then write each row's rank in docid string order and, last, the index marker.
+    """Check every shard, then write each row's rank in docid string order and, last, the index
+    marker.
 
     Holds every docid once, as fixed-width bytes (MS MARCO's 8.8M pids: about 62 MB); nothing else.
     """
@@ -182,7 +188,8 @@ def finalize_index(folder, num_shards):
     if any(rows != shard_size for rows in shard_rows[:-1]) or not 0 < shard_rows[-1] <= shard_size:
         raise ValueError(f"{folder}: shards of {shard_rows} rows do not make an index of shards of {shard_size}")
     docids = np.concatenate([np.load(os.path.join(folder, shard_name(s), "docids.npy")) for s in range(num_shards)])
-    order = np.argsort(docids, kind="stable")  # UTF-8 byte order = Python's str order = trec_eval's strcmp
+    # UTF-8 byte order = Python's str order = trec_eval's strcmp
+    order = np.argsort(docids, kind="stable")
     in_order = docids[order]
     repeated = np.flatnonzero(in_order[1:] == in_order[:-1])
     if len(repeated):
@@ -207,13 +214,14 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
                   normalize=False, shard_size=100_000, dtype="float16", progress=None):
     """Eq. 1 for a whole corpus, to disk, one shard of `shard_size` documents at a time; resumable.
 
-    docs: an iterable of (docid, text), read once in order (data.stream_beir_corpus, data.stream_msmarco_collection);
-    only one shard's texts are held. Each shard is one sb.encode_2d call (one forward pass per batch, up to the
-    largest layer), stored per layer at the widest d of its pairs, raw; normalize=True records that the pairs
-    are compared by cosine, which the search applies after truncation (Eq. 2). A shard complete on disk and
-    encoded from the same text is skipped, so a run killed at any point resumes at its first missing shard.
-    Under torchrun, rank r encodes shards r, r + W, ...; rank 0 then checks them all and writes the docid ranks
-    and the index marker. Returns the number of documents this process encoded.
+    docs: an iterable of (docid, text), read once in order (data.stream_beir_corpus,
+    data.stream_msmarco_collection); only one shard's texts are held. Each shard is one sb.encode_2d
+    call (one forward pass per batch, up to the largest layer), stored per layer at the widest d of
+    its pairs, raw; normalize=True records that the pairs are compared by cosine, which the search
+    applies after truncation (Eq. 2). A shard complete on disk and encoded from the same text is
+    skipped, so a run killed at any point resumes at its first missing shard. Under torchrun, rank r
+    encodes shards r, r + W, ...; rank 0 then checks them all and writes the docid ranks and the
+    index marker. Returns the number of documents this process encoded.
     """
     config = index_config(pairs, dtype, shard_size, pooling, max_length, normalize)
     rank, world_size = training.rank_and_world_size()
@@ -222,7 +230,8 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
     if world_size > 1:
         torch.distributed.barrier()
     start_index(folder, config)  # every rank checks the folder it will write into
-    layer_pairs = list(stored_widths(pairs).items())  # [(n, D_n)]: one embedding per layer, the widest
+    # [(n, D_n)]: one embedding per layer, the widest
+    layer_pairs = list(stored_widths(pairs).items())
     encoded, shard, docids, texts, digest = 0, 0, [], [], hashlib.sha256()
 
     def finish_shard():
@@ -326,11 +335,13 @@ def _check_pair(index, pair):
 
 
 def _prepare(stored, normalize, out):
-    """Stored rows (C, d) -> float32 vectors of one pair, written into out (at least C rows); for cosine normalised
-    after truncation (Eq. 2). The same values as F.normalize (tested), in place: a buffer reused for every chunk
-    costs no fresh pages (a page fault per 4 KB of a fresh array, per chunk).
+    """Stored rows (C, d) -> float32 vectors of one pair, written into out (at least C rows); for
+    cosine normalised after truncation (Eq. 2). The same values as F.normalize (tested), in place: a
+    buffer reused for every chunk costs no fresh pages (a page fault per 4 KB of a fresh array, per
+    chunk).
     """
-    vectors = out[:len(stored)].copy_(torch.from_numpy(stored))  # (C, d); float16 -> float32 is exact
+    # (C, d); float16 -> float32 is exact
+    vectors = out[:len(stored)].copy_(torch.from_numpy(stored))
     return vectors.div_(vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)) if normalize else vectors
 
 
@@ -340,10 +351,12 @@ def _map(path):
 
 
 def chunks(index, pair, chunk_rows):
-    """(first global row, vectors (C, d) float32, docid ranks (C,)) of consecutive rows, shard by shard.
+    """(first global row, vectors (C, d) float32, docid ranks (C,)) of consecutive rows, shard by
+    shard.
 
-    One shard's layer file is mapped at a time, so resident memory stays one shard however large the index.
-    The vectors of every chunk are written into the same buffer: use (or copy) them before taking the next.
+    One shard's layer file is mapped at a time, so resident memory stays one shard however large the
+    index. The vectors of every chunk are written into the same buffer: use (or copy) them before
+    taking the next.
     """
     n, d = pair
     out = torch.empty(min(chunk_rows, max(index.shard_rows)), d)  # (C, d), reused
@@ -357,17 +370,19 @@ def chunks(index, pair, chunk_rows):
 
 
 def read_rows(index, pair, rows):
-    """Vectors (M, d) float32 of global rows (M,), read from the shards' files (Eq. 2: normalised for cosine).
+    """Vectors (M, d) float32 of global rows (M,), read from the shards' files (Eq. 2: normalised
+    for cosine).
 
-    Each row's first d values are read with one pread, in file order, the preads of a shard looped over in C
-    (map): through a freshly mapped file, rows spread over the corpus cost a page fault each (most of the
-    funnel's rerank) and leave every file's pages resident.
+    Each row's first d values are read with one pread, in file order, the preads of a shard looped
+    over in C (map): through a freshly mapped file, rows spread over the corpus cost a page fault
+    each (most of the funnel's rerank) and leave every file's pages resident.
     """
     n, d = pair
     rows = rows.cpu().numpy()
     order = np.argsort(rows, kind="stable")  # (M,) file order
     in_order = rows[order]
-    ends = np.searchsorted(in_order, index.shard_starts[1:] + [index.num_docs])  # (shards,) end of each in in_order
+    # (shards,) end of each in in_order
+    ends = np.searchsorted(in_order, index.shard_starts[1:] + [index.num_docs])
     stored = np.empty((len(rows), d), dtype=DTYPES[index.dtype])  # (M, d) as stored
     row_bytes, prefix_bytes = index.widths[n] * stored.itemsize, d * stored.itemsize
     for shard, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist())):
@@ -377,7 +392,8 @@ def read_rows(index, pair, rows):
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-            positions = f.tell() + (in_order[start:end] - index.shard_starts[shard]) * row_bytes  # after the header
+            # after the header
+            positions = f.tell() + (in_order[start:end] - index.shard_starts[shard]) * row_bytes
             read = b"".join(map(functools.partial(os.pread, f.fileno(), prefix_bytes), positions.tolist()))
         if len(read) != (end - start) * prefix_bytes:  # a short read would shift every row after it
             raise ValueError(f"{path} is shorter than when the index was opened: re-open it (open_index)")
@@ -408,8 +424,9 @@ def docids(index, rows):
 
 
 def ranked_lists(index, scores, rows, qids):
-    """(qid, [(docid, score), ...] best first) for every query of a search's (scores, rows), one at a time. Rows of
-    -1 are left out: a FAISS search that found fewer than depth documents pads its lists with them, at the end."""
+    """(qid, [(docid, score), ...] best first) for every query of a search's (scores, rows), one at
+    a time. Rows of -1 are left out: a FAISS search that found fewer than depth documents pads its
+    lists with them, at the end."""
     for start in range(0, len(qids), 1024):
         block = rows[start:start + 1024]
         names = docids(index, block.clamp(min=0))
@@ -597,9 +614,10 @@ def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk
 # Optional: an approximate index with FAISS (pip install faiss-cpu), exact search its reference
 
 def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_search=128, chunk_rows=65536):
-    """A FAISS index of one pair's vectors, added chunk by chunk from the shards (inner product; cosine when the
-    index is normalised). kind: 'flat' (exact, in memory), 'ivf' (IndexIVFFlat, nlist lists, nprobe searched,
-    trained on an evenly spaced sample) or 'hnsw' (IndexHNSWFlat, hnsw_m links, ef_search). Holds N x d float32."""
+    """A FAISS index of one pair's vectors, added chunk by chunk from the shards (inner product;
+    cosine when the index is normalised). kind: 'flat' (exact, in memory), 'ivf' (IndexIVFFlat,
+    nlist lists, nprobe searched, trained on an evenly spaced sample) or 'hnsw' (IndexHNSWFlat,
+    hnsw_m links, ef_search). Holds N x d float32."""
     if faiss is None:
         raise ValueError("--index faiss-* needs FAISS: pip install faiss-cpu")
     d = pair[1]
@@ -612,7 +630,8 @@ def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_s
     elif kind == "ivf":
         nlist = nlist or max(1, int(4 * index.num_docs ** 0.5))
         built = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        step = max(1, index.num_docs // (64 * nlist))  # about 64 training vectors per list, spread over the corpus
+        # about 64 training vectors per list, spread over the corpus
+        step = max(1, index.num_docs // (64 * nlist))
         sample = [vectors[(-first_row) % step::step].clone() for first_row, vectors, _ in chunks(index, pair, chunk_rows)]
         built.train(torch.cat(sample).numpy())
         built.nprobe = nprobe

@@ -1,21 +1,22 @@
-"""Compute-optimal recipe (Ziarko et al., 2024): which tuning method and size for a FLOP budget (README Eq. 15).
+"""Compute-optimal recipe (Ziarko et al., 2024): which tuning method and size for a FLOP budget
+(README Eq. 15).
 
     python -m recipe.compute_optimal                          # the default grid on the embedded data
     python -m recipe.compute_optimal --sizes smollm2-135m:2,smollm2-135m:4,random:2x128 --tunings full,lora,freeze:1 \\
         --budgets 2e12,6e12,2e13 --target_budget 2e13 --plot --output_dir output/recipe
 
 Grid: sizes x tuning methods x FLOP budgets. A size is the packaged SmolLM2-135M cut to its first K
-blocks (`smollm2-135m:K`; final norm kept) or a random-init Llama of L blocks x H (`random:LxH`) with
-SmolLM2's tokenizer. Every run fine-tunes with finetune.py's loop (contrastive loss of the full model,
-Eq. 6, or with --method symmetric Ziarko's Eq. 17; mean pooling, cosine / 0.025 = Ziarko's scale 40)
-for the steps its budget buys (Eq. 15), then
-measures the held-out contrastive loss (inverse-cloze queries vs their passages, in-batch negatives;
-real text, NON-STANDARD task) and Spearman on Lee et al. (2005).
+blocks (`smollm2-135m:K`; final norm kept) or a random-init Llama of L blocks x H (`random:LxH`)
+with SmolLM2's tokenizer. Every run fine-tunes with finetune.py's loop (contrastive loss of the full
+model, Eq. 6, or with --method symmetric Ziarko's Eq. 17; mean pooling, cosine / 0.025 = Ziarko's
+scale 40) for the steps its budget buys (Eq. 15), then measures the held-out contrastive loss
+(inverse-cloze queries vs their passages, in-batch negatives; real text, NON-STANDARD task) and
+Spearman on Lee et al. (2005).
 
-Each run's result is a JSON file under output_dir/runs: a rerun skips finished runs, and an interrupt
-loses at most the run in progress. Then, per (method, size), a least-squares line of the metric in
-log10(budget); the recommendation for --target_budget is the (method, size) with the best fitted value,
-and its number of training tokens is budget / FLOPs per token (Eq. 15).
+Each run's result is a JSON file under output_dir/runs: a rerun skips finished runs, and an
+interrupt loses at most the run in progress. Then, per (method, size), a least-squares line of the
+metric in log10(budget); the recommendation for --target_budget is the (method, size) with the best
+fitted value, and its number of training tokens is budget / FLOPs per token (Eq. 15).
 """
 import copy
 import json
@@ -153,7 +154,8 @@ def finetune_argv(grid, tuning_spec, budget, L, H, base, output_dir):
             "--per_device_train_batch_size", str(grid.per_device_train_batch_size),
             "--train_group_size", str(grid.train_group_size), "--query_max_len", str(grid.query_max_len),
             "--passage_max_len", str(grid.passage_max_len), "--save_steps", "0", "--seed", str(grid.seed),
-            "--output_dir", output_dir, "--overwrite_output_dir"]  # a run left unfinished starts over
+            # a run left unfinished starts over
+            "--output_dir", output_dir, "--overwrite_output_dir"]
 
 
 def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):
@@ -166,7 +168,8 @@ def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):
 
 
 def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
-    """Fine-tune one (size, method) for a budget (or measure the untouched model at budget 0) -> result.
+    """Fine-tune one (size, method) for a budget (or measure the untouched model at budget 0) ->
+    result.
 
     The size's model is saved as a folder and trained by finetune.py's own main, so every run is
     exactly the command its argv reads."""
@@ -246,8 +249,8 @@ def fit_line(budgets, values):
 
 
 def fit_all(results, metric):
-    """{(tuning, size): fit and its budget range} over the trained runs (budget > 0) of each pair with two
-    or more budgets."""
+    """{(tuning, size): fit and its budget range} over the trained runs (budget > 0) of each pair
+    with two or more budgets."""
     groups = {}
     for r in results:
         if r["budget"] > 0:
@@ -258,10 +261,12 @@ def fit_all(results, metric):
 
 
 def recommend(results, fits, budget, metric):
-    """The (method, size) whose fit is best at `budget` -> its prediction, FLOPs per token and tokens.
+    """The (method, size) whose fit is best at `budget` -> its prediction, FLOPs per token and
+    tokens.
 
-    Only fits whose own budgets span `budget` compete (a line in log budget is a local trend: two points
-    extrapolated far can predict a negative loss); when none spans it, all do and the answer says so.
+    Only fits whose own budgets span `budget` compete (a line in log budget is a local trend: two
+    points extrapolated far can predict a negative loss); when none spans it, all do and the answer
+    says so.
     """
     if not fits:
         raise ValueError("no (method, size) has runs at two budgets: nothing to fit")

@@ -9,8 +9,8 @@ References
 Kept apart from starbucks.py, which holds pure functions of tensors: these functions change a model
 in place (freeze parameters, swap nn.Linear modules for LoRA-wrapped ones and back).
 
-Methods, as `finetune.py --tuning` names them: 'full', 'lora', 'bias', 'freeze:K' (all but the last K
-transformer blocks frozen).
+Methods, as `finetune.py --tuning` names them: 'full', 'lora', 'bias', 'freeze:K' (all but the last
+K transformer blocks frozen).
 """
 import copy
 import math
@@ -19,7 +19,8 @@ import torch
 
 import starbucks as sb
 
-# LoRA on every nn.Linear inside the transformer blocks: attention and MLP projections, as Ziarko et al.
+# LoRA on every nn.Linear inside the transformer blocks: attention and MLP projections, as Ziarko et
+# al.
 ALL_LINEAR = "all-linear"
 
 
@@ -27,7 +28,8 @@ ALL_LINEAR = "all-linear"
 # LoRA (Eq. 16)
 
 class LoRALinear(torch.nn.Module):
-    """Eq. 16: h = W_0 x + b + (alpha / r) B A x, with W_0 and b frozen, A (r, in) and B (out, r) trained.
+    """Eq. 16: h = W_0 x + b + (alpha / r) B A x, with W_0 and b frozen, A (r, in) and B (out, r)
+    trained.
 
     B starts at zero, so the wrapped layer first computes exactly what the base layer did.
     """
@@ -41,7 +43,8 @@ class LoRALinear(torch.nn.Module):
         self.scaling = alpha / r
         self.lora_A = torch.nn.Parameter(base.weight.new_empty(r, base.in_features))
         self.lora_B = torch.nn.Parameter(base.weight.new_zeros(base.out_features, r))
-        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and the LoRA paper's code)
+        # as nn.Linear (and the LoRA paper's code)
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
         return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # (..., out)
@@ -61,7 +64,8 @@ def _replace(model, name, module):
 
 
 def add_lora(model, r, alpha, target_modules=ALL_LINEAR):
-    """Freeze the model and wrap the target nn.Linear layers of its transformer blocks -> wrapped names.
+    """Freeze the model and wrap the target nn.Linear layers of its transformer blocks -> wrapped
+    names.
 
     target_modules: 'all-linear', or module names such as ['q_proj', 'v_proj'] (matched against the
     last part of each Linear's name inside the blocks).
@@ -151,9 +155,9 @@ def apply_tuning(model, tuning, lora_r=32, lora_alpha=32, lora_target_modules=AL
 
 
 def parameter_counts(model, parameters=None):
-    """(N, N_trainable): N counts the model's own parameters (embeddings included, LoRA adapters not);
-    N_trainable counts those with requires_grad (for LoRA: the adapters). parameters: count only these
-    (default: all of the model's)."""
+    """(N, N_trainable): N counts the model's own parameters (embeddings included, LoRA adapters
+    not); N_trainable counts those with requires_grad (for LoRA: the adapters). parameters: count
+    only these (default: all of the model's)."""
     adapters = {id(m.lora_A) for m in model.modules() if isinstance(m, LoRALinear)} | \
                {id(m.lora_B) for m in model.modules() if isinstance(m, LoRALinear)}
     parameters = list(model.parameters()) if parameters is None else parameters

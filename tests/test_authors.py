@@ -1,5 +1,6 @@
-"""Our losses against independent transcriptions of the authors' released code (github.com/ielab/Starbucks at
-2a3b24f), written here from their source without calling ours, on tiny random tensors, to 1e-6."""
+"""Our losses against independent transcriptions of the authors' released code
+(github.com/ielab/Starbucks at 2a3b24f), written here from their source without calling ours, on
+tiny random tensors, to 1e-6."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,8 @@ import starbucks as sb
 from conftest import tiny_bert
 from recipe import flops
 
-LAYERS, DIMS = [1, 2, 3], [4, 6, 8]  # their matryoshka_layers / matryoshka_dims, paired by position; H = 8
+# their matryoshka_layers / matryoshka_dims, paired by position; H = 8
+LAYERS, DIMS = [1, 2, 3], [4, 6, 8]
 
 
 def _shrink(x, dim):
@@ -33,11 +35,13 @@ def _cosent(a, b, labels, scale=20.0):
 
 
 def _released_starbucks(columns, inner, kl_temperature=0.3, kl_div_weight=1.0, last_layer_weight=1.0):
-    """sts/starbucks_loss.py StarbucksLoss.forward (lines 102-150): columns[layer] = [pooled (B, H) per text column].
+    """sts/starbucks_loss.py StarbucksLoss.forward (lines 102-150): columns[layer] = [pooled (B, H)
+    per text column].
 
-    The last layer's loss at its full width, then for every prior layer the inner loss at its paired dim and the
-    KL between that layer's and the last layer's concatenated embeddings (every call of the forward decorator),
-    both cut to dim, F.kl_div(log_softmax(p), softmax(q), 'batchmean'), times kl_temperature * kl_div_weight."""
+    The last layer's loss at its full width, then for every prior layer the inner loss at its paired
+    dim and the KL between that layer's and the last layer's concatenated embeddings (every call of
+    the forward decorator), both cut to dim, F.kl_div(log_softmax(p), softmax(q), 'batchmean'),
+    times kl_temperature * kl_div_weight."""
     last = LAYERS[-1]
     loss = inner(*[_shrink(c, DIMS[-1]) for c in columns[last]]) * last_layer_weight
     final_embeddings = torch.cat(columns[last], dim=0)
@@ -56,8 +60,9 @@ def _columns(num_columns, batch=4, seed=0):
 
 
 def test_released_starbucks_loss_with_mnrl_equals_the_authors_allnli_run():
-    """Triplets (anchor, entailment, contradiction): ours takes the candidates group-major (p_i, n_i), theirs
-    all positives then all negatives; cross-entropy does not care about the order of the candidates."""
+    """Triplets (anchor, entailment, contradiction): ours takes the candidates group-major (p_i,
+    n_i), theirs all positives then all negatives; cross-entropy does not care about the order of
+    the candidates."""
     columns = _columns(3)
     pairs = list(zip(LAYERS, DIMS))
     q_2d = {(n, d): columns[n][0][:, :d] for n, d in pairs}
@@ -80,25 +85,30 @@ def test_released_starbucks_loss_with_cosent_equals_the_authors_low_resource_run
 
 
 def test_separate_models_count_only_the_layers_that_run():
-    """Eq. 15 for --method separate (Eq. 7): a model trained at layer n runs layers 1..n only, so N counts
-    the embeddings and those n blocks (a hand count), not the blocks above n that never run."""
+    """Eq. 15 for --method separate (Eq. 7): a model trained at layer n runs layers 1..n only, so N
+    counts the embeddings and those n blocks (a hand count), not the blocks above n that never
+    run."""
     model = tiny_bert(num_layers=4, hidden=32)
     blocks = sb.transformer_layers(model)
     embeddings = sum(p.numel() for p in model.embeddings.parameters())
     per_block = sum(p.numel() for p in blocks[0].parameters())
     assert flops.parameters_run(model, 2) == embeddings + 2 * per_block
-    assert flops.parameters_run(model, 4) == embeddings + 4 * per_block  # all blocks; the pooler never runs
+    # all blocks; the pooler never runs
+    assert flops.parameters_run(model, 4) == embeddings + 4 * per_block
 
 
 def test_retrieval_2dmse_equals_the_authors_sub_model_sampling():
-    """retrieval/modeling.py forward (lines 101-146) with sub_model_sampling: one sampled prior layer plus the
-    last, every dim of each (the full pair once), CE and the detached score KL at each, summed."""
+    """retrieval/modeling.py forward (lines 101-146) with sub_model_sampling: one sampled prior
+    layer plus the last, every dim of each (the full pair once), CE and the detached score KL at
+    each, summed."""
     g = torch.Generator().manual_seed(3)
     L, B, G, H = 3, 4, 2, 8
-    q_reps = torch.randn(L, B, H, generator=g, dtype=torch.float64)  # their [num_layers, batch, hidden]
+    # their [num_layers, batch, hidden]
+    q_reps = torch.randn(L, B, H, generator=g, dtype=torch.float64)
     p_reps = torch.randn(L, B * G, H, generator=g, dtype=torch.float64)
     temperature, kl_weight, dims = 0.5, 1.0, [4, 6, 8]
-    sampled_draw = torch.Generator().manual_seed(11)  # ours draws the layer with the step's generator
+    # ours draws the layer with the step's generator
+    sampled_draw = torch.Generator().manual_seed(11)
     layer_idx = int(torch.randint(L - 1, (1,), generator=torch.Generator().manual_seed(11)))
 
     target = torch.arange(B) * (p_reps.size(1) // q_reps.size(1))
@@ -119,8 +129,9 @@ def test_retrieval_2dmse_equals_the_authors_sub_model_sampling():
 
 
 def test_mlm_2d_equals_the_authors_2d_masked_lm():
-    """smae/modeling.py BertFor2DMatryoshkaMaskedLM.forward (lines 72-81) with its sliced head decorator
-    (lines 14-27): mean over pairs of the cross-entropy of cls(hidden_states[layer][:, :, :dim]), -100 ignored."""
+    """smae/modeling.py BertFor2DMatryoshkaMaskedLM.forward (lines 72-81) with its sliced head
+    decorator (lines 14-27): mean over pairs of the cross-entropy of cls(hidden_states[layer][:, :,
+    :dim]), -100 ignored."""
     encoder = tiny_bert(num_layers=4, hidden=32)
     heads = sb.SMAEHeads(encoder)
     g = torch.Generator().manual_seed(5)
@@ -129,7 +140,8 @@ def test_mlm_2d_equals_the_authors_2d_masked_lm():
     labels[:, 2:5] = torch.randint(1000, 2000, (2, 3), generator=g)
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # 0: embeddings
+        # 0: embeddings
+        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         total = 0
         for layer, dim in [(2, 16), (4, 32)]:
             h = hidden[layer][:, :, :dim]

@@ -55,7 +55,8 @@ def _setup(tokenizer):
     model = tiny_bert(num_layers=4, hidden=32)
     torch.manual_seed(1)
     heads = cascade.NestedClassifier(PAIRS, 32, 3)
-    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")  # padding: the masks must follow the rows
+    # padding: the masks must follow the rows
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
     fresh = {p: F.softmax(v, -1) for p, v in heads(sb.embed_2d(model, enc["input_ids"], enc["attention_mask"],
                                                                PAIRS, "mean")).items()}
     return model, heads, enc, fresh
@@ -70,13 +71,15 @@ def test_cascade_threshold_zero_is_the_smallest_pair_and_above_one_the_full_pair
 
 
 def test_the_cascade_continues_one_pass_equal_to_a_fresh_forward_and_never_runs_layers_it_does_not_need(tokenizer):
-    """Per-pair thresholds that split the batch: every example's answer equals a fresh forward to its pair's
-    layer (its hidden states, pooled, through the head), and the later layers see only the undecided rows."""
+    """Per-pair thresholds that split the batch: every example's answer equals a fresh forward to
+    its pair's layer (its hidden states, pooled, through the head), and the later layers see only
+    the undecided rows."""
     model, heads, enc, fresh = _setup(tokenizer)
     confidence = {p: v.max(-1).values for p, v in fresh.items()}
     first = confidence[PAIRS[0]].median().item()  # about half stop at the first pair
     going_on = confidence[PAIRS[0]] < first
-    thresholds = [first, confidence[PAIRS[1]][going_on].max().item(), 0.0]  # one of the rest stops at the second
+    # one of the rest stops at the second
+    thresholds = [first, confidence[PAIRS[1]][going_on].max().item(), 0.0]
     rows_seen = []
     hook = sb.transformer_layers(model)[3].register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
     predicted, stopped = cascade.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS,
@@ -87,18 +90,21 @@ def test_the_cascade_continues_one_pass_equal_to_a_fresh_forward_and_never_runs_
         assert predicted[row] == fresh[PAIRS[i]][row].argmax()
         for earlier in range(i):  # it went on because an earlier pair was not sure enough
             assert confidence[PAIRS[earlier]][row] < thresholds[earlier]
-    assert rows_seen == [int((stopped == 2).sum())]  # layer 4 ran once, on the examples that reached it
+    # layer 4 ran once, on the examples that reached it
+    assert rows_seen == [int((stopped == 2).sum())]
 
 
 def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(tokenizer):
-    """The sweep reads each threshold's answers off one forward pass, in batches sorted by length; running Eq. 20
-    itself at every threshold gives the same predictions, stopping pairs and costs (layers run + heads consulted,
-    by hand). Thresholds sit halfway between confidences, so padding's last-bit noise cannot flip a stop."""
+    """The sweep reads each threshold's answers off one forward pass, in batches sorted by length;
+    running Eq. 20 itself at every threshold gives the same predictions, stopping pairs and costs
+    (layers run + heads consulted, by hand). Thresholds sit halfway between confidences, so
+    padding's last-bit noise cannot flip a stop."""
     model, heads, enc, fresh = _setup(tokenizer)
     confidence = {p: v.max(-1).values for p, v in fresh.items()}
     first = confidence[PAIRS[0]].sort().values
     going_on = confidence[PAIRS[1]][confidence[PAIRS[0]] < (first[2] + first[3]) / 2].sort().values
-    split = [((first[2] + first[3]) / 2).item(), ((going_on[-2] + going_on[-1]) / 2).item(), 0.0]  # 3 / 1 / 2 stop
+    # 3 / 1 / 2 stop
+    split = [((first[2] + first[3]) / 2).item(), ((going_on[-2] + going_on[-1]) / 2).item(), 0.0]
     labels = cascade.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS, split)[0].tolist()
     thresholds = [0.0, split, split[0], 1.01]
     points = cascade.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean",
@@ -114,7 +120,8 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
         assert point["stopped"] == pytest.approx([float((stopped == i).float().mean()) for i in range(len(PAIRS))])
         assert point["relative_cost"] == pytest.approx(sum(cost) / len(cost) / full)
     assert points[1]["accuracy"] == 1.0 and points[1]["stopped"] == pytest.approx([0.5, 1 / 6, 1 / 3])
-    features = sb.encode_2d(model, tokenizer, TEXTS, PAIRS + [(3, 32)], "mean", 256, 4)  # as classification/classify.py has them
+    # as classification/classify.py has them
+    features = sb.encode_2d(model, tokenizer, TEXTS, PAIRS + [(3, 32)], "mean", 256, 4)
     assert cascade.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean", batch_size=4,
                                   num_classes=3, features=features) == points
     with pytest.raises(ValueError, match="features must hold every pair"):
@@ -135,9 +142,10 @@ def test_cascade_thresholds_one_for_all_or_one_per_pair_in_order_of_layer():
 
 
 def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local_search():
-    """Four texts, three pairs costing 0.2 / 0.5 / 1 of the full pair. Text 2 is right at pair 2 with confidence
-    0.52, wrong at pair 1 with 0.55; text 3 is wrong at pairs 1-2. One threshold for all must exceed 0.55 and so
-    sends text 2 to the full pair (cost 0.6); one per pair stops it at pair 2 (0.475)."""
+    """Four texts, three pairs costing 0.2 / 0.5 / 1 of the full pair. Text 2 is right at pair 2
+    with confidence 0.52, wrong at pair 1 with 0.55; text 3 is wrong at pairs 1-2. One threshold for
+    all must exceed 0.55 and so sends text 2 to the full pair (cost 0.6); one per pair stops it at
+    pair 2 (0.475)."""
     outcomes = cascade.CascadeOutcomes(
         confidence=torch.tensor([[0.9, 0.95, 0.99], [0.6, 0.9, 0.99], [0.55, 0.52, 0.99], [0.4, 0.5, 0.99]]),
         predicted=torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0], [1, 1, 0]]),
@@ -147,8 +155,9 @@ def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local
     assert 0.55 < thresholds[0] <= 0.6 and 0.5 < thresholds[1] <= 0.52
     assert point["accuracy"] == 1.0 and point["relative_cost"] == pytest.approx(0.475)
     assert point["stopped"] == [0.5, 0.25, 0.25] and point["threshold"] == thresholds
-    # One error allowed: 0.55 for all (text 2 stops wrong at pair 1) costs 0.4. Stopping text 3 at pair 2 instead
-    # would cost 0.35, but needs two thresholds moved at once (0.56, 0.5): each move alone adds an error or cost.
+    # One error allowed: 0.55 for all (text 2 stops wrong at pair 1) costs 0.4. Stopping text 3 at
+    # pair 2 instead would cost 0.35, but needs two thresholds moved at once (0.56, 0.5): each move
+    # alone adds an error or cost.
     _, one_error = cascade.choose_thresholds(outcomes, tolerance=0.25)
     assert one_error["accuracy"] == 0.75 and one_error["relative_cost"] == pytest.approx(0.4)
     assert cascade.cascade_point(outcomes, [0.56, 0.5, 0.0]) == {"threshold": [0.56, 0.5, 0.0], "accuracy": 0.75,
@@ -156,14 +165,17 @@ def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local
                                                                  "stopped": [0.5, 0.5, 0.0]}
     predicted, stopped = cascade.cascade_answers(outcomes, [0.56, 0.5, 0.0])
     assert predicted.tolist() == [0, 0, 0, 1] and stopped.tolist() == [0, 0, 1, 1]
-    # the full pair is right on all four, the cascade loses text 3: differences 0, 0, 0, 1; sample std 0.5 over sqrt 4
+    # the full pair is right on all four, the cascade loses text 3: differences 0, 0, 0, 1; sample
+    # std 0.5 over sqrt 4
     assert cascade.accuracy_drop(outcomes, [0.56, 0.5, 0.0]) == pytest.approx((0.25, 0.25))
     assert cascade.accuracy_drop(outcomes, 1.01) == (0.0, 0.0)
-    # margin 1: 0.55 for all is 0.75 accurate with a drop's standard error of 0.25, so it counts as 0.5
+    # margin 1: 0.55 for all is 0.75 accurate with a drop's standard error of 0.25, so it counts as
+    # 0.5
     assert not cascade.qualifies(outcomes, cascade.cascade_point(outcomes, 0.55), 0.75, margin=1)
     assert cascade.qualifies(outcomes, cascade.cascade_point(outcomes, 0.55), 0.5, margin=1)
     assert cascade.cheapest_threshold(outcomes, 0.25, margin=1)["relative_cost"] == pytest.approx(0.6)
-    _, sure = cascade.choose_thresholds(outcomes, tolerance=0.25, margin=1)  # only errorless points qualify
+    # only errorless points qualify
+    _, sure = cascade.choose_thresholds(outcomes, tolerance=0.25, margin=1)
     assert sure["accuracy"] == 1.0 and sure["relative_cost"] == pytest.approx(0.475)
 
 
@@ -180,14 +192,17 @@ def test_svd_directions_at_full_width_recover_the_full_accuracy():
         probe = cascade.fit_probe(cascade.NestedClassifier([(1, 16)], 16, 2), {(1, 16): features[train]}, y[train])
         accuracy[name] = metrics.accuracy(probe({(1, 16): features[test]})[(1, 16)].argmax(-1), y[test])
     assert accuracy["svd"] == accuracy["full"] and accuracy["full"] > 0.9
-    assert cascade.svd_directions(x[:5], 16).shape == (16, 16)  # past the rank of 5 texts: zero columns
+    # past the rank of 5 texts: zero columns
+    assert cascade.svd_directions(x[:5], 16).shape == (16, 16)
 
 
 def test_nearest_neighbour_and_map_at_k_by_hand():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     train_y, test, test_y = torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.05], [0.1, 1.0]]), torch.tensor([1, 1])
-    assert metrics.nearest_neighbour_accuracy(train, train_y, test, test_y) == 0.5  # neighbours: row 0, row 2
-    # query 1 ranks rows 0 (no), 1 (yes), 2 (yes): AP@2 = (1/2) / min(2, 2) = 0.25; query 2: 2 (yes), 1 (yes): 1.0
+    # neighbours: row 0, row 2
+    assert metrics.nearest_neighbour_accuracy(train, train_y, test, test_y) == 0.5
+    # query 1 ranks rows 0 (no), 1 (yes), 2 (yes): AP@2 = (1/2) / min(2, 2) = 0.25; query 2: 2
+    # (yes), 1 (yes): 1.0
     assert metrics.map_at_k(train, train_y, test, test_y, k=2) == pytest.approx((0.25 + 1.0) / 2)
 
 
@@ -217,7 +232,8 @@ def test_tweets_are_read_whole_deduplicated_and_split_by_label_and_subsample_is_
         labels.setdefault(" ".join(text.split()), set()).add(sentiment)
     labels.pop("", None)
     single = {t: s.pop() for t, s in labels.items() if len(s) == 1}
-    assert len(rows) == 38158 and len(single) == 37185 and len(labels) - len(single) == 48  # the README's counts
+    # the README's counts
+    assert len(rows) == 38158 and len(single) == 37185 and len(labels) - len(single) == 48
     split = datasets.tweets_classification(seed=0)
     assert split["labels"] == ["negative", "neutral", "positive"]
     texts = split["train"][0] + split["test"][0]
@@ -229,7 +245,8 @@ def test_tweets_are_read_whole_deduplicated_and_split_by_label_and_subsample_is_
     assert few == datasets.subsample(*split["test"], 50, seed=0, part="test") != datasets.subsample(*split["test"], 50, seed=1,
                                                                                                     part="test")
     label_of = dict(zip(*split["test"]))
-    assert len(few[0]) == 50 and all(label_of[t] == y for t, y in zip(*few))  # each text keeps its label
+    # each text keeps its label
+    assert len(few[0]) == 50 and all(label_of[t] == y for t, y in zip(*few))
     positions = [split["test"][0].index(t) for t in few[0]]
     assert positions == sorted(positions)  # in the split's order
     train_positions = [split["train"][0].index(t) for t in datasets.subsample(*split["train"], 50, seed=0)[0]]

@@ -270,7 +270,8 @@ def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_
         with pytest.raises(ValueError, match="NaN or infinite"):
             ci.search(dot_product, (2, 8), torch.full((2, 8), bad))
     vectors = torch.randn(5, 8)
-    vectors[3, 0] = float("nan")  # written around encode_corpus, which refuses non-finite embeddings
+    # written around encode_corpus, which refuses non-finite embeddings
+    vectors[3, 0] = float("nan")
     broken = build_index(str(tmp_path / "broken"), [str(i) for i in range(5)], {2: vectors}, shard_size=5)
     with pytest.raises(ValueError, match="non-finite scores"):
         ci.search(broken, (2, 8), torch.randn(2, 8))
@@ -334,11 +335,13 @@ def test_encode_stores_each_layer_once_at_its_widest_dim_raw(tmp_path, tiny):
     assert index.shard_rows == [4, 4, 2] and index.widths == {2: 16, 4: 32} and index.normalize
     assert sorted(os.listdir(tmp_path / "shard-00000")) == ["docids.npy", "layer-2.npy", "layer-4.npy", "shard_complete.json"]
     for shard, start in enumerate((0, 4, 8)):
-        raw = sb.encode_2d(model, tokenizer, TEXTS[start:start + 4], [(2, 16), (4, 32)], "mean", 32, 4)  # not normalised
+        # not normalised
+        raw = sb.encode_2d(model, tokenizer, TEXTS[start:start + 4], [(2, 16), (4, 32)], "mean", 32, 4)
         for n, width in ((2, 16), (4, 32)):
             stored = np.load(tmp_path / f"shard-{shard:05d}" / f"layer-{n}.npy")
             assert stored.dtype == np.float32 and torch.equal(torch.from_numpy(stored), raw[(n, width)])
-    # the search normalises each pair's prefix after truncation (Eq. 2): 2x8 is not the first 8 of unit 2x16
+    # the search normalises each pair's prefix after truncation (Eq. 2): 2x8 is not the first 8 of
+    # unit 2x16
     q = sb.encode_2d(model, tokenizer, ["coffee"], TINY_PAIRS, "mean", 32, normalize=True)
     scores, rows = ci.search(index, (2, 8), q[(2, 8)], depth=10)
     docs = sb.encode_2d(model, tokenizer, TEXTS, [(2, 8)], "mean", 32, 4, normalize=True)[(2, 8)]
@@ -373,7 +376,8 @@ def test_an_interrupted_or_torn_encoding_resumes_at_the_first_missing_shard(tmp_
                                                 shard_size=3, dtype="float32")
     assert encode(iter(DOCS), clean) == 10
     with pytest.raises(Crash):
-        encode(crash_after(DOCS, 8), folder)  # shards 0 and 1 written, shard 2 (documents 6-8) lost mid-way
+        # shards 0 and 1 written, shard 2 (documents 6-8) lost mid-way
+        encode(crash_after(DOCS, 8), folder)
     with pytest.raises(ValueError, match="not a complete index"):
         ci.open_index(folder)
     layer = os.path.join(folder, "shard-00001", "layer-4.npy")
@@ -431,7 +435,8 @@ def _encoding_rank(rank, port, model_dir, folder):
 def test_two_ranks_encode_alternate_shards_and_rank_0_finishes_the_index(tmp_path, tiny, tiny_model_dir):
     folder = str(tmp_path / "ranks")
     mp.spawn(_encoding_rank, args=(_free_port(), tiny_model_dir, folder), nprocs=2)
-    assert [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in (0, 1)] == [3 + 3, 3 + 1]  # shards 0, 2 | 1, 3
+    # shards 0, 2 | 1, 3
+    assert [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in (0, 1)] == [3 + 3, 3 + 1]
     torch.set_num_threads(1)
     model, tokenizer = tiny
     ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "one"), "mean", 32, 4, shard_size=3)
@@ -468,9 +473,11 @@ LIMITED_SEARCH = textwrap.dedent("""
 def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_several_times(
         tmp_path, path):
     num_docs, num_queries, dim, depth, allowance = 200_000, 300, 16, 100, 48 * 2 ** 20
-    assert num_queries * num_docs * 4 >= 4 * allowance  # the dense (Q, N) float32 scores: 240 MB against 50 MB
+    # the dense (Q, N) float32 scores: 240 MB against 50 MB
+    assert num_queries * num_docs * 4 >= 4 * allowance
     g = torch.Generator().manual_seed(0)
-    vectors = torch.randint(-2, 3, (num_docs, dim), generator=g).float() / 4  # exact scores: the reference is exact
+    # exact scores: the reference is exact
+    vectors = torch.randint(-2, 3, (num_docs, dim), generator=g).float() / 4
     queries = torch.randint(-2, 3, (num_queries, dim), generator=g).float() / 4
     docids, qids = shuffled_docids(num_docs), [f"q{i}" for i in range(num_queries)]
     folder = str(tmp_path / "index")
@@ -521,7 +528,8 @@ def test_adaptive_search_on_shards_equals_starbucks_adaptive_search(tmp_path):
     for pairs, ks, depth in (([(1, 8), (4, 48)], [200], 10), ([(1, 4), (2, 16), (4, 32)], [300, 40], 25),
                              ([(4, 48)], [], 10)):
         stage_queries = [F.normalize(queries[n][:, :d], dim=-1) for n, d in pairs]
-        stage_corpus = [F.normalize(raw[n][:, :d], dim=-1) for n, d in pairs]  # Eq. 2: normalise after truncation
+        # Eq. 2: normalise after truncation
+        stage_corpus = [F.normalize(raw[n][:, :d], dim=-1) for n, d in pairs]
         expected_scores, expected_rows = funnel.adaptive_search(stage_queries, stage_corpus, ks, depth)
         scores, rows = ci.adaptive_search(index, pairs, stage_queries, ks, depth, query_block=8,
                                           chunk_rows=256)
@@ -560,16 +568,21 @@ def test_faiss_indexes_against_exact_search(tmp_path):
     scores, rows = ci.faiss_search(ci.faiss_index(index, (2, 32), "flat"), queries, 10)
     assert torch.equal(rows, exact_rows) and ci.overlap_at_k(rows, exact_rows, 10) == 1.0
     torch.testing.assert_close(scores, exact_scores, rtol=0, atol=1e-5)
-    every_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=16)  # probing every list is exhaustive
+    # probing every list is exhaustive
+    every_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=16)
     assert ci.overlap_at_k(ci.faiss_search(every_list, queries, 10)[1], exact_rows, 10) == 1.0
     assert ci.overlap_at_k(ci.faiss_search(ci.faiss_index(index, (2, 32), "hnsw"), queries, 10)[1], exact_rows, 10) >= 0.9
-    one_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=1)  # approximate: some neighbours missed
+    # approximate: some neighbours missed
+    one_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=1)
     assert 0 < ci.overlap_at_k(ci.faiss_search(one_list, queries, 10)[1], exact_rows, 10) < 1.0
-    scores, rows = ci.faiss_search(one_list, queries, 1000)  # one list holds fewer: FAISS pads with -1 at the end
-    assert (rows == -1).any() and ((rows[:, 1:] >= 0) <= (rows[:, :-1] >= 0)).all()  # -1 only after the found
+    # one list holds fewer: FAISS pads with -1 at the end
+    scores, rows = ci.faiss_search(one_list, queries, 1000)
+    # -1 only after the found
+    assert (rows == -1).any() and ((rows[:, 1:] >= 0) <= (rows[:, :-1] >= 0)).all()
     qids = [f"q{i}" for i in range(len(queries))]
     for (qid, ranked), found, values in zip(ci.ranked_lists(index, scores, rows, qids), rows, scores):
-        found = found[found >= 0]  # a run file lists what was found, named; no slot of -1 names a document
+        # a run file lists what was found, named; no slot of -1 names a document
+        found = found[found >= 0]
         assert [d for d, _ in ranked] == ci.docids(index, found) and [v for _, v in ranked] == values[:len(found)].tolist()
     with pytest.raises(ValueError, match="unknown FAISS index"):
         ci.faiss_index(index, (2, 32), "lsh")

@@ -45,9 +45,9 @@ def exhaustive(q, c, depth):
 
 
 def funnel_by_hand(queries, corpus, ks, depth, margin=1e-5):
-    """Eq. 14 one query at a time with numpy and Python sorts: the reference adaptive_search is checked
-    against -> [(ranked documents, decided)]. decided: every cut of the funnel falls between scores
-    further apart than margin, so that no kernel's rounding can change who makes the list."""
+    """Eq. 14 one query at a time with numpy and Python sorts: the reference adaptive_search is
+    checked against -> [(ranked documents, decided)]. decided: every cut of the funnel falls between
+    scores further apart than margin, so that no kernel's rounding can change who makes the list."""
     results = []
     for i in range(queries[0].shape[0]):
         first = corpus[0].numpy() @ queries[0][i].numpy()
@@ -71,7 +71,8 @@ def funnel_by_hand(queries, corpus, ks, depth, margin=1e-5):
 def test_encode_equals_embed_2d_and_never_runs_later_layers(tiny):
     model, tokenizer = tiny
     calls = []
-    handle = sb.transformer_layers(model)[2].register_forward_hook(lambda *a: calls.append(1))  # layer 3
+    # layer 3
+    handle = sb.transformer_layers(model)[2].register_forward_hook(lambda *a: calls.append(1))
     try:
         got = sb.encode(model, tokenizer, TEXTS, (2, 16), pooling="mean", batch_size=3)
     finally:
@@ -80,7 +81,8 @@ def test_encode_equals_embed_2d_and_never_runs_later_layers(tiny):
     with torch.no_grad():
         hidden = model(**enc, output_hidden_states=True).hidden_states[2]  # (B, T, H): layer 2
     mask = enc["attention_mask"].unsqueeze(-1).float()
-    expected = ((hidden * mask).sum(1) / mask.sum(1))[:, :16]  # Eq. 1 by hand: mean over real tokens, first 16
+    # Eq. 1 by hand: mean over real tokens, first 16
+    expected = ((hidden * mask).sum(1) / mask.sum(1))[:, :16]
     assert got.shape == (4, 16)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert calls == []  # layer 3 never ran
@@ -120,7 +122,8 @@ def test_parse_funnel_errors(text):
 
 def test_adaptive_search_by_hand():
     # small pair ranks documents 3, 2, 1, 0; the shortlist of 2 keeps {3, 2}; the large pair would
-    # prefer document 0 (score 10) but it was not shortlisted, so the answer is 3 (score 2) then 2 (score 1)
+    # prefer document 0 (score 10) but it was not shortlisted, so the answer is 3 (score 2) then 2
+    # (score 1)
     small, large = torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([[10.0], [0.0], [1.0], [2.0]])
     q = torch.tensor([[1.0]])
     scores, indices = funnel.adaptive_search([q, q], [small, large], [2], depth=2)
@@ -136,19 +139,22 @@ def test_adaptive_search_with_k_equal_to_corpus_is_exhaustive_with_the_large_pai
     scores, indices = funnel.adaptive_search([q_small, q_large], [c_small, c_large], [50], depth=10)
     ref = exhaustive(q_large, c_large, 10)  # another kernel (one matmul): equal up to rounding
     assert_same_ranking((scores, indices), ref, atol=1e-5)
-    capped = funnel.adaptive_search([q_small, q_large], [c_small, c_large], [10 ** 6], depth=10)  # k > N
+    # k > N
+    capped = funnel.adaptive_search([q_small, q_large], [c_small, c_large], [10 ** 6], depth=10)
     assert_same_ranking(capped, ref, atol=1e-5)
 
 
 def test_adaptive_search_funnel_matches_python_reference_across_query_blocks():
     g = torch.Generator().manual_seed(1)
-    num_docs = 2 ** 19  # 2**25 // N = 64 queries per block: 150 queries make 3 blocks, the last partial
+    # 2**25 // N = 64 queries per block: 150 queries make 3 blocks, the last partial
+    num_docs = 2 ** 19
     dims, ks = [2, 4, 8], [40, 12]
     corpus = [torch.randn(num_docs, d, generator=g) for d in dims]
     queries = [torch.randn(150, d, generator=g) for d in dims]
     scores, indices = funnel.adaptive_search(queries, corpus, ks, depth=5)
     assert indices.shape == (150, 5)
-    sample = [0, 1, 2, 62, 63, 64, 65, 66, 127, 128, 129, 130, 147, 148, 149]  # both sides of each block
+    # both sides of each block
+    sample = [0, 1, 2, 62, 63, 64, 65, 66, 127, 128, 129, 130, 147, 148, 149]
     expected = funnel_by_hand([q[sample] for q in queries], [c for c in corpus], ks, 5)
     decided = [i for i, (_, ok) in enumerate(expected) if ok]  # the others' cuts are rounding-close
     assert len(decided) >= 10
@@ -188,7 +194,8 @@ def test_encoder_flops_by_hand(tiny):
 def test_search_flops_by_hand():
     assert funnel.search_flops(1000, [384], []) == 2 * 1000 * 384
     assert funnel.search_flops(1000, [24, 384], [50]) == 2 * 1000 * 24 + 2 * 50 * 384
-    assert funnel.search_flops(10, [12, 24, 384], [200, 5]) == 2 * 10 * 12 + 2 * 10 * 24 + 2 * 5 * 384  # k capped at N
+    # k capped at N
+    assert funnel.search_flops(10, [12, 24, 384], [200, 5]) == 2 * 10 * 12 + 2 * 10 * 24 + 2 * 5 * 384
     with pytest.raises(ValueError):
         funnel.search_flops(1000, [24, 384], [])
 
@@ -259,7 +266,8 @@ def test_export_loads_with_sentence_transformers(tiny, tiny_folder, tmp_path):
 def tiny_retrieval_set():
     docs = data.lee_documents()[:12]
     corpus = {f"d{i}": t for i, t in enumerate(docs)}
-    queries = {f"q{i}": t.split(".")[0] for i, t in enumerate(docs[:6])}  # each document's first sentence
+    # each document's first sentence
+    queries = {f"q{i}": t.split(".")[0] for i, t in enumerate(docs[:6])}
     return corpus, queries, {f"q{i}": {f"d{i}": 1} for i in range(6)}
 
 
@@ -294,9 +302,11 @@ def test_evaluate_adaptive_rejects_pairs_outside_the_model(tiny_folder):
 
 def test_export_of_packaged_minilm_equals_embed_2d(tmp_path):
     out = str(tmp_path / "2x24")
-    result = export.main(["--pair", "2x24", "--output_dir", out])  # check inside: max error on 8 Lee documents
+    # check inside: max error on 8 Lee documents
+    result = export.main(["--pair", "2x24", "--output_dir", out])
     assert result["error"] < 1e-5
-    assert 0.5 < result["size"] / result["source_size"] < 0.75  # 2 of 6 layers; word embeddings kept whole
+    # 2 of 6 layers; word embeddings kept whole
+    assert 0.5 < result["size"] / result["source_size"] < 0.75
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
         model, tokenizer = AutoModel.from_pretrained(models.resolve_model_path(models.DEFAULT_MODEL)).eval(), \

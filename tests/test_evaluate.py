@@ -129,15 +129,16 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
     assert set(results["tiny"]["beir"]) == {"2x16", "4x32"}
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert saved["results"]["tiny"]["beir"]["4x32"]["R@1000"] == 1.0  # 4 documents: all retrieved
-    assert sorted(os.listdir(runs)) == ["tiny.beir.2x16.trec", "tiny.beir.4x32.trec"]  # the column's name
+    # the column's name
+    assert sorted(os.listdir(runs)) == ["tiny.beir.2x16.trec", "tiny.beir.4x32.trec"]
     grid = evaluate.main(["--model_name_or_path", tiny_model_dir, "--pairs", "2x16,4x32", "--grid",
                     "--sts_files", str(sts), "--output_dir", str(tmp_path / "grid")])
     assert set(next(iter(grid.values()))["sts.tsv"]) == {"2x16", "2x32", "4x16", "4x32"}
 
 
 def test_an_approximate_index_that_finds_fewer_than_depth_writes_runs_of_what_it_found(tmp_path, tiny_model_dir):
-    """FAISS IVF over 300 passages probes 16 of its 69 lists, about 70 passages: it pads each list with row -1,
-    which used to name a shard -1 and crash the run file after the whole evaluation."""
+    """FAISS IVF over 300 passages probes 16 of its 69 lists, about 70 passages: it pads each list
+    with row -1, which used to name a shard -1 and crash the run file after the whole evaluation."""
     pytest.importorskip("faiss")
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)
@@ -155,7 +156,8 @@ def test_an_approximate_index_that_finds_fewer_than_depth_writes_runs_of_what_it
         qid, _, docid, rank, _, _ = line.split()
         per_query.setdefault(qid, []).append((int(rank), docid))
     assert set(per_query) == {f"q{i}" for i in range(6)}
-    for hits in per_query.values():  # fewer than the 300 asked for, ranked 1, 2, ..., each a passage of the corpus
+    # fewer than the 300 asked for, ranked 1, 2, ..., each a passage of the corpus
+    for hits in per_query.values():
         assert [rank for rank, _ in hits] == list(range(1, len(hits) + 1)) and len(hits) < 300
         assert {docid for _, docid in hits} <= {f"d{i}" for i in range(300)}
 
@@ -229,7 +231,8 @@ def test_coverage_counts_unknown_ids_and_warns_when_many(tmp_path, capsys):
                           [("q1", "d1"), ("q2", "d9"), ("q9", "d1")])
     dataset = data.read_beir(folder)
     counts = metrics.judgment_coverage("set", dataset)
-    assert counts == {"queries": 2, "evaluated": 2, "judgments": 3, "unknown_query_judgments": 1,  # read_beir keeps judged queries
+    # read_beir keeps judged queries
+    assert counts == {"queries": 2, "evaluated": 2, "judgments": 3, "unknown_query_judgments": 1,
                       "unknown_document_judgments": 1}
     assert "1 of 3 judgments name unknown queries, e.g. ['q9']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no judged document is in the corpus"):
@@ -237,9 +240,10 @@ def test_coverage_counts_unknown_ids_and_warns_when_many(tmp_path, capsys):
 
 
 def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(tmp_path):
-    """Slow: the embedded wiki-ict set written as a BEIR folder; evaluate.py streams its corpus into a sharded
-    index (float32, one shard: batched as the dense path batches) and gets the dense path's figures exactly,
-    its run files reproduce them through trec_eval's code, and --adaptive runs on the index."""
+    """Slow: the embedded wiki-ict set written as a BEIR folder; evaluate.py streams its corpus into
+    a sharded index (float32, one shard: batched as the dense path batches) and gets the dense
+    path's figures exactly, its run files reproduce them through trec_eval's code, and --adaptive
+    runs on the index."""
     import data
     corpus, queries, qrels = data.embedded_retrieval_set()
     folder = tmp_path / "wiki-ict"
@@ -260,7 +264,8 @@ def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(
     for pair, values in dense.items():
         assert streamed[pair] == pytest.approx(values, abs=5e-3), pair
     run = {}
-    for line in open(tmp_path / "runs" / "all-MiniLM-L6-v2.wiki-ict.6x384.trec"):  # the table's name
+    # the table's name
+    for line in open(tmp_path / "runs" / "all-MiniLM-L6-v2.wiki-ict.6x384.trec"):
         qid, _, docid, _, score, _ = line.split()
         run.setdefault(qid, {})[docid] = float(score)
     ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
@@ -270,8 +275,8 @@ def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(
 
 
 def test_index_folder_follows_the_weights_content_not_their_place_or_first_bytes(tmp_path):
-    """A moved copy reuses the index; a model re-trained in place gets its own, even when only its last bytes
-    changed (bias-only tuning leaves the size and the first MiB as they were)."""
+    """A moved copy reuses the index; a model re-trained in place gets its own, even when only its
+    last bytes changed (bias-only tuning leaves the size and the first MiB as they were)."""
     settings = metrics.EvalSettings(index_dir=str(tmp_path / "index"))
     model = tmp_path / "run" / "model"
     model.mkdir(parents=True)
@@ -285,6 +290,7 @@ def test_index_folder_follows_the_weights_content_not_their_place_or_first_bytes
     assert retrieval.index_folder(settings, str(moved), "wiki") == before
     weights[-1] ^= 1
     (model / "model.safetensors").write_bytes(bytes(weights))
-    os.utime(model / "model.safetensors", ns=(1, 1))  # a new file at an old time: content decides, not the clock
+    # a new file at an old time: content decides, not the clock
+    os.utime(model / "model.safetensors", ns=(1, 1))
     after = retrieval.index_folder(settings, str(model), "wiki")
     assert after != before and os.path.basename(os.path.dirname(after)).startswith("model-")

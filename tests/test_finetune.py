@@ -66,7 +66,8 @@ def test_separately_trained_folder_evaluates_each_pair_with_its_layers_model(tmp
     sts = ("sts", ([docs[0], docs[1], docs[2], docs[3]], [docs[1], docs[2], docs[3], docs[4]], [3.0, 1.0, 2.0, 0.5]))
     together = metrics.evaluate_model(str(tmp_path), {"toy": sts}, metrics.EvalSettings(), torch.device("cpu"))[1]
     assert set(together["toy"]) == {"2x16", "4x32"}
-    for n, d in [(2, 16), (4, 32)]:  # each pair equals evaluating that layer's own model at that pair alone
+    # each pair equals evaluating that layer's own model at that pair alone
+    for n, d in [(2, 16), (4, 32)]:
         alone = metrics.evaluate_model(str(tmp_path / f"layer_{n}"), {"toy": sts},
                                           metrics.EvalSettings(pairs=f"{n}x{d}"), torch.device("cpu"))[1]
         assert together["toy"][f"{n}x{d}"] == alone["toy"][f"{n}x{d}"]
@@ -95,7 +96,8 @@ def test_same_batches_for_every_method(tmp_path, tiny_model_dir, train_file, mon
     assert seen["full"] == seen["srl"] and seen["2dmse"] == seen["srl"] and seen["mrl"] == seen["srl"]
     kind, records, _ = data.read_training_file(train_file)
     queries, passages, _ = training.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
-    assert len(passages) == 9 and passages[0] == records[0]["positives"][0]  # each query's positive first
+    # each query's positive first
+    assert len(passages) == 9 and passages[0] == records[0]["positives"][0]
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
@@ -109,7 +111,8 @@ def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
         run(tiny_model_dir, str(no_negs), tmp_path)
     with pytest.raises(data.DataError, match="fewer than one batch"):
         run(tiny_model_dir, str(no_negs), tmp_path, "--train_group_size", "1")
-    with pytest.raises(SystemExit) as e:  # refused while parsing, before torch and transformers load
+    # refused while parsing, before torch and transformers load
+    with pytest.raises(SystemExit) as e:
         run(str(tmp_path / "nothing"), train_file, tmp_path)
     assert e.value.code == 2
     empty = tmp_path.parent / f"{tmp_path.name}_empty"  # a folder with no model in it
@@ -141,7 +144,8 @@ def test_real_minilm_srl_steps_on_embedded_data(tmp_path):
 def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
     model, tokenizer = models.load_model("smollm2-135m", torch.device("cpu"))
     model.eval()
-    assert type(model).__name__ == "LlamaModel" and model.dtype == torch.float32  # AutoModel: no LM head
+    # AutoModel: no LM head
+    assert type(model).__name__ == "LlamaModel" and model.dtype == torch.float32
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
     texts = ["Coffee is brewed from roasted beans.", "Tea", "The central bank raised interest rates again today."]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
@@ -150,7 +154,8 @@ def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
         out = model(**enc, output_hidden_states=True)
         assert len(out.hidden_states) == 31  # embeddings + 30 blocks
         e = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], [(15, 288), (30, 576)], "last")
-        # pre-LN: the final RMSNorm is applied to the intermediate layer too, then the last REAL token
+        # pre-LN: the final RMSNorm is applied to the intermediate layer too, then the last REAL
+        # token
         mid = model.norm(out.hidden_states[15])
         last = enc["attention_mask"].sum(1) - 1
         torch.testing.assert_close(e[(15, 288)], mid[torch.arange(3), last, :288])
@@ -158,7 +163,8 @@ def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
         alone = tokenizer(texts[1:2], return_tensors="pt")  # no padding at all
         e_alone = sb.embed_2d(model, alone["input_ids"], alone["attention_mask"], [(30, 576)], "last")[(30, 576)]
         torch.testing.assert_close(e[(30, 576)][1:2], e_alone, atol=1e-4, rtol=1e-4)
-    # evaluate.py takes the packaged name too: no starbucks_config.json, so the backbone's default pairs, mean pooling
+    # evaluate.py takes the packaged name too: no starbucks_config.json, so the backbone's default
+    # pairs, mean pooling
     config, _ = models.read_config(models.resolve_model_path("smollm2-135m"), model)
     assert config.pairs == sb.default_pairs(30, 576) and config.pooling == "mean"
 
@@ -196,7 +202,8 @@ def test_presets_set_every_setting_of_a_released_run_and_flags_win(capsys):
         if name not in ("learning_rate", "bf16"):
             assert getattr(args, name) == value, name
     assert args.learning_rate == 3e-5 and (args.pooling, args.train_group_size, args.weight_decay) == ("cls", 8, 0.0)
-    out = data.preset_summary("msmarco-srl", finetune.PRESETS["msmarco-srl"], vars(args))  # main prints it
+    # main prints it
+    out = data.preset_summary("msmarco-srl", finetune.PRESETS["msmarco-srl"], vars(args))
     assert "--preset msmarco-srl: --method srl" in out and "--passage_max_len 196" in out
     if not torch.cuda.is_available():
         assert not args.bf16 and "no CUDA bf16, so the run is in fp32" in out

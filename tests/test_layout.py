@@ -107,8 +107,9 @@ def test_the_toolkit_is_found():
 
 @pytest.mark.parametrize("name", REFERENCE)
 def test_the_reference_imports_the_toolkit_only_inside_functions(name):
-    """The reference runs without the toolkit's folders: it imports one only in the function that serves a
-    flag asking for it (e.g. `--adaptive` -> `from deploy import funnel`), never at module level."""
+    """The reference runs without the toolkit's folders: it imports one only in the function that
+    serves a flag asking for it (e.g. `--adaptive` -> `from deploy import funnel`), never at module
+    level."""
     toolkit = [m for m in _module_level_imports(_tree(os.path.join(ROOT, f"{name}.py")))
                if m.split(".")[0] in TOOLKIT]
     assert not toolkit, f"{name}.py imports {toolkit} at module level"

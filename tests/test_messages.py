@@ -1,4 +1,5 @@
-"""Every message tells the truth: a flag that a message suggests exists in the script that can show it.
+"""Every message tells the truth: a flag that a message suggests exists in the script that can show
+it.
 
 The messages a script can show are the strings of the functions its main() and parse_args() reach
 (calls and references through the project's imports, followed statically); each `--flag` named in
@@ -16,7 +17,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*(?:-[a-z0-9_]+)*)")
-NOT_OURS = {"no-deps", "nproc-per-node"}  # pip's and torchrun's flags, named in install and launch advice
+# pip's and torchrun's flags, named in install and launch advice
+NOT_OURS = {"no-deps", "nproc-per-node"}
 
 
 def _modules():
@@ -80,7 +82,8 @@ def _references(module, node):
 
 
 SAYS = {"print", "exit", "error", "warn", "write"}  # calls that show a message
-TEXT = (ast.Constant, ast.JoinedStr, ast.BinOp, ast.IfExp, ast.BoolOp)  # a returned message, not argv
+# a returned message, not argv
+TEXT = (ast.Constant, ast.JoinedStr, ast.BinOp, ast.IfExp, ast.BoolOp)
 
 
 def _message_strings(node):
@@ -214,7 +217,8 @@ def test_help_shows_every_flag_s_default_once(script):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         module.parse_args(["--help"])
-    entries = re.split(r"\n(?=  -)", out.getvalue().split("options:", 1)[1])  # one per flag, as printed
+    # one per flag, as printed
+    entries = re.split(r"\n(?=  -)", out.getvalue().split("options:", 1)[1])
     for entry in entries:
         entry = " ".join(entry.split())
         if entry.startswith("--") and not entry.startswith("-h"):
@@ -236,4 +240,5 @@ def test_help_keeps_the_example_lines_as_written(script):
     for line in doc.splitlines():
         assert "         --" not in line.strip(), f"{script}: a continuation was joined: {line}"
     source = open(MODULES[script], encoding="utf-8").read().split('"""', 2)[1]
-    assert doc.count("\\\n") == source.count("\\\n")  # each continuation of the source shows in --help
+    # each continuation of the source shows in --help
+    assert doc.count("\\\n") == source.count("\\\n")

@@ -149,7 +149,8 @@ def test_smae_heads_decoder_layer_is_an_independent_copy_of_layer_one():
     for (name, a), (_, b) in zip(heads.decoder_layer.named_parameters(), first.named_parameters()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
     assert heads.bias.shape == (30522,) and not heads.bias.any()
-    assert not any(p is mlm.bert.get_input_embeddings().weight for p in heads.parameters())  # tied, not copied
+    # tied, not copied
+    assert not any(p is mlm.bert.get_input_embeddings().weight for p in heads.parameters())
 
 
 def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, tokenizer):
@@ -171,7 +172,8 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
     terms = []
     for n, d in pairs:
         h = hidden[n][:, :, :d]
-        sentence = heads.transform(torch.cat([h[:, 0], torch.zeros(4, 32 - d)], -1))  # Eq. 10 transform, zero-padded
+        # Eq. 10 transform, zero-padded
+        sentence = heads.transform(torch.cat([h[:, 0], torch.zeros(4, 32 - d)], -1))
         m = F.cross_entropy(mlm.cls(torch.cat([h, torch.zeros(*h.shape[:2], 32 - d)], -1)).flatten(0, 1),
                             labels.flatten(), ignore_index=-100)
         a = sb.mae_loss(heads, E, embeds, sentence, mask, dec_labels)
@@ -182,7 +184,8 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
 def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_batch_loss(tokenizer):
     """torchrun's SMAE: slices with different numbers of masked tokens; the plain mean of their means is not it."""
     crops = training.crop_documents(tokenizer, data.lee_background_documents()[:3], 32)
-    crops = [min(crops, key=len)] + crops[:5]  # a short crop (a document's end) first: padding, fewer masks
+    # a short crop (a document's end) first: padding, fewer masks
+    crops = [min(crops, key=len)] + crops[:5]
     enc, mask, labels, dec, dec_labels = pretrain.masked_batch(crops, tokenizer, training.subword_flags(tokenizer), 6)
     assert enc.shape == (6, 32) and (labels != -100).any(1).all() and ((dec_labels != -100) >= (labels != -100)).all()
     mlm = tiny_masked_lm()
@@ -190,7 +193,8 @@ def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_
     whole = sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs)
     counts = (int((labels != -100).sum()), int((dec_labels != -100).sum()))
     slices = [slice(0, 1), slice(1, 6)]
-    assert (labels[slices[0]] != -100).sum() * 5 != (labels[slices[1]] != -100).sum()  # unequal shares
+    # unequal shares
+    assert (labels[slices[0]] != -100).sum() * 5 != (labels[slices[1]] != -100).sum()
     parts = [sb.smae_loss(mlm.bert, heads, enc[r], mask[r], labels[r], dec[r], dec_labels[r], pairs,
                           token_counts=counts) for r in slices]
     torch.testing.assert_close(sum(parts), whole)
@@ -287,13 +291,15 @@ def test_whole_word_masking_rates_subset_and_whole_words_on_real_text(real_batch
     enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, is_subword, tokenizer.mask_token_id, seed=0)
     enc_set, dec_set = labels != -100, dec_labels != -100
     assert (enc_set <= dec_set).all()  # the encoder's masked set inside the decoder's
-    assert not (enc_set & ~maskable).any() and not (dec_set & ~maskable).any()  # never [CLS]/[SEP]/padding
+    # never [CLS]/[SEP]/padding
+    assert not (enc_set & ~maskable).any() and not (dec_set & ~maskable).any()
     assert torch.equal(labels[enc_set], ids[enc_set]) and torch.equal(dec_labels[dec_set], ids[dec_set])
     n = maskable.sum(1).float()
     assert (enc_set.sum(1) <= torch.round(0.2 * n)).all() and (dec_set.sum(1) <= torch.round(0.4 * n)).all()
     enc_rate, dec_rate = enc_set.sum() / maskable.sum(), dec_set.sum() / maskable.sum()
     assert 0.18 <= enc_rate <= 0.2 and 0.37 <= dec_rate <= 0.4, (enc_rate, dec_rate)
-    # whole words: a '##' piece (after a maskable token) is masked exactly when the piece before it is
+    # whole words: a '##' piece (after a maskable token) is masked exactly when the piece before it
+    # is
     glued = is_subword[ids][:, 1:] & maskable[:, 1:] & maskable[:, :-1]  # (B, T-1)
     for s in (enc_set, dec_set):
         assert torch.equal(s[:, 1:][glued], s[:, :-1][glued])
@@ -339,11 +345,13 @@ def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--config_overrides", TINY])  # a checkpoint keeps its own size
     with pytest.raises(SystemExit):
-        pretrain.parse_args(["--mlm_probability", "0.5", "--decoder_mlm_probability", "0.4"])  # not a subset
+        # not a subset
+        pretrain.parse_args(["--mlm_probability", "0.5", "--decoder_mlm_probability", "0.4"])
     for flags in (["--save_steps", "-1"], ["--max_bad_steps", "0"], ["--per_device_train_batch_size", "0"]):
         with pytest.raises(SystemExit):
             pretrain.parse_args(flags)
-    with pytest.raises(SystemExit) as e:  # refused while parsing, before torch and transformers load
+    # refused while parsing, before torch and transformers load
+    with pytest.raises(SystemExit) as e:
         pretrain.main(["--train_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")])
     assert e.value.code == 2
     with pytest.raises(ValueError, match="BERT-style encoder"):
@@ -429,8 +437,9 @@ def test_non_finite_gradient_steps_are_skipped_and_counted(tmp_path, lee_text_fi
 
 @pytest.mark.parametrize("objective", ["mlm_2d", "mlm"])
 def test_the_smae_ablations_train_without_the_mae_decoder(tmp_path, lee_text_file, objective):
-    """pretrain.py --objective mlm_2d / mlm: the sliced MLM of every pair, or of the full pair alone; the MAE
-    decoder layer takes no part (frozen, so neither the optimizer nor DDP sees it)."""
+    """pretrain.py --objective mlm_2d / mlm: the sliced MLM of every pair, or of the full pair
+    alone; the MAE decoder layer takes no part (frozen, so neither the optimizer nor DDP sees
+    it)."""
     out = tmp_path / objective
     pretrain.main(["--from_scratch", "--config_overrides", TINY, "--train_file", lee_text_file, "--max_length", "32",
                    "--pairs", "2x16,4x32", "--per_device_train_batch_size", "4", "--max_steps", "2",

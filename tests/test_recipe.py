@@ -52,7 +52,8 @@ def test_recommendation_follows_the_crossing_of_the_fits():
     assert (high["tuning"], high["size"]) == ("lora", "s") and high["predicted"] == pytest.approx(1.5)
     assert high["tokens"] == pytest.approx(1e14 / 420.0) and high["flops_per_token"] == 420.0
     assert not high["extrapolated"] and compute_optimal.recommend(rows, fits, 1e16, "eval_loss")["extrapolated"]
-    assert [r[:2] for r in high["ranking"]] == [("lora", "s"), ("full", "s")]  # big's runs stop at 1e11
+    # big's runs stop at 1e11
+    assert [r[:2] for r in high["ranking"]] == [("lora", "s"), ("full", "s")]
     assert ("lora", "big") in [r[:2] for r in low["ranking"]]
 
 
@@ -103,7 +104,8 @@ def test_first_blocks_equal_the_full_model_cut_at_layer_k():
     assert small.config.num_hidden_layers == 2 and len(small.layers) == 2 and len(model.layers) == L
     with torch.no_grad():
         import starbucks as sb
-        expected = sb.embed_2d(model, ids, mask, [(2, H)], "mean")[(2, H)]  # final norm applied at layer 2
+        # final norm applied at layer 2
+        expected = sb.embed_2d(model, ids, mask, [(2, H)], "mean")[(2, H)]
         torch.testing.assert_close(sb.embed_2d(small, ids, mask, [(2, H)], "mean")[(2, H)], expected)
         embedding(model, ids, mask)  # the full model still runs all its layers
 

@@ -46,7 +46,8 @@ def test_verdicts_follow_the_numbers():
 
 def test_verdicts_name_differences_within_seed_noise():
     noisy = fake_results({"srl": [(0.50, 0.80), (0.70, 0.80)], "2dmse": [(0.62, 0.70), (0.62, 0.70)],
-                          "smae+srl": [(0.55, 0.80), (0.75, 0.80)]})  # srl std at the small pair: 0.14
+                          # srl std at the small pair: 0.14
+                          "smae+srl": [(0.55, 0.80), (0.75, 0.80)]})
     claim1, claim3 = [l for l in reproduce.verdicts(reproduce.summarise(noisy, PAIRS), PAIRS, list(noisy))
                       if "lee2005 Spearman" in l]
     assert "does not hold" in claim1 and "1x8" in claim1 and "within the two methods' std" in claim1
@@ -129,7 +130,8 @@ def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatc
     assert table[0].startswith("| (n,d) | MRL | MRL-E | SVD | Rand. LP | 1-NN | FF (separate) | SRL + probe |")
     assert f"| 1,8 | 0.5500 +- {statistics.stdev([0.5, 0.6]):.4f}" in table[2]
     calls.clear()
-    assert reproduce.classification_rows(study, 0, PAIRS)["commit"] == reproduce._commit()  # named in the report
+    # named in the report
+    assert reproduce.classification_rows(study, 0, PAIRS)["commit"] == reproduce._commit()
     assert calls == []  # a finished seed is read back, not recomputed
 
 

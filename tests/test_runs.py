@@ -1,4 +1,5 @@
-"""Runs that survive: checkpoints and --resume, torchrun (DDP, gloo on CPU), GradCache, bad steps, bad data.
+"""Runs that survive: checkpoints and --resume, torchrun (DDP, gloo on CPU), GradCache, bad steps,
+bad data.
 
 Everything runs on a tiny random BERT (4 layers x 32) saved to a temporary folder; the real-size
 behaviour is the same code. finetune.py and pretrain.py (SMAE) share the run machinery, so the
@@ -49,7 +50,8 @@ def _tiny_model(folder, dropout):
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(folder)
     vocab = os.path.join(models.resolve_model_path("all-MiniLM-L6-v2"), "vocab.txt")
-    BertTokenizer(vocab=vocab).save_pretrained(folder)  # vocab_file= is silently ignored in transformers 5
+    # vocab_file= is silently ignored in transformers 5
+    BertTokenizer(vocab=vocab).save_pretrained(folder)
     return str(folder)
 
 
@@ -64,8 +66,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """{'dropout': model folder (dropout 0.1), 'plain': model folder (no dropout), 'train': Tevatron JSONL,
-    'text': plain text for pretrain.py, one document of 4-12 words a line}."""
+    """{'dropout': model folder (dropout 0.1), 'plain': model folder (no dropout), 'train': Tevatron
+    JSONL, 'text': plain text for pretrain.py, one document of 4-12 words a line}."""
     root = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)
     train = root / "train.jsonl"
@@ -83,7 +85,8 @@ def tiny(tmp_path_factory):
 # per script: its main, its data, and what its output folder holds besides the log
 SCRIPTS = {"finetune.py": (finetune.main, "train", ["model.safetensors"]),
            "pretrain.py": (pretrain.main, "text", ["model.safetensors", pretrain.HEADS_FILE])}
-SMAE_TINY = ("--max_length", "16", "--pairs", "2x16,4x32")  # short crops, two pairs: a fast SMAE step
+# short crops, two pairs: a fast SMAE step
+SMAE_TINY = ("--max_length", "16", "--pairs", "2x16,4x32")
 
 
 def _script_args(script, tiny, model, output_dir, *extra):
@@ -146,7 +149,8 @@ def test_checkpoint_cut_in_half_or_unfinished_is_never_picked(tmp_path):
 def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
     for step in (1, 2, 3, 10):
         training.save_checkpoint(str(tmp_path), step, _write_files({"a": str(step)}), save_total_limit=2)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-3"]  # numeric, not string, order
+    # numeric, not string, order
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-3"]
 
 
 def test_rng_state_round_trips_through_a_checkpoint_file(tmp_path):
@@ -178,7 +182,8 @@ def test_kill_9_during_a_run_then_resume_gives_the_same_weights_and_log_bit_for_
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    main(_script_args(script, tiny, "dropout", tmp_path / "whole", *args))  # uninterrupted, in this process
+    # uninterrupted, in this process
+    main(_script_args(script, tiny, "dropout", tmp_path / "whole", *args))
     log_whole, log_resumed = _read(tmp_path / "whole" / "train_log.jsonl"), _read(tmp_path / "killed" / "train_log.jsonl")
     assert len(log_whole.splitlines()) == 12
     assert log_resumed == log_whole
@@ -192,10 +197,12 @@ def test_pretrain_checkpoints_load_in_finetune_and_a_truncated_one_is_never_resu
     pretrain.main(args)
     for step in (2, 4):
         folder = tmp_path / f"checkpoint-{step}"
-        encoder, _ = models.load_model(str(folder), torch.device("cpu"))  # an evaluable model folder
+        # an evaluable model folder
+        encoder, _ = models.load_model(str(folder), torch.device("cpu"))
         sb.SMAEHeads(encoder).load_state_dict(torch.load(folder / pretrain.HEADS_FILE, weights_only=True))
         assert len(open(folder / "train_log.jsonl").readlines()) == step
-    with open(tmp_path / "checkpoint-4" / pretrain.HEADS_FILE, "r+b") as f:  # a crash cut the heads short
+    # a crash cut the heads short
+    with open(tmp_path / "checkpoint-4" / pretrain.HEADS_FILE, "r+b") as f:
         f.truncate(os.path.getsize(tmp_path / "checkpoint-4" / pretrain.HEADS_FILE) // 2)
     capsys.readouterr()
     pretrain.main(args + ["--resume"])
@@ -258,12 +265,14 @@ def test_grad_cache_step_equals_the_uncached_step(tiny, method):
     uncached = _step(model, model, tokenizer, embed_pairs, loss_fn, queries, passages, 0)
     cached = _step(model, model, tokenizer, embed_pairs, loss_fn, queries, passages, 3)
     _assert_same_step(cached, uncached)
-    assert all(g.abs().sum() > 0 for n, g in uncached[1].items() if "layer.3" in n)  # the grads are not trivial
+    # the grads are not trivial
+    assert all(g.abs().sum() > 0 for n, g in uncached[1].items() if "layer.3" in n)
 
 
 def test_grad_cache_replays_each_chunks_dropout_mask(tiny):
-    """Dropout on: the second pass of each chunk must see its first pass's mask. The reference embeds
-    the same chunks in the same order with a graph (same RNG draws) and backpropagates directly."""
+    """Dropout on: the second pass of each chunk must see its first pass's mask. The reference
+    embeds the same chunks in the same order with a graph (same RNG draws) and backpropagates
+    directly."""
     model, tokenizer, embed_pairs, loss_fn = _step_setup(tiny["dropout"])
     model.train()
     queries, passages = _batch()
@@ -356,13 +365,14 @@ def _two_rank_pretrain_worker(rank, port, model_dir, out_dir):
 
 
 def test_two_ranks_give_the_smae_loss_and_gradients_of_one_process_on_the_concatenated_batch(tiny, tmp_path):
-    """The ranks' slices hold different numbers of masked tokens (each term is a mean over them): only
-    dividing by the global counts gives the global mean. Gradients of the encoder, the tied word
-    embeddings (encoder input and vocabulary decoder) and the heads all match."""
+    """The ranks' slices hold different numbers of masked tokens (each term is a mean over them):
+    only dividing by the global counts gives the global mean. Gradients of the encoder, the tied
+    word embeddings (encoder input and vocabulary decoder) and the heads all match."""
     smae, batch = _pretrain_step_setup(tiny["plain"])
     labels, decoder_labels = batch[2], batch[4]
     per_rank = [int((x[:4] != -100).sum()) for x in (labels, decoder_labels)]
-    assert per_rank != [int((x[4:] != -100).sum()) for x in (labels, decoder_labels)]  # unequal slices
+    # unequal slices
+    assert per_rank != [int((x[4:] != -100).sum()) for x in (labels, decoder_labels)]
     mp.spawn(_two_rank_pretrain_worker, args=(_free_port(), tiny["plain"], str(tmp_path)), nprocs=2)
     single = _pretrain_step(smae, smae, batch)
     assert any(n.startswith("heads.") for n in single[1]) and "encoder.embeddings.word_embeddings.weight" in single[1]
@@ -390,7 +400,8 @@ def test_torchrun_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tm
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     state = training.load_training_state(str(tmp_path / "two" / "checkpoint-2"))
-    assert len(state["rng"]) == 2 and state["run"]["world_size"] == 2  # every rank's RNG, saved by rank 0
+    # every rank's RNG, saved by rank 0
+    assert len(state["rng"]) == 2 and state["run"]["world_size"] == 2
     for name in SCRIPTS[script][2]:
         assert os.path.exists(tmp_path / "two" / name)
 
@@ -425,13 +436,15 @@ def test_one_process_helpers_are_identities():
 
 
 def test_global_batches_are_a_seeded_permutation_per_epoch_and_resume_mid_epoch(tiny):
-    whole = list(training.global_batches(10, 3, 0, 7, seed=4))  # 3 steps per epoch, the last item left out
+    # 3 steps per epoch, the last item left out
+    whole = list(training.global_batches(10, 3, 0, 7, seed=4))
     assert [s for s, _ in whole] == list(range(7))
     for epoch in (0, 1):
         items = [i for _, b in whole[3 * epoch:3 * epoch + 3] for i in b]
         assert len(set(items)) == 9 and set(items) <= set(range(10))
     assert whole[0][1] != whole[3][1]  # a new order each epoch
-    assert list(training.global_batches(10, 3, 4, 7, seed=4)) == whole[4:]  # a resumed run: the same batches
+    # a resumed run: the same batches
+    assert list(training.global_batches(10, 3, 4, 7, seed=4)) == whole[4:]
 
 
 def test_adamw_decays_matrices_only_and_leaves_frozen_parameters_out(tiny):
@@ -460,7 +473,8 @@ def test_resume_refuses_another_runs_checkpoint_naming_the_setting(tiny, tmp_pat
     data_file = tmp_path / "train.jsonl"
     data_file.write_text("\n".join(lines) + "\n")
     finetune.main(_finetune_args(tiny, tmp_path / "run", "--train_file", str(data_file)))
-    if other is None:  # the same file name, other contents: the fingerprint of its first MiB differs
+    # the same file name, other contents: the fingerprint of its first MiB differs
+    if other is None:
         data_file.write_text("\n".join(reversed(lines)) + "\n")
         other = str(data_file)
     name = flag.lstrip("-") if flag != "--train_file" else "data_file_0"
@@ -475,7 +489,8 @@ def test_a_fresh_run_in_another_runs_folder_is_refused_unless_overwrite(tiny, tm
     assert "holds another run" in capsys.readouterr().err
     finetune.main(_finetune_args(tiny, tmp_path, "--learning_rate", "3e-4", "--max_steps", "2",
                                  "--overwrite_output_dir"))
-    assert [json.loads(line)["step"] for line in open(tmp_path / "train_log.jsonl")] == [1, 2]  # no mixed log
+    # no mixed log
+    assert [json.loads(line)["step"] for line in open(tmp_path / "train_log.jsonl")] == [1, 2]
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
 
 
@@ -529,8 +544,9 @@ def test_export_refuses_its_source_and_a_non_empty_folder_and_output_dir_files_a
 # Non-finite steps
 
 def test_a_skipped_first_step_moves_the_schedule_on_without_torchs_warning():
-    """torch warns when the scheduler steps before the optimizer ever has: here that is the design (a skipped step
-    uses up its learning rate), so finish_step keeps the warning from the user; any other warning still shows."""
+    """torch warns when the scheduler steps before the optimizer ever has: here that is the design
+    (a skipped step uses up its learning rate), so finish_step keeps the warning from the user; any
+    other warning still shows."""
     param = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.AdamW([param], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
@@ -572,7 +588,8 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_message_keeping_the_last
         finetune.main(["--model_name_or_path", tiny["plain"], "--train_file", tiny["train"],
                        "--output_dir", str(tmp_path), "--max_steps", "8", "--save_steps", "1", "--warmup_ratio", "0",
                        "--learning_rate", "1e30", "--max_bad_steps", "3"])
-    assert training.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")  # none saved while bad
+    # none saved while bad
+    assert training.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
     assert not os.path.exists(tmp_path / "model.safetensors")
 
 
@@ -690,6 +707,7 @@ def test_a_model_retrained_in_place_is_another_run(tiny, tmp_path):
     args = _finetune_args(tiny, tmp_path / "run", "--model_name_or_path", str(model), "--max_steps", "2")
     finetune.main(args)
     weights = load_file(model / "model.safetensors")
-    save_file({k: v + 1e-3 for k, v in weights.items()}, model / "model.safetensors")  # same size, other weights
+    # same size, other weights
+    save_file({k: v + 1e-3 for k, v in weights.items()}, model / "model.safetensors")
     with pytest.raises(ValueError, match="was written with model_weights="):
         finetune.main(args + ["--resume"])

@@ -65,7 +65,8 @@ def test_pool_hand_values():
     # mean over REAL tokens: row 0 averages tokens 0 and 1 only
     assert torch.allclose(sb.pool(hidden, mask, "mean"), torch.tensor([[1., 2.], [8., 9.]]))
     assert torch.equal(sb.pool(hidden, mask, "last"), torch.tensor([[2., 3.], [10., 11.]]))
-    left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: the last real token is the last position
+    # left padding: the last real token is the last position
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
     assert torch.equal(sb.pool(hidden, left, "last"), torch.tensor([[4., 5.], [10., 11.]]))
     with pytest.raises(ValueError, match="unknown pooling"):
         sb.pool(hidden, mask, "max")
@@ -139,7 +140,8 @@ def test_layer_hidden_states_applies_final_norm_of_pre_ln_backbones():
     with torch.no_grad():
         hidden = sb.layer_hidden_states(model, ids, mask, [1, 3])
         reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    assert torch.allclose(hidden[3], reference[3], atol=1e-5)  # HF's last hidden state is already normed
+    # HF's last hidden state is already normed
+    assert torch.allclose(hidden[3], reference[3], atol=1e-5)
     assert torch.allclose(hidden[1], model.norm(reference[1]), atol=1e-5)
 
 
@@ -175,7 +177,8 @@ def test_symmetric_contrastive_loss_averages_both_directions():
     q, p = torch.randn(3, 5), torch.randn(6, 5)  # G = 2: positives are p[0], p[2], p[4]
     s = (q @ p.T / 0.5).numpy()
     q_to_p = -np.mean([s[i, 2 * i] - np.log(np.exp(s[i]).sum()) for i in range(3)])
-    p_to_q = -np.mean([s[i, 2 * i] - np.log(np.exp(s[:, 2 * i]).sum()) for i in range(3)])  # positive i vs all queries
+    # positive i vs all queries
+    p_to_q = -np.mean([s[i, 2 * i] - np.log(np.exp(s[:, 2 * i]).sum()) for i in range(3)])
     loss = decoder.symmetric_contrastive_loss(q, p, temperature=0.5, similarity="dot")
     assert loss.item() == pytest.approx((q_to_p + p_to_q) / 2, rel=1e-5)
     p1 = p[::2]  # G = 1: swapping queries and passages gives the same loss
@@ -241,7 +244,8 @@ def test_srl_embedding_kl_single_pair_is_contrastive_and_adds_weighted_kl():
                           sb.contrastive_loss(q, p, 1.0, "cos"))
     pairs = [(1, 4), (2, 8)]
     q2d, p2d = {(1, 4): q[:, :4], (2, 8): q}, {(1, 4): p[:, :4], (2, 8): p}
-    # the released StarbucksLoss: a sum over pairs; the KL over every text (anchors and passages) of the batch
+    # the released StarbucksLoss: a sum over pairs; the KL over every text (anchors and passages) of
+    # the batch
     expected = (sb.contrastive_loss(q[:, :4], p[:, :4], 1.0, "cos")
                 + 0.3 * sb.embedding_kl_loss(torch.cat([q, p])[:, :4], torch.cat([q, p]))
                 + sb.contrastive_loss(q, p, 1.0, "cos"))
@@ -279,7 +283,8 @@ def test_matryoshka_2d_loss_samples_one_size_and_is_reproducible():
     d_b = dims[int(torch.randint(3, (1,), generator=g))]
     ce = sb.contrastive_loss(q[3][:, :d_a], p[3][:, :d_a], 1.0, "cos") \
         + sb.contrastive_loss(q[n][:, :d_b], p[n][:, :d_b], 1.0, "cos") / n
-    pt = F.softmax(torch.cat([q[3], p[3]]) / 0.3, -1)  # every text of the batch, as the library's decorator
+    # every text of the batch, as the library's decorator
+    pt = F.softmax(torch.cat([q[3], p[3]]) / 0.3, -1)
     ps = F.softmax(torch.cat([q[n], p[n]]) / 0.3, -1)
     kl = (pt * (pt.log() - ps.log())).sum(-1).mean()
     assert loss.item() == pytest.approx((ce + 0.3 * kl).item(), rel=1e-5)
@@ -296,7 +301,8 @@ def test_cosent_loss_hand_value():
     terms = torch.stack([cos[1] - cos[0], cos[2] - cos[0], cos[1] - cos[2]])
     expected = torch.log(1 + terms.exp().sum())
     assert sb.cosent_loss(a, b, gold).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert sb.cosent_loss(a, b, torch.ones(3)).item() == pytest.approx(0.0)  # no ordered pair: log(1)
+    # no ordered pair: log(1)
+    assert sb.cosent_loss(a, b, torch.ones(3)).item() == pytest.approx(0.0)
 
 
 def test_srl_cosent_single_pair_is_cosent():
@@ -321,7 +327,8 @@ def test_encode_2d_equals_embed_2d_in_input_order(tiny_model_dir):
             assert torch.allclose(out[pair][i], one[pair][0], atol=1e-5)
     assert sb.encode_2d(model, tok, [], pairs)[(2, 16)].shape == (0, 16)
     with torch.no_grad():
-        model.encoder.layer[3].output.dense.bias[0] = float("nan")  # layer 4 broken, layer 2 still fine
+        # layer 4 broken, layer 2 still fine
+        model.encoder.layer[3].output.dense.bias[0] = float("nan")
     assert torch.isfinite(sb.encode_2d(model, tok, texts, [(2, 16)], "mean")[(2, 16)]).all()
     with pytest.raises(ValueError, match="4x32 embeddings are not finite"):
         sb.encode_2d(model, tok, texts, pairs, "mean", batch_size=2)

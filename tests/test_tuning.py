@@ -10,7 +10,8 @@ import starbucks as sb
 from conftest import save_with_vocab, tiny_bert
 from recipe import flops, tuning
 
-# tiny Llama: H = 32, 4 query heads and 2 key/value heads of 8, MLP 64, vocab 30522 (BERT's, for its tokenizer)
+# tiny Llama: H = 32, 4 query heads and 2 key/value heads of 8, MLP 64, vocab 30522 (BERT's, for its
+# tokenizer)
 L, H, I, V, KV = 3, 32, 64, 30522, 16
 
 
@@ -74,7 +75,8 @@ def test_lora_starts_as_the_base_model_and_merges_exactly(tmp_path):
     with torch.no_grad():
         base = embedding(model, *ids_mask)
         tuning.add_lora(model, r=4, alpha=8)
-        torch.testing.assert_close(embedding(model, *ids_mask), base, rtol=0, atol=0)  # B = 0 at the start
+        # B = 0 at the start
+        torch.testing.assert_close(embedding(model, *ids_mask), base, rtol=0, atol=0)
         for m in model.modules():
             if isinstance(m, tuning.LoRALinear):
                 m.lora_B.normal_()  # as if trained
@@ -83,7 +85,8 @@ def test_lora_starts_as_the_base_model_and_merges_exactly(tmp_path):
         expected_weight = q.base.weight + 2.0 * q.lora_B @ q.lora_A  # W_0 + (alpha / r) B A
     merged = tuning.merged_copy(model)
     assert merged is not model and not any(isinstance(m, tuning.LoRALinear) for m in merged.modules())
-    assert any(isinstance(m, tuning.LoRALinear) for m in model.modules())  # training goes on unmerged
+    # training goes on unmerged
+    assert any(isinstance(m, tuning.LoRALinear) for m in model.modules())
     torch.testing.assert_close(merged.layers[1].self_attn.q_proj.weight, expected_weight, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(embedding(merged, *ids_mask), lora_out, rtol=1e-5, atol=1e-5)
@@ -115,7 +118,8 @@ def test_bias_only_trains_exactly_the_biases():
     claimed = set(tuning.train_biases_only(model))
     assert claimed == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
     changed = changed_after_one_step(model)
-    assert changed == {n for n in claimed if not n.startswith("pooler.")}  # the pooler is not in the loss
+    # the pooler is not in the loss
+    assert changed == {n for n in claimed if not n.startswith("pooler.")}
 
 
 def test_bias_only_on_a_model_without_biases_is_a_clear_error():
@@ -171,8 +175,10 @@ def test_flops_per_token_equal_a_hand_count():
         counts = tuning.parameter_counts(model)
         assert counts[0] == n
         assert flops.flops_per_token(tuning.parse_tuning(spec)[0], *counts) == expected, spec
-    bert = tuning.apply_tuning(tiny_bert(num_layers=4, hidden=32), "bias")  # intermediate 64, vocab 30522
-    biases = 4 * (4 * 32 + 64 + 32 + 2 * 32) + 32 + 32  # per layer: q k v o, MLP in and out, two LayerNorms
+    # intermediate 64, vocab 30522
+    bert = tuning.apply_tuning(tiny_bert(num_layers=4, hidden=32), "bias")
+    # per layer: q k v o, MLP in and out, two LayerNorms
+    biases = 4 * (4 * 32 + 64 + 32 + 2 * 32) + 32 + 32
     n_bert, trainable = tuning.parameter_counts(bert)
     assert trainable == biases
     assert flops.flops_per_token("bias", n_bert, trainable) == 4 * n_bert + 2 * biases
