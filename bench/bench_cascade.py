@@ -46,15 +46,16 @@ def main():
     p.add_argument("--tuning", choices=("full", "probe"), default="full")
     p.add_argument("--pairs", default=None, help="LAYERxDIM list in order of cost; default: the model's pairs")
     p.add_argument("--dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="tweets",
-                   help="embedded labelled text (classification/classify.py --dataset); tweets: enough test texts that 0.5 points is "
-                        "not a single text")
+                   help="embedded labelled text (classification/classify.py --dataset); tweets: "
+                        "enough test texts that 0.5 points is not a single text")
     p.add_argument("--max_train_samples", type=data.positive_int, default=5000, help="training texts drawn from the split")
     p.add_argument("--max_eval_samples", type=data.positive_int, default=2000, help="test texts drawn from the split")
     p.add_argument("--held_out", type=data.positive_int, default=2000, help="training texts kept aside to choose the thresholds "
                    "(as many as the test texts: the choice is only as sure as its sample)")
     p.add_argument("--margin", type=data.non_negative_float, default=0.0,
-                   help="choose only thresholds whose held-out accuracy minus this many standard errors of its drop is "
-                        "within 0.5 points (cascade.qualifies): a guard against picking a lucky point")
+                   help="choose only thresholds whose held-out accuracy minus this many standard "
+                        "errors of its drop is within 0.5 points (cascade.qualifies): a guard "
+                        "against picking a lucky point")
     p.add_argument("--max_steps", type=data.positive_int, default=200, help="--tuning full: optimizer steps (batch 16)")
     p.add_argument("--learning_rate", type=float, default=5e-5, help="--tuning full")
     p.add_argument("--repeats", type=data.positive_int, default=5)
@@ -66,9 +67,11 @@ def main():
     (train_texts, train_y), C = datasets.subsample(*split["train"], args.max_train_samples, args.seed), len(split["labels"])
     test_texts, test_y = datasets.subsample(*split["test"], args.max_eval_samples, args.seed, part="test")
     if not 0 < args.held_out < len(train_texts):
-        p.error(f"--held_out {args.held_out} must leave training texts: {args.dataset} gives {len(train_texts)}")
+        p.error(f"--held_out {args.held_out} must leave training texts: {args.dataset} gives "
+                f"{len(train_texts)}")
     if args.margin and args.held_out < 2:
-        p.error("--margin needs at least 2 held-out texts: a standard error of one text is undefined")
+        p.error("--margin needs at least 2 held-out texts: a standard error of one text is "
+                "undefined")
     order = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held, fit = order[:args.held_out], order[args.held_out:]
     model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))
@@ -110,20 +113,22 @@ def main():
         for run in runs.values():  # a warm-up round, untimed
             run()
         ratio, cascade_s, full_s = median_ratio(runs["cascade"], runs["full"], args.repeats)
-    print(f"# {args.model_name_or_path}, tuning {args.tuning}, on {args.dataset} (seed {args.seed}): heads fitted on {len(fit)} texts, "
-          f"thresholds chosen on {len(held)} held-out texts ({threshold[:-1]} for the pairs but the last; held-out "
-          f"accuracy {held_chosen['accuracy']:.4f}, full pair {held_full['accuracy']:.4f}); on the {len(test_texts)} "
-          f"test texts: "
-          f"full pair accuracy {full['accuracy']:.4f}, cascade {chosen['accuracy']:.4f}, stopped per pair "
-          f"{[round(s, 2) for s in chosen['stopped']]} of {pairs}; median of {args.repeats}: cascade {cascade_s:.3f}s, "
-          f"full {full_s:.3f}s")
-    print(f"# one threshold for all pairs, chosen the same way ({one['threshold']}): on the test texts accuracy "
-          f"{one_on_test['accuracy']:.4f}, relative cost {one_on_test['relative_cost']:.3f}")
-    print(f"# for reference only, thresholds chosen on the test texts themselves (hindsight, optimistic): relative "
-          f"cost {hindsight['relative_cost']:.3f} at accuracy {hindsight['accuracy']:.4f}")
+    print(f"# {args.model_name_or_path}, tuning {args.tuning}, on {args.dataset} (seed "
+          f"{args.seed}): heads fitted on {len(fit)} texts, thresholds chosen on {len(held)} "
+          f"held-out texts ({threshold[:-1]} for the pairs but the last; held-out accuracy "
+          f"{held_chosen['accuracy']:.4f}, full pair {held_full['accuracy']:.4f}); on the "
+          f"{len(test_texts)} test texts: full pair accuracy {full['accuracy']:.4f}, cascade "
+          f"{chosen['accuracy']:.4f}, stopped per pair {[round(s, 2) for s in chosen['stopped']]} "
+          f"of {pairs}; median of {args.repeats}: cascade {cascade_s:.3f}s, full {full_s:.3f}s")
+    print(f"# one threshold for all pairs, chosen the same way ({one['threshold']}): on the test "
+          f"texts accuracy {one_on_test['accuracy']:.4f}, relative cost "
+          f"{one_on_test['relative_cost']:.3f}")
+    print("# for reference only, thresholds chosen on the test texts themselves (hindsight, "
+          f"optimistic): relative cost {hindsight['relative_cost']:.3f} at accuracy "
+          f"{hindsight['accuracy']:.4f}")
     print(f"RATIO cascade_cost_vs_full_at_full_accuracy {chosen['relative_cost']:.3f} goal <=0.4")
-    print(f"# accuracy drop on the test texts {100 * drop:.2f} points, standard error of this paired difference "
-          f"{100 * error:.2f} points")
+    print(f"# accuracy drop on the test texts {100 * drop:.2f} points, standard error of this "
+          f"paired difference {100 * error:.2f} points")
     print(f"RATIO cascade_accuracy_drop_points {100 * drop:.2f} goal <=0.5")
     print(f"RATIO cascade_time_vs_full {ratio:.3f} goal <=0.6")
 

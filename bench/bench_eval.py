@@ -41,7 +41,8 @@ def main():
     ratio = statistics.median(a / b for a, b in zip(times["all_pairs"], times["full_pair"]))
     sum_n = sum(n for n, _ in pairs) / pairs[-1][0]
     print(f"# evaluate_model on lee2005 + wiki-ict, MiniLM-L6, median of {args.repeats}: "
-          f"{len(pairs)} pairs {every:.2f}s, full pair {full:.2f}s; re-encoding per pair would cost {sum_n:.2f}x")
+          f"{len(pairs)} pairs {every:.2f}s, full pair {full:.2f}s; re-encoding per pair would "
+          f"cost {sum_n:.2f}x")
     print(f"RATIO eval_all_pairs_vs_full_pair {ratio:.3f} goal <=1.1")
 
 

@@ -118,15 +118,17 @@ def main():
     matmul = 5 * 2 * 2048 ** 3 / (time.perf_counter() - start)
     ratio = lambda x, y: statistics.median(s / t for s, t in zip(times[x], times[y]))
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"# MiniLM-L6 SMAE step (forward + backward), B={len(crops)} x {args.max_length} tokens, {len(pairs)} pairs "
-          f"{pairs}, device {device}, threads {torch.get_num_threads()}, median of {args.repeats}: "
+    print(f"# MiniLM-L6 SMAE step (forward + backward), B={len(crops)} x {args.max_length} tokens, "
+          f"{len(pairs)} pairs {pairs}, device {device}, threads {torch.get_num_threads()}, median "
+          f"of {args.repeats}: "
           + ", ".join(f"{n} {t:.3f}s" for n, t in median.items()))
     print(f"RATIO smae_vs_all_position_logits {ratio('smae', 'all_position_logits'):.3f} goal <=0.5")
     print(f"RATIO smae_vs_plain_mlm {ratio('smae', 'plain_mlm'):.3f} goal <=3.0")
     what = "peak allocated" if device.type == "cuda" else "saved for backward (activations)"
     print(f"MEMORY_MB ({what}) " + " ".join(f"{n}={m / 2**20:.0f}" for n, m in memory.items()))
     print("FLOPS_PER_TOKEN (counted, forward + backward) " + " ".join(f"{n}={f / 1e6:.0f}M" for n, f in flops.items())
-          + f"; FLOP ratios smae/all_position_logits={flops['smae'] / flops['all_position_logits']:.3f} "
+          + "; FLOP ratios "
+            f"smae/all_position_logits={flops['smae'] / flops['all_position_logits']:.3f} "
           f"smae/plain_mlm={flops['smae'] / flops['plain_mlm']:.3f}")
     print("ACHIEVED_GFLOPS " + " ".join(f"{n}={flops[n] * tokens / median[n] / 1e9:.1f}" for n in variants)
           + f"; this machine's 2048^3 fp32 matmul: {matmul / 1e9:.1f}")

@@ -140,8 +140,9 @@ def faiss_recall(folder, queries):
     pair = (1, queries.shape[1])
     start = time.perf_counter()
     _, exact = ci.search(index, pair, queries, 100)
-    lines = [f"FAISS against exact search ({time.perf_counter() - start:.2f} s), {len(queries)} queries x "
-             f"{index.num_docs} random unit vectors of {pair[1]} dims (no structure: a hard case for IVF and HNSW)"]
+    lines = [f"FAISS against exact search ({time.perf_counter() - start:.2f} s), {len(queries)} "
+             f"queries x {index.num_docs} random unit vectors of {pair[1]} dims (no structure: a "
+             "hard case for IVF and HNSW)"]
     for kind in ("flat", "ivf", "hnsw"):
         start = time.perf_counter()
         built = ci.faiss_index(index, pair, kind)
@@ -242,7 +243,8 @@ def main(argv=None):
         sizes = {"small": args.small_docs, "large": args.large_docs}
         for name, num_docs in sizes.items():
             seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim}, args.shard_size, seed=2)
-            print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} ({seconds:.1f} s)", flush=True)
+            print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} "
+                  f"({seconds:.1f} s)", flush=True)
         runs = {name: [] for name in sizes}
         for _ in range(2):  # alternating; the fastest time and the largest peak of each
             for name in sizes:
@@ -253,9 +255,9 @@ def main(argv=None):
         peak = {name: max(r["peak_mb"] for r in runs[name]) for name in sizes}
         before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
         for name, num_docs in sizes.items():
-            print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth {args.depth}: "
-                  f"{best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} MB "
-                  f"({before[name]:.0f} MB resident when it began)")
+            print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth "
+                  f"{args.depth}: {best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} "
+                  f"MB ({before[name]:.0f} MB resident when it began)")
         print("\n".join(faiss_recall(os.path.join(workdir, "small"), torch.load(queries_path))))
         for name in sizes:
             shutil.rmtree(os.path.join(workdir, name))
@@ -298,7 +300,8 @@ def main(argv=None):
         folder = os.path.join(workdir, "adaptive")
         seconds = write_random_index(folder, args.adaptive_docs, ci.stored_widths(pairs), args.shard_size, seed=5)
         index = ci.open_index(folder)
-        print(f"wrote {args.adaptive_docs} documents at {ci.stored_widths(pairs)} (layer: width), float16 ({seconds:.1f} s)")
+        print(f"wrote {args.adaptive_docs} documents at {ci.stored_widths(pairs)} (layer: width), "
+              f"float16 ({seconds:.1f} s)")
         stage_queries = [random_queries(args.block, d, seed=6 + j).to(args.device) for j, (_, d) in enumerate(pairs)]
         speedup, exhaustive_s, adaptive_s = median_ratio(
             lambda: ci.search(index, last, stage_queries[-1], 10, args.block),
@@ -308,10 +311,11 @@ def main(argv=None):
             lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block), args.rounds)
         shutil.rmtree(folder)
         flops = funnel.search_flops(args.adaptive_docs, [last[1]], []) / funnel.search_flops(args.adaptive_docs, [d for _, d in pairs], ks)
-        print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} documents: exhaustive "
-              f"{exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive {adaptive_s * 1000 / args.block:.2f} ms/query; "
-              f"search FLOPs {flops:.1f}x fewer; the first stage alone ({pairs[0][0]}x{pairs[0][1]}, top {ks[0]}) "
-              f"{first_share:.2f} of the funnel's time")
+        print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} "
+              f"documents: exhaustive {exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive "
+              f"{adaptive_s * 1000 / args.block:.2f} ms/query; search FLOPs {flops:.1f}x fewer; "
+              f"the first stage alone ({pairs[0][0]}x{pairs[0][1]}, top {ks[0]}) {first_share:.2f} "
+              "of the funnel's time")
 
         model, tokenizer, config = load(args.model_name_or_path)
         sb.check_pairs(pairs, model.config.num_hidden_layers, model.config.hidden_size)
@@ -330,22 +334,24 @@ def main(argv=None):
         half = indexes["float16"]
         kept = ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids, qrels) / \
             ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels)
-        print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, {len(qids)} queries, "
-              f"model {args.model_name_or_path}; shortlist {ks[0]} = {ks[0] / len(corpus):.0%} of the real set, "
-              f"{ks[0] / args.adaptive_docs:.3%} of the synthetic corpus; encode_corpus {encode_rate:.1f} passages/s "
-              f"(max_length 128, pairs {every_pair} from one pass per batch, {args.threads} thread(s))")
+        print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, "
+              f"{len(qids)} queries, model {args.model_name_or_path}; shortlist {ks[0]} = "
+              f"{ks[0] / len(corpus):.0%} of the real set, {ks[0] / args.adaptive_docs:.3%} of the "
+              f"synthetic corpus; encode_corpus {encode_rate:.1f} passages/s (max_length 128, "
+              f"pairs {every_pair} from one pass per batch, {args.threads} thread(s))")
         lines += [f"RATIO adaptive_speedup_queries_in_blocks {speedup:.2f} goal >=10",
                   f"RATIO adaptive_ndcg10_kept {kept:.4f} goal >=0.99"]
         for pair in config.pairs:
             values = {dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels) for dtype, index in indexes.items()}
-            print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 {values['float16']:.4f} "
-                  f"change {values['float16'] - values['float32']:+.5f}")
+            print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 "
+                  f"{values['float16']:.4f} change {values['float16'] - values['float32']:+.5f}")
 
         # 4. Resumed encoding: kill -9 half-way, resume
         lost, (handed, complete, resumed) = resume_lost_work(os.path.join(workdir, "resume"), args.model_name_or_path,
                                                              args.resume_shard_size, args.threads, len(corpus))
-        print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed after {handed} were handed "
-              f"to the encoder ({complete} shards complete); the resumed run encoded {resumed}")
+        print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed "
+              f"after {handed} were handed to the encoder ({complete} shards complete); the "
+              f"resumed run encoded {resumed}")
         lines.append(f"RATIO encode_resume_lost_work {lost:.3f} goal <=0.1")
     finally:
         if not args.workdir:

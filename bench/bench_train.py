@@ -53,8 +53,9 @@ def main():
                 times[name].append(time.perf_counter() - start)
     srl, full = statistics.median(times["srl_all_pairs"]), statistics.median(times["full_pair_only"])
     ratio = statistics.median(a / b for a, b in zip(times["srl_all_pairs"], times["full_pair_only"]))
-    print(f"# MiniLM-L6 train step, B={args.per_device_train_batch_size} G={args.train_group_size}, "
-          f"{len(pairs)} pairs, median of {args.repeats}: srl {srl:.3f}s, full {full:.3f}s, threads {torch.get_num_threads()}")
+    print(f"# MiniLM-L6 train step, B={args.per_device_train_batch_size} "
+          f"G={args.train_group_size}, {len(pairs)} pairs, median of {args.repeats}: srl "
+          f"{srl:.3f}s, full {full:.3f}s, threads {torch.get_num_threads()}")
     print(f"RATIO srl_step_vs_full_step {ratio:.3f} goal <=1.05")
 
 

@@ -92,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--plot_dir", default=None, help="where the heat maps go; default: <output_dir>/heatmaps "
                    "(the committed ones: docs/heatmaps)")
     p.add_argument("--classification_dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="tweets",
-                   help="the classification table's labelled text (classification/classify.py --dataset)")
+                   help="the classification table's labelled text (classification/classify.py "
+                        "--dataset)")
     p.add_argument("--max_train_samples", type=int, default=2000, help="classification training texts per seed")
     p.add_argument("--max_eval_samples", type=int, default=1000, help="classification test texts per seed")
     study = Study(**vars(p.parse_args(argv)))
@@ -233,18 +234,21 @@ def verdicts(table, pairs, methods):
             losses = [p for p in pairs if rows[p]["srl"][0] < rows[p][baseline][0]]
             holds = "does not hold" if losses else "holds"
             within = [p for p in losses if rows[p][baseline][0] - rows[p]["srl"][0] <= noise("srl", baseline, [p])]
-            detail = (f"; where SRL is behind ({', '.join(f'{n}x{d}' for n, d in losses)}), the gap is "
-                      f"{'within' if len(within) == len(losses) else 'beyond'} the two methods' std over seeds"
+            detail = (f"; where SRL is behind ({', '.join(f'{n}x{d}' for n, d in losses)}), the "
+                      f"gap is {'within' if len(within) == len(losses) else 'beyond'} the two "
+                      "methods' std over seeds"
                       if losses else "")
-            lines.append(f"- Claim 1 (SRL >= 2DMSE at every pair; {baseline}), {name}: {holds} here; SRL is at "
-                         f"least as good at {len(pairs) - len(losses)} of {len(pairs)} pairs{detail}.")
+            lines.append(f"- Claim 1 (SRL >= 2DMSE at every pair; {baseline}), {name}: {holds} "
+                         f"here; SRL is at least as good at {len(pairs) - len(losses)} of "
+                         f"{len(pairs)} pairs{detail}.")
         if {"srl", "separate"} <= set(methods):
             gaps = [rows[p]["srl"][0] - rows[p]["separate"][0] for p in pairs]
             spread = noise("srl", "separate")
             close = "holds" if abs(statistics.mean(gaps)) <= max(0.01, spread) else "does not hold"
-            lines.append(f"- Claim 2 (SRL close to separately trained), {name}: {close} here; mean gap "
-                         f"SRL - separate {statistics.mean(gaps):+.4f} (range {min(gaps):+.4f} .. {max(gaps):+.4f}); "
-                         f"'close' means within max(0.01, mean std of the two) = {max(0.01, spread):.4f}.")
+            lines.append(f"- Claim 2 (SRL close to separately trained), {name}: {close} here; mean "
+                         f"gap SRL - separate {statistics.mean(gaps):+.4f} (range {min(gaps):+.4f} "
+                         f".. {max(gaps):+.4f}); 'close' means within max(0.01, mean std of the "
+                         f"two) = {max(0.01, spread):.4f}.")
         if {"srl", "smae+srl"} <= set(methods):
             lifts = [rows[p]["smae+srl"][0] - rows[p]["srl"][0] for p in pairs]
             small, large = statistics.mean(lifts[:len(pairs) // 2]), statistics.mean(lifts[len(pairs) // 2:])
@@ -252,17 +256,20 @@ def verdicts(table, pairs, methods):
             holds = "holds" if small > large and small > 0 else "does not hold"
             if holds == "holds" and small <= spread:
                 holds = "is not shown beyond seed noise"
-            lines.append(f"- Claim 3 (SMAE lifts the small pairs most), {name}: {holds} here; lift of SMAE+SRL over "
-                         f"SRL on the smaller half of the pairs {small:+.4f}, on the larger half {large:+.4f} "
-                         f"(per pair: {', '.join(f'{x:+.4f}' for x in lifts)}); the two methods' std over seeds "
-                         f"on the smaller half sums to {spread:.4f}.")
+            lines.append(f"- Claim 3 (SMAE lifts the small pairs most), {name}: {holds} here; lift "
+                         f"of SMAE+SRL over SRL on the smaller half of the pairs {small:+.4f}, on "
+                         f"the larger half {large:+.4f} (per pair: "
+                         f"{', '.join(f'{x:+.4f}' for x in lifts)}); the two methods' std over "
+                         f"seeds on the smaller half sums to {spread:.4f}.")
         small_half = pairs[:len(pairs) // 2]
         for ablation in [m for m in ("mlm_2d+srl", "mlm+srl") if {"smae+srl", m} <= set(methods)]:
             lead = statistics.mean(rows[p]["smae+srl"][0] - rows[p][ablation][0] for p in small_half)
             spread = noise("smae+srl", ablation, small_half)
-            lines.append(f"- SMAE ablation (SMAE against {PRETRAINED[ablation]} pre-training, both then SRL), {name}: "
-                         f"SMAE+SRL leads {ablation} by {lead:+.4f} on the smaller half of the pairs "
-                         f"({'beyond' if abs(lead) > spread else 'within'} the two methods' summed std, {spread:.4f}).")
+            lines.append(f"- SMAE ablation (SMAE against {PRETRAINED[ablation]} pre-training, both "
+                         f"then SRL), {name}: SMAE+SRL leads {ablation} by {lead:+.4f} on the "
+                         "smaller half of the pairs "
+                         f"({'beyond' if abs(lead) > spread else 'within'} the two methods' summed "
+                         f"std, {spread:.4f}).")
     return lines
 
 
@@ -271,27 +278,33 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
     scale = SCALES[study.scale]
     methods = [m for m in METHODS if m in results]
     out = ["# Small-scale reproduction of Starbucks (Tables A1/A2 shape)", "",
-           f"Produced by `{command}` (bench/reproduce.py) at commit {_commit()}; nothing in this file is typed "
-           "by hand. Its runs were trained at commit(s) " + ", ".join(sorted(
+           f"Produced by `{command}` (bench/reproduce.py) at commit {_commit()}; nothing in this "
+           "file is typed by hand. Its runs were trained at commit(s) " + ", ".join(sorted(
                {run.get("commit", "not recorded (before runs recorded theirs)") for by_seed in results.values()
                 for run in by_seed.values()})) + "; a study that resumes reads the runs it kept.", "",
-           f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device "
-           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}; training + evaluation wall "
-           f"time {seconds / 60:.1f} min (sum over runs), CPU time {cpu_seconds / 60:.1f} min (all threads: the work "
-           f"itself, which does not grow when other jobs share the machine; the wall time does).",
-           f"- Model: {study.model_name_or_path}; scale `{study.scale}`: {SCALES[study.scale]}, learning rate "
-           f"{study.learning_rate}, seeds {study.seeds}.",
-           f"- Pre-training budget (smae+srl and its ablations): one run per objective, {scale['pretrain_steps']} steps "
-           f"x {scale['pretrain_batch']} crops of at most {scale['pretrain_max_length']} tokens (at most "
-           f"{scale['pretrain_steps'] * scale['pretrain_batch'] * scale['pretrain_max_length']:,} tokens) at seed "
-           f"{study.seeds[0]}, shared by the fine-tuning seeds. The authors' SMAE run reads FineWeb's sample-100BT for "
-           "one epoch in 512-token crops at a global batch of 512, of the order of 10^11 tokens: the claim about SMAE "
-           "is tested here at about a millionth of the paper's pre-training.",
-           "- Data: real text, NON-STANDARD tasks. Training: inverse-cloze pairs over Lee's background news and "
-           "Wikipedia articles (data.py). STS: Lee et al. (2005), 50 documents, 1225 human-scored pairs "
-           "(Spearman). Retrieval: inverse-cloze over held-out Wikipedia articles (nDCG@10, MRR@10).",
-           "- The paper's numbers (BERT-base, STS average Spearman and MS MARCO dev MRR@10) are shown for the shape "
-           "of the comparison only: different model, data and budget, so only the orderings are comparable.", ""]
+           f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+           f"{torch.__version__}, device "
+           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}; training + "
+           f"evaluation wall time {seconds / 60:.1f} min (sum over runs), CPU time "
+           f"{cpu_seconds / 60:.1f} min (all threads: the work itself, which does not grow when "
+           "other jobs share the machine; the wall time does).",
+           f"- Model: {study.model_name_or_path}; scale `{study.scale}`: {SCALES[study.scale]}, "
+           f"learning rate {study.learning_rate}, seeds {study.seeds}.",
+           "- Pre-training budget (smae+srl and its ablations): one run per objective, "
+           f"{scale['pretrain_steps']} steps x {scale['pretrain_batch']} crops of at most "
+           f"{scale['pretrain_max_length']} tokens (at most "
+           f"{scale['pretrain_steps'] * scale['pretrain_batch'] * scale['pretrain_max_length']:,} "
+           f"tokens) at seed {study.seeds[0]}, shared by the fine-tuning seeds. The authors' SMAE "
+           "run reads FineWeb's sample-100BT for one epoch in 512-token crops at a global batch of "
+           "512, of the order of 10^11 tokens: the claim about SMAE is tested here at about a "
+           "millionth of the paper's pre-training.",
+           "- Data: real text, NON-STANDARD tasks. Training: inverse-cloze pairs over Lee's "
+           "background news and Wikipedia articles (data.py). STS: Lee et al. (2005), 50 "
+           "documents, 1225 human-scored pairs (Spearman). Retrieval: inverse-cloze over held-out "
+           "Wikipedia articles (nDCG@10, MRR@10).",
+           "- The paper's numbers (BERT-base, STS average Spearman and MS MARCO dev MRR@10) are "
+           "shown for the shape of the comparison only: different model, data and budget, so only "
+           "the orderings are comparable.", ""]
     for (dataset, metric), rows in table.items():
         out += [f"## {dataset} {metric} (mean +- std over {len(study.seeds)} seeds)", "",
                 "| (n,d) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
@@ -302,8 +315,8 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
                                            for m in methods) + " |")
         out.append("")
     out += ["## The paper's numbers for reference (STS Spearman / MS MARCO MRR@10)", "",
-            "Their 2DMSE column: STS from sentence-transformers' Matryoshka2dLoss (our `2dmse`), MS MARCO from the "
-            "authors' retrieval code (our `2dmse_retrieval`).", "",
+            "Their 2DMSE column: STS from sentence-transformers' Matryoshka2dLoss (our `2dmse`), "
+            "MS MARCO from the authors' retrieval code (our `2dmse_retrieval`).", "",
             "| (n,d) | separate | 2dmse | srl | smae+srl |", "|---|---|---|---|---|"]
     for pair, row in PAPER.items():
         out.append(f"| {pair[0]},{pair[1]} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in row.values()) + " |")
@@ -311,13 +324,15 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
     if classification:
         out += ["", f"## Classification: MRL's side (README Eq. 18-20), accuracy, mean +- std over "
                 f"{len(classification)} seeds", "", f"Labelled text: "
-                f"{datasets.CLASSIFICATION_ABOUT[study.classification_dataset]}; each seed splits the set half/half and "
-                f"draws at most {study.max_train_samples} training and {study.max_eval_samples} test texts from "
-                "it (the std covers the split, the draw and the heads' initialisation). MRL, MRL-E, SVD, Rand. LP and "
-                "1-NN: the starting encoder, frozen, with probes (`classification/classify.py`); SVD and Rand. LP take d coordinates "
-                "of the full pair's embedding. FF (separate): the study's separately trained encoders (Eq. 7), a "
-                "probe at each one's own pair. SRL + probe: the study's SRL encoder, frozen, MRL heads. Both were "
-                "fine-tuned on the retrieval data above, not on these labels. Computed at commit(s) " + ", ".join(
+                f"{datasets.CLASSIFICATION_ABOUT[study.classification_dataset]}; each seed splits "
+                f"the set half/half and draws at most {study.max_train_samples} training and "
+                f"{study.max_eval_samples} test texts from it (the std covers the split, the draw "
+                "and the heads' initialisation). MRL, MRL-E, SVD, Rand. LP and 1-NN: the starting "
+                "encoder, frozen, with probes (`classification/classify.py`); SVD and Rand. LP "
+                "take d coordinates of the full pair's embedding. FF (separate): the study's "
+                "separately trained encoders (Eq. 7), a probe at each one's own pair. SRL + probe: "
+                "the study's SRL encoder, frozen, MRL heads. Both were fine-tuned on the retrieval "
+                "data above, not on these labels. Computed at commit(s) " + ", ".join(
                     sorted({r["commit"] or "not recorded" for r in classification.values()})) + ".", ""]
         out += classification_table({seed: r["rows"] for seed, r in classification.items()}, pairs)
     if study.plot:

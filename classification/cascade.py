@@ -97,8 +97,8 @@ def cascade_thresholds(pairs, thresholds):
     """Eq. 20's thresholds as one per pair (a number: the same for all), checked: pairs in order of layer."""
     thresholds = [thresholds] * len(pairs) if isinstance(thresholds, (int, float)) else list(thresholds)
     if len(thresholds) != len(pairs) or [p[0] for p in pairs] != sorted(p[0] for p in pairs):
-        raise ValueError(f"the cascade needs pairs in order of layer and one threshold per pair, got {pairs}, "
-                         f"{thresholds}")
+        raise ValueError("the cascade needs pairs in order of layer and one threshold per pair, "
+                         f"got {pairs}, {thresholds}")
     return thresholds
 
 
@@ -201,12 +201,13 @@ def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling
     """
     cascade_thresholds(pairs, 0.0)  # pairs in order of layer, as the cascade runs them
     if not texts or len(texts) != len(labels):
-        raise ValueError(f"the cascade needs texts and one label each, got {len(texts)} texts, {len(labels)} labels")
+        raise ValueError(f"the cascade needs texts and one label each, got {len(texts)} texts, "
+                         f"{len(labels)} labels")
     if features is None:
         features = sb.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size)
     elif any(p not in features or len(features[p]) != len(texts) for p in pairs):
-        raise ValueError(f"features must hold every pair of {list(pairs)} for the {len(texts)} texts, got "
-                         f"{ {p: len(v) for p, v in features.items()} }")
+        raise ValueError(f"features must hold every pair of {list(pairs)} for the {len(texts)} "
+                         f"texts, got { {p: len(v) for p, v in features.items()} }")
     device = next(classifier.parameters()).device
     with torch.no_grad():
         probabilities = torch.stack([classifier.logits(p, features[p].to(device)).softmax(-1).cpu() for p in pairs],

@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default=None, help="LAYERxDIM list; default: the checkpoint's pairs")
     p.add_argument("--pooling", choices=("cls", "mean", "last"), default=None, help="default: the checkpoint's, else mean")
     p.add_argument("--tuning", choices=("probe", "full"), default="probe",
-                   help="probe: heads on the frozen encoder's features; full: encoder and heads end to end")
+                   help="probe: heads on the frozen encoder's features; full: encoder and heads "
+                        "end to end")
     p.add_argument("--num_train_epochs", type=data.positive_int, default=300, help="probe epochs (full batch)")
     p.add_argument("--max_steps", type=data.positive_int, default=50, help="--tuning full: optimizer steps")
     p.add_argument("--per_device_train_batch_size", type=data.positive_int, default=16, help="--tuning full")
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=data.positive_int, default=256)
     p.add_argument("--per_device_eval_batch_size", type=data.positive_int, default=32)
     p.add_argument("--thresholds", default="0,0.5,0.6,0.7,0.8,0.9,0.95,0.99,1.01",
-                   help="cascade confidence thresholds (max softmax probability); 0: the smallest pair, >1: the full one")
+                   help="cascade confidence thresholds (max softmax probability); 0: the smallest "
+                        "pair, >1: the full one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", action="store_true", help="accuracy vs relative cost as cascade.png (needs matplotlib)")
     args = p.parse_args(argv)
@@ -114,7 +116,8 @@ def main(argv=None):
     model.eval()
     config, separate = models.read_config(path, model, args.pairs, pooling=args.pooling)
     if separate:
-        raise ValueError(f"{path} holds one model per layer (Eq. 7): classify one of its layer_<n> folders")
+        raise ValueError(f"{path} holds one model per layer (Eq. 7): classify one of its layer_<n> "
+                         "folders")
     pairs, H = config.pairs, model.config.hidden_size
     # the baselines start from the full-width embedding of the deepest layer
     full = (pairs[-1][0], H)
@@ -158,8 +161,8 @@ def main(argv=None):
 
     text = [f"# {source}; model {path}; {args.tuning}", "", "Accuracy (mAP@10 for the class-based retrieval column); "
             "SVD and Rand. LP: d dimensions of the full pair's embedding.", "", table(rows, pairs, costs), "",
-            "Cascade (Eq. 20, MRL heads): threshold, accuracy, expected FLOPs relative to the full pair, share "
-            "stopped at each pair", "", "| threshold | accuracy | FLOPs rel. | stopped |", "|---|---|---|---|"]
+            "Cascade (Eq. 20, MRL heads): threshold, accuracy, expected FLOPs relative to the full "
+            "pair, share stopped at each pair", "", "| threshold | accuracy | FLOPs rel. | stopped |", "|---|---|---|---|"]
     text += [f"| {p['threshold']:g} | {p['accuracy']:.4f} | {p['relative_cost']:.3f} | "
              f"{' '.join(f'{s:.2f}' for s in p['stopped'])} |" for p in points]
     os.makedirs(args.output_dir, exist_ok=True)

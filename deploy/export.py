@@ -75,7 +75,8 @@ def main(argv=None):
     config, separate = models.read_config(path, full, pooling=args.pooling, similarity=args.similarity)
     L, H = full.config.num_hidden_layers, full.config.hidden_size
     if separate:
-        raise ValueError(f"{path} holds separately trained models (Eq. 7): export one of its layer_<n> folders")
+        raise ValueError(f"{path} holds separately trained models (Eq. 7): export one of its "
+                         "layer_<n> folders")
     (n, d), = sb.check_pairs(sb.parse_pairs(args.pair) if args.pair else config.pairs[:1], L, H)
 
     # the sub-model: from_pretrained with num_hidden_layers = n reads only the weights of layers
@@ -107,11 +108,11 @@ def main(argv=None):
     got = sb.pool(hidden, enc["attention_mask"], config.pooling)[:, :d]  # (8, d)
     error = (got - expected).abs().max().item()
     size, source_size = weights_size(args.output_dir), weights_size(path)
-    print(f"exported {n}x{d} of {path} ({L} layers x {H}) to {args.output_dir}: pooling {config.pooling}, "
-          f"similarity {config.similarity}")
+    print(f"exported {n}x{d} of {path} ({L} layers x {H}) to {args.output_dir}: pooling "
+          f"{config.pooling}, similarity {config.similarity}")
     print(f"max |exported - embed_2d| on {len(texts)} Lee documents: {error:.3g}")
-    print(f"weights on disk: {size / 1e6:.1f} MB, source {source_size / 1e6:.1f} MB, ratio {size / source_size:.3f} "
-          f"(layers {n}/{L}; the word embeddings are kept whole)")
+    print(f"weights on disk: {size / 1e6:.1f} MB, source {source_size / 1e6:.1f} MB, ratio "
+          f"{size / source_size:.3f} (layers {n}/{L}; the word embeddings are kept whole)")
     if error > 1e-4:
         raise ValueError(f"the exported model's embeddings differ from embed_2d's by {error:.3g}")
     return {"error": error, "size": size, "source_size": source_size}

@@ -44,18 +44,23 @@ def adaptive_search(queries, corpus, ks, depth=10):
     best first by the last stage's scores.
     """
     if not corpus or len(queries) != len(corpus) or len(ks) != len(corpus) - 1:
-        raise ValueError(f"adaptive search needs one query and one corpus matrix per stage and one k between "
-                         f"stages: got {len(queries)} query, {len(corpus)} corpus matrices and {len(ks)} ks")
+        raise ValueError("adaptive search needs one query and one corpus matrix per stage and one "
+                         f"k between stages: got {len(queries)} query, {len(corpus)} corpus "
+                         f"matrices and {len(ks)} ks")
     num_queries, num_docs = queries[0].shape[0], corpus[0].shape[0]
     if num_queries == 0 or num_docs == 0:
-        raise ValueError(f"adaptive search needs at least one query and one document, got {num_queries} and {num_docs}")
+        raise ValueError("adaptive search needs at least one query and one document, got "
+                         f"{num_queries} and {num_docs}")
     for j, (q, c) in enumerate(zip(queries, corpus)):
         if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1]:
-            raise ValueError(f"stage {j}: queries {tuple(q.shape)} and corpus {tuple(c.shape)} are not (Q, d) and (N, d)")
+            raise ValueError(f"stage {j}: queries {tuple(q.shape)} and corpus {tuple(c.shape)} are "
+                             "not (Q, d) and (N, d)")
         if q.shape[0] != num_queries or c.shape[0] != num_docs:
-            raise ValueError(f"stage {j}: every stage must embed the same {num_queries} queries and {num_docs} documents")
+            raise ValueError(f"stage {j}: every stage must embed the same {num_queries} queries "
+                             f"and {num_docs} documents")
     if any(k < 1 for k in ks) or list(ks) != sorted(ks, reverse=True) or depth < 1:
-        raise ValueError(f"shortlist sizes {list(ks)} must be positive and non-increasing, depth {depth} positive")
+        raise ValueError(f"shortlist sizes {list(ks)} must be positive and non-increasing, depth "
+                         f"{depth} positive")
     # documents kept after each stage
     keep = [min(k, num_docs) for k in ks] + [min([depth, num_docs] + list(ks))]
     # queries per block: (rows, N) scores of ~128 MB
@@ -101,7 +106,8 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
     """
     path, _, model, tokenizer, config, separate = metrics.load_for_evaluation(name_or_path, settings, device)
     if separate:
-        raise ValueError(f"--adaptive needs one 2D model; {path} holds one separately trained model per layer")
+        raise ValueError(f"--adaptive needs one 2D model; {path} holds one separately trained "
+                         "model per layer")
     pairs, ks = parse_funnel(settings.adaptive)
     pairs = sb.check_pairs(pairs, model.config.num_hidden_layers, model.config.hidden_size)
     searches = {f"exhaustive {n}x{d}": ([(n, d)], []) for n, d in pairs}

@@ -162,8 +162,9 @@ def start_index(folder, config):
             saved = json.load(f)
         if saved != config:
             changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-            raise ValueError(f"{folder} holds an index encoded with other settings ({', '.join(changed)}); "
-                             f"use a new folder, or the settings it was started with")
+            raise ValueError(f"{folder} holds an index encoded with other settings "
+                             f"({', '.join(changed)}); use a new folder, or the settings it was "
+                             "started with")
         return
     os.makedirs(folder, exist_ok=True)
     _write_json(path, config)
@@ -186,14 +187,16 @@ def finalize_index(folder, num_shards):
             raise ValueError(f"{os.path.join(folder, shard_name(shard))}: {problem}")
         shard_rows.append(_read_marker(folder, shard)["rows"])
     if any(rows != shard_size for rows in shard_rows[:-1]) or not 0 < shard_rows[-1] <= shard_size:
-        raise ValueError(f"{folder}: shards of {shard_rows} rows do not make an index of shards of {shard_size}")
+        raise ValueError(f"{folder}: shards of {shard_rows} rows do not make an index of shards of "
+                         f"{shard_size}")
     docids = np.concatenate([np.load(os.path.join(folder, shard_name(s), "docids.npy")) for s in range(num_shards)])
     # UTF-8 byte order = Python's str order = trec_eval's strcmp
     order = np.argsort(docids, kind="stable")
     in_order = docids[order]
     repeated = np.flatnonzero(in_order[1:] == in_order[:-1])
     if len(repeated):
-        raise ValueError(f"docid {in_order[repeated[0]].decode()!r} occurs more than once in the corpus")
+        raise ValueError(f"docid {in_order[repeated[0]].decode()!r} occurs more than once in the "
+                         "corpus")
     docid_rank = np.empty(len(docids), dtype=np.int64)
     docid_rank[order] = np.arange(len(docids))  # (N,)
     path = os.path.join(folder, DOCID_RANK)
@@ -241,9 +244,10 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
             return
         if shard_problem(folder, shard) is None:
             if _read_marker(folder, shard)["source_sha256"] != digest.hexdigest():
-                raise ValueError(f"{os.path.join(folder, shard_name(shard))} was encoded from other text than "
-                                 f"documents {shard * shard_size}..{shard * shard_size + len(docids) - 1} of this "
-                                 f"corpus; an index folder belongs to one corpus")
+                raise ValueError(f"{os.path.join(folder, shard_name(shard))} was encoded from "
+                                 "other text than documents "
+                                 f"{shard * shard_size}..{shard * shard_size + len(docids) - 1} of "
+                                 "this corpus; an index folder belongs to one corpus")
             return
         embeddings = sb.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length, batch_size,
                                   normalize=False, progress=progress)  # {(n, D_n): (rows, D_n)}
@@ -251,8 +255,8 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
         for n, width in layer_pairs:
             vectors[n] = embeddings[(n, width)].numpy().astype(DTYPES[dtype])  # (rows, D_n)
             if not np.isfinite(vectors[n]).all():
-                raise ValueError(f"layer {n}'s embeddings of shard {shard} are not finite in {dtype} "
-                                 f"(too large for float16?); encode with dtype='float32'")
+                raise ValueError(f"layer {n}'s embeddings of shard {shard} are not finite in "
+                                 f"{dtype} (too large for float16?); encode with dtype='float32'")
         write_shard(folder, shard, docids, vectors, digest.hexdigest())
         encoded += len(texts)
 
@@ -331,7 +335,8 @@ def _layer_file(index, shard, n):
 def _check_pair(index, pair):
     n, d = pair
     if n not in index.widths or not 1 <= d <= index.widths[n]:
-        raise ValueError(f"pair {n}x{d} is not in the index (stored widths per layer: {index.widths})")
+        raise ValueError(f"pair {n}x{d} is not in the index (stored widths per layer: "
+                         f"{index.widths})")
 
 
 def _prepare(stored, normalize, out):
@@ -396,7 +401,8 @@ def read_rows(index, pair, rows):
             positions = f.tell() + (in_order[start:end] - index.shard_starts[shard]) * row_bytes
             read = b"".join(map(functools.partial(os.pread, f.fileno(), prefix_bytes), positions.tolist()))
         if len(read) != (end - start) * prefix_bytes:  # a short read would shift every row after it
-            raise ValueError(f"{path} is shorter than when the index was opened: re-open it (open_index)")
+            raise ValueError(f"{path} is shorter than when the index was opened: re-open it "
+                             "(open_index)")
         stored[order[start:end]] = np.frombuffer(read, dtype=stored.dtype).reshape(end - start, d)
     return _prepare(stored, index.normalize, torch.empty(len(rows), d))
 

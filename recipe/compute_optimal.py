@@ -53,8 +53,8 @@ def parse_size(text):
             return name, (int(layers), int(hidden))
     elif name in models.PACKAGED_MODELS and spec.isdigit() and int(spec) >= 1:
         return name, int(spec)
-    raise ValueError(f"cannot read size {text!r}: use smollm2-135m:K (its first K blocks) or random:LxH "
-                     f"(H a multiple of 64)")
+    raise ValueError(f"cannot read size {text!r}: use smollm2-135m:K (its first K blocks) or "
+                     "random:LxH (H a multiple of 64)")
 
 
 def first_blocks(model, k):
@@ -182,7 +182,8 @@ def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
         if grid.max_steps_per_run:  # small models buy many steps: keep the grid's wall time bounded
             steps = budget_steps(grid, model, tokenizer, tuning_spec, budget, records)
             if steps > grid.max_steps_per_run:
-                raise ValueError(f"the budget buys {steps} steps, over --max_steps_per_run {grid.max_steps_per_run}")
+                raise ValueError(f"the budget buys {steps} steps, over --max_steps_per_run "
+                                 f"{grid.max_steps_per_run}")
         base = folder + ".base"
         model.save_pretrained(base)
         tokenizer.save_pretrained(base)
@@ -230,8 +231,9 @@ def run_grid(grid):
             skipped.append((size, tuning_spec, budget, str(e)))
             continue
         results.append(result)
-        print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: {result['steps'] if budget else 0} steps, "
-              f"eval_loss {result['eval_loss']:.4f}, spearman {result['spearman']:.4f} ({result['seconds']} s)")
+        print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: "
+              f"{result['steps'] if budget else 0} steps, eval_loss {result['eval_loss']:.4f}, "
+              f"spearman {result['spearman']:.4f} ({result['seconds']} s)")
     return results, skipped
 
 
@@ -308,10 +310,10 @@ def report(results, fits, rec, metric, command, seconds, skipped=()):
     frontier = best_per_budget(results, metric)
     lines = [f"Command: `{command}`", f"Grid wall time (this invocation): {seconds:.0f} s; sum of the runs' own "
              f"times: {sum(r['seconds'] for r in results):.0f} s",
-             f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
-             f"{torch.get_num_threads()} threads", "",
-             "| size | N | tuning | budget (FLOPs) | N_trainable | FLOPs/token | steps | tokens | eval_loss | "
-             "Spearman (Lee) | train loss (last 10) | s |", "|" + "---|" * 12]
+             f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+             f"with {torch.get_num_threads()} threads", "",
+             "| size | N | tuning | budget (FLOPs) | N_trainable | FLOPs/token | steps | tokens | "
+             "eval_loss | Spearman (Lee) | train loss (last 10) | s |", "|" + "---|" * 12]
     for r in sorted(results, key=lambda r: (r["size"], r["tuning"] if r["budget"] else "", r["budget"])):
         trained = r["budget"] > 0
         cells = [r["size"], f"{r['N']:,}", r["tuning"] if trained else "(untrained)", f"{r['budget']:.3g}",
@@ -324,8 +326,8 @@ def report(results, fits, rec, metric, command, seconds, skipped=()):
     lines += ["", f"Fits ({metric} = a + b log10(budget), least squares over each pair's budgets):", "",
               "| tuning | size | a | b | R^2 | points | budgets |", "|---|---|---|---|---|---|---|"]
     for (method, size), f in sorted(fits.items()):
-        lines.append(f"| {method} | {size} | {f['a']:.4f} | {f['b']:.4f} | {f['r2']:.3f} | {f['points']} | "
-                     f"{f['low']:.3g}..{f['high']:.3g} |")
+        lines.append(f"| {method} | {size} | {f['a']:.4f} | {f['b']:.4f} | {f['r2']:.3f} | "
+                     f"{f['points']} | {f['low']:.3g}..{f['high']:.3g} |")
     lines += ["", f"Best size per method at each budget ({metric}, observed):", "",
               "| budget | " + " | ".join(sorted({m for v in frontier.values() for m in v})) + " | best |",
               "|---|" + "---|" * (len({m for v in frontier.values() for m in v}) + 1)]
@@ -335,9 +337,10 @@ def report(results, fits, rec, metric, command, seconds, skipped=()):
         cells = [f"{row[m][1]:.4f} ({row[m][0]})" if m in row else "" for m in methods]
         lines.append(f"| {b:.3g} | " + " | ".join(cells) + f" | {win[b]} |")
     lines += ["", f"Recommendation for a budget of {rec['budget']:.3g} FLOPs"
-              f"{' (extrapolated beyond the grid)' if rec['extrapolated'] else ''}: **{rec['tuning']}** on "
-              f"**{rec['size']}**, {rec['tokens']:,.0f} training tokens ({rec['flops_per_token']:.4g} FLOPs per "
-              f"token, Eq. 15), predicted {metric} {rec['predicted']:.4f}.", "",
+              f"{' (extrapolated beyond the grid)' if rec['extrapolated'] else ''}: "
+              f"**{rec['tuning']}** on **{rec['size']}**, {rec['tokens']:,.0f} training tokens "
+              f"({rec['flops_per_token']:.4g} FLOPs per token, Eq. 15), predicted {metric} "
+              f"{rec['predicted']:.4f}.", "",
               "Predicted at that budget (fits whose budgets span it), best first: " + "; ".join(f"{m} {s} {v:.4f}" for m, s, v in rec["ranking"])]
     return "\n".join(lines) + "\n"
 
@@ -407,10 +410,12 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default="1e12,3e12,1e13", help="comma-separated FLOP budgets (Eq. 15)")
     p.add_argument("--target_budget", type=float, default=None, help="recommend for this budget; default: the largest")
     p.add_argument("--method", choices=("full", "symmetric"), default="full",
-                   help="loss at the full pair: full (Eq. 6, one direction) or symmetric (Eq. 17, Ziarko et al.'s)")
+                   help="loss at the full pair: full (Eq. 6, one direction) or symmetric (Eq. 17, "
+                        "Ziarko et al.'s)")
     p.add_argument("--metric", choices=sorted(METRICS), default="eval_loss", help="what the fit and recommendation use")
     p.add_argument("--learning_rates", default="full=1e-3,lora=1e-3,bias=1e-3,freeze=1e-3",
-                   help="per method; one rate for all by default, so that the grid compares methods, not rates")
+                   help="per method; one rate for all by default, so that the grid compares "
+                        "methods, not rates")
     p.add_argument("--lora_r", type=int, default=32)
     p.add_argument("--lora_alpha", type=float, default=32.0)
     p.add_argument("--temperature", type=float, default=0.025, help="cosine / 0.025: Ziarko et al.'s scale of 40")

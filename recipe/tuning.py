@@ -109,8 +109,9 @@ def train_biases_only(model):
     """Freeze every parameter but the biases -> their names (BitFit; Llama-style models have none)."""
     names = [n for n, p in model.named_parameters() if n.rpartition(".")[2] == "bias"]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no bias parameters: bias-only tuning would train "
-                         f"nothing (Llama-style models have none); use --tuning lora or freeze:K")
+        raise ValueError(f"{type(model).__name__} has no bias parameters: bias-only tuning would "
+                         "train nothing (Llama-style models have none); use --tuning lora or "
+                         "freeze:K")
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     return names
@@ -120,7 +121,8 @@ def train_last_blocks(model, k):
     """Freeze everything but the last k transformer blocks and the final norm above them -> trained names."""
     blocks = sb.transformer_layers(model)
     if not 1 <= k <= len(blocks):
-        raise ValueError(f"freeze:{k}: k must be in 1..{len(blocks)} (the model has {len(blocks)} blocks)")
+        raise ValueError(f"freeze:{k}: k must be in 1..{len(blocks)} (the model has {len(blocks)} "
+                         "blocks)")
     norm = sb.final_norm(model)
     keep = {id(p) for block in blocks[len(blocks) - k:] for p in block.parameters()}
     keep |= {id(p) for p in norm.parameters()} if norm is not None else set()
@@ -139,7 +141,8 @@ def parse_tuning(text):
         return method, None
     if method == "freeze" and k.isdigit() and int(k) >= 1:
         return method, int(k)
-    raise ValueError(f"cannot read --tuning {text!r}: use full, lora, bias or freeze:K (K >= 1 blocks trained)")
+    raise ValueError(f"cannot read --tuning {text!r}: use full, lora, bias or freeze:K (K >= 1 "
+                     "blocks trained)")
 
 
 def apply_tuning(model, tuning, lora_r=32, lora_alpha=32, lora_target_modules=ALL_LINEAR):

@@ -38,15 +38,18 @@ def test_sentence_transformers_triplets_jsonl_and_tsv(tmp_path):
 
 def test_stsb_glue_tsv_sentence_transformers_tsv_gz_csv_and_jsonl(tmp_path):
     glue = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-            "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off.\t5.000\n"
-            "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man is playing a flute.\tA man is playing a bamboo flute.\t3.800\n")
+            "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air "
+            "plane is taking off.\t5.000\n1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA "
+            "man is playing a flute.\tA man is playing a bamboo flute.\t3.800\n")
     a, b, s = data.read_sts_file(write(tmp_path / "sts-dev.tsv", glue))
     assert a[0] == "A plane is taking off." and b[1] == "A man is playing a bamboo flute." and s == [5.0, 3.8]
     st = ("split\tgenre\tdataset\tyear\tsid\tscore\tsentence1\tsentence2\n"
-          "test\tmain-captions\tMSRvid\t2012test\t0000\t2.5\tA girl is styling her hair.\tA girl is brushing her hair.\n")
+          "test\tmain-captions\tMSRvid\t2012test\t0000\t2.5\tA girl is styling her hair.\tA girl "
+          "is brushing her hair.\n")
     path = tmp_path / "stsbenchmark.tsv.gz"
     path.write_bytes(gzip.compress(st.encode()))
-    assert data.read_sts_file(str(path)) == (["A girl is styling her hair."], ["A girl is brushing her hair."], [2.5])
+    assert data.read_sts_file(str(path)) == (["A girl is styling her hair."], ["A girl is brushing "
+                                                                               "her hair."], [2.5])
     csv_text = 'sentence1,sentence2,score\n"Hello, world",Hi world,4\n'
     assert data.read_sts_file(write(tmp_path / "s.csv", csv_text)) == (["Hello, world"], ["Hi world"], [4.0])
     jl = json.dumps({"sentence1": "x y", "sentence2": "y z", "score": 0.5}) + "\n"

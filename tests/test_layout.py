@@ -41,7 +41,8 @@ def test_no_file_imports_a_script_except_to_run_its_main(relpath):
         if isinstance(node, ast.Import):
             imported.update({a.asname or a.name: a.name for a in node.names if a.name in SCRIPTS})
         elif isinstance(node, ast.ImportFrom) and node.module in SCRIPTS:
-            raise AssertionError(f"{relpath}: `from {node.module} import ...` (import the module, call its main)")
+            raise AssertionError(f"{relpath}: `from {node.module} import ...` (import the module, "
+                                 "call its main)")
         elif isinstance(node, ast.ImportFrom):  # from classification import classify
             imported.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
                              if f"{node.module}.{a.name}" in SCRIPTS})

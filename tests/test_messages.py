@@ -227,7 +227,8 @@ def test_help_shows_every_flag_s_default_once(script):
 
 def test_a_preset_names_its_bert_base_pairs_and_what_to_pass_on_a_smaller_model(tmp_path):
     path = tmp_path / "sts.tsv"
-    path.write_text("sentence1\tsentence2\tscore\nA man plays.\tA man is playing.\t4.5\nA cat.\tA dog.\t1.0\n")
+    path.write_text("sentence1\tsentence2\tscore\nA man plays.\tA man is playing.\t4.5\nA cat.\tA "
+                    "dog.\t1.0\n")
     with pytest.raises(ValueError, match=r"--preset stsb-srl trains BERT-base's pairs .* has 6 layers x 384: "
                                          r"pass --pairs \(.*--pairs 1x12,2x24,3x48,4x96,5x192,6x384\)"):
         finetune.main(["--preset", "stsb-srl", "--train_file", str(path), "--output_dir", str(tmp_path / "o")])

@@ -122,7 +122,8 @@ def test_grid_reuses_finished_runs(tmp_path, monkeypatch):
         folder = tmp_path / "runs" / compute_optimal.run_name("random:1x64", "full", budget)
         os.makedirs(folder)
         json.dump(result("full", "random:1x64", budget, 1.0), open(folder / "result.json", "w"))
-    monkeypatch.setattr(compute_optimal, "run_one", lambda *a: pytest.fail("a finished run ran again"))
+    monkeypatch.setattr(compute_optimal, "run_one", lambda *a: pytest.fail("a finished run ran "
+                                                                           "again"))
     monkeypatch.setattr(compute_optimal.data, "embedded_training_data", lambda **k: [])
     monkeypatch.setattr(compute_optimal, "held_out_pairs", lambda count: [])
     monkeypatch.setattr(compute_optimal.data, "lee_sts", lambda: None)

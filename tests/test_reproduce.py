@@ -127,7 +127,8 @@ def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatc
                and a[a.index("--max_eval_samples") + 1] == "1000" for a in calls)
     assert by_seed[1]["SRL + probe"] == {"1x8": 0.8, "2x16": 0.8} and by_seed[0]["FF (separate)"]["2x16"] == 0.5
     table = reproduce.classification_table(by_seed, PAIRS)
-    assert table[0].startswith("| (n,d) | MRL | MRL-E | SVD | Rand. LP | 1-NN | FF (separate) | SRL + probe |")
+    assert table[0].startswith("| (n,d) | MRL | MRL-E | SVD | Rand. LP | 1-NN | FF (separate) | "
+                               "SRL + probe |")
     assert f"| 1,8 | 0.5500 +- {statistics.stdev([0.5, 0.6]):.4f}" in table[2]
     calls.clear()
     # named in the report
