@@ -41,74 +41,93 @@ MAX_LENGTH = 256
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
     p.add_argument("--tuning", choices=("full", "probe"), default="full")
-    p.add_argument("--pairs", default=None, help="LAYERxDIM list in order of cost; default: the model's pairs")
+    p.add_argument("--pairs", default=None,
+                   help="LAYERxDIM list in order of cost; default: the model's pairs")
     p.add_argument("--dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="tweets",
                    help="embedded labelled text (classification/classify.py --dataset); tweets: "
                         "enough test texts that 0.5 points is not a single text")
-    p.add_argument("--max_train_samples", type=data.positive_int, default=5000, help="training texts drawn from the split")
-    p.add_argument("--max_eval_samples", type=data.positive_int, default=2000, help="test texts drawn from the split")
-    p.add_argument("--held_out", type=data.positive_int, default=2000, help="training texts kept aside to choose the thresholds "
-                   "(as many as the test texts: the choice is only as sure as its sample)")
+    p.add_argument("--max_train_samples", type=data.positive_int, default=5000,
+                   help="training texts drawn from the split")
+    p.add_argument("--max_eval_samples", type=data.positive_int, default=2000,
+                   help="test texts drawn from the split")
+    p.add_argument(
+        "--held_out", type=data.positive_int, default=2000,
+        help="training texts kept aside to choose the thresholds "
+        "(as many as the test texts: the choice is only as sure as its sample)")
     p.add_argument("--margin", type=data.non_negative_float, default=0.0,
                    help="choose only thresholds whose held-out accuracy minus this many standard "
                         "errors of its drop is within 0.5 points (cascade.qualifies): a guard "
                         "against picking a lucky point")
-    p.add_argument("--max_steps", type=data.positive_int, default=200, help="--tuning full: optimizer steps (batch 16)")
+    p.add_argument("--max_steps", type=data.positive_int, default=200,
+                   help="--tuning full: optimizer steps (batch 16)")
     p.add_argument("--learning_rate", type=float, default=5e-5, help="--tuning full")
     p.add_argument("--repeats", type=data.positive_int, default=5)
     p.add_argument("--batch_size", type=data.positive_int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="the split, the texts drawn, the held-out cut, the training")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the split, the texts drawn, the held-out cut, the training")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     split = datasets.CLASSIFICATION_SETS[args.dataset](seed=args.seed)
-    (train_texts, train_y), C = datasets.subsample(*split["train"], args.max_train_samples, args.seed), len(split["labels"])
-    test_texts, test_y = datasets.subsample(*split["test"], args.max_eval_samples, args.seed, part="test")
+    (train_texts, train_y), C = datasets.subsample(*split["train"], args.max_train_samples,
+                                                   args.seed), len(split["labels"])
+    test_texts, test_y = datasets.subsample(*split["test"], args.max_eval_samples, args.seed,
+                                            part="test")
     if not 0 < args.held_out < len(train_texts):
         p.error(f"--held_out {args.held_out} must leave training texts: {args.dataset} gives "
                 f"{len(train_texts)}")
     if args.margin and args.held_out < 2:
         p.error("--margin needs at least 2 held-out texts: a standard error of one text is "
                 "undefined")
-    order = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    order = torch.randperm(len(train_texts),
+                           generator=torch.Generator().manual_seed(args.seed)).tolist()
     held, fit = order[:args.held_out], order[args.held_out:]
     model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))
     model.eval()
-    config, _ = models.read_config(models.resolve_model_path(args.model_name_or_path), model, args.pairs)
+    config, _ = models.read_config(models.resolve_model_path(args.model_name_or_path), model,
+                                   args.pairs)
     pairs = config.pairs
     heads = cascade.NestedClassifier(pairs, model.config.hidden_size, C)
     fit_texts, fit_y = [train_texts[i] for i in fit], torch.tensor([train_y[i] for i in fit])
     if args.tuning == "full":
-        model, heads = cascade.train_classifier_end_to_end(model, tokenizer, heads, fit_texts, fit_y, config.pooling,
-                                                           args.max_steps, 16, args.learning_rate, 1e-4, MAX_LENGTH,
-                                                           args.seed)
+        model, heads = cascade.train_classifier_end_to_end(
+            model, tokenizer, heads, fit_texts, fit_y, config.pooling, args.max_steps, 16,
+            args.learning_rate, 1e-4, MAX_LENGTH, args.seed)
     else:
-        features = sb.encode_2d(model, tokenizer, fit_texts, pairs, config.pooling, MAX_LENGTH, args.batch_size)
+        features = sb.encode_2d(model, tokenizer, fit_texts, pairs, config.pooling, MAX_LENGTH,
+                                args.batch_size)
         heads = cascade.fit_probe(heads, features, fit_y)
 
     def outcomes(texts, labels):
-        return cascade.cascade_outcomes(model, tokenizer, texts, labels, heads, pairs, config.pooling, MAX_LENGTH,
-                                        args.batch_size, C)
+        return cascade.cascade_outcomes(model, tokenizer, texts, labels, heads, pairs,
+                                        config.pooling, MAX_LENGTH, args.batch_size, C)
     held_outcomes = outcomes([train_texts[i] for i in held], [train_y[i] for i in held])
     # threshold > 1: every example at the full pair
     held_full = cascade.cascade_point(held_outcomes, 1.01)
     one = cascade.cheapest_threshold(held_outcomes, 0.005, margin=args.margin)
     threshold, held_chosen = cascade.choose_thresholds(held_outcomes, 0.005, margin=args.margin)
     test_outcomes = outcomes(test_texts, test_y)
-    chosen, full = cascade.cascade_point(test_outcomes, threshold), cascade.cascade_point(test_outcomes, 1.01)
+    chosen, full = cascade.cascade_point(test_outcomes, threshold), cascade.cascade_point(
+        test_outcomes, 1.01)
     one_on_test = cascade.cascade_point(test_outcomes, one["threshold"])
     drop, error = cascade.accuracy_drop(test_outcomes, threshold)
     # chosen on the test texts: optimistic
     _, hindsight = cascade.choose_thresholds(test_outcomes, 0.005)
 
-    enc = [tokenizer(test_texts[s:s + args.batch_size], padding=True, truncation=True, max_length=MAX_LENGTH,
-                     return_tensors="pt") for s in range(0, len(test_texts), args.batch_size)]
-    runs = {"cascade": lambda: [cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs,
-                                                         threshold, config.pooling) for e in enc],
-            "full": lambda: [cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs[-1:], 0.0,
-                                                      config.pooling) for e in enc]}
+    enc = [
+        tokenizer(test_texts[s:s + args.batch_size], padding=True, truncation=True,
+                  max_length=MAX_LENGTH, return_tensors="pt")
+        for s in range(0, len(test_texts), args.batch_size)]
+    runs = {
+        "cascade": lambda: [
+            cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs,
+                                     threshold, config.pooling)
+            for e in enc], "full": lambda: [
+                cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs[
+                    -1:], 0.0, config.pooling) for e in enc]}
     with torch.no_grad():
         for run in runs.values():  # a warm-up round, untimed
             run()

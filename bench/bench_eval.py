@@ -26,7 +26,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    datasets = {"lee2005": ("sts", data.lee_sts()), "wiki-ict": ("retrieval", data.embedded_retrieval_set())}
+    datasets = {
+        "lee2005": ("sts", data.lee_sts()),
+        "wiki-ict": ("retrieval", data.embedded_retrieval_set())}
     pairs = sb.default_pairs(6, 384)
     settings = {name: metrics.EvalSettings(pairs=",".join(f"{n}x{d}" for n, d in chosen))
                 for name, chosen in (("all_pairs", pairs), ("full_pair", pairs[-1:]))}
@@ -34,7 +36,8 @@ def main():
     for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
         for name, eval_settings in settings.items():
             start = time.perf_counter()
-            metrics.evaluate_model(models.DEFAULT_MODEL, datasets, eval_settings, torch.device("cpu"))
+            metrics.evaluate_model(models.DEFAULT_MODEL, datasets, eval_settings,
+                                   torch.device("cpu"))
             if repeat:
                 times[name].append(time.perf_counter() - start)
     every, full = statistics.median(times["all_pairs"]), statistics.median(times["full_pair"])

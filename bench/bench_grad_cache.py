@@ -44,10 +44,11 @@ def setup(batch_size, group_size, passage_max_len, chunk):
     # Eq. 5, as finetune.py
     loss_fn = lambda q, p, gold, g: sb.srl_loss(q, p, embed_pairs, 0.05, 1.0, "cos")
     records = data.embedded_training_data(num_negatives=group_size - 1)
-    queries, passages, _ = training.batch_texts(records, "contrastive", list(range(batch_size)), group_size,
-                                                random.Random(0))
+    queries, passages, _ = training.batch_texts(records, "contrastive", list(range(batch_size)),
+                                                group_size, random.Random(0))
     q = tok(queries, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-    p = tok(passages, padding="max_length", truncation=True, max_length=passage_max_len, return_tensors="pt")
+    p = tok(passages, padding="max_length", truncation=True, max_length=passage_max_len,
+            return_tensors="pt")
 
     def step(chunk, q=q, p=p):
         training.contrastive_step(model, embed_pairs, "mean", loss_fn, q, p, None, None, chunk)
@@ -80,11 +81,17 @@ def main():
         return
     memory = {}
     for name, chunk in (("plain", 0), ("grad_cache", args.chunk)):
-        argv = [sys.executable, os.path.abspath(__file__), "--memory_child", "--chunk", str(chunk),
-                "--per_device_train_batch_size", str(args.per_device_train_batch_size),
-                "--train_group_size", str(args.train_group_size), "--passage_max_len", str(args.passage_max_len)]
-        memory[name] = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()[-1])
-    step = setup(args.per_device_train_batch_size, args.train_group_size, args.passage_max_len, args.chunk)
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__), "--memory_child", "--chunk",
+            str(chunk), "--per_device_train_batch_size",
+            str(args.per_device_train_batch_size), "--train_group_size",
+            str(args.train_group_size), "--passage_max_len",
+            str(args.passage_max_len)]
+        memory[name] = json.loads(
+            subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()[-1])
+    step = setup(args.per_device_train_batch_size, args.train_group_size, args.passage_max_len,
+                 args.chunk)
     times = {"plain": [], "grad_cache": []}
     for _ in range(args.repeats):
         for name, chunk in (("plain", 0), ("grad_cache", args.chunk)):

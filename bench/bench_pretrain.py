@@ -46,7 +46,8 @@ def saved_bytes(step, parameters):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--max_length", type=int, default=128)
@@ -60,7 +61,8 @@ def main():
     pairs = sb.default_pairs(L, H)
     crops = training.crop_documents(tokenizer, data.training_documents()[:40], args.max_length)
     crops = [c for c in crops if len(c) == args.max_length][:args.per_device_train_batch_size]
-    ids, mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id, tokenizer.all_special_ids)
+    ids, mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id,
+                                                 tokenizer.all_special_ids)
     enc, labels, dec, dec_labels = (x.to(device) for x in sb.whole_word_masking(
         ids, maskable, training.subword_flags(tokenizer), tokenizer.mask_token_id, seed=0))
     mask = mask.to(device)
@@ -72,10 +74,9 @@ def main():
 
     variants = {
         "smae": lambda model: sb.smae_loss(model, heads, enc, mask, labels, dec, dec_labels, pairs),
-        "all_position_logits": lambda model: sb.smae_loss(model, heads, enc, mask, labels, dec, dec_labels, pairs,
-                                                         all_positions=True),
-        "plain_mlm": plain_mlm,
-    }
+        "all_position_logits": lambda model: sb.smae_loss(model, heads, enc, mask, labels, dec,
+                                                          dec_labels, pairs, all_positions=True),
+        "plain_mlm": plain_mlm, }
     tokens = int(mask.sum())
     eager = copy.deepcopy(encoder)
     # CPU SDPA is invisible to the FLOP counter; eager is plain matmuls
@@ -94,7 +95,8 @@ def main():
             step(encoder).backward()
             memory[name] = torch.cuda.max_memory_allocated()
         else:
-            memory[name] = saved_bytes(lambda: step(encoder), [*encoder.parameters(), *heads.parameters()])
+            memory[name] = saved_bytes(lambda: step(encoder),
+                                       [*encoder.parameters(), *heads.parameters()])
         encoder.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
     times = {name: [] for name in variants}
     for repeat in range(args.repeats + 1):
@@ -122,16 +124,18 @@ def main():
           f"{len(pairs)} pairs {pairs}, device {device}, threads {torch.get_num_threads()}, median "
           f"of {args.repeats}: "
           + ", ".join(f"{n} {t:.3f}s" for n, t in median.items()))
-    print(f"RATIO smae_vs_all_position_logits {ratio('smae', 'all_position_logits'):.3f} goal <=0.5")
+    print(
+        f"RATIO smae_vs_all_position_logits {ratio('smae', 'all_position_logits'):.3f} goal <=0.5")
     print(f"RATIO smae_vs_plain_mlm {ratio('smae', 'plain_mlm'):.3f} goal <=3.0")
     what = "peak allocated" if device.type == "cuda" else "saved for backward (activations)"
     print(f"MEMORY_MB ({what}) " + " ".join(f"{n}={m / 2**20:.0f}" for n, m in memory.items()))
-    print("FLOPS_PER_TOKEN (counted, forward + backward) " + " ".join(f"{n}={f / 1e6:.0f}M" for n, f in flops.items())
-          + "; FLOP ratios "
-            f"smae/all_position_logits={flops['smae'] / flops['all_position_logits']:.3f} "
+    print("FLOPS_PER_TOKEN (counted, forward + backward) " +
+          " ".join(f"{n}={f / 1e6:.0f}M" for n, f in flops.items()) + "; FLOP ratios "
+          f"smae/all_position_logits={flops['smae'] / flops['all_position_logits']:.3f} "
           f"smae/plain_mlm={flops['smae'] / flops['plain_mlm']:.3f}")
-    print("ACHIEVED_GFLOPS " + " ".join(f"{n}={flops[n] * tokens / median[n] / 1e9:.1f}" for n in variants)
-          + f"; this machine's 2048^3 fp32 matmul: {matmul / 1e9:.1f}")
+    print("ACHIEVED_GFLOPS " + " ".join(f"{n}={flops[n] * tokens / median[n] / 1e9:.1f}"
+                                        for n in variants) +
+          f"; this machine's 2048^3 fp32 matmul: {matmul / 1e9:.1f}")
 
 
 if __name__ == "__main__":

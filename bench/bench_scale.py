@@ -56,7 +56,8 @@ from timing import fastest, median_ratio  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
     p.add_argument("--small_docs", type=int, default=200_000)
     p.add_argument("--large_docs", type=int, default=2_000_000)
@@ -73,9 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--resume_shard_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every side")
-    p.add_argument("--device", default="cpu", help="where the synthetic searches and the matmul run")
-    p.add_argument("--workdir", default=None, help="where the shards go (default: a new folder in /tmp, removed)")
-    p.add_argument("--search_child", nargs=3, metavar=("INDEX", "QUERIES", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu",
+                   help="where the synthetic searches and the matmul run")
+    p.add_argument("--workdir", default=None,
+                   help="where the shards go (default: a new folder in /tmp, removed)")
+    p.add_argument("--search_child", nargs=3, metavar=("INDEX", "QUERIES", "OUT"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--encode_child", metavar="INDEX", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -88,11 +92,14 @@ def write_random_index(folder, num_docs, widths, shard_size, seed):
     """float16 shards of random vectors {n: D_n} for num_docs documents, cosine; -> seconds taken."""
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    ci.start_index(folder, ci.index_config([(n, d) for n, d in widths.items()], "float16", shard_size, normalize=True))
+    ci.start_index(
+        folder,
+        ci.index_config([(n, d) for n, d in widths.items()], "float16", shard_size, normalize=True))
     for shard, first in enumerate(range(0, num_docs, shard_size)):
         rows = min(shard_size, num_docs - first)
-        vectors = {n: F.normalize(torch.randn(rows, d, generator=g), dim=-1).numpy().astype(np.float16)
-                   for n, d in widths.items()}
+        vectors = {
+            n: F.normalize(torch.randn(rows, d, generator=g), dim=-1).numpy().astype(np.float16)
+            for n, d in widths.items()}
         ci.write_shard(folder, shard, [str(i) for i in range(first, first + rows)], vectors)
     ci.finalize_index(folder, -(-num_docs // shard_size))
     return time.perf_counter() - start
@@ -100,7 +107,8 @@ def write_random_index(folder, num_docs, widths, shard_size, seed):
 
 def random_queries(count, dim, seed):
     # (Q, d)
-    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)),
+                       dim=-1)
 
 
 def resident_mb(field):
@@ -120,12 +128,16 @@ def search_child(folder, queries_path, out, depth, device):
     start = time.perf_counter()
     ci.search(index, (1, queries.shape[1]), queries, depth)
     seconds = time.perf_counter() - start
-    json.dump({"seconds": seconds, "peak_mb": resident_mb("VmHWM"), "before_mb": before}, open(out, "w"))
+    json.dump({"seconds": seconds, "peak_mb": resident_mb("VmHWM"), "before_mb": before},
+              open(out, "w"))
 
 
 def run_search_child(folder, queries_path, out, depth, threads, device):
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--search_child", folder, queries_path, out,
-                    "--depth", str(depth), "--threads", str(threads), "--device", device], check=True)
+    subprocess.run([
+        sys.executable,
+        os.path.abspath(__file__), "--search_child", folder, queries_path, out, "--depth",
+        str(depth), "--threads",
+        str(threads), "--device", device], check=True)
     return json.load(open(out))
 
 
@@ -171,8 +183,11 @@ def copy_as_float16(source, target):
     ci.start_index(target, config)
     for shard in range(len(index.shard_rows)):
         path = os.path.join(source, ci.shard_name(shard))
-        vectors = {n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(np.float16) for n in index.widths}
-        ci.write_shard(target, shard, [d.decode() for d in np.load(os.path.join(path, "docids.npy"))], vectors,
+        vectors = {
+            n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(np.float16)
+            for n in index.widths}
+        ci.write_shard(target, shard,
+                       [d.decode() for d in np.load(os.path.join(path, "docids.npy"))], vectors,
                        ci._read_marker(source, shard)["source_sha256"])
     ci.finalize_index(target, len(index.shard_rows))
     return ci.open_index(target)
@@ -200,15 +215,20 @@ def encode_child(folder, model_name_or_path, shard_size):
         print(f"ENCODED {counting_tokenizer.passages}", flush=True)
         return tokenizer(texts, **kwargs)
     counting_tokenizer.passages = 0
-    encoded = ci.encode_corpus(model, counting_tokenizer, iter(corpus.items()), config.pairs, folder, config.pooling,
-                               128, 8, config.similarity == "cos", shard_size)
+    encoded = ci.encode_corpus(model, counting_tokenizer, iter(corpus.items()), config.pairs,
+                               folder, config.pooling, 128, 8, config.similarity == "cos",
+                               shard_size)
     print(f"RETURNED {encoded}", flush=True)
 
 
 def resume_lost_work(folder, model_name_or_path, shard_size, threads, num_docs):
     """kill -9 the encoding once half the passages were handed to the encoder, resume; -> (redone / N, details)."""
-    command = [sys.executable, os.path.abspath(__file__), "--encode_child", folder, "--model_name_or_path",
-               model_name_or_path, "--resume_shard_size", str(shard_size), "--threads", str(threads)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__), "--encode_child", folder, "--model_name_or_path",
+        model_name_or_path, "--resume_shard_size",
+        str(shard_size), "--threads",
+        str(threads)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     handed = 0
     for line in first.stdout:
@@ -216,7 +236,8 @@ def resume_lost_work(folder, model_name_or_path, shard_size, threads, num_docs):
         if handed >= num_docs / 2:
             first.send_signal(signal.SIGKILL)
             break
-    handed = max([handed] + [int(line.split()[1]) for line in first.stdout if line.startswith("ENCODED")])
+    handed = max([handed] +
+                 [int(line.split()[1]) for line in first.stdout if line.startswith("ENCODED")])
     first.wait()
     complete = sum(ci.shard_problem(folder, s) is None for s in range(-(-num_docs // shard_size)))
     second = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
@@ -242,15 +263,17 @@ def main(argv=None):
         torch.save(random_queries(args.queries, args.dim, seed=1), queries_path)
         sizes = {"small": args.small_docs, "large": args.large_docs}
         for name, num_docs in sizes.items():
-            seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim}, args.shard_size, seed=2)
+            seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim},
+                                         args.shard_size, seed=2)
             print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} "
                   f"({seconds:.1f} s)", flush=True)
         runs = {name: [] for name in sizes}
         for _ in range(2):  # alternating; the fastest time and the largest peak of each
             for name in sizes:
-                runs[name].append(run_search_child(os.path.join(workdir, name), queries_path,
-                                                   os.path.join(workdir, f"{name}.json"), args.depth, args.threads,
-                                                   args.device))
+                runs[name].append(
+                    run_search_child(os.path.join(workdir, name), queries_path,
+                                     os.path.join(workdir, f"{name}.json"), args.depth,
+                                     args.threads, args.device))
         best = {name: min(r["seconds"] for r in runs[name]) for name in sizes}
         peak = {name: max(r["peak_mb"] for r in runs[name]) for name in sizes}
         before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
@@ -298,19 +321,25 @@ def main(argv=None):
         pairs, ks = funnel.parse_funnel(args.adaptive)
         last = pairs[-1]
         folder = os.path.join(workdir, "adaptive")
-        seconds = write_random_index(folder, args.adaptive_docs, ci.stored_widths(pairs), args.shard_size, seed=5)
+        seconds = write_random_index(folder, args.adaptive_docs, ci.stored_widths(pairs),
+                                     args.shard_size, seed=5)
         index = ci.open_index(folder)
         print(f"wrote {args.adaptive_docs} documents at {ci.stored_widths(pairs)} (layer: width), "
               f"float16 ({seconds:.1f} s)")
-        stage_queries = [random_queries(args.block, d, seed=6 + j).to(args.device) for j, (_, d) in enumerate(pairs)]
+        stage_queries = [
+            random_queries(args.block, d, seed=6 + j).to(args.device)
+            for j, (_, d) in enumerate(pairs)]
         speedup, exhaustive_s, adaptive_s = median_ratio(
             lambda: ci.search(index, last, stage_queries[-1], 10, args.block),
-            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block), args.rounds)
+            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block),
+            args.rounds)
         first_share, _, _ = median_ratio(  # where the funnel's time goes: its first stage alone
             lambda: ci.search(index, pairs[0], stage_queries[0], ks[0], args.block),
-            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block), args.rounds)
+            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block),
+            args.rounds)
         shutil.rmtree(folder)
-        flops = funnel.search_flops(args.adaptive_docs, [last[1]], []) / funnel.search_flops(args.adaptive_docs, [d for _, d in pairs], ks)
+        flops = funnel.search_flops(args.adaptive_docs, [last[1]], []) / funnel.search_flops(
+            args.adaptive_docs, [d for _, d in pairs], ks)
         print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} "
               f"documents: exhaustive {exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive "
               f"{adaptive_s * 1000 / args.block:.2f} ms/query; search FLOPs {flops:.1f}x fewer; "
@@ -325,12 +354,14 @@ def main(argv=None):
         normalize = config.similarity == "cos"
         full_folder = os.path.join(workdir, "real_float32")
         start = time.perf_counter()
-        ci.encode_corpus(model, tokenizer, iter(corpus.items()), every_pair, full_folder, config.pooling, 128, 64,
-                         normalize, shard_size=len(corpus), dtype="float32")
+        ci.encode_corpus(model, tokenizer, iter(corpus.items()), every_pair, full_folder,
+                         config.pooling, 128, 64, normalize, shard_size=len(corpus),
+                         dtype="float32")
         encode_rate = len(corpus) / (time.perf_counter() - start)
         indexes = {"float32": ci.open_index(full_folder),
                    "float16": copy_as_float16(full_folder, os.path.join(workdir, "real_float16"))}
-        q = sb.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair, config.pooling, 32, 64, normalize)
+        q = sb.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
+                         config.pooling, 32, 64, normalize)
         half = indexes["float16"]
         kept = ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids, qrels) / \
             ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels)
@@ -342,13 +373,16 @@ def main(argv=None):
         lines += [f"RATIO adaptive_speedup_queries_in_blocks {speedup:.2f} goal >=10",
                   f"RATIO adaptive_ndcg10_kept {kept:.4f} goal >=0.99"]
         for pair in config.pairs:
-            values = {dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels) for dtype, index in indexes.items()}
+            values = {
+                dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels)
+                for dtype, index in indexes.items()}
             print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 "
                   f"{values['float16']:.4f} change {values['float16'] - values['float32']:+.5f}")
 
         # 4. Resumed encoding: kill -9 half-way, resume
-        lost, (handed, complete, resumed) = resume_lost_work(os.path.join(workdir, "resume"), args.model_name_or_path,
-                                                             args.resume_shard_size, args.threads, len(corpus))
+        lost, (handed, complete, resumed) = resume_lost_work(os.path.join(
+            workdir, "resume"), args.model_name_or_path, args.resume_shard_size, args.threads,
+                                                             len(corpus))
         print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed "
               f"after {handed} were handed to the encoder ({complete} shards complete); the "
               f"resumed run encoded {resumed}")

@@ -29,16 +29,21 @@ from timing import median_ratio  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
     p.add_argument("--adaptive", nargs="+", default=["2x24:200:6x384", "6x24:200:6x384"],
                    help="funnels SMALL:K:LARGE (or longer); the last pair of each should be the "
                         "full model")
-    p.add_argument("--num_docs", type=int, default=1_000_000, help="synthetic corpus size for the speed figures")
-    p.add_argument("--queries_per_round", type=int, default=8, help="one-at-a-time queries per timing round")
-    p.add_argument("--block", type=int, default=64, help="queries per block for the throughput figure")
+    p.add_argument("--num_docs", type=int, default=1_000_000,
+                   help="synthetic corpus size for the speed figures")
+    p.add_argument("--queries_per_round", type=int, default=8,
+                   help="one-at-a-time queries per timing round")
+    p.add_argument("--block", type=int, default=64,
+                   help="queries per block for the throughput figure")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--encode_passages", type=int, default=128, help="real passages timed for early exit")
+    p.add_argument("--encode_passages", type=int, default=128,
+                   help="real passages timed for early exit")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default: on a small shared CPU, waking a second "
                         "thread costs milliseconds that would be charged to the small searches")
@@ -65,11 +70,14 @@ def main(argv=None):
     docids, qids = list(corpus), list(queries)
     pairs = sorted({p for f, _ in funnels for p in f} | {full})
     normalize = config.similarity == "cos"
-    d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling, 128, 64, normalize)
-    q_emb = sb.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling, 32, 64, normalize)
+    d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling, 128,
+                         64, normalize)
+    q_emb = sb.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling, 32,
+                         64, normalize)
 
     def ndcg(stage_pairs, ks):
-        scores, indices = funnel.adaptive_search([q_emb[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs], ks, 10)
+        scores, indices = funnel.adaptive_search([q_emb[p] for p in stage_pairs],
+                                                 [d_emb[p] for p in stage_pairs], ks, 10)
         run = {qid: {docids[j]: s for s, j in zip(scores[row].tolist(), indices[row].tolist())}
                for row, qid in enumerate(qids)}
         return metrics.ndcg_at_k(run, qrels, 10)
@@ -92,14 +100,17 @@ def main(argv=None):
     dims = sorted({d for f, _ in funnels for _, d in f} | {H})
     start = time.perf_counter()
     index = {d: torch.randn(args.num_docs, d, generator=g) for d in dims}  # (N, d) per dimension
-    query_vectors = {d: torch.randn(max(args.block, args.queries_per_round), d, generator=g) for d in dims}
+    query_vectors = {
+        d: torch.randn(max(args.block, args.queries_per_round), d, generator=g) for d in dims}
     print(f"synthetic corpus: {args.num_docs} vectors at dims {dims} "
           f"({time.perf_counter() - start:.1f} s to make)")
 
     def one_at_a_time(stage_dims, ks):
         def run():
             for i in range(args.queries_per_round):
-                funnel.adaptive_search([query_vectors[d][i:i + 1] for d in stage_dims], [index[d] for d in stage_dims], ks, 10)
+                funnel.adaptive_search([query_vectors[d][i:i + 1]
+                                        for d in stage_dims], [index[d]
+                                                               for d in stage_dims], ks, 10)
         return run
 
     def in_blocks(stage_dims, ks):
@@ -110,9 +121,12 @@ def main(argv=None):
     for text, (stage_pairs, ks) in zip(args.adaptive, funnels):
         stage_dims = [d for _, d in stage_pairs]
         kept = ndcg(stage_pairs, ks) / exhaustive_ndcg
-        one, one_full, one_adaptive = median_ratio(one_at_a_time([H], []), one_at_a_time(stage_dims, ks), args.rounds)
-        block, block_full, block_adaptive = median_ratio(in_blocks([H], []), in_blocks(stage_dims, ks), args.rounds)
-        flops = funnel.search_flops(args.num_docs, [H], []) / funnel.search_flops(args.num_docs, stage_dims, ks)
+        one, one_full, one_adaptive = median_ratio(one_at_a_time([H], []),
+                                                   one_at_a_time(stage_dims, ks), args.rounds)
+        block, block_full, block_adaptive = median_ratio(in_blocks([H], []),
+                                                         in_blocks(stage_dims, ks), args.rounds)
+        flops = funnel.search_flops(args.num_docs, [H], []) / funnel.search_flops(
+            args.num_docs, stage_dims, ks)
         print(f"{text}: shortlist {ks[0]} = {ks[0] / len(docids):.1%} of the real set, "
               f"{ks[0] / args.num_docs:.4%} of the synthetic corpus; search FLOPs {flops:.1f}x "
               f"fewer; ms per query one at a time {one_full / args.queries_per_round * 1000:.1f} "

@@ -32,7 +32,8 @@ class NestedClassifier(torch.nn.Module):
         if efficient:
             self.shared = torch.nn.Linear(hidden_size, num_classes)  # W (C, H), sliced by d
         else:
-            self.heads = torch.nn.ModuleDict({f"{n}x{d}": torch.nn.Linear(d, num_classes) for n, d in self.pairs})
+            self.heads = torch.nn.ModuleDict({
+                f"{n}x{d}": torch.nn.Linear(d, num_classes) for n, d in self.pairs})
 
     def logits(self, pair, e):
         """(B, d) -> (B, C) for one pair."""
@@ -55,33 +56,39 @@ def mrl_classification_loss(logits_2d, labels, weights=None):
 # ----------------------------------------------------------------------------------------------
 # Training the heads: a probe on frozen features, or end to end with the encoder
 
-def fit_probe(classifier, features_2d, labels, epochs=300, learning_rate=1e-2, weight_decay=1e-4, seed=0):
+
+def fit_probe(classifier, features_2d, labels, epochs=300, learning_rate=1e-2, weight_decay=1e-4,
+              seed=0):
     """Train a NestedClassifier on cached features {pair: (N, d)} with Eq. 19, full batch, AdamW; ->
     classifier.
 
     Frozen encoder: the features are computed once, so every epoch costs only the heads' matmuls."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate,
+                                  weight_decay=weight_decay)
     classifier.train()
     for _ in range(epochs):
-        loss = mrl_classification_loss(classifier({p: features_2d[p] for p in classifier.pairs}), labels)
+        loss = mrl_classification_loss(classifier({p: features_2d[p]
+                                                   for p in classifier.pairs}), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return classifier.eval()
 
 
-def train_classifier_end_to_end(model, tokenizer, classifier, texts, labels, pooling, steps, batch_size,
-                                learning_rate, weight_decay, max_length, seed):
+def train_classifier_end_to_end(model, tokenizer, classifier, texts, labels, pooling, steps,
+                                batch_size, learning_rate, weight_decay, max_length, seed):
     """Eq. 19 through the encoder: every pair's head and the encoder trained together (MRL's full
     training); -> (model, classifier), both in eval mode."""
     torch.manual_seed(seed)
-    optimizer = training.adamw(torch.nn.ModuleList([model, classifier]), learning_rate, weight_decay)
+    optimizer = training.adamw(torch.nn.ModuleList([model, classifier]), learning_rate,
+                               weight_decay)
     model.train(), classifier.train()
     for _, indices in training.global_batches(len(texts), batch_size, 0, steps, seed):
-        enc = tokenizer([texts[i] for i in indices], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        features = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], classifier.pairs, pooling)
+        enc = tokenizer([texts[i] for i in indices], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        features = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], classifier.pairs,
+                               pooling)
         loss = mrl_classification_loss(classifier(features), labels[indices])  # forward, Eq. 19
         loss.backward()
         optimizer.step()
@@ -95,7 +102,8 @@ def train_classifier_end_to_end(model, tokenizer, classifier, texts, labels, poo
 
 def cascade_thresholds(pairs, thresholds):
     """Eq. 20's thresholds as one per pair (a number: the same for all), checked: pairs in order of layer."""
-    thresholds = [thresholds] * len(pairs) if isinstance(thresholds, (int, float)) else list(thresholds)
+    thresholds = [thresholds] * len(pairs) if isinstance(thresholds,
+                                                         (int, float)) else list(thresholds)
     if len(thresholds) != len(pairs) or [p[0] for p in pairs] != sorted(p[0] for p in pairs):
         raise ValueError("the cascade needs pairs in order of layer and one threshold per pair, "
                          f"got {pairs}, {thresholds}")
@@ -103,7 +111,8 @@ def cascade_thresholds(pairs, thresholds):
 
 
 @torch.no_grad()
-def cascade_classify(model, input_ids, attention_mask, classifier, pairs, thresholds, pooling="mean"):
+def cascade_classify(model, input_ids, attention_mask, classifier, pairs, thresholds,
+                     pooling="mean"):
     """Eq. 20: classify with the cheapest pair first; an example whose max softmax probability is
     below its pair's threshold goes on to the next pair. -> (predictions (B,), index of the pair
     each stopped at (B,)).
@@ -144,9 +153,11 @@ def cascade_classify(model, input_ids, attention_mask, classifier, pairs, thresh
         layers_run = n
         h = norm(hidden) if norm is not None else hidden
         # (b, C)
-        probabilities = F.softmax(classifier.logits((n, d), sb.pool(h, mask, pooling)[:, :d]), dim=-1)
+        probabilities = F.softmax(classifier.logits((n, d),
+                                                    sb.pool(h, mask, pooling)[:, :d]), dim=-1)
         confidence, predicted = probabilities.max(-1)
-        stop = confidence >= thresholds[i] if i < len(pairs) - 1 else torch.ones_like(confidence, dtype=torch.bool)
+        stop = confidence >= thresholds[i] if i < len(pairs) - 1 else torch.ones_like(
+            confidence, dtype=torch.bool)
         predictions[rows[stop]], stopped_at[rows[stop]] = predicted[stop], i
         keep = ~stop
         if not keep.any():
@@ -164,7 +175,8 @@ def cascade_classify(model, input_ids, attention_mask, classifier, pairs, thresh
 
 def token_counts(tokenizer, texts, max_length=256):
     """Tokens of each text after truncation, as the encoder sees them: [N]."""
-    return [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return [
+        len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
 
 
 def text_flops(model, tokens, layers):
@@ -189,8 +201,8 @@ class CascadeOutcomes:
     gold: torch.Tensor  # (N,)
 
 
-def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling="mean", max_length=256, batch_size=32,
-                     num_classes=2, features=None):
+def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling="mean",
+                     max_length=256, batch_size=32, num_classes=2, features=None):
     """One forward pass per batch (encode_2d) -> CascadeOutcomes, in the texts' order. The cost of
     an example that stops at pair i: the encoder's first n_i layers (the cascade continues its pass,
     never reruns it) plus every head it consulted (2 d_j C each), over the mean cost of classifying
@@ -210,22 +222,24 @@ def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling
                          f"texts, got { {p: len(v) for p, v in features.items()} }")
     device = next(classifier.parameters()).device
     with torch.no_grad():
-        probabilities = torch.stack([classifier.logits(p, features[p].to(device)).softmax(-1).cpu() for p in pairs],
-                                    1)  # (N, P, C)
+        probabilities = torch.stack([
+            classifier.logits(p, features[p].to(device)).softmax(-1).cpu()
+            for p in pairs], 1)  # (N, P, C)
     per_layer = text_flops(model, token_counts(tokenizer, texts, max_length), [n for n, _ in pairs])
     heads = np.cumsum([2 * d * num_classes for _, d in pairs])  # (P,): heads consulted up to pair i
     cost = np.stack([per_layer[n] for n, _ in pairs], 1) + heads  # (N, P)
     # the full pair alone, its head only
     full = per_layer[pairs[-1][0]].mean() + 2 * pairs[-1][1] * num_classes
-    return CascadeOutcomes(list(pairs), probabilities.amax(-1), probabilities.argmax(-1), cost / full,
-                           torch.tensor(list(labels)))
+    return CascadeOutcomes(list(pairs), probabilities.amax(-1), probabilities.argmax(-1),
+                           cost / full, torch.tensor(list(labels)))
 
 
 def cascade_answers(outcomes, thresholds):
     """Eq. 20 text by text, read off outcomes -> (the class each text gets (N,), the index of the
     pair it stopped at (N,)), in the texts' order. thresholds: one for every pair, or one per pair
     (the last always answers)."""
-    per_pair = torch.tensor(cascade_thresholds(outcomes.pairs, thresholds), dtype=outcomes.confidence.dtype)
+    per_pair = torch.tensor(cascade_thresholds(outcomes.pairs, thresholds),
+                            dtype=outcomes.confidence.dtype)
     confident = outcomes.confidence >= per_pair  # (N, P)
     confident[:, -1] = True
     stopped = confident.float().argmax(1)  # (N,): the first pair confident enough
@@ -249,15 +263,15 @@ def accuracy_drop(outcomes, thresholds):
     # (N,) the full pair alone answers every text
     full = (outcomes.predicted[:, -1] == outcomes.gold).double()
     lost = full - (cascade_answers(outcomes, thresholds)[0] == outcomes.gold).double()  # (N,)
-    return float(lost.mean()), float(lost.std() / len(lost) ** 0.5) if len(lost) > 1 else float("nan")
+    return float(lost.mean()), float(lost.std() / len(lost)**0.5) if len(lost) > 1 else float("nan")
 
 
-def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean", max_length=256,
-                   batch_size=32, num_classes=2, features=None):
+def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean",
+                   max_length=256, batch_size=32, num_classes=2, features=None):
     """Eq. 20 at each of thresholds (a number, or one per pair) -> [cascade_point], from one forward
     pass (none with features: see cascade_outcomes)."""
-    outcomes = cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling, max_length, batch_size,
-                                num_classes, features)
+    outcomes = cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling,
+                                max_length, batch_size, num_classes, features)
     return [cascade_point(outcomes, threshold) for threshold in thresholds]
 
 
@@ -268,7 +282,8 @@ def qualifies(outcomes, point, target, margin=0.0):
     """A cascade_point reaches the target accuracy with margin standard errors of its drop
     (accuracy_drop) to spare: a point chosen on held-out texts for reaching it is likely to have
     been lucky there."""
-    return point["accuracy"] - (margin * accuracy_drop(outcomes, point["threshold"])[1] if margin else 0.0) >= target
+    return point["accuracy"] - (margin * accuracy_drop(outcomes, point["threshold"])[1]
+                                if margin else 0.0) >= target
 
 
 def cheapest_threshold(outcomes, tolerance=0.005, grid=THRESHOLD_GRID, margin=0.0):
@@ -276,7 +291,8 @@ def cheapest_threshold(outcomes, tolerance=0.005, grid=THRESHOLD_GRID, margin=0.
     full pair's minus tolerance, with margin (qualifies; grid ends above 1: every text at the full
     pair, which always does)."""
     target = cascade_point(outcomes, 1.01)["accuracy"] - tolerance
-    return min((q for q in (cascade_point(outcomes, t) for t in grid) if qualifies(outcomes, q, target, margin)),
+    return min((q for q in (cascade_point(outcomes, t)
+                            for t in grid) if qualifies(outcomes, q, target, margin)),
                key=lambda q: q["relative_cost"])
 
 
@@ -294,7 +310,8 @@ def choose_thresholds(outcomes, tolerance=0.005, grid=THRESHOLD_GRID, margin=0.0
         for i in range(len(outcomes.pairs) - 1):  # the last pair always answers
             for value in grid:
                 point = cascade_point(outcomes, thresholds[:i] + [value] + thresholds[i + 1:])
-                if point["relative_cost"] < best["relative_cost"] - 1e-12 and qualifies(outcomes, point, target, margin):
+                if point["relative_cost"] < best["relative_cost"] - 1e-12 and qualifies(
+                        outcomes, point, target, margin):
                     best, thresholds, improved = point, point["threshold"], True
     return thresholds, {**best, "threshold": thresholds}
 
@@ -308,11 +325,14 @@ def plot_cascade(points, accuracy_by_pair, costs, pairs, path):
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot([costs[p] / costs[pairs[-1]] for p in pairs], [accuracy_by_pair[p] for p in pairs], "o-",
-            label="one pair (MRL head)")
+    ax.plot([costs[p] / costs[pairs[-1]]
+             for p in pairs], [accuracy_by_pair[p]
+                               for p in pairs], "o-", label="one pair (MRL head)")
     for (n, d) in pairs:
-        ax.annotate(f"{n}x{d}", (costs[(n, d)] / costs[pairs[-1]], accuracy_by_pair[(n, d)]), fontsize=7)
-    ax.plot([p["relative_cost"] for p in points], [p["accuracy"] for p in points], "s--", label="cascade (Eq. 20)")
+        ax.annotate(f"{n}x{d}", (costs[(n, d)] / costs[pairs[-1]], accuracy_by_pair[(n, d)]),
+                    fontsize=7)
+    ax.plot([p["relative_cost"]
+             for p in points], [p["accuracy"] for p in points], "s--", label="cascade (Eq. 20)")
     ax.set_xscale("log")
     ax.set_xlabel("expected FLOPs per text, relative to the full pair")
     ax.set_ylabel("test accuracy")

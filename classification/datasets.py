@@ -52,7 +52,8 @@ def newsgroups_classification(seed=0):
     posts = [t.decode("latin-1") if isinstance(t, bytes) else t for t in bunch["data"]]
     # drop the headers: they name the group
     texts = [post.partition("\n\n")[2].strip() or post for post in posts]
-    return _split(texts, [int(y) for y in bunch["target"]], [str(n) for n in bunch["target_names"]], seed)
+    return _split(texts, [int(y) for y in bunch["target"]], [str(n)
+                                                             for n in bunch["target_names"]], seed)
 
 
 def polarity_classification(seed=0):
@@ -83,7 +84,8 @@ def tweets_classification(seed=0):
             text = " ".join((row["text"] or "").split())
             if text:
                 labels_of.setdefault(text, set()).add(row["sentiment"])
-    kept = [(text, names.index(labels.pop())) for text, labels in labels_of.items() if len(labels) == 1]
+    kept = [(text, names.index(labels.pop())) for text, labels in labels_of.items()
+            if len(labels) == 1]
     return _split([t for t, _ in kept], [y for _, y in kept], names, seed)
 
 

@@ -104,7 +104,8 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
     Times are per query over the whole query set: encoding (up to the search's largest layer) and
     search.
     """
-    path, _, model, tokenizer, config, separate = metrics.load_for_evaluation(name_or_path, settings, device)
+    path, _, model, tokenizer, config, separate = metrics.load_for_evaluation(
+        name_or_path, settings, device)
     if separate:
         raise ValueError(f"--adaptive needs one 2D model; {path} holds one separately trained "
                          "model per layer")
@@ -126,42 +127,58 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
             name_rows = lambda rows: ci.docids(index, rows)
         else:
             docids = list(corpus)
-            d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling,
+            d_emb = sb.encode_2d(model, tokenizer, [corpus[d]
+                                                    for d in docids], pairs, config.pooling,
                                  settings.passage_max_len, settings.batch_size, normalize,
                                  progress=lambda it: tqdm(it, desc="corpus", leave=False))
             num_docs, rank = len(docids), lambda q, stage_pairs, stage_ks: adaptive_search(
                 [q[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs], stage_ks, depth=10)
-            name_rows = lambda rows, docids=docids: [[docids[j] for j in row] for row in rows.tolist()]
-        tokens = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.query_max_len)["input_ids"]]
+            name_rows = lambda rows, docids=docids: [[docids[j] for j in row]
+                                                     for row in rows.tolist()]
+        tokens = [
+            len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.query_max_len)
+            ["input_ids"]]
         sb.encode_2d(model, tokenizer, texts[:settings.batch_size], pairs, config.pooling,
                      settings.query_max_len)  # warm-up, untimed
         for label, (stage_pairs, stage_ks) in searches.items():
             start = time.perf_counter()
-            q_emb = sb.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling, settings.query_max_len,
-                                 # stops at the largest stage's layer
-                                 settings.batch_size, normalize)
+            q_emb = sb.encode_2d(
+                model,
+                tokenizer,
+                texts,
+                stage_pairs,
+                config.pooling,
+                settings.query_max_len,
+                # stops at the largest stage's layer
+                settings.batch_size,
+                normalize)
             encoded = time.perf_counter()
             scores, indices = rank(q_emb, stage_pairs, stage_ks)
             searched = time.perf_counter()
-            run = {qid: dict(zip(names, values)) for qid, names, values in zip(queries, name_rows(indices),
-                                                                              scores.tolist())}
+            run = {
+                qid: dict(zip(names, values))
+                for qid, names, values in zip(queries, name_rows(indices), scores.tolist())}
             layers = max(n for n, _ in stage_pairs)
             results.setdefault(name, {})[label] = {
-                "nDCG@10": metrics.ndcg_at_k(run, qrels, 10), "MRR@10": metrics.mrr_at_k(run, qrels, 10),
-                "encode GFLOPs/q": float(np.mean([flops.encoder_flops(model, layers, t) for t in tokens])) / 1e9,
-                "search MFLOPs/q": search_flops(num_docs, [d for _, d in stage_pairs], stage_ks) / 1e6,
-                "encode ms/q": (encoded - start) * 1000 / len(texts), "search ms/q": (searched - encoded) * 1000 / len(texts)}
+                "nDCG@10": metrics.ndcg_at_k(run, qrels, 10), "MRR@10": metrics.mrr_at_k(
+                    run, qrels, 10), "encode GFLOPs/q": float(
+                        np.mean([flops.encoder_flops(model, layers, t) for t in tokens])) / 1e9,
+                "search MFLOPs/q": search_flops(num_docs, [d for _, d in stage_pairs], stage_ks) /
+                1e6, "encode ms/q": (encoded - start) * 1000 / len(texts),
+                "search ms/q": (searched - encoded) * 1000 / len(texts)}
     return results
 
 
 def print_adaptive(adaptive, datasets):
     """One table per model and dataset: exhaustive search at each pair, then the adaptive funnel."""
-    columns = ("nDCG@10", "MRR@10", "encode GFLOPs/q", "search MFLOPs/q", "encode ms/q", "search ms/q")
+    columns = ("nDCG@10", "MRR@10", "encode GFLOPs/q", "search MFLOPs/q", "encode ms/q",
+               "search ms/q")
     lines = []
     for model_name, by_dataset in adaptive.items():
         for dataset, rows in by_dataset.items():
             corpus, queries, _ = datasets[dataset][1]
-            documents = f"{len(corpus)} documents" if isinstance(corpus, dict) else f"the indexed {corpus.path}"
+            documents = f"{len(corpus)} documents" if isinstance(
+                corpus, dict) else f"the indexed {corpus.path}"
             lines.append(f"\n{dataset} adaptive retrieval (Eq. 14), model {model_name}: "
                          f"{documents}, {len(queries)} queries")
             width = max(len(label) for label in rows) + 2

@@ -98,7 +98,8 @@ def write_shard(folder, shard, docids, vectors, source_sha256=""):
     docids: list of str; vectors: {n: (rows, D_n) numpy array in the storage dtype}. A crash leaves
     either the complete shard or a hidden folder that no reader opens.
     """
-    final, tmp = os.path.join(folder, shard_name(shard)), os.path.join(folder, f".{shard_name(shard)}.tmp")
+    final, tmp = os.path.join(folder, shard_name(shard)), os.path.join(
+        folder, f".{shard_name(shard)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     # (rows,) fixed-width bytes
@@ -129,7 +130,8 @@ def shard_problem(folder, shard, check_hashes=False):
         return "no completeness marker (its encoding did not finish)"
     except (ValueError, KeyError, TypeError):
         return "the completeness marker is unreadable"
-    problem = training.files_problem(path, {name: written["bytes"] for name, written in files.items()})
+    problem = training.files_problem(path,
+                                     {name: written["bytes"] for name, written in files.items()})
     if problem or not check_hashes:
         return problem
     for name, written in files.items():
@@ -143,15 +145,18 @@ def _read_marker(folder, shard):
         return json.load(f)
 
 
-def index_config(pairs, dtype="float16", shard_size=100_000, pooling="cls", max_length=128, normalize=False):
+def index_config(pairs, dtype="float16", shard_size=100_000, pooling="cls", max_length=128,
+                 normalize=False):
     """What an index folder records about its encoding; resuming with anything else is refused."""
     if dtype not in DTYPES:
         raise ValueError(f"storage dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if shard_size < 1:
         raise ValueError(f"shard_size {shard_size} must be positive")
-    return {"format": FORMAT, "pairs": [list(p) for p in pairs],
-            "widths": {str(n): d for n, d in stored_widths(pairs).items()}, "dtype": dtype, "shard_size": shard_size,
-            "pooling": pooling, "max_length": max_length, "normalize": normalize}
+    return {
+        "format": FORMAT, "pairs": [list(p) for p in pairs], "widths": {
+            str(n): d
+            for n, d in stored_widths(pairs).items()}, "dtype": dtype, "shard_size": shard_size,
+        "pooling": pooling, "max_length": max_length, "normalize": normalize}
 
 
 def start_index(folder, config):
@@ -189,7 +194,8 @@ def finalize_index(folder, num_shards):
     if any(rows != shard_size for rows in shard_rows[:-1]) or not 0 < shard_rows[-1] <= shard_size:
         raise ValueError(f"{folder}: shards of {shard_rows} rows do not make an index of shards of "
                          f"{shard_size}")
-    docids = np.concatenate([np.load(os.path.join(folder, shard_name(s), "docids.npy")) for s in range(num_shards)])
+    docids = np.concatenate([
+        np.load(os.path.join(folder, shard_name(s), "docids.npy")) for s in range(num_shards)])
     # UTF-8 byte order = Python's str order = trec_eval's strcmp
     order = np.argsort(docids, kind="stable")
     in_order = docids[order]
@@ -204,17 +210,19 @@ def finalize_index(folder, num_shards):
         np.save(f, docid_rank)
     training.fsync(path + ".tmp")
     os.replace(path + ".tmp", path)
-    _write_json(os.path.join(folder, INDEX_MARKER),
-                {"num_docs": len(docids), "shard_rows": shard_rows,
-                 "docid_rank": {"bytes": os.path.getsize(path), "sha256": training.sha256_of(path)}})
+    _write_json(
+        os.path.join(folder, INDEX_MARKER), {
+            "num_docs": len(docids), "shard_rows": shard_rows, "docid_rank": {
+                "bytes": os.path.getsize(path), "sha256": training.sha256_of(path)}})
 
 
 # ----------------------------------------------------------------------------------------------
 # Encoding a corpus (Eq. 1), once, to disk
 
 @torch.no_grad()
-def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_length=128, batch_size=64,
-                  normalize=False, shard_size=100_000, dtype="float16", progress=None):
+def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_length=128,
+                  batch_size=64, normalize=False, shard_size=100_000, dtype="float16",
+                  progress=None):
     """Eq. 1 for a whole corpus, to disk, one shard of `shard_size` documents at a time; resumable.
 
     docs: an iterable of (docid, text), read once in order (data.stream_beir_corpus,
@@ -249,8 +257,9 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
                                  f"{shard * shard_size}..{shard * shard_size + len(docids) - 1} of "
                                  "this corpus; an index folder belongs to one corpus")
             return
-        embeddings = sb.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length, batch_size,
-                                  normalize=False, progress=progress)  # {(n, D_n): (rows, D_n)}
+        embeddings = sb.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length,
+                                  batch_size, normalize=False,
+                                  progress=progress)  # {(n, D_n): (rows, D_n)}
         vectors = {}
         for n, width in layer_pairs:
             vectors[n] = embeddings[(n, width)].numpy().astype(DTYPES[dtype])  # (rows, D_n)
@@ -263,7 +272,8 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
     read = 0
     for docid, text in docs:
         if not docid or _BAD_DOCID.search(docid):
-            raise ValueError(f"document {read}: docid {docid!r} is empty or holds whitespace or NUL")
+            raise ValueError(
+                f"document {read}: docid {docid!r} is empty or holds whitespace or NUL")
         if shard % world_size == rank:
             digest.update(f"{docid}\t{text}\n".encode("utf-8"))
             docids.append(docid)
@@ -324,8 +334,9 @@ def open_index(folder, check_hashes=False):
     if not os.path.exists(rank_file) or os.path.getsize(rank_file) != marker["docid_rank"]["bytes"] or \
             (check_hashes and training.sha256_of(rank_file) != marker["docid_rank"]["sha256"]):
         raise ValueError(f"{rank_file} is missing or not as written")
-    return CorpusIndex(folder, [tuple(p) for p in config["pairs"]], {int(n): d for n, d in config["widths"].items()},
-                       config["normalize"], config["dtype"], marker["shard_rows"])
+    return CorpusIndex(folder, [tuple(p) for p in config["pairs"]], {
+        int(n): d for n, d in config["widths"].items()}, config["normalize"], config["dtype"],
+                       marker["shard_rows"])
 
 
 def _layer_file(index, shard, n):
@@ -347,7 +358,8 @@ def _prepare(stored, normalize, out):
     """
     # (C, d); float16 -> float32 is exact
     vectors = out[:len(stored)].copy_(torch.from_numpy(stored))
-    return vectors.div_(vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)) if normalize else vectors
+    return vectors.div_(vectors.norm(dim=1,
+                                     keepdim=True).clamp_min(1e-12)) if normalize else vectors
 
 
 def _map(path):
@@ -367,10 +379,12 @@ def chunks(index, pair, chunk_rows):
     out = torch.empty(min(chunk_rows, max(index.shard_rows)), d)  # (C, d), reused
     for shard, (first, rows) in enumerate(zip(index.shard_starts, index.shard_rows)):
         layer = _map(_layer_file(index, shard, n))  # (rows, D_n)
-        ranks = torch.from_numpy(np.array(_map(os.path.join(index.folder, DOCID_RANK))[first:first + rows]))
+        ranks = torch.from_numpy(
+            np.array(_map(os.path.join(index.folder, DOCID_RANK))[first:first + rows]))
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
-            yield first + start, _prepare(layer[start:stop, :d], index.normalize, out), ranks[start:stop]
+            yield first + start, _prepare(layer[start:stop, :d], index.normalize,
+                                          out), ranks[start:stop]
         del layer
 
 
@@ -396,10 +410,12 @@ def read_rows(index, pair, rows):
         path = _layer_file(index, shard, n)
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+            (np.lib.format.read_array_header_1_0
+             if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
             # after the header
             positions = f.tell() + (in_order[start:end] - index.shard_starts[shard]) * row_bytes
-            read = b"".join(map(functools.partial(os.pread, f.fileno(), prefix_bytes), positions.tolist()))
+            read = b"".join(
+                map(functools.partial(os.pread, f.fileno(), prefix_bytes), positions.tolist()))
         if len(read) != (end - start) * prefix_bytes:  # a short read would shift every row after it
             raise ValueError(f"{path} is shorter than when the index was opened: re-open it "
                              "(open_index)")
@@ -421,7 +437,8 @@ def docids(index, rows):
     for shard in shard_of.unique().tolist():
         mine = (shard_of == shard).nonzero().squeeze(1)
         stored = np.load(os.path.join(index.folder, shard_name(shard), "docids.npy"), mmap_mode="r")
-        for position, name in zip(mine.tolist(), stored[(flat[mine] - index.shard_starts[shard]).numpy()]):
+        for position, name in zip(mine.tolist(),
+                                  stored[(flat[mine] - index.shard_starts[shard]).numpy()]):
             names[position] = name.decode("utf-8")
     if rows.ndim == 1:
         return names
@@ -436,8 +453,9 @@ def ranked_lists(index, scores, rows, qids):
     for start in range(0, len(qids), 1024):
         block = rows[start:start + 1024]
         names = docids(index, block.clamp(min=0))
-        for qid, docs, values, found in zip(qids[start:start + 1024], names, scores[start:start + 1024].tolist(),
-                                            (block >= 0).tolist()):
+        for qid, docs, values, found in zip(qids[start:start + 1024], names,
+                                            scores[start:start + 1024].tolist(), (block
+                                                                                  >= 0).tolist()):
             yield qid, [(docid, value) for docid, value, keep in zip(docs, values, found) if keep]
 
 
@@ -619,7 +637,9 @@ def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk
 # ----------------------------------------------------------------------------------------------
 # Optional: an approximate index with FAISS (pip install faiss-cpu), exact search its reference
 
-def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_search=128, chunk_rows=65536):
+
+def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_search=128,
+                chunk_rows=65536):
     """A FAISS index of one pair's vectors, added chunk by chunk from the shards (inner product;
     cosine when the index is normalised). kind: 'flat' (exact, in memory), 'ivf' (IndexIVFFlat,
     nlist lists, nprobe searched, trained on an evenly spaced sample) or 'hnsw' (IndexHNSWFlat,
@@ -638,7 +658,9 @@ def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_s
         built = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         # about 64 training vectors per list, spread over the corpus
         step = max(1, index.num_docs // (64 * nlist))
-        sample = [vectors[(-first_row) % step::step].clone() for first_row, vectors, _ in chunks(index, pair, chunk_rows)]
+        sample = [
+            vectors[(-first_row) % step::step].clone()
+            for first_row, vectors, _ in chunks(index, pair, chunk_rows)]
         built.train(torch.cat(sample).numpy())
         built.nprobe = nprobe
     else:
@@ -656,5 +678,7 @@ def faiss_search(built, queries, depth):
 
 def overlap_at_k(rows, exact_rows, k):
     """Recall@k of an approximate search against exact search: the share of the exact top k in the approximate top k."""
-    found = [len(set(a[:k].tolist()) & set(e[:k].tolist())) / len(e[:k]) for a, e in zip(rows, exact_rows)]
+    found = [
+        len(set(a[:k].tolist()) & set(e[:k].tolist())) / len(e[:k])
+        for a, e in zip(rows, exact_rows)]
     return float(np.mean(found))

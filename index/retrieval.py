@@ -20,7 +20,8 @@ def hits_graded(index, scores, rows, qids, qrels):
     for qid, ranked in ci.ranked_lists(index, scores, rows, qids):
         judgments = qrels.get(qid)
         if judgments:
-            graded[qid] = [(judgments[d], rank) for rank, (d, _) in enumerate(ranked, 1) if d in judgments]
+            graded[qid] = [(judgments[d], rank) for rank, (d, _) in enumerate(ranked, 1)
+                           if d in judgments]
     return graded
 
 
@@ -32,7 +33,8 @@ def index_folder(settings, model_path, name):
     # no weight file: by place
     weights = training.file_fingerprint(model_path) or os.path.abspath(model_path)
     tag = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(settings.index_dir, f"{os.path.basename(os.path.normpath(model_path))}-{tag}", name)
+    return os.path.join(settings.index_dir,
+                        f"{os.path.basename(os.path.normpath(model_path))}-{tag}", name)
 
 
 def encoded_index(model, tokenizer, model_path, name, corpus, config, settings):
@@ -45,8 +47,9 @@ def encoded_index(model, tokenizer, model_path, name, corpus, config, settings):
         pairs |= set(funnel.parse_funnel(settings.adaptive)[0])
     pairs = sorted(pairs)
     folder = index_folder(settings, model_path, name)
-    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, config.pooling, settings.passage_max_len,
-                     settings.batch_size, config.similarity == "cos", settings.shard_size, settings.storage_dtype,
+    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, config.pooling,
+                     settings.passage_max_len, settings.batch_size, config.similarity == "cos",
+                     settings.shard_size, settings.storage_dtype,
                      progress=lambda it: tqdm(it, desc=f"{name} shard", leave=False))
     return ci.open_index(folder)
 
@@ -57,8 +60,8 @@ def index_retrieval(model, tokenizer, model_path, name, dataset, pairs, config, 
     corpus, queries, qrels = dataset
     normalize = config.similarity == "cos"
     index = encoded_index(model, tokenizer, model_path, name, corpus, config, settings)
-    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling, settings.query_max_len,
-                         settings.batch_size, normalize)
+    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling,
+                         settings.query_max_len, settings.batch_size, normalize)
     depth = min(settings.depth, index.num_docs)
     hits, recall = {}, {}
     for pair in pairs:

@@ -11,7 +11,8 @@ import torch
 
 
 def _rng_state(device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), torch.cuda.get_rng_state(
+        device) if device.type == "cuda" else None
 
 
 def _set_rng_state(state, device):
@@ -50,6 +51,7 @@ def grad_cache_step(embed, inputs, loss_fn, chunk_size, no_sync=None, loss_scale
             e = embed(ids[rows], mask[rows])
             # chain rule through the cache: dloss/dtheta = sum over embeddings of <dloss/de,
             # de/dtheta>
-            surrogate = sum((e[k] * cached[i][k].grad[rows]).sum() for k in e if cached[i][k].grad is not None)
+            surrogate = sum((e[k] * cached[i][k].grad[rows]).sum() for k in e
+                            if cached[i][k].grad is not None)
             surrogate.backward()
     return loss.detach()

@@ -19,7 +19,8 @@ def load_gguf(path):
     """
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     folder, name = os.path.split(path)
-    model = AutoModel.from_config(AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch.float32)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(folder, gguf_file=name),
+                                  dtype=torch.float32)
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
     model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()})
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -33,5 +34,6 @@ def symmetric_contrastive_loss(q, p, temperature=1.0, similarity="cos"):
     positives = sb.positive_index(q.shape[0], p.shape[0], q.device)  # (B,)
     query_to_passage = F.cross_entropy(scores, positives)
     # (B, B)
-    passage_to_query = F.cross_entropy(scores[:, positives].T, torch.arange(q.shape[0], device=q.device))
+    passage_to_query = F.cross_entropy(scores[:, positives].T,
+                                       torch.arange(q.shape[0], device=q.device))
     return (query_to_passage + passage_to_query) / 2

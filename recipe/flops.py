@@ -52,7 +52,9 @@ def run_parameters(model, max_layer=None):
     """The parameters a forward that stops after block max_layer runs: all but those of the blocks
     above it and of BERT's pooler (pooling reads the hidden states; the pooler never runs)."""
     blocks = sb.transformer_layers(model)
-    skipped = [blocks[max_layer:] if max_layer else [], [getattr(model, "pooler", None) or torch.nn.Identity()]]
+    skipped = [
+        blocks[max_layer:] if max_layer else [],
+        [getattr(model, "pooler", None) or torch.nn.Identity()]]
     never = {id(p) for modules in skipped for module in modules for p in module.parameters()}
     return [p for p in model.parameters() if id(p) not in never]
 
@@ -72,8 +74,9 @@ def flops_accounting(model, tuning_spec, tokens_per_step, flops_budget=None, max
     method, _ = tuning.parse_tuning(tuning_spec)
     n, n_trainable = tuning.parameter_counts(model, run_parameters(model, max_layer))
     per_token = flops_per_token(method, n, n_trainable)
-    accounting = {"tuning": tuning_spec, "N": n, "N_trainable": n_trainable, "flops_per_token": per_token,
-                  "tokens_per_step": tokens_per_step, "flops_budget": flops_budget}
+    accounting = {
+        "tuning": tuning_spec, "N": n, "N_trainable": n_trainable, "flops_per_token": per_token,
+        "tokens_per_step": tokens_per_step, "flops_budget": flops_budget}
     if flops_budget:
         accounting["budget_steps"] = steps_for_budget(flops_budget, per_token, tokens_per_step)
     return accounting

@@ -34,7 +34,8 @@ def _cosent(a, b, labels, scale=20.0):
     return torch.logsumexp(torch.cat((torch.zeros(1, dtype=scores.dtype), scores.view(-1))), dim=0)
 
 
-def _released_starbucks(columns, inner, kl_temperature=0.3, kl_div_weight=1.0, last_layer_weight=1.0):
+def _released_starbucks(columns, inner, kl_temperature=0.3, kl_div_weight=1.0,
+                        last_layer_weight=1.0):
     """sts/starbucks_loss.py StarbucksLoss.forward (lines 102-150): columns[layer] = [pooled (B, H)
     per text column].
 
@@ -55,8 +56,11 @@ def _released_starbucks(columns, inner, kl_temperature=0.3, kl_div_weight=1.0, l
 
 def _columns(num_columns, batch=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {n: [torch.randn(batch, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(num_columns)]
-            for n in LAYERS}  # float64: the two orders of summation agree far below 1e-6
+    return {
+        n: [
+            torch.randn(batch, 8, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(num_columns)]
+        for n in LAYERS}  # float64: the two orders of summation agree far below 1e-6
 
 
 def test_released_starbucks_loss_with_mnrl_equals_the_authors_allnli_run():
@@ -66,11 +70,14 @@ def test_released_starbucks_loss_with_mnrl_equals_the_authors_allnli_run():
     columns = _columns(3)
     pairs = list(zip(LAYERS, DIMS))
     q_2d = {(n, d): columns[n][0][:, :d] for n, d in pairs}
-    p_2d = {(n, d): torch.stack([columns[n][1], columns[n][2]], dim=1).reshape(-1, 8)[:, :d] for n, d in pairs}
-    ours = sb.srl_loss_embedding_kl(q_2d, p_2d, pairs, temperature=0.05, kl_weight=0.3, similarity="cos")
+    p_2d = {(n, d): torch.stack([columns[n][1], columns[n][2]], dim=1).reshape(-1, 8)[:, :d]
+            for n, d in pairs}
+    ours = sb.srl_loss_embedding_kl(q_2d, p_2d, pairs, temperature=0.05, kl_weight=0.3,
+                                    similarity="cos")
     theirs = _released_starbucks(columns, _mnrl)
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
-    grads = torch.autograd.grad(ours, columns[LAYERS[-1]][0]), torch.autograd.grad(theirs, columns[LAYERS[-1]][0])
+    grads = torch.autograd.grad(ours, columns[LAYERS[-1]][0]), torch.autograd.grad(
+        theirs, columns[LAYERS[-1]][0])
     torch.testing.assert_close(*grads, atol=1e-6, rtol=0)  # the teacher is not detached in either
 
 
@@ -79,7 +86,8 @@ def test_released_starbucks_loss_with_cosent_equals_the_authors_low_resource_run
     pairs = list(zip(LAYERS, DIMS))
     a_2d = {(n, d): columns[n][0][:, :d] for n, d in pairs}
     b_2d = {(n, d): columns[n][1][:, :d] for n, d in pairs}
-    ours = sb.released_starbucks_loss(lambda a, b: sb.cosent_loss(a, b, gold), a_2d, b_2d, pairs, 0.3)
+    ours = sb.released_starbucks_loss(lambda a, b: sb.cosent_loss(a, b, gold), a_2d, b_2d, pairs,
+                                      0.3)
     theirs = _released_starbucks(columns, lambda a, b: _cosent(a, b, gold))
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
 
@@ -122,9 +130,10 @@ def test_retrieval_2dmse_equals_the_authors_sub_model_sampling():
         layer_scores = all_scores[layer, :, :, :dim].sum(dim=-1)
         total = total + F.cross_entropy(layer_scores / temperature, target)
         total = total + kl_weight * F.kl_div(F.log_softmax(layer_scores / temperature, dim=1),
-                                             F.softmax(target_scores / temperature, dim=1), reduction="batchmean")
-    ours = sb.matryoshka_2d_retrieval_loss({n + 1: q_reps[n] for n in range(L)}, {n + 1: p_reps[n] for n in range(L)},
-                                           dims, sampled_draw, temperature, "dot", kl_weight)
+                                             F.softmax(target_scores / temperature, dim=1),
+                                             reduction="batchmean")
+    ours = sb.matryoshka_2d_retrieval_loss({n + 1: q_reps[n] for n in range(L)}, {
+        n + 1: p_reps[n] for n in range(L)}, dims, sampled_draw, temperature, "dot", kl_weight)
     assert ours.item() == pytest.approx(total.item(), abs=1e-6)
 
 
@@ -141,7 +150,8 @@ def test_mlm_2d_equals_the_authors_2d_masked_lm():
     mask = torch.ones_like(ids)
     with torch.no_grad():
         # 0: embeddings
-        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        hidden = encoder(input_ids=ids, attention_mask=mask,
+                         output_hidden_states=True).hidden_states
         total = 0
         for layer, dim in [(2, 16), (4, 32)]:
             h = hidden[layer][:, :, :dim]

@@ -10,8 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"finetune", "pretrain", "evaluate", "classification.classify", "recipe.compute_optimal",
            "deploy.export"}
 # the toolkit: packages in folders, which import the reference; the reference imports them lazily
-TOOLKIT = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "*", "__init__.py")))
-REFERENCE = ["starbucks", "finetune", "pretrain", "evaluate", "data", "metrics", "models", "training"]
+TOOLKIT = sorted(
+    os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "*", "__init__.py")))
+REFERENCE = [
+    "starbucks", "finetune", "pretrain", "evaluate", "data", "metrics", "models", "training"]
 
 
 def _python_files():
@@ -24,8 +26,9 @@ def _python_files():
 def _is_script(relpath):
     """The commands: the scripts, bench/bench_*.py and bench/reproduce.py (bench/timing.py is a module)."""
     name = os.path.basename(relpath)
-    return os.path.splitext(relpath)[0].replace(os.sep, ".") in SCRIPTS or (
-        relpath.startswith("bench" + os.sep) and (name.startswith("bench_") or name == "reproduce.py"))
+    return os.path.splitext(relpath)[0].replace(
+        os.sep, ".") in SCRIPTS or (relpath.startswith("bench" + os.sep) and
+                                    (name.startswith("bench_") or name == "reproduce.py"))
 
 
 def _tree(path):
@@ -48,9 +51,12 @@ def test_no_file_imports_a_script_except_to_run_its_main(relpath):
                              if f"{node.module}.{a.name}" in SCRIPTS})
     if not imported:
         return
-    assert _is_script(relpath), f"{relpath} is a module and imports the script(s) {sorted(imported.values())}"
-    uses = [(n.value.id, n.attr) for n in ast.walk(tree)
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in imported]
+    assert _is_script(
+        relpath), f"{relpath} is a module and imports the script(s) {sorted(imported.values())}"
+    uses = [
+        (n.value.id, n.attr) for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in imported
+    ]
     assert all(attr == "main" for _, attr in uses), f"{relpath} uses a script beyond main: {uses}"
 
 
@@ -59,12 +65,16 @@ def test_no_helper_takes_the_command_line_namespace(relpath):
     """Only a script's main and parse_args see the argparse namespace; nothing builds a fake one."""
     tree = _tree(_python_files()[relpath])
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in ("main", "parse_args"):
+        if isinstance(node,
+                      (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in ("main",
+                                                                                     "parse_args"):
             names = {a.arg for a in node.args.args + node.args.kwonlyargs}
-            assert not names & {"args", "opts", "namespace"}, f"{relpath}:{node.lineno} {node.name} takes {names}"
+            assert not names & {"args", "opts", "namespace"
+                                }, f"{relpath}:{node.lineno} {node.name} takes {names}"
         if isinstance(node, ast.Attribute) and node.attr in ("Namespace", "SimpleNamespace"):
             raise AssertionError(f"{relpath}:{node.lineno} builds a {node.attr}")
-        if isinstance(node, ast.ImportFrom) and any(a.name == "SimpleNamespace" for a in node.names):
+        if isinstance(node, ast.ImportFrom) and any(a.name == "SimpleNamespace"
+                                                    for a in node.names):
             raise AssertionError(f"{relpath}:{node.lineno} imports SimpleNamespace")
 
 
@@ -73,7 +83,8 @@ def _code_lines(path):
     lines = []
     for number, line in enumerate(open(path, encoding="utf-8"), 1):
         text = line.strip()
-        if text and not text.startswith(("#", "import ", "from ")) and text not in (")", "]", "}", '"""'):
+        if text and not text.startswith(
+            ("#", "import ", "from ")) and text not in (")", "]", "}", '"""'):
             lines.append((number, text))
     return lines
 
@@ -121,15 +132,19 @@ def test_pip_install_makes_the_reference_and_the_toolkit_importable_from_any_fol
     import subprocess
     import sys
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), ROOT], check=True, capture_output=True)
+    subprocess.run([
+        sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+        "--target",
+        str(site), ROOT], check=True, capture_output=True)
     code = ("import starbucks, finetune, pretrain, evaluate, data, metrics, models, training; "
             "from index import corpus_index; from classification import cascade; "
             "print(starbucks.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(site)}).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)}).stdout
     assert out.strip() == str(site / "starbucks.py")
 
 
 def test_the_reference_is_eight_top_level_files():
-    assert sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))) == sorted(REFERENCE)
+    assert sorted(os.path.basename(p)[:-3]
+                  for p in glob.glob(os.path.join(ROOT, "*.py"))) == sorted(REFERENCE)

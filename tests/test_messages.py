@@ -36,8 +36,10 @@ def _modules():
 MODULES = _modules()
 TREES = {name: ast.parse(open(path, encoding="utf-8").read()) for name, path in MODULES.items()}
 SCRIPTS = sorted(name for name, tree in TREES.items()
-                 if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
-                 and any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body))
+                 if any(isinstance(n, ast.FunctionDef) and n.name == "main"
+                        for n in tree.body) and any(
+                            isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)
+                            for n in tree.body))
 
 
 def _aliases(tree):
@@ -46,7 +48,8 @@ def _aliases(tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                names[a.asname or
+                      a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             for a in node.names:
                 full = f"{node.module}.{a.name}"
@@ -74,7 +77,8 @@ def _references(module, node):
         if isinstance(n, ast.Name):
             target = aliases.get(n.id, f"{module}.{n.id}")
             refs.add(target)
-        elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases:
+        elif isinstance(n, ast.Attribute) and isinstance(n.value,
+                                                         ast.Name) and n.value.id in aliases:
             refs.add(f"{aliases[n.value.id]}.{n.attr}")
         elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute):
             refs.add(f"{ast.unparse(n.value)}.{n.attr}")  # package.module.function
@@ -92,16 +96,20 @@ def _message_strings(node):
     for n in ast.walk(node):
         if isinstance(n, ast.Raise) and n.exc is not None:
             roots.append(n.exc)
-        elif isinstance(n, ast.Call) and (getattr(n.func, "attr", None) or getattr(n.func, "id", None)) in SAYS:
+        elif isinstance(n, ast.Call) and (getattr(n.func, "attr", None) or
+                                          getattr(n.func, "id", None)) in SAYS:
             roots.extend(n.args)
         elif isinstance(n, ast.Return) and isinstance(n.value, TEXT):
             roots.append(n.value)
-    return [c.value for r in roots for c in ast.walk(r) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+    return [
+        c.value for r in roots for c in ast.walk(r)
+        if isinstance(c, ast.Constant) and isinstance(c.value, str)]
 
 
 def messages_of(script):
     """{flag: where} of the flags named in what a script's main() and parse_args() can reach."""
-    todo = [f"{script}.{name}" for name in ("main", "parse_args") if f"{script}.{name}" in DEFINITIONS]
+    todo = [
+        f"{script}.{name}" for name in ("main", "parse_args") if f"{script}.{name}" in DEFINITIONS]
     seen, flags = set(), {}
     while todo:
         name = todo.pop()
@@ -165,14 +173,16 @@ def test_an_unknown_header_or_a_word_score_is_blamed_on_row_one(tmp_path, first_
 def test_an_unknown_qrels_header_names_the_known_ones(tmp_path):
     path = tmp_path / "qrels.tsv"
     path.write_text("q\td\trel\nq1\td1\t1\n")
-    with pytest.raises(data.DataError, match=r":1: header \['q', 'd', 'rel'\] not known: BEIR qrels start"):
+    with pytest.raises(data.DataError,
+                       match=r":1: header \['q', 'd', 'rel'\] not known: BEIR qrels start"):
         data.read_qrels(str(path))
 
 
 def test_an_unknown_layout_lists_the_known_layouts(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"foo": 1}\n')
-    with pytest.raises(data.DataError, match="known layouts: Tevatron .*sentence-transformers .*scored"):
+    with pytest.raises(data.DataError,
+                       match="known layouts: Tevatron .*sentence-transformers .*scored"):
         data.read_training_file(str(path))
 
 
@@ -207,7 +217,8 @@ def test_evaluate_refuses_a_folder_with_results_unless_told_to_overwrite(tmp_pat
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--output_dir", str(tmp_path)])
-    assert "holds another run (results.json); pass --overwrite_output_dir" in capsys.readouterr().err
+    assert "holds another run (results.json); pass --overwrite_output_dir" in capsys.readouterr(
+    ).err
     assert evaluate.parse_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"])
 
 
@@ -229,9 +240,13 @@ def test_a_preset_names_its_bert_base_pairs_and_what_to_pass_on_a_smaller_model(
     path = tmp_path / "sts.tsv"
     path.write_text("sentence1\tsentence2\tscore\nA man plays.\tA man is playing.\t4.5\nA cat.\tA "
                     "dog.\t1.0\n")
-    with pytest.raises(ValueError, match=r"--preset stsb-srl trains BERT-base's pairs .* has 6 layers x 384: "
-                                         r"pass --pairs \(.*--pairs 1x12,2x24,3x48,4x96,5x192,6x384\)"):
-        finetune.main(["--preset", "stsb-srl", "--train_file", str(path), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(
+            ValueError, match=r"--preset stsb-srl trains BERT-base's pairs .* has 6 layers x 384: "
+            r"pass --pairs \(.*--pairs 1x12,2x24,3x48,4x96,5x192,6x384\)"):
+        finetune.main([
+            "--preset", "stsb-srl", "--train_file",
+            str(path), "--output_dir",
+            str(tmp_path / "o")])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
