@@ -54,10 +54,9 @@ def main():
                    help="training texts drawn from the split")
     p.add_argument("--max_eval_samples", type=data.positive_int, default=2000,
                    help="test texts drawn from the split")
-    p.add_argument(
-        "--held_out", type=data.positive_int, default=2000,
-        help="training texts kept aside to choose the thresholds "
-        "(as many as the test texts: the choice is only as sure as its sample)")
+    p.add_argument("--held_out", type=data.positive_int, default=2000,
+                   help="training texts kept aside to choose the thresholds "
+                        "(as many as the test texts: the choice is only as sure as its sample)")
     p.add_argument("--margin", type=data.non_negative_float, default=0.0,
                    help="choose only thresholds whose held-out accuracy minus this many standard "
                         "errors of its drop is within 0.5 points (cascade.qualifies): a guard "
@@ -110,8 +109,8 @@ def main():
     one = cascade.cheapest_threshold(held_outcomes, 0.005, margin=args.margin)
     threshold, held_chosen = cascade.choose_thresholds(held_outcomes, 0.005, margin=args.margin)
     test_outcomes = outcomes(test_texts, test_y)
-    chosen, full = cascade.cascade_point(test_outcomes, threshold), cascade.cascade_point(
-        test_outcomes, 1.01)
+    chosen, full = (cascade.cascade_point(test_outcomes, threshold),
+                    cascade.cascade_point(test_outcomes, 1.01))
     one_on_test = cascade.cascade_point(test_outcomes, one["threshold"])
     drop, error = cascade.accuracy_drop(test_outcomes, threshold)
     # chosen on the test texts: optimistic
@@ -121,13 +120,12 @@ def main():
         tokenizer(test_texts[s:s + args.batch_size], padding=True, truncation=True,
                   max_length=MAX_LENGTH, return_tensors="pt")
         for s in range(0, len(test_texts), args.batch_size)]
-    runs = {
-        "cascade": lambda: [
-            cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs,
-                                     threshold, config.pooling)
-            for e in enc], "full": lambda: [
-                cascade.cascade_classify(model, e["input_ids"], e["attention_mask"], heads, pairs[
-                    -1:], 0.0, config.pooling) for e in enc]}
+    runs = {"cascade": lambda: [cascade.cascade_classify(model, e["input_ids"], e["attention_mask"],
+                                                         heads, pairs, threshold, config.pooling)
+                                for e in enc],
+            "full": lambda: [cascade.cascade_classify(model, e["input_ids"], e["attention_mask"],
+                                                      heads, pairs[-1:], 0.0, config.pooling)
+                             for e in enc]}
     with torch.no_grad():
         for run in runs.values():  # a warm-up round, untimed
             run()

@@ -217,8 +217,8 @@ def test_evaluate_refuses_a_folder_with_results_unless_told_to_overwrite(tmp_pat
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--output_dir", str(tmp_path)])
-    assert "holds another run (results.json); pass --overwrite_output_dir" in capsys.readouterr(
-    ).err
+    assert ("holds another run (results.json); pass --overwrite_output_dir"
+            in capsys.readouterr().err)
     assert evaluate.parse_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"])
 
 

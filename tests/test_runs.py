@@ -35,8 +35,8 @@ import starbucks as sb  # noqa: E402
 import training  # noqa: E402
 from large_batch import grad_cache  # noqa: E402
 
-WORDS = "the cat sat on a mat while dogs ran over green hills and birds sang near old stone walls".split(
-)
+WORDS = ("the cat sat on a mat while dogs ran over green hills and birds sang near old stone "
+         "walls").split()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -96,16 +96,14 @@ SMAE_TINY = ("--max_length", "16", "--pairs", "2x16,4x32")
 
 def _script_args(script, tiny, model, output_dir, *extra):
     """The command-line arguments of finetune.py or pretrain.py on the tiny model and its data."""
-    return [
-        "--model_name_or_path", tiny[model], "--train_file", tiny[SCRIPTS[script][1]],
-        "--output_dir",
-        str(output_dir), *(SMAE_TINY if script == "pretrain.py" else ()), *extra]
+    return ["--model_name_or_path", tiny[model], "--train_file", tiny[SCRIPTS[script][1]],
+            "--output_dir", str(output_dir), *(SMAE_TINY if script == "pretrain.py" else ()),
+            *extra]
 
 
 def _script_cmd(script, tiny, model, output_dir, *extra):
-    return [
-        sys.executable,
-        os.path.join(ROOT, script), *_script_args(script, tiny, model, output_dir, *extra)]
+    return [sys.executable, os.path.join(ROOT, script),
+            *_script_args(script, tiny, model, output_dir, *extra)]
 
 
 def _finetune_cmd(tiny, model, output_dir, *extra):
@@ -185,8 +183,8 @@ def test_kill_9_during_a_run_then_resume_gives_the_same_weights_and_log_bit_for_
     killed = subprocess.Popen(_script_cmd(script, tiny, "dropout", tmp_path / "killed", *args),
                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not os.path.isdir(tmp_path / "killed" /
-                            "checkpoint-3") and killed.poll() is None and time.time() < deadline:
+    while (not os.path.isdir(tmp_path / "killed" / "checkpoint-3") and killed.poll() is None
+           and time.time() < deadline):
         time.sleep(0.002)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
@@ -198,8 +196,8 @@ def test_kill_9_during_a_run_then_resume_gives_the_same_weights_and_log_bit_for_
     assert "resuming from" in resumed.stdout
     # uninterrupted, in this process
     main(_script_args(script, tiny, "dropout", tmp_path / "whole", *args))
-    log_whole, log_resumed = _read(tmp_path / "whole" / "train_log.jsonl"), _read(
-        tmp_path / "killed" / "train_log.jsonl")
+    log_whole, log_resumed = (_read(tmp_path / "whole" / "train_log.jsonl"),
+                              _read(tmp_path / "killed" / "train_log.jsonl"))
     assert len(log_whole.splitlines()) == 12
     assert log_resumed == log_whole
     for name in outputs:
@@ -386,8 +384,8 @@ def _two_rank_pretrain_worker(rank, port, model_dir, out_dir):
     rank, world_size, device = training.setup()
     smae, batch = _pretrain_step_setup(model_dir)
     net = training.wrap(smae, device)
-    tied = smae.encoder.get_input_embeddings(
-    ).weight is net.module.encoder.embeddings.word_embeddings.weight
+    tied = (smae.encoder.get_input_embeddings().weight
+            is net.module.encoder.embeddings.word_embeddings.weight)
     result = _pretrain_step(net, smae, batch)
     torch.save({"step": result, "tied": tied}, os.path.join(out_dir, f"rank{rank}.pt"))
     training.cleanup()
