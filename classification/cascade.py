@@ -48,7 +48,8 @@ class NestedClassifier(torch.nn.Module):
 
 
 def mrl_classification_loss(logits_2d, labels, weights=None):
-    """Eq. 19: sum over pairs of c_(n,d) * cross-entropy (MRL's loss; c = 1 unless weights={pair: c})."""
+    """Eq. 19: sum over pairs of c_(n,d) * cross-entropy (MRL's loss; c = 1 unless weights={pair:
+    c})."""
     return sum((1.0 if weights is None else weights[pair]) * F.cross_entropy(logits, labels)
                for pair, logits in logits_2d.items())
 
@@ -101,7 +102,8 @@ def train_classifier_end_to_end(model, tokenizer, classifier, texts, labels, poo
 # The 2D cascade (Eq. 20)
 
 def cascade_thresholds(pairs, thresholds):
-    """Eq. 20's thresholds as one per pair (a number: the same for all), checked: pairs in order of layer."""
+    """Eq. 20's thresholds as one per pair (a number: the same for all), checked: pairs in order of
+    layer."""
     thresholds = [thresholds] * len(pairs) if isinstance(thresholds,
                                                          (int, float)) else list(thresholds)
     if len(thresholds) != len(pairs) or [p[0] for p in pairs] != sorted(p[0] for p in pairs):
@@ -180,19 +182,22 @@ def token_counts(tokenizer, texts, max_length=256):
 
 
 def text_flops(model, tokens, layers):
-    """{n: (N,) encoder FLOPs of each text (tokens [N]) through the first n layers} for every n in layers."""
+    """{n: (N,) encoder FLOPs of each text (tokens [N]) through the first n layers} for every n in
+    layers."""
     return {n: np.array([flops.encoder_flops(model, n, t) for t in tokens]) for n in set(layers)}
 
 
 def classification_costs(model, tokenizer, texts, pairs, num_classes, max_length=256):
-    """{pair: mean FLOPs per text} of classifying at one pair: the encoder's first n layers + the head (2 d C)."""
+    """{pair: mean FLOPs per text} of classifying at one pair: the encoder's first n layers + the
+    head (2 d C)."""
     per_layer = text_flops(model, token_counts(tokenizer, texts, max_length), [n for n, _ in pairs])
     return {(n, d): float(per_layer[n].mean()) + 2 * d * num_classes for n, d in pairs}
 
 
 @dataclass
 class CascadeOutcomes:
-    """Every pair's answer to every text, from one forward pass: all that Eq. 20 needs to price any thresholds."""
+    """Every pair's answer to every text, from one forward pass: all that Eq. 20 needs to price any
+    thresholds."""
     pairs: list  # [(n, d)] in order of layer
     confidence: torch.Tensor  # (N, P): max softmax probability of each pair's head
     predicted: torch.Tensor  # (N, P): each pair's class
@@ -317,7 +322,8 @@ def choose_thresholds(outcomes, tolerance=0.005, grid=THRESHOLD_GRID, margin=0.0
 
 
 def plot_cascade(points, accuracy_by_pair, costs, pairs, path):
-    """Accuracy against FLOPs relative to the full pair: each pair alone, and the cascade's thresholds (PNG)."""
+    """Accuracy against FLOPs relative to the full pair: each pair alone, and the cascade's
+    thresholds (PNG)."""
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -1,11 +1,15 @@
 """Classify with every size of a 2D encoder: MRL's nested classifiers, MRL-E, its baselines and the
 2D cascade (README Eq. 18-20; Kusupati et al., 2022).
 
-    python -m classification.classify                             # packaged MiniLM, embedded mini_newsgroup
+    # packaged MiniLM, embedded mini_newsgroup
+    python -m classification.classify
     python -m classification.classify --dataset polarity --model_name_or_path out/srl
-    python -m classification.classify --dataset tweets --max_train_samples 4000 --max_eval_samples 2000   # 3-class sentiment
-    python -m classification.classify --train_file train.tsv --test_file test.tsv   # text<TAB>label, or JSONL {"text", "label"}
-    python -m classification.classify --tuning full --max_steps 50   # encoder and heads end to end (Eq. 19)
+    # 3-class sentiment
+    python -m classification.classify --dataset tweets --max_train_samples 4000 --max_eval_samples 2000
+    # text<TAB>label, or JSONL {"text", "label"}
+    python -m classification.classify --train_file train.tsv --test_file test.tsv
+    # encoder and heads end to end (Eq. 19)
+    python -m classification.classify --tuning full --max_steps 50
 
 At every layer-dim pair: linear-probe accuracy of one head per pair (MRL) and of one shared, sliced
 head (MRL-E), 1-nearest-neighbour accuracy and class-based mAP@10 (training-free), and two baselines
@@ -89,7 +93,8 @@ def parse_args(argv=None):
 
 def probe_accuracy(classifier, train_x, train_y, test_x, test_y, epochs, learning_rate,
                    weight_decay, seed):
-    """{pair: accuracy} of a classifier fitted on train_x and scored on test_x (dicts of (N, d) features)."""
+    """{pair: accuracy} of a classifier fitted on train_x and scored on test_x (dicts of (N, d)
+    features)."""
     cascade.fit_probe(classifier, train_x, train_y, epochs, learning_rate, weight_decay, seed)
     with torch.no_grad():
         return {
@@ -122,7 +127,8 @@ def main(argv=None):
         split = datasets.CLASSIFICATION_SETS[args.dataset](args.seed)
         (train_texts, train_y), (test_texts,
                                  test_y), names = split["train"], split["test"], split["labels"]
-        source = f"embedded {args.dataset}, split {len(train_texts)}/{len(test_texts)} by seed {args.seed}"
+        source = (f"embedded {args.dataset}, split {len(train_texts)}/{len(test_texts)} by seed "
+                  f"{args.seed}")
     if args.max_train_samples or args.max_eval_samples:
         train_texts, train_y = datasets.subsample(train_texts, train_y, args.max_train_samples,
                                                   args.seed, "train")

@@ -31,7 +31,8 @@ class _BunchUnpickler(pickle.Unpickler):
 
 
 def _split(texts, labels, label_names, seed, test_share=0.5):
-    """A seeded split, stratified by label -> {'train': (texts, labels), 'test': (texts, labels), 'labels': names}."""
+    """A seeded split, stratified by label -> {'train': (texts, labels), 'test': (texts, labels),
+    'labels': names}."""
     rng = random.Random(seed)
     split = {"train": ([], []), "test": ([], [])}
     for label in sorted(set(labels)):
@@ -57,7 +58,8 @@ def newsgroups_classification(seed=0):
 
 
 def polarity_classification(seed=0):
-    """gensim's pang_lee_polarity.cor: 200 movie-review sentences, '__label__pos/neg', split half/half, seeded."""
+    """gensim's pang_lee_polarity.cor: 200 movie-review sentences, '__label__pos/neg', split
+    half/half, seeded."""
     texts, labels = [], []
     # the file is latin-1
     with open(data.gensim_data("pang_lee_polarity.cor"), encoding="latin-1") as f:
@@ -112,7 +114,8 @@ def subsample(texts, labels, count, seed=0, part="train"):
 
 
 def read_labelled_file(path, label_names=None):
-    """text<TAB>label TSV or JSONL {"text", "label"} -> (texts, label ids, label names); labels as in the file."""
+    """text<TAB>label TSV or JSONL {"text", "label"} -> (texts, label ids, label names); labels as
+    in the file."""
     lines, pairs = data._Lines(path), []
     if data._is_jsonl(path):
         for line_no, record in lines.jsonl():

@@ -19,7 +19,8 @@ from recipe import flops
 
 
 def parse_funnel(text):
-    """'2x24:50:6x384' -> ([(2, 24), (6, 384)], [50]): pairs small to large with a shortlist size between."""
+    """'2x24:50:6x384' -> ([(2, 24), (6, 384)], [50]): pairs small to large with a shortlist size
+    between."""
     parts = text.split(":")
     if len(parts) < 3 or len(parts) % 2 == 0:
         raise ValueError(f"cannot read funnel {text!r}: write SMALL:K:LARGE (e.g. 2x24:50:6x384), "
@@ -87,7 +88,8 @@ def adaptive_search(queries, corpus, ks, depth=10):
 
 
 def search_flops(num_docs, dims, ks):
-    """Eq. 14 search FLOPs of one query: 2 N d_1 + sum_j 2 k_j d_(j+1) (dot products; top-k left out)."""
+    """Eq. 14 search FLOPs of one query: 2 N d_1 + sum_j 2 k_j d_(j+1) (dot products; top-k left
+    out)."""
     if len(ks) != len(dims) - 1:
         raise ValueError(f"{len(dims)} stages need {len(dims) - 1} shortlist sizes, got {len(ks)}")
     return 2 * num_docs * dims[0] + sum(2 * min(k, num_docs) * d for k, d in zip(ks, dims[1:]))

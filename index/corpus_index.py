@@ -3,12 +3,16 @@ streamed over it.
 
     from index import corpus_index as ci; import data, starbucks as sb
     ci.encode_corpus(model, tokenizer, data.stream_msmarco_collection("collection.tsv"), pairs, "index/msmarco",
-                     pooling="cls", max_length=196)                    # resumable; torchrun: one slice of shards per rank
+                     # resumable; torchrun: one slice of shards per rank
+                     pooling="cls", max_length=196)
     index = ci.open_index("index/msmarco")
     q = sb.encode_2d(model, tokenizer, query_texts, pairs, "cls", 32, normalize=index.normalize)
-    scores, rows = ci.search(index, (12, 768), q[(12, 768)], depth=1000)          # (Q, 1000) each, exact
-    scores, rows = ci.adaptive_search(index, [(2, 32), (12, 768)], [q[(2, 32)], q[(12, 768)]], [200])  # Eq. 14
-    run = ci.run_from_hits(index, scores, rows, qids)                               # {qid: {docid: score}}
+    # (Q, 1000) each, exact
+    scores, rows = ci.search(index, (12, 768), q[(12, 768)], depth=1000)
+    # Eq. 14
+    scores, rows = ci.adaptive_search(index, [(2, 32), (12, 768)], [q[(2, 32)], q[(12, 768)]], [200])
+    # {qid: {docid: score}}
+    run = ci.run_from_hits(index, scores, rows, qids)
 
 An index folder (every .npy memory-mappable):
 
@@ -70,7 +74,8 @@ _BAD_DOCID = re.compile(r"[\s\x00]")
 # Writing: shards, each complete or ignored
 
 def stored_widths(pairs):
-    """Eq. 1: {n: D_n}, the widest d that any pair of layer n needs; every (n, d) is a prefix of it."""
+    """Eq. 1: {n: D_n}, the widest d that any pair of layer n needs; every (n, d) is a prefix of
+    it."""
     widths = {}
     for n, d in pairs:
         widths[n] = max(widths.get(n, 0), d)
@@ -121,7 +126,8 @@ def write_shard(folder, shard, docids, vectors, source_sha256=""):
 
 
 def shard_problem(folder, shard, check_hashes=False):
-    """None if the shard is complete (marker present, every file of the size written), else what is wrong."""
+    """None if the shard is complete (marker present, every file of the size written), else what is
+    wrong."""
     path = os.path.join(folder, shard_name(shard))
     try:
         with open(os.path.join(path, SHARD_MARKER)) as f:
@@ -160,7 +166,8 @@ def index_config(pairs, dtype="float16", shard_size=100_000, pooling="cls", max_
 
 
 def start_index(folder, config):
-    """Create the folder and its config, or check that an existing one was started with the same config."""
+    """Create the folder and its config, or check that an existing one was started with the same
+    config."""
     path = os.path.join(folder, CONFIG)
     if os.path.exists(path):
         with open(path) as f:
@@ -246,7 +253,8 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
     encoded, shard, docids, texts, digest = 0, 0, [], [], hashlib.sha256()
 
     def finish_shard():
-        """Encode and write the shard just read, unless it is another rank's or already on disk from the same text."""
+        """Encode and write the shard just read, unless it is another rank's or already on disk from
+        the same text."""
         nonlocal encoded
         if shard % world_size != rank:
             return
@@ -317,7 +325,8 @@ class CorpusIndex:
 
 
 def open_index(folder, check_hashes=False):
-    """The index in `folder`, checked complete (its marker, every shard's files of the size written)."""
+    """The index in `folder`, checked complete (its marker, every shard's files of the size
+    written)."""
     try:
         with open(os.path.join(folder, INDEX_MARKER)) as f:
             marker = json.load(f)
@@ -331,7 +340,8 @@ def open_index(folder, check_hashes=False):
         if problem:
             raise ValueError(f"{os.path.join(folder, shard_name(shard))}: {problem}")
     rank_file = os.path.join(folder, DOCID_RANK)
-    if not os.path.exists(rank_file) or os.path.getsize(rank_file) != marker["docid_rank"]["bytes"] or \
+    if not os.path.exists(rank_file) or \
+            os.path.getsize(rank_file) != marker["docid_rank"]["bytes"] or \
             (check_hashes and training.sha256_of(rank_file) != marker["docid_rank"]["sha256"]):
         raise ValueError(f"{rank_file} is missing or not as written")
     return CorpusIndex(folder, [tuple(p) for p in config["pairs"]], {
@@ -363,7 +373,8 @@ def _prepare(stored, normalize, out):
 
 
 def _map(path):
-    """A .npy file memory-mapped copy-on-write: writable for torch.from_numpy, and nothing ever reaches the file."""
+    """A .npy file memory-mapped copy-on-write: writable for torch.from_numpy, and nothing ever
+    reaches the file."""
     return np.load(path, mmap_mode="c")
 
 
@@ -430,7 +441,8 @@ def gather(index, pair, rows):
 
 
 def docids(index, rows):
-    """The docid (str) of every global row in a (Q, k) or (M,) tensor, as nested lists of the same shape."""
+    """The docid (str) of every global row in a (Q, k) or (M,) tensor, as nested lists of the same
+    shape."""
     flat = rows.reshape(-1).cpu()
     names = [None] * len(flat)
     shard_of = torch.searchsorted(torch.tensor(index.shard_starts), flat, right=True) - 1
@@ -460,7 +472,8 @@ def ranked_lists(index, scores, rows, qids):
 
 
 def run_from_hits(index, scores, rows, qids):
-    """A search's result as a run {qid: {docid: score}}, each query's documents in trec_eval's order."""
+    """A search's result as a run {qid: {docid: score}}, each query's documents in trec_eval's
+    order."""
     return {qid: dict(ranked) for qid, ranked in ranked_lists(index, scores, rows, qids)}
 
 
@@ -671,13 +684,15 @@ def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_s
 
 
 def faiss_search(built, queries, depth):
-    """(scores, rows), each (Q, depth), from a faiss_index; rows are the index's global rows (-1: none found)."""
+    """(scores, rows), each (Q, depth), from a faiss_index; rows are the index's global rows (-1:
+    none found)."""
     scores, rows = built.search(np.ascontiguousarray(queries.float().cpu().numpy()), depth)
     return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
 def overlap_at_k(rows, exact_rows, k):
-    """Recall@k of an approximate search against exact search: the share of the exact top k in the approximate top k."""
+    """Recall@k of an approximate search against exact search: the share of the exact top k in the
+    approximate top k."""
     found = [
         len(set(a[:k].tolist()) & set(e[:k].tolist())) / len(e[:k])
         for a, e in zip(rows, exact_rows)]

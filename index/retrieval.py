@@ -15,7 +15,8 @@ from index import corpus_index as ci
 
 
 def hits_graded(index, scores, rows, qids, qrels):
-    """{qid: [(grade, rank)]} of the judged documents among each judged query's hits (rows best first; -1: none)."""
+    """{qid: [(grade, rank)]} of the judged documents among each judged query's hits (rows best
+    first; -1: none)."""
     graded = {}
     for qid, ranked in ci.ranked_lists(index, scores, rows, qids):
         judgments = qrels.get(qid)

@@ -1,7 +1,8 @@
 """Compute-optimal recipe (Ziarko et al., 2024): which tuning method and size for a FLOP budget
 (README Eq. 15).
 
-    python -m recipe.compute_optimal                          # the default grid on the embedded data
+    # the default grid on the embedded data
+    python -m recipe.compute_optimal
     python -m recipe.compute_optimal --sizes smollm2-135m:2,smollm2-135m:4,random:2x128 --tunings full,lora,freeze:1 \\
         --budgets 2e12,6e12,2e13 --target_budget 2e13 --plot --output_dir output/recipe
 
@@ -85,7 +86,8 @@ def random_llama(layers, hidden, vocab_size, seed=0):
 
 
 class Sizes:
-    """Builds each size's fresh model; the packaged model is loaded once (dequantising takes ~20 s)."""
+    """Builds each size's fresh model; the packaged model is loaded once (dequantising takes ~20
+    s)."""
 
     def __init__(self):
         self.loaded = {}
@@ -111,7 +113,8 @@ class Sizes:
 
 def eval_loss(model, tokenizer, pairs_of_texts, pooling, temperature, similarity, query_max_len,
               passage_max_len, batch_size=32):
-    """Held-out Eq. 3 loss at the full pair: each query against the batch's passages (in-batch negatives)."""
+    """Held-out Eq. 3 loss at the full pair: each query against the batch's passages (in-batch
+    negatives)."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     losses = []
     with torch.no_grad():
@@ -128,7 +131,8 @@ def eval_loss(model, tokenizer, pairs_of_texts, pooling, temperature, similarity
 
 
 def held_out_pairs(count, seed=0):
-    """(query, passage) pairs of the held-out inverse-cloze set (never trained on), a fixed sample."""
+    """(query, passage) pairs of the held-out inverse-cloze set (never trained on), a fixed
+    sample."""
     corpus, queries, qrels = data.embedded_retrieval_set()
     qids = sorted(queries)
     order = np.random.default_rng(seed).permutation(len(qids))[:count]
@@ -251,7 +255,8 @@ def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
 
 
 def run_grid(grid):
-    """Every (size, method, budget) run, reusing finished ones -> (results, skipped: [(size, method, budget, why)])."""
+    """Every (size, method, budget) run, reusing finished ones -> (results, skipped: [(size, method,
+    budget, why)])."""
     records = data.embedded_training_data(seed=0, num_negatives=max(grid.train_group_size - 1, 7))
     held_out, lee, sizes = held_out_pairs(grid.eval_pairs), data.lee_sts(), Sizes()
     plan = [(s, "full", 0.0) for s in grid.sizes] + \
@@ -328,7 +333,8 @@ def recommend(results, fits, budget, metric):
 
 
 def best_per_budget(results, metric):
-    """{budget: {method: (size, value)}}: each method's best size at each budget (the observed frontier)."""
+    """{budget: {method: (size, value)}}: each method's best size at each budget (the observed
+    frontier)."""
     sign = 1 if METRICS[metric] == "higher" else -1
     table = {}
     for r in results:
@@ -401,7 +407,8 @@ def report(results, fits, rec, metric, command, seconds, skipped=()):
 
 
 def plot(results, fits, metric, path):
-    """Metric vs budget (log x; log y for the loss): one colour per method, one marker per size, fitted lines dashed."""
+    """Metric vs budget (log x; log y for the loss): one colour per method, one marker per size,
+    fitted lines dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -39,7 +39,8 @@ def flops_per_token(method, n, n_trainable):
 
 
 def steps_for_budget(budget, per_token, tokens_per_step):
-    """Optimizer steps that fit a budget of training FLOPs (Eq. 15 x tokens per step), at least one."""
+    """Optimizer steps that fit a budget of training FLOPs (Eq. 15 x tokens per step), at least
+    one."""
     steps = int(budget // (per_token * tokens_per_step))
     if steps < 1:
         raise ValueError(f"a budget of {budget:.3g} FLOPs is less than one step "
@@ -60,7 +61,8 @@ def run_parameters(model, max_layer=None):
 
 
 def parameters_run(model, max_layer=None):
-    """N of Eq. 15 for a forward to block max_layer (LoRA adapters not counted): what runs, not what exists."""
+    """N of Eq. 15 for a forward to block max_layer (LoRA adapters not counted): what runs, not what
+    exists."""
     return tuning.parameter_counts(model, run_parameters(model, max_layer))[0]
 
 

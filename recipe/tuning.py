@@ -50,7 +50,8 @@ class LoRALinear(torch.nn.Module):
         return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # (..., out)
 
     def merged(self):
-        """Eq. 16 folded into one nn.Linear: W = W_0 + (alpha / r) B A (same outputs, no adapter)."""
+        """Eq. 16 folded into one nn.Linear: W = W_0 + (alpha / r) B A (same outputs, no
+        adapter)."""
         linear = copy.deepcopy(self.base)
         with torch.no_grad():
             linear.weight += (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
@@ -88,7 +89,8 @@ def add_lora(model, r, alpha, target_modules=ALL_LINEAR):
 
 
 def merge_lora(model):
-    """Replace every LoRALinear by its merged nn.Linear, in place -> the model (loads with AutoModel once saved)."""
+    """Replace every LoRALinear by its merged nn.Linear, in place -> the model (loads with AutoModel
+    once saved)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             _replace(model, name, m.merged())
@@ -96,7 +98,8 @@ def merge_lora(model):
 
 
 def merged_copy(model):
-    """The model as it should be saved: a merged copy when it carries LoRA, else the model itself."""
+    """The model as it should be saved: a merged copy when it carries LoRA, else the model
+    itself."""
     if not any(isinstance(m, LoRALinear) for m in model.modules()):
         return model
     return merge_lora(copy.deepcopy(model))
@@ -106,7 +109,8 @@ def merged_copy(model):
 # Bias-only and block freezing
 
 def train_biases_only(model):
-    """Freeze every parameter but the biases -> their names (BitFit; Llama-style models have none)."""
+    """Freeze every parameter but the biases -> their names (BitFit; Llama-style models have
+    none)."""
     names = [n for n, p in model.named_parameters() if n.rpartition(".")[2] == "bias"]
     if not names:
         raise ValueError(f"{type(model).__name__} has no bias parameters: bias-only tuning would "
@@ -118,7 +122,8 @@ def train_biases_only(model):
 
 
 def train_last_blocks(model, k):
-    """Freeze everything but the last k transformer blocks and the final norm above them -> trained names."""
+    """Freeze everything but the last k transformer blocks and the final norm above them -> trained
+    names."""
     blocks = sb.transformer_layers(model)
     if not 1 <= k <= len(blocks):
         raise ValueError(f"freeze:{k}: k must be in 1..{len(blocks)} (the model has {len(blocks)} "

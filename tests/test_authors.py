@@ -14,12 +14,14 @@ LAYERS, DIMS = [1, 2, 3], [4, 6, 8]
 
 
 def _shrink(x, dim):
-    """sts/matryoshkaloss_modified.py ForwardDecorator.shrink: truncate to dim, then L2-normalise."""
+    """sts/matryoshkaloss_modified.py ForwardDecorator.shrink: truncate to dim, then
+    L2-normalise."""
     return F.normalize(x[..., :dim], p=2, dim=-1)
 
 
 def _mnrl(anchors, *candidates, scale=20.0):
-    """sentence-transformers' MultipleNegativesRankingLoss: cos_sim(a, cat(positives, negatives)) * 20, CE on arange."""
+    """sentence-transformers' MultipleNegativesRankingLoss: cos_sim(a, cat(positives, negatives)) *
+    20, CE on arange."""
     b = torch.cat(candidates)  # all positives, then all negatives
     scores = F.normalize(anchors, dim=-1) @ F.normalize(b, dim=-1).T * scale
     return F.cross_entropy(scores, torch.arange(len(anchors)))
@@ -49,8 +51,8 @@ def _released_starbucks(columns, inner, kl_temperature=0.3, kl_div_weight=1.0,
     for layer, dim in zip(LAYERS[:-1], DIMS):
         loss = loss + inner(*[_shrink(c, dim) for c in columns[layer]]) * 1  # prior_layers_weight
         p, q = torch.cat(columns[layer], dim=0)[:, :dim], final_embeddings.clone()[:, :dim]
-        loss = loss + F.kl_div(F.log_softmax(p, dim=-1), F.softmax(q, dim=-1), reduction="batchmean") \
-            * kl_temperature * kl_div_weight
+        loss = loss + F.kl_div(F.log_softmax(p, dim=-1), F.softmax(q, dim=-1),
+                               reduction="batchmean") * kl_temperature * kl_div_weight
     return loss
 
 

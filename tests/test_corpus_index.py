@@ -1,4 +1,5 @@
-"""index/corpus_index.py: the sharded 2D index, exact streamed search against evaluation's dense path, Eq. 14 on shards."""
+"""index/corpus_index.py: the sharded 2D index, exact streamed search against evaluation's dense
+path, Eq. 14 on shards."""
 import json
 import os
 import random
@@ -26,7 +27,8 @@ TINY_PAIRS = [(2, 8), (2, 16), (4, 32)]
 
 
 def build_index(folder, docids, vectors, shard_size, normalize=False, dtype="float32"):
-    """An index written straight from vectors {n: (N, D_n)} (no encoder), shard by shard as encode_corpus writes it."""
+    """An index written straight from vectors {n: (N, D_n)} (no encoder), shard by shard as
+    encode_corpus writes it."""
     pairs = [(n, v.shape[1]) for n, v in vectors.items()]
     ci.start_index(folder, ci.index_config(pairs, dtype, shard_size, normalize=normalize))
     for shard, start in enumerate(range(0, len(docids), shard_size)):
@@ -45,7 +47,8 @@ def shuffled_docids(count, seed=0):
 
 
 def judged_ranks_of_run(run, qids, qrels):
-    """{qid: [(grade, rank)]} of the judged documents found in a run (in qrels order, as metrics.judged_ranks)."""
+    """{qid: [(grade, rank)]} of the judged documents found in a run (in qrels order, as
+    metrics.judged_ranks)."""
     ranks = {}
     for qid in qids:
         if qid in qrels:
@@ -108,7 +111,8 @@ def test_streamed_search_equals_the_dense_path_exactly_with_ties(tmp_path, path,
         assert [list(run[q].items()) for q in qids] == \
             [trec_order(dense_scores[i], docids, depth) for i in range(len(qids))]
         assert metrics.retrieval_scores(judged_ranks_of_run(run, qids, qrels), qrels, depth) == \
-            metrics.retrieval_scores(metrics.judged_ranks(dense_scores, docids, qids, qrels), qrels, depth)
+            metrics.retrieval_scores(metrics.judged_ranks(dense_scores, docids, qids, qrels), qrels,
+                                     depth)
 
 
 def test_many_documents_tied_at_the_cut_off_come_in_trec_evals_order(tmp_path, path):
@@ -254,7 +258,8 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm
             expected_scores = torch.tensor([list(expected[x].values()) for x in qids])
             assert_same_ranking((scores, rows), (expected_scores, expected_rows), atol=1e-6)
         assert metrics.retrieval_scores(judged_ranks_of_run(run, qids, qrels), qrels, 1000) == \
-            metrics.retrieval_scores(metrics.judged_ranks(dense[pair], docids, qids, qrels), qrels, 1000)
+            metrics.retrieval_scores(metrics.judged_ranks(dense[pair], docids, qids, qrels), qrels,
+                                     1000)
 
 
 def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_non_finite_scores(
@@ -288,7 +293,8 @@ def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_search_refuses_a_non_finite_document_even_when_the_lists_fill_without_it(
         tmp_path, path, normalize, row, bad):
-    """At depth 3 of 300 the lists fill up without the broken document: it used to be skipped, with exit 0."""
+    """At depth 3 of 300 the lists fill up without the broken document: it used to be skipped, with
+    exit 0."""
     vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(8))
     vectors[row, 2] = bad
     index = build_index(str(tmp_path), [str(i) for i in range(300)], {2: vectors}, shard_size=300,
@@ -526,8 +532,10 @@ def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_sever
         dense = metrics.run_from_scores(scores, docids, block, depth)
         assert [list(run[q].items()) for q in block] == [list(dense[q].items()) for q in block]
         block_qrels = {q: qrels[q] for q in block if q in qrels}
-        assert metrics.retrieval_scores(judged_ranks_of_run(run, block, block_qrels), block_qrels, depth) == \
-            metrics.retrieval_scores(metrics.judged_ranks(scores, docids, block, block_qrels), block_qrels, depth)
+        assert metrics.retrieval_scores(judged_ranks_of_run(run, block, block_qrels), block_qrels,
+                                        depth) == \
+            metrics.retrieval_scores(metrics.judged_ranks(scores, docids, block, block_qrels),
+                                     block_qrels, depth)
 
 
 # ----------------------------------------------------------------------------------------------

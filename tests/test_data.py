@@ -1,4 +1,5 @@
-"""data.py: every loader reads a fixture written in the exact public format; bad input gets its error."""
+"""data.py: every loader reads a fixture written in the exact public format; bad input gets its
+error."""
 import gzip
 import json
 
@@ -185,7 +186,8 @@ def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
     corpus, queries, qrels = data.read_beir(str(tmp_path))
     assert list(data.stream_beir_corpus(str(tmp_path))) == list(corpus.items())
     assert data.read_beir_queries(str(tmp_path)) == (queries, qrels)
-    collection = "0\tThe presence of communication.\r\n1\tManhattan project.\textra column\n\n2\ttrailing  \n"
+    collection = ("0\tThe presence of communication.\r\n1\tManhattan project.\textra column\n\n"
+                  "2\ttrailing  \n")
     for name in ("collection.tsv", "collection.tsv.gz"):
         raw = gzip.compress(collection.encode()) if name.endswith(".gz") else collection
         c = write(tmp_path / name, raw)

@@ -1,4 +1,5 @@
-"""Using the sizes (README Eq. 14): early-exit encode, adaptive search, FLOPs, deploy/export.py, evaluate.py --adaptive."""
+"""Using the sizes (README Eq. 14): early-exit encode, adaptive search, FLOPs, deploy/export.py,
+evaluate.py --adaptive."""
 import importlib.util
 import json
 import os
@@ -23,7 +24,8 @@ TEXTS = ["The cat sat on the mat.", "Stocks fell sharply in early trading on Mon
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    """A random 4-layer x 32 BERT with the packaged bert-base-uncased tokenizer, saved as a model folder."""
+    """A random 4-layer x 32 BERT with the packaged bert-base-uncased tokenizer, saved as a model
+    folder."""
     folder = str(tmp_path_factory.mktemp("tiny"))
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4,
@@ -329,7 +331,8 @@ def test_export_of_packaged_minilm_equals_embed_2d(tmp_path):
     assert 0.5 < result["size"] / result["source_size"] < 0.75
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
-        model, tokenizer = AutoModel.from_pretrained(models.resolve_model_path(models.DEFAULT_MODEL)).eval(), \
+        model, tokenizer = \
+            AutoModel.from_pretrained(models.resolve_model_path(models.DEFAULT_MODEL)).eval(), \
             AutoTokenizer.from_pretrained(out)
         got = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_tensor=True,
                                                             normalize_embeddings=True)

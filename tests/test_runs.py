@@ -245,7 +245,8 @@ def _batch(num_queries=4, group=4, seed=0):
 
 
 def _step_setup(model_dir, method="srl"):
-    """(model, tokenizer, embed_pairs, loss_fn) as finetune.py builds them (cosine, mean pooling)."""
+    """(model, tokenizer, embed_pairs, loss_fn) as finetune.py builds them (cosine, mean
+    pooling)."""
     model, tokenizer = models.load_model(model_dir, torch.device("cpu"))
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     config = sb.StarbucksConfig(sb.default_pairs(L, H), "mean", "cos", 0.05)
@@ -277,7 +278,8 @@ def _assert_same_step(a, b):
 
 @pytest.mark.parametrize("method", ["srl", "2dmse"])
 def test_grad_cache_step_equals_the_uncached_step(tiny, method):
-    """Every pair at once (srl: 6 pairs; 2dmse: every layer), chunks of 3 that do not divide 4 or 16."""
+    """Every pair at once (srl: 6 pairs; 2dmse: every layer), chunks of 3 that do not divide 4 or
+    16."""
     model, tokenizer, embed_pairs, loss_fn = _step_setup(tiny["plain"], method)
     queries, passages = _batch()
     uncached = _step(model, model, tokenizer, embed_pairs, loss_fn, queries, passages, 0)
@@ -346,7 +348,8 @@ def _two_rank_worker(rank, port, model_dir, out_dir):
 
 def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenated_batch(
         tiny, tmp_path):
-    """gloo on CPU; each rank holds 2 queries and 8 passages, all 16 passages are candidates for all 4 queries."""
+    """gloo on CPU; each rank holds 2 queries and 8 passages, all 16 passages are candidates for all
+    4 queries."""
     mp.spawn(_two_rank_worker, args=(_free_port(), tiny["plain"], str(tmp_path)), nprocs=2)
     model, tokenizer, embed_pairs, loss_fn = _step_setup(tiny["plain"])
     single = _step(model, model, tokenizer, embed_pairs, loss_fn, *_batch(), 0)
@@ -358,7 +361,8 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenate
 
 
 def _pretrain_step_setup(model_dir):
-    """pretrain.py's SMAE module (encoder and fresh heads, seeded) and a global batch of 8 masked crops."""
+    """pretrain.py's SMAE module (encoder and fresh heads, seeded) and a global batch of 8 masked
+    crops."""
     encoder, tokenizer = models.load_model(model_dir, torch.device("cpu"))
     torch.manual_seed(3)
     heads = sb.SMAEHeads(encoder)
@@ -439,7 +443,8 @@ def test_torchrun_logs_the_losses_of_one_process_with_the_doubled_batch(tiny, tm
 
 
 def test_freeze_unreached_leaves_exactly_the_parameters_the_loss_reaches(tiny):
-    """DDP needs every trainable parameter to get a gradient; here layers 3-4 and the pooler get none."""
+    """DDP needs every trainable parameter to get a gradient; here layers 3-4 and the pooler get
+    none."""
     model, tokenizer = models.load_model(tiny["plain"], torch.device("cpu"))
     frozen = training.freeze_unreached(model, 2)
     assert frozen and all(
@@ -503,7 +508,8 @@ def _finetune_args(tiny, output_dir, *extra):
 @pytest.mark.parametrize("flag, other", [("--method", "full"), ("--learning_rate", "3e-4"),
                                          ("--train_file", None)])
 def test_resume_refuses_another_runs_checkpoint_naming_the_setting(tiny, tmp_path, flag, other):
-    """Another --method, --learning_rate or data file must not 'resume' the first run's checkpoint."""
+    """Another --method, --learning_rate or data file must not 'resume' the first run's
+    checkpoint."""
     lines = open(tiny["train"]).read().splitlines()
     data_file = tmp_path / "train.jsonl"
     data_file.write_text("\n".join(lines) + "\n")
@@ -727,7 +733,8 @@ def test_a_json_string_with_a_unicode_line_separator_is_one_record(tmp_path):
 
 def test_a_moved_copy_of_the_data_resumes_and_a_path_through_a_file_is_refused(
         tiny, tmp_path, capsys):
-    """The run's identity compares the data by content, not by path; --output_dir a_file/sub fails before loading."""
+    """The run's identity compares the data by content, not by path; --output_dir a_file/sub fails
+    before loading."""
     copy = tmp_path / "moved.jsonl"
     copy.write_text(open(tiny["train"]).read())
     finetune.main(_finetune_args(tiny, tmp_path / "run", "--max_steps", "2"))
@@ -755,7 +762,8 @@ def test_overwrite_never_deletes_the_model_a_run_starts_from(tiny, tmp_path, cap
 
 
 def test_a_damaged_checkpoint_with_an_old_marker_falls_back_too(tiny, tmp_path, capsys):
-    """A marker from before checksums (sizes only) and a training state that loads but lacks its parts."""
+    """A marker from before checksums (sizes only) and a training state that loads but lacks its
+    parts."""
     finetune.main(_finetune_args(tiny, tmp_path))
     folder = tmp_path / "checkpoint-3"
     marker = json.load(open(folder / training.MARKER))
@@ -766,7 +774,8 @@ def test_a_damaged_checkpoint_with_an_old_marker_falls_back_too(tiny, tmp_path, 
     capsys.readouterr()
     finetune.main(_finetune_args(tiny, tmp_path, "--resume"))
     out = capsys.readouterr()
-    assert "lacks parts of a training state" in out.err and "resuming from" in out.out and "checkpoint-2" in out.out
+    assert "lacks parts of a training state" in out.err and "resuming from" in out.out and \
+        "checkpoint-2" in out.out
 
 
 def test_a_model_retrained_in_place_is_another_run(tiny, tmp_path):

@@ -24,7 +24,8 @@ def batch(B=3, T=7, vocab=30522, seed=0):
 # ---- pairs -------------------------------------------------------------------------------------
 
 def test_default_pairs_bert_base_is_the_papers_grid():
-    """The paper's six pairs for BERT-base, written out here (README, Eq. 1), not read from the constant."""
+    """The paper's six pairs for BERT-base, written out here (README, Eq. 1), not read from the
+    constant."""
     assert sb.default_pairs(12, 768) == [(2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768)]
 
 

@@ -1,4 +1,5 @@
-"""recipe/tuning.py: LoRA (Eq. 16) is exact, each method trains exactly what it claims, FLOPs (Eq. 15) by hand."""
+"""recipe/tuning.py: LoRA (Eq. 16) is exact, each method trains exactly what it claims, FLOPs (Eq.
+15) by hand."""
 import json
 
 import pytest
