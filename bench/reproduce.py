@@ -219,15 +219,9 @@ def classification_rows(study, seed, pairs):
             for n, d in pairs:
                 layer = os.path.join(study.output_dir, f"separate_seed{seed}", "model",
                                      f"layer_{n}")
-                rows["FF (separate)"].update(
-                    accuracy(
-                        layer,
-                        f"separate_{n}x{d}",
-                        "--pairs",
-                        f"{n}x{d}",
-                        # one pair: no cascade
-                        "--thresholds",
-                        "1.01")["MRL"])
+                # one pair: no cascade
+                rows["FF (separate)"].update(accuracy(layer, f"separate_{n}x{d}", "--pairs",
+                                                      f"{n}x{d}", "--thresholds", "1.01")["MRL"])
         if "srl" in study.methods:
             rows["SRL + probe"] = accuracy(
                 os.path.join(study.output_dir, f"srl_seed{seed}", "model"), "srl")["MRL"]

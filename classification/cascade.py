@@ -154,12 +154,11 @@ def cascade_classify(model, input_ids, attention_mask, classifier, pairs, thresh
             hidden = out[0] if isinstance(out, tuple) else out
         layers_run = n
         h = norm(hidden) if norm is not None else hidden
-        # (b, C)
-        probabilities = F.softmax(classifier.logits((n, d),
-                                                    sb.pool(h, mask, pooling)[:, :d]), dim=-1)
+        probabilities = F.softmax(classifier.logits((n, d), sb.pool(h, mask, pooling)[:, :d]),
+                                  dim=-1)  # (b, C)
         confidence, predicted = probabilities.max(-1)
-        stop = confidence >= thresholds[i] if i < len(pairs) - 1 else torch.ones_like(
-            confidence, dtype=torch.bool)
+        stop = (confidence >= thresholds[i] if i < len(pairs) - 1
+                else torch.ones_like(confidence, dtype=torch.bool))
         predictions[rows[stop]], stopped_at[rows[stop]] = predicted[stop], i
         keep = ~stop
         if not keep.any():

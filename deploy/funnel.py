@@ -144,16 +144,9 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
                      settings.query_max_len)  # warm-up, untimed
         for label, (stage_pairs, stage_ks) in searches.items():
             start = time.perf_counter()
-            q_emb = sb.encode_2d(
-                model,
-                tokenizer,
-                texts,
-                stage_pairs,
-                config.pooling,
-                settings.query_max_len,
-                # stops at the largest stage's layer
-                settings.batch_size,
-                normalize)
+            # stops at the largest stage's layer
+            q_emb = sb.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling,
+                                 settings.query_max_len, settings.batch_size, normalize)
             encoded = time.perf_counter()
             scores, indices = rank(q_emb, stage_pairs, stage_ks)
             searched = time.perf_counter()

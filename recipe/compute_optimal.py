@@ -158,45 +158,17 @@ def run_name(size, tuning_spec, budget):
 def finetune_argv(grid, tuning_spec, budget, L, H, base, output_dir):
     """finetune.py's command line for one run (its defaults, the recipe's settings)."""
     method = tuning.parse_tuning(tuning_spec)[0]
-    return [
-        "--model_name_or_path",
-        base,
-        "--method",
-        grid.method,
-        "--pairs",
-        f"{L}x{H}",
-        "--pooling",
-        "mean",
-        "--similarity",
-        "cos",
-        "--temperature",
-        str(grid.temperature),
-        "--tuning",
-        tuning_spec,
-        "--lora_r",
-        str(grid.lora_r),
-        "--lora_alpha",
-        str(grid.lora_alpha),
-        "--flops_budget",
-        str(budget),
-        "--learning_rate",
-        str(grid.learning_rates[method]),
-        "--per_device_train_batch_size",
-        str(grid.per_device_train_batch_size),
-        "--train_group_size",
-        str(grid.train_group_size),
-        "--query_max_len",
-        str(grid.query_max_len),
-        "--passage_max_len",
-        str(grid.passage_max_len),
-        "--save_steps",
-        "0",
-        "--seed",
-        str(grid.seed),
-        # a run left unfinished starts over
-        "--output_dir",
-        output_dir,
-        "--overwrite_output_dir"]
+    # a run left unfinished starts over
+    return ["--model_name_or_path", base, "--method", grid.method, "--pairs", f"{L}x{H}",
+            "--pooling", "mean", "--similarity", "cos", "--temperature", str(grid.temperature),
+            "--tuning", tuning_spec, "--lora_r", str(grid.lora_r), "--lora_alpha",
+            str(grid.lora_alpha), "--flops_budget", str(budget),
+            "--learning_rate", str(grid.learning_rates[method]),
+            "--per_device_train_batch_size", str(grid.per_device_train_batch_size),
+            "--train_group_size", str(grid.train_group_size),
+            "--query_max_len", str(grid.query_max_len),
+            "--passage_max_len", str(grid.passage_max_len), "--save_steps", "0",
+            "--seed", str(grid.seed), "--output_dir", output_dir, "--overwrite_output_dir"]
 
 
 def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):

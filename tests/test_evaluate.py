@@ -127,13 +127,10 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
     (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "coffee"}) + "\n")
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\n")
     runs = tmp_path / "runs"
-    results = evaluate.main([
-        "--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs", "2x16,4x32",
-        "--sts_files",
-        str(sts), "--beir_dirs",
-        str(beir), "--runs",
-        str(runs), "--output_dir",
-        str(tmp_path / "out")])
+    results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--names", "tiny",
+                             "--pairs", "2x16,4x32", "--sts_files", str(sts),
+                             "--beir_dirs", str(beir), "--runs", str(runs),
+                             "--output_dir", str(tmp_path / "out")])
     assert set(results["tiny"]) == {"sts.tsv", "beir"}
     assert set(results["tiny"]["beir"]) == {"2x16", "4x32"}
     saved = json.load(open(tmp_path / "out" / "results.json"))
