@@ -1,12 +1,14 @@
-"""GradCache (--grad_cache_chunk) against the plain step: peak activation memory and step time, side by side.
+"""GradCache (--grad_cache_chunk) against the plain step: peak activation memory and step time, side
+by side.
 
     python bench/bench_grad_cache.py [--per_device_train_batch_size 8 --train_group_size 4 --chunk 8]
 
 One SRL step (every pair, Eq. 5) of the packaged MiniLM on a real batch of the embedded data.
 Memory: each variant in a fresh process, the peak resident size during one step minus the size
-before it (CPU; on a GPU, torch.cuda.max_memory_allocated tells the same). Time: both variants in one
-process, alternating, the median of the per-round ratios. GradCache holds one chunk's activations
-at a time and pays one extra forward pass without a graph: the goals are memory <= 0.5, time <= 1.6.
+before it (CPU; on a GPU, torch.cuda.max_memory_allocated tells the same). Time: both variants in
+one process, alternating, the median of the per-round ratios. GradCache holds one chunk's
+activations at a time and pays one extra forward pass without a graph: the goals are memory <= 0.5,
+time <= 1.6.
 """
 import argparse
 import json
@@ -39,12 +41,14 @@ def setup(batch_size, group_size, passage_max_len, chunk):
     model.train()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     embed_pairs = sb.default_pairs(L, H)
-    loss_fn = lambda q, p, gold, g: sb.srl_loss(q, p, embed_pairs, 0.05, 1.0, "cos")  # Eq. 5, as finetune.py
+    # Eq. 5, as finetune.py
+    loss_fn = lambda q, p, gold, g: sb.srl_loss(q, p, embed_pairs, 0.05, 1.0, "cos")
     records = data.embedded_training_data(num_negatives=group_size - 1)
-    queries, passages, _ = training.batch_texts(records, "contrastive", list(range(batch_size)), group_size,
-                                                random.Random(0))
+    queries, passages, _ = training.batch_texts(records, "contrastive", list(range(batch_size)),
+                                                group_size, random.Random(0))
     q = tok(queries, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-    p = tok(passages, padding="max_length", truncation=True, max_length=passage_max_len, return_tensors="pt")
+    p = tok(passages, padding="max_length", truncation=True, max_length=passage_max_len,
+            return_tensors="pt")
 
     def step(chunk, q=q, p=p):
         training.contrastive_step(model, embed_pairs, "mean", loss_fn, q, p, None, None, chunk)
@@ -77,11 +81,17 @@ def main():
         return
     memory = {}
     for name, chunk in (("plain", 0), ("grad_cache", args.chunk)):
-        argv = [sys.executable, os.path.abspath(__file__), "--memory_child", "--chunk", str(chunk),
-                "--per_device_train_batch_size", str(args.per_device_train_batch_size),
-                "--train_group_size", str(args.train_group_size), "--passage_max_len", str(args.passage_max_len)]
-        memory[name] = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()[-1])
-    step = setup(args.per_device_train_batch_size, args.train_group_size, args.passage_max_len, args.chunk)
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__), "--memory_child", "--chunk",
+            str(chunk), "--per_device_train_batch_size",
+            str(args.per_device_train_batch_size), "--train_group_size",
+            str(args.train_group_size), "--passage_max_len",
+            str(args.passage_max_len)]
+        memory[name] = json.loads(
+            subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()[-1])
+    step = setup(args.per_device_train_batch_size, args.train_group_size, args.passage_max_len,
+                 args.chunk)
     times = {"plain": [], "grad_cache": []}
     for _ in range(args.repeats):
         for name, chunk in (("plain", 0), ("grad_cache", args.chunk)):
@@ -89,11 +99,13 @@ def main():
             step(chunk)
             times[name].append(time.perf_counter() - start)
     ratio = statistics.median(c / p for c, p in zip(times["grad_cache"], times["plain"]))
-    print(f"# MiniLM-L6 SRL step, B={args.per_device_train_batch_size} G={args.train_group_size}, passages of "
-          f"{args.passage_max_len} tokens, chunk {args.chunk}, threads {torch.get_num_threads()}: "
-          f"plain {statistics.median(times['plain']):.2f}s {memory['plain'] / 2**20:.0f} MiB, "
-          f"grad_cache {statistics.median(times['grad_cache']):.2f}s {memory['grad_cache'] / 2**20:.0f} MiB")
-    print(f"RATIO grad_cache_peak_memory_vs_plain {memory['grad_cache'] / memory['plain']:.3f} goal <=0.5")
+    print(f"# MiniLM-L6 SRL step, B={args.per_device_train_batch_size} G={args.train_group_size}, "
+          f"passages of {args.passage_max_len} tokens, chunk {args.chunk}, threads "
+          f"{torch.get_num_threads()}: plain {statistics.median(times['plain']):.2f}s "
+          f"{memory['plain'] / 2**20:.0f} MiB, grad_cache "
+          f"{statistics.median(times['grad_cache']):.2f}s {memory['grad_cache'] / 2**20:.0f} MiB")
+    print(f"RATIO grad_cache_peak_memory_vs_plain {memory['grad_cache'] / memory['plain']:.3f} "
+          "goal <=0.5")
     print(f"RATIO grad_cache_step_time_vs_plain {ratio:.3f} goal <=1.6")
 
 

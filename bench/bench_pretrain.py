@@ -1,5 +1,6 @@
-"""One SMAE step (Eq. 13, vocabulary logits at masked positions only) against the same step with logits
-at every position for every pair (as the authors' code computes them) and one plain MLM step, side by side.
+"""One SMAE step (Eq. 13, vocabulary logits at masked positions only) against the same step with
+logits at every position for every pair (as the authors' code computes them) and one plain MLM step,
+side by side.
 
     python bench/bench_pretrain.py [--repeats 3] [--per_device_train_batch_size 4]
 
@@ -7,8 +8,9 @@ The packaged MiniLM-L6 in train mode on one batch of 128-token crops of the embe
 same masks for all three; a step is forward + backward. Steps alternate so that all variants see the
 same machine state; each ratio is the median of the per-round ratios (the first round warms up and
 is dropped). Peak memory: CUDA's peak allocation; on CPU (no allocator statistics) the bytes of the
-tensors (weights excluded) autograd saves for backward, i.e. the activation memory at the end of the forward.
-FLOPs are counted by torch's FlopCounterMode (matmuls, attention included via eager attention).
+tensors (weights excluded) autograd saves for backward, i.e. the activation memory at the end of the
+forward. FLOPs are counted by torch's FlopCounterMode (matmuls, attention included via eager
+attention).
 """
 import argparse
 import copy
@@ -28,7 +30,8 @@ import training  # noqa: E402
 
 
 def saved_bytes(step, parameters):
-    """Bytes of the distinct non-parameter storages autograd saves during step() (its activation memory)."""
+    """Bytes of the distinct non-parameter storages autograd saves during step() (its activation
+    memory)."""
     storages = {}
     weights = {p.untyped_storage().data_ptr() for p in parameters}
 
@@ -44,7 +47,8 @@ def saved_bytes(step, parameters):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--max_length", type=int, default=128)
@@ -58,24 +62,26 @@ def main():
     pairs = sb.default_pairs(L, H)
     crops = training.crop_documents(tokenizer, data.training_documents()[:40], args.max_length)
     crops = [c for c in crops if len(c) == args.max_length][:args.per_device_train_batch_size]
-    ids, mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id, tokenizer.all_special_ids)
+    ids, mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id,
+                                                 tokenizer.all_special_ids)
     enc, labels, dec, dec_labels = (x.to(device) for x in sb.whole_word_masking(
         ids, maskable, training.subword_flags(tokenizer), tokenizer.mask_token_id, seed=0))
     mask = mask.to(device)
 
-    def plain_mlm(model, all_positions=True):  # BERT's MLM: the full model, logits at every position
+    # BERT's MLM: the full model, logits at every position
+    def plain_mlm(model, all_positions=True):
         h = sb.layer_hidden_states(model, enc, mask, [L])[L]
         return sb.mlm_loss(heads, model.get_input_embeddings().weight, h, labels, all_positions)
 
     variants = {
         "smae": lambda model: sb.smae_loss(model, heads, enc, mask, labels, dec, dec_labels, pairs),
-        "all_position_logits": lambda model: sb.smae_loss(model, heads, enc, mask, labels, dec, dec_labels, pairs,
-                                                         all_positions=True),
-        "plain_mlm": plain_mlm,
-    }
+        "all_position_logits": lambda model: sb.smae_loss(model, heads, enc, mask, labels, dec,
+                                                          dec_labels, pairs, all_positions=True),
+        "plain_mlm": plain_mlm, }
     tokens = int(mask.sum())
     eager = copy.deepcopy(encoder)
-    eager.set_attn_implementation("eager")  # CPU SDPA is invisible to the FLOP counter; eager is plain matmuls
+    # CPU SDPA is invisible to the FLOP counter; eager is plain matmuls
+    eager.set_attn_implementation("eager")
     flops = {}
     for name, step in variants.items():
         with FlopCounterMode(display=False) as counter:
@@ -90,7 +96,8 @@ def main():
             step(encoder).backward()
             memory[name] = torch.cuda.max_memory_allocated()
         else:
-            memory[name] = saved_bytes(lambda: step(encoder), [*encoder.parameters(), *heads.parameters()])
+            memory[name] = saved_bytes(lambda: step(encoder),
+                                       [*encoder.parameters(), *heads.parameters()])
         encoder.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
     times = {name: [] for name in variants}
     for repeat in range(args.repeats + 1):
@@ -114,18 +121,22 @@ def main():
     matmul = 5 * 2 * 2048 ** 3 / (time.perf_counter() - start)
     ratio = lambda x, y: statistics.median(s / t for s, t in zip(times[x], times[y]))
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"# MiniLM-L6 SMAE step (forward + backward), B={len(crops)} x {args.max_length} tokens, {len(pairs)} pairs "
-          f"{pairs}, device {device}, threads {torch.get_num_threads()}, median of {args.repeats}: "
+    print(f"# MiniLM-L6 SMAE step (forward + backward), B={len(crops)} x {args.max_length} tokens, "
+          f"{len(pairs)} pairs {pairs}, device {device}, threads {torch.get_num_threads()}, median "
+          f"of {args.repeats}: "
           + ", ".join(f"{n} {t:.3f}s" for n, t in median.items()))
-    print(f"RATIO smae_vs_all_position_logits {ratio('smae', 'all_position_logits'):.3f} goal <=0.5")
+    print(
+        f"RATIO smae_vs_all_position_logits {ratio('smae', 'all_position_logits'):.3f} goal <=0.5")
     print(f"RATIO smae_vs_plain_mlm {ratio('smae', 'plain_mlm'):.3f} goal <=3.0")
     what = "peak allocated" if device.type == "cuda" else "saved for backward (activations)"
     print(f"MEMORY_MB ({what}) " + " ".join(f"{n}={m / 2**20:.0f}" for n, m in memory.items()))
-    print("FLOPS_PER_TOKEN (counted, forward + backward) " + " ".join(f"{n}={f / 1e6:.0f}M" for n, f in flops.items())
-          + f"; FLOP ratios smae/all_position_logits={flops['smae'] / flops['all_position_logits']:.3f} "
+    print("FLOPS_PER_TOKEN (counted, forward + backward) " +
+          " ".join(f"{n}={f / 1e6:.0f}M" for n, f in flops.items()) + "; FLOP ratios "
+          f"smae/all_position_logits={flops['smae'] / flops['all_position_logits']:.3f} "
           f"smae/plain_mlm={flops['smae'] / flops['plain_mlm']:.3f}")
-    print("ACHIEVED_GFLOPS " + " ".join(f"{n}={flops[n] * tokens / median[n] / 1e9:.1f}" for n in variants)
-          + f"; this machine's 2048^3 fp32 matmul: {matmul / 1e9:.1f}")
+    print("ACHIEVED_GFLOPS " + " ".join(f"{n}={flops[n] * tokens / median[n] / 1e9:.1f}"
+                                        for n in variants) +
+          f"; this machine's 2048^3 fp32 matmul: {matmul / 1e9:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,37 @@
-"""Paper-scale retrieval (index/corpus_index.py), measured in one run: memory and time of streamed exact search against
-corpus size, its FLOP rate against this machine's matmul, the 2D funnel (Eq. 14) on the sharded index, what
-float16 storage costs, and the work an interrupted encoding redoes.
+"""Paper-scale retrieval (index/corpus_index.py), measured in one run: memory and time of streamed
+exact search against corpus size, its FLOP rate against this machine's matmul, the 2D funnel (Eq.
+14) on the sharded index, what float16 storage costs, and the work an interrupted encoding redoes.
 
-    python bench/bench_scale.py                                            # about 5 minutes on 2 CPU cores
-    python bench/bench_scale.py --model_name_or_path output/demo/srl      # the funnel's quality on the demo's SRL model
-    python bench/bench_scale.py --large_docs 8800000 --dim 768 --device cuda   # bigger (not run here: no GPU)
+    # about 5 minutes on 2 CPU cores
+    python bench/bench_scale.py
+    # the funnel's quality on the demo's SRL model
+    python bench/bench_scale.py --model_name_or_path output/demo/srl
+    # bigger (not run here: no GPU)
+    python bench/bench_scale.py --large_docs 8800000 --dim 768 --device cuda
 
-- peak_memory_2M_vs_200k, search_time_2M_vs_200k: exact search (depth --depth) of the same --queries random
-  unit queries over --small_docs and --large_docs random unit vectors written as float16 shards, each search in
-  its own process (peak resident memory while the search runs: VmHWM, reset when it starts; Linux only).
+- peak_memory_2M_vs_200k, search_time_2M_vs_200k: exact search (depth --depth) of the same --queries
+  random unit queries over --small_docs and --large_docs random unit vectors written as float16
+  shards, each search in its own process (peak resident memory while the search runs: VmHWM, reset
+  when it starts; Linux only).
 - exact_search_flop_rate_vs_matmul: 2 Q N d / time of exact search (--flop_queries over --flop_docs
   x --flop_dim, depth --depth; the fastest of 3) over the FLOP rate of a 2048^3 float32 matmul (the
   fastest of 5), same device and threads; the search as it runs here (FAISS's flat search per chunk
   where FAISS is installed and the device is a CPU). Beside it: the torch.topk path without FAISS.
-- adaptive_speedup_queries_in_blocks: --adaptive against exhaustive search at its last pair, both streamed
-  over the same float16 shards of --adaptive_docs random vectors, --block queries at once, median of
-  --rounds; beside it, the share of the funnel's time that its first stage takes alone (median).
-- adaptive_ndcg10_kept: nDCG@10 of the funnel over exhaustive search at its last pair on the real embedded
-  set (wiki-ict, inverse-cloze over held-out Wikipedia: a NON-STANDARD task), encoded by --model_name_or_path.
-- encode_resume_lost_work: the real set encoded in shards of --resume_shard_size passages, kill -9 once half
-  the passages were handed to the encoder, then resumed: (passages encoded by both runs - N) / N. A batch
-  counts as encoded when it starts, so a batch cut short by the kill counts as lost.
-- FLOAT16 lines: nDCG@10 at every pair of the model from float32 and from float16 shards of the real set.
-- FAISS lines (when faiss is installed): flat, IVF and HNSW indexes of the small scaling corpus, recall@k
-  against exact search (corpus_index defaults: nlist 4 sqrt(N), nprobe 16; HNSW M 32, efSearch 128).
+- adaptive_speedup_queries_in_blocks: --adaptive against exhaustive search at its last pair, both
+  streamed over the same float16 shards of --adaptive_docs random vectors, --block queries at once,
+  median of --rounds; beside it, the share of the funnel's time that its first stage takes alone
+  (median).
+- adaptive_ndcg10_kept: nDCG@10 of the funnel over exhaustive search at its last pair on the real
+  embedded set (wiki-ict, inverse-cloze over held-out Wikipedia: a NON-STANDARD task), encoded by
+  --model_name_or_path.
+- encode_resume_lost_work: the real set encoded in shards of --resume_shard_size passages, kill -9
+  once half the passages were handed to the encoder, then resumed: (passages encoded by both runs -
+  N) / N. A batch counts as encoded when it starts, so a batch cut short by the kill counts as lost.
+- FLOAT16 lines: nDCG@10 at every pair of the model from float32 and from float16 shards of the real
+  set.
+- FAISS lines (when faiss is installed): flat, IVF and HNSW indexes of the small scaling corpus,
+  recall@k against exact search (corpus_index defaults: nlist 4 sqrt(N), nprobe 16; HNSW M 32,
+  efSearch 128).
 """
 import argparse
 import json
@@ -51,7 +59,8 @@ from timing import fastest, median_ratio  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
     p.add_argument("--small_docs", type=int, default=200_000)
     p.add_argument("--large_docs", type=int, default=2_000_000)
@@ -68,32 +77,42 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--resume_shard_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every side")
-    p.add_argument("--device", default="cpu", help="where the synthetic searches and the matmul run")
-    p.add_argument("--workdir", default=None, help="where the shards go (default: a new folder in /tmp, removed)")
-    p.add_argument("--search_child", nargs=3, metavar=("INDEX", "QUERIES", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu",
+                   help="where the synthetic searches and the matmul run")
+    p.add_argument("--workdir", default=None,
+                   help="where the shards go (default: a new folder in /tmp, removed)")
+    p.add_argument("--search_child", nargs=3, metavar=("INDEX", "QUERIES", "OUT"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--encode_child", metavar="INDEX", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic corpora: random unit vectors written as shards (search time does not depend on the values)
+# Synthetic corpora: random unit vectors written as shards (search time does not depend on the
+# values)
 
 def write_random_index(folder, num_docs, widths, shard_size, seed):
-    """float16 shards of random vectors {n: D_n} for num_docs documents, cosine; -> seconds taken."""
+    """float16 shards of random vectors {n: D_n} for num_docs documents, cosine; -> seconds
+    taken."""
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    ci.start_index(folder, ci.index_config([(n, d) for n, d in widths.items()], "float16", shard_size, normalize=True))
+    ci.start_index(
+        folder,
+        ci.index_config([(n, d) for n, d in widths.items()], "float16", shard_size, normalize=True))
     for shard, first in enumerate(range(0, num_docs, shard_size)):
         rows = min(shard_size, num_docs - first)
-        vectors = {n: F.normalize(torch.randn(rows, d, generator=g), dim=-1).numpy().astype(np.float16)
-                   for n, d in widths.items()}
+        vectors = {
+            n: F.normalize(torch.randn(rows, d, generator=g), dim=-1).numpy().astype(np.float16)
+            for n, d in widths.items()}
         ci.write_shard(folder, shard, [str(i) for i in range(first, first + rows)], vectors)
     ci.finalize_index(folder, -(-num_docs // shard_size))
     return time.perf_counter() - start
 
 
 def random_queries(count, dim, seed):
-    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)  # (Q, d)
+    # (Q, d)
+    return F.normalize(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)),
+                       dim=-1)
 
 
 def resident_mb(field):
@@ -102,8 +121,9 @@ def resident_mb(field):
 
 
 def search_child(folder, queries_path, out, depth, device):
-    """One search in a fresh process: its time, and the process's peak resident memory while it ran (the peak is
-    reset just before the search, so what importing torch took on the way does not count, what it holds does)."""
+    """One search in a fresh process: its time, and the process's peak resident memory while it ran
+    (the peak is reset just before the search, so what importing torch took on the way does not
+    count, what it holds does)."""
     index = ci.open_index(folder)
     queries = torch.load(queries_path).to(device)
     with open("/proc/self/clear_refs", "w") as f:
@@ -112,17 +132,22 @@ def search_child(folder, queries_path, out, depth, device):
     start = time.perf_counter()
     ci.search(index, (1, queries.shape[1]), queries, depth)
     seconds = time.perf_counter() - start
-    json.dump({"seconds": seconds, "peak_mb": resident_mb("VmHWM"), "before_mb": before}, open(out, "w"))
+    json.dump({"seconds": seconds, "peak_mb": resident_mb("VmHWM"), "before_mb": before},
+              open(out, "w"))
 
 
 def run_search_child(folder, queries_path, out, depth, threads, device):
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--search_child", folder, queries_path, out,
-                    "--depth", str(depth), "--threads", str(threads), "--device", device], check=True)
+    subprocess.run([
+        sys.executable,
+        os.path.abspath(__file__), "--search_child", folder, queries_path, out, "--depth",
+        str(depth), "--threads",
+        str(threads), "--device", device], check=True)
     return json.load(open(out))
 
 
 def faiss_recall(folder, queries):
-    """FAISS (optional) against exact search on one index: recall@10 and @100, build and search seconds."""
+    """FAISS (optional) against exact search on one index: recall@10 and @100, build and search
+    seconds."""
     try:
         import faiss
     except ImportError:
@@ -132,8 +157,9 @@ def faiss_recall(folder, queries):
     pair = (1, queries.shape[1])
     start = time.perf_counter()
     _, exact = ci.search(index, pair, queries, 100)
-    lines = [f"FAISS against exact search ({time.perf_counter() - start:.2f} s), {len(queries)} queries x "
-             f"{index.num_docs} random unit vectors of {pair[1]} dims (no structure: a hard case for IVF and HNSW)"]
+    lines = [f"FAISS against exact search ({time.perf_counter() - start:.2f} s), {len(queries)} "
+             f"queries x {index.num_docs} random unit vectors of {pair[1]} dims (no structure: a "
+             "hard case for IVF and HNSW)"]
     for kind in ("flat", "ivf", "hnsw"):
         start = time.perf_counter()
         built = ci.faiss_index(index, pair, kind)
@@ -155,15 +181,19 @@ def matmul_gflops(device):
 # The real set: quality of the funnel, float16 storage, resumed encoding
 
 def copy_as_float16(source, target):
-    """The float32 index in source written again with float16 storage, as encode_corpus would have written it."""
+    """The float32 index in source written again with float16 storage, as encode_corpus would have
+    written it."""
     index = ci.open_index(source)
     with open(os.path.join(source, ci.CONFIG)) as f:
         config = dict(json.load(f), dtype="float16")
     ci.start_index(target, config)
     for shard in range(len(index.shard_rows)):
         path = os.path.join(source, ci.shard_name(shard))
-        vectors = {n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(np.float16) for n in index.widths}
-        ci.write_shard(target, shard, [d.decode() for d in np.load(os.path.join(path, "docids.npy"))], vectors,
+        vectors = {
+            n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(np.float16)
+            for n in index.widths}
+        ci.write_shard(target, shard,
+                       [d.decode() for d in np.load(os.path.join(path, "docids.npy"))], vectors,
                        ci._read_marker(source, shard)["source_sha256"])
     ci.finalize_index(target, len(index.shard_rows))
     return ci.open_index(target)
@@ -181,24 +211,32 @@ def load(name_or_path):
 
 
 def encode_child(folder, model_name_or_path, shard_size):
-    """Encode the real set into folder, printing the passages handed to the encoder so far (killed by the parent)."""
+    """Encode the real set into folder, printing the passages handed to the encoder so far (killed
+    by the parent)."""
     model, tokenizer, config = load(model_name_or_path)
     corpus, _, _ = data.embedded_retrieval_set()
 
-    def counting_tokenizer(texts, **kwargs):  # encode_2d tokenises each batch just before its forward pass
+    # encode_2d tokenises each batch just before its forward pass
+    def counting_tokenizer(texts, **kwargs):
         counting_tokenizer.passages += len(texts)
         print(f"ENCODED {counting_tokenizer.passages}", flush=True)
         return tokenizer(texts, **kwargs)
     counting_tokenizer.passages = 0
-    encoded = ci.encode_corpus(model, counting_tokenizer, iter(corpus.items()), config.pairs, folder, config.pooling,
-                               128, 8, config.similarity == "cos", shard_size)
+    encoded = ci.encode_corpus(model, counting_tokenizer, iter(corpus.items()), config.pairs,
+                               folder, config.pooling, 128, 8, config.similarity == "cos",
+                               shard_size)
     print(f"RETURNED {encoded}", flush=True)
 
 
 def resume_lost_work(folder, model_name_or_path, shard_size, threads, num_docs):
-    """kill -9 the encoding once half the passages were handed to the encoder, resume; -> (redone / N, details)."""
-    command = [sys.executable, os.path.abspath(__file__), "--encode_child", folder, "--model_name_or_path",
-               model_name_or_path, "--resume_shard_size", str(shard_size), "--threads", str(threads)]
+    """kill -9 the encoding once half the passages were handed to the encoder, resume; -> (redone /
+    N, details)."""
+    command = [
+        sys.executable,
+        os.path.abspath(__file__), "--encode_child", folder, "--model_name_or_path",
+        model_name_or_path, "--resume_shard_size",
+        str(shard_size), "--threads",
+        str(threads)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     handed = 0
     for line in first.stdout:
@@ -206,7 +244,8 @@ def resume_lost_work(folder, model_name_or_path, shard_size, threads, num_docs):
         if handed >= num_docs / 2:
             first.send_signal(signal.SIGKILL)
             break
-    handed = max([handed] + [int(line.split()[1]) for line in first.stdout if line.startswith("ENCODED")])
+    handed = max([handed] +
+                 [int(line.split()[1]) for line in first.stdout if line.startswith("ENCODED")])
     first.wait()
     complete = sum(ci.shard_problem(folder, s) is None for s in range(-(-num_docs // shard_size)))
     second = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
@@ -226,26 +265,30 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     lines = []
     try:
-        # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit vectors
+        # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit
+        #    vectors
         queries_path = os.path.join(workdir, "queries.pt")
         torch.save(random_queries(args.queries, args.dim, seed=1), queries_path)
         sizes = {"small": args.small_docs, "large": args.large_docs}
         for name, num_docs in sizes.items():
-            seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim}, args.shard_size, seed=2)
-            print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} ({seconds:.1f} s)", flush=True)
+            seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim},
+                                         args.shard_size, seed=2)
+            print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} "
+                  f"({seconds:.1f} s)", flush=True)
         runs = {name: [] for name in sizes}
         for _ in range(2):  # alternating; the fastest time and the largest peak of each
             for name in sizes:
-                runs[name].append(run_search_child(os.path.join(workdir, name), queries_path,
-                                                   os.path.join(workdir, f"{name}.json"), args.depth, args.threads,
-                                                   args.device))
+                runs[name].append(
+                    run_search_child(os.path.join(workdir, name), queries_path,
+                                     os.path.join(workdir, f"{name}.json"), args.depth,
+                                     args.threads, args.device))
         best = {name: min(r["seconds"] for r in runs[name]) for name in sizes}
         peak = {name: max(r["peak_mb"] for r in runs[name]) for name in sizes}
         before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
         for name, num_docs in sizes.items():
-            print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth {args.depth}: "
-                  f"{best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} MB "
-                  f"({before[name]:.0f} MB resident when it began)")
+            print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth "
+                  f"{args.depth}: {best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} "
+                  f"MB ({before[name]:.0f} MB resident when it began)")
         print("\n".join(faiss_recall(os.path.join(workdir, "small"), torch.load(queries_path))))
         for name in sizes:
             shutil.rmtree(os.path.join(workdir, name))
@@ -281,26 +324,35 @@ def main(argv=None):
         rate = next(iter(rates.values()))  # of the path that search takes here
         lines.append(f"RATIO exact_search_flop_rate_vs_matmul {rate / matmul_rate:.3f} goal >=0.5")
 
-        # 3. The funnel (Eq. 14) on the sharded index: speed on random vectors, quality on the real set
+        # 3. The funnel (Eq. 14) on the sharded index: speed on random vectors, quality on the real
+        #    set
         pairs, ks = funnel.parse_funnel(args.adaptive)
         last = pairs[-1]
         folder = os.path.join(workdir, "adaptive")
-        seconds = write_random_index(folder, args.adaptive_docs, ci.stored_widths(pairs), args.shard_size, seed=5)
+        seconds = write_random_index(folder, args.adaptive_docs, ci.stored_widths(pairs),
+                                     args.shard_size, seed=5)
         index = ci.open_index(folder)
-        print(f"wrote {args.adaptive_docs} documents at {ci.stored_widths(pairs)} (layer: width), float16 ({seconds:.1f} s)")
-        stage_queries = [random_queries(args.block, d, seed=6 + j).to(args.device) for j, (_, d) in enumerate(pairs)]
+        print(f"wrote {args.adaptive_docs} documents at {ci.stored_widths(pairs)} (layer: width), "
+              f"float16 ({seconds:.1f} s)")
+        stage_queries = [
+            random_queries(args.block, d, seed=6 + j).to(args.device)
+            for j, (_, d) in enumerate(pairs)]
         speedup, exhaustive_s, adaptive_s = median_ratio(
             lambda: ci.search(index, last, stage_queries[-1], 10, args.block),
-            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block), args.rounds)
+            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block),
+            args.rounds)
         first_share, _, _ = median_ratio(  # where the funnel's time goes: its first stage alone
             lambda: ci.search(index, pairs[0], stage_queries[0], ks[0], args.block),
-            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block), args.rounds)
+            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block),
+            args.rounds)
         shutil.rmtree(folder)
-        flops = funnel.search_flops(args.adaptive_docs, [last[1]], []) / funnel.search_flops(args.adaptive_docs, [d for _, d in pairs], ks)
-        print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} documents: exhaustive "
-              f"{exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive {adaptive_s * 1000 / args.block:.2f} ms/query; "
-              f"search FLOPs {flops:.1f}x fewer; the first stage alone ({pairs[0][0]}x{pairs[0][1]}, top {ks[0]}) "
-              f"{first_share:.2f} of the funnel's time")
+        flops = funnel.search_flops(args.adaptive_docs, [last[1]], []) / funnel.search_flops(
+            args.adaptive_docs, [d for _, d in pairs], ks)
+        print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} "
+              f"documents: exhaustive {exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive "
+              f"{adaptive_s * 1000 / args.block:.2f} ms/query; search FLOPs {flops:.1f}x fewer; "
+              f"the first stage alone ({pairs[0][0]}x{pairs[0][1]}, top {ks[0]}) {first_share:.2f} "
+              "of the funnel's time")
 
         model, tokenizer, config = load(args.model_name_or_path)
         sb.check_pairs(pairs, model.config.num_hidden_layers, model.config.hidden_size)
@@ -310,31 +362,39 @@ def main(argv=None):
         normalize = config.similarity == "cos"
         full_folder = os.path.join(workdir, "real_float32")
         start = time.perf_counter()
-        ci.encode_corpus(model, tokenizer, iter(corpus.items()), every_pair, full_folder, config.pooling, 128, 64,
-                         normalize, shard_size=len(corpus), dtype="float32")
+        ci.encode_corpus(model, tokenizer, iter(corpus.items()), every_pair, full_folder,
+                         config.pooling, 128, 64, normalize, shard_size=len(corpus),
+                         dtype="float32")
         encode_rate = len(corpus) / (time.perf_counter() - start)
         indexes = {"float32": ci.open_index(full_folder),
                    "float16": copy_as_float16(full_folder, os.path.join(workdir, "real_float16"))}
-        q = sb.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair, config.pooling, 32, 64, normalize)
+        q = sb.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
+                         config.pooling, 32, 64, normalize)
         half = indexes["float16"]
-        kept = ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids, qrels) / \
-            ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels)
-        print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, {len(qids)} queries, "
-              f"model {args.model_name_or_path}; shortlist {ks[0]} = {ks[0] / len(corpus):.0%} of the real set, "
-              f"{ks[0] / args.adaptive_docs:.3%} of the synthetic corpus; encode_corpus {encode_rate:.1f} passages/s "
-              f"(max_length 128, pairs {every_pair} from one pass per batch, {args.threads} thread(s))")
+        kept = (ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids,
+                       qrels)
+                / ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels))
+        print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, "
+              f"{len(qids)} queries, model {args.model_name_or_path}; shortlist {ks[0]} = "
+              f"{ks[0] / len(corpus):.0%} of the real set, {ks[0] / args.adaptive_docs:.3%} of the "
+              f"synthetic corpus; encode_corpus {encode_rate:.1f} passages/s (max_length 128, "
+              f"pairs {every_pair} from one pass per batch, {args.threads} thread(s))")
         lines += [f"RATIO adaptive_speedup_queries_in_blocks {speedup:.2f} goal >=10",
                   f"RATIO adaptive_ndcg10_kept {kept:.4f} goal >=0.99"]
         for pair in config.pairs:
-            values = {dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels) for dtype, index in indexes.items()}
-            print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 {values['float16']:.4f} "
-                  f"change {values['float16'] - values['float32']:+.5f}")
+            values = {
+                dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels)
+                for dtype, index in indexes.items()}
+            print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 "
+                  f"{values['float16']:.4f} change {values['float16'] - values['float32']:+.5f}")
 
         # 4. Resumed encoding: kill -9 half-way, resume
-        lost, (handed, complete, resumed) = resume_lost_work(os.path.join(workdir, "resume"), args.model_name_or_path,
-                                                             args.resume_shard_size, args.threads, len(corpus))
-        print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed after {handed} were handed "
-              f"to the encoder ({complete} shards complete); the resumed run encoded {resumed}")
+        lost, (handed, complete, resumed) = resume_lost_work(os.path.join(
+            workdir, "resume"), args.model_name_or_path, args.resume_shard_size, args.threads,
+                                                             len(corpus))
+        print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed "
+              f"after {handed} were handed to the encoder ({complete} shards complete); the "
+              f"resumed run encoded {resumed}")
         lines.append(f"RATIO encode_resume_lost_work {lost:.3f} goal <=0.1")
     finally:
         if not args.workdir:

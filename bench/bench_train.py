@@ -3,8 +3,9 @@
     python bench/bench_train.py [--repeats 5]
 
 The packaged MiniLM on a real batch of the embedded inverse-cloze data; steps alternate so that both
-variants see the same machine state; the ratio is the median of the per-round ratios. All pairs come from the same forward pass, so the extra cost is
-only the (B x BG) score matrices of the small pairs: the goal is <= 1.05.
+variants see the same machine state; the ratio is the median of the per-round ratios. All pairs come
+from the same forward pass, so the extra cost is only the (B x BG) score matrices of the small
+pairs: the goal is <= 1.05.
 """
 import argparse
 import os
@@ -33,7 +34,8 @@ def main():
     pairs = sb.default_pairs(model.config.num_hidden_layers, model.config.hidden_size)
     records = data.embedded_training_data(num_negatives=args.train_group_size - 1)
     import random
-    queries, passages, _ = training.batch_texts(records, "contrastive", list(range(args.per_device_train_batch_size)),
+    queries, passages, _ = training.batch_texts(records, "contrastive",
+                                                list(range(args.per_device_train_batch_size)),
                                                 args.train_group_size, random.Random(0))
     q = tok(queries, padding=True, truncation=True, max_length=32, return_tensors="pt")
     d = tok(passages, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -50,10 +52,13 @@ def main():
             model.zero_grad(set_to_none=True)
             if repeat:
                 times[name].append(time.perf_counter() - start)
-    srl, full = statistics.median(times["srl_all_pairs"]), statistics.median(times["full_pair_only"])
-    ratio = statistics.median(a / b for a, b in zip(times["srl_all_pairs"], times["full_pair_only"]))
-    print(f"# MiniLM-L6 train step, B={args.per_device_train_batch_size} G={args.train_group_size}, "
-          f"{len(pairs)} pairs, median of {args.repeats}: srl {srl:.3f}s, full {full:.3f}s, threads {torch.get_num_threads()}")
+    srl, full = statistics.median(times["srl_all_pairs"]), statistics.median(
+        times["full_pair_only"])
+    ratio = statistics.median(a / b
+                              for a, b in zip(times["srl_all_pairs"], times["full_pair_only"]))
+    print(f"# MiniLM-L6 train step, B={args.per_device_train_batch_size} "
+          f"G={args.train_group_size}, {len(pairs)} pairs, median of {args.repeats}: srl "
+          f"{srl:.3f}s, full {full:.3f}s, threads {torch.get_num_threads()}")
     print(f"RATIO srl_step_vs_full_step {ratio:.3f} goal <=1.05")
 
 

@@ -1,12 +1,12 @@
-"""Side-by-side timing for the benchmarks: two pieces of work alternated in each round, so that a busy
-machine slows both alike and their ratio stays meaningful (CPU timings are noisy)."""
+"""Side-by-side timing for the benchmarks: two pieces of work alternated in each round, so that a
+busy machine slows both alike and their ratio stays meaningful (CPU timings are noisy)."""
 import statistics
 import time
 
 
 def median_ratio(numerator, denominator, rounds):
-    """Median over rounds of time(numerator) / time(denominator), the two run alternately in each round;
-    also the median time of each."""
+    """Median over rounds of time(numerator) / time(denominator), the two run alternately in each
+    round; also the median time of each."""
     ratios, times = [], ([], [])
     for _ in range(rounds):
         for f, log in ((numerator, times[0]), (denominator, times[1])):

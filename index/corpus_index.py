@@ -1,13 +1,18 @@
-"""Paper-scale retrieval: a corpus encoded once to a sharded on-disk 2D index, and exact search streamed over it.
+"""Paper-scale retrieval: a corpus encoded once to a sharded on-disk 2D index, and exact search
+streamed over it.
 
     from index import corpus_index as ci; import data, starbucks as sb
     ci.encode_corpus(model, tokenizer, data.stream_msmarco_collection("collection.tsv"), pairs, "index/msmarco",
-                     pooling="cls", max_length=196)                    # resumable; torchrun: one slice of shards per rank
+                     # resumable; torchrun: one slice of shards per rank
+                     pooling="cls", max_length=196)
     index = ci.open_index("index/msmarco")
     q = sb.encode_2d(model, tokenizer, query_texts, pairs, "cls", 32, normalize=index.normalize)
-    scores, rows = ci.search(index, (12, 768), q[(12, 768)], depth=1000)          # (Q, 1000) each, exact
-    scores, rows = ci.adaptive_search(index, [(2, 32), (12, 768)], [q[(2, 32)], q[(12, 768)]], [200])  # Eq. 14
-    run = ci.run_from_hits(index, scores, rows, qids)                               # {qid: {docid: score}}
+    # (Q, 1000) each, exact
+    scores, rows = ci.search(index, (12, 768), q[(12, 768)], depth=1000)
+    # Eq. 14
+    scores, rows = ci.adaptive_search(index, [(2, 32), (12, 768)], [q[(2, 32)], q[(12, 768)]], [200])
+    # {qid: {docid: score}}
+    run = ci.run_from_hits(index, scores, rows, qids)
 
 An index folder (every .npy memory-mappable):
 
@@ -18,10 +23,11 @@ An index folder (every .npy memory-mappable):
     docid_rank.npy                  (N,): each row's position in docid string order (trec_eval's tie order)
     index_complete.json             written last of all: shard sizes, number of documents
 
-Narrower pairs of a layer are prefixes of its stored width (Eq. 1), so nothing is stored twice. The vectors
-are stored raw, not normalised: for cosine similarity Eq. 2 normalises after truncation, so the search
-normalises each pair's first d coordinates when it reads them (a unit vector at width D_n would do too,
-normalisation being scale-invariant, but raw vectors also serve dot-product models unchanged).
+Narrower pairs of a layer are prefixes of its stored width (Eq. 1), so nothing is stored twice. The
+vectors are stored raw, not normalised: for cosine similarity Eq. 2 normalises after truncation, so
+the search normalises each pair's first d coordinates when it reads them (a unit vector at width D_n
+would do too, normalisation being scale-invariant, but raw vectors also serve dot-product models
+unchanged).
 
 Search memory is O(Q x depth) for the running top-k lists, plus one shard's mapped file and
 one chunk (64 MB of vectors; on the torch path 8 MB of scores), whatever the corpus size N.
@@ -60,14 +66,16 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 CHUNK_BYTES = 2 ** 26  # a chunk's float32 vectors: few merges of the top-k lists
 SCORE_BYTES = 2 ** 23  # a chunk's scores on the torch path, which holds them whole
 TIES = 16  # documents fetched past a chunk's k-th: room for ties with it, else it is searched again
-_BAD_DOCID = re.compile(r"[\s\x00]")  # TREC run files split on whitespace; numpy bytes drop trailing NULs
+# TREC run files split on whitespace; numpy bytes drop trailing NULs
+_BAD_DOCID = re.compile(r"[\s\x00]")
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing: shards, each complete or ignored
 
 def stored_widths(pairs):
-    """Eq. 1: {n: D_n}, the widest d that any pair of layer n needs; every (n, d) is a prefix of it."""
+    """Eq. 1: {n: D_n}, the widest d that any pair of layer n needs; every (n, d) is a prefix of
+    it."""
     widths = {}
     for n, d in pairs:
         widths[n] = max(widths.get(n, 0), d)
@@ -89,15 +97,18 @@ def _write_json(path, value):
 
 
 def write_shard(folder, shard, docids, vectors, source_sha256=""):
-    """Write shard number `shard` atomically: files into a hidden folder, each flushed, the marker last, one rename.
+    """Write shard number `shard` atomically: files into a hidden folder, each flushed, the marker
+    last, one rename.
 
-    docids: list of str; vectors: {n: (rows, D_n) numpy array in the storage dtype}. A crash leaves either the
-    complete shard or a hidden folder that no reader opens.
+    docids: list of str; vectors: {n: (rows, D_n) numpy array in the storage dtype}. A crash leaves
+    either the complete shard or a hidden folder that no reader opens.
     """
-    final, tmp = os.path.join(folder, shard_name(shard)), os.path.join(folder, f".{shard_name(shard)}.tmp")
+    final, tmp = os.path.join(folder, shard_name(shard)), os.path.join(
+        folder, f".{shard_name(shard)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    arrays = {"docids.npy": np.array([docid.encode("utf-8") for docid in docids])}  # (rows,) fixed-width bytes
+    # (rows,) fixed-width bytes
+    arrays = {"docids.npy": np.array([docid.encode("utf-8") for docid in docids])}
     arrays.update({f"layer-{n}.npy": v for n, v in vectors.items()})
     marker = {"rows": len(docids), "source_sha256": source_sha256, "files": {}}
     for name, array in arrays.items():
@@ -115,7 +126,8 @@ def write_shard(folder, shard, docids, vectors, source_sha256=""):
 
 
 def shard_problem(folder, shard, check_hashes=False):
-    """None if the shard is complete (marker present, every file of the size written), else what is wrong."""
+    """None if the shard is complete (marker present, every file of the size written), else what is
+    wrong."""
     path = os.path.join(folder, shard_name(shard))
     try:
         with open(os.path.join(path, SHARD_MARKER)) as f:
@@ -124,7 +136,8 @@ def shard_problem(folder, shard, check_hashes=False):
         return "no completeness marker (its encoding did not finish)"
     except (ValueError, KeyError, TypeError):
         return "the completeness marker is unreadable"
-    problem = training.files_problem(path, {name: written["bytes"] for name, written in files.items()})
+    problem = training.files_problem(path,
+                                     {name: written["bytes"] for name, written in files.items()})
     if problem or not check_hashes:
         return problem
     for name, written in files.items():
@@ -138,34 +151,40 @@ def _read_marker(folder, shard):
         return json.load(f)
 
 
-def index_config(pairs, dtype="float16", shard_size=100_000, pooling="cls", max_length=128, normalize=False):
+def index_config(pairs, dtype="float16", shard_size=100_000, pooling="cls", max_length=128,
+                 normalize=False):
     """What an index folder records about its encoding; resuming with anything else is refused."""
     if dtype not in DTYPES:
         raise ValueError(f"storage dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if shard_size < 1:
         raise ValueError(f"shard_size {shard_size} must be positive")
-    return {"format": FORMAT, "pairs": [list(p) for p in pairs],
-            "widths": {str(n): d for n, d in stored_widths(pairs).items()}, "dtype": dtype, "shard_size": shard_size,
-            "pooling": pooling, "max_length": max_length, "normalize": normalize}
+    return {
+        "format": FORMAT, "pairs": [list(p) for p in pairs], "widths": {
+            str(n): d
+            for n, d in stored_widths(pairs).items()}, "dtype": dtype, "shard_size": shard_size,
+        "pooling": pooling, "max_length": max_length, "normalize": normalize}
 
 
 def start_index(folder, config):
-    """Create the folder and its config, or check that an existing one was started with the same config."""
+    """Create the folder and its config, or check that an existing one was started with the same
+    config."""
     path = os.path.join(folder, CONFIG)
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         if saved != config:
             changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-            raise ValueError(f"{folder} holds an index encoded with other settings ({', '.join(changed)}); "
-                             f"use a new folder, or the settings it was started with")
+            raise ValueError(f"{folder} holds an index encoded with other settings "
+                             f"({', '.join(changed)}); use a new folder, or the settings it was "
+                             "started with")
         return
     os.makedirs(folder, exist_ok=True)
     _write_json(path, config)
 
 
 def finalize_index(folder, num_shards):
-    """Check every shard, then write each row's rank in docid string order and, last, the index marker.
+    """Check every shard, then write each row's rank in docid string order and, last, the index
+    marker.
 
     Holds every docid once, as fixed-width bytes (MS MARCO's 8.8M pids: about 62 MB); nothing else.
     """
@@ -180,13 +199,17 @@ def finalize_index(folder, num_shards):
             raise ValueError(f"{os.path.join(folder, shard_name(shard))}: {problem}")
         shard_rows.append(_read_marker(folder, shard)["rows"])
     if any(rows != shard_size for rows in shard_rows[:-1]) or not 0 < shard_rows[-1] <= shard_size:
-        raise ValueError(f"{folder}: shards of {shard_rows} rows do not make an index of shards of {shard_size}")
-    docids = np.concatenate([np.load(os.path.join(folder, shard_name(s), "docids.npy")) for s in range(num_shards)])
-    order = np.argsort(docids, kind="stable")  # UTF-8 byte order = Python's str order = trec_eval's strcmp
+        raise ValueError(f"{folder}: shards of {shard_rows} rows do not make an index of shards of "
+                         f"{shard_size}")
+    docids = np.concatenate([
+        np.load(os.path.join(folder, shard_name(s), "docids.npy")) for s in range(num_shards)])
+    # UTF-8 byte order = Python's str order = trec_eval's strcmp
+    order = np.argsort(docids, kind="stable")
     in_order = docids[order]
     repeated = np.flatnonzero(in_order[1:] == in_order[:-1])
     if len(repeated):
-        raise ValueError(f"docid {in_order[repeated[0]].decode()!r} occurs more than once in the corpus")
+        raise ValueError(f"docid {in_order[repeated[0]].decode()!r} occurs more than once in the "
+                         "corpus")
     docid_rank = np.empty(len(docids), dtype=np.int64)
     docid_rank[order] = np.arange(len(docids))  # (N,)
     path = os.path.join(folder, DOCID_RANK)
@@ -194,26 +217,29 @@ def finalize_index(folder, num_shards):
         np.save(f, docid_rank)
     training.fsync(path + ".tmp")
     os.replace(path + ".tmp", path)
-    _write_json(os.path.join(folder, INDEX_MARKER),
-                {"num_docs": len(docids), "shard_rows": shard_rows,
-                 "docid_rank": {"bytes": os.path.getsize(path), "sha256": training.sha256_of(path)}})
+    _write_json(
+        os.path.join(folder, INDEX_MARKER), {
+            "num_docs": len(docids), "shard_rows": shard_rows, "docid_rank": {
+                "bytes": os.path.getsize(path), "sha256": training.sha256_of(path)}})
 
 
 # ----------------------------------------------------------------------------------------------
 # Encoding a corpus (Eq. 1), once, to disk
 
 @torch.no_grad()
-def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_length=128, batch_size=64,
-                  normalize=False, shard_size=100_000, dtype="float16", progress=None):
+def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_length=128,
+                  batch_size=64, normalize=False, shard_size=100_000, dtype="float16",
+                  progress=None):
     """Eq. 1 for a whole corpus, to disk, one shard of `shard_size` documents at a time; resumable.
 
-    docs: an iterable of (docid, text), read once in order (data.stream_beir_corpus, data.stream_msmarco_collection);
-    only one shard's texts are held. Each shard is one sb.encode_2d call (one forward pass per batch, up to the
-    largest layer), stored per layer at the widest d of its pairs, raw; normalize=True records that the pairs
-    are compared by cosine, which the search applies after truncation (Eq. 2). A shard complete on disk and
-    encoded from the same text is skipped, so a run killed at any point resumes at its first missing shard.
-    Under torchrun, rank r encodes shards r, r + W, ...; rank 0 then checks them all and writes the docid ranks
-    and the index marker. Returns the number of documents this process encoded.
+    docs: an iterable of (docid, text), read once in order (data.stream_beir_corpus,
+    data.stream_msmarco_collection); only one shard's texts are held. Each shard is one sb.encode_2d
+    call (one forward pass per batch, up to the largest layer), stored per layer at the widest d of
+    its pairs, raw; normalize=True records that the pairs are compared by cosine, which the search
+    applies after truncation (Eq. 2). A shard complete on disk and encoded from the same text is
+    skipped, so a run killed at any point resumes at its first missing shard. Under torchrun, rank r
+    encodes shards r, r + W, ...; rank 0 then checks them all and writes the docid ranks and the
+    index marker. Returns the number of documents this process encoded.
     """
     config = index_config(pairs, dtype, shard_size, pooling, max_length, normalize)
     rank, world_size = training.rank_and_world_size()
@@ -222,35 +248,40 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
     if world_size > 1:
         torch.distributed.barrier()
     start_index(folder, config)  # every rank checks the folder it will write into
-    layer_pairs = list(stored_widths(pairs).items())  # [(n, D_n)]: one embedding per layer, the widest
+    # [(n, D_n)]: one embedding per layer, the widest
+    layer_pairs = list(stored_widths(pairs).items())
     encoded, shard, docids, texts, digest = 0, 0, [], [], hashlib.sha256()
 
     def finish_shard():
-        """Encode and write the shard just read, unless it is another rank's or already on disk from the same text."""
+        """Encode and write the shard just read, unless it is another rank's or already on disk from
+        the same text."""
         nonlocal encoded
         if shard % world_size != rank:
             return
         if shard_problem(folder, shard) is None:
             if _read_marker(folder, shard)["source_sha256"] != digest.hexdigest():
-                raise ValueError(f"{os.path.join(folder, shard_name(shard))} was encoded from other text than "
-                                 f"documents {shard * shard_size}..{shard * shard_size + len(docids) - 1} of this "
-                                 f"corpus; an index folder belongs to one corpus")
+                raise ValueError(f"{os.path.join(folder, shard_name(shard))} was encoded from "
+                                 "other text than documents "
+                                 f"{shard * shard_size}..{shard * shard_size + len(docids) - 1} of "
+                                 "this corpus; an index folder belongs to one corpus")
             return
-        embeddings = sb.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length, batch_size,
-                                  normalize=False, progress=progress)  # {(n, D_n): (rows, D_n)}
+        embeddings = sb.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length,
+                                  batch_size, normalize=False,
+                                  progress=progress)  # {(n, D_n): (rows, D_n)}
         vectors = {}
         for n, width in layer_pairs:
             vectors[n] = embeddings[(n, width)].numpy().astype(DTYPES[dtype])  # (rows, D_n)
             if not np.isfinite(vectors[n]).all():
-                raise ValueError(f"layer {n}'s embeddings of shard {shard} are not finite in {dtype} "
-                                 f"(too large for float16?); encode with dtype='float32'")
+                raise ValueError(f"layer {n}'s embeddings of shard {shard} are not finite in "
+                                 f"{dtype} (too large for float16?); encode with dtype='float32'")
         write_shard(folder, shard, docids, vectors, digest.hexdigest())
         encoded += len(texts)
 
     read = 0
     for docid, text in docs:
         if not docid or _BAD_DOCID.search(docid):
-            raise ValueError(f"document {read}: docid {docid!r} is empty or holds whitespace or NUL")
+            raise ValueError(
+                f"document {read}: docid {docid!r} is empty or holds whitespace or NUL")
         if shard % world_size == rank:
             digest.update(f"{docid}\t{text}\n".encode("utf-8"))
             docids.append(docid)
@@ -294,7 +325,8 @@ class CorpusIndex:
 
 
 def open_index(folder, check_hashes=False):
-    """The index in `folder`, checked complete (its marker, every shard's files of the size written)."""
+    """The index in `folder`, checked complete (its marker, every shard's files of the size
+    written)."""
     try:
         with open(os.path.join(folder, INDEX_MARKER)) as f:
             marker = json.load(f)
@@ -308,11 +340,13 @@ def open_index(folder, check_hashes=False):
         if problem:
             raise ValueError(f"{os.path.join(folder, shard_name(shard))}: {problem}")
     rank_file = os.path.join(folder, DOCID_RANK)
-    if not os.path.exists(rank_file) or os.path.getsize(rank_file) != marker["docid_rank"]["bytes"] or \
+    if not os.path.exists(rank_file) or \
+            os.path.getsize(rank_file) != marker["docid_rank"]["bytes"] or \
             (check_hashes and training.sha256_of(rank_file) != marker["docid_rank"]["sha256"]):
         raise ValueError(f"{rank_file} is missing or not as written")
-    return CorpusIndex(folder, [tuple(p) for p in config["pairs"]], {int(n): d for n, d in config["widths"].items()},
-                       config["normalize"], config["dtype"], marker["shard_rows"])
+    return CorpusIndex(folder, [tuple(p) for p in config["pairs"]], {
+        int(n): d for n, d in config["widths"].items()}, config["normalize"], config["dtype"],
+                       marker["shard_rows"])
 
 
 def _layer_file(index, shard, n):
@@ -322,52 +356,63 @@ def _layer_file(index, shard, n):
 def _check_pair(index, pair):
     n, d = pair
     if n not in index.widths or not 1 <= d <= index.widths[n]:
-        raise ValueError(f"pair {n}x{d} is not in the index (stored widths per layer: {index.widths})")
+        raise ValueError(f"pair {n}x{d} is not in the index (stored widths per layer: "
+                         f"{index.widths})")
 
 
 def _prepare(stored, normalize, out):
-    """Stored rows (C, d) -> float32 vectors of one pair, written into out (at least C rows); for cosine normalised
-    after truncation (Eq. 2). The same values as F.normalize (tested), in place: a buffer reused for every chunk
-    costs no fresh pages (a page fault per 4 KB of a fresh array, per chunk).
+    """Stored rows (C, d) -> float32 vectors of one pair, written into out (at least C rows); for
+    cosine normalised after truncation (Eq. 2). The same values as F.normalize (tested), in place: a
+    buffer reused for every chunk costs no fresh pages (a page fault per 4 KB of a fresh array, per
+    chunk).
     """
-    vectors = out[:len(stored)].copy_(torch.from_numpy(stored))  # (C, d); float16 -> float32 is exact
-    return vectors.div_(vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)) if normalize else vectors
+    # (C, d); float16 -> float32 is exact
+    vectors = out[:len(stored)].copy_(torch.from_numpy(stored))
+    return vectors.div_(vectors.norm(dim=1,
+                                     keepdim=True).clamp_min(1e-12)) if normalize else vectors
 
 
 def _map(path):
-    """A .npy file memory-mapped copy-on-write: writable for torch.from_numpy, and nothing ever reaches the file."""
+    """A .npy file memory-mapped copy-on-write: writable for torch.from_numpy, and nothing ever
+    reaches the file."""
     return np.load(path, mmap_mode="c")
 
 
 def chunks(index, pair, chunk_rows):
-    """(first global row, vectors (C, d) float32, docid ranks (C,)) of consecutive rows, shard by shard.
+    """(first global row, vectors (C, d) float32, docid ranks (C,)) of consecutive rows, shard by
+    shard.
 
-    One shard's layer file is mapped at a time, so resident memory stays one shard however large the index.
-    The vectors of every chunk are written into the same buffer: use (or copy) them before taking the next.
+    One shard's layer file is mapped at a time, so resident memory stays one shard however large the
+    index. The vectors of every chunk are written into the same buffer: use (or copy) them before
+    taking the next.
     """
     n, d = pair
     out = torch.empty(min(chunk_rows, max(index.shard_rows)), d)  # (C, d), reused
     for shard, (first, rows) in enumerate(zip(index.shard_starts, index.shard_rows)):
         layer = _map(_layer_file(index, shard, n))  # (rows, D_n)
-        ranks = torch.from_numpy(np.array(_map(os.path.join(index.folder, DOCID_RANK))[first:first + rows]))
+        ranks = torch.from_numpy(
+            np.array(_map(os.path.join(index.folder, DOCID_RANK))[first:first + rows]))
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
-            yield first + start, _prepare(layer[start:stop, :d], index.normalize, out), ranks[start:stop]
+            yield first + start, _prepare(layer[start:stop, :d], index.normalize,
+                                          out), ranks[start:stop]
         del layer
 
 
 def read_rows(index, pair, rows):
-    """Vectors (M, d) float32 of global rows (M,), read from the shards' files (Eq. 2: normalised for cosine).
+    """Vectors (M, d) float32 of global rows (M,), read from the shards' files (Eq. 2: normalised
+    for cosine).
 
-    Each row's first d values are read with one pread, in file order, the preads of a shard looped over in C
-    (map): through a freshly mapped file, rows spread over the corpus cost a page fault each (most of the
-    funnel's rerank) and leave every file's pages resident.
+    Each row's first d values are read with one pread, in file order, the preads of a shard looped
+    over in C (map): through a freshly mapped file, rows spread over the corpus cost a page fault
+    each (most of the funnel's rerank) and leave every file's pages resident.
     """
     n, d = pair
     rows = rows.cpu().numpy()
     order = np.argsort(rows, kind="stable")  # (M,) file order
     in_order = rows[order]
-    ends = np.searchsorted(in_order, index.shard_starts[1:] + [index.num_docs])  # (shards,) end of each in in_order
+    # (shards,) end of each in in_order
+    ends = np.searchsorted(in_order, index.shard_starts[1:] + [index.num_docs])
     stored = np.empty((len(rows), d), dtype=DTYPES[index.dtype])  # (M, d) as stored
     row_bytes, prefix_bytes = index.widths[n] * stored.itemsize, d * stored.itemsize
     for shard, (start, end) in enumerate(zip([0] + ends[:-1].tolist(), ends.tolist())):
@@ -376,11 +421,15 @@ def read_rows(index, pair, rows):
         path = _layer_file(index, shard, n)
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-            positions = f.tell() + (in_order[start:end] - index.shard_starts[shard]) * row_bytes  # after the header
-            read = b"".join(map(functools.partial(os.pread, f.fileno(), prefix_bytes), positions.tolist()))
+            (np.lib.format.read_array_header_1_0
+             if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+            # after the header
+            positions = f.tell() + (in_order[start:end] - index.shard_starts[shard]) * row_bytes
+            read = b"".join(
+                map(functools.partial(os.pread, f.fileno(), prefix_bytes), positions.tolist()))
         if len(read) != (end - start) * prefix_bytes:  # a short read would shift every row after it
-            raise ValueError(f"{path} is shorter than when the index was opened: re-open it (open_index)")
+            raise ValueError(f"{path} is shorter than when the index was opened: re-open it "
+                             "(open_index)")
         stored[order[start:end]] = np.frombuffer(read, dtype=stored.dtype).reshape(end - start, d)
     return _prepare(stored, index.normalize, torch.empty(len(rows), d))
 
@@ -392,14 +441,16 @@ def gather(index, pair, rows):
 
 
 def docids(index, rows):
-    """The docid (str) of every global row in a (Q, k) or (M,) tensor, as nested lists of the same shape."""
+    """The docid (str) of every global row in a (Q, k) or (M,) tensor, as nested lists of the same
+    shape."""
     flat = rows.reshape(-1).cpu()
     names = [None] * len(flat)
     shard_of = torch.searchsorted(torch.tensor(index.shard_starts), flat, right=True) - 1
     for shard in shard_of.unique().tolist():
         mine = (shard_of == shard).nonzero().squeeze(1)
         stored = np.load(os.path.join(index.folder, shard_name(shard), "docids.npy"), mmap_mode="r")
-        for position, name in zip(mine.tolist(), stored[(flat[mine] - index.shard_starts[shard]).numpy()]):
+        for position, name in zip(mine.tolist(),
+                                  stored[(flat[mine] - index.shard_starts[shard]).numpy()]):
             names[position] = name.decode("utf-8")
     if rows.ndim == 1:
         return names
@@ -408,18 +459,21 @@ def docids(index, rows):
 
 
 def ranked_lists(index, scores, rows, qids):
-    """(qid, [(docid, score), ...] best first) for every query of a search's (scores, rows), one at a time. Rows of
-    -1 are left out: a FAISS search that found fewer than depth documents pads its lists with them, at the end."""
+    """(qid, [(docid, score), ...] best first) for every query of a search's (scores, rows), one at
+    a time. Rows of -1 are left out: a FAISS search that found fewer than depth documents pads its
+    lists with them, at the end."""
     for start in range(0, len(qids), 1024):
         block = rows[start:start + 1024]
         names = docids(index, block.clamp(min=0))
-        for qid, docs, values, found in zip(qids[start:start + 1024], names, scores[start:start + 1024].tolist(),
-                                            (block >= 0).tolist()):
+        for qid, docs, values, found in zip(qids[start:start + 1024], names,
+                                            scores[start:start + 1024].tolist(), (block
+                                                                                  >= 0).tolist()):
             yield qid, [(docid, value) for docid, value, keep in zip(docs, values, found) if keep]
 
 
 def run_from_hits(index, scores, rows, qids):
-    """A search's result as a run {qid: {docid: score}}, each query's documents in trec_eval's order."""
+    """A search's result as a run {qid: {docid: score}}, each query's documents in trec_eval's
+    order."""
     return {qid: dict(ranked) for qid, ranked in ranked_lists(index, scores, rows, qids)}
 
 
@@ -596,10 +650,13 @@ def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk
 # ----------------------------------------------------------------------------------------------
 # Optional: an approximate index with FAISS (pip install faiss-cpu), exact search its reference
 
-def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_search=128, chunk_rows=65536):
-    """A FAISS index of one pair's vectors, added chunk by chunk from the shards (inner product; cosine when the
-    index is normalised). kind: 'flat' (exact, in memory), 'ivf' (IndexIVFFlat, nlist lists, nprobe searched,
-    trained on an evenly spaced sample) or 'hnsw' (IndexHNSWFlat, hnsw_m links, ef_search). Holds N x d float32."""
+
+def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_search=128,
+                chunk_rows=65536):
+    """A FAISS index of one pair's vectors, added chunk by chunk from the shards (inner product;
+    cosine when the index is normalised). kind: 'flat' (exact, in memory), 'ivf' (IndexIVFFlat,
+    nlist lists, nprobe searched, trained on an evenly spaced sample) or 'hnsw' (IndexHNSWFlat,
+    hnsw_m links, ef_search). Holds N x d float32."""
     if faiss is None:
         raise ValueError("--index faiss-* needs FAISS: pip install faiss-cpu")
     d = pair[1]
@@ -612,8 +669,11 @@ def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_s
     elif kind == "ivf":
         nlist = nlist or max(1, int(4 * index.num_docs ** 0.5))
         built = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        step = max(1, index.num_docs // (64 * nlist))  # about 64 training vectors per list, spread over the corpus
-        sample = [vectors[(-first_row) % step::step].clone() for first_row, vectors, _ in chunks(index, pair, chunk_rows)]
+        # about 64 training vectors per list, spread over the corpus
+        step = max(1, index.num_docs // (64 * nlist))
+        sample = [
+            vectors[(-first_row) % step::step].clone()
+            for first_row, vectors, _ in chunks(index, pair, chunk_rows)]
         built.train(torch.cat(sample).numpy())
         built.nprobe = nprobe
     else:
@@ -624,12 +684,16 @@ def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_s
 
 
 def faiss_search(built, queries, depth):
-    """(scores, rows), each (Q, depth), from a faiss_index; rows are the index's global rows (-1: none found)."""
+    """(scores, rows), each (Q, depth), from a faiss_index; rows are the index's global rows (-1:
+    none found)."""
     scores, rows = built.search(np.ascontiguousarray(queries.float().cpu().numpy()), depth)
     return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
 def overlap_at_k(rows, exact_rows, k):
-    """Recall@k of an approximate search against exact search: the share of the exact top k in the approximate top k."""
-    found = [len(set(a[:k].tolist()) & set(e[:k].tolist())) / len(e[:k]) for a, e in zip(rows, exact_rows)]
+    """Recall@k of an approximate search against exact search: the share of the exact top k in the
+    approximate top k."""
+    found = [
+        len(set(a[:k].tolist()) & set(e[:k].tolist())) / len(e[:k])
+        for a, e in zip(rows, exact_rows)]
     return float(np.mean(found))

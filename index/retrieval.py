@@ -1,5 +1,6 @@
-"""A model evaluated over the on-disk index (evaluate.py --beir_dirs / --msmarco): the corpus encoded
-once into shards (corpus_index.encode_corpus), every pair searched shard by shard, exact or FAISS.
+"""A model evaluated over the on-disk index (evaluate.py --beir_dirs / --msmarco): the corpus
+encoded once into shards (corpus_index.encode_corpus), every pair searched shard by shard, exact or
+FAISS.
 """
 import functools
 import hashlib
@@ -14,48 +15,54 @@ from index import corpus_index as ci
 
 
 def hits_graded(index, scores, rows, qids, qrels):
-    """{qid: [(grade, rank)]} of the judged documents among each judged query's hits (rows best first; -1: none)."""
+    """{qid: [(grade, rank)]} of the judged documents among each judged query's hits (rows best
+    first; -1: none)."""
     graded = {}
     for qid, ranked in ci.ranked_lists(index, scores, rows, qids):
         judgments = qrels.get(qid)
         if judgments:
-            graded[qid] = [(judgments[d], rank) for rank, (d, _) in enumerate(ranked, 1) if d in judgments]
+            graded[qid] = [(judgments[d], rank) for rank, (d, _) in enumerate(ranked, 1)
+                           if d in judgments]
     return graded
 
 
 def index_folder(settings, model_path, name):
-    """Where a model's index of a dataset lives: <index_dir>/<model folder name>-<tag>/<dataset>; the tag hashes
-    the model's weights by content (training.file_fingerprint), so that another or a retrained model never
-    reuses this one's vectors and a moved copy does (the index itself refuses other pairs, pooling, lengths or
-    corpus text)."""
-    weights = training.file_fingerprint(model_path) or os.path.abspath(model_path)  # no weight file: by place
+    """Where a model's index of a dataset lives: <index_dir>/<model folder name>-<tag>/<dataset>;
+    the tag hashes the model's weights by content (training.file_fingerprint), so that another or a
+    retrained model never reuses this one's vectors and a moved copy does (the index itself refuses
+    other pairs, pooling, lengths or corpus text)."""
+    # no weight file: by place
+    weights = training.file_fingerprint(model_path) or os.path.abspath(model_path)
     tag = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(settings.index_dir, f"{os.path.basename(os.path.normpath(model_path))}-{tag}", name)
+    return os.path.join(settings.index_dir,
+                        f"{os.path.basename(os.path.normpath(model_path))}-{tag}", name)
 
 
 def encoded_index(model, tokenizer, model_path, name, corpus, config, settings):
-    """The corpus's sharded index for this model (encoded once, resumably; under torchrun each rank encodes its
-    slice of the shards): every evaluated pair and every --adaptive pair, so that both use one folder."""
+    """The corpus's sharded index for this model (encoded once, resumably; under torchrun each rank
+    encodes its slice of the shards): every evaluated pair and every --adaptive pair, so that both
+    use one folder."""
     pairs = set(config.pairs)
     if settings.adaptive:
         from deploy import funnel
         pairs |= set(funnel.parse_funnel(settings.adaptive)[0])
     pairs = sorted(pairs)
     folder = index_folder(settings, model_path, name)
-    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, config.pooling, settings.passage_max_len,
-                     settings.batch_size, config.similarity == "cos", settings.shard_size, settings.storage_dtype,
+    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, config.pooling,
+                     settings.passage_max_len, settings.batch_size, config.similarity == "cos",
+                     settings.shard_size, settings.storage_dtype,
                      progress=lambda it: tqdm(it, desc=f"{name} shard", leave=False))
     return ci.open_index(folder)
 
 
 def index_retrieval(model, tokenizer, model_path, name, dataset, pairs, config, settings):
-    """{pair: (scores, rows)} of every query at every pair over the corpus's sharded index, exact or FAISS;
-    the index; and, for FAISS, {pair: recall@10 against exact search}."""
+    """{pair: (scores, rows)} of every query at every pair over the corpus's sharded index, exact or
+    FAISS; the index; and, for FAISS, {pair: recall@10 against exact search}."""
     corpus, queries, qrels = dataset
     normalize = config.similarity == "cos"
     index = encoded_index(model, tokenizer, model_path, name, corpus, config, settings)
-    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling, settings.query_max_len,
-                         settings.batch_size, normalize)
+    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling,
+                         settings.query_max_len, settings.batch_size, normalize)
     depth = min(settings.depth, index.num_docs)
     hits, recall = {}, {}
     for pair in pairs:

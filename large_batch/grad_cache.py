@@ -1,4 +1,5 @@
-"""GradCache: the loss and gradients of a large contrastive batch, holding one chunk's activations at a time.
+"""GradCache: the loss and gradients of a large contrastive batch, holding one chunk's activations
+at a time.
 
 Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup" (2021;
 github.com/luyug/GradCache). It lets the paper's 128 x 8 retrieval batch (Eq. 5 over every pair)
@@ -10,7 +11,8 @@ import torch
 
 
 def _rng_state(device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), torch.cuda.get_rng_state(
+        device) if device.type == "cuda" else None
 
 
 def _set_rng_state(state, device):
@@ -20,7 +22,8 @@ def _set_rng_state(state, device):
 
 
 def grad_cache_step(embed, inputs, loss_fn, chunk_size, no_sync=None, loss_scale=1.0):
-    """Eq. 5 (or any loss) and its gradients on a whole batch, holding one chunk's activations at a time.
+    """Eq. 5 (or any loss) and its gradients on a whole batch, holding one chunk's activations at a
+    time.
 
     embed(input_ids, attention_mask) -> {pair: (b, d)}; inputs: [(input_ids, attention_mask), ...]
     (queries, passages); loss_fn(*embeddings) -> scalar over ALL embeddings, every pair at once.
@@ -46,7 +49,9 @@ def grad_cache_step(embed, inputs, loss_fn, chunk_size, no_sync=None, loss_scale
         last = c == len(chunks) - 1
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             e = embed(ids[rows], mask[rows])
-            # chain rule through the cache: dloss/dtheta = sum over embeddings of <dloss/de, de/dtheta>
-            surrogate = sum((e[k] * cached[i][k].grad[rows]).sum() for k in e if cached[i][k].grad is not None)
+            # chain rule through the cache: dloss/dtheta = sum over embeddings of <dloss/de,
+            # de/dtheta>
+            surrogate = sum((e[k] * cached[i][k].grad[rows]).sum() for k in e
+                            if cached[i][k].grad is not None)
             surrogate.backward()
     return loss.detach()

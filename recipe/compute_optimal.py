@@ -1,21 +1,23 @@
-"""Compute-optimal recipe (Ziarko et al., 2024): which tuning method and size for a FLOP budget (README Eq. 15).
+"""Compute-optimal recipe (Ziarko et al., 2024): which tuning method and size for a FLOP budget
+(README Eq. 15).
 
-    python -m recipe.compute_optimal                          # the default grid on the embedded data
+    # the default grid on the embedded data
+    python -m recipe.compute_optimal
     python -m recipe.compute_optimal --sizes smollm2-135m:2,smollm2-135m:4,random:2x128 --tunings full,lora,freeze:1 \\
         --budgets 2e12,6e12,2e13 --target_budget 2e13 --plot --output_dir output/recipe
 
 Grid: sizes x tuning methods x FLOP budgets. A size is the packaged SmolLM2-135M cut to its first K
-blocks (`smollm2-135m:K`; final norm kept) or a random-init Llama of L blocks x H (`random:LxH`) with
-SmolLM2's tokenizer. Every run fine-tunes with finetune.py's loop (contrastive loss of the full model,
-Eq. 6, or with --method symmetric Ziarko's Eq. 17; mean pooling, cosine / 0.025 = Ziarko's scale 40)
-for the steps its budget buys (Eq. 15), then
-measures the held-out contrastive loss (inverse-cloze queries vs their passages, in-batch negatives;
-real text, NON-STANDARD task) and Spearman on Lee et al. (2005).
+blocks (`smollm2-135m:K`; final norm kept) or a random-init Llama of L blocks x H (`random:LxH`)
+with SmolLM2's tokenizer. Every run fine-tunes with finetune.py's loop (contrastive loss of the full
+model, Eq. 6, or with --method symmetric Ziarko's Eq. 17; mean pooling, cosine / 0.025 = Ziarko's
+scale 40) for the steps its budget buys (Eq. 15), then measures the held-out contrastive loss
+(inverse-cloze queries vs their passages, in-batch negatives; real text, NON-STANDARD task) and
+Spearman on Lee et al. (2005).
 
-Each run's result is a JSON file under output_dir/runs: a rerun skips finished runs, and an interrupt
-loses at most the run in progress. Then, per (method, size), a least-squares line of the metric in
-log10(budget); the recommendation for --target_budget is the (method, size) with the best fitted value,
-and its number of training tokens is budget / FLOPs per token (Eq. 15).
+Each run's result is a JSON file under output_dir/runs: a rerun skips finished runs, and an
+interrupt loses at most the run in progress. Then, per (method, size), a least-squares line of the
+metric in log10(budget); the recommendation for --target_budget is the (method, size) with the best
+fitted value, and its number of training tokens is budget / FLOPs per token (Eq. 15).
 """
 import copy
 import json
@@ -48,12 +50,13 @@ def parse_size(text):
     name, _, spec = text.partition(":")
     if name == "random":
         layers, _, hidden = spec.partition("x")
-        if layers.isdigit() and hidden.isdigit() and int(layers) >= 1 and int(hidden) >= 64 and int(hidden) % 64 == 0:
+        if layers.isdigit() and hidden.isdigit() and int(layers) >= 1 and int(
+                hidden) >= 64 and int(hidden) % 64 == 0:
             return name, (int(layers), int(hidden))
     elif name in models.PACKAGED_MODELS and spec.isdigit() and int(spec) >= 1:
         return name, int(spec)
-    raise ValueError(f"cannot read size {text!r}: use smollm2-135m:K (its first K blocks) or random:LxH "
-                     f"(H a multiple of 64)")
+    raise ValueError(f"cannot read size {text!r}: use smollm2-135m:K (its first K blocks) or "
+                     "random:LxH (H a multiple of 64)")
 
 
 def first_blocks(model, k):
@@ -74,15 +77,17 @@ def random_llama(layers, hidden, vocab_size, seed=0):
     """A random-init Llama of SmolLM2's shape ratios: heads of 64, MLP 8/3 H, tied embeddings."""
     from transformers import LlamaConfig, LlamaModel
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=hidden // 64, max_position_embeddings=2048, tie_word_embeddings=True,
-                         rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden,
+                         intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=2048, tie_word_embeddings=True, rope_parameters={
+                             "rope_theta": 100000.0, "rope_type": "default"})
     return LlamaModel(config).eval()
 
 
 class Sizes:
-    """Builds each size's fresh model; the packaged model is loaded once (dequantising takes ~20 s)."""
+    """Builds each size's fresh model; the packaged model is loaded once (dequantising takes ~20
+    s)."""
 
     def __init__(self):
         self.loaded = {}
@@ -105,24 +110,29 @@ class Sizes:
 # ----------------------------------------------------------------------------------------------
 # One run: fine-tune for a budget, then measure
 
-def eval_loss(model, tokenizer, pairs_of_texts, pooling, temperature, similarity, query_max_len, passage_max_len,
-              batch_size=32):
-    """Held-out Eq. 3 loss at the full pair: each query against the batch's passages (in-batch negatives)."""
+
+def eval_loss(model, tokenizer, pairs_of_texts, pooling, temperature, similarity, query_max_len,
+              passage_max_len, batch_size=32):
+    """Held-out Eq. 3 loss at the full pair: each query against the batch's passages (in-batch
+    negatives)."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     losses = []
     with torch.no_grad():
         for start in range(0, len(pairs_of_texts) - batch_size + 1, batch_size):
             queries, passages = zip(*pairs_of_texts[start:start + batch_size])
-            q_tok, p_tok = training.tokenize_batch(tokenizer, list(queries), list(passages), query_max_len,
-                                                   passage_max_len)
-            q = sb.embed_2d(model, q_tok["input_ids"], q_tok["attention_mask"], [(L, H)], pooling)[(L, H)]
-            p = sb.embed_2d(model, p_tok["input_ids"], p_tok["attention_mask"], [(L, H)], pooling)[(L, H)]
+            q_tok, p_tok = training.tokenize_batch(tokenizer, list(queries), list(passages),
+                                                   query_max_len, passage_max_len)
+            q = sb.embed_2d(model, q_tok["input_ids"], q_tok["attention_mask"], [(L, H)],
+                            pooling)[(L, H)]
+            p = sb.embed_2d(model, p_tok["input_ids"], p_tok["attention_mask"], [(L, H)],
+                            pooling)[(L, H)]
             losses.append(sb.contrastive_loss(q, p, temperature, similarity).item())
     return float(np.mean(losses))
 
 
 def held_out_pairs(count, seed=0):
-    """(query, passage) pairs of the held-out inverse-cloze set (never trained on), a fixed sample."""
+    """(query, passage) pairs of the held-out inverse-cloze set (never trained on), a fixed
+    sample."""
     corpus, queries, qrels = data.embedded_retrieval_set()
     qids = sorted(queries)
     order = np.random.default_rng(seed).permutation(len(qids))[:count]
@@ -133,10 +143,12 @@ def measure(model, tokenizer, grid, held_out, lee):
     """{'eval_loss', 'spearman'} of a model at its full pair (mean pooling, cosine)."""
     model.eval()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    spearman = metrics.sts_scores(model, tokenizer, lee, [(L, H)], "mean", max_length=256, batch_size=16)[(L, H)]
-    return {"eval_loss": eval_loss(model, tokenizer, held_out, "mean", grid.temperature, "cos", grid.query_max_len,
-                                   grid.passage_max_len),
-            "spearman": float(spearman)}
+    spearman = metrics.sts_scores(model, tokenizer, lee, [(L, H)], "mean", max_length=256,
+                                  batch_size=16)[(L, H)]
+    return {
+        "eval_loss": eval_loss(model, tokenizer, held_out, "mean", grid.temperature, "cos",
+                               grid.query_max_len, grid.passage_max_len),
+        "spearman": float(spearman)}
 
 
 def run_name(size, tuning_spec, budget):
@@ -146,27 +158,32 @@ def run_name(size, tuning_spec, budget):
 def finetune_argv(grid, tuning_spec, budget, L, H, base, output_dir):
     """finetune.py's command line for one run (its defaults, the recipe's settings)."""
     method = tuning.parse_tuning(tuning_spec)[0]
-    return ["--model_name_or_path", base, "--method", grid.method, "--pairs", f"{L}x{H}", "--pooling", "mean",
-            "--similarity", "cos", "--temperature", str(grid.temperature), "--tuning", tuning_spec,
-            "--lora_r", str(grid.lora_r), "--lora_alpha", str(grid.lora_alpha), "--flops_budget", str(budget),
+    # a run left unfinished starts over
+    return ["--model_name_or_path", base, "--method", grid.method, "--pairs", f"{L}x{H}",
+            "--pooling", "mean", "--similarity", "cos", "--temperature", str(grid.temperature),
+            "--tuning", tuning_spec, "--lora_r", str(grid.lora_r), "--lora_alpha",
+            str(grid.lora_alpha), "--flops_budget", str(budget),
             "--learning_rate", str(grid.learning_rates[method]),
             "--per_device_train_batch_size", str(grid.per_device_train_batch_size),
-            "--train_group_size", str(grid.train_group_size), "--query_max_len", str(grid.query_max_len),
-            "--passage_max_len", str(grid.passage_max_len), "--save_steps", "0", "--seed", str(grid.seed),
-            "--output_dir", output_dir, "--overwrite_output_dir"]  # a run left unfinished starts over
+            "--train_group_size", str(grid.train_group_size),
+            "--query_max_len", str(grid.query_max_len),
+            "--passage_max_len", str(grid.passage_max_len), "--save_steps", "0",
+            "--seed", str(grid.seed), "--output_dir", output_dir, "--overwrite_output_dir"]
 
 
 def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):
     """The steps a budget buys this size and method (Eq. 15), as finetune.py will count them."""
     probe = copy.deepcopy(model)
     tuning.apply_tuning(probe, tuning_spec, grid.lora_r, grid.lora_alpha)
-    tokens = training.tokens_per_step(tokenizer, records, "contrastive", grid.per_device_train_batch_size,
-                                      grid.train_group_size, grid.query_max_len, grid.passage_max_len, grid.seed)
+    tokens = training.tokens_per_step(tokenizer, records, "contrastive",
+                                      grid.per_device_train_batch_size, grid.train_group_size,
+                                      grid.query_max_len, grid.passage_max_len, grid.seed)
     return flops.flops_accounting(probe, tuning_spec, tokens, budget)["budget_steps"]
 
 
 def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
-    """Fine-tune one (size, method) for a budget (or measure the untouched model at budget 0) -> result.
+    """Fine-tune one (size, method) for a budget (or measure the untouched model at budget 0) ->
+    result.
 
     The size's model is saved as a folder and trained by finetune.py's own main, so every run is
     exactly the command its argv reads."""
@@ -179,7 +196,8 @@ def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
         if grid.max_steps_per_run:  # small models buy many steps: keep the grid's wall time bounded
             steps = budget_steps(grid, model, tokenizer, tuning_spec, budget, records)
             if steps > grid.max_steps_per_run:
-                raise ValueError(f"the budget buys {steps} steps, over --max_steps_per_run {grid.max_steps_per_run}")
+                raise ValueError(f"the budget buys {steps} steps, over --max_steps_per_run "
+                                 f"{grid.max_steps_per_run}")
         base = folder + ".base"
         model.save_pretrained(base)
         tokenizer.save_pretrained(base)
@@ -187,8 +205,9 @@ def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
         shutil.rmtree(base)
         model = models.load_model(folder, torch.device("cpu"))[0]  # LoRA merged on save
         saved = json.load(open(os.path.join(folder, models.CONFIG_FILE)))["flops"]
-        result.update({k: saved[k] for k in ("N", "N_trainable", "flops_per_token", "steps", "tokens_seen",
-                                             "flops_used")})
+        result.update({
+            k: saved[k]
+            for k in ("N", "N_trainable", "flops_per_token", "steps", "tokens_seen", "flops_used")})
         log = [json.loads(line) for line in open(os.path.join(folder, "train_log.jsonl"))]
         result["train_loss_last10"] = float(np.mean([r["loss"] for r in log[-10:]]))
     else:
@@ -208,14 +227,16 @@ def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
 
 
 def run_grid(grid):
-    """Every (size, method, budget) run, reusing finished ones -> (results, skipped: [(size, method, budget, why)])."""
+    """Every (size, method, budget) run, reusing finished ones -> (results, skipped: [(size, method,
+    budget, why)])."""
     records = data.embedded_training_data(seed=0, num_negatives=max(grid.train_group_size - 1, 7))
     held_out, lee, sizes = held_out_pairs(grid.eval_pairs), data.lee_sts(), Sizes()
     plan = [(s, "full", 0.0) for s in grid.sizes] + \
            [(s, t, b) for s in grid.sizes for t in grid.tunings for b in grid.budgets]
     results, skipped = [], []
     for i, (size, tuning_spec, budget) in enumerate(plan):
-        path = os.path.join(grid.output_dir, "runs", run_name(size, tuning_spec, budget), "result.json")
+        path = os.path.join(grid.output_dir, "runs", run_name(size, tuning_spec, budget),
+                            "result.json")
         if os.path.exists(path):
             results.append(json.load(open(path)))
             print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: cached")
@@ -227,8 +248,9 @@ def run_grid(grid):
             skipped.append((size, tuning_spec, budget, str(e)))
             continue
         results.append(result)
-        print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: {result['steps'] if budget else 0} steps, "
-              f"eval_loss {result['eval_loss']:.4f}, spearman {result['spearman']:.4f} ({result['seconds']} s)")
+        print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: "
+              f"{result['steps'] if budget else 0} steps, eval_loss {result['eval_loss']:.4f}, "
+              f"spearman {result['spearman']:.4f} ({result['seconds']} s)")
     return results, skipped
 
 
@@ -242,12 +264,14 @@ def fit_line(budgets, values):
     x, y = np.log10(np.asarray(budgets, dtype=float)), np.asarray(values, dtype=float)
     b, a = np.polyfit(x, y, 1)
     residual, total = float(np.sum((y - (a + b * x)) ** 2)), float(np.sum((y - y.mean()) ** 2))
-    return {"a": float(a), "b": float(b), "r2": 1.0 - residual / total if total > 0 else 1.0, "points": len(x)}
+    return {
+        "a": float(a), "b": float(b), "r2": 1.0 - residual / total if total > 0 else 1.0,
+        "points": len(x)}
 
 
 def fit_all(results, metric):
-    """{(tuning, size): fit and its budget range} over the trained runs (budget > 0) of each pair with two
-    or more budgets."""
+    """{(tuning, size): fit and its budget range} over the trained runs (budget > 0) of each pair
+    with two or more budgets."""
     groups = {}
     for r in results:
         if r["budget"] > 0:
@@ -258,10 +282,12 @@ def fit_all(results, metric):
 
 
 def recommend(results, fits, budget, metric):
-    """The (method, size) whose fit is best at `budget` -> its prediction, FLOPs per token and tokens.
+    """The (method, size) whose fit is best at `budget` -> its prediction, FLOPs per token and
+    tokens.
 
-    Only fits whose own budgets span `budget` compete (a line in log budget is a local trend: two points
-    extrapolated far can predict a negative loss); when none spans it, all do and the answer says so.
+    Only fits whose own budgets span `budget` compete (a line in log budget is a local trend: two
+    points extrapolated far can predict a negative loss); when none spans it, all do and the answer
+    says so.
     """
     if not fits:
         raise ValueError("no (method, size) has runs at two budgets: nothing to fit")
@@ -269,15 +295,18 @@ def recommend(results, fits, budget, metric):
     spanning = {key: f for key, f in fits.items() if f["low"] <= budget <= f["high"]}
     predicted = {key: f["a"] + f["b"] * math.log10(budget) for key, f in (spanning or fits).items()}
     (method, size) = max(predicted, key=lambda key: sign * predicted[key])
-    per_token = next(r["flops_per_token"] for r in results if (r["tuning"], r["size"]) == (method, size)
-                     and r["budget"] > 0)
-    return {"tuning": method, "size": size, "budget": budget, "predicted": predicted[(method, size)],
-            "flops_per_token": per_token, "tokens": budget / per_token, "extrapolated": not spanning, "ranking": sorted(
-                ((k[0], k[1], v) for k, v in predicted.items()), key=lambda t: -sign * t[2])}
+    per_token = next(r["flops_per_token"] for r in results
+                     if (r["tuning"], r["size"]) == (method, size) and r["budget"] > 0)
+    return {
+        "tuning": method, "size": size, "budget": budget, "predicted": predicted[(method, size)],
+        "flops_per_token": per_token, "tokens": budget / per_token, "extrapolated": not spanning,
+        "ranking": sorted(((k[0], k[1], v)
+                           for k, v in predicted.items()), key=lambda t: -sign * t[2])}
 
 
 def best_per_budget(results, metric):
-    """{budget: {method: (size, value)}}: each method's best size at each budget (the observed frontier)."""
+    """{budget: {method: (size, value)}}: each method's best size at each budget (the observed
+    frontier)."""
     sign = 1 if METRICS[metric] == "higher" else -1
     table = {}
     for r in results:
@@ -301,44 +330,57 @@ def winners(frontier, metric):
 def report(results, fits, rec, metric, command, seconds, skipped=()):
     """The grid, fits, frontier and recommendation as markdown."""
     frontier = best_per_budget(results, metric)
-    lines = [f"Command: `{command}`", f"Grid wall time (this invocation): {seconds:.0f} s; sum of the runs' own "
-             f"times: {sum(r['seconds'] for r in results):.0f} s",
-             f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
-             f"{torch.get_num_threads()} threads", "",
-             "| size | N | tuning | budget (FLOPs) | N_trainable | FLOPs/token | steps | tokens | eval_loss | "
-             "Spearman (Lee) | train loss (last 10) | s |", "|" + "---|" * 12]
-    for r in sorted(results, key=lambda r: (r["size"], r["tuning"] if r["budget"] else "", r["budget"])):
+    lines = [
+        f"Command: `{command}`",
+        f"Grid wall time (this invocation): {seconds:.0f} s; sum of the runs' own "
+        f"times: {sum(r['seconds'] for r in results):.0f} s",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads", "",
+        "| size | N | tuning | budget (FLOPs) | N_trainable | FLOPs/token | steps | tokens | "
+        "eval_loss | Spearman (Lee) | train loss (last 10) | s |", "|" + "---|" * 12]
+    for r in sorted(results, key=lambda r: (r["size"], r["tuning"]
+                                            if r["budget"] else "", r["budget"])):
         trained = r["budget"] > 0
-        cells = [r["size"], f"{r['N']:,}", r["tuning"] if trained else "(untrained)", f"{r['budget']:.3g}",
-                 f"{r['N_trainable']:,}" if trained else "", f"{r['flops_per_token']:.4g}" if trained else "",
-                 str(r["steps"]) if trained else "0", f"{r['tokens_seen']:,}" if trained else "0",
-                 f"{r['eval_loss']:.4f}", f"{r['spearman']:.4f}",
-                 f"{r['train_loss_last10']:.4f}" if trained else "", f"{r['seconds']}"]
+        cells = [
+            r["size"], f"{r['N']:,}", r["tuning"] if trained else "(untrained)",
+            f"{r['budget']:.3g}", f"{r['N_trainable']:,}" if trained else "",
+            f"{r['flops_per_token']:.4g}" if trained else "",
+            str(r["steps"]) if trained else "0", f"{r['tokens_seen']:,}" if trained else "0",
+            f"{r['eval_loss']:.4f}", f"{r['spearman']:.4f}", f"{r['train_loss_last10']:.4f}"
+            if trained else "", f"{r['seconds']}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [f"| {size} | | {method} | {budget:.3g} | skipped: {why} |" + " |" * 7 for size, method, budget, why in skipped]
-    lines += ["", f"Fits ({metric} = a + b log10(budget), least squares over each pair's budgets):", "",
-              "| tuning | size | a | b | R^2 | points | budgets |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {size} | | {method} | {budget:.3g} | skipped: {why} |" + " |" * 7
+        for size, method, budget, why in skipped]
+    lines += [
+        "", f"Fits ({metric} = a + b log10(budget), least squares over each pair's budgets):", "",
+        "| tuning | size | a | b | R^2 | points | budgets |", "|---|---|---|---|---|---|---|"]
     for (method, size), f in sorted(fits.items()):
-        lines.append(f"| {method} | {size} | {f['a']:.4f} | {f['b']:.4f} | {f['r2']:.3f} | {f['points']} | "
-                     f"{f['low']:.3g}..{f['high']:.3g} |")
-    lines += ["", f"Best size per method at each budget ({metric}, observed):", "",
-              "| budget | " + " | ".join(sorted({m for v in frontier.values() for m in v})) + " | best |",
-              "|---|" + "---|" * (len({m for v in frontier.values() for m in v}) + 1)]
+        lines.append(f"| {method} | {size} | {f['a']:.4f} | {f['b']:.4f} | {f['r2']:.3f} | "
+                     f"{f['points']} | {f['low']:.3g}..{f['high']:.3g} |")
+    lines += [
+        "", f"Best size per method at each budget ({metric}, observed):", "",
+        "| budget | " + " | ".join(sorted({m for v in frontier.values() for m in v})) + " | best |",
+        "|---|" + "---|" * (len({m for v in frontier.values() for m in v}) + 1)]
     methods = sorted({m for v in frontier.values() for m in v})
     win = winners(frontier, metric)
     for b, row in frontier.items():
         cells = [f"{row[m][1]:.4f} ({row[m][0]})" if m in row else "" for m in methods]
         lines.append(f"| {b:.3g} | " + " | ".join(cells) + f" | {win[b]} |")
-    lines += ["", f"Recommendation for a budget of {rec['budget']:.3g} FLOPs"
-              f"{' (extrapolated beyond the grid)' if rec['extrapolated'] else ''}: **{rec['tuning']}** on "
-              f"**{rec['size']}**, {rec['tokens']:,.0f} training tokens ({rec['flops_per_token']:.4g} FLOPs per "
-              f"token, Eq. 15), predicted {metric} {rec['predicted']:.4f}.", "",
-              "Predicted at that budget (fits whose budgets span it), best first: " + "; ".join(f"{m} {s} {v:.4f}" for m, s, v in rec["ranking"])]
+    lines += [
+        "", f"Recommendation for a budget of {rec['budget']:.3g} FLOPs"
+        f"{' (extrapolated beyond the grid)' if rec['extrapolated'] else ''}: "
+        f"**{rec['tuning']}** on **{rec['size']}**, {rec['tokens']:,.0f} training tokens "
+        f"({rec['flops_per_token']:.4g} FLOPs per token, Eq. 15), predicted {metric} "
+        f"{rec['predicted']:.4f}.", "",
+        "Predicted at that budget (fits whose budgets span it), best first: " +
+        "; ".join(f"{m} {s} {v:.4f}" for m, s, v in rec["ranking"])]
     return "\n".join(lines) + "\n"
 
 
 def plot(results, fits, metric, path):
-    """Metric vs budget (log x; log y for the loss): one colour per method, one marker per size, fitted lines dashed."""
+    """Metric vs budget (log x; log y for the loss): one colour per method, one marker per size,
+    fitted lines dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -348,10 +390,12 @@ def plot(results, fits, metric, path):
     markers = {s: "osD^v<>p*h"[i % 10] for i, s in enumerate(sizes)}
     fig, ax = plt.subplots(figsize=(8, 5))
     for (method, size), f in sorted(fits.items()):
-        runs = sorted((r for r in results if (r["tuning"], r["size"]) == (method, size) and r["budget"] > 0),
+        runs = sorted((r for r in results
+                       if (r["tuning"], r["size"]) == (method, size) and r["budget"] > 0),
                       key=lambda r: r["budget"])
         x = [r["budget"] for r in runs]
-        ax.plot(x, [r[metric] for r in runs], markers[size], color=colours[method], label=f"{method} {size}")
+        ax.plot(x, [r[metric]
+                    for r in runs], markers[size], color=colours[method], label=f"{method} {size}")
         grid = np.logspace(math.log10(min(x)), math.log10(max(x)), 20)
         ax.plot(grid, f["a"] + f["b"] * np.log10(grid), "--", color=colours[method], linewidth=0.8)
     ax.set_xscale("log")
@@ -372,13 +416,15 @@ def plot(results, fits, metric, path):
 class Grid:
     """The grid and each run's settings as values (parse_args builds one from the command line)."""
     output_dir: str = "output/recipe"
-    sizes: list = field(default_factory=lambda: ["smollm2-135m:1", "smollm2-135m:2", "random:2x128"])
+    sizes: list = field(
+        default_factory=lambda: ["smollm2-135m:1", "smollm2-135m:2", "random:2x128"])
     tunings: list = field(default_factory=lambda: ["full", "lora", "freeze:1"])
     budgets: list = field(default_factory=lambda: [1e12, 3e12, 1e13])  # FLOPs (Eq. 15), ascending
     target_budget: float = None  # recommend for this budget; None: the largest
     method: str = "full"  # full (Eq. 6) or symmetric (Eq. 17)
     metric: str = "eval_loss"
-    learning_rates: dict = field(default_factory=lambda: {"full": 1e-3, "lora": 1e-3, "bias": 1e-3, "freeze": 1e-3})
+    learning_rates: dict = field(
+        default_factory=lambda: {"full": 1e-3, "lora": 1e-3, "bias": 1e-3, "freeze": 1e-3})
     lora_r: int = 32
     lora_alpha: float = 32.0
     temperature: float = 0.025  # cosine / 0.025: Ziarko et al.'s scale of 40
@@ -398,26 +444,35 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="output/recipe")
     p.add_argument("--sizes", default="smollm2-135m:1,smollm2-135m:2,random:2x128",
                    help="comma-separated: smollm2-135m:K (first K blocks) or random:LxH")
-    p.add_argument("--tunings", default="full,lora,freeze:1", help="comma-separated --tuning values")
-    p.add_argument("--budgets", default="1e12,3e12,1e13", help="comma-separated FLOP budgets (Eq. 15)")
-    p.add_argument("--target_budget", type=float, default=None, help="recommend for this budget; default: the largest")
+    p.add_argument("--tunings", default="full,lora,freeze:1",
+                   help="comma-separated --tuning values")
+    p.add_argument("--budgets", default="1e12,3e12,1e13",
+                   help="comma-separated FLOP budgets (Eq. 15)")
+    p.add_argument("--target_budget", type=float, default=None,
+                   help="recommend for this budget; default: the largest")
     p.add_argument("--method", choices=("full", "symmetric"), default="full",
-                   help="loss at the full pair: full (Eq. 6, one direction) or symmetric (Eq. 17, Ziarko et al.'s)")
-    p.add_argument("--metric", choices=sorted(METRICS), default="eval_loss", help="what the fit and recommendation use")
+                   help="loss at the full pair: full (Eq. 6, one direction) or symmetric (Eq. 17, "
+                        "Ziarko et al.'s)")
+    p.add_argument("--metric", choices=sorted(METRICS), default="eval_loss",
+                   help="what the fit and recommendation use")
     p.add_argument("--learning_rates", default="full=1e-3,lora=1e-3,bias=1e-3,freeze=1e-3",
-                   help="per method; one rate for all by default, so that the grid compares methods, not rates")
+                   help="per method; one rate for all by default, so that the grid compares "
+                        "methods, not rates")
     p.add_argument("--lora_r", type=int, default=32)
     p.add_argument("--lora_alpha", type=float, default=32.0)
-    p.add_argument("--temperature", type=float, default=0.025, help="cosine / 0.025: Ziarko et al.'s scale of 40")
+    p.add_argument("--temperature", type=float, default=0.025,
+                   help="cosine / 0.025: Ziarko et al.'s scale of 40")
     p.add_argument("--per_device_train_batch_size", type=int, default=8)
     p.add_argument("--train_group_size", type=int, default=2)
     p.add_argument("--query_max_len", type=int, default=32)
     p.add_argument("--passage_max_len", type=int, default=64)
-    p.add_argument("--eval_pairs", type=int, default=128, help="held-out (query, passage) pairs for eval_loss")
+    p.add_argument("--eval_pairs", type=int, default=128,
+                   help="held-out (query, passage) pairs for eval_loss")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max_steps_per_run", type=int, default=0,
                    help="skip (and list) runs whose budget buys more steps than this; 0: no cap")
-    p.add_argument("--keep_models", action="store_true", help="keep every run's weights (off: only the numbers)")
+    p.add_argument("--keep_models", action="store_true",
+                   help="keep every run's weights (off: only the numbers)")
     p.add_argument("--plot", action="store_true", help="write recipe.png (needs matplotlib)")
     args = p.parse_args(argv)
     args.sizes = [s for s in args.sizes.split(",") if s]

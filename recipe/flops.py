@@ -11,8 +11,9 @@ from recipe import tuning
 def encoder_flops(model, n, tokens):
     """Forward FLOPs of the first n layers for one text of T tokens: 2 T P_(1..n) + 4 n T^2 H.
 
-    P_(1..n) counts the weight matrices of layers 1..n (their multiply-adds); 4 n T^2 H is attention's
-    QK^T and AV. Embeddings, norms, softmax and activations are left out (a few per cent).
+    P_(1..n) counts the weight matrices of layers 1..n (their multiply-adds); 4 n T^2 H is
+    attention's QK^T and AV. Embeddings, norms, softmax and activations are left out (a few per
+    cent).
     """
     blocks = sb.transformer_layers(model)
     if not 1 <= n <= len(blocks) or tokens < 1:
@@ -25,8 +26,8 @@ def flops_per_token(method, n, n_trainable):
     """Eq. 15: training FLOPs per token: full 6N; LoRA and bias 4N + 2N_t; freeze:K 2N + 4N_t.
 
     Forward 2N; backward 2N for the gradients of the activations (wherever a trained parameter lies
-    below them) and 2N_t for the gradients of the trained weights. Freezing stops the backward pass at
-    the first trained block, so both backward terms cover N_t only.
+    below them) and 2N_t for the gradients of the trained weights. Freezing stops the backward pass
+    at the first trained block, so both backward terms cover N_t only.
     """
     if method == "full":
         return 6 * n
@@ -38,7 +39,8 @@ def flops_per_token(method, n, n_trainable):
 
 
 def steps_for_budget(budget, per_token, tokens_per_step):
-    """Optimizer steps that fit a budget of training FLOPs (Eq. 15 x tokens per step), at least one."""
+    """Optimizer steps that fit a budget of training FLOPs (Eq. 15 x tokens per step), at least
+    one."""
     steps = int(budget // (per_token * tokens_per_step))
     if steps < 1:
         raise ValueError(f"a budget of {budget:.3g} FLOPs is less than one step "
@@ -48,29 +50,35 @@ def steps_for_budget(budget, per_token, tokens_per_step):
 
 
 def run_parameters(model, max_layer=None):
-    """The parameters a forward that stops after block max_layer runs: all but those of the blocks above it
-    and of BERT's pooler (pooling reads the hidden states; the pooler never runs)."""
+    """The parameters a forward that stops after block max_layer runs: all but those of the blocks
+    above it and of BERT's pooler (pooling reads the hidden states; the pooler never runs)."""
     blocks = sb.transformer_layers(model)
-    skipped = [blocks[max_layer:] if max_layer else [], [getattr(model, "pooler", None) or torch.nn.Identity()]]
+    skipped = [
+        blocks[max_layer:] if max_layer else [],
+        [getattr(model, "pooler", None) or torch.nn.Identity()]]
     never = {id(p) for modules in skipped for module in modules for p in module.parameters()}
     return [p for p in model.parameters() if id(p) not in never]
 
 
 def parameters_run(model, max_layer=None):
-    """N of Eq. 15 for a forward to block max_layer (LoRA adapters not counted): what runs, not what exists."""
+    """N of Eq. 15 for a forward to block max_layer (LoRA adapters not counted): what runs, not what
+    exists."""
     return tuning.parameter_counts(model, run_parameters(model, max_layer))[0]
 
 
 def flops_accounting(model, tuning_spec, tokens_per_step, flops_budget=None, max_layer=None):
-    """Eq. 15 for a run: N, N_trainable, FLOPs per token, tokens per step and, with a budget, the steps.
+    """Eq. 15 for a run: N, N_trainable, FLOPs per token, tokens per step and, with a budget, the
+    steps.
 
-    N and N_trainable count only what runs: a model trained at layer n (--method separate, Eq. 7) runs its
-    embeddings and blocks 1..n, so the blocks above n (2.9x the FLOPs at n = 2 of BERT-base) are left out."""
+    N and N_trainable count only what runs: a model trained at layer n (--method separate, Eq. 7)
+    runs its embeddings and blocks 1..n, so the blocks above n (2.9x the FLOPs at n = 2 of
+    BERT-base) are left out."""
     method, _ = tuning.parse_tuning(tuning_spec)
     n, n_trainable = tuning.parameter_counts(model, run_parameters(model, max_layer))
     per_token = flops_per_token(method, n, n_trainable)
-    accounting = {"tuning": tuning_spec, "N": n, "N_trainable": n_trainable, "flops_per_token": per_token,
-                  "tokens_per_step": tokens_per_step, "flops_budget": flops_budget}
+    accounting = {
+        "tuning": tuning_spec, "N": n, "N_trainable": n_trainable, "flops_per_token": per_token,
+        "tokens_per_step": tokens_per_step, "flops_budget": flops_budget}
     if flops_budget:
         accounting["budget_steps"] = steps_for_budget(flops_budget, per_token, tokens_per_step)
     return accounting

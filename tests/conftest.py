@@ -27,12 +27,14 @@ def vocab_path():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, vocab_path):
-    """A saved 4 x 32 random BERT with the bert-base-uncased vocab: loads with AutoModel/AutoTokenizer."""
+    """A saved 4 x 32 random BERT with the bert-base-uncased vocab: loads with
+    AutoModel/AutoTokenizer."""
     return save_with_vocab(tiny_bert(), tmp_path_factory.mktemp("tiny_bert"), vocab_path)
 
 
 def save_with_vocab(model, folder, vocab_path):
-    """model.save_pretrained(folder) plus a BertTokenizer of the real WordPiece vocab -> the folder as str."""
+    """model.save_pretrained(folder) plus a BertTokenizer of the real WordPiece vocab -> the folder
+    as str."""
     from transformers import BertTokenizer
     model.save_pretrained(folder)
     BertTokenizer(vocab=vocab_path).save_pretrained(folder)

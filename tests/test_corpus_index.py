@@ -1,4 +1,5 @@
-"""index/corpus_index.py: the sharded 2D index, exact streamed search against evaluation's dense path, Eq. 14 on shards."""
+"""index/corpus_index.py: the sharded 2D index, exact streamed search against evaluation's dense
+path, Eq. 14 on shards."""
 import json
 import os
 import random
@@ -26,12 +27,14 @@ TINY_PAIRS = [(2, 8), (2, 16), (4, 32)]
 
 
 def build_index(folder, docids, vectors, shard_size, normalize=False, dtype="float32"):
-    """An index written straight from vectors {n: (N, D_n)} (no encoder), shard by shard as encode_corpus writes it."""
+    """An index written straight from vectors {n: (N, D_n)} (no encoder), shard by shard as
+    encode_corpus writes it."""
     pairs = [(n, v.shape[1]) for n, v in vectors.items()]
     ci.start_index(folder, ci.index_config(pairs, dtype, shard_size, normalize=normalize))
     for shard, start in enumerate(range(0, len(docids), shard_size)):
-        ci.write_shard(folder, shard, docids[start:start + shard_size],
-                       {n: v[start:start + shard_size].numpy().astype(ci.DTYPES[dtype]) for n, v in vectors.items()})
+        ci.write_shard(folder, shard, docids[start:start + shard_size], {
+            n: v[start:start + shard_size].numpy().astype(ci.DTYPES[dtype])
+            for n, v in vectors.items()})
     ci.finalize_index(folder, -(-len(docids) // shard_size))
     return ci.open_index(folder)
 
@@ -44,7 +47,8 @@ def shuffled_docids(count, seed=0):
 
 
 def judged_ranks_of_run(run, qids, qrels):
-    """{qid: [(grade, rank)]} of the judged documents found in a run (in qrels order, as metrics.judged_ranks)."""
+    """{qid: [(grade, rank)]} of the judged documents found in a run (in qrels order, as
+    metrics.judged_ranks)."""
     ranks = {}
     for qid in qids:
         if qid in qrels:
@@ -107,7 +111,8 @@ def test_streamed_search_equals_the_dense_path_exactly_with_ties(tmp_path, path,
         assert [list(run[q].items()) for q in qids] == \
             [trec_order(dense_scores[i], docids, depth) for i in range(len(qids))]
         assert metrics.retrieval_scores(judged_ranks_of_run(run, qids, qrels), qrels, depth) == \
-            metrics.retrieval_scores(metrics.judged_ranks(dense_scores, docids, qids, qrels), qrels, depth)
+            metrics.retrieval_scores(metrics.judged_ranks(dense_scores, docids, qids, qrels), qrels,
+                                     depth)
 
 
 def test_many_documents_tied_at_the_cut_off_come_in_trec_evals_order(tmp_path, path):
@@ -240,7 +245,8 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm
     ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, str(tmp_path), "mean", 128, 64,
                      normalize=True, shard_size=1000, dtype="float32")
     index = ci.open_index(str(tmp_path))
-    q = sb.encode_2d(model, tokenizer, [queries[x] for x in qids], pairs, "mean", 32, 64, normalize=True)
+    q = sb.encode_2d(model, tokenizer, [queries[x]
+                                        for x in qids], pairs, "mean", 32, 64, normalize=True)
     for pair in pairs:
         scores, rows = ci.search(index, pair, q[pair], depth=1000)
         run = ci.run_from_hits(index, scores, rows, qids)
@@ -252,11 +258,14 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm
             expected_scores = torch.tensor([list(expected[x].values()) for x in qids])
             assert_same_ranking((scores, rows), (expected_scores, expected_rows), atol=1e-6)
         assert metrics.retrieval_scores(judged_ranks_of_run(run, qids, qrels), qrels, 1000) == \
-            metrics.retrieval_scores(metrics.judged_ranks(dense[pair], docids, qids, qrels), qrels, 1000)
+            metrics.retrieval_scores(metrics.judged_ranks(dense[pair], docids, qids, qrels), qrels,
+                                     1000)
 
 
-def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_non_finite_scores(tmp_path):
-    index = build_index(str(tmp_path), shuffled_docids(20), {2: torch.randn(20, 16)}, 8, normalize=True)
+def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_non_finite_scores(
+        tmp_path):
+    index = build_index(str(tmp_path), shuffled_docids(20), {2: torch.randn(20, 16)}, 8,
+                        normalize=True)
     with pytest.raises(ValueError, match="not in the index"):
         ci.search(index, (2, 32), torch.randn(3, 32))
     with pytest.raises(ValueError, match="not in the index"):
@@ -265,13 +274,16 @@ def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_
         ci.search(index, (2, 8), torch.randn(3, 8) * 3)
     with pytest.raises(ValueError, match=r"not \(Q, 8\)"):
         ci.search(index, (2, 8), torch.randn(3, 9))
-    dot_product = build_index(str(tmp_path / "dot"), [str(i) for i in range(5)], {2: torch.randn(5, 8)}, shard_size=5)
+    dot_product = build_index(str(tmp_path / "dot"), [str(i) for i in range(5)],
+                              {2: torch.randn(5, 8)}, shard_size=5)
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="NaN or infinite"):
             ci.search(dot_product, (2, 8), torch.full((2, 8), bad))
     vectors = torch.randn(5, 8)
-    vectors[3, 0] = float("nan")  # written around encode_corpus, which refuses non-finite embeddings
-    broken = build_index(str(tmp_path / "broken"), [str(i) for i in range(5)], {2: vectors}, shard_size=5)
+    # written around encode_corpus, which refuses non-finite embeddings
+    vectors[3, 0] = float("nan")
+    broken = build_index(str(tmp_path / "broken"), [str(i)
+                                                    for i in range(5)], {2: vectors}, shard_size=5)
     with pytest.raises(ValueError, match="non-finite scores"):
         ci.search(broken, (2, 8), torch.randn(2, 8))
 
@@ -281,10 +293,12 @@ def test_search_rejects_pairs_not_stored_unnormalised_or_non_finite_queries_and_
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_search_refuses_a_non_finite_document_even_when_the_lists_fill_without_it(
         tmp_path, path, normalize, row, bad):
-    """At depth 3 of 300 the lists fill up without the broken document: it used to be skipped, with exit 0."""
+    """At depth 3 of 300 the lists fill up without the broken document: it used to be skipped, with
+    exit 0."""
     vectors = torch.randn(300, 8, generator=torch.Generator().manual_seed(8))
     vectors[row, 2] = bad
-    index = build_index(str(tmp_path), [str(i) for i in range(300)], {2: vectors}, shard_size=300, normalize=normalize)
+    index = build_index(str(tmp_path), [str(i) for i in range(300)], {2: vectors}, shard_size=300,
+                        normalize=normalize)
     queries = F.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(9)), dim=-1)
     with pytest.raises(ValueError, match="non-finite scores"):
         ci.search(index, (2, 8), queries, depth=3, chunk_rows=128)  # chunks of 128, 128 and 44 rows
@@ -297,14 +311,15 @@ def test_a_minus_infinite_score_ranks_last_and_the_funnel_refuses_a_non_finite_r
     vectors[7, 0] = float("-inf")  # scores -inf against queries whose first coordinate is positive
     queries = torch.randn(4, 8, generator=torch.Generator().manual_seed(11))
     queries[:, 0] = queries[:, 0].abs() + 0.1
-    dot_product = build_index(str(tmp_path / "dot"), [str(i) for i in range(300)], {2: vectors}, shard_size=300)
+    dot_product = build_index(str(tmp_path / "dot"), [str(i) for i in range(300)], {2: vectors},
+                              shard_size=300)
     scores, rows = ci.search(dot_product, (2, 8), queries, depth=300, chunk_rows=128)
     assert (rows[:, -1] == 7).all() and (scores[:, -1] == float("-inf")).all()
 
     large = torch.randn(300, 16, generator=torch.Generator().manual_seed(12))
     large[40, 3] = float("nan")  # only in the later stage's layer: the first stage shortlists it
-    index = build_index(str(tmp_path / "funnel"), [str(i) for i in range(300)], {2: torch.randn(300, 8), 4: large},
-                        shard_size=100)
+    index = build_index(str(tmp_path / "funnel"), [str(i) for i in range(300)],
+                        {2: torch.randn(300, 8), 4: large}, shard_size=100)
     stage_queries = [torch.randn(4, 8), torch.randn(4, 16)]
     with pytest.raises(ValueError, match="non-finite scores"):
         ci.adaptive_search(index, [(2, 8), (4, 16)], stage_queries, [300], depth=3)
@@ -313,32 +328,39 @@ def test_a_minus_infinite_score_ranks_last_and_the_funnel_refuses_a_non_finite_r
 # ----------------------------------------------------------------------------------------------
 # Encoding: prefixes stored once, raw; shards written whole or not at all; resume
 
-TEXTS = [f"passage {i}: " + " ".join(["coffee", "tea", "milk", "water", "bread"][j % 5] for j in range(i % 7 + 1))
-         for i in range(10)]
+TEXTS = [
+    f"passage {i}: " + " ".join(["coffee", "tea", "milk", "water", "bread"][j % 5]
+                                for j in range(i % 7 + 1)) for i in range(10)]
 DOCS = [(f"p{i}", t) for i, t in enumerate(TEXTS)]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from transformers import AutoModel, AutoTokenizer
-    return AutoModel.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return AutoModel.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(
+        tiny_model_dir)
 
 
 def test_encode_stores_each_layer_once_at_its_widest_dim_raw(tmp_path, tiny):
     model, tokenizer = tiny
     assert ci.stored_widths(TINY_PAIRS) == {2: 16, 4: 32}
-    encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path), "mean", 32, 4,
-                               normalize=True, shard_size=4, dtype="float32")
+    encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path), "mean", 32,
+                               4, normalize=True, shard_size=4, dtype="float32")
     assert encoded == 10
     index = ci.open_index(str(tmp_path))
     assert index.shard_rows == [4, 4, 2] and index.widths == {2: 16, 4: 32} and index.normalize
-    assert sorted(os.listdir(tmp_path / "shard-00000")) == ["docids.npy", "layer-2.npy", "layer-4.npy", "shard_complete.json"]
+    assert sorted(os.listdir(tmp_path / "shard-00000")) == [
+        "docids.npy", "layer-2.npy", "layer-4.npy", "shard_complete.json"]
     for shard, start in enumerate((0, 4, 8)):
-        raw = sb.encode_2d(model, tokenizer, TEXTS[start:start + 4], [(2, 16), (4, 32)], "mean", 32, 4)  # not normalised
+        # not normalised
+        raw = sb.encode_2d(model, tokenizer, TEXTS[start:start + 4], [(2, 16), (4, 32)], "mean", 32,
+                           4)
         for n, width in ((2, 16), (4, 32)):
             stored = np.load(tmp_path / f"shard-{shard:05d}" / f"layer-{n}.npy")
-            assert stored.dtype == np.float32 and torch.equal(torch.from_numpy(stored), raw[(n, width)])
-    # the search normalises each pair's prefix after truncation (Eq. 2): 2x8 is not the first 8 of unit 2x16
+            assert stored.dtype == np.float32 and torch.equal(torch.from_numpy(stored),
+                                                              raw[(n, width)])
+    # the search normalises each pair's prefix after truncation (Eq. 2): 2x8 is not the first 8 of
+    # unit 2x16
     q = sb.encode_2d(model, tokenizer, ["coffee"], TINY_PAIRS, "mean", 32, normalize=True)
     scores, rows = ci.search(index, (2, 8), q[(2, 8)], depth=10)
     docs = sb.encode_2d(model, tokenizer, TEXTS, [(2, 8)], "mean", 32, 4, normalize=True)[(2, 8)]
@@ -347,9 +369,12 @@ def test_encode_stores_each_layer_once_at_its_widest_dim_raw(tmp_path, tiny):
 
 def test_float16_storage_is_the_default_and_halves_the_files(tmp_path, tiny):
     model, tokenizer = tiny
-    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "default"), "mean", 32, 4)
-    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "float32"), "mean", 32, 4, dtype="float32")
-    half, full = (np.load(tmp_path / t / "shard-00000" / "layer-4.npy") for t in ("default", "float32"))
+    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "default"), "mean",
+                     32, 4)
+    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "float32"), "mean",
+                     32, 4, dtype="float32")
+    half, full = (np.load(tmp_path / t / "shard-00000" / "layer-4.npy")
+                  for t in ("default", "float32"))
     assert half.dtype == np.float16 and half.nbytes * 2 == full.nbytes
     np.testing.assert_allclose(half.astype(np.float32), full, rtol=1e-3, atol=1e-3)
 
@@ -369,11 +394,12 @@ def crash_after(docs, count):
 def test_an_interrupted_or_torn_encoding_resumes_at_the_first_missing_shard(tmp_path, tiny):
     model, tokenizer = tiny
     folder, clean = str(tmp_path / "index"), str(tmp_path / "clean")
-    encode = lambda docs, out: ci.encode_corpus(model, tokenizer, docs, TINY_PAIRS, out, "mean", 32, 4,
-                                                shard_size=3, dtype="float32")
+    encode = lambda docs, out: ci.encode_corpus(model, tokenizer, docs, TINY_PAIRS, out, "mean", 32,
+                                                4, shard_size=3, dtype="float32")
     assert encode(iter(DOCS), clean) == 10
     with pytest.raises(Crash):
-        encode(crash_after(DOCS, 8), folder)  # shards 0 and 1 written, shard 2 (documents 6-8) lost mid-way
+        # shards 0 and 1 written, shard 2 (documents 6-8) lost mid-way
+        encode(crash_after(DOCS, 8), folder)
     with pytest.raises(ValueError, match="not a complete index"):
         ci.open_index(folder)
     layer = os.path.join(folder, "shard-00001", "layer-4.npy")
@@ -399,14 +425,19 @@ def test_resume_refuses_other_settings_another_corpus_and_bad_docids(tmp_path, t
     folder = str(tmp_path)
     ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4, shard_size=3)
     with pytest.raises(ValueError, match="other settings.*dtype"):
-        ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4, shard_size=3, dtype="float32")
-    changed = [(docid, text + " changed") if docid == "p4" else (docid, text) for docid, text in DOCS]
+        ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4,
+                         shard_size=3, dtype="float32")
+    changed = [(docid, text + " changed") if docid == "p4" else (docid, text)
+               for docid, text in DOCS]
     with pytest.raises(ValueError, match=r"shard-00001 was encoded from other text"):
-        ci.encode_corpus(model, tokenizer, iter(changed), TINY_PAIRS, folder, "mean", 32, 4, shard_size=3)
+        ci.encode_corpus(model, tokenizer, iter(changed), TINY_PAIRS, folder, "mean", 32, 4,
+                         shard_size=3)
     with pytest.raises(ValueError, match="whitespace"):
-        ci.encode_corpus(model, tokenizer, iter([("a b", "text")]), TINY_PAIRS, str(tmp_path / "x"), "mean", 32)
+        ci.encode_corpus(model, tokenizer, iter([("a b", "text")]), TINY_PAIRS, str(tmp_path / "x"),
+                         "mean", 32)
     with pytest.raises(ValueError, match="'p1' occurs more than once"):
-        ci.encode_corpus(model, tokenizer, iter(DOCS + [("p1", "again")]), TINY_PAIRS, str(tmp_path / "y"), "mean", 32)
+        ci.encode_corpus(model, tokenizer, iter(DOCS + [("p1", "again")]), TINY_PAIRS,
+                         str(tmp_path / "y"), "mean", 32)
 
 
 def _free_port():
@@ -418,25 +449,33 @@ def _free_port():
 def _encoding_rank(rank, port, model_dir, folder):
     """One of two gloo ranks: encodes shards rank, rank + 2, ...; rank 0 finishes the index."""
     from transformers import AutoModel, AutoTokenizer
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     training.setup()
-    model, tokenizer = AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-    encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4, shard_size=3)
+    model, tokenizer = AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(
+        model_dir)
+    encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4,
+                               shard_size=3)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump(encoded, f)
     training.cleanup()
 
 
-def test_two_ranks_encode_alternate_shards_and_rank_0_finishes_the_index(tmp_path, tiny, tiny_model_dir):
+def test_two_ranks_encode_alternate_shards_and_rank_0_finishes_the_index(
+        tmp_path, tiny, tiny_model_dir):
     folder = str(tmp_path / "ranks")
     mp.spawn(_encoding_rank, args=(_free_port(), tiny_model_dir, folder), nprocs=2)
-    assert [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in (0, 1)] == [3 + 3, 3 + 1]  # shards 0, 2 | 1, 3
+    # shards 0, 2 | 1, 3
+    assert [json.load(open(os.path.join(folder, f"rank{r}.json")))
+            for r in (0, 1)] == [3 + 3, 3 + 1]
     torch.set_num_threads(1)
     model, tokenizer = tiny
-    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "one"), "mean", 32, 4, shard_size=3)
+    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "one"), "mean", 32, 4,
+                     shard_size=3)
     assert ci.open_index(folder).shard_rows == [3, 3, 3, 1]
-    for name in ["docid_rank.npy"] + [f"shard-{s:05d}/{f}" for s in range(4) for f in ("docids.npy", "layer-4.npy")]:
+    for name in ["docid_rank.npy"] + [
+            f"shard-{s:05d}/{f}" for s in range(4) for f in ("docids.npy", "layer-4.npy")]:
         assert np.array_equal(np.load(os.path.join(folder, name)), np.load(tmp_path / "one" / name))
 
 
@@ -468,19 +507,22 @@ LIMITED_SEARCH = textwrap.dedent("""
 def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_several_times(
         tmp_path, path):
     num_docs, num_queries, dim, depth, allowance = 200_000, 300, 16, 100, 48 * 2 ** 20
-    assert num_queries * num_docs * 4 >= 4 * allowance  # the dense (Q, N) float32 scores: 240 MB against 50 MB
+    # the dense (Q, N) float32 scores: 240 MB against 50 MB
+    assert num_queries * num_docs * 4 >= 4 * allowance
     g = torch.Generator().manual_seed(0)
-    vectors = torch.randint(-2, 3, (num_docs, dim), generator=g).float() / 4  # exact scores: the reference is exact
+    # exact scores: the reference is exact
+    vectors = torch.randint(-2, 3, (num_docs, dim), generator=g).float() / 4
     queries = torch.randint(-2, 3, (num_queries, dim), generator=g).float() / 4
     docids, qids = shuffled_docids(num_docs), [f"q{i}" for i in range(num_queries)]
     folder = str(tmp_path / "index")
     build_index(folder, docids, {1: vectors}, shard_size=50_000)
     torch.save(queries, tmp_path / "queries.pt")
-    script = LIMITED_SEARCH.format(root=ROOT, folder=folder, queries=str(tmp_path / "queries.pt"), allowance=allowance,
-                                   depth=depth, out=str(tmp_path / "run.json"),
+    script = LIMITED_SEARCH.format(root=ROOT, folder=folder, queries=str(tmp_path / "queries.pt"),
+                                   allowance=allowance, depth=depth, out=str(tmp_path / "run.json"),
                                    with_faiss=path == "faiss")
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     run = {q: dict(docs) for q, docs in json.load(open(tmp_path / "run.json")).items()}
     qrels = random_qrels(qids, docids)
@@ -490,8 +532,10 @@ def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_sever
         dense = metrics.run_from_scores(scores, docids, block, depth)
         assert [list(run[q].items()) for q in block] == [list(dense[q].items()) for q in block]
         block_qrels = {q: qrels[q] for q in block if q in qrels}
-        assert metrics.retrieval_scores(judged_ranks_of_run(run, block, block_qrels), block_qrels, depth) == \
-            metrics.retrieval_scores(metrics.judged_ranks(scores, docids, block, block_qrels), block_qrels, depth)
+        assert metrics.retrieval_scores(judged_ranks_of_run(run, block, block_qrels), block_qrels,
+                                        depth) == \
+            metrics.retrieval_scores(metrics.judged_ranks(scores, docids, block, block_qrels),
+                                     block_qrels, depth)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,11 +545,13 @@ def test_exact_metrics_under_a_memory_limit_the_dense_score_matrix_exceeds_sever
 def test_gather_reads_the_prefix_of_any_rows_across_shards(tmp_path, dtype):
     g = torch.Generator().manual_seed(6)
     raw = torch.randn(500, 12, generator=g)
-    index = build_index(str(tmp_path), shuffled_docids(500), {3: raw}, shard_size=64, normalize=True, dtype=dtype)
+    index = build_index(str(tmp_path), shuffled_docids(500), {3: raw}, shard_size=64,
+                        normalize=True, dtype=dtype)
     stored = raw.numpy().astype(ci.DTYPES[dtype])
     rows = torch.tensor([499, 0, 63, 64, 64, 200, 7, 448])  # unsorted, repeated, at shard edges
     vectors, ranks = ci.gather(index, (3, 5), rows)
-    assert torch.equal(vectors, F.normalize(torch.from_numpy(stored[rows.numpy(), :5]).float(), dim=-1))
+    assert torch.equal(vectors,
+                       F.normalize(torch.from_numpy(stored[rows.numpy(), :5]).float(), dim=-1))
     assert torch.equal(ranks, torch.from_numpy(np.load(tmp_path / ci.DOCID_RANK))[rows])
     layer = tmp_path / ci.shard_name(7) / "layer-3.npy"  # rows 448-499
     os.truncate(layer, os.path.getsize(layer) - 1)  # torn after open_index checked it
@@ -515,14 +561,18 @@ def test_gather_reads_the_prefix_of_any_rows_across_shards(tmp_path, dtype):
 
 def test_adaptive_search_on_shards_equals_starbucks_adaptive_search(tmp_path):
     g = torch.Generator().manual_seed(3)
-    raw = {1: torch.randn(1500, 8, generator=g), 2: torch.randn(1500, 16, generator=g), 4: torch.randn(1500, 48, generator=g)}
+    raw = {
+        1: torch.randn(1500, 8, generator=g), 2: torch.randn(1500, 16, generator=g), 4: torch.randn(
+            1500, 48, generator=g)}
     queries = {n: torch.randn(23, v.shape[1], generator=g) for n, v in raw.items()}
     index = build_index(str(tmp_path), shuffled_docids(1500), raw, shard_size=97, normalize=True)
-    for pairs, ks, depth in (([(1, 8), (4, 48)], [200], 10), ([(1, 4), (2, 16), (4, 32)], [300, 40], 25),
-                             ([(4, 48)], [], 10)):
+    for pairs, ks, depth in (([(1, 8), (4, 48)], [200], 10), ([
+        (1, 4), (2, 16), (4, 32)], [300, 40], 25), ([(4, 48)], [], 10)):
         stage_queries = [F.normalize(queries[n][:, :d], dim=-1) for n, d in pairs]
-        stage_corpus = [F.normalize(raw[n][:, :d], dim=-1) for n, d in pairs]  # Eq. 2: normalise after truncation
-        expected_scores, expected_rows = funnel.adaptive_search(stage_queries, stage_corpus, ks, depth)
+        # Eq. 2: normalise after truncation
+        stage_corpus = [F.normalize(raw[n][:, :d], dim=-1) for n, d in pairs]
+        expected_scores, expected_rows = funnel.adaptive_search(stage_queries, stage_corpus, ks,
+                                                                depth)
         scores, rows = ci.adaptive_search(index, pairs, stage_queries, ks, depth, query_block=8,
                                           chunk_rows=256)
         # the first stage scores through another kernel (FAISS or a chunked matmul): to rounding
@@ -554,22 +604,32 @@ def test_the_funnel_returns_the_float_rescoring_of_its_shortlist(tmp_path, path)
 def test_faiss_indexes_against_exact_search(tmp_path):
     pytest.importorskip("faiss")
     g = torch.Generator().manual_seed(4)
-    index = build_index(str(tmp_path), shuffled_docids(3000), {2: torch.randn(3000, 32, generator=g)}, 700, normalize=True)
+    index = build_index(str(tmp_path), shuffled_docids(3000),
+                        {2: torch.randn(3000, 32, generator=g)}, 700, normalize=True)
     queries = F.normalize(torch.randn(50, 32, generator=g), dim=-1)
     exact_scores, exact_rows = ci.search(index, (2, 32), queries, depth=10)
     scores, rows = ci.faiss_search(ci.faiss_index(index, (2, 32), "flat"), queries, 10)
     assert torch.equal(rows, exact_rows) and ci.overlap_at_k(rows, exact_rows, 10) == 1.0
     torch.testing.assert_close(scores, exact_scores, rtol=0, atol=1e-5)
-    every_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=16)  # probing every list is exhaustive
+    # probing every list is exhaustive
+    every_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=16)
     assert ci.overlap_at_k(ci.faiss_search(every_list, queries, 10)[1], exact_rows, 10) == 1.0
-    assert ci.overlap_at_k(ci.faiss_search(ci.faiss_index(index, (2, 32), "hnsw"), queries, 10)[1], exact_rows, 10) >= 0.9
-    one_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=1)  # approximate: some neighbours missed
+    assert ci.overlap_at_k(
+        ci.faiss_search(ci.faiss_index(index, (2, 32), "hnsw"), queries, 10)[1], exact_rows,
+        10) >= 0.9
+    # approximate: some neighbours missed
+    one_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=1)
     assert 0 < ci.overlap_at_k(ci.faiss_search(one_list, queries, 10)[1], exact_rows, 10) < 1.0
-    scores, rows = ci.faiss_search(one_list, queries, 1000)  # one list holds fewer: FAISS pads with -1 at the end
-    assert (rows == -1).any() and ((rows[:, 1:] >= 0) <= (rows[:, :-1] >= 0)).all()  # -1 only after the found
+    # one list holds fewer: FAISS pads with -1 at the end
+    scores, rows = ci.faiss_search(one_list, queries, 1000)
+    # -1 only after the found
+    assert (rows == -1).any() and ((rows[:, 1:] >= 0) <= (rows[:, :-1] >= 0)).all()
     qids = [f"q{i}" for i in range(len(queries))]
-    for (qid, ranked), found, values in zip(ci.ranked_lists(index, scores, rows, qids), rows, scores):
-        found = found[found >= 0]  # a run file lists what was found, named; no slot of -1 names a document
-        assert [d for d, _ in ranked] == ci.docids(index, found) and [v for _, v in ranked] == values[:len(found)].tolist()
+    for (qid, ranked), found, values in zip(ci.ranked_lists(index, scores, rows, qids), rows,
+                                            scores):
+        # a run file lists what was found, named; no slot of -1 names a document
+        found = found[found >= 0]
+        assert [d for d, _ in ranked] == ci.docids(index, found) and [
+            v for _, v in ranked] == values[:len(found)].tolist()
     with pytest.raises(ValueError, match="unknown FAISS index"):
         ci.faiss_index(index, (2, 32), "lsh")

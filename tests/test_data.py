@@ -1,4 +1,5 @@
-"""data.py: every loader reads a fixture written in the exact public format; bad input gets its error."""
+"""data.py: every loader reads a fixture written in the exact public format; bad input gets its
+error."""
 import gzip
 import json
 
@@ -18,7 +19,9 @@ def test_tevatron_jsonl(tmp_path):
            "positive_passages": [{"docid": "7", "title": "Coffee", "text": "Coffee is a drink."}],
            "negative_passages": [{"docid": "8", "title": "", "text": "Tea is a drink."},
                                  {"docid": "9", "title": "Milk", "text": "Milk is white."}]}
-    kind, records, skipped = data.read_training_file(write(tmp_path / "t.jsonl", json.dumps(rec) + "\n"))
+    kind, records, skipped = data.read_training_file(
+        write(tmp_path / "t.jsonl",
+              json.dumps(rec) + "\n"))
     assert kind == "contrastive" and skipped == 0
     assert records == [{"query": "what is coffee", "positives": ["Coffee Coffee is a drink."],
                         "negatives": ["Tea is a drink.", "Milk Milk is white."]}]
@@ -27,28 +30,36 @@ def test_tevatron_jsonl(tmp_path):
 def test_sentence_transformers_triplets_jsonl_and_tsv(tmp_path):
     line = {"anchor": "a man eats", "positive": "a person eats", "negative": "a cat sleeps"}
     kind, recs, _ = data.read_training_file(write(tmp_path / "t.jsonl", json.dumps(line) + "\n"))
-    assert kind == "contrastive" and recs[0] == {"query": "a man eats", "positives": ["a person eats"],
-                                                 "negatives": ["a cat sleeps"]}
-    kind, recs2, _ = data.read_training_file(write(tmp_path / "t.tsv", "anchor\tpositive\tnegative\n"
-                                                   "a man eats\ta person eats\ta cat sleeps\n"))
+    assert kind == "contrastive" and recs[0] == {
+        "query": "a man eats", "positives": ["a person eats"], "negatives": ["a cat sleeps"]}
+    kind, recs2, _ = data.read_training_file(
+        write(tmp_path / "t.tsv", "anchor\tpositive\tnegative\n"
+              "a man eats\ta person eats\ta cat sleeps\n"))
     assert recs2 == recs
-    kind, pairs, _ = data.read_training_file(write(tmp_path / "p.tsv", "a man eats\ta person eats\n"))
+    kind, pairs, _ = data.read_training_file(
+        write(tmp_path / "p.tsv", "a man eats\ta person eats\n"))
     assert pairs[0]["negatives"] == []
 
 
 def test_stsb_glue_tsv_sentence_transformers_tsv_gz_csv_and_jsonl(tmp_path):
-    glue = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-            "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off.\t5.000\n"
-            "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man is playing a flute.\tA man is playing a bamboo flute.\t3.800\n")
+    glue = (
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air "
+        "plane is taking off.\t5.000\n1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA "
+        "man is playing a flute.\tA man is playing a bamboo flute.\t3.800\n")
     a, b, s = data.read_sts_file(write(tmp_path / "sts-dev.tsv", glue))
-    assert a[0] == "A plane is taking off." and b[1] == "A man is playing a bamboo flute." and s == [5.0, 3.8]
+    assert a[0] == "A plane is taking off." and b[
+        1] == "A man is playing a bamboo flute." and s == [5.0, 3.8]
     st = ("split\tgenre\tdataset\tyear\tsid\tscore\tsentence1\tsentence2\n"
-          "test\tmain-captions\tMSRvid\t2012test\t0000\t2.5\tA girl is styling her hair.\tA girl is brushing her hair.\n")
+          "test\tmain-captions\tMSRvid\t2012test\t0000\t2.5\tA girl is styling her hair.\tA girl "
+          "is brushing her hair.\n")
     path = tmp_path / "stsbenchmark.tsv.gz"
     path.write_bytes(gzip.compress(st.encode()))
-    assert data.read_sts_file(str(path)) == (["A girl is styling her hair."], ["A girl is brushing her hair."], [2.5])
+    assert data.read_sts_file(str(path)) == (["A girl is styling her hair."], ["A girl is brushing "
+                                                                               "her hair."], [2.5])
     csv_text = 'sentence1,sentence2,score\n"Hello, world",Hi world,4\n'
-    assert data.read_sts_file(write(tmp_path / "s.csv", csv_text)) == (["Hello, world"], ["Hi world"], [4.0])
+    assert data.read_sts_file(write(tmp_path / "s.csv", csv_text)) == (["Hello, world"], [
+        "Hi world"], [4.0])
     jl = json.dumps({"sentence1": "x y", "sentence2": "y z", "score": 0.5}) + "\n"
     assert data.read_sts_file(write(tmp_path / "s.jsonl", jl))[2] == [0.5]
     headerless = "one two\tthree four\t1.5\n"
@@ -63,28 +74,32 @@ def test_beir_folder(tmp_path):
           + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n")
     write(tmp_path / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t2\n")
     corpus, queries, qrels = data.read_beir(str(tmp_path))
-    assert corpus == {"d1": "T body", "d2": "other"} and queries == {"q1": "query one"} and qrels == {"q1": {"d1": 2}}
+    assert corpus == {"d1": "T body", "d2": "other"} and queries == {
+        "q1": "query one"} and qrels == {"q1": {"d1": 2}}
 
 
 def test_msmarco_tsv_with_trec_qrels(tmp_path):
-    c = write(tmp_path / "collection.tsv", "0\tThe presence of communication.\n1\tManhattan project.\n")
+    c = write(tmp_path / "collection.tsv",
+              "0\tThe presence of communication.\n1\tManhattan project.\n")
     q = write(tmp_path / "queries.dev.tsv", "1048585\twhat is paula deen's brother\n")
     r = write(tmp_path / "qrels.dev.tsv", "1048585\t0\t1\t1\n")
     corpus, queries, qrels = data.read_msmarco(c, q, r)
-    assert corpus["1"] == "Manhattan project." and queries == {"1048585": "what is paula deen's brother"}
+    assert corpus["1"] == "Manhattan project." and queries == {
+        "1048585": "what is paula deen's brother"}
     assert qrels == {"1048585": {"1": 1}}
     space = write(tmp_path / "qrels.trec", "19335 0 1017759 0\n19335 0 1082489 1\n")
     assert data.read_qrels(space) == {"19335": {"1017759": 0, "1082489": 1}}
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"anchor": "a", "positive": "b"}\n{"anchor": "a", "positive"\n', r"t\.jsonl:2: not valid JSON"),
-    ('{"query": "q", "positive_passages": [], "negative_passages": []}\n', r":1: query has no positive"),
+    ('{"anchor": "a", "positive": "b"}\n{"anchor": "a", "positive"\n',
+     r"t\.jsonl:2: not valid JSON"),
+    ('{"query": "q", "positive_passages": [], "negative_passages": []}\n',
+     r":1: query has no positive"),
     ('{"foo": 1}\n', r":1: unknown record layout"),
     ('{"anchor": "", "positive": "b"}\n', r":1: empty query"),
     ('[1, 2]\n', r":1: a JSON object was expected"),
-    ('\n\n', r"file is empty"),
-])
+    ('\n\n', r"file is empty"), ])
 def test_bad_jsonl_lines_name_file_and_line(tmp_path, content, message):
     with pytest.raises(data.DataError, match=message):
         data.read_training_file(write(tmp_path / "t.jsonl", content))
@@ -98,7 +113,8 @@ def test_bad_tsv_and_encoding(tmp_path):
     with pytest.raises(data.DataError, match="no such file"):
         data.read_training_file(str(tmp_path / "missing.tsv"))
     with pytest.raises(data.DataError, match=r"s\.tsv:2: score is not a number"):
-        data.read_training_file(write(tmp_path / "s.tsv", "sentence1\tsentence2\tscore\na b\tc d\thigh\n"))
+        data.read_training_file(
+            write(tmp_path / "s.tsv", "sentence1\tsentence2\tscore\na b\tc d\thigh\n"))
     with pytest.raises(data.DataError, match="needs scored pairs"):
         data.read_sts_file(write(tmp_path / "p.tsv", "a b\tc d\n"))
     with pytest.raises(data.DataError, match=r"q\.txt:1: 2 columns"):
@@ -106,7 +122,8 @@ def test_bad_tsv_and_encoding(tmp_path):
 
 
 def test_skip_bad_lines_counts_what_it_skipped(tmp_path):
-    path = write(tmp_path / "t.jsonl", '{"anchor": "a", "positive": "b"}\nnot json\n{"anchor": "c", "positive": "d"}\n')
+    path = write(tmp_path / "t.jsonl",
+                 '{"anchor": "a", "positive": "b"}\nnot json\n{"anchor": "c", "positive": "d"}\n')
     kind, records, skipped = data.read_training_file(path, skip_bad_lines=True)
     assert len(records) == 2 and skipped == 1
     with pytest.raises(data.DataError, match="no usable training records"):
@@ -160,8 +177,8 @@ def test_real_words_do_not_tokenize_to_unk():
 
 def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
     (tmp_path / "qrels").mkdir()
-    records = [{"_id": 7, "title": "T", "text": "body"}, {"_id": "d2", "title": "", "text": "line\u2028separator"},
-               {"_id": "é", "text": "accent"}]
+    records = [{"_id": 7, "title": "T", "text": "body"}, {
+        "_id": "d2", "title": "", "text": "line\u2028separator"}, {"_id": "é", "text": "accent"}]
     write(tmp_path / "corpus.jsonl", "".join(json.dumps(r) + "\n" for r in records) + "\n")
     write(tmp_path / "queries.jsonl", json.dumps({"_id": "q1", "text": "query one"}) + "\n"
           + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n")
@@ -169,7 +186,8 @@ def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
     corpus, queries, qrels = data.read_beir(str(tmp_path))
     assert list(data.stream_beir_corpus(str(tmp_path))) == list(corpus.items())
     assert data.read_beir_queries(str(tmp_path)) == (queries, qrels)
-    collection = "0\tThe presence of communication.\r\n1\tManhattan project.\textra column\n\n2\ttrailing  \n"
+    collection = ("0\tThe presence of communication.\r\n1\tManhattan project.\textra column\n\n"
+                  "2\ttrailing  \n")
     for name in ("collection.tsv", "collection.tsv.gz"):
         raw = gzip.compress(collection.encode()) if name.endswith(".gz") else collection
         c = write(tmp_path / name, raw)
@@ -181,8 +199,10 @@ def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
 
 
 @pytest.mark.parametrize("name, raw, message", [
-    ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"_id": "2", "te', r"corpus\.jsonl:2: the file ends in the middle"),
-    ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"text": "no id"}\n', r"corpus\.jsonl:2: a BEIR record needs '_id'"),
+    ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"_id": "2", "te',
+     r"corpus\.jsonl:2: the file ends in the middle"),
+    ("corpus.jsonl", b'{"_id": "1", "text": "a"}\n{"text": "no id"}\n',
+     r"corpus\.jsonl:2: a BEIR record needs '_id'"),
     ("corpus.jsonl", b'{"_id": "1", "text": "\xff"}\n', r"corpus\.jsonl:1: not valid UTF-8"),
     ("corpus.jsonl", b"\n\n", r"file is empty"),
     ("collection.tsv", b"0\tfine\nno tab here\n", r"collection\.tsv:2: expected id<TAB>text"),
@@ -190,6 +210,7 @@ def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
 ])
 def test_streamed_corpus_errors_name_file_and_line(tmp_path, name, raw, message):
     path = write(tmp_path / name, raw)
-    stream = data.stream_beir_corpus(str(tmp_path)) if name == "corpus.jsonl" else data.stream_msmarco_collection(path)
+    stream = data.stream_beir_corpus(
+        str(tmp_path)) if name == "corpus.jsonl" else data.stream_msmarco_collection(path)
     with pytest.raises(data.DataError, match=message):
         list(stream)

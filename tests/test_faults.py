@@ -1,5 +1,5 @@
-"""Bad flags and malformed inputs: a non-zero exit, one line naming the flag or the file:line, no traceback,
-and nothing written (README, When things go wrong)."""
+"""Bad flags and malformed inputs: a non-zero exit, one line naming the flag or the file:line, no
+traceback, and nothing written (README, When things go wrong)."""
 import json
 import os
 
@@ -11,7 +11,9 @@ import finetune
 import pretrain
 from deploy import export
 
-SCRIPTS = {"finetune": finetune.main, "pretrain": pretrain.main, "evaluate": evaluate.main, "export": export.main}
+SCRIPTS = {
+    "finetune": finetune.main, "pretrain": pretrain.main, "evaluate": evaluate.main,
+    "export": export.main}
 
 
 def _write(path, text):
@@ -38,19 +40,25 @@ def _cases(tmp):
         ("finetune", ["--learning_rate=-1e-5"], "--learning_rate: must be positive"),
         ("finetune", ["--learning_rate", "nan"], "--learning_rate: must be a finite number"),
         ("finetune", ["--bf16"], "--bf16 needs a CUDA GPU"),
-        ("finetune", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: must be at least 1"),
+        ("finetune", ["--per_device_train_batch_size",
+                      "0"], "--per_device_train_batch_size: must be at least 1"),
         ("finetune", ["--save_steps=-1"], "--save_steps: must be 0 (off) or positive"),
-        ("finetune", ["--train_file", _write(tmp / "bad.jsonl", triplet + "\n{not json\n" + triplet + "\n")],
-         "bad.jsonl:2: not valid JSON"),
+        ("finetune", [
+            "--train_file",
+            _write(tmp / "bad.jsonl",
+                   triplet + "\n{not json\n" + triplet + "\n")], "bad.jsonl:2: not valid JSON"),
         ("pretrain", ["--bf16"], "--bf16 needs a CUDA GPU"),
-        ("pretrain", ["--mlm_probability", "0.5", "--decoder_mlm_probability", "0.4"], "--mlm_probability"),
+        ("pretrain", ["--mlm_probability", "0.5", "--decoder_mlm_probability",
+                      "0.4"], "--mlm_probability"),
         ("evaluate", ["--depth", "0"], "--depth: must be at least 1"),
-        ("evaluate", ["--sts_files", _write(tmp / "sts.tsv", "a b\tc d\t3.0\ne f\tg h\tnan\n")], "sts.tsv:2: score"),
-        ("evaluate", ["--beir_dirs", _beir(tmp / "noid", '{"text": "a passage without an id"}')],
+        ("evaluate", ["--sts_files",
+                      _write(tmp / "sts.tsv",
+                             "a b\tc d\t3.0\ne f\tg h\tnan\n")], "sts.tsv:2: score"),
+        ("evaluate", ["--beir_dirs",
+                      _beir(tmp / "noid", '{"text": "a passage without an id"}')],
          "corpus.jsonl:2: a BEIR record needs '_id'"),
         ("export", ["--pair", "9x8", "--overwrite_output_dir"], "layer 9 is outside"),
-        ("export", ["--pair", "2x24"], "is not empty; pass --overwrite_output_dir"),
-    ]
+        ("export", ["--pair", "2x24"], "is not empty; pass --overwrite_output_dir"), ]
 
 
 def test_every_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys):
@@ -62,15 +70,19 @@ def test_every_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys
         with pytest.raises(SystemExit) as stop:
             data.run_command(lambda: SCRIPTS[script]([*argv, "--output_dir", str(out)]))
         err = capsys.readouterr().err
-        message = stop.value.code if isinstance(stop.value.code, str) else err.strip().splitlines()[-1]
+        message = stop.value.code if isinstance(stop.value.code,
+                                                str) else err.strip().splitlines()[-1]
         assert stop.value.code not in (0, None), (script, argv)
-        assert "\n" not in message.strip() and message.startswith("error: ") and expected in message, (argv, message)
+        assert "\n" not in message.strip() and message.startswith(
+            "error: ") and expected in message, (argv, message)
         assert "Traceback" not in err
-        assert sorted(os.listdir(out)) == before and (out / "keep.txt").read_text() == "an earlier result", argv
+        assert sorted(os.listdir(out)) == before and (
+            out / "keep.txt").read_text() == "an earlier result", argv
 
 
 def test_a_run_whose_every_step_was_skipped_fails_and_saves_no_model(tmp_path, monkeypatch):
-    """Every step non-finite (e.g. a broken loss): the untouched base model must not come out as the result."""
+    """Every step non-finite (e.g. a broken loss): the untouched base model must not come out as the
+    result."""
     import torch
     import training
     real_step = training.contrastive_step
@@ -79,9 +91,12 @@ def test_a_run_whose_every_step_was_skipped_fails_and_saves_no_model(tmp_path, m
         real_step(net, *args)
         return torch.tensor(float("nan"))
     monkeypatch.setattr(training, "contrastive_step", poisoned)
-    with pytest.raises(SystemExit, match=r"stopped at step 2: 2 steps in a row had a non-finite loss"):
-        finetune.main(["--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "2",
-                       "--save_steps", "0", "--max_bad_steps", "5"])
+    with pytest.raises(SystemExit,
+                       match=r"stopped at step 2: 2 steps in a row had a non-finite loss"):
+        finetune.main([
+            "--output_dir",
+            str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_steps",
+            "0", "--max_bad_steps", "5"])
     assert not os.path.exists(tmp_path / "model.safetensors")
 
 

@@ -1,4 +1,5 @@
-"""finetune.py: every method trains and saves a loadable model; the batches are the same for all methods."""
+"""finetune.py: every method trains and saves a loadable model; the batches are the same for all
+methods."""
 import json
 import os
 import random
@@ -23,20 +24,26 @@ def train_file(tmp_path_factory):
     with open(path, "w") as f:
         for i in range(12):
             w = words[i % len(words)]
-            f.write(json.dumps({"query": f"what is {w}", "positive_passages": [{"docid": str(i), "title": w, "text": f"{w} is food"}],
-                                "negative_passages": [{"docid": f"n{j}", "title": "", "text": f"{rng.choice(words)} is not it"}
-                                                      for j in range(3)]}) + "\n")
+            f.write(
+                json.dumps({
+                    "query": f"what is {w}", "positive_passages": [{
+                        "docid": str(i), "title": w, "text": f"{w} is food"}],
+                    "negative_passages": [{
+                        "docid": f"n{j}", "title": "", "text": f"{rng.choice(words)} is not it"}
+                                          for j in range(3)]}) + "\n")
     return str(path)
 
 
 def run(tiny_model_dir, train_file, out, *extra):
-    finetune.main(["--model_name_or_path", tiny_model_dir, "--train_file", train_file, "--output_dir", str(out),
-                   "--per_device_train_batch_size", "4", "--max_steps", "2", "--pairs", "2x16,4x32",
-                   "--train_group_size", "3", *extra])
+    finetune.main([
+        "--model_name_or_path", tiny_model_dir, "--train_file", train_file, "--output_dir",
+        str(out), "--per_device_train_batch_size", "4", "--max_steps", "2", "--pairs", "2x16,4x32",
+        "--train_group_size", "3", *extra])
 
 
 @pytest.mark.parametrize("method", ["srl", "2dmse", "2dmse_retrieval", "mrl", "full", "symmetric"])
-def test_each_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir, train_file, method):
+def test_each_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir, train_file,
+                                                       method):
     run(tiny_model_dir, train_file, tmp_path, "--method", method)
     model = AutoModel.from_pretrained(tmp_path)
     before = AutoModel.from_pretrained(tiny_model_dir)
@@ -48,33 +55,42 @@ def test_each_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir,
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)
 
 
-def test_separate_trains_one_model_per_layer_touching_only_its_layers(tmp_path, tiny_model_dir, train_file):
+def test_separate_trains_one_model_per_layer_touching_only_its_layers(tmp_path, tiny_model_dir,
+                                                                      train_file):
     run(tiny_model_dir, train_file, tmp_path, "--method", "separate")
     saved = json.load(open(tmp_path / "starbucks_config.json"))
     assert saved["separate"] == {"2": "layer_2", "4": "layer_4"}
     before = AutoModel.from_pretrained(tiny_model_dir).state_dict()
     layer2 = AutoModel.from_pretrained(tmp_path / "layer_2").state_dict()
     # Eq. 7 trains (2, H): layers 3 and 4 are never run, so they keep their initial weights
-    assert all(torch.equal(layer2[k], before[k]) for k in before if k.startswith(("encoder.layer.2.", "encoder.layer.3.")))
+    assert all(
+        torch.equal(layer2[k], before[k]) for k in before
+        if k.startswith(("encoder.layer.2.", "encoder.layer.3.")))
     assert not torch.equal(layer2["encoder.layer.0.attention.self.query.weight"],
                            before["encoder.layer.0.attention.self.query.weight"])
 
 
-def test_separately_trained_folder_evaluates_each_pair_with_its_layers_model(tmp_path, tiny_model_dir, train_file):
+def test_separately_trained_folder_evaluates_each_pair_with_its_layers_model(
+        tmp_path, tiny_model_dir, train_file):
     run(tiny_model_dir, train_file, tmp_path, "--method", "separate")
     docs = ["coffee is hot", "tea is hot", "rice is food", "soup is warm", "water is cold"]
-    sts = ("sts", ([docs[0], docs[1], docs[2], docs[3]], [docs[1], docs[2], docs[3], docs[4]], [3.0, 1.0, 2.0, 0.5]))
-    together = metrics.evaluate_model(str(tmp_path), {"toy": sts}, metrics.EvalSettings(), torch.device("cpu"))[1]
+    sts = ("sts", ([docs[0], docs[1], docs[2], docs[3]], [docs[1], docs[2], docs[3], docs[4]], [
+        3.0, 1.0, 2.0, 0.5]))
+    together = metrics.evaluate_model(str(tmp_path), {"toy": sts}, metrics.EvalSettings(),
+                                      torch.device("cpu"))[1]
     assert set(together["toy"]) == {"2x16", "4x32"}
-    for n, d in [(2, 16), (4, 32)]:  # each pair equals evaluating that layer's own model at that pair alone
+    # each pair equals evaluating that layer's own model at that pair alone
+    for n, d in [(2, 16), (4, 32)]:
         alone = metrics.evaluate_model(str(tmp_path / f"layer_{n}"), {"toy": sts},
-                                          metrics.EvalSettings(pairs=f"{n}x{d}"), torch.device("cpu"))[1]
+                                       metrics.EvalSettings(pairs=f"{n}x{d}"),
+                                       torch.device("cpu"))[1]
         assert together["toy"][f"{n}x{d}"] == alone["toy"][f"{n}x{d}"]
 
 
 def test_scored_pairs_train_with_cosent(tmp_path, tiny_model_dir):
     path = tmp_path / "sts.tsv"
-    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a b {i}\tc d {i}\t{i % 5}\n" for i in range(8)))
+    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a b {i}\tc d {i}\t{i % 5}\n"
+                                                              for i in range(8)))
     run(tiny_model_dir, str(path), tmp_path / "out", "--method", "srl")
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
     with pytest.raises(ValueError, match="needs query/passage data"):
@@ -82,20 +98,24 @@ def test_scored_pairs_train_with_cosent(tmp_path, tiny_model_dir):
 
 
 def test_same_batches_for_every_method(tmp_path, tiny_model_dir, train_file, monkeypatch):
-    """Rows of a table differ only by the loss: every method's training steps see the same token ids."""
+    """Rows of a table differ only by the loss: every method's training steps see the same token
+    ids."""
     seen, real_step = {}, training.contrastive_step
 
     def recording(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, *rest):
-        seen.setdefault(method, []).append((q_tok["input_ids"].tolist(), p_tok["input_ids"].tolist()))
+        seen.setdefault(method, []).append(
+            (q_tok["input_ids"].tolist(), p_tok["input_ids"].tolist()))
         return real_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, *rest)
     monkeypatch.setattr(training, "contrastive_step", recording)
     for method in ("srl", "full", "2dmse", "mrl"):
         run(tiny_model_dir, train_file, tmp_path / method, "--method", method)
     assert len(seen["srl"]) == 2 and seen["srl"][0] != seen["srl"][1]  # two different batches
-    assert seen["full"] == seen["srl"] and seen["2dmse"] == seen["srl"] and seen["mrl"] == seen["srl"]
+    assert seen["full"] == seen["srl"] and seen["2dmse"] == seen["srl"] and seen["mrl"] == seen[
+        "srl"]
     kind, records, _ = data.read_training_file(train_file)
     queries, passages, _ = training.batch_texts(records, kind, [0, 5, 7], 3, random.Random(11))
-    assert len(passages) == 9 and passages[0] == records[0]["positives"][0]  # each query's positive first
+    # each query's positive first
+    assert len(passages) == 9 and passages[0] == records[0]["positives"][0]
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
@@ -109,7 +129,8 @@ def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
         run(tiny_model_dir, str(no_negs), tmp_path)
     with pytest.raises(data.DataError, match="fewer than one batch"):
         run(tiny_model_dir, str(no_negs), tmp_path, "--train_group_size", "1")
-    with pytest.raises(SystemExit) as e:  # refused while parsing, before torch and transformers load
+    # refused while parsing, before torch and transformers load
+    with pytest.raises(SystemExit) as e:
         run(str(tmp_path / "nothing"), train_file, tmp_path)
     assert e.value.code == 2
     empty = tmp_path.parent / f"{tmp_path.name}_empty"  # a folder with no model in it
@@ -127,8 +148,10 @@ def test_linear_schedule_warms_up_then_decays():
 
 def test_real_minilm_srl_steps_on_embedded_data(tmp_path):
     """Slow: three SRL steps of the packaged MiniLM on the embedded inverse-cloze data."""
-    finetune.main(["--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size", "4",
-                   "--train_group_size", "2"])
+    finetune.main([
+        "--output_dir",
+        str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--train_group_size", "2"])
     model = AutoModel.from_pretrained(tmp_path)
     assert model.config.num_hidden_layers == 6
     saved = json.load(open(tmp_path / "starbucks_config.json"))
@@ -141,62 +164,82 @@ def test_real_minilm_srl_steps_on_embedded_data(tmp_path):
 def test_packaged_smollm2_is_a_base_decoder_with_2d_embeddings():
     model, tokenizer = models.load_model("smollm2-135m", torch.device("cpu"))
     model.eval()
-    assert type(model).__name__ == "LlamaModel" and model.dtype == torch.float32  # AutoModel: no LM head
+    # AutoModel: no LM head
+    assert type(model).__name__ == "LlamaModel" and model.dtype == torch.float32
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
-    texts = ["Coffee is brewed from roasted beans.", "Tea", "The central bank raised interest rates again today."]
+    texts = [
+        "Coffee is brewed from roasted beans.", "Tea",
+        "The central bank raised interest rates again today."]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     assert enc["attention_mask"][1].sum() < enc["attention_mask"].shape[1]  # "Tea" is right-padded
     with torch.no_grad():
         out = model(**enc, output_hidden_states=True)
         assert len(out.hidden_states) == 31  # embeddings + 30 blocks
-        e = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], [(15, 288), (30, 576)], "last")
-        # pre-LN: the final RMSNorm is applied to the intermediate layer too, then the last REAL token
+        e = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], [(15, 288), (30, 576)],
+                        "last")
+        # pre-LN: the final RMSNorm is applied to the intermediate layer too, then the last REAL
+        # token
         mid = model.norm(out.hidden_states[15])
         last = enc["attention_mask"].sum(1) - 1
         torch.testing.assert_close(e[(15, 288)], mid[torch.arange(3), last, :288])
         torch.testing.assert_close(e[(30, 576)], out.last_hidden_state[torch.arange(3), last])
         alone = tokenizer(texts[1:2], return_tensors="pt")  # no padding at all
-        e_alone = sb.embed_2d(model, alone["input_ids"], alone["attention_mask"], [(30, 576)], "last")[(30, 576)]
+        e_alone = sb.embed_2d(model, alone["input_ids"], alone["attention_mask"], [(30, 576)],
+                              "last")[(30, 576)]
         torch.testing.assert_close(e[(30, 576)][1:2], e_alone, atol=1e-4, rtol=1e-4)
-    # evaluate.py takes the packaged name too: no starbucks_config.json, so the backbone's default pairs, mean pooling
+    # evaluate.py takes the packaged name too: no starbucks_config.json, so the backbone's default
+    # pairs, mean pooling
     config, _ = models.read_config(models.resolve_model_path("smollm2-135m"), model)
     assert config.pairs == sb.default_pairs(30, 576) and config.pooling == "mean"
 
 
 def test_a_negative_is_never_repeated_to_fill_a_group(tmp_path, tiny_model_dir):
-    """A triplet file has one hard negative: the default group becomes 2; asking for 4 is refused by name."""
+    """A triplet file has one hard negative: the default group becomes 2; asking for 4 is refused by
+    name."""
     triplets = tmp_path / "triplets.jsonl"
-    triplets.write_text("".join(json.dumps({"anchor": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"}) + "\n"
-                                for i in range(8)))
+    triplets.write_text("".join(
+        json.dumps({"anchor": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"}) + "\n"
+        for i in range(8)))
     kind, records, group_size = finetune.load_training_records(str(triplets), None, False)
     assert kind == "contrastive" and group_size == 2
     queries, passages, _ = training.batch_texts(records, kind, [0, 1], group_size, random.Random(0))
     assert passages == ["p0", "n0", "p1", "n1"]
-    with pytest.raises(data.DataError, match=r"--train_group_size 4 needs 3 hard negatives per query, but 8 queries"):
+    with pytest.raises(
+            data.DataError,
+            match=r"--train_group_size 4 needs 3 hard negatives per query, but 8 queries"):
         finetune.load_training_records(str(triplets), 4, False)
     out = tmp_path / "out"
-    finetune.main(["--model_name_or_path", tiny_model_dir, "--train_file", str(triplets), "--output_dir", str(out),
-                   "--per_device_train_batch_size", "4", "--max_steps", "1", "--pairs", "2x16,4x32"])
-    assert json.load(open(out / "starbucks_config.json"))["training_arguments"]["train_group_size"] == 2
+    finetune.main([
+        "--model_name_or_path", tiny_model_dir, "--train_file",
+        str(triplets), "--output_dir",
+        str(out), "--per_device_train_batch_size", "4", "--max_steps", "1", "--pairs", "2x16,4x32"])
+    assert json.load(open(out /
+                          "starbucks_config.json"))["training_arguments"]["train_group_size"] == 2
 
 
 def test_2dmse_and_the_released_kl_train_on_scored_pairs(tmp_path, tiny_model_dir):
-    """The paper's STS-B table has 2DMSE; the released low-resource run wraps CoSENT in StarbucksLoss (Eq. 5')."""
+    """The paper's STS-B table has 2DMSE; the released low-resource run wraps CoSENT in
+    StarbucksLoss (Eq. 5')."""
     path = tmp_path / "sts.tsv"
-    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a b {i}\tc d {i}\t{i % 5}\n" for i in range(8)))
-    for extra in (["--method", "2dmse"], ["--method", "srl", "--kl", "embeddings", "--kl_weight", "0.3"]):
+    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"a b {i}\tc d {i}\t{i % 5}\n"
+                                                              for i in range(8)))
+    for extra in (["--method", "2dmse"], [
+            "--method", "srl", "--kl", "embeddings", "--kl_weight", "0.3"]):
         out = tmp_path / "_".join(extra)
         run(tiny_model_dir, str(path), out, *extra)
         assert os.path.exists(out / "model.safetensors")
 
 
 def test_presets_set_every_setting_of_a_released_run_and_flags_win(capsys):
-    args = finetune.parse_args(["--preset", "msmarco-srl", "--learning_rate", "3e-5", "--output_dir", "/nonexistent/x"])
+    args = finetune.parse_args([
+        "--preset", "msmarco-srl", "--learning_rate", "3e-5", "--output_dir", "/nonexistent/x"])
     for name, value in finetune.PRESETS["msmarco-srl"].items():
         if name not in ("learning_rate", "bf16"):
             assert getattr(args, name) == value, name
-    assert args.learning_rate == 3e-5 and (args.pooling, args.train_group_size, args.weight_decay) == ("cls", 8, 0.0)
-    out = data.preset_summary("msmarco-srl", finetune.PRESETS["msmarco-srl"], vars(args))  # main prints it
+    assert args.learning_rate == 3e-5 and (args.pooling, args.train_group_size,
+                                           args.weight_decay) == ("cls", 8, 0.0)
+    # main prints it
+    out = data.preset_summary("msmarco-srl", finetune.PRESETS["msmarco-srl"], vars(args))
     assert "--preset msmarco-srl: --method srl" in out and "--passage_max_len 196" in out
     if not torch.cuda.is_available():
         assert not args.bf16 and "no CUDA bf16, so the run is in fp32" in out

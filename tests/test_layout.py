@@ -1,4 +1,5 @@
-"""The house rules (README, Where things are): scripts are leaves, helpers take values, nothing is written twice."""
+"""The house rules (README, Where things are): scripts are leaves, helpers take values, nothing is
+written twice."""
 import ast
 import glob
 import os
@@ -10,22 +11,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"finetune", "pretrain", "evaluate", "classification.classify", "recipe.compute_optimal",
            "deploy.export"}
 # the toolkit: packages in folders, which import the reference; the reference imports them lazily
-TOOLKIT = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "*", "__init__.py")))
-REFERENCE = ["starbucks", "finetune", "pretrain", "evaluate", "data", "metrics", "models", "training"]
+TOOLKIT = sorted(
+    os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "*", "__init__.py")))
+REFERENCE = [
+    "starbucks", "finetune", "pretrain", "evaluate", "data", "metrics", "models", "training"]
 
 
 def _python_files():
-    """{name: path} of every project file outside tests (top level, bench/ and the toolkit's folders)."""
+    """{name: path} of every project file outside tests (top level, bench/ and the toolkit's
+    folders)."""
     paths = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py"))
     paths += [p for folder in TOOLKIT for p in glob.glob(os.path.join(ROOT, folder, "*.py"))]
     return {os.path.relpath(p, ROOT): p for p in sorted(paths)}
 
 
 def _is_script(relpath):
-    """The commands: the scripts, bench/bench_*.py and bench/reproduce.py (bench/timing.py is a module)."""
+    """The commands: the scripts, bench/bench_*.py and bench/reproduce.py (bench/timing.py is a
+    module)."""
     name = os.path.basename(relpath)
-    return os.path.splitext(relpath)[0].replace(os.sep, ".") in SCRIPTS or (
-        relpath.startswith("bench" + os.sep) and (name.startswith("bench_") or name == "reproduce.py"))
+    return os.path.splitext(relpath)[0].replace(
+        os.sep, ".") in SCRIPTS or (relpath.startswith("bench" + os.sep) and
+                                    (name.startswith("bench_") or name == "reproduce.py"))
 
 
 def _tree(path):
@@ -34,22 +40,27 @@ def _tree(path):
 
 @pytest.mark.parametrize("relpath", sorted(_python_files()))
 def test_no_file_imports_a_script_except_to_run_its_main(relpath):
-    """A module never imports a script; a script may import another only to call its main(argv), as a command."""
+    """A module never imports a script; a script may import another only to call its main(argv), as
+    a command."""
     tree = _tree(_python_files()[relpath])
     imported = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update({a.asname or a.name: a.name for a in node.names if a.name in SCRIPTS})
         elif isinstance(node, ast.ImportFrom) and node.module in SCRIPTS:
-            raise AssertionError(f"{relpath}: `from {node.module} import ...` (import the module, call its main)")
+            raise AssertionError(f"{relpath}: `from {node.module} import ...` (import the module, "
+                                 "call its main)")
         elif isinstance(node, ast.ImportFrom):  # from classification import classify
             imported.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
                              if f"{node.module}.{a.name}" in SCRIPTS})
     if not imported:
         return
-    assert _is_script(relpath), f"{relpath} is a module and imports the script(s) {sorted(imported.values())}"
-    uses = [(n.value.id, n.attr) for n in ast.walk(tree)
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in imported]
+    assert _is_script(
+        relpath), f"{relpath} is a module and imports the script(s) {sorted(imported.values())}"
+    uses = [
+        (n.value.id, n.attr) for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in imported
+    ]
     assert all(attr == "main" for _, attr in uses), f"{relpath} uses a script beyond main: {uses}"
 
 
@@ -58,21 +69,27 @@ def test_no_helper_takes_the_command_line_namespace(relpath):
     """Only a script's main and parse_args see the argparse namespace; nothing builds a fake one."""
     tree = _tree(_python_files()[relpath])
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in ("main", "parse_args"):
+        if isinstance(node,
+                      (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in ("main",
+                                                                                     "parse_args"):
             names = {a.arg for a in node.args.args + node.args.kwonlyargs}
-            assert not names & {"args", "opts", "namespace"}, f"{relpath}:{node.lineno} {node.name} takes {names}"
+            assert not names & {"args", "opts", "namespace"
+                                }, f"{relpath}:{node.lineno} {node.name} takes {names}"
         if isinstance(node, ast.Attribute) and node.attr in ("Namespace", "SimpleNamespace"):
             raise AssertionError(f"{relpath}:{node.lineno} builds a {node.attr}")
-        if isinstance(node, ast.ImportFrom) and any(a.name == "SimpleNamespace" for a in node.names):
+        if isinstance(node, ast.ImportFrom) and any(a.name == "SimpleNamespace"
+                                                    for a in node.names):
             raise AssertionError(f"{relpath}:{node.lineno} imports SimpleNamespace")
 
 
 def _code_lines(path):
-    """(line number, stripped line) of the lines that carry code: no blanks, comments, imports or lone brackets."""
+    """(line number, stripped line) of the lines that carry code: no blanks, comments, imports or
+    lone brackets."""
     lines = []
     for number, line in enumerate(open(path, encoding="utf-8"), 1):
         text = line.strip()
-        if text and not text.startswith(("#", "import ", "from ")) and text not in (")", "]", "}", '"""'):
+        if text and not text.startswith(
+            ("#", "import ", "from ")) and text not in (")", "]", "}", '"""'):
             lines.append((number, text))
     return lines
 
@@ -107,27 +124,33 @@ def test_the_toolkit_is_found():
 
 @pytest.mark.parametrize("name", REFERENCE)
 def test_the_reference_imports_the_toolkit_only_inside_functions(name):
-    """The reference runs without the toolkit's folders: it imports one only in the function that serves a
-    flag asking for it (e.g. `--adaptive` -> `from deploy import funnel`), never at module level."""
+    """The reference runs without the toolkit's folders: it imports one only in the function that
+    serves a flag asking for it (e.g. `--adaptive` -> `from deploy import funnel`), never at module
+    level."""
     toolkit = [m for m in _module_level_imports(_tree(os.path.join(ROOT, f"{name}.py")))
                if m.split(".")[0] in TOOLKIT]
     assert not toolkit, f"{name}.py imports {toolkit} at module level"
 
 
 def test_pip_install_makes_the_reference_and_the_toolkit_importable_from_any_folder(tmp_path):
-    """pyproject.toml: `pip install .` installs the 8 reference modules and the toolkit's packages."""
+    """pyproject.toml: `pip install .` installs the 8 reference modules and the toolkit's
+    packages."""
     import subprocess
     import sys
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), ROOT], check=True, capture_output=True)
+    subprocess.run([
+        sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+        "--target",
+        str(site), ROOT], check=True, capture_output=True)
     code = ("import starbucks, finetune, pretrain, evaluate, data, metrics, models, training; "
             "from index import corpus_index; from classification import cascade; "
             "print(starbucks.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(site)}).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)}).stdout
     assert out.strip() == str(site / "starbucks.py")
 
 
 def test_the_reference_is_eight_top_level_files():
-    assert sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))) == sorted(REFERENCE)
+    assert sorted(os.path.basename(p)[:-3]
+                  for p in glob.glob(os.path.join(ROOT, "*.py"))) == sorted(REFERENCE)

@@ -1,4 +1,5 @@
-"""Every message tells the truth: a flag that a message suggests exists in the script that can show it.
+"""Every message tells the truth: a flag that a message suggests exists in the script that can show
+it.
 
 The messages a script can show are the strings of the functions its main() and parse_args() reach
 (calls and references through the project's imports, followed statically); each `--flag` named in
@@ -16,7 +17,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*(?:-[a-z0-9_]+)*)")
-NOT_OURS = {"no-deps", "nproc-per-node"}  # pip's and torchrun's flags, named in install and launch advice
+# pip's and torchrun's flags, named in install and launch advice
+NOT_OURS = {"no-deps", "nproc-per-node"}
 
 
 def _modules():
@@ -34,8 +36,10 @@ def _modules():
 MODULES = _modules()
 TREES = {name: ast.parse(open(path, encoding="utf-8").read()) for name, path in MODULES.items()}
 SCRIPTS = sorted(name for name, tree in TREES.items()
-                 if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
-                 and any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body))
+                 if any(isinstance(n, ast.FunctionDef) and n.name == "main"
+                        for n in tree.body) and any(
+                            isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)
+                            for n in tree.body))
 
 
 def _aliases(tree):
@@ -44,7 +48,8 @@ def _aliases(tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                names[a.asname or
+                      a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             for a in node.names:
                 full = f"{node.module}.{a.name}"
@@ -53,7 +58,8 @@ def _aliases(tree):
 
 
 def _definitions():
-    """{'module.name': function or class node} of every top-level definition (methods under their class)."""
+    """{'module.name': function or class node} of every top-level definition (methods under their
+    class)."""
     found = {}
     for module, tree in TREES.items():
         for node in tree.body:
@@ -72,7 +78,8 @@ def _references(module, node):
         if isinstance(n, ast.Name):
             target = aliases.get(n.id, f"{module}.{n.id}")
             refs.add(target)
-        elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases:
+        elif isinstance(n, ast.Attribute) and isinstance(n.value,
+                                                         ast.Name) and n.value.id in aliases:
             refs.add(f"{aliases[n.value.id]}.{n.attr}")
         elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute):
             refs.add(f"{ast.unparse(n.value)}.{n.attr}")  # package.module.function
@@ -80,7 +87,8 @@ def _references(module, node):
 
 
 SAYS = {"print", "exit", "error", "warn", "write"}  # calls that show a message
-TEXT = (ast.Constant, ast.JoinedStr, ast.BinOp, ast.IfExp, ast.BoolOp)  # a returned message, not argv
+# a returned message, not argv
+TEXT = (ast.Constant, ast.JoinedStr, ast.BinOp, ast.IfExp, ast.BoolOp)
 
 
 def _message_strings(node):
@@ -89,16 +97,20 @@ def _message_strings(node):
     for n in ast.walk(node):
         if isinstance(n, ast.Raise) and n.exc is not None:
             roots.append(n.exc)
-        elif isinstance(n, ast.Call) and (getattr(n.func, "attr", None) or getattr(n.func, "id", None)) in SAYS:
+        elif isinstance(n, ast.Call) and (getattr(n.func, "attr", None) or
+                                          getattr(n.func, "id", None)) in SAYS:
             roots.extend(n.args)
         elif isinstance(n, ast.Return) and isinstance(n.value, TEXT):
             roots.append(n.value)
-    return [c.value for r in roots for c in ast.walk(r) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+    return [
+        c.value for r in roots for c in ast.walk(r)
+        if isinstance(c, ast.Constant) and isinstance(c.value, str)]
 
 
 def messages_of(script):
     """{flag: where} of the flags named in what a script's main() and parse_args() can reach."""
-    todo = [f"{script}.{name}" for name in ("main", "parse_args") if f"{script}.{name}" in DEFINITIONS]
+    todo = [
+        f"{script}.{name}" for name in ("main", "parse_args") if f"{script}.{name}" in DEFINITIONS]
     seen, flags = set(), {}
     while todo:
         name = todo.pop()
@@ -162,14 +174,16 @@ def test_an_unknown_header_or_a_word_score_is_blamed_on_row_one(tmp_path, first_
 def test_an_unknown_qrels_header_names_the_known_ones(tmp_path):
     path = tmp_path / "qrels.tsv"
     path.write_text("q\td\trel\nq1\td1\t1\n")
-    with pytest.raises(data.DataError, match=r":1: header \['q', 'd', 'rel'\] not known: BEIR qrels start"):
+    with pytest.raises(data.DataError,
+                       match=r":1: header \['q', 'd', 'rel'\] not known: BEIR qrels start"):
         data.read_qrels(str(path))
 
 
 def test_an_unknown_layout_lists_the_known_layouts(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"foo": 1}\n')
-    with pytest.raises(data.DataError, match="known layouts: Tevatron .*sentence-transformers .*scored"):
+    with pytest.raises(data.DataError,
+                       match="known layouts: Tevatron .*sentence-transformers .*scored"):
         data.read_training_file(str(path))
 
 
@@ -204,7 +218,8 @@ def test_evaluate_refuses_a_folder_with_results_unless_told_to_overwrite(tmp_pat
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--output_dir", str(tmp_path)])
-    assert "holds another run (results.json); pass --overwrite_output_dir" in capsys.readouterr().err
+    assert ("holds another run (results.json); pass --overwrite_output_dir"
+            in capsys.readouterr().err)
     assert evaluate.parse_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"])
 
 
@@ -214,7 +229,8 @@ def test_help_shows_every_flag_s_default_once(script):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         module.parse_args(["--help"])
-    entries = re.split(r"\n(?=  -)", out.getvalue().split("options:", 1)[1])  # one per flag, as printed
+    # one per flag, as printed
+    entries = re.split(r"\n(?=  -)", out.getvalue().split("options:", 1)[1])
     for entry in entries:
         entry = " ".join(entry.split())
         if entry.startswith("--") and not entry.startswith("-h"):
@@ -223,17 +239,24 @@ def test_help_shows_every_flag_s_default_once(script):
 
 def test_a_preset_names_its_bert_base_pairs_and_what_to_pass_on_a_smaller_model(tmp_path):
     path = tmp_path / "sts.tsv"
-    path.write_text("sentence1\tsentence2\tscore\nA man plays.\tA man is playing.\t4.5\nA cat.\tA dog.\t1.0\n")
-    with pytest.raises(ValueError, match=r"--preset stsb-srl trains BERT-base's pairs .* has 6 layers x 384: "
-                                         r"pass --pairs \(.*--pairs 1x12,2x24,3x48,4x96,5x192,6x384\)"):
-        finetune.main(["--preset", "stsb-srl", "--train_file", str(path), "--output_dir", str(tmp_path / "o")])
+    path.write_text("sentence1\tsentence2\tscore\nA man plays.\tA man is playing.\t4.5\nA cat.\tA "
+                    "dog.\t1.0\n")
+    with pytest.raises(
+            ValueError, match=r"--preset stsb-srl trains BERT-base's pairs .* has 6 layers x 384: "
+            r"pass --pairs \(.*--pairs 1x12,2x24,3x48,4x96,5x192,6x384\)"):
+        finetune.main([
+            "--preset", "stsb-srl", "--train_file",
+            str(path), "--output_dir",
+            str(tmp_path / "o")])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_keeps_the_example_lines_as_written(script):
-    """A backslash at a line's end in a docstring joins the lines unless escaped: the examples stay copyable."""
+    """A backslash at a line's end in a docstring joins the lines unless escaped: the examples stay
+    copyable."""
     doc = TREES[script].body[0].value.value
     for line in doc.splitlines():
         assert "         --" not in line.strip(), f"{script}: a continuation was joined: {line}"
     source = open(MODULES[script], encoding="utf-8").read().split('"""', 2)[1]
-    assert doc.count("\\\n") == source.count("\\\n")  # each continuation of the source shows in --help
+    # each continuation of the source shows in --help
+    assert doc.count("\\\n") == source.count("\\\n")

@@ -1,4 +1,5 @@
-"""SMAE pre-training (Eq. 10-13): the sliced head, the MLM and MAE losses, masking, and pretrain.py."""
+"""SMAE pre-training (Eq. 10-13): the sliced head, the MLM and MAE losses, masking, and
+pretrain.py."""
 import copy
 import json
 import math
@@ -22,16 +23,18 @@ TINY = "num_hidden_layers=4,hidden_size=32,num_attention_heads=2,intermediate_si
 
 
 def tiny_masked_lm(seed=0, vocab_size=30522):
-    """A 4 x 32 random BertForMaskedLM (its .bert is the encoder) with the real vocabulary's size."""
+    """A 4 x 32 random BertForMaskedLM (its .bert is the encoder) with the real vocabulary's
+    size."""
     from transformers import BertConfig, BertForMaskedLM
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     return BertForMaskedLM(config).eval()
 
 
 def heads_of(masked_lm):
-    """SMAEHeads holding the BertForMaskedLM's own prediction head (transform and vocabulary bias)."""
+    """SMAEHeads holding the BertForMaskedLM's own prediction head (transform and vocabulary
+    bias)."""
     heads = sb.SMAEHeads(masked_lm.bert).eval()
     heads.transform.load_state_dict(masked_lm.cls.predictions.transform.state_dict())
     heads.bias.data.copy_(masked_lm.cls.predictions.bias)
@@ -73,7 +76,8 @@ def test_sliced_head_is_dense_layer_on_truncated_vector():
         torch.testing.assert_close(sb.mlm_transform(heads, h[..., :d]), expected)
         # the same as the full head on the vector with its coordinates beyond d set to zero
         padded = torch.cat([h[..., :d], torch.zeros(3, 5, 32 - d)], dim=-1)
-        torch.testing.assert_close(sb.mlm_transform(heads, h[..., :d]), mlm.cls.predictions.transform(padded))
+        torch.testing.assert_close(sb.mlm_transform(heads, h[..., :d]),
+                                   mlm.cls.predictions.transform(padded))
 
 
 def test_all_masked_full_pair_mlm_equals_bert_for_masked_lm():
@@ -94,7 +98,8 @@ def test_masked_only_logits_equal_all_position_logits_with_ignored_labels(real_b
     ids, mask, maskable = (x[:4, :40].clone() for x in real_batch)
     mask[0, 30:] = 0  # some padding
     maskable = maskable & mask.bool()
-    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, training.subword_flags(tokenizer),
+    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable,
+                                                         training.subword_flags(tokenizer),
                                                          tokenizer.mask_token_id, seed=3)
     E = mlm.bert.get_input_embeddings().weight
     h = sb.layer_hidden_states(mlm.bert, enc, mask, [2])[2][:, :, :16]
@@ -105,17 +110,21 @@ def test_masked_only_logits_equal_all_position_logits_with_ignored_labels(real_b
     pairs = [(1, 8), (2, 16), (4, 32)]
     losses, grads = [], []
     for all_positions in (False, True):
-        loss = sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs, all_positions)
+        loss = sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs,
+                            all_positions)
         mlm.zero_grad()
         loss.backward()
         losses.append(loss.detach())
-        grads.append([mlm.bert.encoder.layer[0].attention.self.query.weight.grad.clone(), E.grad.clone()])
+        grads.append([
+            mlm.bert.encoder.layer[0].attention.self.query.weight.grad.clone(),
+            E.grad.clone()])
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(grads[0], grads[1])  # the first layer and the tied embeddings
 
 
 def test_mae_decoder_as_copy_of_layer_one_reads_like_the_encoder():
-    """With position 0 left as its embedding, the fresh decoder layer IS the encoder's layer 1 (padding too)."""
+    """With position 0 left as its embedding, the fresh decoder layer IS the encoder's layer 1
+    (padding too)."""
     mlm = tiny_masked_lm()
     heads = heads_of(mlm)
     ids = torch.randint(1000, 30522, (3, 10), generator=torch.Generator().manual_seed(2))
@@ -149,14 +158,16 @@ def test_smae_heads_decoder_layer_is_an_independent_copy_of_layer_one():
     for (name, a), (_, b) in zip(heads.decoder_layer.named_parameters(), first.named_parameters()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
     assert heads.bias.shape == (30522,) and not heads.bias.any()
-    assert not any(p is mlm.bert.get_input_embeddings().weight for p in heads.parameters())  # tied, not copied
+    # tied, not copied
+    assert not any(p is mlm.bert.get_input_embeddings().weight for p in heads.parameters())
 
 
 def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, tokenizer):
     mlm = tiny_masked_lm()
     heads = heads_of(mlm)
     ids, mask, maskable = (x[:4, :32] for x in real_batch)
-    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, training.subword_flags(tokenizer),
+    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable,
+                                                         training.subword_flags(tokenizer),
                                                          tokenizer.mask_token_id, seed=5)
     pairs = [(1, 4), (2, 8), (4, 32)]
     calls = []
@@ -171,33 +182,44 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
     terms = []
     for n, d in pairs:
         h = hidden[n][:, :, :d]
-        sentence = heads.transform(torch.cat([h[:, 0], torch.zeros(4, 32 - d)], -1))  # Eq. 10 transform, zero-padded
-        m = F.cross_entropy(mlm.cls(torch.cat([h, torch.zeros(*h.shape[:2], 32 - d)], -1)).flatten(0, 1),
-                            labels.flatten(), ignore_index=-100)
+        # Eq. 10 transform, zero-padded
+        sentence = heads.transform(torch.cat([h[:, 0], torch.zeros(4, 32 - d)], -1))
+        m = F.cross_entropy(
+            mlm.cls(torch.cat([h, torch.zeros(*h.shape[:2], 32 - d)], -1)).flatten(0, 1),
+            labels.flatten(), ignore_index=-100)
         a = sb.mae_loss(heads, E, embeds, sentence, mask, dec_labels)
         terms.append((m + a) / 2)
     torch.testing.assert_close(ours, sum(terms) / len(terms))
 
 
-def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_batch_loss(tokenizer):
-    """torchrun's SMAE: slices with different numbers of masked tokens; the plain mean of their means is not it."""
+def test_smae_loss_of_slices_divided_by_whole_batch_counts_adds_up_to_the_whole_batch_loss(
+        tokenizer):
+    """torchrun's SMAE: slices with different numbers of masked tokens; the plain mean of their
+    means is not it."""
     crops = training.crop_documents(tokenizer, data.lee_background_documents()[:3], 32)
-    crops = [min(crops, key=len)] + crops[:5]  # a short crop (a document's end) first: padding, fewer masks
-    enc, mask, labels, dec, dec_labels = pretrain.masked_batch(crops, tokenizer, training.subword_flags(tokenizer), 6)
-    assert enc.shape == (6, 32) and (labels != -100).any(1).all() and ((dec_labels != -100) >= (labels != -100)).all()
+    # a short crop (a document's end) first: padding, fewer masks
+    crops = [min(crops, key=len)] + crops[:5]
+    enc, mask, labels, dec, dec_labels = pretrain.masked_batch(crops, tokenizer,
+                                                               training.subword_flags(tokenizer), 6)
+    assert enc.shape == (6, 32) and (labels != -100).any(1).all() and ((dec_labels != -100)
+                                                                       >= (labels != -100)).all()
     mlm = tiny_masked_lm()
     heads, pairs = heads_of(mlm), [(2, 16), (4, 32)]
     whole = sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs)
     counts = (int((labels != -100).sum()), int((dec_labels != -100).sum()))
     slices = [slice(0, 1), slice(1, 6)]
-    assert (labels[slices[0]] != -100).sum() * 5 != (labels[slices[1]] != -100).sum()  # unequal shares
+    # unequal shares
+    assert (labels[slices[0]] != -100).sum() * 5 != (labels[slices[1]] != -100).sum()
     parts = [sb.smae_loss(mlm.bert, heads, enc[r], mask[r], labels[r], dec[r], dec_labels[r], pairs,
                           token_counts=counts) for r in slices]
     torch.testing.assert_close(sum(parts), whole)
-    means = [sb.smae_loss(mlm.bert, heads, enc[r], mask[r], labels[r], dec[r], dec_labels[r], pairs) for r in slices]
+    means = [
+        sb.smae_loss(mlm.bert, heads, enc[r], mask[r], labels[r], dec[r], dec_labels[r], pairs)
+        for r in slices]
     assert abs(float((sum(means) / 2 - whole).detach())) > 1e-4
     with pytest.raises(ValueError, match="token_counts"):
-        sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs, all_positions=True, token_counts=counts)
+        sb.smae_loss(mlm.bert, heads, enc, mask, labels, dec, dec_labels, pairs, all_positions=True,
+                     token_counts=counts)
 
 
 @pytest.mark.parametrize("objective", ["smae", "mlm_2d"])
@@ -284,16 +306,21 @@ def test_smae_preset_holds_the_released_run_and_explicit_flags_win():
 def test_whole_word_masking_rates_subset_and_whole_words_on_real_text(real_batch, tokenizer):
     ids, mask, maskable = real_batch
     is_subword = training.subword_flags(tokenizer)
-    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, is_subword, tokenizer.mask_token_id, seed=0)
+    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, is_subword,
+                                                         tokenizer.mask_token_id, seed=0)
     enc_set, dec_set = labels != -100, dec_labels != -100
     assert (enc_set <= dec_set).all()  # the encoder's masked set inside the decoder's
-    assert not (enc_set & ~maskable).any() and not (dec_set & ~maskable).any()  # never [CLS]/[SEP]/padding
-    assert torch.equal(labels[enc_set], ids[enc_set]) and torch.equal(dec_labels[dec_set], ids[dec_set])
+    # never [CLS]/[SEP]/padding
+    assert not (enc_set & ~maskable).any() and not (dec_set & ~maskable).any()
+    assert torch.equal(labels[enc_set], ids[enc_set]) and torch.equal(dec_labels[dec_set],
+                                                                      ids[dec_set])
     n = maskable.sum(1).float()
-    assert (enc_set.sum(1) <= torch.round(0.2 * n)).all() and (dec_set.sum(1) <= torch.round(0.4 * n)).all()
+    assert (enc_set.sum(1) <= torch.round(0.2 * n)).all() and (dec_set.sum(1) <= torch.round(
+        0.4 * n)).all()
     enc_rate, dec_rate = enc_set.sum() / maskable.sum(), dec_set.sum() / maskable.sum()
     assert 0.18 <= enc_rate <= 0.2 and 0.37 <= dec_rate <= 0.4, (enc_rate, dec_rate)
-    # whole words: a '##' piece (after a maskable token) is masked exactly when the piece before it is
+    # whole words: a '##' piece (after a maskable token) is masked exactly when the piece before it
+    # is
     glued = is_subword[ids][:, 1:] & maskable[:, 1:] & maskable[:, :-1]  # (B, T-1)
     for s in (enc_set, dec_set):
         assert torch.equal(s[:, 1:][glued], s[:, :-1][glued])
@@ -324,27 +351,35 @@ def test_vocab_file_tokenizer_keeps_real_words(tokenizer):
     assert from_vocab.tokenize(text) == tokenizer.tokenize(text)
     assert from_vocab.unk_token not in from_vocab.tokenize(text) and len(from_vocab) == 30522
     flags = training.subword_flags(from_vocab)
-    assert flags[from_vocab.convert_tokens_to_ids("##s")] and not flags[from_vocab.convert_tokens_to_ids("the")]
+    assert flags[from_vocab.convert_tokens_to_ids(
+        "##s")] and not flags[from_vocab.convert_tokens_to_ids("the")]
 
 
 def test_from_scratch_encoder_has_the_requested_size_and_real_vocab():
-    encoder, tokenizer = models.load_encoder(models.DEFAULT_MODEL, torch.device("cpu"), from_scratch=True,
-                                             config_overrides=TINY)
+    encoder, tokenizer = models.load_encoder(models.DEFAULT_MODEL, torch.device("cpu"),
+                                             from_scratch=True, config_overrides=TINY)
     assert (encoder.config.num_hidden_layers, encoder.config.hidden_size) == (4, 32)
     assert encoder.get_input_embeddings().weight.shape == (30522, 32)
-    assert tokenizer.unk_token_id not in tokenizer("Wikipedia articles about Australia")["input_ids"]
+    assert tokenizer.unk_token_id not in tokenizer(
+        "Wikipedia articles about Australia")["input_ids"]
 
 
 def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--config_overrides", TINY])  # a checkpoint keeps its own size
     with pytest.raises(SystemExit):
-        pretrain.parse_args(["--mlm_probability", "0.5", "--decoder_mlm_probability", "0.4"])  # not a subset
-    for flags in (["--save_steps", "-1"], ["--max_bad_steps", "0"], ["--per_device_train_batch_size", "0"]):
+        # not a subset
+        pretrain.parse_args(["--mlm_probability", "0.5", "--decoder_mlm_probability", "0.4"])
+    for flags in (["--save_steps", "-1"], ["--max_bad_steps", "0"], [
+            "--per_device_train_batch_size", "0"]):
         with pytest.raises(SystemExit):
             pretrain.parse_args(flags)
-    with pytest.raises(SystemExit) as e:  # refused while parsing, before torch and transformers load
-        pretrain.main(["--train_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")])
+    # refused while parsing, before torch and transformers load
+    with pytest.raises(SystemExit) as e:
+        pretrain.main([
+            "--train_file",
+            str(tmp_path / "missing.txt"), "--output_dir",
+            str(tmp_path / "out")])
     assert e.value.code == 2
     with pytest.raises(ValueError, match="BERT-style encoder"):
         sb.SMAEHeads(torch.nn.Linear(2, 2))
@@ -353,14 +388,17 @@ def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
 def test_crop_documents_covers_every_token_in_order(tokenizer):
     docs = data.lee_background_documents()[:3]
     crops = training.crop_documents(tokenizer, docs, 32)
-    assert all(len(c) <= 32 and c[0] == tokenizer.cls_token_id and c[-1] == tokenizer.sep_token_id for c in crops)
+    assert all(
+        len(c) <= 32 and c[0] == tokenizer.cls_token_id and c[-1] == tokenizer.sep_token_id
+        for c in crops)
     inner = [t for c in crops for t in c[1:-1]]
     assert inner == [t for d in docs for t in tokenizer(d, add_special_tokens=False)["input_ids"]]
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     values = [training.cosine_schedule(s, 100, 10) for s in range(101)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[10] == pytest.approx(1.0)
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(
+        1.0) and values[10] == pytest.approx(1.0)
     assert values[55] == pytest.approx(0.5) and values[100] == pytest.approx(0.0, abs=1e-12)
     assert values[40] == pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 90)))
 
@@ -388,12 +426,14 @@ def test_load_mlm_head_copies_a_bert_prediction_head(tmp_path):
     assert not models.load_mlm_head(sb.SMAEHeads(mlm.bert), packaged)
 
 
-def test_twenty_steps_on_real_text_lower_the_loss_and_save_a_loadable_folder(tmp_path, lee_text_file):
+def test_twenty_steps_on_real_text_lower_the_loss_and_save_a_loadable_folder(
+        tmp_path, lee_text_file):
     from transformers import AutoModel
     out = str(tmp_path / "smae")
-    pretrain.main(["--from_scratch", "--config_overrides", TINY, "--train_file", lee_text_file, "--max_length", "64",
-                   "--pairs", "2x16,4x32", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
-                   "--warmup_ratio", "0.1", "--max_steps", "20", "--output_dir", out])
+    pretrain.main([
+        "--from_scratch", "--config_overrides", TINY, "--train_file", lee_text_file, "--max_length",
+        "64", "--pairs", "2x16,4x32", "--per_device_train_batch_size", "8", "--learning_rate",
+        "2e-3", "--warmup_ratio", "0.1", "--max_steps", "20", "--output_dir", out])
     log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
     losses = [r["loss"] for r in log]
     assert len(losses) == 20 and log[-1]["skipped_steps"] == 0
@@ -419,8 +459,10 @@ def test_non_finite_gradient_steps_are_skipped_and_counted(tmp_path, lee_text_fi
 
     monkeypatch.setattr(sb, "smae_loss", poisoned)
     out = str(tmp_path / "nan")
-    pretrain.main(["--from_scratch", "--config_overrides", TINY, "--train_file", lee_text_file, "--max_length", "32",
-                   "--pairs", "4x32", "--per_device_train_batch_size", "4", "--max_steps", "3", "--output_dir", out])
+    pretrain.main([
+        "--from_scratch", "--config_overrides", TINY, "--train_file", lee_text_file, "--max_length",
+        "32", "--pairs", "4x32", "--per_device_train_batch_size", "4", "--max_steps", "3",
+        "--output_dir", out])
     log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
     assert [r["skipped_steps"] for r in log] == [0, 1, 1]
     from transformers import AutoModel
@@ -429,12 +471,15 @@ def test_non_finite_gradient_steps_are_skipped_and_counted(tmp_path, lee_text_fi
 
 @pytest.mark.parametrize("objective", ["mlm_2d", "mlm"])
 def test_the_smae_ablations_train_without_the_mae_decoder(tmp_path, lee_text_file, objective):
-    """pretrain.py --objective mlm_2d / mlm: the sliced MLM of every pair, or of the full pair alone; the MAE
-    decoder layer takes no part (frozen, so neither the optimizer nor DDP sees it)."""
+    """pretrain.py --objective mlm_2d / mlm: the sliced MLM of every pair, or of the full pair
+    alone; the MAE decoder layer takes no part (frozen, so neither the optimizer nor DDP sees
+    it)."""
     out = tmp_path / objective
-    pretrain.main(["--from_scratch", "--config_overrides", TINY, "--train_file", lee_text_file, "--max_length", "32",
-                   "--pairs", "2x16,4x32", "--per_device_train_batch_size", "4", "--max_steps", "2",
-                   "--objective", objective, "--output_dir", str(out)])
+    pretrain.main([
+        "--from_scratch", "--config_overrides", TINY, "--train_file", lee_text_file, "--max_length",
+        "32", "--pairs", "2x16,4x32", "--per_device_train_batch_size", "4", "--max_steps", "2",
+        "--objective", objective, "--output_dir",
+        str(out)])
     encoder = models.load_model(str(out), torch.device("cpu"))[0]
     heads = sb.SMAEHeads(encoder)
     saved = torch.load(out / pretrain.HEADS_FILE, weights_only=True)
@@ -445,4 +490,5 @@ def test_the_smae_ablations_train_without_the_mae_decoder(tmp_path, lee_text_fil
     assert set(saved) == set(fresh.state_dict())
     module = pretrain.SMAE(encoder, fresh, [(2, 16), (4, 32)], objective)
     assert not any(p.requires_grad for p in fresh.decoder_layer.parameters())
-    assert all(p.requires_grad for p in fresh.transform.parameters()) and module.objective == objective
+    assert all(p.requires_grad
+               for p in fresh.transform.parameters()) and module.objective == objective

@@ -24,7 +24,8 @@ def batch(B=3, T=7, vocab=30522, seed=0):
 # ---- pairs -------------------------------------------------------------------------------------
 
 def test_default_pairs_bert_base_is_the_papers_grid():
-    """The paper's six pairs for BERT-base, written out here (README, Eq. 1), not read from the constant."""
+    """The paper's six pairs for BERT-base, written out here (README, Eq. 1), not read from the
+    constant."""
     assert sb.default_pairs(12, 768) == [(2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768)]
 
 
@@ -40,10 +41,15 @@ def test_default_pairs_other_backbones_end_at_the_full_model():
 
 
 @pytest.mark.parametrize("pairs, message", [
-    ([(7, 32)], "layer 7 is outside"), ([(0, 32)], "layer 0 is outside"), ([(2, 800)], "dim 800 is outside"),
-    ([(2, 0)], "dim 0 is outside"), ([(4, 64), (2, 32)], "sorted"), ([(2, 32), (2, 32)], "duplicate"),
-    ([], "empty"), ([(2.0, 32)], "two integers"), ([(2, 32, 1)], "two integers"),
-])
+    ([(7, 32)], "layer 7 is outside"),
+    ([(0, 32)], "layer 0 is outside"),
+    ([(2, 800)], "dim 800 is outside"),
+    ([(2, 0)], "dim 0 is outside"),
+    ([(4, 64), (2, 32)], "sorted"),
+    ([(2, 32), (2, 32)], "duplicate"),
+    ([], "empty"),
+    ([(2.0, 32)], "two integers"),
+    ([(2, 32, 1)], "two integers"), ])
 def test_check_pairs_rejects_bad_pairs(pairs, message):
     with pytest.raises(ValueError, match=message):
         sb.check_pairs(pairs, 6, 384)
@@ -65,7 +71,8 @@ def test_pool_hand_values():
     # mean over REAL tokens: row 0 averages tokens 0 and 1 only
     assert torch.allclose(sb.pool(hidden, mask, "mean"), torch.tensor([[1., 2.], [8., 9.]]))
     assert torch.equal(sb.pool(hidden, mask, "last"), torch.tensor([[2., 3.], [10., 11.]]))
-    left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: the last real token is the last position
+    # left padding: the last real token is the last position
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
     assert torch.equal(sb.pool(hidden, left, "last"), torch.tensor([[4., 5.], [10., 11.]]))
     with pytest.raises(ValueError, match="unknown pooling"):
         sb.pool(hidden, mask, "max")
@@ -78,7 +85,8 @@ def test_embed_2d_equals_pooling_the_models_own_hidden_states(pooling):
     pairs = [(1, 8), (2, 16), (3, 24), (4, 32)]
     with torch.no_grad():
         out = sb.embed_2d(model, ids, mask, pairs, pooling)
-        reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        reference = model(input_ids=ids, attention_mask=mask,
+                          output_hidden_states=True).hidden_states
     for n, d in pairs:
         assert out[(n, d)].shape == (3, d)
         assert torch.allclose(out[(n, d)], sb.pool(reference[n], mask, pooling)[:, :d], atol=1e-6)
@@ -132,14 +140,17 @@ def test_transformer_layers_and_final_norm():
 def test_layer_hidden_states_applies_final_norm_of_pre_ln_backbones():
     from transformers import LlamaConfig, LlamaModel
     torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                   num_attention_heads=2, num_key_value_heads=2)).eval()
+    model = LlamaModel(
+        LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                    num_attention_heads=2, num_key_value_heads=2)).eval()
     ids = torch.randint(0, 100, (2, 5))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         hidden = sb.layer_hidden_states(model, ids, mask, [1, 3])
-        reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    assert torch.allclose(hidden[3], reference[3], atol=1e-5)  # HF's last hidden state is already normed
+        reference = model(input_ids=ids, attention_mask=mask,
+                          output_hidden_states=True).hidden_states
+    # HF's last hidden state is already normed
+    assert torch.allclose(hidden[3], reference[3], atol=1e-5)
     assert torch.allclose(hidden[1], model.norm(reference[1]), atol=1e-5)
 
 
@@ -148,7 +159,8 @@ def test_layer_hidden_states_applies_final_norm_of_pre_ln_backbones():
 def test_similarity_scores_hand_values():
     q = torch.tensor([[1., 0.], [1., 1.]])
     p = torch.tensor([[2., 0.], [0., 3.], [1., 1.], [0., 1.]])
-    assert torch.equal(sb.similarity_scores(q, p), torch.tensor([[2., 0., 1., 0.], [2., 3., 2., 1.]]))
+    assert torch.equal(sb.similarity_scores(q, p), torch.tensor([[2., 0., 1., 0.], [2., 3., 2.,
+                                                                                    1.]]))
     cos = sb.similarity_scores(q, p, 0.5, "cos")
     assert torch.allclose(cos[1, 2], torch.tensor(2.0))  # cos = 1, / 0.5
     assert torch.allclose(cos[0, 2], torch.tensor(math.sqrt(0.5) / 0.5))
@@ -175,7 +187,8 @@ def test_symmetric_contrastive_loss_averages_both_directions():
     q, p = torch.randn(3, 5), torch.randn(6, 5)  # G = 2: positives are p[0], p[2], p[4]
     s = (q @ p.T / 0.5).numpy()
     q_to_p = -np.mean([s[i, 2 * i] - np.log(np.exp(s[i]).sum()) for i in range(3)])
-    p_to_q = -np.mean([s[i, 2 * i] - np.log(np.exp(s[:, 2 * i]).sum()) for i in range(3)])  # positive i vs all queries
+    # positive i vs all queries
+    p_to_q = -np.mean([s[i, 2 * i] - np.log(np.exp(s[:, 2 * i]).sum()) for i in range(3)])
     loss = decoder.symmetric_contrastive_loss(q, p, temperature=0.5, similarity="dot")
     assert loss.item() == pytest.approx((q_to_p + p_to_q) / 2, rel=1e-5)
     p1 = p[::2]  # G = 1: swapping queries and passages gives the same loss
@@ -216,7 +229,8 @@ def test_srl_loss_is_mean_ce_plus_weighted_kl_to_the_detached_last_pair():
     q2d, p2d = two_d(layers, pairs), two_d(passages, pairs)
     loss = sb.srl_loss(q2d, p2d, pairs, kl_weight=0.5)
     ce = [sb.contrastive_loss(q2d[x], p2d[x]) for x in pairs]
-    kl = sb.kl_loss(sb.similarity_scores(q2d[(1, 4)], p2d[(1, 4)]), sb.similarity_scores(q2d[(2, 8)], p2d[(2, 8)]))
+    kl = sb.kl_loss(sb.similarity_scores(q2d[(1, 4)], p2d[(1, 4)]),
+                    sb.similarity_scores(q2d[(2, 8)], p2d[(2, 8)]))
     assert loss.item() == pytest.approx(((ce[0] + ce[1] + 0.5 * kl) / 2).item(), rel=1e-6)
     loss.backward()
     # the teacher's gradient comes from its own CE only (the KL target is detached)
@@ -229,7 +243,8 @@ def test_embedding_kl_is_not_detached_and_matches_definition():
     student, teacher = torch.randn(3, 4, requires_grad=True), torch.randn(3, 8, requires_grad=True)
     loss = sb.embedding_kl_loss(student, teacher, temperature=0.3)
     pt, ps = F.softmax(teacher[:, :4] / 0.3, -1), F.softmax(student / 0.3, -1)
-    assert loss.item() == pytest.approx((pt * (pt.log() - ps.log())).sum(-1).mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx((pt * (pt.log() - ps.log())).sum(-1).mean().item(),
+                                        rel=1e-5)
     loss.backward()
     assert teacher.grad is not None and teacher.grad[:, :4].abs().sum() > 0
 
@@ -241,7 +256,8 @@ def test_srl_embedding_kl_single_pair_is_contrastive_and_adds_weighted_kl():
                           sb.contrastive_loss(q, p, 1.0, "cos"))
     pairs = [(1, 4), (2, 8)]
     q2d, p2d = {(1, 4): q[:, :4], (2, 8): q}, {(1, 4): p[:, :4], (2, 8): p}
-    # the released StarbucksLoss: a sum over pairs; the KL over every text (anchors and passages) of the batch
+    # the released StarbucksLoss: a sum over pairs; the KL over every text (anchors and passages) of
+    # the batch
     expected = (sb.contrastive_loss(q[:, :4], p[:, :4], 1.0, "cos")
                 + 0.3 * sb.embedding_kl_loss(torch.cat([q, p])[:, :4], torch.cat([q, p]))
                 + sb.contrastive_loss(q, p, 1.0, "cos"))
@@ -254,8 +270,9 @@ def test_full_loss_is_contrastive_of_the_last_pair():
     torch.manual_seed(0)
     q, p = torch.randn(2, 8), torch.randn(4, 8)
     pairs = [(1, 4), (2, 8)]
-    assert torch.equal(sb.full_loss({(1, 4): q[:, :4], (2, 8): q}, {(1, 4): p[:, :4], (2, 8): p}, pairs),
-                       sb.contrastive_loss(q, p))
+    assert torch.equal(
+        sb.full_loss({(1, 4): q[:, :4], (2, 8): q}, {(1, 4): p[:, :4], (2, 8): p}, pairs),
+        sb.contrastive_loss(q, p))
 
 
 def test_matryoshka_loss_sums_truncated_contrastive_losses():
@@ -279,11 +296,14 @@ def test_matryoshka_2d_loss_samples_one_size_and_is_reproducible():
     d_b = dims[int(torch.randint(3, (1,), generator=g))]
     ce = sb.contrastive_loss(q[3][:, :d_a], p[3][:, :d_a], 1.0, "cos") \
         + sb.contrastive_loss(q[n][:, :d_b], p[n][:, :d_b], 1.0, "cos") / n
-    pt = F.softmax(torch.cat([q[3], p[3]]) / 0.3, -1)  # every text of the batch, as the library's decorator
+    # every text of the batch, as the library's decorator
+    pt = F.softmax(torch.cat([q[3], p[3]]) / 0.3, -1)
     ps = F.softmax(torch.cat([q[n], p[n]]) / 0.3, -1)
     kl = (pt * (pt.log() - ps.log())).sum(-1).mean()
     assert loss.item() == pytest.approx((ce + 0.3 * kl).item(), rel=1e-5)
-    draws = {sb.matryoshka_2d_loss(q, p, dims, torch.Generator().manual_seed(s)).item() for s in range(20)}
+    draws = {
+        sb.matryoshka_2d_loss(q, p, dims,
+                              torch.Generator().manual_seed(s)).item() for s in range(20)}
     assert len(draws) > 3  # sizes really are sampled
 
 
@@ -296,21 +316,25 @@ def test_cosent_loss_hand_value():
     terms = torch.stack([cos[1] - cos[0], cos[2] - cos[0], cos[1] - cos[2]])
     expected = torch.log(1 + terms.exp().sum())
     assert sb.cosent_loss(a, b, gold).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert sb.cosent_loss(a, b, torch.ones(3)).item() == pytest.approx(0.0)  # no ordered pair: log(1)
+    # no ordered pair: log(1)
+    assert sb.cosent_loss(a, b, torch.ones(3)).item() == pytest.approx(0.0)
 
 
 def test_srl_cosent_single_pair_is_cosent():
     torch.manual_seed(0)
     a, b, gold = torch.randn(5, 8), torch.randn(5, 8), torch.rand(5)
-    assert torch.allclose(sb.srl_cosent_loss({(1, 8): a}, {(1, 8): b}, gold, [(1, 8)]), sb.cosent_loss(a, b, gold))
+    assert torch.allclose(sb.srl_cosent_loss({(1, 8): a}, {(1, 8): b}, gold, [(1, 8)]),
+                          sb.cosent_loss(a, b, gold))
 
 
 # ---- encode_2d ---------------------------------------------------------------------------------
 
 def test_encode_2d_equals_embed_2d_in_input_order(tiny_model_dir):
     from transformers import AutoModel, AutoTokenizer
-    model, tok = AutoModel.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = ["a much longer sentence about coffee and beans", "short one", "the third text here", "x"]
+    model, tok = AutoModel.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(
+        tiny_model_dir)
+    texts = [
+        "a much longer sentence about coffee and beans", "short one", "the third text here", "x"]
     pairs = [(2, 16), (4, 32)]
     out = sb.encode_2d(model, tok, texts, pairs, "mean", batch_size=2)
     for i, text in enumerate(texts):
@@ -321,7 +345,8 @@ def test_encode_2d_equals_embed_2d_in_input_order(tiny_model_dir):
             assert torch.allclose(out[pair][i], one[pair][0], atol=1e-5)
     assert sb.encode_2d(model, tok, [], pairs)[(2, 16)].shape == (0, 16)
     with torch.no_grad():
-        model.encoder.layer[3].output.dense.bias[0] = float("nan")  # layer 4 broken, layer 2 still fine
+        # layer 4 broken, layer 2 still fine
+        model.encoder.layer[3].output.dense.bias[0] = float("nan")
     assert torch.isfinite(sb.encode_2d(model, tok, texts, [(2, 16)], "mean")[(2, 16)]).all()
     with pytest.raises(ValueError, match="4x32 embeddings are not finite"):
         sb.encode_2d(model, tok, texts, pairs, "mean", batch_size=2)

@@ -1,4 +1,5 @@
-"""recipe/tuning.py: LoRA (Eq. 16) is exact, each method trains exactly what it claims, FLOPs (Eq. 15) by hand."""
+"""recipe/tuning.py: LoRA (Eq. 16) is exact, each method trains exactly what it claims, FLOPs (Eq.
+15) by hand."""
 import json
 
 import pytest
@@ -10,7 +11,8 @@ import starbucks as sb
 from conftest import save_with_vocab, tiny_bert
 from recipe import flops, tuning
 
-# tiny Llama: H = 32, 4 query heads and 2 key/value heads of 8, MLP 64, vocab 30522 (BERT's, for its tokenizer)
+# tiny Llama: H = 32, 4 query heads and 2 key/value heads of 8, MLP 64, vocab 30522 (BERT's, for its
+# tokenizer)
 L, H, I, V, KV = 3, 32, 64, 30522, 16
 
 
@@ -36,7 +38,8 @@ def embedding(model, ids, mask):
 def changed_after_one_step(model):
     """Names of the tensors that one AdamW step (no weight decay) on a contrastive loss changes."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=0.0)
     n_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
     q_ids, q_mask = inputs(seed=1)
     p_ids, p_mask = inputs(seed=2)
@@ -74,7 +77,8 @@ def test_lora_starts_as_the_base_model_and_merges_exactly(tmp_path):
     with torch.no_grad():
         base = embedding(model, *ids_mask)
         tuning.add_lora(model, r=4, alpha=8)
-        torch.testing.assert_close(embedding(model, *ids_mask), base, rtol=0, atol=0)  # B = 0 at the start
+        # B = 0 at the start
+        torch.testing.assert_close(embedding(model, *ids_mask), base, rtol=0, atol=0)
         for m in model.modules():
             if isinstance(m, tuning.LoRALinear):
                 m.lora_B.normal_()  # as if trained
@@ -82,9 +86,12 @@ def test_lora_starts_as_the_base_model_and_merges_exactly(tmp_path):
         q = model.layers[1].self_attn.q_proj
         expected_weight = q.base.weight + 2.0 * q.lora_B @ q.lora_A  # W_0 + (alpha / r) B A
     merged = tuning.merged_copy(model)
-    assert merged is not model and not any(isinstance(m, tuning.LoRALinear) for m in merged.modules())
-    assert any(isinstance(m, tuning.LoRALinear) for m in model.modules())  # training goes on unmerged
-    torch.testing.assert_close(merged.layers[1].self_attn.q_proj.weight, expected_weight, rtol=0, atol=0)
+    assert merged is not model and not any(
+        isinstance(m, tuning.LoRALinear) for m in merged.modules())
+    # training goes on unmerged
+    assert any(isinstance(m, tuning.LoRALinear) for m in model.modules())
+    torch.testing.assert_close(merged.layers[1].self_attn.q_proj.weight, expected_weight, rtol=0,
+                               atol=0)
     with torch.no_grad():
         torch.testing.assert_close(embedding(merged, *ids_mask), lora_out, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(lora_out, base, atol=1e-3)
@@ -99,7 +106,8 @@ def test_lora_trains_only_its_adapters():
     tuning.add_lora(model, r=2, alpha=2, target_modules=["q_proj", "down_proj"])
     changed = changed_after_one_step(model)
     # step 1 moves B only: A's gradient is B^T (...) and B starts at zero
-    assert changed == {f"layers.{i}.{m}.lora_B" for i in range(L) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    assert changed == {
+        f"layers.{i}.{m}.lora_B" for i in range(L) for m in ("self_attn.q_proj", "mlp.down_proj")}
 
 
 def test_lora_unknown_target_is_a_clear_error():
@@ -115,7 +123,8 @@ def test_bias_only_trains_exactly_the_biases():
     claimed = set(tuning.train_biases_only(model))
     assert claimed == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
     changed = changed_after_one_step(model)
-    assert changed == {n for n in claimed if not n.startswith("pooler.")}  # the pooler is not in the loss
+    # the pooler is not in the loss
+    assert changed == {n for n in claimed if not n.startswith("pooler.")}
 
 
 def test_bias_only_on_a_model_without_biases_is_a_clear_error():
@@ -162,17 +171,19 @@ def hand_count_llama():
 
 def test_flops_per_token_equal_a_hand_count():
     n, block = hand_count_llama()
-    for spec, expected in [("full", 6 * n),
-                           ("lora", 4 * n + 2 * L * per_layer_lora(32, ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                         "gate_proj", "up_proj", "down_proj"])),
-                           ("freeze:1", 2 * n + 4 * (block + H)),
-                           ("freeze:3", 2 * n + 4 * (3 * block + H))]:
+    for spec, expected in [
+        ("full", 6 * n),
+        ("lora", 4 * n + 2 * L * per_layer_lora(
+            32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
+        ("freeze:1", 2 * n + 4 * (block + H)), ("freeze:3", 2 * n + 4 * (3 * block + H))]:
         model = tuning.apply_tuning(tiny_llama(), spec)
         counts = tuning.parameter_counts(model)
         assert counts[0] == n
         assert flops.flops_per_token(tuning.parse_tuning(spec)[0], *counts) == expected, spec
-    bert = tuning.apply_tuning(tiny_bert(num_layers=4, hidden=32), "bias")  # intermediate 64, vocab 30522
-    biases = 4 * (4 * 32 + 64 + 32 + 2 * 32) + 32 + 32  # per layer: q k v o, MLP in and out, two LayerNorms
+    # intermediate 64, vocab 30522
+    bert = tuning.apply_tuning(tiny_bert(num_layers=4, hidden=32), "bias")
+    # per layer: q k v o, MLP in and out, two LayerNorms
+    biases = 4 * (4 * 32 + 64 + 32 + 2 * 32) + 32 + 32
     n_bert, trainable = tuning.parameter_counts(bert)
     assert trainable == biases
     assert flops.flops_per_token("bias", n_bert, trainable) == 4 * n_bert + 2 * biases
@@ -192,20 +203,24 @@ def tiny_llama_dir(tmp_path_factory, vocab_path):
     return save_with_vocab(tiny_llama(), tmp_path_factory.mktemp("tiny_llama"), vocab_path)
 
 
-def test_finetune_lora_with_a_flops_budget_saves_merged_weights_and_its_accounting(tmp_path, tiny_llama_dir, capsys):
+def test_finetune_lora_with_a_flops_budget_saves_merged_weights_and_its_accounting(
+        tmp_path, tiny_llama_dir, capsys):
     base = AutoModel.from_pretrained(tiny_llama_dir)
     n = sum(p.numel() for p in base.parameters())
     trainable = L * per_layer_lora(4, ["q_proj", "v_proj"])
     budget = 3.5 * (4 * n + 2 * trainable) * 200
-    finetune.main(["--model_name_or_path", tiny_llama_dir, "--output_dir", str(tmp_path), "--method", "full",
-                   "--pooling", "last", "--tuning", "lora", "--lora_r", "4", "--lora_alpha", "8",
-                   "--lora_target_modules", "q_proj,v_proj", "--flops-budget", str(budget),
-                   "--per_device_train_batch_size", "2", "--train_group_size", "2", "--query_max_len", "8",
-                   "--passage_max_len", "16", "--learning_rate", "1e-2", "--save_steps", "0"])
+    finetune.main([
+        "--model_name_or_path", tiny_llama_dir, "--output_dir",
+        str(tmp_path), "--method", "full", "--pooling", "last", "--tuning", "lora", "--lora_r", "4",
+        "--lora_alpha", "8", "--lora_target_modules", "q_proj,v_proj", "--flops-budget",
+        str(budget), "--per_device_train_batch_size", "2", "--train_group_size", "2",
+        "--query_max_len", "8", "--passage_max_len", "16", "--learning_rate", "1e-2",
+        "--save_steps", "0"])
     saved = json.load(open(tmp_path / "starbucks_config.json"))["flops"]
     assert (saved["N"], saved["N_trainable"]) == (n, trainable)
     assert saved["flops_per_token"] == 4 * n + 2 * trainable
-    assert saved["budget_steps"] == int(budget // (saved["flops_per_token"] * saved["tokens_per_step"]))
+    assert saved["budget_steps"] == int(budget //
+                                        (saved["flops_per_token"] * saved["tokens_per_step"]))
     log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
     assert len(log) == saved["budget_steps"] == saved["steps"]
     assert saved["tokens_seen"] == sum(r["tokens"] for r in log)
@@ -214,4 +229,5 @@ def test_finetune_lora_with_a_flops_budget_saves_merged_weights_and_its_accounti
     state = model.state_dict()
     assert set(state) == set(base.state_dict())
     changed = {k for k in state if not torch.equal(state[k], base.state_dict()[k])}
-    assert changed == {f"layers.{i}.self_attn.{m}.weight" for i in range(L) for m in ("q_proj", "v_proj")}
+    assert changed == {
+        f"layers.{i}.self_attn.{m}.weight" for i in range(L) for m in ("q_proj", "v_proj")}
