@@ -15,7 +15,6 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
 from transformers.utils import logging as hf_logging
 
 import data
-from data import DEFAULT_MODEL, PACKAGED_MODELS  # light: scripts check names before torch
 import starbucks as sb
 
 CONFIG_FILE = "starbucks_config.json"
@@ -24,14 +23,14 @@ CONFIG_FILE = "starbucks_config.json"
 def resolve_model_path(name_or_path):
     """A local model folder or .gguf file, or the name of a packaged
     model. There are no hub downloads here."""
-    if name_or_path in PACKAGED_MODELS:
-        return data.packaged_path(*PACKAGED_MODELS[name_or_path])
+    if name_or_path in data.PACKAGED_MODELS:
+        return data.packaged_path(*data.PACKAGED_MODELS[name_or_path])
     if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
         return name_or_path
     if not os.path.isdir(name_or_path):
         raise data.DataError(
             f"{name_or_path!r} is not a model folder (nothing is downloaded from a hub); "
-            f"packaged models: {', '.join(PACKAGED_MODELS)}")
+            f"packaged models: {', '.join(data.PACKAGED_MODELS)}")
     if not os.path.exists(os.path.join(name_or_path, "config.json")):
         raise data.DataError(f"{name_or_path} is not a model folder: it has no config.json")
     return name_or_path

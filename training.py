@@ -24,7 +24,6 @@ import math
 import os
 import pickle
 import random
-import re
 import shutil
 import sys
 import warnings

@@ -45,7 +45,7 @@ MAX_LENGTH = 256
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
+    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
     p.add_argument("--tuning", choices=("full", "probe"), default="full")
     p.add_argument("--pairs", default=None,
                    help="LAYERxDIM list in order of cost; default: the model's pairs")

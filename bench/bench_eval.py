@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import metrics  # noqa: E402
-import models  # noqa: E402
 import starbucks as sb  # noqa: E402
 
 
@@ -36,7 +35,7 @@ def main():
     for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
         for name, eval_settings in settings.items():
             start = time.perf_counter()
-            metrics.evaluate_model(models.DEFAULT_MODEL, datasets, eval_settings,
+            metrics.evaluate_model(data.DEFAULT_MODEL, datasets, eval_settings,
                                    torch.device("cpu"))
             if repeat:
                 times[name].append(time.perf_counter() - start)

@@ -37,7 +37,7 @@ def resident_bytes():
 def setup(batch_size, group_size, passage_max_len, chunk):
     """-> step(chunk): one SRL training step of MiniLM on a fixed real batch; warmed up."""
     torch.manual_seed(0)
-    model, tok = models.load_model(models.DEFAULT_MODEL, torch.device("cpu"))
+    model, tok = models.load_model(data.DEFAULT_MODEL, torch.device("cpu"))
     model.train()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     embed_pairs = sb.default_pairs(L, H)

@@ -55,7 +55,7 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder, tokenizer = models.load_model(models.DEFAULT_MODEL, device)
+    encoder, tokenizer = models.load_model(data.DEFAULT_MODEL, device)
     heads = sb.SMAEHeads(encoder).to(device)
     encoder.train(), heads.train()
     L, H = encoder.config.num_hidden_layers, encoder.config.hidden_size

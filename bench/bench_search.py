@@ -31,7 +31,7 @@ from timing import median_ratio  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
+    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
     p.add_argument("--adaptive", nargs="+", default=["2x24:200:6x384", "6x24:200:6x384"],
                    help="funnels SMALL:K:LARGE (or longer); the last pair of each should be the "
                         "full model")

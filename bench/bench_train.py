@@ -29,7 +29,7 @@ def main():
     p.add_argument("--train_group_size", type=int, default=4)
     args = p.parse_args()
     torch.manual_seed(0)
-    model, tok = models.load_model(models.DEFAULT_MODEL, torch.device("cpu"))
+    model, tok = models.load_model(data.DEFAULT_MODEL, torch.device("cpu"))
     model.train()
     pairs = sb.default_pairs(model.config.num_hidden_layers, model.config.hidden_size)
     records = data.embedded_training_data(num_negatives=args.train_group_size - 1)

@@ -76,7 +76,7 @@ SCALES = {  # training budget per run; the paper scale assumes a GPU
 class Study:
     """What the study runs: the command line's settings as values (parse_args builds one)."""
     scale: str = "cpu"
-    model_name_or_path: str = models.DEFAULT_MODEL
+    model_name_or_path: str = data.DEFAULT_MODEL
     methods: list = field(default_factory=lambda: list(METHODS))
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     max_steps: int = None  # default: the scale's budget
@@ -96,7 +96,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=SCALES, default="cpu")
-    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL)
+    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max_steps", type=int, default=None, help="default: the scale's budget")

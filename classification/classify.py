@@ -25,7 +25,6 @@ import sys
 
 import torch
 
-import training
 import data
 import metrics
 import models
@@ -35,7 +34,7 @@ from classification import cascade, datasets
 
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__)
-    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL,
+    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL,
                    help="model folder or packaged model name")
     p.add_argument(
         "--dataset", choices=sorted(datasets.CLASSIFICATION_SETS), default="newsgroups",

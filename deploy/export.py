@@ -19,7 +19,6 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel
 
-import training
 import data
 import models
 import starbucks as sb
@@ -27,7 +26,7 @@ import starbucks as sb
 
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__)
-    p.add_argument("--model_name_or_path", default=models.DEFAULT_MODEL,
+    p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL,
                    help="model folder or packaged model name")
     p.add_argument("--pair", default=None,
                    help="LAYERxDIM to export, e.g. 2x24; default: the checkpoint's smallest pair")

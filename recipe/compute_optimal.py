@@ -53,7 +53,7 @@ def parse_size(text):
         if layers.isdigit() and hidden.isdigit() and int(layers) >= 1 and int(
                 hidden) >= 64 and int(hidden) % 64 == 0:
             return name, (int(layers), int(hidden))
-    elif name in models.PACKAGED_MODELS and spec.isdigit() and int(spec) >= 1:
+    elif name in data.PACKAGED_MODELS and spec.isdigit() and int(spec) >= 1:
         return name, int(spec)
     raise ValueError(f"cannot read size {text!r}: use smollm2-135m:K (its first K blocks) or "
                      "random:LxH (H a multiple of 64)")

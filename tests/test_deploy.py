@@ -32,7 +32,7 @@ def tiny_folder(tmp_path_factory):
                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
     BertModel(config).eval().save_pretrained(folder)
     AutoTokenizer.from_pretrained(models.resolve_model_path(
-        models.DEFAULT_MODEL)).save_pretrained(folder)
+        data.DEFAULT_MODEL)).save_pretrained(folder)
     return folder
 
 
@@ -332,7 +332,7 @@ def test_export_of_packaged_minilm_equals_embed_2d(tmp_path):
     if importlib.util.find_spec("sentence_transformers") is not None:
         from sentence_transformers import SentenceTransformer
         model, tokenizer = \
-            AutoModel.from_pretrained(models.resolve_model_path(models.DEFAULT_MODEL)).eval(), \
+            AutoModel.from_pretrained(models.resolve_model_path(data.DEFAULT_MODEL)).eval(), \
             AutoTokenizer.from_pretrained(out)
         got = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_tensor=True,
                                                             normalize_embeddings=True)

@@ -1,6 +1,5 @@
 """SMAE pre-training (Eq. 10-13): the sliced head, the MLM and MAE losses, masking, and
 pretrain.py."""
-import copy
 import json
 import math
 import os
@@ -43,7 +42,7 @@ def heads_of(masked_lm):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return models.load_tokenizer(models.DEFAULT_MODEL)
+    return models.load_tokenizer(data.DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +355,7 @@ def test_vocab_file_tokenizer_keeps_real_words(tokenizer):
 
 
 def test_from_scratch_encoder_has_the_requested_size_and_real_vocab():
-    encoder, tokenizer = models.load_encoder(models.DEFAULT_MODEL, torch.device("cpu"),
+    encoder, tokenizer = models.load_encoder(data.DEFAULT_MODEL, torch.device("cpu"),
                                              from_scratch=True, config_overrides=TINY)
     assert (encoder.config.num_hidden_layers, encoder.config.hidden_size) == (4, 32)
     assert encoder.get_input_embeddings().weight.shape == (30522, 32)
@@ -422,7 +421,7 @@ def test_load_mlm_head_copies_a_bert_prediction_head(tmp_path):
     for name, value in mlm.cls.predictions.transform.state_dict().items():
         assert torch.equal(heads.transform.state_dict()[name], value), name
     assert torch.equal(heads.bias, mlm.cls.predictions.bias)
-    packaged = models.resolve_model_path(models.DEFAULT_MODEL)  # all-MiniLM-L6-v2 ships no MLM head
+    packaged = models.resolve_model_path(data.DEFAULT_MODEL)  # all-MiniLM-L6-v2 ships no MLM head
     assert not models.load_mlm_head(sb.SMAEHeads(mlm.bert), packaged)
 
 

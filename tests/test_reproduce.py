@@ -143,7 +143,7 @@ def test_classification_rows_name_their_encoders_and_resume(tmp_path, monkeypatc
     by_seed = {seed: reproduce.classification_rows(study, seed, PAIRS)["rows"] for seed in (0, 1)}
     models = [a[a.index("--model_name_or_path") + 1] for a in calls]
     assert models[:4] == [
-        reproduce.models.DEFAULT_MODEL,
+        reproduce.data.DEFAULT_MODEL,
         str(tmp_path / "separate_seed0" / "model" / "layer_1"),
         str(tmp_path / "separate_seed0" / "model" / "layer_2"),
         str(tmp_path / "srl_seed0" / "model")]
