@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 import data
 import models
-import starbucks as sb
 
 
 def spearman(x, y):
@@ -259,7 +258,7 @@ def sts_scores(model, tokenizer, dataset, pairs, pooling, max_length=256, batch_
     a, b, gold = dataset
     texts = sorted(set(a) | set(b))
     index = {t: i for i, t in enumerate(texts)}
-    emb = sb.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size,
+    emb = models.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size,
                        normalize=True)
     ia, ib = torch.tensor([index[t] for t in a]), torch.tensor([index[t] for t in b])
     return {pair: spearman((emb[pair][ia] * emb[pair][ib]).sum(-1).numpy(), gold) for pair in pairs}
@@ -270,10 +269,10 @@ def score_matrices(model, tokenizer, dataset, pairs, pooling, similarity, query_
     """Query x corpus scores at every pair: {pair: (Q, N)}, from one encoding pass per batch."""
     corpus, queries, _ = dataset
     normalize = similarity == "cos"
-    d_emb = sb.encode_2d(model, tokenizer, list(corpus.values()), pairs, pooling, passage_max_len,
+    d_emb = models.encode_2d(model, tokenizer, list(corpus.values()), pairs, pooling, passage_max_len,
                          batch_size, normalize,
                          progress=lambda it: tqdm(it, desc="corpus", leave=False))
-    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, pooling, query_max_len,
+    q_emb = models.encode_2d(model, tokenizer, list(queries.values()), pairs, pooling, query_max_len,
                          batch_size, normalize)
     return {pair: q_emb[pair] @ d_emb[pair].T for pair in pairs}  # (Q, N) each
 

@@ -10,6 +10,7 @@ import os
 import sys
 from dataclasses import asdict
 
+import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
 from transformers.utils import logging as hf_logging
@@ -166,3 +167,53 @@ def checkpoint_folders(name_or_path):
         path = resolve_model_path(name_or_path)
         return path, path
     return name_or_path, os.path.join(name_or_path, next(iter(separate.values())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding many texts (evaluation, deployment)
+
+@torch.no_grad()
+def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, batch_size=64,
+              normalize=False, progress=None):
+    """Embed texts at every pair: {(n, d): (N, d)}, one forward pass per batch, up to layer max(n).
+
+    Texts are sorted by length so that batches hold similar lengths (less padding), then restored.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    chunks = {pair: [] for pair in pairs}
+    device = next(model.parameters()).device
+    starts = range(0, len(texts), batch_size)
+    for start in (progress(starts) if progress else starts):
+        batch = [texts[i] for i in order[start:start + batch_size]]
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        out = sb.embed_2d(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), pairs,
+                       pooling, normalize)
+        for pair in pairs:
+            chunks[pair].append(out[pair].float().cpu())
+            # no score or metric could be right after this
+            if not torch.isfinite(chunks[pair][-1]).all():
+                raise ValueError(
+                    f"the model's {pair[0]}x{pair[1]} embeddings are not finite (NaN or inf): "
+                    f"a broken checkpoint, or an overflow in reduced precision")
+    inverse = torch.empty(len(texts), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
+    return {
+        pair: torch.cat(chunks[pair])[inverse] if texts else torch.empty(0, pair[1])
+        for pair in pairs
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Early-exit encoding at one size (Eq. 1); deploy/funnel.py uses the sizes (Eq. 14)
+
+
+def encode(model, tokenizer, texts, pair, pooling="cls", max_length=128, batch_size=64,
+           normalize=False, progress=None):
+    """Eq. 1 at one size: e^(n,d) of every text, (N, d), running only
+    the first n layers (early exit)."""
+    if isinstance(texts, str):
+        raise ValueError("texts is one string: pass a list of strings")
+    pair = sb.check_pairs([pair], model.config.num_hidden_layers, model.config.hidden_size)[0]
+    return encode_2d(model, tokenizer, list(texts), [pair], pooling, max_length, batch_size,
+                     normalize, progress)[pair]

@@ -154,7 +154,7 @@ def masked_batch(crops, tokenizer, is_subword, seed, mlm_probability=0.2,
     decoder_input_ids, decoder_labels), all (B, T)."""
     input_ids, attention_mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id,
                                                                  tokenizer.all_special_ids)
-    enc_ids, labels, dec_ids, dec_labels = sb.whole_word_masking(
+    enc_ids, labels, dec_ids, dec_labels = training.whole_word_masking(
         input_ids, maskable, is_subword, tokenizer.mask_token_id, seed, mlm_probability,
         decoder_mlm_probability)
     return enc_ids, attention_mask, labels, dec_ids, dec_labels

@@ -361,60 +361,10 @@ def srl_cosent_loss(a_2d, b_2d, gold, pairs, scale=20.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoding many texts (evaluation, deployment)
-
-@torch.no_grad()
-def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, batch_size=64,
-              normalize=False, progress=None):
-    """Embed texts at every pair: {(n, d): (N, d)}, one forward pass per batch, up to layer max(n).
-
-    Texts are sorted by length so that batches hold similar lengths (less padding), then restored.
-    """
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    chunks = {pair: [] for pair in pairs}
-    device = next(model.parameters()).device
-    starts = range(0, len(texts), batch_size)
-    for start in (progress(starts) if progress else starts):
-        batch = [texts[i] for i in order[start:start + batch_size]]
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        out = embed_2d(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), pairs,
-                       pooling, normalize)
-        for pair in pairs:
-            chunks[pair].append(out[pair].float().cpu())
-            # no score or metric could be right after this
-            if not torch.isfinite(chunks[pair][-1]).all():
-                raise ValueError(
-                    f"the model's {pair[0]}x{pair[1]} embeddings are not finite (NaN or inf): a "
-                    "broken "
-                    f"checkpoint, or an overflow in reduced precision")
-    inverse = torch.empty(len(texts), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
-    return {
-        pair: torch.cat(chunks[pair])[inverse] if texts else torch.empty(0, pair[1])
-        for pair in pairs
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Early-exit encoding at one size (Eq. 1); deploy/funnel.py uses the sizes (Eq. 14)
-
-
-def encode(model, tokenizer, texts, pair, pooling="cls", max_length=128, batch_size=64,
-           normalize=False, progress=None):
-    """Eq. 1 at one size: e^(n,d) of every text, (N, d), running only
-    the first n layers (early exit)."""
-    if isinstance(texts, str):
-        raise ValueError("texts is one string: pass a list of strings")
-    pair = check_pairs([pair], model.config.num_hidden_layers, model.config.hidden_size)[0]
-    return encode_2d(model, tokenizer, list(texts), [pair], pooling, max_length, batch_size,
-                     normalize, progress)[pair]
-
-
-# ----------------------------------------------------------------------------------------------
 # Pre-training losses (Eq. 10-13): Starbucks Masked Autoencoding (SMAE)
 #
-# Labels follow transformers' convention: the token id at a masked position, -100 elsewhere.
+# Labels follow transformers' convention: the token id at a masked position, -100 elsewhere. The masks
+# themselves (M_enc inside M_dec, BERT's 80/10/10) are made by training.whole_word_masking.
 
 class SMAEHeads(torch.nn.Module):
     """The trainable parts of Eq. 10 and 12 outside the encoder: the
@@ -571,61 +521,3 @@ def mlm_2d_loss(encoder, heads, input_ids, attention_mask, labels, pairs, token_
     per_pair = ce.view(len(pairs), -1)  # (|S|, M)
     terms = per_pair.mean(1) if token_count is None else per_pair.sum(1) / token_count
     return terms.mean()
-
-
-def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, encoder_rate=0.2,
-                       decoder_rate=0.4):
-    """SMAE's inputs: whole-word masks at two rates, the encoder's set
-    inside the decoder's, BERT's 80/10/10.
-
-    input_ids, maskable (B, T): maskable marks real, non-special tokens; is_subword (V,): '##'
-    pieces. Per text, words (a piece and its '##' continuations) are drawn in a seeded random order
-    and kept while they fit into round(rate * maskable tokens) (at least 1), as the authors'
-    collator does; a word goes to the encoder's set only if it also goes to the decoder's, so
-    encoder ⊆ decoder. Masked tokens become [MASK] 80 %, a random token 10 %, stay 10 % (drawn apart
-    for each input). Returns (encoder input_ids, labels, decoder input_ids, decoder_labels), all (B,
-    T); the same arguments always give the same result.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    ids = input_ids.cpu()
-    maskable = maskable.cpu().bool()
-    # previous token maskable
-    follows = torch.cat([torch.zeros_like(maskable[:, :1]), maskable[:, :-1]], dim=1)
-    starts = maskable & ~(is_subword.cpu()[ids] & follows)  # (B, T) first piece of each word
-    encoder_set = torch.zeros_like(maskable)
-    decoder_set = torch.zeros_like(maskable)
-    for b in range(ids.shape[0]):
-        positions = maskable[b].nonzero().flatten().tolist()
-        is_start = starts[b].tolist()
-        words = []
-        # the first maskable token always starts a word (its predecessor is not maskable)
-        for i in positions:
-            if is_start[i]:
-                words.append([i])
-            else:
-                words[-1].append(i)
-        if not words:
-            continue
-        enc_target = max(1, round(encoder_rate * len(positions)))
-        dec_target = max(enc_target, round(decoder_rate * len(positions)))
-        enc_count = dec_count = 0
-        for w in torch.randperm(len(words), generator=generator).tolist():
-            size = len(words[w])
-            if dec_count + size > dec_target:
-                continue
-            decoder_set[b, words[w]] = True
-            dec_count += size
-            if enc_count + size <= enc_target:
-                encoder_set[b, words[w]] = True
-                enc_count += size
-    out = []
-    for masked in (encoder_set, decoder_set):
-        u = torch.rand(ids.shape, generator=generator)  # (B, T): which of the 80/10/10 cases
-        random_tokens = torch.randint(is_subword.shape[0], ids.shape, generator=generator)
-        masked_ids = torch.where(masked & (u < 0.8), mask_token_id, ids)
-        masked_ids = torch.where(masked & (u >= 0.8) & (u < 0.9), random_tokens, masked_ids)
-        out += [
-            masked_ids.to(input_ids.device),
-            torch.where(masked, ids, -100).to(input_ids.device)
-        ]
-    return tuple(out)

@@ -694,6 +694,64 @@ def batch_tensors(crops, pad_token_id, special_ids):
     return input_ids, attention_mask, maskable
 
 
+def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, encoder_rate=0.2,
+                       decoder_rate=0.4):
+    """SMAE's inputs: whole-word masks at two rates, the encoder's set
+    inside the decoder's, BERT's 80/10/10.
+
+    input_ids, maskable (B, T): maskable marks real, non-special tokens; is_subword (V,): '##'
+    pieces. Per text, words (a piece and its '##' continuations) are drawn in a seeded random order
+    and kept while they fit into round(rate * maskable tokens) (at least 1), as the authors'
+    collator does; a word goes to the encoder's set only if it also goes to the decoder's, so
+    encoder ⊆ decoder. Masked tokens become [MASK] 80 %, a random token 10 %, stay 10 % (drawn apart
+    for each input). Returns (encoder input_ids, labels, decoder input_ids, decoder_labels), all (B,
+    T); the same arguments always give the same result.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = input_ids.cpu()
+    maskable = maskable.cpu().bool()
+    # previous token maskable
+    follows = torch.cat([torch.zeros_like(maskable[:, :1]), maskable[:, :-1]], dim=1)
+    starts = maskable & ~(is_subword.cpu()[ids] & follows)  # (B, T) first piece of each word
+    encoder_set = torch.zeros_like(maskable)
+    decoder_set = torch.zeros_like(maskable)
+    for b in range(ids.shape[0]):
+        positions = maskable[b].nonzero().flatten().tolist()
+        is_start = starts[b].tolist()
+        words = []
+        # the first maskable token always starts a word (its predecessor is not maskable)
+        for i in positions:
+            if is_start[i]:
+                words.append([i])
+            else:
+                words[-1].append(i)
+        if not words:
+            continue
+        enc_target = max(1, round(encoder_rate * len(positions)))
+        dec_target = max(enc_target, round(decoder_rate * len(positions)))
+        enc_count = dec_count = 0
+        for w in torch.randperm(len(words), generator=generator).tolist():
+            size = len(words[w])
+            if dec_count + size > dec_target:
+                continue
+            decoder_set[b, words[w]] = True
+            dec_count += size
+            if enc_count + size <= enc_target:
+                encoder_set[b, words[w]] = True
+                enc_count += size
+    out = []
+    for masked in (encoder_set, decoder_set):
+        u = torch.rand(ids.shape, generator=generator)  # (B, T): which of the 80/10/10 cases
+        random_tokens = torch.randint(is_subword.shape[0], ids.shape, generator=generator)
+        masked_ids = torch.where(masked & (u < 0.8), mask_token_id, ids)
+        masked_ids = torch.where(masked & (u >= 0.8) & (u < 0.9), random_tokens, masked_ids)
+        out += [
+            masked_ids.to(input_ids.device),
+            torch.where(masked, ids, -100).to(input_ids.device)
+        ]
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # Each method's loss (Eq. 5-9, 17) and one contrastive step
 

@@ -35,7 +35,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import models  # noqa: E402
-import starbucks as sb  # noqa: E402
 from classification import cascade, datasets  # noqa: E402
 from timing import median_ratio  # noqa: E402
 
@@ -98,7 +97,7 @@ def main():
             model, tokenizer, heads, fit_texts, fit_y, config.pooling, args.max_steps, 16,
             args.learning_rate, 1e-4, MAX_LENGTH, args.seed)
     else:
-        features = sb.encode_2d(model, tokenizer, fit_texts, pairs, config.pooling, MAX_LENGTH,
+        features = models.encode_2d(model, tokenizer, fit_texts, pairs, config.pooling, MAX_LENGTH,
                                 args.batch_size)
         heads = cascade.fit_probe(heads, features, fit_y)
 

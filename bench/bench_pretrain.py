@@ -64,7 +64,7 @@ def main():
     crops = [c for c in crops if len(c) == args.max_length][:args.per_device_train_batch_size]
     ids, mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id,
                                                  tokenizer.all_special_ids)
-    enc, labels, dec, dec_labels = (x.to(device) for x in sb.whole_word_masking(
+    enc, labels, dec, dec_labels = (x.to(device) for x in training.whole_word_masking(
         ids, maskable, training.subword_flags(tokenizer), tokenizer.mask_token_id, seed=0))
     mask = mask.to(device)
 

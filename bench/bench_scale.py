@@ -368,7 +368,7 @@ def main(argv=None):
         encode_rate = len(corpus) / (time.perf_counter() - start)
         indexes = {"float32": ci.open_index(full_folder),
                    "float16": copy_as_float16(full_folder, os.path.join(workdir, "real_float16"))}
-        q = sb.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
+        q = models.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
                          config.pooling, 32, 64, normalize)
         half = indexes["float16"]
         kept = (ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids,

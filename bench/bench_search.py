@@ -70,9 +70,9 @@ def main(argv=None):
     docids, qids = list(corpus), list(queries)
     pairs = sorted({p for f, _ in funnels for p in f} | {full})
     normalize = config.similarity == "cos"
-    d_emb = sb.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling, 128,
+    d_emb = models.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling, 128,
                          64, normalize)
-    q_emb = sb.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling, 32,
+    q_emb = models.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling, 32,
                          64, normalize)
 
     def ndcg(stage_pairs, ks):
@@ -90,8 +90,8 @@ def main(argv=None):
     small = config.pairs[0]
     passages = [corpus[d] for d in docids[:args.encode_passages]]
     encode_ratio, small_s, full_s = median_ratio(
-        lambda: sb.encode(model, tokenizer, passages, small, config.pooling, 128),
-        lambda: sb.encode(model, tokenizer, passages, full, config.pooling, 128), args.rounds)
+        lambda: models.encode(model, tokenizer, passages, small, config.pooling, 128),
+        lambda: models.encode(model, tokenizer, passages, full, config.pooling, 128), args.rounds)
     print(f"encode {len(passages)} passages: {small[0]}x{small[1]} {small_s:.2f} s, "
           f"{full[0]}x{full[1]} {full_s:.2f} s")
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import metrics
+import models
 import starbucks as sb
 import training
 from recipe import flops
@@ -220,7 +221,7 @@ def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling
         raise ValueError(f"the cascade needs texts and one label each, got {len(texts)} texts, "
                          f"{len(labels)} labels")
     if features is None:
-        features = sb.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size)
+        features = models.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size)
     elif any(p not in features or len(features[p]) != len(texts) for p in pairs):
         raise ValueError(f"features must hold every pair of {list(pairs)} for the {len(texts)} "
                          f"texts, got { {p: len(v) for p, v in features.items()} }")

@@ -28,7 +28,6 @@ import torch
 import data
 import metrics
 import models
-import starbucks as sb
 from classification import cascade, datasets
 
 
@@ -158,7 +157,7 @@ def main(argv=None):
         model, heads["MRL"] = cascade.train_classifier_end_to_end(
             model, tokenizer, heads["MRL"], train_texts, train_y, config.pooling, args.max_steps,
             args.per_device_train_batch_size, lr, args.weight_decay, args.max_seq_length, args.seed)
-    encode = lambda texts: sb.encode_2d(model, tokenizer, texts, sorted(set(pairs) | {
+    encode = lambda texts: models.encode_2d(model, tokenizer, texts, sorted(set(pairs) | {
         full}), config.pooling, args.max_seq_length, args.per_device_eval_batch_size)
     train_x, test_x = encode(train_texts), encode(test_texts)
     rows = {}

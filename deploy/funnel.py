@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from index import corpus_index as ci, retrieval
 import metrics
+import models
 import starbucks as sb
 from recipe import flops
 
@@ -129,7 +130,7 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
             name_rows = lambda rows: ci.docids(index, rows)
         else:
             docids = list(corpus)
-            d_emb = sb.encode_2d(model, tokenizer, [corpus[d]
+            d_emb = models.encode_2d(model, tokenizer, [corpus[d]
                                                     for d in docids], pairs, config.pooling,
                                  settings.passage_max_len, settings.batch_size, normalize,
                                  progress=lambda it: tqdm(it, desc="corpus", leave=False))
@@ -140,12 +141,12 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
         tokens = [
             len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.query_max_len)
             ["input_ids"]]
-        sb.encode_2d(model, tokenizer, texts[:settings.batch_size], pairs, config.pooling,
+        models.encode_2d(model, tokenizer, texts[:settings.batch_size], pairs, config.pooling,
                      settings.query_max_len)  # warm-up, untimed
         for label, (stage_pairs, stage_ks) in searches.items():
             start = time.perf_counter()
             # stops at the largest stage's layer
-            q_emb = sb.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling,
+            q_emb = models.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling,
                                  settings.query_max_len, settings.batch_size, normalize)
             encoded = time.perf_counter()
             scores, indices = rank(q_emb, stage_pairs, stage_ks)

@@ -6,7 +6,7 @@ streamed over it.
                      # resumable; torchrun: one slice of shards per rank
                      pooling="cls", max_length=196)
     index = ci.open_index("index/msmarco")
-    q = sb.encode_2d(model, tokenizer, query_texts, pairs, "cls", 32, normalize=index.normalize)
+    q = models.encode_2d(model, tokenizer, query_texts, pairs, "cls", 32, normalize=index.normalize)
     # (Q, 1000) each, exact
     scores, rows = ci.search(index, (12, 768), q[(12, 768)], depth=1000)
     # Eq. 14
@@ -55,7 +55,7 @@ except ImportError:  # optional: exact search then runs on torch.topk alone
     faiss = None
 
 import training
-import starbucks as sb
+import models
 
 FORMAT = 1
 CONFIG = "index_config.json"
@@ -233,7 +233,7 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
     """Eq. 1 for a whole corpus, to disk, one shard of `shard_size` documents at a time; resumable.
 
     docs: an iterable of (docid, text), read once in order (data.stream_beir_corpus,
-    data.stream_msmarco_collection); only one shard's texts are held. Each shard is one sb.encode_2d
+    data.stream_msmarco_collection); only one shard's texts are held. Each shard is one models.encode_2d
     call (one forward pass per batch, up to the largest layer), stored per layer at the widest d of
     its pairs, raw; normalize=True records that the pairs are compared by cosine, which the search
     applies after truncation (Eq. 2). A shard complete on disk and encoded from the same text is
@@ -265,7 +265,7 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
                                  f"{shard * shard_size}..{shard * shard_size + len(docids) - 1} of "
                                  "this corpus; an index folder belongs to one corpus")
             return
-        embeddings = sb.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length,
+        embeddings = models.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length,
                                   batch_size, normalize=False,
                                   progress=progress)  # {(n, D_n): (rows, D_n)}
         vectors = {}
@@ -607,7 +607,7 @@ def _check_queries(index, pair, queries):
     norms = queries.norm(dim=1)
     if index.normalize and not (((norms - 1).abs() < 1e-3) | (norms == 0)).all():
         raise ValueError("the index is cosine: pass L2-normalised queries "
-                         "(encode_2d(..., normalize=True))")
+                         "(models.encode_2d(..., normalize=True))")
     return queries
 
 

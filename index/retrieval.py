@@ -9,7 +9,7 @@ import os
 
 from tqdm import tqdm
 
-import starbucks as sb
+import models
 import training
 from index import corpus_index as ci
 
@@ -61,7 +61,7 @@ def index_retrieval(model, tokenizer, model_path, name, dataset, pairs, config, 
     corpus, queries, qrels = dataset
     normalize = config.similarity == "cos"
     index = encoded_index(model, tokenizer, model_path, name, corpus, config, settings)
-    q_emb = sb.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling,
+    q_emb = models.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling,
                          settings.query_max_len, settings.batch_size, normalize)
     depth = min(settings.depth, index.num_docs)
     hits, recall = {}, {}

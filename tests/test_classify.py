@@ -12,6 +12,7 @@ from transformers import BertTokenizer
 
 import data
 import metrics
+import models
 import starbucks as sb
 from classification import cascade, classify, datasets
 from conftest import tiny_bert
@@ -137,7 +138,7 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
     assert points[1]["accuracy"] == 1.0 and points[1]["stopped"] == pytest.approx([
         0.5, 1 / 6, 1 / 3])
     # as classification/classify.py has them
-    features = sb.encode_2d(model, tokenizer, TEXTS, PAIRS + [(3, 32)], "mean", 256, 4)
+    features = models.encode_2d(model, tokenizer, TEXTS, PAIRS + [(3, 32)], "mean", 256, 4)
     assert cascade.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean",
                                   batch_size=4, num_classes=3, features=features) == points
     with pytest.raises(ValueError, match="features must hold every pair"):

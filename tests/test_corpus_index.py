@@ -19,6 +19,7 @@ from conftest import assert_same_ranking
 import data
 import training
 import metrics
+import models
 import starbucks as sb
 from deploy import funnel
 
@@ -245,7 +246,7 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm
     ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, str(tmp_path), "mean", 128, 64,
                      normalize=True, shard_size=1000, dtype="float32")
     index = ci.open_index(str(tmp_path))
-    q = sb.encode_2d(model, tokenizer, [queries[x]
+    q = models.encode_2d(model, tokenizer, [queries[x]
                                         for x in qids], pairs, "mean", 32, 64, normalize=True)
     for pair in pairs:
         scores, rows = ci.search(index, pair, q[pair], depth=1000)
@@ -353,7 +354,7 @@ def test_encode_stores_each_layer_once_at_its_widest_dim_raw(tmp_path, tiny):
         "docids.npy", "layer-2.npy", "layer-4.npy", "shard_complete.json"]
     for shard, start in enumerate((0, 4, 8)):
         # not normalised
-        raw = sb.encode_2d(model, tokenizer, TEXTS[start:start + 4], [(2, 16), (4, 32)], "mean", 32,
+        raw = models.encode_2d(model, tokenizer, TEXTS[start:start + 4], [(2, 16), (4, 32)], "mean", 32,
                            4)
         for n, width in ((2, 16), (4, 32)):
             stored = np.load(tmp_path / f"shard-{shard:05d}" / f"layer-{n}.npy")
@@ -361,9 +362,9 @@ def test_encode_stores_each_layer_once_at_its_widest_dim_raw(tmp_path, tiny):
                                                               raw[(n, width)])
     # the search normalises each pair's prefix after truncation (Eq. 2): 2x8 is not the first 8 of
     # unit 2x16
-    q = sb.encode_2d(model, tokenizer, ["coffee"], TINY_PAIRS, "mean", 32, normalize=True)
+    q = models.encode_2d(model, tokenizer, ["coffee"], TINY_PAIRS, "mean", 32, normalize=True)
     scores, rows = ci.search(index, (2, 8), q[(2, 8)], depth=10)
-    docs = sb.encode_2d(model, tokenizer, TEXTS, [(2, 8)], "mean", 32, 4, normalize=True)[(2, 8)]
+    docs = models.encode_2d(model, tokenizer, TEXTS, [(2, 8)], "mean", 32, 4, normalize=True)[(2, 8)]
     torch.testing.assert_close(scores[0], (docs @ q[(2, 8)][0])[rows[0]], rtol=0, atol=1e-6)
 
 

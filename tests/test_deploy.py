@@ -77,7 +77,7 @@ def test_encode_equals_embed_2d_and_never_runs_later_layers(tiny):
     # layer 3
     handle = sb.transformer_layers(model)[2].register_forward_hook(lambda *a: calls.append(1))
     try:
-        got = sb.encode(model, tokenizer, TEXTS, (2, 16), pooling="mean", batch_size=3)
+        got = models.encode(model, tokenizer, TEXTS, (2, 16), pooling="mean", batch_size=3)
     finally:
         handle.remove()
     enc = tokenizer(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -93,7 +93,7 @@ def test_encode_equals_embed_2d_and_never_runs_later_layers(tiny):
 
 def test_encode_normalize_gives_unit_vectors(tiny):
     model, tokenizer = tiny
-    got = sb.encode(model, tokenizer, TEXTS, (4, 8), normalize=True)
+    got = models.encode(model, tokenizer, TEXTS, (4, 8), normalize=True)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(4))
 
 
@@ -106,7 +106,7 @@ def test_encode_normalize_gives_unit_vectors(tiny):
 def test_encode_bad_input(tiny, texts, pair, message):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=message):
-        sb.encode(model, tokenizer, texts, pair)
+        models.encode(model, tokenizer, texts, pair)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_export_loads_with_sentence_transformers(tiny, tiny_folder, tmp_path):
         "--model_name_or_path", tiny_folder, "--pair", "3x8", "--output_dir", out, "--pooling",
         "mean"])
     got = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_tensor=True)
-    expected = sb.encode(model, tokenizer, TEXTS, (3, 8), "mean", max_length=256)
+    expected = models.encode(model, tokenizer, TEXTS, (3, 8), "mean", max_length=256)
     assert got.shape == (4, 8)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -336,7 +336,7 @@ def test_export_of_packaged_minilm_equals_embed_2d(tmp_path):
             AutoTokenizer.from_pretrained(out)
         got = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_tensor=True,
                                                             normalize_embeddings=True)
-        expected = sb.encode(model, tokenizer, TEXTS, (2, 24), "mean", max_length=256,
+        expected = models.encode(model, tokenizer, TEXTS, (2, 24), "mean", max_length=256,
                              normalize=True)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -97,7 +97,7 @@ def test_masked_only_logits_equal_all_position_logits_with_ignored_labels(real_b
     ids, mask, maskable = (x[:4, :40].clone() for x in real_batch)
     mask[0, 30:] = 0  # some padding
     maskable = maskable & mask.bool()
-    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable,
+    enc, labels, dec, dec_labels = training.whole_word_masking(ids, maskable,
                                                          training.subword_flags(tokenizer),
                                                          tokenizer.mask_token_id, seed=3)
     E = mlm.bert.get_input_embeddings().weight
@@ -165,7 +165,7 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
     mlm = tiny_masked_lm()
     heads = heads_of(mlm)
     ids, mask, maskable = (x[:4, :32] for x in real_batch)
-    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable,
+    enc, labels, dec, dec_labels = training.whole_word_masking(ids, maskable,
                                                          training.subword_flags(tokenizer),
                                                          tokenizer.mask_token_id, seed=5)
     pairs = [(1, 4), (2, 8), (4, 32)]
@@ -305,7 +305,7 @@ def test_smae_preset_holds_the_released_run_and_explicit_flags_win():
 def test_whole_word_masking_rates_subset_and_whole_words_on_real_text(real_batch, tokenizer):
     ids, mask, maskable = real_batch
     is_subword = training.subword_flags(tokenizer)
-    enc, labels, dec, dec_labels = sb.whole_word_masking(ids, maskable, is_subword,
+    enc, labels, dec, dec_labels = training.whole_word_masking(ids, maskable, is_subword,
                                                          tokenizer.mask_token_id, seed=0)
     enc_set, dec_set = labels != -100, dec_labels != -100
     assert (enc_set <= dec_set).all()  # the encoder's masked set inside the decoder's
@@ -335,7 +335,7 @@ def test_whole_word_masking_rates_subset_and_whole_words_on_real_text(real_batch
 def test_whole_word_masking_is_reproducible_from_its_seed(real_batch, tokenizer):
     ids, _, maskable = (x[:8] for x in real_batch)
     args = (ids, maskable, training.subword_flags(tokenizer), tokenizer.mask_token_id)
-    first, again, other = (sb.whole_word_masking(*args, seed=s) for s in (7, 7, 8))
+    first, again, other = (training.whole_word_masking(*args, seed=s) for s in (7, 7, 8))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[1], other[1])
 

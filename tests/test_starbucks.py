@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models
 import starbucks as sb
 from conftest import tiny_bert
 from recipe import decoder
@@ -336,17 +337,17 @@ def test_encode_2d_equals_embed_2d_in_input_order(tiny_model_dir):
     texts = [
         "a much longer sentence about coffee and beans", "short one", "the third text here", "x"]
     pairs = [(2, 16), (4, 32)]
-    out = sb.encode_2d(model, tok, texts, pairs, "mean", batch_size=2)
+    out = models.encode_2d(model, tok, texts, pairs, "mean", batch_size=2)
     for i, text in enumerate(texts):
         enc = tok([text], return_tensors="pt")
         with torch.no_grad():
             one = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], pairs, "mean")
         for pair in pairs:
             assert torch.allclose(out[pair][i], one[pair][0], atol=1e-5)
-    assert sb.encode_2d(model, tok, [], pairs)[(2, 16)].shape == (0, 16)
+    assert models.encode_2d(model, tok, [], pairs)[(2, 16)].shape == (0, 16)
     with torch.no_grad():
         # layer 4 broken, layer 2 still fine
         model.encoder.layer[3].output.dense.bias[0] = float("nan")
-    assert torch.isfinite(sb.encode_2d(model, tok, texts, [(2, 16)], "mean")[(2, 16)]).all()
+    assert torch.isfinite(models.encode_2d(model, tok, texts, [(2, 16)], "mean")[(2, 16)]).all()
     with pytest.raises(ValueError, match="4x32 embeddings are not finite"):
-        sb.encode_2d(model, tok, texts, pairs, "mean", batch_size=2)
+        models.encode_2d(model, tok, texts, pairs, "mean", batch_size=2)
