@@ -135,13 +135,13 @@ def test_the_reference_imports_the_toolkit_only_inside_functions(name):
 def test_pip_install_makes_the_reference_and_the_toolkit_importable_from_any_folder(tmp_path):
     """pyproject.toml: `pip install .` installs the 8 reference modules and the toolkit's
     packages."""
+    import shutil
     import subprocess
     import sys
-    site = tmp_path / "site"
-    subprocess.run([
-        sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-        "--target",
-        str(site), ROOT], check=True, capture_output=True)
+    source, site = tmp_path / "source", tmp_path / "site"  # a copy: the build leaves nothing in ROOT
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "output", "build"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(source)], check=True, capture_output=True)
     code = ("import starbucks, finetune, pretrain, evaluate, data, metrics, models, training; "
             "from index import corpus_index; from classification import cascade; "
             "print(starbucks.__file__)")
