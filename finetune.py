@@ -270,71 +270,61 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
     accounting = flops.flops_accounting(model, tuning_spec, tokens, flops_budget,
                                         max(n for n, _ in embed_pairs))
     total = accounting.get("budget_steps") or run.total_steps(steps_per_epoch)
-    accounting[
-        "planned_flops"] = accounting["flops_per_token"] * accounting["tokens_per_step"] * total
+    per_step = accounting["flops_per_token"] * accounting["tokens_per_step"]
+    accounting["planned_flops"] = per_step * total
     if rank == 0:
-        print(
-            f"FLOPs (README Eq. 15, tuning {tuning_spec}): N = {accounting['N']:,} parameters, "
-            "N_trainable = "
-            f"{accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} per token x "
-            f"{accounting['tokens_per_step']:.0f} tokens per step x {total} steps = "
-            f"{accounting['planned_flops']:.4g}"
-        )
+        print(f"FLOPs (README Eq. 15, tuning {tuning_spec}): N = {accounting['N']:,} parameters, "
+              f"N_trainable = {accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} "
+              f"per token x {accounting['tokens_per_step']:.0f} tokens per step x {total} steps "
+              f"= {accounting['planned_flops']:.4g}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
     identity = training.run_identity(
         saved_arguments, world_size, [saved_arguments.get("train_file")],
         models.resolve_model_path(saved_arguments["model_name_or_path"]))
     optimizer, scheduler, _, start, train_log = training.start_training(
-        model, output_dir, run.resume,
-        run.learning_rate, run.weight_decay, training.linear_schedule, total,
-        math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir)
-    net = training.wrap(model,
-                        device)  # DDP under torchrun: the forward goes through it, saving does not
+        model, output_dir, run.resume, run.learning_rate, run.weight_decay,
+        training.linear_schedule, total, math.ceil(run.warmup_ratio * total), identity,
+        run.overwrite_output_dir)
+    net = training.wrap(model, device)  # DDP under torchrun: the forward goes through it
     model.train()
 
     def flops_seen(step):
-        """The accounting with what was trained so far: this rank's
-        padded tokens per step x the ranks."""
+        """The accounting with what was trained so far: this rank's padded tokens x the ranks."""
         seen = sum(json.loads(line).get("tokens", 0) for line in train_log.lines) * world_size
-        return {
-            **accounting, "steps": step, "tokens_seen": seen,
-            "flops_used": accounting["flops_per_token"] * seen
-        }
+        return {**accounting, "steps": step, "tokens_seen": seen,
+                "flops_used": accounting["flops_per_token"] * seen}
 
     def save(folder, step):
         models.save_model(model, tokenizer, folder, config, saved_arguments, flops_seen(step))
 
-    progress = tqdm(training.global_batches(len(records), B, start, total,
-                                            run.seed), initial=start, total=total, disable=rank
-                    != 0, dynamic_ncols=True, desc=f"{method} {os.path.basename(output_dir)}")
+    batches = training.global_batches(len(records), B, start, total, run.seed)
+    progress = tqdm(batches, initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
+                    desc=f"{method} {os.path.basename(output_dir)}")
     for step, indices in progress:
-        # every rank draws the whole global batch (the same negatives
-        # as one process) and keeps its slice
+        # every rank draws the whole global batch (one process's negatives) and keeps its slice
         queries, passages, gold, generator = training.global_batch(records, kind, step, indices,
                                                                    group_size, run.seed)
-        queries, passages = training.shard(queries, rank, world_size), training.shard(
-            passages, rank, world_size)
+        queries = training.shard(queries, rank, world_size)
+        passages = training.shard(passages, rank, world_size)
         gold = gold.to(device) if gold is not None else None
         q_tok, p_tok = (t.to(device) for t in training.tokenize_batch(
             tokenizer, queries, passages, query_max_len, passage_max_len))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16 and
-                            device.type == "cuda"):
+        bf16 = run.bf16 and device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            # forward (sb.embed_2d, Eq. 1), the method's loss (loss_fn, e.g. sb.srl_loss), backward
             loss = training.contrastive_step(net, embed_pairs, config.pooling, loss_fn, q_tok,
-                                             p_tok, gold, generator,
-                                             grad_cache_chunk)  # forward, loss, backward
-        line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm,
-                                    train_log, tokens=q_tok["input_ids"].numel() +
-                                    p_tok["input_ids"].numel())  # clip, step
-        # or not one step applied
+                                             p_tok, gold, generator, grad_cache_chunk)
+        tokens = q_tok["input_ids"].numel() + p_tok["input_ids"].numel()
+        line = training.finish_step(step, loss, trainable, optimizer, scheduler,  # clip, step
+                                    run.max_grad_norm, train_log, tokens=tokens)
         if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:
-            train_log.close()
+            train_log.close()  # too many non-finite steps in a row, or not one step applied
             sys.exit(training.bad_steps_message(step, train_log, output_dir))
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}")
-        if run.save_steps and (
-                step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:  # after a good step
-            training.save_training_checkpoint(output_dir, step + 1,
+        if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:
+            training.save_training_checkpoint(output_dir, step + 1,  # after a good step
                                               lambda folder: save(folder, step + 1), optimizer,
                                               scheduler, identity, train_log, run.save_total_limit)
     train_log.close()

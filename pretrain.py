@@ -56,8 +56,8 @@ def parse_args(argv=None):
         "--from_scratch", action="store_true",
         help="random initialisation with the config (and vocabulary) of --model_name_or_path")
     p.add_argument("--config_overrides", default=None,
-                   help="with --from_scratch, the size: e.g. "
-                        "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024")
+                   help="with --from_scratch, the size: e.g. num_hidden_layers=4,hidden_size=256,"
+                        "num_attention_heads=4,intermediate_size=1024")
     p.add_argument("--tokenizer_name", default=None,
                    help="tokenizer folder or WordPiece vocab.txt; default: the model's")
     p.add_argument(
@@ -150,8 +150,8 @@ class SMAE(torch.nn.Module):
 
 def masked_batch(crops, tokenizer, is_subword, seed, mlm_probability=0.2,
                  decoder_mlm_probability=0.4):
-    """The global batch's (input_ids, attention_mask, labels,
-    decoder_input_ids, decoder_labels), all (B, T)."""
+    """The global batch's (input_ids, attention_mask, labels, decoder_input_ids, decoder_labels),
+    all (B, T)."""
     input_ids, attention_mask, maskable = training.batch_tensors(crops, tokenizer.pad_token_id,
                                                                  tokenizer.all_special_ids)
     enc_ids, labels, dec_ids, dec_labels = training.whole_word_masking(
@@ -161,8 +161,8 @@ def masked_batch(crops, tokenizer, is_subword, seed, mlm_probability=0.2,
 
 
 def training_step(net, batch, device, accumulation=1):
-    """Eq. 13 on this rank's rows of the global batch -> the
-    global batch's loss; gradients in .grad.
+    """Eq. 13 on this rank's rows of the global batch -> the global batch's loss; gradients in
+    .grad.
 
     Every term of the loss is a mean over masked tokens, and the ranks' slices hold different
     numbers of them, so averaging the ranks' own means would not give the global mean. Every rank
@@ -206,8 +206,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
                              f"accumulation steps)")
     total = run.total_steps(steps_per_epoch)
     is_subword = training.subword_flags(tokenizer)
-    # the pooler, layers above the pairs
-    training.freeze_unreached(encoder, max(n for n, _ in pairs))
+    training.freeze_unreached(encoder, max(n for n, _ in pairs))  # the pooler, layers above
     smae = SMAE(encoder, heads, pairs, objective)
     trainable = [p for p in smae.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
@@ -215,43 +214,40 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
         saved_arguments, world_size, [saved_arguments.get("train_file")],
         models.resolve_model_path(saved_arguments["model_name_or_path"]))
     optimizer, scheduler, folder, start, train_log = training.start_training(
-        encoder, output_dir, run.resume,
-        run.learning_rate, run.weight_decay, training.cosine_schedule, total,
-        math.ceil(run.warmup_ratio * total), identity, run.overwrite_output_dir, optimized=smae)
+        encoder, output_dir, run.resume, run.learning_rate, run.weight_decay,
+        training.cosine_schedule, total, math.ceil(run.warmup_ratio * total), identity,
+        run.overwrite_output_dir, optimized=smae)
     if folder:  # the encoder's weights are restored; the heads are in their own file
         heads.load_state_dict(torch.load(os.path.join(folder, HEADS_FILE), weights_only=True))
     net = training.wrap(smae, device)  # DDP over encoder and heads together under torchrun
     smae.train()
 
     def save(folder):
-        """The loadable encoder folder (models.save_model), plus
-        smae_heads.pt (MLM head, MAE decoder layer)."""
+        """The loadable encoder folder (models.save_model), plus smae_heads.pt (MLM head, MAE
+        decoder layer)."""
         models.save_model(encoder, tokenizer, folder, config, saved_arguments)
         torch.save(heads.state_dict(), os.path.join(folder, HEADS_FILE))
 
-    progress = tqdm(training.global_batches(len(crops), B, start, total,
-                                            run.seed), initial=start, total=total, disable=rank
-                    != 0, dynamic_ncols=True, desc=f"smae {os.path.basename(output_dir)}")
+    batches = training.global_batches(len(crops), B, start, total, run.seed)
+    progress = tqdm(batches, initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
+                    desc=f"smae {os.path.basename(output_dir)}")
     for step, indices in progress:
-        # every rank draws and masks the whole global batch (masks
-        # seeded by step) and keeps its rows
+        # every rank draws and masks the whole global batch (masks seeded by step), keeps its rows
         batch = masked_batch([crops[i] for i in indices], tokenizer, is_subword,
                              run.seed * 1_000_003 + step, mlm_probability, decoder_mlm_probability)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.bf16 and
-                            device.type == "cuda"):
-            loss = training_step(net, batch, device, A)  # forward, Eq. 13, backward
-        line = training.finish_step(step, loss, trainable, optimizer, scheduler, run.max_grad_norm,
-                                    train_log)
-        # or not one step applied
+        bf16 = run.bf16 and device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = training_step(net, batch, device, A)  # forward, sb.smae_loss (Eq. 13), backward
+        line = training.finish_step(step, loss, trainable, optimizer, scheduler,  # clip, step
+                                    run.max_grad_norm, train_log)
         if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:
-            train_log.close()
+            train_log.close()  # too many non-finite steps in a row, or not one step applied
             sys.exit(training.bad_steps_message(step, train_log, output_dir))
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}", skipped=train_log.skipped)
-        # after a good step
         if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:
-            training.save_training_checkpoint(output_dir, step + 1, save, optimizer, scheduler,
-                                              identity, train_log, run.save_total_limit)
+            training.save_training_checkpoint(output_dir, step + 1, save, optimizer,  # a good step
+                                              scheduler, identity, train_log, run.save_total_limit)
     train_log.close()
     if rank == 0:
         save(output_dir)
@@ -281,12 +277,10 @@ def main(argv=None):
     from_checkpoint = not args.from_scratch and models.load_mlm_head(
         heads, models.resolve_model_path(args.model_name_or_path))
     if rank == 0:
-        print(
-            f"smae: {len(documents)} documents, {len(crops)} crops of <= {args.max_length} tokens, "
-            f"pairs {pairs}, "
-            f"{L} layers x {H}, device {device} x {world_size} processes; MLM head "
-            f"{'from the checkpoint' if from_checkpoint else 'initialised fresh (the checkpoint has none)'}, "
-            f"its vocabulary decoder tied to the word embeddings")
+        head = "from the checkpoint" if from_checkpoint else "fresh (the checkpoint has none)"
+        print(f"smae: {len(documents)} documents, {len(crops)} crops of <= {args.max_length} "
+              f"tokens, pairs {pairs}, {L} layers x {H}, device {device} x {world_size} processes; "
+              f"MLM head {head}, its vocabulary decoder tied to the word embeddings")
     # the MAE sentence vector is the CLS one
     config = sb.StarbucksConfig(pairs, pooling="cls", similarity="dot")
     if args.preset and rank == 0:
