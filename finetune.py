@@ -13,10 +13,9 @@ Every method trains on the same batches (same data order, negatives and seed), s
 differ only by the loss. Reads top to bottom: settings, data, model, optimizer, loop, save.
 """
 import json
-import math
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 
 import data  # torch-free: the command line is checked before torch loads
 
@@ -156,6 +155,18 @@ import starbucks as sb  # noqa: E402
 import training  # noqa: E402
 
 
+@dataclass
+class FinetuneArguments(training.TrainingArguments):
+    """The shared flags plus fine-tuning's own (Hugging Face's and Tevatron's names)."""
+    method: str = "srl"
+    train_group_size: int = 4  # passages per query: 1 positive + G-1 hard negatives
+    query_max_len: int = 32
+    passage_max_len: int = 128
+    grad_cache_chunk: int = 0  # GradCache: texts embedded at a time (large_batch/); 0: off
+    tuning: str = "full"  # which parameters train (recipe/tuning.py)
+    flops_budget: float = None  # sets the steps from Eq. 15 (recipe/flops.py)
+
+
 def method_loss(method, config, shape, kind, kl="scores", kl_weight=1.0):
     """The table from --method to its loss in starbucks.py (README Eq. 5-9; symmetric: Eq. 17, in
     recipe/decoder.py) -> (the pairs to embed, loss(q_2d, p_2d, gold, generator)).
@@ -245,14 +256,15 @@ def load_training_records(train_file, train_group_size, skip_bad_lines, rank=0):
     return kind, records, train_group_size
 
 
-def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_dir, run,
-          group_size, query_max_len, passage_max_len, saved_arguments, grad_cache_chunk=0,
-          tuning_spec="full", flops_budget=None, method=""):
+def train(model, tokenizer, dataset, loss, config, run, flags):
     """The loop: the same batches for every method; deterministic per step (seeded by step).
 
-    run: the shared flags (training.TrainingArguments); saved_arguments: the command
-    line's flags, the run's identity in its checkpoints and written into
-    starbucks_config.json; method: for the progress bar."""
+    dataset: (kind, records) of load_training_records; loss: (the pairs to embed, loss_fn) of
+    method_loss; config: what is saved beside the model; run: FinetuneArguments; flags: the
+    command line's, the run's identity in its checkpoints and written into starbucks_config.json."""
+    (kind, records), (embed_pairs, loss_fn), output_dir = dataset, loss, run.output_dir
+    group_size, query_max_len, passage_max_len = (run.train_group_size, run.query_max_len,
+                                                  run.passage_max_len)
     device = next(model.parameters()).device
     rank, world_size = training.rank_and_world_size()
     # the global batch: every rank's queries together
@@ -267,25 +279,22 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
     tokens = training.tokens_per_step(tokenizer, records, kind, B, group_size, query_max_len,
                                       passage_max_len, run.seed)
     from recipe import flops
-    accounting = flops.flops_accounting(model, tuning_spec, tokens, flops_budget,
+    accounting = flops.flops_accounting(model, run.tuning, tokens, run.flops_budget,
                                         max(n for n, _ in embed_pairs))
     total = accounting.get("budget_steps") or run.total_steps(steps_per_epoch)
     per_step = accounting["flops_per_token"] * accounting["tokens_per_step"]
     accounting["planned_flops"] = per_step * total
     if rank == 0:
-        print(f"FLOPs (README Eq. 15, tuning {tuning_spec}): N = {accounting['N']:,} parameters, "
+        print(f"FLOPs (README Eq. 15, tuning {run.tuning}): N = {accounting['N']:,} parameters, "
               f"N_trainable = {accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} "
               f"per token x {accounting['tokens_per_step']:.0f} tokens per step x {total} steps "
               f"= {accounting['planned_flops']:.4g}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
-    identity = training.run_identity(
-        saved_arguments, world_size, [saved_arguments.get("train_file")],
-        models.resolve_model_path(saved_arguments["model_name_or_path"]))
+    identity = training.run_identity(flags, world_size, [flags.get("train_file")],
+                                     models.resolve_model_path(flags["model_name_or_path"]))
     optimizer, scheduler, _, start, train_log = training.start_training(
-        model, output_dir, run.resume, run.learning_rate, run.weight_decay,
-        training.linear_schedule, total, math.ceil(run.warmup_ratio * total), identity,
-        run.overwrite_output_dir)
+        model, run, training.linear_schedule, total, identity)
     net = training.wrap(model, device)  # DDP under torchrun: the forward goes through it
     model.train()
 
@@ -296,11 +305,11 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
                 "flops_used": accounting["flops_per_token"] * seen}
 
     def save(folder, step):
-        models.save_model(model, tokenizer, folder, config, saved_arguments, flops_seen(step))
+        models.save_model(model, tokenizer, folder, config, flags, flops_seen(step))
 
     batches = training.global_batches(len(records), B, start, total, run.seed)
     progress = tqdm(batches, initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
-                    desc=f"{method} {os.path.basename(output_dir)}")
+                    desc=f"{run.method} {os.path.basename(output_dir)}")
     for step, indices in progress:
         # every rank draws the whole global batch (one process's negatives) and keeps its slice
         queries, passages, gold, generator = training.global_batch(records, kind, step, indices,
@@ -314,7 +323,7 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             # forward (sb.embed_2d, Eq. 1), the method's loss (loss_fn, e.g. sb.srl_loss), backward
             loss = training.contrastive_step(net, embed_pairs, config.pooling, loss_fn, q_tok,
-                                             p_tok, gold, generator, grad_cache_chunk)
+                                             p_tok, gold, generator, run.grad_cache_chunk)
         tokens = q_tok["input_ids"].numel() + p_tok["input_ids"].numel()
         line = training.finish_step(step, loss, trainable, optimizer, scheduler,  # clip, step
                                     run.max_grad_norm, train_log, tokens=tokens)
@@ -333,32 +342,27 @@ def train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, output_
         print(f"saved the model to {output_dir}")
 
 
-def train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, pooling, similarity,
-                     temperature, output_dir, **train_kwargs):
-    """Eq. 7: one model per layer n of the pairs, each trained at (n,
-    H) and truncated to d at evaluation.
+def train_separately(load_tuned_model, tokenizer, model, dataset, config, run, flags):
+    """Eq. 7: one model per layer n of config.pairs, each trained at (n, H) and truncated to d at
+    evaluation.
 
     load_tuned_model() -> a fresh copy of the base model with its tuning applied (every layer but
-    the first starts from one; the first uses `model`). Writes output_dir/layer_<n> and the top
-    starbucks_config.json that maps each layer to its folder."""
+    the first starts from one; the first uses `model`). Writes run.output_dir/layer_<n> and the
+    top starbucks_config.json that maps each layer to its folder."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    layers = sorted({n for n, _ in pairs})
-    run = train_kwargs["run"]
+    layers = sorted({n for n, _ in config.pairs})
     for n in layers:
         torch.manual_seed(run.seed)
         model_n = model if n == layers[0] else load_tuned_model()
-        config = sb.StarbucksConfig([(n, d)
-                                     for m, d in pairs if m == n], pooling, similarity, temperature)
-        embed_pairs, loss_fn = method_loss(
-            "separate", sb.StarbucksConfig([(n, H)], pooling, similarity, temperature), (L, H),
-            kind)
-        train(model_n, tokenizer, kind, records, embed_pairs, loss_fn, config,
-              os.path.join(output_dir, f"layer_{n}"), **train_kwargs)
+        layer = replace(config, pairs=[(n, H)])  # the loss of (n, H); saved: its own pairs
+        loss = method_loss("separate", layer, (L, H), dataset[0])
+        saved = replace(config, pairs=[(m, d) for m, d in config.pairs if m == n])
+        train(model_n, tokenizer, dataset, loss, saved,
+              replace(run, output_dir=os.path.join(run.output_dir, f"layer_{n}")), flags)
     if training.rank_and_world_size()[0] == 0:
-        with open(os.path.join(output_dir, models.CONFIG_FILE), "w") as f:
-            json.dump({**asdict(sb.StarbucksConfig(pairs, pooling, similarity, temperature)),
-                       "separate": {f"{n}": f"layer_{n}" for n in layers},
-                       "training_arguments": train_kwargs["saved_arguments"]}, f, indent=2)
+        with open(os.path.join(run.output_dir, models.CONFIG_FILE), "w") as f:
+            json.dump({**asdict(config), "separate": {f"{n}": f"layer_{n}" for n in layers},
+                       "training_arguments": flags}, f, indent=2)
 
 
 def main(argv=None):
@@ -398,20 +402,13 @@ def main(argv=None):
             f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, "
             f"device {device}"
             f" x {world_size} processes")
-    train_kwargs = dict(
-        run=training.TrainingArguments.from_flags(args), group_size=args.train_group_size,
-        query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-        grad_cache_chunk=args.grad_cache_chunk, tuning_spec=args.tuning,
-        flops_budget=args.flops_budget, saved_arguments=vars(args), method=args.method)
+    run, dataset = FinetuneArguments.from_flags(args), (kind, records)
+    config = sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)
     if args.method == "separate":
-        train_separately(load_tuned_model, tokenizer, model, kind, records, pairs, args.pooling,
-                         args.similarity, args.temperature, args.output_dir, **train_kwargs)
+        train_separately(load_tuned_model, tokenizer, model, dataset, config, run, vars(args))
     else:
-        config = sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)
-        embed_pairs, loss_fn = method_loss(args.method, config, (L, H), kind, args.kl,
-                                           args.kl_weight)
-        train(model, tokenizer, kind, records, embed_pairs, loss_fn, config, args.output_dir,
-              **train_kwargs)
+        loss = method_loss(args.method, config, (L, H), kind, args.kl, args.kl_weight)
+        train(model, tokenizer, dataset, loss, config, run, vars(args))
     training.cleanup()
 
 

@@ -17,7 +17,6 @@ weights. Every checkpoint-<step> folder is such a folder too, plus what --resume
 Reads top to bottom: settings, data, model, optimizer, loop, save.
 """
 import contextlib
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -117,8 +116,11 @@ import training  # noqa: E402
 
 @dataclass
 class PretrainArguments(training.TrainingArguments):
-    """The shared flags plus pre-training's own loop setting."""
+    """The shared flags plus pre-training's own: the accumulation, the masking rates, the objective."""
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (Hugging Face's name)
+    mlm_probability: float = 0.2  # the encoder's masking rate (the authors' name)
+    decoder_mlm_probability: float = 0.4  # the MAE decoder's; its set contains the encoder's
+    objective: str = "smae"  # or the ablations mlm_2d, mlm
 
 
 class SMAE(torch.nn.Module):
@@ -189,12 +191,12 @@ def training_step(net, batch, device, accumulation=1):
     return training.sum_over_ranks(total)
 
 
-def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_length,
-          mlm_probability, decoder_mlm_probability, saved_arguments, objective="smae"):
+def train(encoder, heads, tokenizer, crops, config, run, flags):
     """The loop: seeded per step (data order by epoch, masks by step); non-finite steps are skipped.
 
-    run: the shared flags and the accumulation (PretrainArguments); saved_arguments: the command
-    line's flags, the run's identity in its checkpoints and written into starbucks_config.json."""
+    config: the pairs (and how the saved encoder embeds); run: PretrainArguments; flags: the
+    command line's, the run's identity in its checkpoints and written into starbucks_config.json."""
+    pairs, output_dir = config.pairs, run.output_dir
     device = next(encoder.parameters()).device
     rank, world_size = training.rank_and_world_size()
     A = run.gradient_accumulation_steps
@@ -207,16 +209,14 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     total = run.total_steps(steps_per_epoch)
     is_subword = training.subword_flags(tokenizer)
     training.freeze_unreached(encoder, max(n for n, _ in pairs))  # the pooler, layers above
-    smae = SMAE(encoder, heads, pairs, objective)
+    smae = SMAE(encoder, heads, pairs, run.objective)
     trainable = [p for p in smae.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
     identity = training.run_identity(
-        saved_arguments, world_size, [saved_arguments.get("train_file")],
-        models.resolve_model_path(saved_arguments["model_name_or_path"]))
+        flags, world_size, [flags.get("train_file")],
+        models.resolve_model_path(flags["model_name_or_path"]))
     optimizer, scheduler, folder, start, train_log = training.start_training(
-        encoder, output_dir, run.resume, run.learning_rate, run.weight_decay,
-        training.cosine_schedule, total, math.ceil(run.warmup_ratio * total), identity,
-        run.overwrite_output_dir, optimized=smae)
+        encoder, run, training.cosine_schedule, total, identity, optimized=smae)
     if folder:  # the encoder's weights are restored; the heads are in their own file
         heads.load_state_dict(torch.load(os.path.join(folder, HEADS_FILE), weights_only=True))
     net = training.wrap(smae, device)  # DDP over encoder and heads together under torchrun
@@ -225,7 +225,7 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     def save(folder):
         """The loadable encoder folder (models.save_model), plus smae_heads.pt (MLM head, MAE
         decoder layer)."""
-        models.save_model(encoder, tokenizer, folder, config, saved_arguments)
+        models.save_model(encoder, tokenizer, folder, config, flags)
         torch.save(heads.state_dict(), os.path.join(folder, HEADS_FILE))
 
     batches = training.global_batches(len(crops), B, start, total, run.seed)
@@ -234,7 +234,8 @@ def train(encoder, heads, tokenizer, crops, pairs, config, output_dir, run, max_
     for step, indices in progress:
         # every rank draws and masks the whole global batch (masks seeded by step), keeps its rows
         batch = masked_batch([crops[i] for i in indices], tokenizer, is_subword,
-                             run.seed * 1_000_003 + step, mlm_probability, decoder_mlm_probability)
+                             run.seed * 1_000_003 + step, run.mlm_probability,
+                             run.decoder_mlm_probability)
         bf16 = run.bf16 and device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = training_step(net, batch, device, A)  # forward, sb.smae_loss (Eq. 13), backward
@@ -290,9 +291,7 @@ def main(argv=None):
                   f"the released run's was {RELEASED_GLOBAL_BATCH} (8 GPUs): raise "
                   f"--gradient_accumulation_steps")
     run = PretrainArguments.from_flags(args)
-    train(encoder, heads, tokenizer, crops, pairs, config, args.output_dir, run, args.max_length,
-          args.mlm_probability, args.decoder_mlm_probability, saved_arguments=vars(args),
-          objective=args.objective)
+    train(encoder, heads, tokenizer, crops, config, run, vars(args))
     training.cleanup()
 
 

@@ -543,6 +543,7 @@ def read_training_data(read, path, skip_bad_lines):
 @dataclass
 class TrainingArguments:
     """The shared flags as values (Hugging Face's names): what the loops read, without argparse."""
+    output_dir: str = "output"
     per_device_train_batch_size: int = 16
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
@@ -791,21 +792,23 @@ def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, gen
 # The step's bookkeeping: optimizer and resume before the loop, clip/skip/step/log after backward
 
 
-def start_training(model, output_dir, resume, learning_rate, weight_decay, schedule, total, warmup,
-                   identity, overwrite=False, optimized=None):
-    """AdamW over `optimized` (default: the model), the LR schedule and, with resume,
-    the last complete checkpoint restored into the model -> (optimizer, scheduler,
-    checkpoint folder or None, first step, train log).
+def start_training(model, run, schedule, total, identity, optimized=None):
+    """AdamW over `optimized` (default: the model), the LR schedule (linear warmup over
+    run.warmup_ratio of the total steps) and, with run.resume, the last complete checkpoint
+    restored into the model -> (optimizer, scheduler, checkpoint folder or None, first step,
+    train log).
 
-    identity: the run's settings (run_identity), checked on resume; overwrite (without resume): an
-    earlier run's checkpoints and log in output_dir are removed first. optimized: a module holding
-    the model and more (SMAE's heads), whose extra weights the caller restores."""
-    if overwrite and not resume and rank_and_world_size()[0] == 0:
-        clear_run(output_dir)
-    optimizer = adamw(optimized or model, learning_rate, weight_decay)
+    run: TrainingArguments; identity: the run's settings (run_identity), checked on resume; with
+    run.overwrite_output_dir (without resume) an earlier run's checkpoints and log in
+    run.output_dir are removed first. optimized: a module holding the model and more (SMAE's
+    heads), whose extra weights the caller restores."""
+    if run.overwrite_output_dir and not run.resume and rank_and_world_size()[0] == 0:
+        clear_run(run.output_dir)
+    optimizer = adamw(optimized or model, run.learning_rate, run.weight_decay)
+    warmup = math.ceil(run.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
-    folder, start, train_log = resume_or_start(output_dir, resume, model, optimizer, scheduler,
-                                                           identity, total)
+    folder, start, train_log = resume_or_start(run.output_dir, run.resume, model, optimizer,
+                                               scheduler, identity, total)
     return optimizer, scheduler, folder, start, train_log
 
 
