@@ -2,6 +2,7 @@
 written twice."""
 import ast
 import glob
+import re
 import os
 
 import pytest
@@ -154,3 +155,25 @@ def test_pip_install_makes_the_reference_and_the_toolkit_importable_from_any_fol
 def test_the_reference_is_eight_top_level_files():
     assert sorted(os.path.basename(p)[:-3]
                   for p in glob.glob(os.path.join(ROOT, "*.py"))) == sorted(REFERENCE)
+
+
+def _readme():
+    return open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+
+
+def test_the_readme_names_every_reference_file_and_each_exists():
+    """'Where things are': one row per top-level file, and every folder it names is a package."""
+    section = _readme().split("## Where things are", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\| `(\w+)\.py` \|", section, re.M))
+    assert named == set(REFERENCE)
+    for folder in re.findall(r"`(\w+)/`", section):
+        assert os.path.isdir(os.path.join(ROOT, folder)), folder
+
+
+def test_the_readme_api_example_runs(tmp_path):
+    """The README's Python example, run as a user pastes it, from another folder."""
+    import subprocess
+    import sys
+    code = _readme().split("```python\n", 1)[1].split("```", 1)[0]
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": ROOT})
