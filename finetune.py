@@ -276,8 +276,7 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
     if kind == "scored":  # both sides are texts of one kind: the passage length for both
         query_max_len = passage_max_len
     training.freeze_unreached(model, max(n for n, _ in embed_pairs))
-    tokens = training.tokens_per_step(tokenizer, records, kind, B, group_size, query_max_len,
-                                      passage_max_len, run.seed)
+    tokens = training.tokens_per_step(tokenizer, dataset, B, run)
     from recipe import flops
     accounting = flops.flops_accounting(model, run.tuning, tokens, run.flops_budget,
                                         max(n for n, _ in embed_pairs))
@@ -322,10 +321,11 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
         bf16 = run.bf16 and device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             # forward (sb.embed_2d, Eq. 1), the method's loss (loss_fn, e.g. sb.srl_loss), backward
-            loss = training.contrastive_step(net, embed_pairs, config.pooling, loss_fn, q_tok,
-                                             p_tok, gold, generator, run.grad_cache_chunk)
+            loss = training.contrastive_step(net, embed_pairs, config.pooling,
+                                             lambda q_2d, p_2d: loss_fn(q_2d, p_2d, gold, generator),
+                                             q_tok, p_tok, run.grad_cache_chunk)
         tokens = q_tok["input_ids"].numel() + p_tok["input_ids"].numel()
-        line = training.finish_step(step, loss, trainable, optimizer, scheduler,  # clip, step
+        line = training.finish_step(step, loss, trainable, (optimizer, scheduler),  # clip, step
                                     run.max_grad_norm, train_log, tokens=tokens)
         if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:
             train_log.close()  # too many non-finite steps in a row, or not one step applied
@@ -333,9 +333,9 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}")
         if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:
-            training.save_training_checkpoint(output_dir, step + 1,  # after a good step
-                                              lambda folder: save(folder, step + 1), optimizer,
-                                              scheduler, identity, train_log, run.save_total_limit)
+            training.save_training_checkpoint(run, step + 1,  # after a good step
+                                              lambda folder: save(folder, step + 1),
+                                              (optimizer, scheduler), identity, train_log)
     train_log.close()
     if rank == 0:
         save(output_dir, total)

@@ -259,21 +259,22 @@ def sts_scores(model, tokenizer, dataset, pairs, pooling, max_length=256, batch_
     texts = sorted(set(a) | set(b))
     index = {t: i for i, t in enumerate(texts)}
     emb = models.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size,
-                       normalize=True)
+                           normalize=True)
     ia, ib = torch.tensor([index[t] for t in a]), torch.tensor([index[t] for t in b])
     return {pair: spearman((emb[pair][ia] * emb[pair][ib]).sum(-1).numpy(), gold) for pair in pairs}
 
 
-def score_matrices(model, tokenizer, dataset, pairs, pooling, similarity, query_max_len=32,
-                   passage_max_len=128, batch_size=64):
-    """Query x corpus scores at every pair: {pair: (Q, N)}, from one encoding pass per batch."""
+def score_matrices(model, tokenizer, dataset, pairs, config, settings):
+    """Query x corpus scores at every pair: {pair: (Q, N)}, from one encoding pass per batch.
+
+    config: the model's pooling and similarity; settings: EvalSettings (lengths, batch size)."""
     corpus, queries, _ = dataset
-    normalize = similarity == "cos"
-    d_emb = models.encode_2d(model, tokenizer, list(corpus.values()), pairs, pooling, passage_max_len,
-                         batch_size, normalize,
-                         progress=lambda it: tqdm(it, desc="corpus", leave=False))
-    q_emb = models.encode_2d(model, tokenizer, list(queries.values()), pairs, pooling, query_max_len,
-                         batch_size, normalize)
+    normalize, pooling = config.similarity == "cos", config.pooling
+    d_emb = models.encode_2d(model, tokenizer, list(corpus.values()), pairs, pooling,
+                             settings.passage_max_len, settings.batch_size, normalize,
+                             progress=lambda it: tqdm(it, desc="corpus", leave=False))
+    q_emb = models.encode_2d(model, tokenizer, list(queries.values()), pairs, pooling,
+                             settings.query_max_len, settings.batch_size, normalize)
     return {pair: q_emb[pair] @ d_emb[pair].T for pair in pairs}  # (Q, N) each
 
 
@@ -406,12 +407,11 @@ def evaluate_model(name_or_path, datasets, settings, device, column=None):
                         os.makedirs(settings.runs_dir, exist_ok=True)
                         tag = f"{column}.{name}.{n}x{d}"
                         write_trec_run(ci.ranked_lists(index, scores, rows, qids),
-                                               os.path.join(settings.runs_dir, f"{tag}.trec"), tag)
+                                       os.path.join(settings.runs_dir, f"{tag}.trec"), tag)
                 continue
             docids = list(corpus)
-            for pair, scores in score_matrices(
-                    model, tokenizer, dataset, pairs, config.pooling, config.similarity,
-                    settings.query_max_len, settings.passage_max_len, settings.batch_size).items():
+            scores_at = score_matrices(model, tokenizer, dataset, pairs, config, settings)
+            for pair, scores in scores_at.items():
                 ranks = judged_ranks(scores, docids, qids, qrels)
                 results.setdefault(name, {})[f"{pair[0]}x{pair[1]}"] = retrieval_scores(
                     ranks, qrels, settings.depth)

@@ -187,8 +187,8 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
         batch = [texts[i] for i in order[start:start + batch_size]]
         enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
-        out = sb.embed_2d(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), pairs,
-                       pooling, normalize)
+        out = sb.embed_2d(model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                          pairs, pooling, normalize)
         for pair in pairs:
             chunks[pair].append(out[pair].float().cpu())
             # no score or metric could be right after this

@@ -239,7 +239,7 @@ def train(encoder, heads, tokenizer, crops, config, run, flags):
         bf16 = run.bf16 and device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = training_step(net, batch, device, A)  # forward, sb.smae_loss (Eq. 13), backward
-        line = training.finish_step(step, loss, trainable, optimizer, scheduler,  # clip, step
+        line = training.finish_step(step, loss, trainable, (optimizer, scheduler),  # clip, step
                                     run.max_grad_norm, train_log)
         if train_log.bad_in_row >= run.max_bad_steps or train_log.bad_in_row == total:
             train_log.close()  # too many non-finite steps in a row, or not one step applied
@@ -247,8 +247,8 @@ def train(encoder, heads, tokenizer, crops, config, run, flags):
         if (step + 1) % run.logging_steps == 0 or step + 1 == total:
             progress.set_postfix(loss=f"{line['loss']:.4f}", skipped=train_log.skipped)
         if run.save_steps and (step + 1) % run.save_steps == 0 and train_log.bad_in_row == 0:
-            training.save_training_checkpoint(output_dir, step + 1, save, optimizer,  # a good step
-                                              scheduler, identity, train_log, run.save_total_limit)
+            training.save_training_checkpoint(run, step + 1, save, (optimizer, scheduler),
+                                              identity, train_log)  # after a good step
     train_log.close()
     if rank == 0:
         save(output_dir)

@@ -514,14 +514,17 @@ def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total)
     return folder, start, train_log
 
 
-def save_training_checkpoint(output_dir, step, save_model, optimizer, scheduler, run, train_log,
-                             save_total_limit):
-    """checkpoint-<step>: save_model(folder) (an evaluable model folder) plus what --resume needs.
+def save_training_checkpoint(run, step, save_model, optimization, identity, train_log):
+    """run.output_dir/checkpoint-<step>: save_model(folder) (an evaluable model folder) plus what
+    --resume needs; the run.save_total_limit newest are kept.
 
-    Every rank calls it (every rank's RNG state goes in); rank 0 alone writes.
+    optimization: (optimizer, scheduler); identity: the run's settings (run_identity). Every rank
+    calls it (every rank's RNG state goes in); rank 0 alone writes.
     """
+    optimizer, scheduler = optimization
     state = {"step": step, "skipped": train_log.skipped, "rng": gather_objects(rng_state()),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": run}
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "run": identity}
 
     def write(folder):
         save_model(folder)
@@ -529,7 +532,7 @@ def save_training_checkpoint(output_dir, step, save_model, optimizer, scheduler,
         with open(os.path.join(folder, LOG), "w") as f:
             f.write("".join(line + "\n" for line in train_log.lines))
     if rank_and_world_size()[0] == 0:
-        save_checkpoint(output_dir, step, write, save_total_limit)
+        save_checkpoint(run.output_dir, step, write, run.save_total_limit)
 
 
 def read_training_data(read, path, skip_bad_lines):
@@ -647,14 +650,16 @@ def tokenize_batch(tokenizer, queries, passages, query_max_len, passage_max_len)
                       return_tensors="pt"))
 
 
-def tokens_per_step(tokenizer, records, kind, batch_size, group_size, query_max_len,
-                    passage_max_len, seed, steps=8):
-    """Mean padded tokens (queries and passages) that a step's
-    forward computes, over its first steps."""
-    counts = []
-    for step, indices in global_batches(len(records), batch_size, 0, steps, seed):
-        queries, passages, _, _ = global_batch(records, kind, step, indices, group_size, seed)
-        q_tok, p_tok = tokenize_batch(tokenizer, queries, passages, query_max_len, passage_max_len)
+def tokens_per_step(tokenizer, dataset, batch_size, run, steps=8):
+    """Mean padded tokens (queries and passages) that a step's forward computes, over its first
+    steps. dataset: (kind, records); run: the group size, lengths and seed (finetune.py's
+    FinetuneArguments)."""
+    (kind, records), counts = dataset, []
+    for step, indices in global_batches(len(records), batch_size, 0, steps, run.seed):
+        queries, passages, _, _ = global_batch(records, kind, step, indices, run.train_group_size,
+                                               run.seed)
+        q_tok, p_tok = tokenize_batch(tokenizer, queries, passages, run.query_max_len,
+                                      run.passage_max_len)
         counts.append(q_tok["input_ids"].numel() + p_tok["input_ids"].numel())
     return sum(counts) / len(counts)
 
@@ -757,10 +762,9 @@ def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, enc
 # Each method's loss (Eq. 5-9, 17) and one contrastive step
 
 
-def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, generator,
-                     grad_cache_chunk=0):
-    """Loss of the global batch (this rank's slice in q_tok/p_tok)
-    -> detached loss; gradients in .grad.
+def contrastive_step(net, embed_pairs, pooling, step_loss, q_tok, p_tok, grad_cache_chunk=0):
+    """The forward pass of both sides at embed_pairs (Eq. 1), step_loss(q_2d, p_2d) on the global
+    batch (this rank's slice in q_tok/p_tok), backward -> detached loss; gradients in .grad.
 
     Under torchrun every rank's passages are candidates for every query, so the loss and the
     gradients equal one process's on the concatenated batch. grad_cache_chunk > 0: GradCache.
@@ -774,8 +778,8 @@ def contrastive_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, gold, gen
         }
 
     def global_loss(q_2d, p_2d):
-        return loss_fn({k: gather_with_grad(v) for k, v in q_2d.items()},
-                       {k: gather_with_grad(v) for k, v in p_2d.items()}, gold, generator)
+        return step_loss({k: gather_with_grad(v) for k, v in q_2d.items()},
+                         {k: gather_with_grad(v) for k, v in p_2d.items()})
 
     inputs = [(q_tok["input_ids"], q_tok["attention_mask"]),
               (p_tok["input_ids"], p_tok["attention_mask"])]
@@ -812,14 +816,15 @@ def start_training(model, run, schedule, total, identity, optimized=None):
     return optimizer, scheduler, folder, start, train_log
 
 
-def finish_step(step, loss, params, optimizer, scheduler, max_grad_norm, train_log, tokens=None):
-    """After backward: clip, update if the loss and gradient are finite on
-    every rank, log -> the step's log line.
+def finish_step(step, loss, params, optimization, max_grad_norm, train_log, tokens=None):
+    """After backward: clip params, update if the loss and gradient are finite on every rank, log
+    -> the step's log line. optimization: (optimizer, scheduler).
 
     A non-finite step is skipped (the weights stay, the schedule moves on)
     and counted in train_log.skipped and train_log.bad_in_row; the caller
     decides when too many in a row stop the run.
     """
+    optimizer, scheduler = optimization
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     finite = all_finite(loss, grad_norm)

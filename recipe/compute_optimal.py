@@ -175,9 +175,8 @@ def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):
     """The steps a budget buys this size and method (Eq. 15), as finetune.py will count them."""
     probe = copy.deepcopy(model)
     tuning.apply_tuning(probe, tuning_spec, grid.lora_r, grid.lora_alpha)
-    tokens = training.tokens_per_step(tokenizer, records, "contrastive",
-                                      grid.per_device_train_batch_size, grid.train_group_size,
-                                      grid.query_max_len, grid.passage_max_len, grid.seed)
+    tokens = training.tokens_per_step(tokenizer, ("contrastive", records),
+                                      grid.per_device_train_batch_size, grid)  # its lengths, seed
     return flops.flops_accounting(probe, tuning_spec, tokens, budget)["budget_steps"]
 
 

@@ -241,8 +241,10 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm
     docids, qids = list(corpus), list(queries)
     row_of = {docid: row for row, docid in enumerate(docids)}  # one shard, in corpus order
     pairs = sb.default_pairs(6, 384)
-    dense = metrics.score_matrices(model, tokenizer, (corpus, queries, qrels), pairs, "mean",
-                                      "cos", 32, 128, 64)
+    dense = metrics.score_matrices(model, tokenizer, (corpus, queries, qrels), pairs,
+                                   sb.StarbucksConfig(pairs, "mean", "cos"),
+                                   metrics.EvalSettings(query_max_len=32, passage_max_len=128,
+                                                        batch_size=64))
     ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, str(tmp_path), "mean", 128, 64,
                      normalize=True, shard_size=1000, dtype="float32")
     index = ci.open_index(str(tmp_path))

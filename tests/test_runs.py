@@ -260,8 +260,9 @@ def _step(net, model, tokenizer, embed_pairs, loss_fn, queries, passages, chunk,
     q_tok = tokenizer(queries, padding=True, return_tensors="pt")
     p_tok = tokenizer(passages, padding=True, return_tensors="pt")
     generator = torch.Generator().manual_seed(5)  # 2DMSE's sampled sizes
-    loss = training.contrastive_step(net, embed_pairs, "mean", loss_fn, q_tok, p_tok, None,
-                                     generator, chunk)
+    loss = training.contrastive_step(net, embed_pairs, "mean",
+                                     lambda q_2d, p_2d: loss_fn(q_2d, p_2d, None, generator), q_tok,
+                                     p_tok, chunk)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return loss, grads
@@ -606,7 +607,7 @@ def test_a_skipped_first_step_moves_the_schedule_on_without_torchs_warning():
     loss.backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        line = training.finish_step(0, loss, [param], optimizer, scheduler, 1.0, log)
+        line = training.finish_step(0, loss, [param], (optimizer, scheduler), 1.0, log)
     assert line["lr"] == 1.0 and scheduler.get_last_lr() == [0.5] and torch.equal(
         param.detach(), torch.ones(2))
     assert log.skipped == 1 and log.lines and json.loads(log.lines[0])["skipped"]
