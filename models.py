@@ -178,6 +178,8 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
     """Embed texts at every pair: {(n, d): (N, d)}, one forward pass per batch, up to layer max(n).
 
     Texts are sorted by length so that batches hold similar lengths (less padding), then restored.
+    Nine parameters: the settings of a call users make, as keywords with defaults (as
+    sentence-transformers' encode takes them).
     """
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = {pair: [] for pair in pairs}
@@ -210,8 +212,8 @@ def encode_2d(model, tokenizer, texts, pairs, pooling="cls", max_length=128, bat
 
 def encode(model, tokenizer, texts, pair, pooling="cls", max_length=128, batch_size=64,
            normalize=False, progress=None):
-    """Eq. 1 at one size: e^(n,d) of every text, (N, d), running only
-    the first n layers (early exit)."""
+    """Eq. 1 at one size: e^(n,d) of every text, (N, d), running only the first n layers (early
+    exit). Nine parameters: encode_2d's keywords, at one pair."""
     if isinstance(texts, str):
         raise ValueError("texts is one string: pass a list of strings")
     pair = sb.check_pairs([pair], model.config.num_hidden_layers, model.config.hidden_size)[0]

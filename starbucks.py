@@ -302,7 +302,8 @@ def matryoshka_2d_loss(q_layers, p_layers, dims, generator, temperature=1.0, sim
     columns, as the library's forward decorator concatenates them) with temperature T = 0.3,
     multiplied by T, the teacher not detached: this mirrors sentence-transformers' Matryoshka2dLoss
     before its 2026 fixes (issues #3757, #3880, #3901), the version the paper's STS baseline ran.
-    base_loss(a, b), default Eq. 3 (CoSENT on scored pairs).
+    base_loss(a, b), default Eq. 3 (CoSENT on scored pairs). Nine parameters: that loss's own
+    settings, one per argument, so that it reads line by line against the library's.
     """
     base_loss = base_loss or (lambda q, p: contrastive_loss(q, p, temperature, similarity))
     layers = sorted(q_layers)
@@ -466,7 +467,8 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
     by pair), for comparison. token_counts: (encoder, decoder) masked tokens of a whole batch of
     which this call sees a slice; each term's cross-entropies are summed and divided by these counts
     instead of averaged, so the slices' losses add up to the whole batch's loss (torchrun: ranks
-    hold different numbers of masked tokens).
+    hold different numbers of masked tokens). Ten parameters: the tensors of Eq. 10-13, one per
+    argument, so that the function lifts into another project without a batch type of ours.
     """
     if all_positions and token_counts is not None:
         raise ValueError(
