@@ -120,11 +120,14 @@ def read_labelled_file(path, label_names=None):
     if data._is_jsonl(path):
         for line_no, record in lines.jsonl():
             if not isinstance(record.get("text"), str) or "label" not in record:
-                lines.bad(line_no, "a labelled record needs 'text' and 'label' fields")
+                lines.bad(line_no, f"a labelled record needs 'text' and 'label' fields, got "
+                                   f"{sorted(record)}")
                 continue
             pairs.append((record["text"], str(record["label"])))
     else:
         for line_no, row in lines.rows():
+            if line_no == 1 and [c.strip().lower() for c in row] == ["text", "label"]:
+                continue  # a header: never a text whose label is 'label'
             if len(row) != 2 or not row[0].strip():
                 lines.bad(line_no, f"{len(row)} columns: expected text<TAB>label")
                 continue

@@ -260,3 +260,16 @@ def test_help_keeps_the_example_lines_as_written(script):
     source = open(MODULES[script], encoding="utf-8").read().split('"""', 2)[1]
     # each continuation of the source shows in --help
     assert doc.count("\\\n") == source.count("\\\n")
+
+
+def test_a_labelled_file_s_header_is_not_an_example_and_unknown_fields_are_named(tmp_path):
+    from classification import datasets
+    path = tmp_path / "train.tsv"
+    path.write_text("text\tlabel\ngood film\tpos\nbad film\tneg\n")
+    assert datasets.read_labelled_file(str(path)) == (["good film", "bad film"], [1, 0],
+                                                      ["neg", "pos"])
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('{"sentence": "good film", "label": "pos"}\n')
+    with pytest.raises(data.DataError, match=r"needs 'text' and 'label' fields, got \['label', "
+                                             r"'sentence'\]"):
+        datasets.read_labelled_file(str(jsonl))
