@@ -48,9 +48,10 @@ def encoded_index(model, tokenizer, model_path, name, corpus, config, settings):
         pairs |= set(funnel.parse_funnel(settings.adaptive)[0])
     pairs = sorted(pairs)
     folder = index_folder(settings, model_path, name)
-    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, config.pooling,
-                     settings.passage_max_len, settings.batch_size, config.similarity == "cos",
-                     settings.shard_size, settings.storage_dtype,
+    encoding = ci.EncodeSettings(config.pooling, settings.passage_max_len, settings.batch_size,
+                                 config.similarity == "cos", settings.shard_size,
+                                 settings.storage_dtype)
+    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, encoding,
                      progress=lambda it: tqdm(it, desc=f"{name} shard", leave=False))
     return ci.open_index(folder)
 
