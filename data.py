@@ -750,7 +750,8 @@ def bf16_problem(bf16):
         return None
     import torch  # only here: parsing stays light
     if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        return "--bf16 needs a CUDA GPU with bf16 support; this machine has none (drop the flag to train in fp32)"
+        return ("--bf16 needs a CUDA GPU with bf16 support; this machine has none (drop the flag "
+                "to train in fp32)")
     return None
 
 

@@ -121,7 +121,8 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     labels = {
         "lee2005": "Lee et al. 2005 document similarity (50 docs, 1225 pairs)",
-        "wiki-ict": "inverse-cloze retrieval over held-out Wikipedia articles (real text, NON-STANDARD task)"
+        "wiki-ict": ("inverse-cloze retrieval over held-out Wikipedia articles (real text, "
+                     "NON-STANDARD task)")
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(

@@ -321,9 +321,9 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
         bf16 = run.bf16 and device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             # forward (sb.embed_2d, Eq. 1), the method's loss (loss_fn, e.g. sb.srl_loss), backward
-            loss = training.contrastive_step(net, embed_pairs, config.pooling,
-                                             lambda q_2d, p_2d: loss_fn(q_2d, p_2d, gold, generator),
-                                             q_tok, p_tok, run.grad_cache_chunk)
+            step_loss = lambda q_2d, p_2d: loss_fn(q_2d, p_2d, gold, generator)  # noqa: E731
+            loss = training.contrastive_step(net, embed_pairs, config.pooling, step_loss, q_tok,
+                                             p_tok, run.grad_cache_chunk)
         tokens = q_tok["input_ids"].numel() + p_tok["input_ids"].numel()
         line = training.finish_step(step, loss, trainable, (optimizer, scheduler),  # clip, step
                                     run.max_grad_norm, train_log, tokens=tokens)

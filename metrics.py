@@ -395,8 +395,9 @@ def evaluate_model(name_or_path, datasets, settings, device, column=None):
             # encoded once into a sharded index, searched shard by shard
             if isinstance(corpus, CorpusFile):
                 from index import corpus_index as ci, retrieval
-                hits, index, recall = retrieval.index_retrieval(model, tokenizer, model_path, name,
-                                                                dataset, pairs, config, settings)
+                folder = retrieval.index_folder(settings, model_path, name)
+                hits, index, recall = retrieval.index_retrieval(model, tokenizer, folder, dataset,
+                                                                pairs, config, settings)
                 for (n, d), (scores, rows) in hits.items():
                     graded = retrieval.hits_graded(index, scores, rows, qids, qrels)
                     figures = retrieval_scores(graded, qrels, settings.depth)

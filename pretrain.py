@@ -116,7 +116,7 @@ import training  # noqa: E402
 
 @dataclass
 class PretrainArguments(training.TrainingArguments):
-    """The shared flags plus pre-training's own: the accumulation, the masking rates, the objective."""
+    """The shared flags plus pre-training's own: accumulation, masking rates, objective."""
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (Hugging Face's name)
     mlm_probability: float = 0.2  # the encoder's masking rate (the authors' name)
     decoder_mlm_probability: float = 0.4  # the MAE decoder's; its set contains the encoder's

@@ -364,8 +364,8 @@ def srl_cosent_loss(a_2d, b_2d, gold, pairs, scale=20.0):
 # ----------------------------------------------------------------------------------------------
 # Pre-training losses (Eq. 10-13): Starbucks Masked Autoencoding (SMAE)
 #
-# Labels follow transformers' convention: the token id at a masked position, -100 elsewhere. The masks
-# themselves (M_enc inside M_dec, BERT's 80/10/10) are made by training.whole_word_masking.
+# Labels follow transformers' convention: the token id at a masked position, -100 elsewhere.
+# The masks (M_enc inside M_dec, BERT's 80/10/10) are made by training.whole_word_masking.
 
 class SMAEHeads(torch.nn.Module):
     """The trainable parts of Eq. 10 and 12 outside the encoder: the

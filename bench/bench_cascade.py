@@ -94,16 +94,17 @@ def main():
     fit_texts, fit_y = [train_texts[i] for i in fit], torch.tensor([train_y[i] for i in fit])
     if args.tuning == "full":
         model, heads = cascade.train_classifier_end_to_end(
-            model, tokenizer, heads, fit_texts, fit_y, config.pooling, args.max_steps, 16,
-            args.learning_rate, 1e-4, MAX_LENGTH, args.seed)
+            model, tokenizer, heads, fit_texts, fit_y, config.pooling, cascade.EndToEndSettings(
+                args.max_steps, 16, args.learning_rate, 1e-4, MAX_LENGTH, args.seed))
     else:
         features = models.encode_2d(model, tokenizer, fit_texts, pairs, config.pooling, MAX_LENGTH,
-                                args.batch_size)
+                                    args.batch_size)
         heads = cascade.fit_probe(heads, features, fit_y)
 
     def outcomes(texts, labels):
-        return cascade.cascade_outcomes(model, tokenizer, texts, labels, heads, pairs,
-                                        config.pooling, MAX_LENGTH, args.batch_size, C)
+        return cascade.cascade_outcomes(model, tokenizer, texts, labels, heads,
+                                        cascade.CascadeSettings(config.pooling, MAX_LENGTH,
+                                                                args.batch_size, C))
     held_outcomes = outcomes([train_texts[i] for i in held], [train_y[i] for i in held])
     # threshold > 1: every example at the full pair
     held_full = cascade.cascade_point(held_outcomes, 1.01)

@@ -223,8 +223,8 @@ def encode_child(folder, model_name_or_path, shard_size):
         return tokenizer(texts, **kwargs)
     counting_tokenizer.passages = 0
     encoded = ci.encode_corpus(model, counting_tokenizer, iter(corpus.items()), config.pairs,
-                               folder, config.pooling, 128, 8, config.similarity == "cos",
-                               shard_size)
+                               folder, ci.EncodeSettings(config.pooling, 128, 8,
+                                                         config.similarity == "cos", shard_size))
     print(f"RETURNED {encoded}", flush=True)
 
 
@@ -363,13 +363,13 @@ def main(argv=None):
         full_folder = os.path.join(workdir, "real_float32")
         start = time.perf_counter()
         ci.encode_corpus(model, tokenizer, iter(corpus.items()), every_pair, full_folder,
-                         config.pooling, 128, 64, normalize, shard_size=len(corpus),
-                         dtype="float32")
+                         ci.EncodeSettings(config.pooling, 128, 64, normalize,
+                                           shard_size=len(corpus), dtype="float32"))
         encode_rate = len(corpus) / (time.perf_counter() - start)
         indexes = {"float32": ci.open_index(full_folder),
                    "float16": copy_as_float16(full_folder, os.path.join(workdir, "real_float16"))}
         q = models.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
-                         config.pooling, 32, 64, normalize)
+                             config.pooling, 32, 64, normalize)
         half = indexes["float16"]
         kept = (ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids,
                        qrels)

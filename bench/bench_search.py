@@ -70,10 +70,10 @@ def main(argv=None):
     docids, qids = list(corpus), list(queries)
     pairs = sorted({p for f, _ in funnels for p in f} | {full})
     normalize = config.similarity == "cos"
-    d_emb = models.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling, 128,
-                         64, normalize)
-    q_emb = models.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling, 32,
-                         64, normalize)
+    d_emb = models.encode_2d(model, tokenizer, [corpus[d] for d in docids], pairs, config.pooling,
+                             128, 64, normalize)
+    q_emb = models.encode_2d(model, tokenizer, [queries[q] for q in qids], pairs, config.pooling,
+                             32, 64, normalize)
 
     def ndcg(stage_pairs, ks):
         scores, indices = funnel.adaptive_search([q_emb[p] for p in stage_pairs],

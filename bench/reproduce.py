@@ -361,7 +361,7 @@ def write_report(study, results, pairs, seconds, cpu_seconds, command, classific
             out.append(f"| {pair[0]},{pair[1]} | " + " | ".join(
                 f"{rows[pair][m][0]:.4f} +- {rows[pair][m][1]:.4f}" for m in methods) + " |")
         out.append("| mean | " + " | ".join(f"{statistics.mean(rows[p][m][0] for p in pairs):.4f}"
-                                           for m in methods) + " |")
+                                            for m in methods) + " |")
         out.append("")
     out += ["## The paper's numbers for reference (STS Spearman / MS MARCO MRR@10)", "",
             "Their 2DMSE column: STS from sentence-transformers' Matryoshka2dLoss (our `2dmse`), "

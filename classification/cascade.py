@@ -59,6 +59,15 @@ def mrl_classification_loss(logits_2d, labels, weights=None):
 # Training the heads: a probe on frozen features, or end to end with the encoder
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How fit_probe trains heads on frozen features (full batch, AdamW)."""
+    epochs: int = 300
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
 def fit_probe(classifier, features_2d, labels, epochs=300, learning_rate=1e-2, weight_decay=1e-4,
               seed=0):
     """Train a NestedClassifier on cached features {pair: (N, d)} with Eq. 19, full batch, AdamW; ->
@@ -78,17 +87,29 @@ def fit_probe(classifier, features_2d, labels, epochs=300, learning_rate=1e-2, w
     return classifier.eval()
 
 
-def train_classifier_end_to_end(model, tokenizer, classifier, texts, labels, pooling, steps,
-                                batch_size, learning_rate, weight_decay, max_length, seed):
+@dataclass(frozen=True)
+class EndToEndSettings:
+    """How train_classifier_end_to_end trains the encoder and its heads together (AdamW)."""
+    steps: int = 50  # optimizer steps
+    batch_size: int = 16
+    learning_rate: float = 2e-5
+    weight_decay: float = 1e-4
+    max_length: int = 256  # tokens per text
+    seed: int = 0  # the batches' order and the initial state
+
+
+def train_classifier_end_to_end(model, tokenizer, classifier, texts, labels, pooling,
+                                settings=EndToEndSettings()):
     """Eq. 19 through the encoder: every pair's head and the encoder trained together (MRL's full
     training); -> (model, classifier), both in eval mode."""
-    torch.manual_seed(seed)
-    optimizer = training.adamw(torch.nn.ModuleList([model, classifier]), learning_rate,
-                               weight_decay)
+    torch.manual_seed(settings.seed)
+    optimizer = training.adamw(torch.nn.ModuleList([model, classifier]), settings.learning_rate,
+                               settings.weight_decay)
     model.train(), classifier.train()
-    for _, indices in training.global_batches(len(texts), batch_size, 0, steps, seed):
+    for _, indices in training.global_batches(len(texts), settings.batch_size, 0, settings.steps,
+                                              settings.seed):
         enc = tokenizer([texts[i] for i in indices], padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+                        max_length=settings.max_length, return_tensors="pt")
         features = sb.embed_2d(model, enc["input_ids"], enc["attention_mask"], classifier.pairs,
                                pooling)
         loss = mrl_classification_loss(classifier(features), labels[indices])  # forward, Eq. 19
@@ -206,22 +227,34 @@ class CascadeOutcomes:
     gold: torch.Tensor  # (N,)
 
 
-def cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling="mean",
-                     max_length=256, batch_size=32, num_classes=2, features=None):
-    """One forward pass per batch (encode_2d) -> CascadeOutcomes, in the texts' order. The cost of
-    an example that stops at pair i: the encoder's first n_i layers (the cascade continues its pass,
-    never reruns it) plus every head it consulted (2 d_j C each), over the mean cost of classifying
-    at the full pair alone.
+@dataclass(frozen=True)
+class CascadeSettings:
+    """How cascade_outcomes encodes the texts and prices the heads."""
+    pooling: str = "mean"
+    max_length: int = 256  # tokens per text
+    batch_size: int = 32
+    num_classes: int = 2  # C: each head costs 2 d C
+
+
+def cascade_outcomes(model, tokenizer, texts, labels, classifier, settings=CascadeSettings(),
+                     features=None):
+    """One forward pass per batch (encode_2d) -> CascadeOutcomes, in the texts' order, at every
+    pair of the classifier (in order of layer). The cost of an example that stops at pair i: the
+    encoder's first n_i layers (the cascade continues its pass, never reruns it) plus every head it
+    consulted (2 d_j C each), over the mean cost of classifying at the full pair alone.
 
     features: encode_2d's {pair: (N, d)} of these texts with the same max_length and batch_size (so
     the same batches and values), when the caller has them already: no second pass.
     """
+    pairs, num_classes = classifier.pairs, settings.num_classes
+    max_length = settings.max_length
     cascade_thresholds(pairs, 0.0)  # pairs in order of layer, as the cascade runs them
     if not texts or len(texts) != len(labels):
         raise ValueError(f"the cascade needs texts and one label each, got {len(texts)} texts, "
                          f"{len(labels)} labels")
     if features is None:
-        features = models.encode_2d(model, tokenizer, texts, pairs, pooling, max_length, batch_size)
+        features = models.encode_2d(model, tokenizer, texts, pairs, settings.pooling, max_length,
+                                    settings.batch_size)
     elif any(p not in features or len(features[p]) != len(texts) for p in pairs):
         raise ValueError(f"features must hold every pair of {list(pairs)} for the {len(texts)} "
                          f"texts, got { {p: len(v) for p, v in features.items()} }")
@@ -271,12 +304,9 @@ def accuracy_drop(outcomes, thresholds):
     return float(lost.mean()), float(lost.std() / len(lost)**0.5) if len(lost) > 1 else float("nan")
 
 
-def cascade_points(model, tokenizer, texts, labels, classifier, pairs, thresholds, pooling="mean",
-                   max_length=256, batch_size=32, num_classes=2, features=None):
-    """Eq. 20 at each of thresholds (a number, or one per pair) -> [cascade_point], from one forward
-    pass (none with features: see cascade_outcomes)."""
-    outcomes = cascade_outcomes(model, tokenizer, texts, labels, classifier, pairs, pooling,
-                                max_length, batch_size, num_classes, features)
+def cascade_points(outcomes, thresholds):
+    """Eq. 20 at each of thresholds (a number, or one per pair) -> [cascade_point], all priced from
+    the one forward pass of outcomes (cascade_outcomes)."""
     return [cascade_point(outcomes, threshold) for threshold in thresholds]
 
 

@@ -89,11 +89,11 @@ def parse_args(argv=None):
     return args
 
 
-def probe_accuracy(classifier, train_x, train_y, test_x, test_y, epochs, learning_rate,
-                   weight_decay, seed):
+def probe_accuracy(classifier, train_x, train_y, test_x, test_y, settings=cascade.ProbeSettings()):
     """{pair: accuracy} of a classifier fitted on train_x and scored on test_x (dicts of (N, d)
     features)."""
-    cascade.fit_probe(classifier, train_x, train_y, epochs, learning_rate, weight_decay, seed)
+    cascade.fit_probe(classifier, train_x, train_y, settings.epochs, settings.learning_rate,
+                      settings.weight_decay, settings.seed)
     with torch.no_grad():
         return {
             pair: metrics.accuracy(logits.argmax(-1), test_y)
@@ -155,11 +155,13 @@ def main(argv=None):
     # one encoder per head kind would double the cost: end to end trains MRL's heads
     if args.tuning == "full":
         model, heads["MRL"] = cascade.train_classifier_end_to_end(
-            model, tokenizer, heads["MRL"], train_texts, train_y, config.pooling, args.max_steps,
-            args.per_device_train_batch_size, lr, args.weight_decay, args.max_seq_length, args.seed)
+            model, tokenizer, heads["MRL"], train_texts, train_y, config.pooling,
+            cascade.EndToEndSettings(args.max_steps, args.per_device_train_batch_size, lr,
+                                     args.weight_decay, args.max_seq_length, args.seed))
     encode = lambda texts: models.encode_2d(model, tokenizer, texts, sorted(set(pairs) | {
         full}), config.pooling, args.max_seq_length, args.per_device_eval_batch_size)
     train_x, test_x = encode(train_texts), encode(test_texts)
+    probe_settings = cascade.ProbeSettings(args.num_train_epochs, lr, args.weight_decay, args.seed)
     rows = {}
     for name, classifier in heads.items():
         if args.tuning == "full" and name == "MRL":
@@ -168,8 +170,7 @@ def main(argv=None):
                     p: metrics.accuracy(v.argmax(-1), test_y)
                     for p, v in classifier(test_x).items()}
             continue
-        rows[name] = probe_accuracy(classifier, train_x, train_y, test_x, test_y,
-                                    args.num_train_epochs, lr, args.weight_decay, args.seed)
+        rows[name] = probe_accuracy(classifier, train_x, train_y, test_x, test_y, probe_settings)
     rows["1-NN"] = {
         p: metrics.nearest_neighbour_accuracy(train_x[p], train_y, test_x[p], test_y)
         for p in pairs}
@@ -185,13 +186,15 @@ def main(argv=None):
             baseline.update(
                 probe_accuracy(probe, {(n, d): project(train_x[full], d)}, train_y, {
                                            (n, d): project(test_x[full], d)}, test_y,
-                               args.num_train_epochs, lr, args.weight_decay, args.seed))
+                               probe_settings))
         rows[name] = baseline
     costs = cascade.classification_costs(model, tokenizer, test_texts, pairs, C,
                                          args.max_seq_length)
-    points = cascade.cascade_points(model, tokenizer, test_texts, test_y.tolist(), heads["MRL"],
-                                    pairs, args.thresholds, config.pooling, args.max_seq_length,
-                                    args.per_device_eval_batch_size, C, features=test_x)
+    outcomes = cascade.cascade_outcomes(
+        model, tokenizer, test_texts, test_y.tolist(), heads["MRL"], cascade.CascadeSettings(
+            config.pooling, args.max_seq_length, args.per_device_eval_batch_size, C),
+        features=test_x)
+    points = cascade.cascade_points(outcomes, args.thresholds)
 
     text = [
         f"# {source}; model {path}; {args.tuning}", "",

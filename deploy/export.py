@@ -118,7 +118,8 @@ def main(argv=None):
     # check: the folder, reloaded from disk, embeds real text exactly as embed_2d's (n, d) does
     reloaded = AutoModel.from_pretrained(args.output_dir).eval()
     texts = data.lee_documents()[:8]
-    expected = models.encode(full, tokenizer, texts, (n, d), config.pooling, max_seq_length)  # (8, d)
+    expected = models.encode(full, tokenizer, texts, (n, d), config.pooling,
+                             max_seq_length)  # (8, d)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length,
                     return_tensors="pt")
     with torch.no_grad():

@@ -124,16 +124,17 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
         texts = [queries[q] for q in queries]
         # the funnel on the sharded index: shortlist, then gather to rerank
         if isinstance(corpus, metrics.CorpusFile):
-            index = retrieval.encoded_index(model, tokenizer, path, name, corpus, config, settings)
+            folder = retrieval.index_folder(settings, path, name)
+            index = retrieval.encoded_index(model, tokenizer, folder, corpus, config, settings)
             num_docs, rank = index.num_docs, lambda q, stage_pairs, stage_ks: ci.adaptive_search(
                 index, stage_pairs, [q[p] for p in stage_pairs], stage_ks, depth=10)
             name_rows = lambda rows: ci.docids(index, rows)
         else:
             docids = list(corpus)
             d_emb = models.encode_2d(model, tokenizer, [corpus[d]
-                                                    for d in docids], pairs, config.pooling,
-                                 settings.passage_max_len, settings.batch_size, normalize,
-                                 progress=lambda it: tqdm(it, desc="corpus", leave=False))
+                                                        for d in docids], pairs, config.pooling,
+                                     settings.passage_max_len, settings.batch_size, normalize,
+                                     progress=lambda it: tqdm(it, desc="corpus", leave=False))
             num_docs, rank = len(docids), lambda q, stage_pairs, stage_ks: adaptive_search(
                 [q[p] for p in stage_pairs], [d_emb[p] for p in stage_pairs], stage_ks, depth=10)
             name_rows = lambda rows, docids=docids: [[docids[j] for j in row]
@@ -142,12 +143,12 @@ def adaptive_retrieval(name_or_path, datasets, settings, device):
             len(ids) for ids in tokenizer(texts, truncation=True, max_length=settings.query_max_len)
             ["input_ids"]]
         models.encode_2d(model, tokenizer, texts[:settings.batch_size], pairs, config.pooling,
-                     settings.query_max_len)  # warm-up, untimed
+                         settings.query_max_len)  # warm-up, untimed
         for label, (stage_pairs, stage_ks) in searches.items():
             start = time.perf_counter()
             # stops at the largest stage's layer
             q_emb = models.encode_2d(model, tokenizer, texts, stage_pairs, config.pooling,
-                                 settings.query_max_len, settings.batch_size, normalize)
+                                     settings.query_max_len, settings.batch_size, normalize)
             encoded = time.perf_counter()
             scores, indices = rank(q_emb, stage_pairs, stage_ks)
             searched = time.perf_counter()

@@ -4,7 +4,7 @@ streamed over it.
     from index import corpus_index as ci; import data, starbucks as sb
     ci.encode_corpus(model, tokenizer, data.stream_msmarco_collection("collection.tsv"), pairs, "index/msmarco",
                      # resumable; torchrun: one slice of shards per rank
-                     pooling="cls", max_length=196)
+                     ci.EncodeSettings(pooling="cls", max_length=196))
     index = ci.open_index("index/msmarco")
     q = models.encode_2d(model, tokenizer, query_texts, pairs, "cls", 32, normalize=index.normalize)
     # (Q, 1000) each, exact
@@ -226,22 +226,35 @@ def finalize_index(folder, num_shards):
 # ----------------------------------------------------------------------------------------------
 # Encoding a corpus (Eq. 1), once, to disk
 
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How encode_corpus encodes and stores a corpus (what index_config records of it)."""
+    pooling: str = "cls"
+    max_length: int = 128
+    batch_size: int = 64
+    normalize: bool = False  # the pairs are compared by cosine: the search normalises (Eq. 2)
+    shard_size: int = 100_000  # documents per shard
+    dtype: str = "float16"  # storage dtype, one of DTYPES
+
+
 @torch.no_grad()
-def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_length=128,
-                  batch_size=64, normalize=False, shard_size=100_000, dtype="float16",
+def encode_corpus(model, tokenizer, docs, pairs, folder, settings=EncodeSettings(),
                   progress=None):
-    """Eq. 1 for a whole corpus, to disk, one shard of `shard_size` documents at a time; resumable.
+    """Eq. 1 for a whole corpus, to disk, one shard of `settings.shard_size` documents at a time;
+    resumable.
 
     docs: an iterable of (docid, text), read once in order (data.stream_beir_corpus,
-    data.stream_msmarco_collection); only one shard's texts are held. Each shard is one models.encode_2d
+    data.stream_msmarco_collection); only one shard's texts are held. Each shard is one encode_2d
     call (one forward pass per batch, up to the largest layer), stored per layer at the widest d of
-    its pairs, raw; normalize=True records that the pairs are compared by cosine, which the search
-    applies after truncation (Eq. 2). A shard complete on disk and encoded from the same text is
-    skipped, so a run killed at any point resumes at its first missing shard. Under torchrun, rank r
-    encodes shards r, r + W, ...; rank 0 then checks them all and writes the docid ranks and the
-    index marker. Returns the number of documents this process encoded.
+    its pairs, raw; settings.normalize=True records that the pairs are compared by cosine, which the
+    search applies after truncation (Eq. 2). A shard complete on disk and encoded from the same
+    text is skipped, so a run killed at any point resumes at its first missing shard. Under
+    torchrun, rank r encodes shards r, r + W, ...; rank 0 then checks them all and writes the docid
+    ranks and the index marker. Returns the number of documents this process encoded.
     """
-    config = index_config(pairs, dtype, shard_size, pooling, max_length, normalize)
+    pooling, max_length, batch_size = settings.pooling, settings.max_length, settings.batch_size
+    shard_size, dtype = settings.shard_size, settings.dtype
+    config = index_config(pairs, dtype, shard_size, pooling, max_length, settings.normalize)
     rank, world_size = training.rank_and_world_size()
     if rank == 0:
         start_index(folder, config)
@@ -266,8 +279,8 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, pooling="cls", max_leng
                                  "this corpus; an index folder belongs to one corpus")
             return
         embeddings = models.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length,
-                                  batch_size, normalize=False,
-                                  progress=progress)  # {(n, D_n): (rows, D_n)}
+                                      batch_size, normalize=False,
+                                      progress=progress)  # {(n, D_n): (rows, D_n)}
         vectors = {}
         for n, width in layer_pairs:
             vectors[n] = embeddings[(n, width)].numpy().astype(DTYPES[dtype])  # (rows, D_n)
@@ -651,12 +664,22 @@ def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk
 # Optional: an approximate index with FAISS (pip install faiss-cpu), exact search its reference
 
 
-def faiss_index(index, pair, kind="flat", nlist=None, nprobe=16, hnsw_m=32, ef_search=128,
-                chunk_rows=65536):
+@dataclass(frozen=True)
+class FaissSettings:
+    """faiss_index's knobs for 'ivf' (nlist, nprobe) and 'hnsw' (hnsw_m, ef_search)."""
+    nlist: int = None  # lists; None: 4 sqrt(N)
+    nprobe: int = 16  # lists searched
+    hnsw_m: int = 32  # links per node
+    ef_search: int = 128
+
+
+def faiss_index(index, pair, kind="flat", settings=FaissSettings(), chunk_rows=65536):
     """A FAISS index of one pair's vectors, added chunk by chunk from the shards (inner product;
     cosine when the index is normalised). kind: 'flat' (exact, in memory), 'ivf' (IndexIVFFlat,
-    nlist lists, nprobe searched, trained on an evenly spaced sample) or 'hnsw' (IndexHNSWFlat,
-    hnsw_m links, ef_search). Holds N x d float32."""
+    settings.nlist lists, settings.nprobe searched, trained on an evenly spaced sample) or 'hnsw'
+    (IndexHNSWFlat, settings.hnsw_m links, settings.ef_search). Holds N x d float32."""
+    nlist, nprobe = settings.nlist, settings.nprobe
+    hnsw_m, ef_search = settings.hnsw_m, settings.ef_search
     if faiss is None:
         raise ValueError("--index faiss-* needs FAISS: pip install faiss-cpu")
     d = pair[1]

@@ -38,31 +38,32 @@ def index_folder(settings, model_path, name):
                         f"{os.path.basename(os.path.normpath(model_path))}-{tag}", name)
 
 
-def encoded_index(model, tokenizer, model_path, name, corpus, config, settings):
-    """The corpus's sharded index for this model (encoded once, resumably; under torchrun each rank
-    encodes its slice of the shards): every evaluated pair and every --adaptive pair, so that both
-    use one folder."""
+def encoded_index(model, tokenizer, folder, corpus, config, settings):
+    """The corpus's sharded index for this model in folder (index_folder; encoded once, resumably;
+    under torchrun each rank encodes its slice of the shards): every evaluated pair and every
+    --adaptive pair, so that both use one folder."""
     pairs = set(config.pairs)
     if settings.adaptive:
         from deploy import funnel
         pairs |= set(funnel.parse_funnel(settings.adaptive)[0])
-    pairs = sorted(pairs)
-    folder = index_folder(settings, model_path, name)
-    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, config.pooling,
-                     settings.passage_max_len, settings.batch_size, config.similarity == "cos",
-                     settings.shard_size, settings.storage_dtype,
+    pairs, name = sorted(pairs), os.path.basename(folder)  # the dataset's name
+    encoding = ci.EncodeSettings(config.pooling, settings.passage_max_len, settings.batch_size,
+                                 config.similarity == "cos", settings.shard_size,
+                                 settings.storage_dtype)
+    ci.encode_corpus(model, tokenizer, corpus.read(), pairs, folder, encoding,
                      progress=lambda it: tqdm(it, desc=f"{name} shard", leave=False))
     return ci.open_index(folder)
 
 
-def index_retrieval(model, tokenizer, model_path, name, dataset, pairs, config, settings):
-    """{pair: (scores, rows)} of every query at every pair over the corpus's sharded index, exact or
-    FAISS; the index; and, for FAISS, {pair: recall@10 against exact search}."""
-    corpus, queries, qrels = dataset
+def index_retrieval(model, tokenizer, folder, dataset, pairs, config, settings):
+    """{pair: (scores, rows)} of every query at every pair over the corpus's sharded index in
+    folder (index_folder), exact or FAISS; the index; and, for FAISS, {pair: recall@10 against
+    exact search}."""
+    (corpus, queries, _), name = dataset, os.path.basename(folder)
     normalize = config.similarity == "cos"
-    index = encoded_index(model, tokenizer, model_path, name, corpus, config, settings)
+    index = encoded_index(model, tokenizer, folder, corpus, config, settings)
     q_emb = models.encode_2d(model, tokenizer, list(queries.values()), pairs, config.pooling,
-                         settings.query_max_len, settings.batch_size, normalize)
+                             settings.query_max_len, settings.batch_size, normalize)
     depth = min(settings.depth, index.num_docs)
     hits, recall = {}, {}
     for pair in pairs:

@@ -111,22 +111,22 @@ class Sizes:
 # One run: fine-tune for a budget, then measure
 
 
-def eval_loss(model, tokenizer, pairs_of_texts, pooling, temperature, similarity, query_max_len,
-              passage_max_len, batch_size=32):
+def eval_loss(model, tokenizer, pairs_of_texts, grid, pooling="mean", similarity="cos",
+              batch_size=32):
     """Held-out Eq. 3 loss at the full pair: each query against the batch's passages (in-batch
-    negatives)."""
+    negatives), at the grid's temperature and query and passage lengths."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     losses = []
     with torch.no_grad():
         for start in range(0, len(pairs_of_texts) - batch_size + 1, batch_size):
             queries, passages = zip(*pairs_of_texts[start:start + batch_size])
             q_tok, p_tok = training.tokenize_batch(tokenizer, list(queries), list(passages),
-                                                   query_max_len, passage_max_len)
+                                                   grid.query_max_len, grid.passage_max_len)
             q = sb.embed_2d(model, q_tok["input_ids"], q_tok["attention_mask"], [(L, H)],
                             pooling)[(L, H)]
             p = sb.embed_2d(model, p_tok["input_ids"], p_tok["attention_mask"], [(L, H)],
                             pooling)[(L, H)]
-            losses.append(sb.contrastive_loss(q, p, temperature, similarity).item())
+            losses.append(sb.contrastive_loss(q, p, grid.temperature, similarity).item())
     return float(np.mean(losses))
 
 
@@ -146,8 +146,7 @@ def measure(model, tokenizer, grid, held_out, lee):
     spearman = metrics.sts_scores(model, tokenizer, lee, [(L, H)], "mean", max_length=256,
                                   batch_size=16)[(L, H)]
     return {
-        "eval_loss": eval_loss(model, tokenizer, held_out, "mean", grid.temperature, "cos",
-                               grid.query_max_len, grid.passage_max_len),
+        "eval_loss": eval_loss(model, tokenizer, held_out, grid, "mean", "cos"),
         "spearman": float(spearman)}
 
 
@@ -180,20 +179,29 @@ def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):
     return flops.flops_accounting(probe, tuning_spec, tokens, budget)["budget_steps"]
 
 
-def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
+@dataclass
+class RunInputs:
+    """What every run of the grid shares: the sizes' models, the training and held-out texts."""
+    sizes: Sizes = field(default_factory=Sizes)
+    records: list = field(default_factory=list)  # training records (budget_steps counts tokens)
+    held_out: list = field(default_factory=list)  # (query, passage) pairs for eval_loss
+    lee: object = None  # Lee et al.'s STS set (data.lee_sts) for the Spearman
+
+
+def run_one(grid, inputs, size, tuning_spec, budget):
     """Fine-tune one (size, method) for a budget (or measure the untouched model at budget 0) ->
     result.
 
     The size's model is saved as a folder and trained by finetune.py's own main, so every run is
     exactly the command its argv reads."""
-    model, tokenizer = sizes.build(size)
+    model, tokenizer = inputs.sizes.build(size)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     folder = os.path.join(grid.output_dir, "runs", run_name(size, tuning_spec, budget))
     start = time.time()
     result = {"size": size, "tuning": tuning_spec, "budget": budget, "layers": L, "hidden": H}
     if budget > 0:
         if grid.max_steps_per_run:  # small models buy many steps: keep the grid's wall time bounded
-            steps = budget_steps(grid, model, tokenizer, tuning_spec, budget, records)
+            steps = budget_steps(grid, model, tokenizer, tuning_spec, budget, inputs.records)
             if steps > grid.max_steps_per_run:
                 raise ValueError(f"the budget buys {steps} steps, over --max_steps_per_run "
                                  f"{grid.max_steps_per_run}")
@@ -212,7 +220,7 @@ def run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee):
     else:
         result["N"] = sum(p.numel() for p in model.parameters())
         os.makedirs(folder, exist_ok=True)
-    result.update(measure(model, tokenizer, grid, held_out, lee))
+    result.update(measure(model, tokenizer, grid, inputs.held_out, inputs.lee))
     result["seconds"] = round(time.time() - start, 1)
     if not grid.keep_models:  # the grid needs the numbers, not tens of copies of the weights
         for name in os.listdir(folder):
@@ -229,7 +237,8 @@ def run_grid(grid):
     """Every (size, method, budget) run, reusing finished ones -> (results, skipped: [(size, method,
     budget, why)])."""
     records = data.embedded_training_data(seed=0, num_negatives=max(grid.train_group_size - 1, 7))
-    held_out, lee, sizes = held_out_pairs(grid.eval_pairs), data.lee_sts(), Sizes()
+    held_out, lee = held_out_pairs(grid.eval_pairs), data.lee_sts()
+    inputs = RunInputs(Sizes(), records, held_out, lee)
     plan = [(s, "full", 0.0) for s in grid.sizes] + \
            [(s, t, b) for s in grid.sizes for t in grid.tunings for b in grid.budgets]
     results, skipped = [], []
@@ -241,7 +250,7 @@ def run_grid(grid):
             print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: cached")
             continue
         try:
-            result = run_one(grid, sizes, size, tuning_spec, budget, records, held_out, lee)
+            result = run_one(grid, inputs, size, tuning_spec, budget)
         except ValueError as e:  # e.g. a budget below one step, bias-only on a model without biases
             print(f"[{i + 1}/{len(plan)}] {size} {tuning_spec} {budget:.3g}: skipped ({e})")
             skipped.append((size, tuning_spec, budget, str(e)))

@@ -120,8 +120,9 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
     labels = cascade.cascade_classify(model, enc["input_ids"], enc["attention_mask"], heads, PAIRS,
                                       split)[0].tolist()
     thresholds = [0.0, split, split[0], 1.01]
-    points = cascade.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds,
-                                    "mean", batch_size=4, num_classes=3)
+    settings = cascade.CascadeSettings("mean", batch_size=4, num_classes=3)
+    points = cascade.cascade_points(cascade.cascade_outcomes(model, tokenizer, TEXTS, labels, heads,
+                                                             settings), thresholds)
     tokens = enc["attention_mask"].sum(1).tolist()
     full = sum(flops.encoder_flops(model, PAIRS[-1][0], t)
                for t in tokens) / len(TEXTS) + 2 * PAIRS[-1][1] * 3
@@ -139,16 +140,19 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
         0.5, 1 / 6, 1 / 3])
     # as classification/classify.py has them
     features = models.encode_2d(model, tokenizer, TEXTS, PAIRS + [(3, 32)], "mean", 256, 4)
-    assert cascade.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, thresholds, "mean",
-                                  batch_size=4, num_classes=3, features=features) == points
+    outcomes = cascade.cascade_outcomes(model, tokenizer, TEXTS, labels, heads, settings, features)
+    assert cascade.cascade_points(outcomes, thresholds) == points
     with pytest.raises(ValueError, match="features must hold every pair"):
-        cascade.cascade_points(model, tokenizer, TEXTS[:-1], labels[:-1], heads, PAIRS, [0.5],
-                               features=features)
+        cascade.cascade_points(cascade.cascade_outcomes(model, tokenizer, TEXTS[:-1], labels[:-1],
+                                                        heads, features=features), [0.5])
     assert points[0]["stopped"][0] == 1 and points[-1]["stopped"][-1] == 1
     with pytest.raises(ValueError, match="one threshold per pair"):
-        cascade.cascade_points(model, tokenizer, TEXTS, labels, heads, PAIRS, [[0.5, 0.5]], "mean")
+        cascade.cascade_points(cascade.cascade_outcomes(model, tokenizer, TEXTS, labels, heads,
+                                                        cascade.CascadeSettings("mean")),
+                               [[0.5, 0.5]])
     with pytest.raises(ValueError, match="one label each"):
-        cascade.cascade_points(model, tokenizer, TEXTS, labels[:-1], heads, PAIRS, [0.5], "mean")
+        cascade.cascade_points(cascade.cascade_outcomes(model, tokenizer, TEXTS, labels[:-1], heads,
+                                                        cascade.CascadeSettings("mean")), [0.5])
 
 
 def test_cascade_thresholds_one_for_all_or_one_per_pair_in_order_of_layer():

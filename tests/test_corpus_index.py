@@ -245,11 +245,12 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm
                                    sb.StarbucksConfig(pairs, "mean", "cos"),
                                    metrics.EvalSettings(query_max_len=32, passage_max_len=128,
                                                         batch_size=64))
-    ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, str(tmp_path), "mean", 128, 64,
-                     normalize=True, shard_size=1000, dtype="float32")
+    ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, str(tmp_path),
+                     ci.EncodeSettings("mean", 128, 64, normalize=True, shard_size=1000,
+                                       dtype="float32"))
     index = ci.open_index(str(tmp_path))
     q = models.encode_2d(model, tokenizer, [queries[x]
-                                        for x in qids], pairs, "mean", 32, 64, normalize=True)
+                                            for x in qids], pairs, "mean", 32, 64, normalize=True)
     for pair in pairs:
         scores, rows = ci.search(index, pair, q[pair], depth=1000)
         run = ci.run_from_hits(index, scores, rows, qids)
@@ -347,8 +348,9 @@ def tiny(tiny_model_dir):
 def test_encode_stores_each_layer_once_at_its_widest_dim_raw(tmp_path, tiny):
     model, tokenizer = tiny
     assert ci.stored_widths(TINY_PAIRS) == {2: 16, 4: 32}
-    encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path), "mean", 32,
-                               4, normalize=True, shard_size=4, dtype="float32")
+    encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path),
+                               ci.EncodeSettings("mean", 32, 4, normalize=True, shard_size=4,
+                                                 dtype="float32"))
     assert encoded == 10
     index = ci.open_index(str(tmp_path))
     assert index.shard_rows == [4, 4, 2] and index.widths == {2: 16, 4: 32} and index.normalize
@@ -356,8 +358,8 @@ def test_encode_stores_each_layer_once_at_its_widest_dim_raw(tmp_path, tiny):
         "docids.npy", "layer-2.npy", "layer-4.npy", "shard_complete.json"]
     for shard, start in enumerate((0, 4, 8)):
         # not normalised
-        raw = models.encode_2d(model, tokenizer, TEXTS[start:start + 4], [(2, 16), (4, 32)], "mean", 32,
-                           4)
+        raw = models.encode_2d(model, tokenizer, TEXTS[start:start + 4], [(2, 16), (4, 32)], "mean",
+                               32, 4)
         for n, width in ((2, 16), (4, 32)):
             stored = np.load(tmp_path / f"shard-{shard:05d}" / f"layer-{n}.npy")
             assert stored.dtype == np.float32 and torch.equal(torch.from_numpy(stored),
@@ -366,16 +368,17 @@ def test_encode_stores_each_layer_once_at_its_widest_dim_raw(tmp_path, tiny):
     # unit 2x16
     q = models.encode_2d(model, tokenizer, ["coffee"], TINY_PAIRS, "mean", 32, normalize=True)
     scores, rows = ci.search(index, (2, 8), q[(2, 8)], depth=10)
-    docs = models.encode_2d(model, tokenizer, TEXTS, [(2, 8)], "mean", 32, 4, normalize=True)[(2, 8)]
+    docs = models.encode_2d(model, tokenizer, TEXTS, [(2, 8)], "mean", 32, 4,
+                            normalize=True)[(2, 8)]
     torch.testing.assert_close(scores[0], (docs @ q[(2, 8)][0])[rows[0]], rtol=0, atol=1e-6)
 
 
 def test_float16_storage_is_the_default_and_halves_the_files(tmp_path, tiny):
     model, tokenizer = tiny
-    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "default"), "mean",
-                     32, 4)
-    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "float32"), "mean",
-                     32, 4, dtype="float32")
+    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "default"),
+                     ci.EncodeSettings("mean", 32, 4))
+    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "float32"),
+                     ci.EncodeSettings("mean", 32, 4, dtype="float32"))
     half, full = (np.load(tmp_path / t / "shard-00000" / "layer-4.npy")
                   for t in ("default", "float32"))
     assert half.dtype == np.float16 and half.nbytes * 2 == full.nbytes
@@ -397,8 +400,9 @@ def crash_after(docs, count):
 def test_an_interrupted_or_torn_encoding_resumes_at_the_first_missing_shard(tmp_path, tiny):
     model, tokenizer = tiny
     folder, clean = str(tmp_path / "index"), str(tmp_path / "clean")
-    encode = lambda docs, out: ci.encode_corpus(model, tokenizer, docs, TINY_PAIRS, out, "mean", 32,
-                                                4, shard_size=3, dtype="float32")
+    encode = lambda docs, out: ci.encode_corpus(model, tokenizer, docs, TINY_PAIRS, out,
+                                                ci.EncodeSettings("mean", 32, 4, shard_size=3,
+                                                                  dtype="float32"))
     assert encode(iter(DOCS), clean) == 10
     with pytest.raises(Crash):
         # shards 0 and 1 written, shard 2 (documents 6-8) lost mid-way
@@ -426,21 +430,22 @@ def test_an_interrupted_or_torn_encoding_resumes_at_the_first_missing_shard(tmp_
 def test_resume_refuses_other_settings_another_corpus_and_bad_docids(tmp_path, tiny):
     model, tokenizer = tiny
     folder = str(tmp_path)
-    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4, shard_size=3)
+    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder,
+                     ci.EncodeSettings("mean", 32, 4, shard_size=3))
     with pytest.raises(ValueError, match="other settings.*dtype"):
-        ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4,
-                         shard_size=3, dtype="float32")
+        ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder,
+                         ci.EncodeSettings("mean", 32, 4, shard_size=3, dtype="float32"))
     changed = [(docid, text + " changed") if docid == "p4" else (docid, text)
                for docid, text in DOCS]
     with pytest.raises(ValueError, match=r"shard-00001 was encoded from other text"):
-        ci.encode_corpus(model, tokenizer, iter(changed), TINY_PAIRS, folder, "mean", 32, 4,
-                         shard_size=3)
+        ci.encode_corpus(model, tokenizer, iter(changed), TINY_PAIRS, folder,
+                         ci.EncodeSettings("mean", 32, 4, shard_size=3))
     with pytest.raises(ValueError, match="whitespace"):
         ci.encode_corpus(model, tokenizer, iter([("a b", "text")]), TINY_PAIRS, str(tmp_path / "x"),
-                         "mean", 32)
+                         ci.EncodeSettings("mean", 32))
     with pytest.raises(ValueError, match="'p1' occurs more than once"):
         ci.encode_corpus(model, tokenizer, iter(DOCS + [("p1", "again")]), TINY_PAIRS,
-                         str(tmp_path / "y"), "mean", 32)
+                         str(tmp_path / "y"), ci.EncodeSettings("mean", 32))
 
 
 def _free_port():
@@ -458,8 +463,8 @@ def _encoding_rank(rank, port, model_dir, folder):
     training.setup()
     model, tokenizer = AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(
         model_dir)
-    encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder, "mean", 32, 4,
-                               shard_size=3)
+    encoded = ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, folder,
+                               ci.EncodeSettings("mean", 32, 4, shard_size=3))
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump(encoded, f)
     training.cleanup()
@@ -474,8 +479,8 @@ def test_two_ranks_encode_alternate_shards_and_rank_0_finishes_the_index(
             for r in (0, 1)] == [3 + 3, 3 + 1]
     torch.set_num_threads(1)
     model, tokenizer = tiny
-    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "one"), "mean", 32, 4,
-                     shard_size=3)
+    ci.encode_corpus(model, tokenizer, iter(DOCS), TINY_PAIRS, str(tmp_path / "one"),
+                     ci.EncodeSettings("mean", 32, 4, shard_size=3))
     assert ci.open_index(folder).shard_rows == [3, 3, 3, 1]
     for name in ["docid_rank.npy"] + [
             f"shard-{s:05d}/{f}" for s in range(4) for f in ("docids.npy", "layer-4.npy")]:
@@ -615,13 +620,13 @@ def test_faiss_indexes_against_exact_search(tmp_path):
     assert torch.equal(rows, exact_rows) and ci.overlap_at_k(rows, exact_rows, 10) == 1.0
     torch.testing.assert_close(scores, exact_scores, rtol=0, atol=1e-5)
     # probing every list is exhaustive
-    every_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=16)
+    every_list = ci.faiss_index(index, (2, 32), "ivf", ci.FaissSettings(nlist=16, nprobe=16))
     assert ci.overlap_at_k(ci.faiss_search(every_list, queries, 10)[1], exact_rows, 10) == 1.0
     assert ci.overlap_at_k(
         ci.faiss_search(ci.faiss_index(index, (2, 32), "hnsw"), queries, 10)[1], exact_rows,
         10) >= 0.9
     # approximate: some neighbours missed
-    one_list = ci.faiss_index(index, (2, 32), "ivf", nlist=16, nprobe=1)
+    one_list = ci.faiss_index(index, (2, 32), "ivf", ci.FaissSettings(nlist=16, nprobe=1))
     assert 0 < ci.overlap_at_k(ci.faiss_search(one_list, queries, 10)[1], exact_rows, 10) < 1.0
     # one list holds fewer: FAISS pads with -1 at the end
     scores, rows = ci.faiss_search(one_list, queries, 1000)

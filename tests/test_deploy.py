@@ -337,7 +337,7 @@ def test_export_of_packaged_minilm_equals_embed_2d(tmp_path):
         got = SentenceTransformer(out, device="cpu").encode(TEXTS, convert_to_tensor=True,
                                                             normalize_embeddings=True)
         expected = models.encode(model, tokenizer, TEXTS, (2, 24), "mean", max_length=256,
-                             normalize=True)
+                                 normalize=True)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -137,8 +137,11 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
     assert saved["results"]["tiny"]["beir"]["4x32"]["R@1000"] == 1.0  # 4 documents: all retrieved
     # the column's name
     assert sorted(os.listdir(runs)) == ["tiny.beir.2x16.trec", "tiny.beir.4x32.trec"]
-    grid = evaluate.main(["--model_name_or_path", tiny_model_dir, "--pairs", "2x16,4x32", "--grid",
-                    "--sts_files", str(sts), "--output_dir", str(tmp_path / "grid")])
+    grid = evaluate.main([
+        "--model_name_or_path", tiny_model_dir, "--pairs", "2x16,4x32", "--grid", "--sts_files",
+        str(sts), "--output_dir",
+        str(tmp_path / "grid")
+    ])
     assert set(next(iter(grid.values()))["sts.tsv"]) == {"2x16", "2x32", "4x16", "4x32"}
 
 

@@ -139,10 +139,11 @@ def test_pip_install_makes_the_reference_and_the_toolkit_importable_from_any_fol
     import shutil
     import subprocess
     import sys
-    source, site = tmp_path / "source", tmp_path / "site"  # a copy: the build leaves nothing in ROOT
+    source, site = tmp_path / "source", tmp_path / "site"  # a copy: building leaves ROOT as it is
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "output", "build"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(source)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(site), str(source)], check=True,
+                   capture_output=True)
     code = ("import starbucks, finetune, pretrain, evaluate, data, metrics, models, training; "
             "from index import corpus_index; from classification import cascade; "
             "print(starbucks.__file__)")

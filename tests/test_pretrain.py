@@ -98,8 +98,8 @@ def test_masked_only_logits_equal_all_position_logits_with_ignored_labels(real_b
     mask[0, 30:] = 0  # some padding
     maskable = maskable & mask.bool()
     enc, labels, dec, dec_labels = training.whole_word_masking(ids, maskable,
-                                                         training.subword_flags(tokenizer),
-                                                         tokenizer.mask_token_id, seed=3)
+                                                               training.subword_flags(tokenizer),
+                                                               tokenizer.mask_token_id, seed=3)
     E = mlm.bert.get_input_embeddings().weight
     h = sb.layer_hidden_states(mlm.bert, enc, mask, [2])[2][:, :, :16]
     logits = sb.mlm_logits(heads, E, sb.mlm_transform(heads, h))  # (B, T, V): every position
@@ -166,8 +166,8 @@ def test_smae_loss_is_mean_of_pair_halves_from_one_encoder_pass(real_batch, toke
     heads = heads_of(mlm)
     ids, mask, maskable = (x[:4, :32] for x in real_batch)
     enc, labels, dec, dec_labels = training.whole_word_masking(ids, maskable,
-                                                         training.subword_flags(tokenizer),
-                                                         tokenizer.mask_token_id, seed=5)
+                                                               training.subword_flags(tokenizer),
+                                                               tokenizer.mask_token_id, seed=5)
     pairs = [(1, 4), (2, 8), (4, 32)]
     calls = []
     hook = mlm.bert.encoder.layer[0].register_forward_hook(lambda m, a, o: calls.append(1))
@@ -306,7 +306,7 @@ def test_whole_word_masking_rates_subset_and_whole_words_on_real_text(real_batch
     ids, mask, maskable = real_batch
     is_subword = training.subword_flags(tokenizer)
     enc, labels, dec, dec_labels = training.whole_word_masking(ids, maskable, is_subword,
-                                                         tokenizer.mask_token_id, seed=0)
+                                                               tokenizer.mask_token_id, seed=0)
     enc_set, dec_set = labels != -100, dec_labels != -100
     assert (enc_set <= dec_set).all()  # the encoder's masked set inside the decoder's
     # never [CLS]/[SEP]/padding

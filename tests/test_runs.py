@@ -255,8 +255,11 @@ def _step_setup(model_dir, method="srl"):
     return model, tokenizer, embed_pairs, loss_fn
 
 
-def _step(net, model, tokenizer, embed_pairs, loss_fn, queries, passages, chunk, method="srl"):
-    """training.contrastive_step -> (loss, {name: grad}); zeroes the gradients afterwards."""
+def _step(net, setup, batch, chunk):
+    """training.contrastive_step of net (the model of setup = _step_setup(...), or it wrapped) on
+    batch = (queries, passages) -> (loss, {name: grad}); zeroes the gradients afterwards."""
+    model, tokenizer, embed_pairs, loss_fn = setup
+    queries, passages = batch
     q_tok = tokenizer(queries, padding=True, return_tensors="pt")
     p_tok = tokenizer(passages, padding=True, return_tensors="pt")
     generator = torch.Generator().manual_seed(5)  # 2DMSE's sampled sizes
@@ -281,10 +284,9 @@ def _assert_same_step(a, b):
 def test_grad_cache_step_equals_the_uncached_step(tiny, method):
     """Every pair at once (srl: 6 pairs; 2dmse: every layer), chunks of 3 that do not divide 4 or
     16."""
-    model, tokenizer, embed_pairs, loss_fn = _step_setup(tiny["plain"], method)
-    queries, passages = _batch()
-    uncached = _step(model, model, tokenizer, embed_pairs, loss_fn, queries, passages, 0)
-    cached = _step(model, model, tokenizer, embed_pairs, loss_fn, queries, passages, 3)
+    setup, batch = _step_setup(tiny["plain"], method), _batch()
+    uncached = _step(setup[0], setup, batch, 0)
+    cached = _step(setup[0], setup, batch, 3)
     _assert_same_step(cached, uncached)
     # the grads are not trivial
     assert all(g.abs().sum() > 0 for n, g in uncached[1].items() if "layer.3" in n)
@@ -334,14 +336,12 @@ def _two_rank_worker(rank, port, model_dir, out_dir):
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     rank, world_size, device = training.setup()
-    model, tokenizer, embed_pairs, loss_fn = _step_setup(model_dir)
-    net = training.wrap(model, device)
+    setup = _step_setup(model_dir)
+    net = training.wrap(setup[0], device)
     queries, passages = _batch()
     queries, passages = training.shard(queries, rank, world_size), training.shard(
         passages, rank, world_size)
-    results = {
-        chunk: _step(net, model, tokenizer, embed_pairs, loss_fn, queries, passages, chunk)
-        for chunk in (0, 3)}
+    results = {chunk: _step(net, setup, (queries, passages), chunk) for chunk in (0, 3)}
     results["objects"] = training.gather_objects(f"rank {rank}")
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     training.cleanup()
@@ -352,8 +352,8 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenate
     """gloo on CPU; each rank holds 2 queries and 8 passages, all 16 passages are candidates for all
     4 queries."""
     mp.spawn(_two_rank_worker, args=(_free_port(), tiny["plain"], str(tmp_path)), nprocs=2)
-    model, tokenizer, embed_pairs, loss_fn = _step_setup(tiny["plain"])
-    single = _step(model, model, tokenizer, embed_pairs, loss_fn, *_batch(), 0)
+    setup = _step_setup(tiny["plain"])
+    single = _step(setup[0], setup, _batch(), 0)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         _assert_same_step(results[0], single)
