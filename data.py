@@ -428,11 +428,8 @@ def split_sentences(text):
 def passages_of(text, sentences_per_passage=4):
     """Consecutive, non-overlapping windows of sentences."""
     sents = split_sentences(text)
-    return [
-        sents[i:i + sentences_per_passage]
-        for i in range(0,
-                       len(sents) - sentences_per_passage + 1, sentences_per_passage)
-    ]
+    starts = range(0, len(sents) - sentences_per_passage + 1, sentences_per_passage)
+    return [sents[i:i + sentences_per_passage] for i in starts]
 
 
 def inverse_cloze(documents, seed, sentences_per_passage=4, max_passages_per_document=40):

@@ -125,13 +125,10 @@ def main(argv=None):
                      "NON-STANDARD task)")
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(
-            {
-                "command": "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                "datasets": {n: labels.get(n, n)
-                             for n in datasets}, "models": configs, "judgments": coverage,
-                "results": all_results, **({"adaptive": adaptive} if adaptive else {})
-            }, f, indent=2)
+        command = "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        json.dump({"command": command, "datasets": {n: labels.get(n, n) for n in datasets},
+                   "models": configs, "judgments": coverage, "results": all_results,
+                   **({"adaptive": adaptive} if adaptive else {})}, f, indent=2)
     for n in datasets:
         if n in labels:
             print(f"{n}: {labels[n]}")

@@ -193,26 +193,22 @@ def method_loss(method, config, shape, kind, kl="scores", kl_weight=1.0):
         return pairs, lambda q, p, gold, g: sb.srl_loss_embedding_kl(q, p, pairs, t, kl_weight, sim)
     if method == "symmetric":  # Ziarko et al.'s loss (Eq. 17) at the full pair
         from recipe import decoder
-        return [
-            full
-        ], lambda q, p, gold, g: decoder.symmetric_contrastive_loss(q[full], p[full], t, sim)
+        return [full], lambda q, p, gold, g: decoder.symmetric_contrastive_loss(
+            q[full], p[full], t, sim)
     if method in ("full", "separate"):  # Eq. 6, 7; separate: `full` is (n, H) of the layer trained
         return [full], lambda q, p, gold, g: sb.full_loss(q, p, [full], t, sim)
     if method == "mrl":  # Eq. 8 at the last layer
-        return [(L, H)], lambda q, p, gold, g: sb.matryoshka_loss(q[(L, H)], p[
-            (L, H)], dims, t, sim)
+        return [(L, H)], lambda q, p, gold, g: sb.matryoshka_loss(
+            q[(L, H)], p[(L, H)], dims, t, sim)
     if method == "2dmse_retrieval":  # Eq. 9': the pairs' layers at full width, one sampled per step
         return [(n, H) for n in layers], lambda q, p, gold, g: sb.matryoshka_2d_retrieval_loss(
-            {n: q[(n, H)]
-             for n in layers}, {n: p[(n, H)]
-                                for n in layers}, dims, g, t, sim, kl_weight)
+            {n: q[(n, H)] for n in layers}, {n: p[(n, H)] for n in layers}, dims, g, t, sim,
+            kl_weight)
     every_layer = [(n, H) for n in range(1, L + 1)]  # Eq. 9: every layer at full width, sampled
     return every_layer, lambda q, p, gold, g: sb.matryoshka_2d_loss(
-        {n: q[(n, H)]
-         for n in range(1, L + 1)}, {n: p[(n, H)]
-                                     for n in range(1, L + 1)}, dims, g, t, sim, kl_weight=
-        kl_weight, base_loss=(lambda a, b: sb.cosent_loss(a, b, gold))
-        if kind == "scored" else None)
+        {n: q[(n, H)] for n in range(1, L + 1)}, {n: p[(n, H)] for n in range(1, L + 1)}, dims,
+        g, t, sim, kl_weight=kl_weight,
+        base_loss=(lambda a, b: sb.cosent_loss(a, b, gold)) if kind == "scored" else None)
 
 
 DEFAULT_GROUP_SIZE = 4
@@ -395,13 +391,11 @@ def main(argv=None):
             f"768), but {args.model_name_or_path} has {L} layers x {H}: pass --pairs (the "
             f"paper's shape for this model is --pairs {shape}) or a 12 x 768 "
             f"--model_name_or_path")
-    pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(
-        L, H)
+    pairs = (sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs
+             else sb.default_pairs(L, H))
     if rank == 0:
-        print(
-            f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, "
-            f"device {device}"
-            f" x {world_size} processes")
+        print(f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, "
+              f"device {device} x {world_size} processes")
     run, dataset = FinetuneArguments.from_flags(args), (kind, records)
     config = sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)
     if args.method == "separate":

@@ -272,8 +272,8 @@ def main(argv=None):
                                              args.config_overrides, args.tokenizer_name)
     crops = training.crop_documents(tokenizer, documents, args.max_length)
     L, H = encoder.config.num_hidden_layers, encoder.config.hidden_size
-    pairs = sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs else sb.default_pairs(
-        L, H)
+    pairs = (sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs
+             else sb.default_pairs(L, H))
     heads = sb.SMAEHeads(encoder).to(device)
     from_checkpoint = not args.from_scratch and models.load_mlm_head(
         heads, models.resolve_model_path(args.model_name_or_path))

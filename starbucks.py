@@ -485,8 +485,8 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
     sentences = {(n, d): mlm_transform(heads, hidden[n][:, 0, :d]) for n, d in pairs}
     if all_positions:
         return sum((mlm_loss(heads, word_embeddings, hidden[n][:, :, :d], labels, True) +
-                    mae_loss(heads, word_embeddings, decoder_embeds, sentences[
-                        (n, d)], attention_mask, decoder_labels, True)) / 2
+                    mae_loss(heads, word_embeddings, decoder_embeds, sentences[(n, d)],
+                             attention_mask, decoder_labels, True)) / 2
                    for n, d in pairs) / len(pairs)
     masked, decoder_masked = labels != -100, decoder_labels != -100  # (B, T) each
     states, targets = [], []
