@@ -57,10 +57,8 @@ def packaged_path(package, *parts):
     """Path of a file shipped inside an installed package, without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"package {package!r} is not installed: "
-            f"{INSTALL_HINT.get(package, 'pip install ' + package)}"
-        )
+        hint = INSTALL_HINT.get(package, "pip install " + package)
+        raise DataError(f"package {package!r} is not installed: {hint}")
     path = os.path.join(spec.submodule_search_locations[0], *parts)
     if not os.path.exists(path):
         raise DataError(f"{path} is missing from package {package!r}; reinstall it")
@@ -239,8 +237,7 @@ def _header_problem(path, first_row):
     known = " | ".join(",".join(h) for h in sorted(_TSV_HEADERS))
     return (
         f"{path}:1: {cells} is neither a known header ({known}, or none) nor a record like the "
-        "rows "
-        f"after it (its last column {cells[-1]!r} is not a score)")
+        f"rows after it (its last column {cells[-1]!r} is not a score)")
 
 
 def _rows_as_records(lines):
@@ -383,18 +380,17 @@ def clean_wikitext(text):
         while count:
             text, count = re.subn(pattern, " ", text)
     for _ in range(3):  # nested links inside file captions
-        text = re.sub(
-            r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]", lambda m: ""
-            if re.match(r"(File|Image|Category):",
-                        m.group(0)[2:]) else m.group(1), text)
+        text = re.sub(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]",
+                      lambda m: "" if re.match(r"(File|Image|Category):", m.group(0)[2:])
+                      else m.group(1), text)
     text = re.sub(r"\[\[(File|Image|Category):[^\]]*\]\]", " ", text)
     text = re.sub(r"\[https?://\S+ ([^\]]*)\]|\[https?://\S+\]", r"\1", text)
     text = re.sub(r"<[^>]+>|'''|''", "", text)
     paragraphs = []
     for line in text.splitlines():
         line = line.strip()
-        if not line or line[0] in "=*#:;|!{}[" or line.startswith(
-            ("__", "http")) or re.search(r"\{\{|\}\}|\[\[", line):
+        if (not line or line[0] in "=*#:;|!{}[" or line.startswith(("__", "http"))
+                or re.search(r"\{\{|\}\}|\[\[", line)):
             continue
         paragraphs.append(re.sub(r"\s+", " ", line))
     return "\n".join(paragraphs)
@@ -527,10 +523,8 @@ def _stream_lines(path):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
-                        "line)"
-                    ) from None
+                    raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte "
+                                    f"{e.start} of the line)") from None
                 if line.strip():
                     empty = False
                     yield line_no, line
@@ -548,11 +542,11 @@ def stream_beir_corpus(folder):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            ending = "the file ends in the middle of this record" if not line.endswith(
-                "\n") else f"not valid JSON ({e.msg})"
+            ending = ("the file ends in the middle of this record" if not line.endswith("\n")
+                      else f"not valid JSON ({e.msg})")
             raise DataError(f"{path}:{line_no}: {ending}") from None
-        if not isinstance(record, dict) or "_id" not in record or not isinstance(
-                record.get("text"), str):
+        if (not isinstance(record, dict) or "_id" not in record
+                or not isinstance(record.get("text"), str)):
             raise DataError(
                 f"{path}:{line_no}: a BEIR record needs '_id' and 'text' fields, got "
                 f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
@@ -575,8 +569,8 @@ def read_beir_queries(folder, split="test"):
     queries = {qid: r["text"] for qid, r in beir_records(os.path.join(folder, "queries.jsonl"))}
     path = os.path.join(folder, "qrels", f"{split}.tsv")
     if not os.path.exists(path):
-        found = sorted(os.listdir(os.path.join(folder, "qrels"))) if os.path.isdir(
-            os.path.join(folder, "qrels")) else []
+        qrels_folder = os.path.join(folder, "qrels")
+        found = sorted(os.listdir(qrels_folder)) if os.path.isdir(qrels_folder) else []
         raise DataError(
             f"{path}: no such file; qrels there: {found or 'none'} (pick one with --beir_split)")
     qrels = read_qrels(path)
@@ -613,8 +607,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower(
-        ) or action.default is argparse.SUPPRESS or not action.option_strings:
+        if ("default" in text.lower() or action.default is argparse.SUPPRESS
+                or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)".strip()
 

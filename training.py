@@ -243,12 +243,8 @@ def save_checkpoint(output_dir, step, write, save_total_limit=None):
     for name in sizes:
         fsync(os.path.join(tmp, name))
     with open(os.path.join(tmp, MARKER), "w") as f:
-        json.dump(
-            {
-                "step": step, "files": sizes,
-                "sha256": {name: sha256_of(os.path.join(tmp, name))
-                           for name in sizes}
-            }, f, indent=1)
+        sha256 = {name: sha256_of(os.path.join(tmp, name)) for name in sizes}
+        json.dump({"step": step, "files": sizes, "sha256": sha256}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     # the same step saved by an earlier, interrupted run: the older ones remain meanwhile
@@ -401,18 +397,11 @@ def file_fingerprint(path):
 
 
 # Flags that do not change what a run computes: they may differ between a run and its --resume.
-NOT_IDENTITY = (
-    "output_dir",
-    "resume",
-    "overwrite_output_dir",
-    "save_steps",
-    "save_total_limit",
-    "logging_steps",
-    # these two: compared by content, so a moved
-    "max_bad_steps",
-    "train_file",
-    "model_name_or_path")
-# copy of the same data or model resumes (data_file_0, model_weights)
+NOT_IDENTITY = ("output_dir", "resume", "overwrite_output_dir", "save_steps", "save_total_limit",
+                "logging_steps", "max_bad_steps",
+                # compared by content instead (data_file_0, model_weights): a moved copy of the
+                # same data or model resumes
+                "train_file", "model_name_or_path")
 
 
 def run_identity(flags, world_size, data_files=(), model_folder=None):
@@ -468,10 +457,8 @@ class TrainLog:
         if self.file:
             self.file.close()
             if self.skipped:
-                print(
-                    f"skipped {self.skipped} steps with a non-finite loss or gradient (marked in "
-                    f"{LOG})"
-                )
+                print(f"skipped {self.skipped} steps with a non-finite loss or gradient "
+                      f"(marked in {LOG})")
 
 
 def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total):
@@ -850,7 +837,7 @@ def bad_steps_message(step, train_log, output_dir):
     """Why a run stopped after too many non-finite steps in a row, and where to resume from."""
     return (
         f"error: stopped at step {step + 1}: {train_log.bad_in_row} steps in a row had a "
-        "non-finite loss "
-        f"or gradient (each was skipped, {train_log.skipped} in all). Last good checkpoint: "
+        f"non-finite loss or gradient (each was skipped, {train_log.skipped} in all). Last good "
+        f"checkpoint: "
         f"{latest_checkpoint(output_dir) or 'none saved'}. Lower --learning_rate or check "
         f"the data, then --resume.")
