@@ -1,5 +1,4 @@
-"""Evaluate every layer-dim pair of one or more encoders: Spearman
-(STS) and nDCG@10 / MRR@10 / recall.
+"""Evaluate every layer-dim pair of one or more encoders: Spearman (STS), nDCG@10, MRR@10, recall.
 
     python evaluate.py                                          # packaged MiniLM on the embedded data
     python evaluate.py --model_name_or_path out/full out/srl    # side by side, one table per metric
@@ -79,9 +78,8 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
     data.run_command(parse_args)
 
-import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
-
-import metrics  # noqa: E402
+import metrics  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
+import models  # noqa: E402
 
 
 def main(argv=None):
@@ -95,13 +93,13 @@ def main(argv=None):
         import training
         rank, _, device = training.setup()
     else:
-        rank, device = 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rank, device = 0, models.default_device()
     datasets = metrics.load_datasets(args.sts_files, args.beir_dirs, args.beir_split, args.msmarco)
+    index_dir = args.index_dir or os.path.join(args.output_dir, "index")
     settings = metrics.EvalSettings(
         args.pairs, args.grid, args.pooling, args.similarity, args.query_max_len,
-        args.passage_max_len, args.max_seq_length, args.per_device_eval_batch_size,
-        args.depth, args.runs, args.adaptive, args.index_dir or os.path.join(
-            args.output_dir, "index"), args.storage_dtype, args.shard_size, args.index)
+        args.passage_max_len, args.max_seq_length, args.per_device_eval_batch_size, args.depth,
+        args.runs, args.adaptive, index_dir, args.storage_dtype, args.shard_size, args.index)
     if args.adaptive and not any(kind == "retrieval" for kind, _ in datasets.values()):
         raise ValueError(
             "--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")

@@ -21,6 +21,11 @@ import starbucks as sb
 CONFIG_FILE = "starbucks_config.json"
 
 
+def default_device():
+    """The one process's device: the GPU where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_model_path(name_or_path):
     """A local model folder or .gguf file, or the name of a packaged
     model. There are no hub downloads here."""

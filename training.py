@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import models
 import starbucks as sb
 
 
@@ -45,7 +46,7 @@ def setup():
     """-> (rank, world_size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, models.default_device()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)

@@ -54,7 +54,7 @@ def main():
     p.add_argument("--max_length", type=int, default=128)
     args = p.parse_args()
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = models.default_device()
     encoder, tokenizer = models.load_model(data.DEFAULT_MODEL, device)
     heads = sb.SMAEHeads(encoder).to(device)
     encoder.train(), heads.train()

@@ -168,7 +168,7 @@ def run_all(study):
         "lee2005": ("sts", data.lee_sts()),
         "wiki-ict": ("retrieval", data.embedded_retrieval_set())}
     eval_settings = metrics.EvalSettings(grid=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = models.default_device()
     results = {}
     for seed in study.seeds:
         for method in study.methods:

@@ -116,7 +116,7 @@ def table(rows, pairs, costs):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # the heads' initial weights
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = models.default_device()
     if args.train_file:
         train_texts, train_y, names = datasets.read_labelled_file(args.train_file)
         test_texts, test_y, _ = datasets.read_labelled_file(args.test_file, names)
