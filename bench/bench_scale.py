@@ -180,25 +180,6 @@ def matmul_gflops(device):
 # ----------------------------------------------------------------------------------------------
 # The real set: quality of the funnel, float16 storage, resumed encoding
 
-def copy_as_float16(source, target):
-    """The float32 index in source written again with float16 storage, as encode_corpus would have
-    written it."""
-    index = ci.open_index(source)
-    with open(os.path.join(source, ci.CONFIG)) as f:
-        config = dict(json.load(f), dtype="float16")
-    ci.start_index(target, config)
-    for shard in range(len(index.shard_rows)):
-        path = os.path.join(source, ci.shard_name(shard))
-        vectors = {
-            n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(np.float16)
-            for n in index.widths}
-        ci.write_shard(target, shard,
-                       [d.decode() for d in np.load(os.path.join(path, "docids.npy"))], vectors,
-                       ci._read_marker(source, shard)["source_sha256"])
-    ci.finalize_index(target, len(index.shard_rows))
-    return ci.open_index(target)
-
-
 def ndcg10(index, scores, rows, qids, qrels):
     return metrics.ndcg_at_k(ci.run_from_hits(index, scores, rows, qids), qrels, 10)
 
@@ -367,7 +348,8 @@ def main(argv=None):
                                            shard_size=len(corpus), dtype="float32"))
         encode_rate = len(corpus) / (time.perf_counter() - start)
         indexes = {"float32": ci.open_index(full_folder),
-                   "float16": copy_as_float16(full_folder, os.path.join(workdir, "real_float16"))}
+                   "float16": ci.copy_index(full_folder, os.path.join(workdir, "real_float16"),
+                                            "float16")}
         q = models.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
                              config.pooling, 32, 64, normalize)
         half = indexes["float16"]
