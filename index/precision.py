@@ -33,8 +33,10 @@ Each code file is written to a temporary name, flushed and renamed, so it is who
 run killed part-way resumes with the missing files. codes.json is kept apart from
 index_config.json, which encode_corpus compares on every resume.
 """
+import dataclasses
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -43,6 +45,7 @@ import torch
 
 from index import corpus_index as ci
 import metrics
+import models
 import training
 
 PRECISIONS = ("float32", "float16", "int8", "binary")
@@ -332,3 +335,93 @@ def format_table(results, full):
                 f"{kept(results, pair, precision, (full, 'float32'), 'R@100'):.4f} | {same} | "
                 f"{values['ms/q']:.3f} |")
     return "\n".join(lines)
+
+
+def coded_indexes(model, tokenizer, corpus, pairs, folder, encoding):
+    """An in-memory corpus {docid: text} encoded once into folder/float32 (encoding: a
+    corpus_index.EncodeSettings, its dtype ignored), copied to folder/float16, codes written from
+    the float16 vectors (what an index stores by default) -> {"float32": ..., "float16": index}."""
+    full = os.path.join(folder, "float32")
+    ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, full,
+                     dataclasses.replace(encoding, dtype="float32"))
+    half = os.path.join(folder, "float16")
+    copied = os.path.exists(os.path.join(half, ci.INDEX_MARKER))
+    indexes = {"float32": ci.open_index(full),
+               "float16": ci.open_index(half) if copied else ci.copy_index(full, half, "float16")}
+    write_codes(indexes["float16"])
+    return indexes
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate.py --precision: every pair at one precision beside float32
+
+def evaluate_precision(name_or_path, datasets, settings, device, precision):
+    """{dataset: {"n x d": {"float32": {...}, precision: {...}}}} (precision_results' values) for
+    every pair of one model and every retrieval dataset. In-memory corpora (the embedded set) are
+    encoded into a temporary folder; corpora read from files into their index under
+    settings.index_dir (retrieval.index_folder), whose stored dtype is then the reference."""
+    from index import retrieval
+    if precision not in PRECISIONS[1:]:
+        raise ValueError(f"--precision {precision}: use one of {', '.join(PRECISIONS[1:])}")
+    path, _, model, tokenizer, config, separate = metrics.load_for_evaluation(
+        name_or_path, settings, device)
+    if separate:
+        raise ValueError(f"--precision needs one 2D model; {path} holds one model per layer")
+    if precision == "binary":
+        narrow = [f"{n}x{d}" for n, d in config.pairs if d % 8]
+        if narrow:
+            wide = ",".join(f"{n}x{d}" for n, d in config.pairs if d % 8 == 0)
+            raise ValueError(f"--precision binary needs every pair's d to be a multiple of 8 (8 "
+                             f"sign bits a byte), not {', '.join(narrow)}: pass --pairs {wide}")
+    normalize = config.similarity == "cos"
+    encoding = ci.EncodeSettings(config.pooling, settings.passage_max_len, settings.batch_size,
+                                 normalize, settings.shard_size)
+    results = {}
+    for name, (kind, (corpus, queries, qrels)) in datasets.items():
+        if kind != "retrieval":
+            continue
+        qids = list(queries)
+        q = models.encode_2d(model, tokenizer, [queries[x] for x in qids], config.pairs,
+                             config.pooling, settings.query_max_len, settings.batch_size,
+                             normalize)
+        with tempfile.TemporaryDirectory(prefix="precision_") as scratch:
+            if isinstance(corpus, metrics.CorpusFile):
+                index = retrieval.encoded_index(model, tokenizer, retrieval.index_folder(
+                    settings, path, name), corpus, config, settings)
+                indexes = {index.dtype: index}
+                if precision in ("float16", "float32") and precision != index.dtype:
+                    indexes[precision] = ci.copy_index(index.folder, os.path.join(
+                        scratch, precision), precision)
+                elif precision in CODE_PRECISIONS:
+                    write_codes(index)
+                reference = index.dtype
+            else:
+                indexes, reference = coded_indexes(model, tokenizer, corpus, config.pairs,
+                                                   scratch, encoding), "float32"
+            found = precision_results(indexes, config.pairs, q, qids, qrels,
+                                      list(dict.fromkeys([reference, precision])))
+        results[name] = {f"{n}x{d}": values for (n, d), values in found.items()}
+    return results
+
+
+def print_precision(results, model_name):
+    """One table per dataset: each pair at the reference and at the asked precision, and what the
+    precision keeps of the reference's nDCG@10 and R@100 at the same pair."""
+    lines = []
+    for dataset, by_pair in results.items():
+        precisions = list(next(iter(by_pair.values())))  # [reference, asked] or [reference]
+        reference, asked = precisions[0], precisions[-1]
+        lines.append(f"\n{dataset} at {asked} beside {reference} (exhaustive search), model "
+                     f"{model_name}")
+        lines.append(f"{'pair':<8}{'bytes':>7}{'nDCG@10':>9}{'R@100':>8}{'bytes':>7}{'nDCG@10':>9}"
+                     f"{'R@100':>8}{'nDCG kept':>11}{'R@100 kept':>12}")
+        for pair, values in by_pair.items():
+            ref, got = values[reference], values[asked]
+            lines.append(
+                f"{pair:<8}{ref['bytes']:>7}{ref['nDCG@10']:>9.4f}{ref['R@100']:>8.4f}"
+                f"{got['bytes']:>7}{got['nDCG@10']:>9.4f}{got['R@100']:>8.4f}"
+                f"{got['nDCG@10'] / ref['nDCG@10'] if ref['nDCG@10'] else float('nan'):>11.4f}"
+                f"{got['R@100'] / ref['R@100'] if ref['R@100'] else float('nan'):>12.4f}")
+    text = "\n".join(lines)
+    print(text)
+    return text

@@ -1,5 +1,6 @@
 """index/precision.py: binary and int8 codes of the index, FAISS over them against brute force, the
 funnel with a quantised first stage, the trade-off table."""
+import json
 import os
 
 import numpy as np
@@ -164,3 +165,49 @@ def test_copy_index_and_the_trade_off_table(tmp_path):
         table[-4]
     with pytest.raises(ValueError, match="need an index of that dtype"):
         precision.precision_results({"float16": half}, pairs, queries, qids, qrels, ["float32"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands: evaluate.py --precision and python -m index.precision_table
+
+def test_evaluate_reports_every_pair_at_the_precision_beside_float(tmp_path, tiny_model_dir):
+    """On a BEIR folder (indexed under --index_dir, float16 by default: the reference)."""
+    import evaluate
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    words = ["coffee", "tea", "milk", "water", "juice", "soda", "wine", "beer"] * 5
+    (beir / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": f"d{i}", "title": "", "text": f"doc {i} about {w}"}) + "\n"
+        for i, w in enumerate(words)))
+    (beir / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(words[:8])))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i}\t1\n" for i in range(8)))
+    out = str(tmp_path / "eval")
+    results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs",
+                             "2x16,4x32", "--beir_dirs", str(beir), "--precision", "binary",
+                             "--output_dir", out])
+    by_pair = json.load(open(os.path.join(out, "results.json")))["precision"]["tiny"]["beir"]
+    assert list(by_pair) == ["2x16", "4x32"]
+    assert by_pair["4x32"]["float16"]["bytes"] == 64 and by_pair["4x32"]["binary"]["bytes"] == 4
+    assert all(0 <= v[p][m] <= 1
+               for v in by_pair.values() for p in v for m in ("nDCG@10", "R@100"))
+    # the float16 column is the same search as evaluate's own figure
+    assert by_pair["4x32"]["float16"]["nDCG@10"] == pytest.approx(
+        results["tiny"]["beir"]["4x32"]["nDCG@10"], abs=1e-6)
+    assert "beir at binary beside float16" in open(os.path.join(out, "table.txt")).read()
+    with pytest.raises(ValueError, match="multiple of 8.*not 2x12: pass --pairs 4x32"):
+        evaluate.main(["--model_name_or_path", tiny_model_dir, "--pairs", "2x12,4x32",
+                       "--beir_dirs", str(beir), "--precision", "binary", "--output_dir",
+                       str(tmp_path / "narrow")])
+
+
+def test_the_precision_table_command_prints_every_pair_and_precision(tiny_model_dir, capsys):
+    from index import precision_table
+    results = precision_table.main(["--model_name_or_path", tiny_model_dir])
+    printed = capsys.readouterr().out
+    pairs = list(results)
+    assert all(set(results[p]) == set(precision.PRECISIONS) - ({"binary"} if p[1] % 8 else set())
+               for p in pairs)
+    assert printed.count("\n| ") == 1 + sum(len(v) for v in results.values())
+    assert "int8 nDCG@10 kept at the worst pair" in printed
