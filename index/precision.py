@@ -337,6 +337,20 @@ def format_table(results, full):
     return "\n".join(lines)
 
 
+def format_compact(results, precisions=("int8", "binary")):
+    """Markdown, one row per precision and one column per pair: nDCG@10 kept against float32 at the
+    same pair, and bytes per vector ('-' where a pair has no such codes)."""
+    pairs = list(results)
+    lines = ["| nDCG@10 kept (bytes/vector) | " + " | ".join(f"{n}x{d}" for n, d in pairs) + " |",
+             "|---|" + "---:|" * len(pairs)]
+    for precision in precisions:
+        cells = [f"{kept(results, pair, precision, (pair, 'float32')):.4f} "
+                 f"({results[pair][precision]['bytes']})" if precision in results[pair] else "-"
+                 for pair in pairs]
+        lines.append(f"| {precision} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def coded_indexes(model, tokenizer, corpus, pairs, folder, encoding):
     """An in-memory corpus {docid: text} encoded once into folder/float32 (encoding: a
     corpus_index.EncodeSettings, its dtype ignored), copied to folder/float16, codes written from

@@ -5,7 +5,8 @@ each keeps against float32 at the full (largest) pair and at its own pair, and s
 
     python -m index.precision_table --model_name_or_path output/demo/srl
 
-Prints one markdown table (docs/precision.md) and the worst pair's int8 nDCG@10 kept.
+Prints one markdown table (docs/precision.md), the same compact (int8 and binary rows, the README's)
+and the worst pair's int8 nDCG@10 kept.
 """
 import argparse
 import os
@@ -50,6 +51,8 @@ def main(argv=None):
           f"(depth 100), {args.threads} thread(s); kept: over float32 at the full pair "
           f"{full[0]}x{full[1]}, and at the same pair; binary only where d is a multiple of 8")
     print(precision.format_table(results, full))
+    print("\nThe same, compact (README):")
+    print(precision.format_compact(results))
     worst = min(config.pairs,
                 key=lambda pair: precision.kept(results, pair, "int8", (pair, "float32")))
     print(f"int8 nDCG@10 kept at the worst pair ({worst[0]}x{worst[1]}): "

@@ -163,6 +163,11 @@ def test_copy_index_and_the_trade_off_table(tmp_path):
     assert len(table) == 2 + 3 + 4 + 4
     assert table[-4].startswith("| 2x32 | float32 | 128 |") and "| 1.0000 | 1.0000 | 1.0000 |" in \
         table[-4]
+    compact = precision.format_compact(results).splitlines()
+    assert compact[0] == "| nDCG@10 kept (bytes/vector) | 1x12 | 1x16 | 2x32 |"
+    assert compact[3].startswith("| binary | - | ") and compact[3].endswith(" (4) |")
+    int8_kept = precision.kept(results, (1, 16), "int8", ((1, 16), "float32"))
+    assert f"{int8_kept:.4f} (16)" in compact[2]
     with pytest.raises(ValueError, match="need an index of that dtype"):
         precision.precision_results({"float16": half}, pairs, queries, qids, qrels, ["float32"])
 
@@ -209,5 +214,5 @@ def test_the_precision_table_command_prints_every_pair_and_precision(tiny_model_
     pairs = list(results)
     assert all(set(results[p]) == set(precision.PRECISIONS) - ({"binary"} if p[1] % 8 else set())
                for p in pairs)
-    assert printed.count("\n| ") == 1 + sum(len(v) for v in results.values())
+    assert printed.count("\n| ") == 1 + sum(len(v) for v in results.values()) + 1 + 2
     assert "int8 nDCG@10 kept at the worst pair" in printed
