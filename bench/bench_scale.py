@@ -259,192 +259,10 @@ def resume_lost_work(folder, model_name_or_path, shard_size, threads, num_docs):
     return (handed + resumed - num_docs) / num_docs, (handed, complete, resumed)
 
 
-def scaling_lines(args, workdir):
-    """1 and 2: memory and time against corpus size, and exact search's FLOP rate -> RATIO lines."""
-    lines = []
-    # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit
-    #    vectors
-    queries_path = os.path.join(workdir, "queries.pt")
-    torch.save(random_queries(args.queries, args.dim, seed=1), queries_path)
-    sizes = {"small": args.small_docs, "large": args.large_docs}
-    for name, num_docs in sizes.items():
-        seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim},
-                                     args.shard_size, seed=2)
-        print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} "
-              f"({seconds:.1f} s)", flush=True)
-    runs = {name: [] for name in sizes}
-    for _ in range(2):  # alternating; the fastest time and the largest peak of each
-        for name in sizes:
-            runs[name].append(
-                run_search_child(os.path.join(workdir, name), queries_path,
-                                 os.path.join(workdir, f"{name}.json"), args.depth,
-                                 args.threads, args.device))
-    best = {name: min(r["seconds"] for r in runs[name]) for name in sizes}
-    peak = {name: max(r["peak_mb"] for r in runs[name]) for name in sizes}
-    before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
-    for name, num_docs in sizes.items():
-        print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth "
-              f"{args.depth}: {best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} "
-              f"MB ({before[name]:.0f} MB resident when it began)")
-    print("\n".join(faiss_recall(os.path.join(workdir, "small"), torch.load(queries_path))))
-    for name in sizes:
-        shutil.rmtree(os.path.join(workdir, name))
-    tag = f"{args.large_docs // 1000}k_vs_{args.small_docs // 1000}k".replace("000k", "M")
-    lines += [f"RATIO peak_memory_{tag} {peak['large'] / peak['small']:.3f} goal <=1.3",
-              f"RATIO search_time_{tag} {best['large'] / best['small']:.2f} "
-              f"goal <={1.1 * args.large_docs / args.small_docs:g}"]
-
-    # 2. FLOP rate of exact search against a dense matmul on this machine
-    folder = os.path.join(workdir, "flops")
-    write_random_index(folder, args.flop_docs, {1: args.flop_dim}, args.shard_size, seed=3)
-    index = ci.open_index(folder)
-    queries = random_queries(args.flop_queries, args.flop_dim, seed=4).to(args.device)
-    ci.search(index, (1, args.flop_dim), queries[:8], args.depth)  # warm-up: files read once
-    installed = ci.faiss
-    paths = {"FAISS": installed} if ci._uses_faiss(queries.device) else {}
-    paths["torch.topk"] = None  # the path without FAISS, beside it
-    seconds = {}
-    for name, library in paths.items():
-        ci.faiss = library
-        seconds[name] = fastest(
-            lambda: ci.search(index, (1, args.flop_dim), queries, args.depth), 3)
-    ci.faiss = installed
-    flops = 2 * args.flop_queries * args.flop_docs * args.flop_dim
-    rates = {name: flops / s / 1e9 for name, s in seconds.items()}
-    matmul_rate = matmul_gflops(args.device)
-    shutil.rmtree(folder)
-    timings = ", ".join(f"{name} {seconds[name]:.2f} s = {rate:.1f} GFLOP/s"
-                        for name, rate in rates.items())
-    print(f"exact search {args.flop_queries} x {args.flop_docs} x {args.flop_dim} float16 "
-          f"shards, depth {args.depth}: {timings}; 2048^3 float32 matmul "
-          f"{matmul_rate:.1f} GFLOP/s")
-    rate = next(iter(rates.values()))  # of the path that search takes here
-    lines.append(f"RATIO exact_search_flop_rate_vs_matmul {rate / matmul_rate:.3f} goal >=0.5")
-    return lines
-
-
 def row_bytes(path):
     """Bytes per row of a .npy file on disk: its size less the header, over its rows."""
     array = np.load(path, mmap_mode="r")
     return (os.path.getsize(path) - array.offset) / len(array)
-
-
-def funnel_lines(args, workdir):
-    """3: the product's funnel (Eq. 14, --adaptive with an --adaptive_precision first stage) and
-    the float16 funnel (--float_adaptive) on the sharded index, and each precision's search: speed
-    over --adaptive_docs random vectors, quality on the real set -> (RATIO lines, real passages)."""
-    pairs, ks = funnel.parse_funnel(args.adaptive)
-    float_pairs, float_ks = funnel.parse_funnel(args.float_adaptive)
-    last, first, kind = pairs[-1], pairs[0], args.adaptive_precision
-    if float_pairs[-1] != last:
-        raise ValueError(f"--adaptive and --float_adaptive end at other pairs "
-                         f"({last[0]}x{last[1]}, {float_pairs[-1][0]}x{float_pairs[-1][1]}): one "
-                         "exhaustive search is the reference of both")
-    folder = os.path.join(workdir, "adaptive")
-    widths = ci.stored_widths(pairs + float_pairs)
-    seconds = write_random_index(folder, args.adaptive_docs, widths, args.shard_size, seed=5)
-    index = ci.open_index(folder)
-    start = time.perf_counter()
-    precision.write_codes(index)
-    codes = precision.open_codes(index)
-    print(f"wrote {args.adaptive_docs} documents at {widths} (layer: width), float16 "
-          f"({seconds:.1f} s), then their binary and int8 codes ({time.perf_counter() - start:.1f} "
-          "s)")
-    # precisions at 1M: exhaustive search at every eighth, quarter, half and the whole last width
-    table_dims = [widths[last[0]] // part for part in (8, 4, 2, 1)]
-    q = {d: random_queries(args.block, d, seed=6 + d).to(args.device)
-         for d in {d for _, d in pairs + float_pairs} | set(table_dims)}
-
-    def product():
-        return precision.quantized_funnel(codes, kind, pairs, [q[d] for _, d in pairs], ks, 10,
-                                          args.block)
-    exhaustive = functools.partial(ci.search, index, last, q[last[1]], 10, args.block)
-    speedup, exhaustive_s, adaptive_s = median_ratio(exhaustive, product, args.rounds)
-    first_share, _, _ = median_ratio(  # where the funnel's time goes: its first stage alone
-        lambda: precision.search_codes(codes, first, kind, q[first[1]], ks[0], args.block),
-        product, args.rounds)
-    float_speedup, _, float_s = median_ratio(exhaustive, lambda: ci.adaptive_search(
-        index, float_pairs, [q[d] for _, d in float_pairs], float_ks, 10, args.block),
-                                             args.rounds)
-    print(f"over {args.adaptive_docs} documents in blocks of {args.block} queries: exhaustive "
-          f"{last[0]}x{last[1]} float16 {exhaustive_s * 1000 / args.block:.2f} ms/query; "
-          f"{args.adaptive} with a {kind} first stage {adaptive_s * 1000 / args.block:.2f} "
-          f"ms/query ({speedup:.2f}x; its first stage alone, top {ks[0]}, {first_share:.2f} of its "
-          "time); "
-          f"{args.float_adaptive} float16 {float_s * 1000 / args.block:.2f} ms/query "
-          f"({float_speedup:.2f}x)")
-    for d in table_dims:
-        times = {p: fastest(functools.partial(precision.search_codes, codes, (last[0], d), p, q[d],
-                                              10, args.block), 2)
-                 for p in ("float16", "int8", "binary")}
-        print(f"AT {args.adaptive_docs} {last[0]}x{d} exhaustive search, ms/query: " + ", ".join(
-            f"{p} ({precision.bytes_per_vector(d, p)} B/vector) {s * 1000 / args.block:.2f}"
-            for p, s in times.items()))
-    on_disk = [row_bytes(os.path.join(folder, ci.shard_name(0), name))
-               for name in (f"codes-{first[0]}-binary.npy", f"layer-{first[0]}.npy")]
-    shutil.rmtree(folder)
-
-    model, tokenizer, config = load(args.model_name_or_path)
-    sb.check_pairs(sorted(set(pairs + float_pairs)), model.config.num_hidden_layers,
-                   model.config.hidden_size)
-    corpus, queries_text, qrels = data.embedded_retrieval_set()
-    qids = list(queries_text)
-    every_pair = list(dict.fromkeys(config.pairs + pairs + float_pairs))
-    normalize = config.similarity == "cos"
-    full_folder = os.path.join(workdir, "real_float32")
-    start = time.perf_counter()
-    ci.encode_corpus(model, tokenizer, iter(corpus.items()), every_pair, full_folder,
-                     ci.EncodeSettings(config.pooling, 128, 64, normalize,
-                                       shard_size=len(corpus), dtype="float32"))
-    encode_rate = len(corpus) / (time.perf_counter() - start)
-    indexes = {"float32": ci.open_index(full_folder),
-               "float16": ci.copy_index(full_folder, os.path.join(workdir, "real_float16"),
-                                        "float16")}
-    half = indexes["float16"]
-    precision.write_codes(half)
-    half_codes = precision.open_codes(half)
-    q = models.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
-                         config.pooling, 32, 64, normalize)
-    exhaustive = ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels)
-    kept = ndcg10(half, *precision.quantized_funnel(half_codes, kind, pairs, [q[p] for p in pairs],
-                                                    ks, 10), qids, qrels) / exhaustive
-    float_kept = ndcg10(half, *ci.adaptive_search(half, float_pairs, [q[p] for p in float_pairs],
-                                                  float_ks, 10), qids, qrels) / exhaustive
-    print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, "
-          f"{len(qids)} queries, model {args.model_name_or_path}; shortlist {ks[0]} = "
-          f"{ks[0] / len(corpus):.0%} of the real set, {ks[0] / args.adaptive_docs:.3%} of the "
-          f"synthetic corpus; encode_corpus {encode_rate:.1f} passages/s (max_length 128, "
-          f"pairs {every_pair} from one pass per batch, {args.threads} thread(s)); "
-          f"{args.float_adaptive} float16 keeps {float_kept:.4f} of nDCG@10")
-    lines = [f"RATIO adaptive_speedup_queries_in_blocks {speedup:.2f} goal >=10",
-             f"RATIO adaptive_ndcg10_kept {kept:.4f} goal >=0.99",
-             f"RATIO binary_bytes_vs_float16 {on_disk[0] / on_disk[1]:.4f} goal <=0.0625"]
-    for pair in config.pairs:
-        values = {
-            dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels)
-            for dtype, index in indexes.items()}
-        print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 "
-              f"{values['float16']:.4f} change {values['float16'] - values['float32']:+.5f}")
-    results = precision.precision_results(indexes, config.pairs, q, qids, qrels,
-                                          ("float32", "int8"))
-    int8_kept = {pair: precision.kept(results, pair, "int8", (pair, "float32"))
-                 for pair in config.pairs}
-    print("INT8 nDCG@10 kept against float32 at the same pair: " + ", ".join(
-        f"{n}x{d} {value:.4f}" for (n, d), value in int8_kept.items()))
-    lines.append(f"RATIO int8_ndcg10_kept_min_pair {min(int8_kept.values()):.4f} goal >=0.99")
-    return lines, len(corpus)
-
-
-def resume_lines(args, workdir, num_docs):
-    """4: the work an interrupted encoding of the real set redoes -> RATIO lines."""
-    # 4. Resumed encoding: kill -9 half-way, resume
-    lost, (handed, complete, resumed) = resume_lost_work(os.path.join(
-        workdir, "resume"), args.model_name_or_path, args.resume_shard_size, args.threads,
-                                                         num_docs)
-    print(f"encoding {num_docs} passages in shards of {args.resume_shard_size}: killed "
-          f"after {handed} were handed to the encoder ({complete} shards complete); the "
-          f"resumed run encoded {resumed}")
-    return [f"RATIO encode_resume_lost_work {lost:.3f} goal <=0.1"]
 
 
 def main(argv=None):
@@ -459,11 +277,177 @@ def main(argv=None):
     lines = []
     try:
         if not args.adaptive_only:
-            lines += scaling_lines(args, workdir)
-        funnel_ratios, num_docs = funnel_lines(args, workdir)
-        lines += funnel_ratios
+            # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit
+            #    vectors
+            queries_path = os.path.join(workdir, "queries.pt")
+            torch.save(random_queries(args.queries, args.dim, seed=1), queries_path)
+            sizes = {"small": args.small_docs, "large": args.large_docs}
+            for name, num_docs in sizes.items():
+                seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim},
+                                             args.shard_size, seed=2)
+                print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} "
+                      f"({seconds:.1f} s)", flush=True)
+            runs = {name: [] for name in sizes}
+            for _ in range(2):  # alternating; the fastest time and the largest peak of each
+                for name in sizes:
+                    runs[name].append(
+                        run_search_child(os.path.join(workdir, name), queries_path,
+                                         os.path.join(workdir, f"{name}.json"), args.depth,
+                                         args.threads, args.device))
+            best = {name: min(r["seconds"] for r in runs[name]) for name in sizes}
+            peak = {name: max(r["peak_mb"] for r in runs[name]) for name in sizes}
+            before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
+            for name, num_docs in sizes.items():
+                print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth "
+                      f"{args.depth}: {best[name]:.2f} s, peak RSS during the search "
+                      f"{peak[name]:.0f} MB ({before[name]:.0f} MB resident when it began)")
+            print("\n".join(faiss_recall(os.path.join(workdir, "small"), torch.load(queries_path))))
+            for name in sizes:
+                shutil.rmtree(os.path.join(workdir, name))
+            tag = f"{args.large_docs // 1000}k_vs_{args.small_docs // 1000}k".replace("000k", "M")
+            lines += [f"RATIO peak_memory_{tag} {peak['large'] / peak['small']:.3f} goal <=1.3",
+                      f"RATIO search_time_{tag} {best['large'] / best['small']:.2f} "
+                      f"goal <={1.1 * args.large_docs / args.small_docs:g}"]
+
+            # 2. FLOP rate of exact search against a dense matmul on this machine
+            folder = os.path.join(workdir, "flops")
+            write_random_index(folder, args.flop_docs, {1: args.flop_dim}, args.shard_size, seed=3)
+            index = ci.open_index(folder)
+            queries = random_queries(args.flop_queries, args.flop_dim, seed=4).to(args.device)
+            # warm-up: files read once
+            ci.search(index, (1, args.flop_dim), queries[:8], args.depth)
+            installed = ci.faiss
+            paths = {"FAISS": installed} if ci._uses_faiss(queries.device) else {}
+            paths["torch.topk"] = None  # the path without FAISS, beside it
+            seconds = {}
+            for name, library in paths.items():
+                ci.faiss = library
+                seconds[name] = fastest(
+                    lambda: ci.search(index, (1, args.flop_dim), queries, args.depth), 3)
+            ci.faiss = installed
+            flops = 2 * args.flop_queries * args.flop_docs * args.flop_dim
+            rates = {name: flops / s / 1e9 for name, s in seconds.items()}
+            matmul_rate = matmul_gflops(args.device)
+            shutil.rmtree(folder)
+            timings = ", ".join(f"{name} {seconds[name]:.2f} s = {rate:.1f} GFLOP/s"
+                                for name, rate in rates.items())
+            print(f"exact search {args.flop_queries} x {args.flop_docs} x {args.flop_dim} float16 "
+                  f"shards, depth {args.depth}: {timings}; 2048^3 float32 matmul "
+                  f"{matmul_rate:.1f} GFLOP/s")
+            rate = next(iter(rates.values()))  # of the path that search takes here
+            lines.append(
+                f"RATIO exact_search_flop_rate_vs_matmul {rate / matmul_rate:.3f} goal >=0.5")
+
+        # 3. The funnels (Eq. 14) and the precisions on the sharded index: speed on random vectors,
+        #    quality on the real set
+        pairs, ks = funnel.parse_funnel(args.adaptive)
+        float_pairs, float_ks = funnel.parse_funnel(args.float_adaptive)
+        last, first, kind = pairs[-1], pairs[0], args.adaptive_precision
+        if float_pairs[-1] != last:
+            raise ValueError(f"--adaptive and --float_adaptive end at other pairs ({last[0]}x"
+                             f"{last[1]}, {float_pairs[-1][0]}x{float_pairs[-1][1]}): one "
+                             "exhaustive search is the reference of both")
+        folder = os.path.join(workdir, "adaptive")
+        widths = ci.stored_widths(pairs + float_pairs)
+        seconds = write_random_index(folder, args.adaptive_docs, widths, args.shard_size, seed=5)
+        index = ci.open_index(folder)
+        start = time.perf_counter()
+        precision.write_codes(index)
+        codes = precision.open_codes(index)
+        print(f"wrote {args.adaptive_docs} documents at {widths} (layer: width), float16 "
+              f"({seconds:.1f} s), then their binary and int8 codes "
+              f"({time.perf_counter() - start:.1f} s)")
+        # precisions at 1M: exhaustive search at an eighth, a quarter, half and all the last width
+        table_dims = [widths[last[0]] // part for part in (8, 4, 2, 1)]
+        q = {d: random_queries(args.block, d, seed=6 + d).to(args.device)
+             for d in {d for _, d in pairs + float_pairs} | set(table_dims)}
+
+        def product():
+            return precision.quantized_funnel(codes, kind, pairs, [q[d] for _, d in pairs], ks, 10,
+                                              args.block)
+        exhaustive = functools.partial(ci.search, index, last, q[last[1]], 10, args.block)
+        speedup, exhaustive_s, adaptive_s = median_ratio(exhaustive, product, args.rounds)
+        first_share, _, _ = median_ratio(  # where the funnel's time goes: its first stage alone
+            lambda: precision.search_codes(codes, first, kind, q[first[1]], ks[0], args.block),
+            product, args.rounds)
+        float_speedup, _, float_s = median_ratio(exhaustive, lambda: ci.adaptive_search(
+            index, float_pairs, [q[d] for _, d in float_pairs], float_ks, 10, args.block),
+                                                 args.rounds)
+        print(f"over {args.adaptive_docs} documents in blocks of {args.block} queries: exhaustive "
+              f"{last[0]}x{last[1]} float16 {exhaustive_s * 1000 / args.block:.2f} ms/query; "
+              f"{args.adaptive} with a {kind} first stage {adaptive_s * 1000 / args.block:.2f} "
+              f"ms/query ({speedup:.2f}x; its first stage alone, top {ks[0]}, {first_share:.2f} "
+              f"of its time); {args.float_adaptive} float16 "
+              f"{float_s * 1000 / args.block:.2f} ms/query ({float_speedup:.2f}x)")
+        for d in table_dims:
+            times = {p: fastest(functools.partial(precision.search_codes, codes, (last[0], d), p,
+                                                  q[d], 10, args.block), 2)
+                     for p in ("float16", "int8", "binary")}
+            print(f"AT {args.adaptive_docs} {last[0]}x{d} exhaustive search, ms/query: " +
+                  ", ".join(f"{p} ({precision.bytes_per_vector(d, p)} B/vector) "
+                            f"{s * 1000 / args.block:.2f}" for p, s in times.items()))
+        on_disk = [row_bytes(os.path.join(folder, ci.shard_name(0), name))
+                   for name in (f"codes-{first[0]}-binary.npy", f"layer-{first[0]}.npy")]
+        shutil.rmtree(folder)
+
+        model, tokenizer, config = load(args.model_name_or_path)
+        sb.check_pairs(sorted(set(pairs + float_pairs)), model.config.num_hidden_layers,
+                       model.config.hidden_size)
+        corpus, queries_text, qrels = data.embedded_retrieval_set()
+        qids = list(queries_text)
+        every_pair = list(dict.fromkeys(config.pairs + pairs + float_pairs))
+        normalize = config.similarity == "cos"
+        full_folder = os.path.join(workdir, "real_float32")
+        start = time.perf_counter()
+        ci.encode_corpus(model, tokenizer, iter(corpus.items()), every_pair, full_folder,
+                         ci.EncodeSettings(config.pooling, 128, 64, normalize,
+                                           shard_size=len(corpus), dtype="float32"))
+        encode_rate = len(corpus) / (time.perf_counter() - start)
+        indexes = {"float32": ci.open_index(full_folder),
+                   "float16": ci.copy_index(full_folder, os.path.join(workdir, "real_float16"),
+                                            "float16")}
+        half = indexes["float16"]
+        precision.write_codes(half)
+        half_codes = precision.open_codes(half)
+        q = models.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
+                             config.pooling, 32, 64, normalize)
+        exhaustive = ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels)
+        kept = ndcg10(half, *precision.quantized_funnel(
+            half_codes, kind, pairs, [q[p] for p in pairs], ks, 10), qids, qrels) / exhaustive
+        float_kept = ndcg10(half, *ci.adaptive_search(
+            half, float_pairs, [q[p] for p in float_pairs], float_ks, 10), qids, qrels) / exhaustive
+        print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, "
+              f"{len(qids)} queries, model {args.model_name_or_path}; shortlist {ks[0]} = "
+              f"{ks[0] / len(corpus):.0%} of the real set, {ks[0] / args.adaptive_docs:.3%} of the "
+              f"synthetic corpus; encode_corpus {encode_rate:.1f} passages/s (max_length 128, "
+              f"pairs {every_pair} from one pass per batch, {args.threads} thread(s)); "
+              f"{args.float_adaptive} float16 keeps {float_kept:.4f} of nDCG@10")
+        lines += [f"RATIO adaptive_speedup_queries_in_blocks {speedup:.2f} goal >=10",
+                  f"RATIO adaptive_ndcg10_kept {kept:.4f} goal >=0.99",
+                  f"RATIO binary_bytes_vs_float16 {on_disk[0] / on_disk[1]:.4f} goal <=0.0625"]
+        for pair in config.pairs:
+            values = {
+                dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels)
+                for dtype, index in indexes.items()}
+            print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 "
+                  f"{values['float16']:.4f} change {values['float16'] - values['float32']:+.5f}")
+        results = precision.precision_results(indexes, config.pairs, q, qids, qrels,
+                                              ("float32", "int8"))
+        int8_kept = {pair: precision.kept(results, pair, "int8", (pair, "float32"))
+                     for pair in config.pairs}
+        print("INT8 nDCG@10 kept against float32 at the same pair: " + ", ".join(
+            f"{n}x{d} {value:.4f}" for (n, d), value in int8_kept.items()))
+        lines.append(f"RATIO int8_ndcg10_kept_min_pair {min(int8_kept.values()):.4f} goal >=0.99")
+
         if not args.adaptive_only:
-            lines += resume_lines(args, workdir, num_docs)
+            # 4. Resumed encoding: kill -9 half-way, resume
+            lost, (handed, complete, resumed) = resume_lost_work(
+                os.path.join(workdir, "resume"), args.model_name_or_path, args.resume_shard_size,
+                args.threads, len(corpus))
+            print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed "
+                  f"after {handed} were handed to the encoder ({complete} shards complete); the "
+                  f"resumed run encoded {resumed}")
+            lines.append(f"RATIO encode_resume_lost_work {lost:.3f} goal <=0.1")
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
