@@ -217,6 +217,7 @@ def code_chunks(codes, pair, precision, chunk_rows):
     int8 codes dequantised to float32 (C, d), L2-normalised after truncation for cosine (Eq. 2)."""
     index, (n, d) = codes.index, pair
     out = torch.empty(min(chunk_rows, max(index.shard_rows)), d)  # (C, d), reused
+    low, step = map(torch.from_numpy, _steps(codes.ranges[n][:, :d]))  # (d,) each
     for shard, (first, rows) in enumerate(zip(index.shard_starts, index.shard_rows)):
         stored = ci._map(_code_file(index.folder, shard, n, precision))
         ranks = torch.from_numpy(
@@ -225,9 +226,11 @@ def code_chunks(codes, pair, precision, chunk_rows):
             stop = min(start + chunk_rows, rows)
             if precision == "binary":
                 chunk = torch.from_numpy(np.ascontiguousarray(stored[start:stop, :d // 8]))
-            else:
-                chunk = ci._prepare(int8_values(stored[start:stop, :d], codes.ranges[n]),
-                                    index.normalize, out)
+            else:  # int8_values in place, in torch: one buffer, no temporaries
+                chunk = out[:stop - start].copy_(torch.from_numpy(stored[start:stop, :d]))
+                chunk.add_(128).mul_(step).add_(low)
+                if index.normalize:  # Eq. 2, as corpus_index._prepare
+                    chunk.div_(chunk.norm(dim=1, keepdim=True).clamp_min(1e-12))
             yield first + start, chunk, ranks[start:stop]
         del stored
 
@@ -239,18 +242,21 @@ def search_codes(codes, pair, precision, queries, depth=1000, query_block=1024):
 
     queries (Q, d) float, as for corpus_index.search. binary: the queries' sign bits against the
     documents' by FAISS's IndexBinaryFlat, score d - 2 Hamming, one shard at a time; int8: the
-    float queries against the dequantised documents by FAISS's flat inner-product search. float16
-    and float32 are corpus_index.search over the stored vectors.
+    float queries against the dequantised documents by FAISS's flat inner-product search. The
+    index's own dtype (float16 or float32) is corpus_index.search over the stored vectors; the
+    other one needs a copy of that dtype (corpus_index.copy_index).
     """
     index = codes.index
     ci._check_pair(index, pair)
     queries = ci._check_queries(index, pair, queries)
     if depth < 1:
         raise ValueError(f"depth {depth} must be positive")
-    if precision in ("float16", "float32"):
+    if precision == index.dtype:
         return ci.search(index, pair, queries, depth, query_block)
     if precision not in CODE_PRECISIONS:
-        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"precision {precision!r} of an index stored in {index.dtype}: use "
+                         f"{index.dtype}, int8 or binary (another float dtype: "
+                         "corpus_index.copy_index)")
     k = min(depth, index.num_docs)
     if precision == "binary":
         check_binary_width(pair[1])

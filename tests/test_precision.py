@@ -132,6 +132,8 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
         precision.search_codes(codes, (1, 12), "binary", queries, 5)
     with pytest.raises(ValueError, match="precision 'int4'"):
         precision.search_codes(codes, (1, 12), "int4", queries, 5)
+    with pytest.raises(ValueError, match="'float16' of an index stored in float32.*copy_index"):
+        precision.search_codes(codes, (1, 12), "float16", queries, 5)
     with pytest.raises(ValueError, match="multiple of 8"):
         precision.bytes_per_vector(12, "binary")
     assert [precision.bytes_per_vector(384, p) for p in precision.PRECISIONS] == [1536, 768, 384,
