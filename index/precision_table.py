@@ -8,7 +8,6 @@ each keeps against float32 at the full (largest) pair and at its own pair, and s
 Prints one markdown table (docs/precision.md), the same compact (int8 and binary rows, the README's)
 and the worst pair's int8 nDCG@10 kept.
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -22,10 +21,9 @@ import models  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
-    p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
+    p.add_argument("--threads", type=data.positive_int, default=1, help="torch and FAISS threads")
     return p.parse_args(argv)
 
 
