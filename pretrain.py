@@ -17,6 +17,7 @@ weights. Every checkpoint-<step> folder is such a folder too, plus what --resume
 Reads top to bottom: settings, data, model, optimizer, loop, save.
 """
 import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ PRESETS = {
                  save_steps=10000, logging_steps=100, seed=42, max_grad_norm=1.0),
 }
 RELEASED_GLOBAL_BATCH = 512
-
 
 
 def parse_args(argv=None):
@@ -121,6 +121,15 @@ class PretrainArguments(training.TrainingArguments):
     mlm_probability: float = 0.2  # the encoder's masking rate (the authors' name)
     decoder_mlm_probability: float = 0.4  # the MAE decoder's; its set contains the encoder's
     objective: str = "smae"  # or the ablations mlm_2d, mlm
+
+
+def cosine_schedule(step, total, warmup):
+    """Linear warmup to 1, then cosine decay to 0 (as transformers'
+    get_cosine_schedule_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class SMAE(torch.nn.Module):
@@ -216,7 +225,7 @@ def train(encoder, heads, tokenizer, crops, config, run, flags):
         flags, world_size, [flags.get("train_file")],
         models.resolve_model_path(flags["model_name_or_path"]))
     optimizer, scheduler, folder, start, train_log = training.start_training(
-        encoder, run, training.cosine_schedule, total, identity, optimized=smae)
+        encoder, run, cosine_schedule, total, identity, optimized=smae)
     if folder:  # the encoder's weights are restored; the heads are in their own file
         heads.load_state_dict(torch.load(os.path.join(folder, HEADS_FILE), weights_only=True))
     net = training.wrap(smae, device)  # DDP over encoder and heads together under torchrun

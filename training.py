@@ -13,8 +13,8 @@ clip, step); every function takes plain values, never the CLI's namespace.
   with gloo); every rank builds the same global batch and keeps its slice; embeddings are gathered
   so that every rank's passages are candidates for every query (README Eq. 3: the in-batch
   negatives of the whole global batch). Without torchrun these are no-ops for one process.
-- AdamW, the schedules, the data order, the contrastive batch and each method's loss (Eq. 5-9),
-  the masked batch of pre-training (Eq. 10-13), and the step: clip, skip a non-finite one, log.
+- AdamW, the data order, the contrastive batch, the masked batch of pre-training (Eq. 10-13),
+  and the step: clip, skip a non-finite one, log.
 
     torchrun --nproc-per-node 4 finetune.py --output_dir out/srl
 """
@@ -572,23 +572,6 @@ def adamw(model, learning_rate, weight_decay):
     }, {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}], lr=learning_rate)
 
 
-def linear_schedule(step, total, warmup):
-    """Linear warmup to 1, then linear decay to 0 (as transformers'
-    get_linear_schedule_with_warmup)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def cosine_schedule(step, total, warmup):
-    """Linear warmup to 1, then cosine decay to 0 (as transformers'
-    get_cosine_schedule_with_warmup)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def global_batches(num_items, batch_size, start, total, seed):
     """(step, item indices of its global batch) for steps start..total-1;
     each epoch a new order, seeded by epoch."""
@@ -744,40 +727,6 @@ def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, enc
             torch.where(masked, ids, -100).to(input_ids.device)
         ]
     return tuple(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Each method's loss (Eq. 5-9, 17) and one contrastive step
-
-
-def contrastive_step(net, embed_pairs, pooling, step_loss, q_tok, p_tok, grad_cache_chunk=0):
-    """The forward pass of both sides at embed_pairs (Eq. 1), step_loss(q_2d, p_2d) on the global
-    batch (this rank's slice in q_tok/p_tok), backward -> detached loss; gradients in .grad.
-
-    Under torchrun every rank's passages are candidates for every query, so the loss and the
-    gradients equal one process's on the concatenated batch. grad_cache_chunk > 0: GradCache.
-    """
-    world_size = rank_and_world_size()[1]
-
-    def embed(input_ids, attention_mask):
-        return {
-            k: v.float()
-            for k, v in sb.embed_2d(net, input_ids, attention_mask, embed_pairs, pooling).items()
-        }
-
-    def global_loss(q_2d, p_2d):
-        return step_loss({k: gather_with_grad(v) for k, v in q_2d.items()},
-                         {k: gather_with_grad(v) for k, v in p_2d.items()})
-
-    inputs = [(q_tok["input_ids"], q_tok["attention_mask"]),
-              (p_tok["input_ids"], p_tok["attention_mask"])]
-    if grad_cache_chunk:
-        from large_batch.grad_cache import grad_cache_step
-        return grad_cache_step(embed, inputs, global_loss, grad_cache_chunk,
-                               getattr(net, "no_sync", None), loss_scale=world_size)
-    loss = global_loss(*(embed(*x) for x in inputs))
-    (loss * world_size).backward()  # DDP averages over ranks; see gather_with_grad
-    return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -395,7 +395,7 @@ def test_crop_documents_covers_every_token_in_order(tokenizer):
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    values = [training.cosine_schedule(s, 100, 10) for s in range(101)]
+    values = [pretrain.cosine_schedule(s, 100, 10) for s in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(
         1.0) and values[10] == pytest.approx(1.0)
     assert values[55] == pytest.approx(0.5) and values[100] == pytest.approx(0.0, abs=1e-12)
