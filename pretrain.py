@@ -106,7 +106,9 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
     data.run_command(parse_args)
 
+import safetensors  # noqa: E402
 import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
+import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
@@ -264,6 +266,72 @@ def train(encoder, heads, tokenizer, crops, config, run, flags):
         print(f"saved the encoder and its SMAE heads to {output_dir}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Pre-training's inputs: plain text, the encoder to start from, a BERT checkpoint's MLM head
+
+def read_text_file(path, skip_bad_lines=False):
+    """Documents of a plain-text file (one per line) or JSONL (a 'text' field
+    per record) -> (documents, skipped)."""
+    lines = data.Lines(path, skip_bad_lines)
+    documents = []
+    if data.is_jsonl(path):
+        for line_no, record in lines.jsonl():
+            text = record.get("text")
+            if not isinstance(text, str) or not text.strip():
+                lines.bad(line_no, "no non-empty 'text' field")
+                continue
+            documents.append(text)
+    else:
+        documents = [line.strip() for line in data.open_text(path).splitlines() if line.strip()]
+    if not documents:
+        raise data.DataError(f"{path}: no documents")
+    return documents, lines.skipped
+
+
+def load_encoder(name_or_path, device, from_scratch=False, config_overrides=None,
+                 tokenizer_name=None):
+    """-> (encoder, tokenizer): the checkpoint, or a random one of the
+    checkpoint's config plus config_overrides."""
+    if not from_scratch:
+        model, tokenizer = models.load_model(name_or_path, device)
+        if tokenizer_name:
+            tokenizer = models.load_tokenizer(tokenizer_name)
+    else:
+        config = transformers.AutoConfig.from_pretrained(models.resolve_model_path(name_or_path))
+        if config_overrides:
+            config.update_from_string(config_overrides)
+        tokenizer = models.load_tokenizer(tokenizer_name or name_or_path)
+        config.vocab_size = len(tokenizer)
+        model = transformers.AutoModel.from_config(config).to(device)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's embeddings only "
+                         f"{model.get_input_embeddings().weight.shape[0]}")
+    return model, tokenizer
+
+
+def load_mlm_head(heads, path):
+    """Copy a BERT checkpoint's prediction head (cls.predictions.*) into
+    SMAE heads; False if it has none."""
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.exists(file):
+        return False
+    with safetensors.safe_open(file, "pt") as f:
+        keys = set(f.keys())
+        prefix = "cls.predictions."
+        names = [
+            f"transform.{k}"
+            for k in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")
+        ]
+        if not all(prefix + n in keys for n in names):
+            return False
+        state = {n: f.get_tensor(prefix + n) for n in names}
+        bias = prefix + "bias" if prefix + "bias" in keys else prefix + "decoder.bias"
+        state["bias"] = f.get_tensor(bias)
+    # the decoder layer keeps its copy of the encoder's layer 1
+    heads.load_state_dict(state, strict=False)
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = training.setup()  # torchrun: one process per GPU; else one process
@@ -273,18 +341,18 @@ def main(argv=None):
     if args.train_file is None:
         documents = data.training_documents()
     else:
-        documents, bad = training.read_training_data(data.read_text_file, args.train_file,
+        documents, bad = training.read_training_data(read_text_file, args.train_file,
                                                      args.skip_bad_lines)
         if bad and rank == 0:
             print(f"skipped {bad} bad lines of {args.train_file}", file=sys.stderr)
-    encoder, tokenizer = models.load_encoder(args.model_name_or_path, device, args.from_scratch,
+    encoder, tokenizer = load_encoder(args.model_name_or_path, device, args.from_scratch,
                                              args.config_overrides, args.tokenizer_name)
     crops = training.crop_documents(tokenizer, documents, args.max_length)
     L, H = encoder.config.num_hidden_layers, encoder.config.hidden_size
     pairs = (sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs
              else sb.default_pairs(L, H))
     heads = sb.SMAEHeads(encoder).to(device)
-    from_checkpoint = not args.from_scratch and models.load_mlm_head(
+    from_checkpoint = not args.from_scratch and load_mlm_head(
         heads, models.resolve_model_path(args.model_name_or_path))
     if rank == 0:
         head = "from the checkpoint" if from_checkpoint else "fresh (the checkpoint has none)"
