@@ -280,18 +280,12 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
     if kind == "scored":  # both sides are texts of one kind: the passage length for both
         query_max_len = passage_max_len
     training.freeze_unreached(model, max(n for n, _ in embed_pairs))
-    tokens = training.tokens_per_step(tokenizer, dataset, B, run)
-    from recipe import flops
-    accounting = flops.flops_accounting(model, run.tuning, tokens, run.flops_budget,
-                                        max(n for n, _ in embed_pairs))
-    total = accounting.get("budget_steps") or run.total_steps(steps_per_epoch)
-    per_step = accounting["flops_per_token"] * accounting["tokens_per_step"]
-    accounting["planned_flops"] = per_step * total
-    if rank == 0:
-        print(f"FLOPs (README Eq. 15, tuning {run.tuning}): N = {accounting['N']:,} parameters, "
-              f"N_trainable = {accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} "
-              f"per token x {accounting['tokens_per_step']:.0f} tokens per step x {total} steps "
-              f"= {accounting['planned_flops']:.4g}")
+    total, accounting = run.total_steps(steps_per_epoch), None
+    if run.flops_budget or run.tuning != "full":  # the recipe's compute (Eq. 15): recipe/flops.py
+        from recipe import flops
+        accounting = flops.planned_flops(model, tokenizer, dataset, B, run,
+                                         max(n for n, _ in embed_pairs), total)
+        total = accounting["planned_steps"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
     identity = training.run_identity(flags, world_size, [flags.get("train_file")],
@@ -305,14 +299,9 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
         embeddings_2d = sb.embed_2d(net, input_ids, attention_mask, embed_pairs, config.pooling)
         return {pair: e.float() for pair, e in embeddings_2d.items()}  # {(n, d): (b, d)}
 
-    def flops_seen(step):
-        """The accounting with what was trained so far: this rank's padded tokens x the ranks."""
-        seen = sum(json.loads(line).get("tokens", 0) for line in train_log.lines) * world_size
-        return {**accounting, "steps": step, "tokens_seen": seen,
-                "flops_used": accounting["flops_per_token"] * seen}
-
     def save(folder, step):
-        models.save_model(model, tokenizer, folder, config, flags, flops_seen(step))
+        used = accounting and flops.flops_used(accounting, train_log.lines, world_size, step)
+        models.save_model(model, tokenizer, folder, config, flags, used)
 
     batches = training.global_batches(len(records), B, start, total, run.seed)
     progress = tqdm(batches, initial=start, total=total, disable=rank != 0, dynamic_ncols=True,

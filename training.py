@@ -621,20 +621,6 @@ def tokenize_batch(tokenizer, queries, passages, query_max_len, passage_max_len)
                       return_tensors="pt"))
 
 
-def tokens_per_step(tokenizer, dataset, batch_size, run, steps=8):
-    """Mean padded tokens (queries and passages) that a step's forward computes, over its first
-    steps. dataset: (kind, records); run: the group size, lengths and seed (finetune.py's
-    FinetuneArguments)."""
-    (kind, records), counts = dataset, []
-    for step, indices in global_batches(len(records), batch_size, 0, steps, run.seed):
-        queries, passages, _, _ = global_batch(records, kind, step, indices, run.train_group_size,
-                                               run.seed)
-        q_tok, p_tok = tokenize_batch(tokenizer, queries, passages, run.query_max_len,
-                                      run.passage_max_len)
-        counts.append(q_tok["input_ids"].numel() + p_tok["input_ids"].numel())
-    return sum(counts) / len(counts)
-
-
 # ----------------------------------------------------------------------------------------------
 # The masked batch (pre-training, Eq. 10-13)
 

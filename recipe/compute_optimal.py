@@ -174,7 +174,7 @@ def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):
     """The steps a budget buys this size and method (Eq. 15), as finetune.py will count them."""
     probe = copy.deepcopy(model)
     tuning.apply_tuning(probe, tuning_spec, grid.lora_r, grid.lora_alpha)
-    tokens = training.tokens_per_step(tokenizer, ("contrastive", records),
+    tokens = flops.tokens_per_step(tokenizer, ("contrastive", records),
                                       grid.per_device_train_batch_size, grid)  # its lengths, seed
     return flops.flops_accounting(probe, tuning_spec, tokens, budget)["budget_steps"]
 
