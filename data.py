@@ -89,6 +89,30 @@ def open_text(path):
     return text
 
 
+def stream_lines(path):
+    """(line number, text) of every non-blank line, decoded one at a time (a corpus too large to
+    hold is never one string); .gz read as it streams. Lines end at '\n' only: JSON strings may
+    hold U+2028 and other line separators."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    empty = True
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte "
+                                    f"{e.start} of the line)") from None
+                if line.strip():
+                    empty = False
+                    yield line_no, line
+        except (EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: damaged or cut-short gzip file ({e})") from None
+    if empty:
+        raise DataError(f"{path}: file is empty")
+
+
 class Lines:
     """Numbered records of a file, with an error policy: raise, or skip and count."""
 
@@ -101,16 +125,11 @@ class Lines:
         self.skipped += 1
 
     def jsonl(self):
-        text = open_text(self.path)
-        # not splitlines(): JSON strings may hold U+2028 and other line separators
-        lines = text.split("\n")
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        for line_no, line in stream_lines(self.path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                if line_no == len(lines):  # no newline after it: the file stops mid-record
+                if not line.endswith("\n"):  # the file stops mid-record
                     self.bad(
                         line_no,
                         "the file ends in the middle of this record (truncated copy or download?)")

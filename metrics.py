@@ -12,8 +12,6 @@ Each retrieval metric is computed once per query from the judged documents' rank
 (query_ndcg, query_mrr, query_recall); the run-dict functions and the fast path over a score
 matrix (judged_ranks, retrieval_scores) both feed them, so the two cannot disagree.
 """
-import gzip
-import json
 import math
 import os
 import sys
@@ -186,7 +184,6 @@ def write_trec_run(run, path, name):
                 f.write(f"{qid} Q0 {docid} {rank} {score:.9g} {name}\n")
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation data: STS files, BEIR folders and MS MARCO (their corpora streamed one line at a time
 # into the index), and the embedded sets
@@ -260,52 +257,17 @@ def read_msmarco(collection, queries_path, qrels_path):
             *read_msmarco_queries(queries_path, qrels_path))
 
 
-def _stream_lines(path):
-    """(line number, text) of every non-blank line, decoded one at
-    a time; .gz read as it streams."""
-    if not os.path.exists(path):
-        raise data.DataError(f"{path}: no such file")
-    empty = True
-    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-        try:
-            for line_no, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise data.DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte "
-                                    f"{e.start} of the line)") from None
-                if line.strip():
-                    empty = False
-                    yield line_no, line
-        except (EOFError, gzip.BadGzipFile) as e:
-            raise data.DataError(f"{path}: damaged or cut-short gzip file ({e})") from None
-    if empty:
-        raise data.DataError(f"{path}: file is empty")
-
-
 def stream_beir_corpus(folder):
-    """(docid, text) of a BEIR folder's corpus.jsonl in file order, title and
+    """(docid, text) of a BEIR folder's corpus.jsonl in file order, one line at a time, title and
     text joined as read_beir joins them."""
-    path = os.path.join(folder, "corpus.jsonl")
-    for line_no, line in _stream_lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            ending = ("the file ends in the middle of this record" if not line.endswith("\n")
-                      else f"not valid JSON ({e.msg})")
-            raise data.DataError(f"{path}:{line_no}: {ending}") from None
-        if (not isinstance(record, dict) or "_id" not in record
-                or not isinstance(record.get("text"), str)):
-            raise data.DataError(
-                f"{path}:{line_no}: a BEIR record needs '_id' and 'text' fields, got "
-                f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
-        yield str(record["_id"]), data.passage_text(record)
+    for docid, record in beir_records(os.path.join(folder, "corpus.jsonl")):
+        yield docid, data.passage_text(record)
 
 
 def stream_msmarco_collection(path):
     """(pid, text) of an MS MARCO collection.tsv (pid<TAB>text) in file
     order, as read_msmarco reads each line."""
-    for line_no, line in _stream_lines(path):
+    for line_no, line in data.stream_lines(path):
         cells = line.rstrip("\r\n").split("\t")
         if len(cells) < 2:
             raise data.DataError(f"{path}:{line_no}: expected id<TAB>text")

@@ -282,7 +282,7 @@ def read_text_file(path, skip_bad_lines=False):
                 continue
             documents.append(text)
     else:
-        documents = [line.strip() for line in data.open_text(path).splitlines() if line.strip()]
+        documents = [line.strip() for _, line in data.stream_lines(path)]
     if not documents:
         raise data.DataError(f"{path}: no documents")
     return documents, lines.skipped
