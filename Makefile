@@ -42,6 +42,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_pretrain.py
 	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_cascade.py
+	$(PY) bench/bench_layout.py
 
 clean:
 	rm -rf $(VENV) output

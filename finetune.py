@@ -214,6 +214,14 @@ def method_loss(method, config, shape, kind, kl="scores", kl_weight=1.0):
 DEFAULT_GROUP_SIZE = 4
 
 
+def linear_schedule(step, total, warmup):
+    """Linear warmup to 1, then linear decay to 0 (as transformers'
+    get_linear_schedule_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def load_training_records(train_file, train_group_size, skip_bad_lines, rank=0):
     """-> (kind, records, G): 'contrastive' {'query','positives','negatives'} or
     'scored' (a, b, score), and the group size: train_group_size, or by default 4 capped
@@ -272,35 +280,28 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
     if kind == "scored":  # both sides are texts of one kind: the passage length for both
         query_max_len = passage_max_len
     training.freeze_unreached(model, max(n for n, _ in embed_pairs))
-    tokens = training.tokens_per_step(tokenizer, dataset, B, run)
-    from recipe import flops
-    accounting = flops.flops_accounting(model, run.tuning, tokens, run.flops_budget,
-                                        max(n for n, _ in embed_pairs))
-    total = accounting.get("budget_steps") or run.total_steps(steps_per_epoch)
-    per_step = accounting["flops_per_token"] * accounting["tokens_per_step"]
-    accounting["planned_flops"] = per_step * total
-    if rank == 0:
-        print(f"FLOPs (README Eq. 15, tuning {run.tuning}): N = {accounting['N']:,} parameters, "
-              f"N_trainable = {accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} "
-              f"per token x {accounting['tokens_per_step']:.0f} tokens per step x {total} steps "
-              f"= {accounting['planned_flops']:.4g}")
+    total, accounting = run.total_steps(steps_per_epoch), None
+    if run.flops_budget or run.tuning != "full":  # the recipe's compute (Eq. 15): recipe/flops.py
+        from recipe import flops
+        accounting = flops.planned_flops(model, tokenizer, dataset, B, run,
+                                         max(n for n, _ in embed_pairs), total)
+        total = accounting["planned_steps"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     # everything that decides the result: --resume refuses a checkpoint of another run
     identity = training.run_identity(flags, world_size, [flags.get("train_file")],
                                      models.resolve_model_path(flags["model_name_or_path"]))
     optimizer, scheduler, _, start, train_log = training.start_training(
-        model, run, training.linear_schedule, total, identity)
+        model, run, linear_schedule, total, identity)
     net = training.wrap(model, device)  # DDP under torchrun: the forward goes through it
     model.train()
 
-    def flops_seen(step):
-        """The accounting with what was trained so far: this rank's padded tokens x the ranks."""
-        seen = sum(json.loads(line).get("tokens", 0) for line in train_log.lines) * world_size
-        return {**accounting, "steps": step, "tokens_seen": seen,
-                "flops_used": accounting["flops_per_token"] * seen}
+    def embed(input_ids, attention_mask):  # Eq. 1: every pair from one forward pass, in float32
+        embeddings_2d = sb.embed_2d(net, input_ids, attention_mask, embed_pairs, config.pooling)
+        return {pair: e.float() for pair, e in embeddings_2d.items()}  # {(n, d): (b, d)}
 
     def save(folder, step):
-        models.save_model(model, tokenizer, folder, config, flags, flops_seen(step))
+        used = accounting and flops.flops_used(accounting, train_log.lines, world_size, step)
+        models.save_model(model, tokenizer, folder, config, flags, used)
 
     batches = training.global_batches(len(records), B, start, total, run.seed)
     progress = tqdm(batches, initial=start, total=total, disable=rank != 0, dynamic_ncols=True,
@@ -314,12 +315,24 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
         gold = gold.to(device) if gold is not None else None
         q_tok, p_tok = (t.to(device) for t in training.tokenize_batch(
             tokenizer, queries, passages, query_max_len, passage_max_len))
+        q_in = (q_tok["input_ids"], q_tok["attention_mask"])  # (b, Tq) each
+        p_in = (p_tok["input_ids"], p_tok["attention_mask"])  # (b*G, Tp) each
+
+        def global_loss(q_2d, p_2d):  # every rank's rows: the whole batch's negatives (Eq. 3)
+            q_2d = {pair: training.gather_with_grad(e) for pair, e in q_2d.items()}  # (B, d)
+            p_2d = {pair: training.gather_with_grad(e) for pair, e in p_2d.items()}  # (B*G, d)
+            return loss_fn(q_2d, p_2d, gold, generator)  # the method's loss, e.g. sb.srl_loss
+
         bf16 = run.bf16 and device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            # forward (sb.embed_2d, Eq. 1), the method's loss (loss_fn, e.g. sb.srl_loss), backward
-            step_loss = lambda q_2d, p_2d: loss_fn(q_2d, p_2d, gold, generator)  # noqa: E731
-            loss = training.contrastive_step(net, embed_pairs, config.pooling, step_loss, q_tok,
-                                             p_tok, run.grad_cache_chunk)
+            if run.grad_cache_chunk:  # the same loss and gradients, embedding a chunk at a time
+                from large_batch.grad_cache import grad_cache_step
+                loss = grad_cache_step(embed, [q_in, p_in], global_loss, run.grad_cache_chunk,
+                                       getattr(net, "no_sync", None), loss_scale=world_size)
+            else:
+                loss = global_loss(embed(*q_in), embed(*p_in))  # forward, loss
+                (loss * world_size).backward()  # DDP averages over ranks: see gather_with_grad
+                loss = loss.detach()
         tokens = q_tok["input_ids"].numel() + p_tok["input_ids"].numel()
         line = training.finish_step(step, loss, trainable, (optimizer, scheduler),  # clip, step
                                     run.max_grad_norm, train_log, tokens=tokens)

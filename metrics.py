@@ -1,6 +1,9 @@
 """Evaluation at every layer-dim pair: the metrics with trec_eval's definitions, Spearman (STS);
 nDCG@k, MRR@k, Recall@k (retrieval); TREC run files; and a model's metrics at every pair from one
-forward pass per batch (Eq. 1), with the tables evaluate.py prints.
+forward pass per batch (Eq. 1), with the tables evaluate.py prints. The evaluation data: STS
+files (scored pairs, as data.py reads them), BEIR folders (corpus.jsonl, queries.jsonl,
+qrels/<split>.tsv), MS MARCO TSV (collection.tsv, queries.tsv) with TREC qrels (qid 0 docid
+grade), and the embedded Lee et al. (2005) STS and wiki-ict sets.
 
 The metrics are pure functions of numbers, runs {qid: {docid:
 score}} and qrels {qid: {docid: grade}}.
@@ -182,40 +185,148 @@ def write_trec_run(run, path, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Classification (MRL's evaluation): accuracy, 1-nearest-neighbour accuracy, class-based mAP@k
+# Evaluation data: STS files, BEIR folders and MS MARCO (their corpora streamed one line at a time
+# into the index), and the embedded sets
 
-def accuracy(predictions, labels):
-    return float((torch.as_tensor(predictions) == torch.as_tensor(labels)).float().mean())
-
-
-def _cosine_neighbours(train, test, k):
-    """Indices of each test row's k most cosine-similar training rows, best first: (Q, k)."""
-    # (Q, N)
-    scores = torch.nn.functional.normalize(test, dim=-1) @ torch.nn.functional.normalize(
-        train, dim=-1).T
-    return scores.topk(min(k, train.shape[0]), dim=1).indices
-
-
-def nearest_neighbour_accuracy(train, train_labels, test, test_labels):
-    """1-NN accuracy under cosine similarity (MRL's training-free evaluation of a size)."""
-    return accuracy(train_labels[_cosine_neighbours(train, test, 1)[:, 0]], test_labels)
+def read_sts_file(path, skip_bad_lines=False):
+    """STS evaluation file (scored pairs) -> (texts_a, texts_b, scores)."""
+    kind, records, _ = data.read_training_file(path, skip_bad_lines)
+    if kind != "scored":
+        raise data.DataError(
+            f"{path}: an STS file needs scored pairs (sentence1, sentence2, score)")
+    a, b, scores = zip(*records)
+    return list(a), list(b), list(scores)
 
 
-def map_at_k(train, train_labels, test, test_labels, k=10):
-    """Class-based retrieval mAP@k: each test text ranks the training texts by cosine
-    similarity; relevant = same class; AP@k = sum_i P@i rel_i / min(k, relevant in the
-    training set), averaged over test texts.
+def read_qrels(path):
+    """TREC qrels (qid 0 docid grade) or BEIR qrels TSV (query-id corpus-id
+    score, header) -> {qid: {docid: grade}}."""
+    qrels = {}
+    lines = data.Lines(path)
+    for line_no, row in lines.rows():
+        cells = row[0].split() if len(row) == 1 else [c.strip() for c in row]
+        if line_no == 1 and cells and cells[0].lower() in ("query-id", "qid", "query_id"):
+            continue
+        if len(cells) == 4:
+            qid, _, docid, grade = cells
+        elif len(cells) == 3:
+            qid, docid, grade = cells
+        else:
+            lines.bad(
+                line_no,
+                f"{len(cells)} columns: expected TREC 'qid 0 docid grade' or BEIR 'qid docid grade'"
+            )
+            continue
+        if data.finite_float(grade) is None and line_no == 1:
+            raise data.DataError(
+                f"{path}:1: header {cells} not known: BEIR qrels start with 'query-id corpus-id "
+                f"score'; TREC qrels have no header")
+        if data.finite_float(grade) is None:
+            lines.bad(line_no, f"grade {grade!r} is not a number")
+            continue
+        qrels.setdefault(qid, {})[docid] = int(float(grade))
+    if not qrels:
+        raise data.DataError(f"{path}: no judgments")
+    return qrels
 
-    MRL's retrieval/compute_metrics.py divides by k and ranks by L2 distance. The divisors agree
-    whenever every class has at least k training texts (the embedded sets: 50 per class, k = 10);
-    with fewer, ours still reaches 1 for a perfect ranking and MRL's cannot. Cosine:
-    sub-embeddings are compared as Eq. 2 does."""
-    # (Q, k)
-    relevant = (train_labels[_cosine_neighbours(train, test, k)] == test_labels[:, None]).float()
-    precision = relevant.cumsum(1) / torch.arange(1, relevant.shape[1] + 1)  # P@i
-    # min(k, R)
-    available = (train_labels[None, :] == test_labels[:, None]).sum(1).clamp(max=relevant.shape[1])
-    return float(((precision * relevant).sum(1) / available.clamp(min=1)).mean())
+
+def beir_records(path):
+    """(id, record) of each line of a BEIR corpus.jsonl or queries.jsonl; a line without '_id' or
+    'text' is an error naming the file and line."""
+    lines = data.Lines(path)
+    for line_no, record in lines.jsonl():
+        if "_id" not in record or not isinstance(record.get("text"), str):
+            lines.bad(line_no, f"a BEIR record needs '_id' and 'text' fields, got {sorted(record)}")
+            continue
+        yield str(record["_id"]), record
+
+
+def read_beir(folder, split="test"):
+    """A BEIR folder -> (corpus {docid: text}, queries {qid: text},
+    qrels) limited to judged queries."""
+    corpus = {
+        docid: data.passage_text(r)
+        for docid, r in beir_records(os.path.join(folder, "corpus.jsonl"))
+    }
+    return (corpus, *read_beir_queries(folder, split))
+
+
+def read_msmarco(collection, queries_path, qrels_path):
+    """MS MARCO TSV (pid<TAB>text, qid<TAB>text) with TREC qrels -> (corpus, queries, qrels)."""
+    return (dict(stream_msmarco_collection(collection)),
+            *read_msmarco_queries(queries_path, qrels_path))
+
+
+def stream_beir_corpus(folder):
+    """(docid, text) of a BEIR folder's corpus.jsonl in file order, one line at a time, title and
+    text joined as read_beir joins them."""
+    for docid, record in beir_records(os.path.join(folder, "corpus.jsonl")):
+        yield docid, data.passage_text(record)
+
+
+def stream_msmarco_collection(path):
+    """(pid, text) of an MS MARCO collection.tsv (pid<TAB>text) in file
+    order, as read_msmarco reads each line."""
+    for line_no, line in data.stream_lines(path):
+        cells = line.rstrip("\r\n").split("\t")
+        if len(cells) < 2:
+            raise data.DataError(f"{path}:{line_no}: expected id<TAB>text")
+        yield cells[0].strip(), cells[1]
+
+
+def read_beir_queries(folder, split="test"):
+    """The queries and qrels of a BEIR folder, without its corpus ->
+    (queries limited to judged ones, qrels)."""
+    queries = {qid: r["text"] for qid, r in beir_records(os.path.join(folder, "queries.jsonl"))}
+    path = os.path.join(folder, "qrels", f"{split}.tsv")
+    if not os.path.exists(path):
+        qrels_folder = os.path.join(folder, "qrels")
+        found = sorted(os.listdir(qrels_folder)) if os.path.isdir(qrels_folder) else []
+        raise data.DataError(
+            f"{path}: no such file; qrels there: {found or 'none'} (pick one with --beir_split)")
+    qrels = read_qrels(path)
+    return {q: queries[q] for q in qrels if q in queries}, qrels
+
+
+def read_msmarco_queries(queries_path, qrels_path):
+    """MS MARCO queries (qid<TAB>text) and TREC qrels, without the
+    collection -> (judged queries, qrels)."""
+    lines, queries = data.Lines(queries_path), {}
+    for line_no, row in lines.rows():
+        if len(row) < 2:
+            lines.bad(line_no, "expected id<TAB>text")
+            continue
+        queries[row[0].strip()] = row[1]
+    qrels = read_qrels(qrels_path)
+    return {q: queries[q] for q in qrels if q in queries}, qrels
+
+
+def lee_sts():
+    """Lee et al. (2005) as an STS set: the 1225 document pairs (i < j) with their human score."""
+    docs = data.lee_documents()
+    rows = [
+        list(map(float, line.split())) for line in open(data.gensim_data("similarities0-1.txt"))
+        if line.strip()
+    ]
+    a, b, scores = [], [], []
+    for i in range(len(docs)):
+        for j in range(i + 1, len(docs)):
+            a.append(docs[i]), b.append(docs[j]), scores.append(rows[i][j])
+    return a, b, scores
+
+
+def embedded_retrieval_set(seed=0):
+    """Inverse-cloze retrieval over the held-out Wikipedia articles -> (corpus, queries, qrels).
+    Each query's one relevant passage (grade 1) is the passage it was cut from."""
+    articles = data.wikipedia_articles()[data.HELD_OUT_ARTICLES:]
+    items = data.inverse_cloze([t for _, t in articles], seed=seed + 1000,
+                               max_passages_per_document=25)
+    corpus, queries, qrels = {}, {}, {}
+    for i, (_, query, passage) in enumerate(items):
+        corpus[f"d{i}"] = passage
+        queries[f"q{i}"] = query
+        qrels[f"q{i}"] = {f"d{i}": 1}
+    return corpus, queries, qrels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,21 +396,21 @@ def load_datasets(sts_files=(), beir_dirs=(), beir_split="test", msmarco=None):
     msmarco: (collection, queries, qrels) paths."""
     sets = {}
     for path in sts_files or []:
-        sets[os.path.basename(path)] = ("sts", data.read_sts_file(path))
+        sets[os.path.basename(path)] = ("sts", read_sts_file(path))
     # the corpus is streamed into an index; queries and qrels are small
     for folder in beir_dirs or []:
         corpus = CorpusFile(os.path.join(folder, "corpus.jsonl"),
-                            lambda folder=folder: data.stream_beir_corpus(folder))
+                            lambda folder=folder: stream_beir_corpus(folder))
         sets[os.path.basename(folder.rstrip("/"))] = ("retrieval",
                                                       (corpus,
-                                                       *data.read_beir_queries(folder, beir_split)))
+                                                       *read_beir_queries(folder, beir_split)))
     if msmarco:
-        corpus = CorpusFile(msmarco[0], lambda: data.stream_msmarco_collection(msmarco[0]))
+        corpus = CorpusFile(msmarco[0], lambda: stream_msmarco_collection(msmarco[0]))
         sets["msmarco"] = ("retrieval", (corpus,
-                                         *data.read_msmarco_queries(msmarco[1], msmarco[2])))
+                                         *read_msmarco_queries(msmarco[1], msmarco[2])))
     if not sets:
-        sets["lee2005"] = ("sts", data.lee_sts())
-        sets["wiki-ict"] = ("retrieval", data.embedded_retrieval_set())
+        sets["lee2005"] = ("sts", lee_sts())
+        sets["wiki-ict"] = ("retrieval", embedded_retrieval_set())
     return sets
 
 

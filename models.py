@@ -11,8 +11,7 @@ import sys
 from dataclasses import asdict
 
 import torch
-from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizer
+from transformers import AutoModel, AutoTokenizer, BertTokenizer
 from transformers.utils import logging as hf_logging
 
 import data
@@ -76,50 +75,6 @@ def load_tokenizer(name_or_path):
         return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     except (OSError, ValueError) as e:
         raise data.DataError(f"{name_or_path} has no loadable tokenizer: {e}") from None
-
-
-def load_encoder(name_or_path, device, from_scratch=False, config_overrides=None,
-                 tokenizer_name=None):
-    """-> (encoder, tokenizer): the checkpoint, or a random one of the
-    checkpoint's config plus config_overrides."""
-    if not from_scratch:
-        model, tokenizer = load_model(name_or_path, device)
-        if tokenizer_name:
-            tokenizer = load_tokenizer(tokenizer_name)
-    else:
-        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
-        if config_overrides:
-            config.update_from_string(config_overrides)
-        tokenizer = load_tokenizer(tokenizer_name or name_or_path)
-        config.vocab_size = len(tokenizer)
-        model = AutoModel.from_config(config).to(device)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's embeddings only "
-                         f"{model.get_input_embeddings().weight.shape[0]}")
-    return model, tokenizer
-
-
-def load_mlm_head(heads, path):
-    """Copy a BERT checkpoint's prediction head (cls.predictions.*) into
-    SMAE heads; False if it has none."""
-    file = os.path.join(path, "model.safetensors")
-    if not os.path.exists(file):
-        return False
-    with safe_open(file, "pt") as f:
-        keys = set(f.keys())
-        prefix = "cls.predictions."
-        names = [
-            f"transform.{k}"
-            for k in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")
-        ]
-        if not all(prefix + n in keys for n in names):
-            return False
-        state = {n: f.get_tensor(prefix + n) for n in names}
-        bias = prefix + "bias" if prefix + "bias" in keys else prefix + "decoder.bias"
-        state["bias"] = f.get_tensor(bias)
-    # the decoder layer keeps its copy of the encoder's layer 1
-    heads.load_state_dict(state, strict=False)
-    return True
 
 
 def save_model(model, tokenizer, output_dir, config, training_arguments, flops=None):

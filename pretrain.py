@@ -17,6 +17,7 @@ weights. Every checkpoint-<step> folder is such a folder too, plus what --resume
 Reads top to bottom: settings, data, model, optimizer, loop, save.
 """
 import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ PRESETS = {
                  save_steps=10000, logging_steps=100, seed=42, max_grad_norm=1.0),
 }
 RELEASED_GLOBAL_BATCH = 512
-
 
 
 def parse_args(argv=None):
@@ -106,7 +106,9 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # --help, a bad flag or a missing path answer before torch loads
     data.run_command(parse_args)
 
+import safetensors  # noqa: E402
 import torch  # noqa: E402 (here, below parse_args: --help and bad paths answer before torch loads)
+import transformers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
@@ -121,6 +123,15 @@ class PretrainArguments(training.TrainingArguments):
     mlm_probability: float = 0.2  # the encoder's masking rate (the authors' name)
     decoder_mlm_probability: float = 0.4  # the MAE decoder's; its set contains the encoder's
     objective: str = "smae"  # or the ablations mlm_2d, mlm
+
+
+def cosine_schedule(step, total, warmup):
+    """Linear warmup to 1, then cosine decay to 0 (as transformers'
+    get_cosine_schedule_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class SMAE(torch.nn.Module):
@@ -216,7 +227,7 @@ def train(encoder, heads, tokenizer, crops, config, run, flags):
         flags, world_size, [flags.get("train_file")],
         models.resolve_model_path(flags["model_name_or_path"]))
     optimizer, scheduler, folder, start, train_log = training.start_training(
-        encoder, run, training.cosine_schedule, total, identity, optimized=smae)
+        encoder, run, cosine_schedule, total, identity, optimized=smae)
     if folder:  # the encoder's weights are restored; the heads are in their own file
         heads.load_state_dict(torch.load(os.path.join(folder, HEADS_FILE), weights_only=True))
     net = training.wrap(smae, device)  # DDP over encoder and heads together under torchrun
@@ -255,6 +266,72 @@ def train(encoder, heads, tokenizer, crops, config, run, flags):
         print(f"saved the encoder and its SMAE heads to {output_dir}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Pre-training's inputs: plain text, the encoder to start from, a BERT checkpoint's MLM head
+
+def read_text_file(path, skip_bad_lines=False):
+    """Documents of a plain-text file (one per line) or JSONL (a 'text' field
+    per record) -> (documents, skipped)."""
+    lines = data.Lines(path, skip_bad_lines)
+    documents = []
+    if data.is_jsonl(path):
+        for line_no, record in lines.jsonl():
+            text = record.get("text")
+            if not isinstance(text, str) or not text.strip():
+                lines.bad(line_no, "no non-empty 'text' field")
+                continue
+            documents.append(text)
+    else:
+        documents = [line.strip() for _, line in data.stream_lines(path)]
+    if not documents:
+        raise data.DataError(f"{path}: no documents")
+    return documents, lines.skipped
+
+
+def load_encoder(name_or_path, device, from_scratch=False, config_overrides=None,
+                 tokenizer_name=None):
+    """-> (encoder, tokenizer): the checkpoint, or a random one of the
+    checkpoint's config plus config_overrides."""
+    if not from_scratch:
+        model, tokenizer = models.load_model(name_or_path, device)
+        if tokenizer_name:
+            tokenizer = models.load_tokenizer(tokenizer_name)
+    else:
+        config = transformers.AutoConfig.from_pretrained(models.resolve_model_path(name_or_path))
+        if config_overrides:
+            config.update_from_string(config_overrides)
+        tokenizer = models.load_tokenizer(tokenizer_name or name_or_path)
+        config.vocab_size = len(tokenizer)
+        model = transformers.AutoModel.from_config(config).to(device)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's embeddings only "
+                         f"{model.get_input_embeddings().weight.shape[0]}")
+    return model, tokenizer
+
+
+def load_mlm_head(heads, path):
+    """Copy a BERT checkpoint's prediction head (cls.predictions.*) into
+    SMAE heads; False if it has none."""
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.exists(file):
+        return False
+    with safetensors.safe_open(file, "pt") as f:
+        keys = set(f.keys())
+        prefix = "cls.predictions."
+        names = [
+            f"transform.{k}"
+            for k in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias")
+        ]
+        if not all(prefix + n in keys for n in names):
+            return False
+        state = {n: f.get_tensor(prefix + n) for n in names}
+        bias = prefix + "bias" if prefix + "bias" in keys else prefix + "decoder.bias"
+        state["bias"] = f.get_tensor(bias)
+    # the decoder layer keeps its copy of the encoder's layer 1
+    heads.load_state_dict(state, strict=False)
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = training.setup()  # torchrun: one process per GPU; else one process
@@ -264,18 +341,18 @@ def main(argv=None):
     if args.train_file is None:
         documents = data.training_documents()
     else:
-        documents, bad = training.read_training_data(data.read_text_file, args.train_file,
+        documents, bad = training.read_training_data(read_text_file, args.train_file,
                                                      args.skip_bad_lines)
         if bad and rank == 0:
             print(f"skipped {bad} bad lines of {args.train_file}", file=sys.stderr)
-    encoder, tokenizer = models.load_encoder(args.model_name_or_path, device, args.from_scratch,
+    encoder, tokenizer = load_encoder(args.model_name_or_path, device, args.from_scratch,
                                              args.config_overrides, args.tokenizer_name)
     crops = training.crop_documents(tokenizer, documents, args.max_length)
     L, H = encoder.config.num_hidden_layers, encoder.config.hidden_size
     pairs = (sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs
              else sb.default_pairs(L, H))
     heads = sb.SMAEHeads(encoder).to(device)
-    from_checkpoint = not args.from_scratch and models.load_mlm_head(
+    from_checkpoint = not args.from_scratch and load_mlm_head(
         heads, models.resolve_model_path(args.model_name_or_path))
     if rank == 0:
         head = "from the checkpoint" if from_checkpoint else "fresh (the checkpoint has none)"

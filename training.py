@@ -13,8 +13,8 @@ clip, step); every function takes plain values, never the CLI's namespace.
   with gloo); every rank builds the same global batch and keeps its slice; embeddings are gathered
   so that every rank's passages are candidates for every query (README Eq. 3: the in-batch
   negatives of the whole global batch). Without torchrun these are no-ops for one process.
-- AdamW, the schedules, the data order, the contrastive batch and each method's loss (Eq. 5-9),
-  the masked batch of pre-training (Eq. 10-13), and the step: clip, skip a non-finite one, log.
+- AdamW, the data order, the contrastive batch, the masked batch of pre-training (Eq. 10-13),
+  and the step: clip, skip a non-finite one, log.
 
     torchrun --nproc-per-node 4 finetune.py --output_dir out/srl
 """
@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 import warnings
@@ -149,33 +150,22 @@ def wrap(model, device):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints that survive a crash
 
-# written last: {"step", "files": {path: bytes}, "sha256": {path: hex}}
-MARKER = "checkpoint_complete.json"
-# optimizer, scheduler, step, RNG states, counters, run settings
-TRAINING_STATE = "training_state.pt"
+MARKER = "checkpoint_complete.json"  # written last: {"step", "files": {name: bytes}, "sha256": ...}
+TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, skips, the run
 WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
-# one JSON line per step, in the output folder and (up to its step) in each checkpoint
-LOG = "train_log.jsonl"
+LOG = "train_log.jsonl"  # a JSON line per step: in output_dir, and to its step in each checkpoint
 
-
-# ----------------------------------------------------------------------------------------------
-# RNG states (everything that draws random numbers during a step: dropout, sampling)
 
 def rng_state():
-    """The state of every random generator a training step may use
-    (torch CPU and CUDA, numpy, random)."""
-    numpy_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        # plain lists and ints, so that torch.load(weights_only=True) reads them back
-        "numpy": {
-            "bit_generator": numpy_state["bit_generator"],
-            "key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]), "gauss": float(numpy_state["gauss"])
-        },
-        "python": random.getstate(),
-    }
+    """Every generator a step may draw from (dropout, sampling): torch CPU and CUDA, numpy, random;
+    numpy's as plain lists and numbers, so that torch.load(weights_only=True) reads them back."""
+    n = np.random.get_state(legacy=False)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"bit_generator": n["bit_generator"], "key": n["state"]["key"].tolist(),
+                      "pos": int(n["state"]["pos"]), "has_gauss": int(n["has_gauss"]),
+                      "gauss": float(n["gauss"])},
+            "python": random.getstate()}
 
 
 def set_rng_state(state):
@@ -184,15 +174,12 @@ def set_rng_state(state):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"],
-                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"],
+                         "gauss": n["gauss"],
+                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]}})
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
 
-
-# ----------------------------------------------------------------------------------------------
-# Atomic save
 
 def fsync(path):
     """Flush a file's (or folder's) data to disk."""
@@ -203,77 +190,45 @@ def fsync(path):
         os.close(fd)
 
 
-def _file_sizes(folder):
-    """{relative path: size} of every file under folder."""
-    sizes = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
-    return sizes
-
-
-def sha256_of(path, limit=None):
-    """Hex SHA-256 of a file (of its first `limit` bytes), read in 1 MiB blocks."""
-    digest, left = hashlib.sha256(), limit
+def sha256_of(path):
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while left is None or left > 0:
-            block = f.read(1 << 20 if left is None else min(1 << 20, left))
-            if not block:
-                break
+        for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-            left = None if left is None else left - len(block)
     return digest.hexdigest()
 
 
 def save_checkpoint(output_dir, step, write, save_total_limit=None):
     """Write <output_dir>/checkpoint-<step> atomically; write(folder) fills it. Returns the path.
 
-    Temporary folder, fsync every file, marker last, one rename: a crash leaves no half checkpoint
-    under the final name. save_total_limit keeps only that many newest complete checkpoints.
-    """
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    # leftovers of a crash mid-save: never complete, safe to drop
-    for name in os.listdir(output_dir):
+    A hidden temporary folder, every file flushed, the marker (each file's size and SHA-256) last,
+    one rename: a crash leaves no half checkpoint under the final name. save_total_limit keeps only
+    that many newest complete checkpoints."""
+    final, tmp = (os.path.join(output_dir, f"{dot}checkpoint-{step}{tail}")
+                  for dot, tail in (("", ""), (".", ".tmp")))
+    for name in os.listdir(output_dir):  # a crash mid-save leaves only such folders
         if name.startswith(".checkpoint-") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(output_dir, name))
-    tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
     os.makedirs(tmp)
     write(tmp)
-    sizes = _file_sizes(tmp)
-    for name in sizes:
+    names = [os.path.relpath(os.path.join(root, name), tmp)
+             for root, _, files in os.walk(tmp) for name in files]
+    for name in names:
         fsync(os.path.join(tmp, name))
     with open(os.path.join(tmp, MARKER), "w") as f:
-        sha256 = {name: sha256_of(os.path.join(tmp, name)) for name in sizes}
-        json.dump({"step": step, "files": sizes, "sha256": sha256}, f, indent=1)
+        json.dump({"step": step, "files": {n: os.path.getsize(os.path.join(tmp, n)) for n in names},
+                   "sha256": {n: sha256_of(os.path.join(tmp, n)) for n in names}}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    # the same step saved by an earlier, interrupted run: the older ones remain meanwhile
-    if os.path.exists(final):
+    if os.path.exists(final):  # the same step, saved by an interrupted run
         shutil.rmtree(final)
     os.rename(tmp, final)
-    fsync(output_dir)  # make the rename itself durable
+    fsync(output_dir)  # the rename itself durable
     if save_total_limit:
         for old in complete_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old)
     return final
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding and loading
-
-def checkpoint_problem(folder):
-    """None if folder is a complete checkpoint, else what is wrong with it
-    (marker missing, file cut short...)."""
-    marker = os.path.join(folder, MARKER)
-    if not os.path.exists(marker):
-        return "no completeness marker (the save did not finish)"
-    try:
-        with open(marker) as f:
-            sizes = json.load(f)["files"]
-    except (ValueError, KeyError, TypeError):
-        return "the completeness marker is unreadable"
-    return files_problem(folder, sizes)
 
 
 def files_problem(folder, sizes):
@@ -288,34 +243,35 @@ def files_problem(folder, sizes):
     return None
 
 
-def checksum_problem(folder):
-    """None if every file of a complete checkpoint has the SHA-256 its marker
-    recorded, else the first that does not (a marker from before checksums were
-    recorded has sizes only: nothing more to check)."""
-    with open(os.path.join(folder, MARKER)) as f:
-        recorded = json.load(f).get("sha256", {})
-    for name, digest in recorded.items():
+def checkpoint_problem(folder, checksums=False):
+    """None if folder is a complete checkpoint (every file of its marker at its size; checksums:
+    and its SHA-256), else what is wrong with it."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            marker = json.load(f)
+        problem = files_problem(folder, marker["files"])
+    except FileNotFoundError:
+        return "no completeness marker (the save did not finish)"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "the completeness marker is unreadable"
+    # a marker from before checksums has sizes only
+    for name, digest in marker.get("sha256", {}).items() if checksums and not problem else ():
         if sha256_of(os.path.join(folder, name)) != digest:
             return f"{name} does not match its checksum (changed or damaged after it was saved)"
-    return None
+    return problem
 
 
 def complete_checkpoints(output_dir):
-    """Paths of the complete checkpoints in output_dir, oldest step first;
-    incomplete ones are reported and ignored."""
+    """The complete checkpoints in output_dir, oldest step first; others are reported and
+    ignored."""
     found = []
-    if not os.path.isdir(output_dir):
-        return found
-    for name in os.listdir(output_dir):
-        match = data.CHECKPOINT_NAME.match(name)
-        if not match:
-            continue
-        path = os.path.join(output_dir, name)
-        problem = checkpoint_problem(path)
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        match, path = data.CHECKPOINT_NAME.match(name), os.path.join(output_dir, name)
+        problem = match and checkpoint_problem(path)
         if problem:
             print(f"ignoring {path}: {problem}", file=sys.stderr)
-            continue
-        found.append((int(match.group(1)), path))
+        elif match:
+            found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
 
@@ -334,29 +290,23 @@ def load_training_state(folder):
 
 
 class DamagedCheckpoint(Exception):
-    """A complete checkpoint whose files fail their checksums or do not
-    load; resume tries the one before."""
+    """A complete checkpoint that fails its checksums or does not load; resume tries the one
+    before."""
 
 
-def restore(folder, model, optimizer, scheduler, run):
-    """Load weights, optimizer and scheduler from a complete
-    checkpoint -> the rest of its training state.
-
-    run: the run's identity ({setting: value}, saved as state["run"]); a checkpoint written with
-    other values is refused (ValueError naming each), since resuming it would silently continue
-    another run. Raises DamagedCheckpoint when a file fails its checksum or does not load.
-    """
-    problem = checksum_problem(folder)
+def restore(folder, model, optimization, run):
+    """Load the weights, optimizer and scheduler (optimization) of a complete checkpoint -> the
+    rest of its training state. run: this run's identity; a checkpoint of another run is refused
+    (ValueError naming each difference): resuming it would silently continue another run."""
+    problem = checkpoint_problem(folder, checksums=True)
     if problem:
         raise DamagedCheckpoint(problem)
     try:
         state = load_training_state(folder)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise DamagedCheckpoint(f"{TRAINING_STATE} does not load ({e})") from None
-    if not isinstance(state, dict) or not {
-            "run", "step", "skipped", "optimizer", "scheduler", "rng"
-    } <= set(state):
-        # e.g. an old, damaged one
+    if not isinstance(state, dict) or not {"run", "step", "skipped", "optimizer", "scheduler",
+                                           "rng"} <= set(state):
         raise DamagedCheckpoint(f"{TRAINING_STATE} lacks parts of a training state")
     differences = [f"{name}={state['run'].get(name)}, this run has {value}"
                    for name, value in run.items() if state["run"].get(name) != value]
@@ -366,10 +316,9 @@ def restore(folder, model, optimizer, scheduler, run):
             "checkpoint; use the same settings, or a new --output_dir (or --overwrite_output_dir)")
     try:
         model.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    # safetensors' header errors have their own type: any failure to load is damage
-    except Exception as e:
+        for part, name in zip(optimization, ("optimizer", "scheduler")):
+            part.load_state_dict(state[name])
+    except Exception as e:  # safetensors' header errors have their own type: any failure is damage
         raise DamagedCheckpoint(
             f"its weights or optimizer state do not load ({type(e).__name__}: {e})") from None
     return state
@@ -385,11 +334,9 @@ def file_fingerprint(path):
     they were); a folder (a model): the same for each of its weight files. Part of a run's
     identity and of an index folder's name."""
     if os.path.isdir(path):
-        return {
-            name: file_fingerprint(os.path.join(path, name))
-            for name in sorted(os.listdir(path))
-            if name.endswith((".safetensors", ".bin", ".gguf", ".pt"))
-        }
+        return {name: file_fingerprint(os.path.join(path, name))
+                for name in sorted(os.listdir(path))
+                if name.endswith((".safetensors", ".bin", ".gguf", ".pt"))}
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHED:
@@ -398,21 +345,18 @@ def file_fingerprint(path):
 
 
 # Flags that do not change what a run computes: they may differ between a run and its --resume.
+# The data and the starting model are compared by content (data_file_0, model_weights): a moved
+# copy of them resumes.
 NOT_IDENTITY = ("output_dir", "resume", "overwrite_output_dir", "save_steps", "save_total_limit",
-                "logging_steps", "max_bad_steps",
-                # compared by content instead (data_file_0, model_weights): a moved copy of the
-                # same data or model resumes
-                "train_file", "model_name_or_path")
+                "logging_steps", "max_bad_steps", "train_file", "model_name_or_path")
 
 
 def run_identity(flags, world_size, data_files=(), model_folder=None):
     """Everything that decides a run's result: its flags but NOT_IDENTITY, the world size, a
     fingerprint of each data file (None: the embedded data) and of the starting model's
     weights -> {setting: value}, JSON-able."""
-    identity = {
-        k: json.loads(json.dumps(v))
-        for k, v in sorted(flags.items()) if k not in NOT_IDENTITY
-    }
+    identity = {k: json.loads(json.dumps(v)) for k, v in sorted(flags.items())
+                if k not in NOT_IDENTITY}
     identity["world_size"] = world_size
     for i, path in enumerate(data_files):
         identity[f"data_file_{i}"] = file_fingerprint(path) if path else None
@@ -421,32 +365,17 @@ def run_identity(flags, world_size, data_files=(), model_folder=None):
     return identity
 
 
-def clear_run(output_dir):
-    """--overwrite_output_dir: remove an earlier run's checkpoints, log and
-    weights, so that two runs never mix."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if data.CHECKPOINT_NAME.match(name) or (name.startswith(".checkpoint-") and
-                                                name.endswith(".tmp")):
-            shutil.rmtree(path)
-        elif name in data.RUN_FILES:
-            os.remove(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # A training run's side of it (finetune.py and pretrain.py)
 
 @dataclass
 class TrainLog:
-    """The run's train_log.jsonl: its lines (each checkpoint keeps a copy),
-    the file rank 0 writes, the skip counts."""
+    """The run's train_log.jsonl: its lines (each checkpoint keeps a copy), the file rank 0 writes,
+    the steps skipped in all and in a row up to now (non-finite loss or gradient)."""
     lines: list = field(default_factory=list)
     file: object = None  # open on rank 0 only
-    skipped: int = 0  # steps skipped in all (non-finite loss or gradient)
-    # steps skipped in a row up to now (a checkpoint is only written after a good step)
-    bad_in_row: int = 0
+    skipped: int = 0
+    bad_in_row: int = 0  # a checkpoint is only written after a good step
 
     def append(self, line):
         self.lines.append(json.dumps(line))
@@ -462,38 +391,43 @@ class TrainLog:
                       f"(marked in {LOG})")
 
 
-def resume_or_start(output_dir, resume, model, optimizer, scheduler, run, total):
-    """-> (checkpoint folder or None, first step, TrainLog).
+def resume_or_start(run, model, optimization, identity, total):
+    """-> (checkpoint folder or None, first step, TrainLog). run: TrainingArguments.
 
-    resume: continue from the last complete checkpoint in output_dir whose files pass
-    their checksums and load (a damaged one is reported and the one before it is tried):
-    weights, optimizer, scheduler and this rank's RNG state are restored here, the caller
-    restores what else it saved (no RNG use). run: the run's identity, checked by
-    `restore`. Rank 0 opens output_dir's log.
-    """
-    rank = rank_and_world_size()[0]
-    folder, state = None, None
-    for candidate in reversed(complete_checkpoints(output_dir) if resume else []):
+    With run.resume: the newest complete checkpoint in run.output_dir that passes its checksums
+    and loads (a damaged one is reported, the one before it tried) restores the weights, the
+    optimizer and scheduler (optimization) and this rank's RNG state; the caller restores what else
+    it saved. With run.overwrite_output_dir instead, an earlier run's checkpoints, log and weights
+    are removed first, so that two runs never mix. Rank 0 opens the log."""
+    rank, output_dir = rank_and_world_size()[0], run.output_dir
+    found = complete_checkpoints(output_dir) if run.resume else []
+    if run.overwrite_output_dir and not run.resume and rank == 0 and os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            path = os.path.join(output_dir, name)
+            if data.CHECKPOINT_NAME.match(name) or re.match(r"^\.checkpoint-.*\.tmp$", name):
+                shutil.rmtree(path)
+            elif name in data.RUN_FILES:
+                os.remove(path)
+    folder, state, train_log = None, None, TrainLog()
+    for candidate in reversed(found):
         try:
-            state = restore(candidate, model, optimizer, scheduler, run)
-            folder = candidate
+            folder, state = candidate, restore(candidate, model, optimization, identity)
             break
         except DamagedCheckpoint as e:
+            folder = None
             print(f"skipping {candidate}: {e}; trying the checkpoint before it", file=sys.stderr)
-    # the model may hold a damaged one's weights
-    if resume and state is None and complete_checkpoints(output_dir):
-        raise ValueError(
-            f"every checkpoint in {output_dir} is damaged (see above): nothing to resume; "
-            f"start over with --overwrite_output_dir")
-    start, train_log = 0, TrainLog()
+    if found and not folder:  # the model may hold a damaged one's weights
+        raise ValueError(f"every checkpoint in {output_dir} is damaged (see above): nothing to "
+                         f"resume; start over with --overwrite_output_dir")
+    start = state["step"] if folder else 0
     if folder:
-        start, train_log.skipped = state["step"], state["skipped"]
+        train_log.skipped = state["skipped"]
         with open(os.path.join(folder, LOG)) as f:
             train_log.lines = f.read().splitlines()
         set_rng_state(state["rng"][rank])  # dropout continues exactly where the checkpoint left it
         if rank == 0:
             print(f"resuming from {folder}: step {start} of {total}")
-    elif resume and rank == 0:
+    elif run.resume and rank == 0:
         print(f"--resume: no complete checkpoint in {output_dir}; starting at step 0")
     os.makedirs(output_dir, exist_ok=True)
     if rank == 0:
@@ -572,23 +506,6 @@ def adamw(model, learning_rate, weight_decay):
     }, {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}], lr=learning_rate)
 
 
-def linear_schedule(step, total, warmup):
-    """Linear warmup to 1, then linear decay to 0 (as transformers'
-    get_linear_schedule_with_warmup)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def cosine_schedule(step, total, warmup):
-    """Linear warmup to 1, then cosine decay to 0 (as transformers'
-    get_cosine_schedule_with_warmup)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def global_batches(num_items, batch_size, start, total, seed):
     """(step, item indices of its global batch) for steps start..total-1;
     each epoch a new order, seeded by epoch."""
@@ -636,20 +553,6 @@ def tokenize_batch(tokenizer, queries, passages, query_max_len, passage_max_len)
                       return_tensors="pt"),
             tokenizer(passages, padding=True, truncation=True, max_length=passage_max_len,
                       return_tensors="pt"))
-
-
-def tokens_per_step(tokenizer, dataset, batch_size, run, steps=8):
-    """Mean padded tokens (queries and passages) that a step's forward computes, over its first
-    steps. dataset: (kind, records); run: the group size, lengths and seed (finetune.py's
-    FinetuneArguments)."""
-    (kind, records), counts = dataset, []
-    for step, indices in global_batches(len(records), batch_size, 0, steps, run.seed):
-        queries, passages, _, _ = global_batch(records, kind, step, indices, run.train_group_size,
-                                               run.seed)
-        q_tok, p_tok = tokenize_batch(tokenizer, queries, passages, run.query_max_len,
-                                      run.passage_max_len)
-        counts.append(q_tok["input_ids"].numel() + p_tok["input_ids"].numel())
-    return sum(counts) / len(counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,60 +650,21 @@ def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, enc
 
 
 # ----------------------------------------------------------------------------------------------
-# Each method's loss (Eq. 5-9, 17) and one contrastive step
-
-
-def contrastive_step(net, embed_pairs, pooling, step_loss, q_tok, p_tok, grad_cache_chunk=0):
-    """The forward pass of both sides at embed_pairs (Eq. 1), step_loss(q_2d, p_2d) on the global
-    batch (this rank's slice in q_tok/p_tok), backward -> detached loss; gradients in .grad.
-
-    Under torchrun every rank's passages are candidates for every query, so the loss and the
-    gradients equal one process's on the concatenated batch. grad_cache_chunk > 0: GradCache.
-    """
-    world_size = rank_and_world_size()[1]
-
-    def embed(input_ids, attention_mask):
-        return {
-            k: v.float()
-            for k, v in sb.embed_2d(net, input_ids, attention_mask, embed_pairs, pooling).items()
-        }
-
-    def global_loss(q_2d, p_2d):
-        return step_loss({k: gather_with_grad(v) for k, v in q_2d.items()},
-                         {k: gather_with_grad(v) for k, v in p_2d.items()})
-
-    inputs = [(q_tok["input_ids"], q_tok["attention_mask"]),
-              (p_tok["input_ids"], p_tok["attention_mask"])]
-    if grad_cache_chunk:
-        from large_batch.grad_cache import grad_cache_step
-        return grad_cache_step(embed, inputs, global_loss, grad_cache_chunk,
-                               getattr(net, "no_sync", None), loss_scale=world_size)
-    loss = global_loss(*(embed(*x) for x in inputs))
-    (loss * world_size).backward()  # DDP averages over ranks; see gather_with_grad
-    return loss.detach()
-
-
-# ----------------------------------------------------------------------------------------------
 # The step's bookkeeping: optimizer and resume before the loop, clip/skip/step/log after backward
 
 
 def start_training(model, run, schedule, total, identity, optimized=None):
     """AdamW over `optimized` (default: the model), the LR schedule (linear warmup over
-    run.warmup_ratio of the total steps) and, with run.resume, the last complete checkpoint
-    restored into the model -> (optimizer, scheduler, checkpoint folder or None, first step,
-    train log).
+    run.warmup_ratio of the total steps), and resume_or_start -> (optimizer, scheduler, checkpoint
+    folder or None, first step, train log).
 
-    run: TrainingArguments; identity: the run's settings (run_identity), checked on resume; with
-    run.overwrite_output_dir (without resume) an earlier run's checkpoints and log in
-    run.output_dir are removed first. optimized: a module holding the model and more (SMAE's
-    heads), whose extra weights the caller restores."""
-    if run.overwrite_output_dir and not run.resume and rank_and_world_size()[0] == 0:
-        clear_run(run.output_dir)
+    run: TrainingArguments; identity: the run's settings (run_identity), checked on resume.
+    optimized: a module holding the model and more (SMAE's heads), whose extra weights the caller
+    restores."""
     optimizer = adamw(optimized or model, run.learning_rate, run.weight_decay)
     warmup = math.ceil(run.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
-    folder, start, train_log = resume_or_start(run.output_dir, run.resume, model, optimizer,
-                                               scheduler, identity, total)
+    folder, start, train_log = resume_or_start(run, model, (optimizer, scheduler), identity, total)
     return optimizer, scheduler, folder, start, train_log
 
 

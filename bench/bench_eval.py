@@ -26,8 +26,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     datasets = {
-        "lee2005": ("sts", data.lee_sts()),
-        "wiki-ict": ("retrieval", data.embedded_retrieval_set())}
+        "lee2005": ("sts", metrics.lee_sts()),
+        "wiki-ict": ("retrieval", metrics.embedded_retrieval_set())}
     pairs = sb.default_pairs(6, 384)
     settings = {name: metrics.EvalSettings(pairs=",".join(f"{n}x{d}" for n, d in chosen))
                 for name, chosen in (("all_pairs", pairs), ("full_pair", pairs[-1:]))}

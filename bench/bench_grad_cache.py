@@ -27,6 +27,7 @@ import data  # noqa: E402
 import models  # noqa: E402
 import starbucks as sb  # noqa: E402
 import training  # noqa: E402
+from large_batch import grad_cache  # noqa: E402
 
 
 def resident_bytes():
@@ -41,8 +42,6 @@ def setup(batch_size, group_size, passage_max_len, chunk):
     model.train()
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     embed_pairs = sb.default_pairs(L, H)
-    # Eq. 5, as finetune.py
-    loss_fn = lambda q, p, gold, g: sb.srl_loss(q, p, embed_pairs, 0.05, 1.0, "cos")
     records = data.embedded_training_data(num_negatives=group_size - 1)
     queries, passages, _ = training.batch_texts(records, "contrastive", list(range(batch_size)),
                                                 group_size, random.Random(0))
@@ -50,9 +49,18 @@ def setup(batch_size, group_size, passage_max_len, chunk):
     p = tok(passages, padding="max_length", truncation=True, max_length=passage_max_len,
             return_tensors="pt")
 
+    def embed(input_ids, attention_mask):  # Eq. 1, as finetune.py
+        return sb.embed_2d(model, input_ids, attention_mask, embed_pairs, "mean")
+
+    def srl(q_2d, p_2d):  # Eq. 5, as finetune.py
+        return sb.srl_loss(q_2d, p_2d, embed_pairs, 0.05, 1.0, "cos")
+
     def step(chunk, q=q, p=p):
-        training.contrastive_step(model, embed_pairs, "mean", lambda q_2d, p_2d: loss_fn(
-            q_2d, p_2d, None, None), q, p, chunk)
+        inputs = [(q["input_ids"], q["attention_mask"]), (p["input_ids"], p["attention_mask"])]
+        if chunk:
+            grad_cache.grad_cache_step(embed, inputs, srl, chunk)
+        else:
+            srl(*(embed(*x) for x in inputs)).backward()
         model.zero_grad(set_to_none=True)
     warm = {k: v[:2] for k, v in q.items()}  # one small step first: kernels and allocator warmed up
     step(chunk, warm, warm)

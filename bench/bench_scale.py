@@ -219,7 +219,7 @@ def encode_child(folder, model_name_or_path, shard_size):
     """Encode the real set into folder, printing the passages handed to the encoder so far (killed
     by the parent)."""
     model, tokenizer, config = load(model_name_or_path)
-    corpus, _, _ = data.embedded_retrieval_set()
+    corpus, _, _ = metrics.embedded_retrieval_set()
 
     # encode_2d tokenises each batch just before its forward pass
     def counting_tokenizer(texts, **kwargs):
@@ -393,7 +393,7 @@ def main(argv=None):
         model, tokenizer, config = load(args.model_name_or_path)
         sb.check_pairs(sorted(set(pairs + float_pairs)), model.config.num_hidden_layers,
                        model.config.hidden_size)
-        corpus, queries_text, qrels = data.embedded_retrieval_set()
+        corpus, queries_text, qrels = metrics.embedded_retrieval_set()
         qids = list(queries_text)
         every_pair = list(dict.fromkeys(config.pairs + pairs + float_pairs))
         normalize = config.similarity == "cos"

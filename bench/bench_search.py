@@ -66,7 +66,7 @@ def main(argv=None):
           f"similarity {config.similarity}; {args.threads} torch thread(s)")
 
     # Quality on the real retrieval set: every pair from one pass per batch
-    corpus, queries, qrels = data.embedded_retrieval_set()
+    corpus, queries, qrels = metrics.embedded_retrieval_set()
     docids, qids = list(corpus), list(queries)
     pairs = sorted({p for f, _ in funnels for p in f} | {full})
     normalize = config.similarity == "cos"

@@ -165,8 +165,8 @@ def run_all(study):
     grid."""
     scale = SCALES[study.scale]
     datasets = {
-        "lee2005": ("sts", data.lee_sts()),
-        "wiki-ict": ("retrieval", data.embedded_retrieval_set())}
+        "lee2005": ("sts", metrics.lee_sts()),
+        "wiki-ict": ("retrieval", metrics.embedded_retrieval_set())}
     eval_settings = metrics.EvalSettings(grid=True)
     device = models.default_device()
     results = {}

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import metrics
 import models
 import starbucks as sb
 import training
+from classification import accuracy
 from recipe import flops
 
 
@@ -289,7 +289,7 @@ def cascade_point(outcomes, thresholds):
     from outcomes -> {'threshold', 'accuracy', 'relative_cost', 'stopped': share per pair}: what
     cascade_classify decides, pass by pass (tested)."""
     predicted, stopped = cascade_answers(outcomes, thresholds)
-    return {"threshold": thresholds, "accuracy": metrics.accuracy(predicted, outcomes.gold),
+    return {"threshold": thresholds, "accuracy": accuracy.accuracy(predicted, outcomes.gold),
             "relative_cost": float(outcomes.cost[np.arange(len(stopped)), stopped.numpy()].mean()),
             "stopped": [float((stopped == i).float().mean()) for i in range(len(outcomes.pairs))]}
 

@@ -26,9 +26,8 @@ import sys
 import torch
 
 import data
-import metrics
 import models
-from classification import cascade, datasets
+from classification import accuracy, cascade, datasets
 
 
 def parse_args(argv=None):
@@ -96,7 +95,7 @@ def probe_accuracy(classifier, train_x, train_y, test_x, test_y, settings=cascad
                       settings.weight_decay, settings.seed)
     with torch.no_grad():
         return {
-            pair: metrics.accuracy(logits.argmax(-1), test_y)
+            pair: accuracy.accuracy(logits.argmax(-1), test_y)
             for pair, logits in classifier(test_x).items()}
 
 
@@ -167,15 +166,15 @@ def main(argv=None):
         if args.tuning == "full" and name == "MRL":
             with torch.no_grad():
                 rows[name] = {
-                    p: metrics.accuracy(v.argmax(-1), test_y)
+                    p: accuracy.accuracy(v.argmax(-1), test_y)
                     for p, v in classifier(test_x).items()}
             continue
         rows[name] = probe_accuracy(classifier, train_x, train_y, test_x, test_y, probe_settings)
     rows["1-NN"] = {
-        p: metrics.nearest_neighbour_accuracy(train_x[p], train_y, test_x[p], test_y)
+        p: accuracy.nearest_neighbour_accuracy(train_x[p], train_y, test_x[p], test_y)
         for p in pairs}
     rows["mAP@10"] = {
-        p: metrics.map_at_k(train_x[p], train_y, test_x[p], test_y, 10) for p in pairs}
+        p: accuracy.map_at_k(train_x[p], train_y, test_x[p], test_y, 10) for p in pairs}
     directions = cascade.svd_directions(train_x[full], H)  # (H, H), fitted on the training split
     generator = torch.Generator().manual_seed(args.seed)
     for name, project in (("SVD", lambda x, d: x @ directions[:, :d]), (

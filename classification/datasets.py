@@ -116,8 +116,8 @@ def subsample(texts, labels, count, seed=0, part="train"):
 def read_labelled_file(path, label_names=None):
     """text<TAB>label TSV or JSONL {"text", "label"} -> (texts, label ids, label names); labels as
     in the file."""
-    lines, pairs = data._Lines(path), []
-    if data._is_jsonl(path):
+    lines, pairs = data.Lines(path), []
+    if data.is_jsonl(path):
         for line_no, record in lines.jsonl():
             if not isinstance(record.get("text"), str) or "label" not in record:
                 lines.bad(line_no, f"a labelled record needs 'text' and 'label' fields, got "

@@ -2,7 +2,7 @@
 streamed over it.
 
     from index import corpus_index as ci; import data, starbucks as sb
-    ci.encode_corpus(model, tokenizer, data.stream_msmarco_collection("collection.tsv"), pairs, "index/msmarco",
+    ci.encode_corpus(model, tokenizer, metrics.stream_msmarco_collection("collection.tsv"), pairs, "index/msmarco",
                      # resumable; torchrun: one slice of shards per rank
                      ci.EncodeSettings(pooling="cls", max_length=196))
     index = ci.open_index("index/msmarco")
@@ -261,8 +261,8 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, settings=EncodeSettings
     """Eq. 1 for a whole corpus, to disk, one shard of `settings.shard_size` documents at a time;
     resumable.
 
-    docs: an iterable of (docid, text), read once in order (data.stream_beir_corpus,
-    data.stream_msmarco_collection); only one shard's texts are held. Each shard is one encode_2d
+    docs: an iterable of (docid, text), read once in order (metrics.stream_beir_corpus,
+    metrics.stream_msmarco_collection); only one shard's texts are held. Each shard is one encode_2d
     call (one forward pass per batch, up to the largest layer), stored per layer at the widest d of
     its pairs, raw; settings.normalize=True records that the pairs are compared by cosine, which the
     search applies after truncation (Eq. 2). A shard complete on disk and encoded from the same

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from index import corpus_index as ci, precision  # noqa: E402
 import data  # noqa: E402
+import metrics  # noqa: E402
 import models  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def main(argv=None):
     model, tokenizer = models.load_model(args.model_name_or_path, torch.device("cpu"))
     model.eval()
     config, _ = models.read_config(models.resolve_model_path(args.model_name_or_path), model)
-    corpus, queries, qrels = data.embedded_retrieval_set()
+    corpus, queries, qrels = metrics.embedded_retrieval_set()
     qids, normalize = list(queries), config.similarity == "cos"
     q = models.encode_2d(model, tokenizer, [queries[x] for x in qids], config.pairs,
                          config.pooling, 32, 64, normalize)

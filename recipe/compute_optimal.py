@@ -133,7 +133,7 @@ def eval_loss(model, tokenizer, pairs_of_texts, grid, pooling="mean", similarity
 def held_out_pairs(count, seed=0):
     """(query, passage) pairs of the held-out inverse-cloze set (never trained on), a fixed
     sample."""
-    corpus, queries, qrels = data.embedded_retrieval_set()
+    corpus, queries, qrels = metrics.embedded_retrieval_set()
     qids = sorted(queries)
     order = np.random.default_rng(seed).permutation(len(qids))[:count]
     return [(queries[qids[i]], corpus[next(iter(qrels[qids[i]]))]) for i in order]
@@ -174,7 +174,7 @@ def budget_steps(grid, model, tokenizer, tuning_spec, budget, records):
     """The steps a budget buys this size and method (Eq. 15), as finetune.py will count them."""
     probe = copy.deepcopy(model)
     tuning.apply_tuning(probe, tuning_spec, grid.lora_r, grid.lora_alpha)
-    tokens = training.tokens_per_step(tokenizer, ("contrastive", records),
+    tokens = flops.tokens_per_step(tokenizer, ("contrastive", records),
                                       grid.per_device_train_batch_size, grid)  # its lengths, seed
     return flops.flops_accounting(probe, tuning_spec, tokens, budget)["budget_steps"]
 
@@ -185,7 +185,7 @@ class RunInputs:
     sizes: Sizes = field(default_factory=Sizes)
     records: list = field(default_factory=list)  # training records (budget_steps counts tokens)
     held_out: list = field(default_factory=list)  # (query, passage) pairs for eval_loss
-    lee: object = None  # Lee et al.'s STS set (data.lee_sts) for the Spearman
+    lee: object = None  # Lee et al.'s STS set (metrics.lee_sts) for the Spearman
 
 
 def run_one(grid, inputs, size, tuning_spec, budget):
@@ -237,7 +237,7 @@ def run_grid(grid):
     """Every (size, method, budget) run, reusing finished ones -> (results, skipped: [(size, method,
     budget, why)])."""
     records = data.embedded_training_data(seed=0, num_negatives=max(grid.train_group_size - 1, 7))
-    held_out, lee = held_out_pairs(grid.eval_pairs), data.lee_sts()
+    held_out, lee = held_out_pairs(grid.eval_pairs), metrics.lee_sts()
     inputs = RunInputs(Sizes(), records, held_out, lee)
     plan = [(s, "full", 0.0) for s in grid.sizes] + \
            [(s, t, b) for s in grid.sizes for t in grid.tunings for b in grid.budgets]

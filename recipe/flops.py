@@ -1,10 +1,15 @@
 """Counting FLOPs: the encoder's forward at a sub-layer (the cost of a size, Eq. 14) and training
 FLOPs per token by tuning method (Ziarko et al., 2024; README Eq. 15), from which a FLOP budget
-sets the number of steps (finetune.py --flops_budget, recipe/compute_optimal.py).
+sets the number of steps (finetune.py --flops_budget, recipe/compute_optimal.py); and the
+accounting finetune.py prints and saves (starbucks_config.json, "flops") for --flops_budget or a
+--tuning other than full.
 """
+import json
+
 import torch
 
 import starbucks as sb
+import training
 from recipe import tuning
 
 
@@ -66,6 +71,20 @@ def parameters_run(model, max_layer=None):
     return tuning.parameter_counts(model, run_parameters(model, max_layer))[0]
 
 
+def tokens_per_step(tokenizer, dataset, batch_size, run, steps=8):
+    """Mean padded tokens (queries and passages) that a step's forward computes, over its first
+    steps. dataset: (kind, records); run: the group size, lengths and seed (finetune.py's
+    FinetuneArguments)."""
+    (kind, records), counts = dataset, []
+    for step, indices in training.global_batches(len(records), batch_size, 0, steps, run.seed):
+        queries, passages, _, _ = training.global_batch(records, kind, step, indices,
+                                                        run.train_group_size, run.seed)
+        q_tok, p_tok = training.tokenize_batch(tokenizer, queries, passages, run.query_max_len,
+                                               run.passage_max_len)
+        counts.append(q_tok["input_ids"].numel() + p_tok["input_ids"].numel())
+    return sum(counts) / len(counts)
+
+
 def flops_accounting(model, tuning_spec, tokens_per_step, flops_budget=None, max_layer=None):
     """Eq. 15 for a run: N, N_trainable, FLOPs per token, tokens per step and, with a budget, the
     steps.
@@ -82,3 +101,28 @@ def flops_accounting(model, tuning_spec, tokens_per_step, flops_budget=None, max
     if flops_budget:
         accounting["budget_steps"] = steps_for_budget(flops_budget, per_token, tokens_per_step)
     return accounting
+
+
+def planned_flops(model, tokenizer, dataset, batch_size, run, max_layer, steps):
+    """finetune.py's accounting (Eq. 15) for --flops_budget or a --tuning other than full: the
+    tokens of its first steps, the steps the budget buys (else `steps`) and the planned FLOPs; rank
+    0 prints them. run: finetune.py's FinetuneArguments."""
+    tokens = tokens_per_step(tokenizer, dataset, batch_size, run)
+    accounting = flops_accounting(model, run.tuning, tokens, run.flops_budget, max_layer)
+    steps = accounting.get("budget_steps") or steps
+    accounting.update(planned_steps=steps,
+                      planned_flops=accounting["flops_per_token"] * tokens * steps)
+    if training.rank_and_world_size()[0] == 0:
+        print(f"FLOPs (README Eq. 15, tuning {run.tuning}): N = {accounting['N']:,} parameters, "
+              f"N_trainable = {accounting['N_trainable']:,}; {accounting['flops_per_token']:.4g} "
+              f"per token x {tokens:.0f} tokens per step x {steps} steps "
+              f"= {accounting['planned_flops']:.4g}")
+    return accounting
+
+
+def flops_used(accounting, log_lines, world_size, step):
+    """The accounting with what was trained up to step: this rank's padded tokens (its train log's
+    lines) x the ranks."""
+    seen = sum(json.loads(line).get("tokens", 0) for line in log_lines) * world_size
+    return {**accounting, "steps": step, "tokens_seen": seen,
+            "flops_used": accounting["flops_per_token"] * seen}

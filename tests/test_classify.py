@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from transformers import BertTokenizer
 
 import data
-import metrics
 import models
 import starbucks as sb
-from classification import cascade, classify, datasets
+from classification import accuracy, cascade, classify, datasets
 from conftest import tiny_bert
 from recipe import flops
 
@@ -132,7 +131,7 @@ def test_cascade_points_from_one_pass_equal_the_cascade_run_at_each_threshold(to
         cost = [
             flops.encoder_flops(model, PAIRS[i][0], t) + sum(2 * d * 3 for _, d in PAIRS[:i + 1])
             for i, t in zip(stopped.tolist(), tokens)]
-        assert point["accuracy"] == pytest.approx(metrics.accuracy(predicted, torch.tensor(labels)))
+        assert point["accuracy"] == pytest.approx(accuracy.accuracy(predicted, torch.tensor(labels)))
         assert point["stopped"] == pytest.approx([
             float((stopped == i).float().mean()) for i in range(len(PAIRS))])
         assert point["relative_cost"] == pytest.approx(sum(cost) / len(cost) / full)
@@ -213,13 +212,13 @@ def test_svd_directions_at_full_width_recover_the_full_accuracy():
     train, test = slice(0, 120), slice(120, 200)
     v = cascade.svd_directions(x[train], 16)
     torch.testing.assert_close(v.T @ v, torch.eye(16), atol=1e-5, rtol=0)
-    accuracy = {}
+    measured = {}
     for name, features in (("full", x), ("svd", x @ v)):
         probe = cascade.fit_probe(cascade.NestedClassifier([(1, 16)], 16, 2),
                                   {(1, 16): features[train]}, y[train])
-        accuracy[name] = metrics.accuracy(
+        measured[name] = accuracy.accuracy(
             probe({(1, 16): features[test]})[(1, 16)].argmax(-1), y[test])
-    assert accuracy["svd"] == accuracy["full"] and accuracy["full"] > 0.9
+    assert measured["svd"] == measured["full"] and measured["full"] > 0.9
     # past the rank of 5 texts: zero columns
     assert cascade.svd_directions(x[:5], 16).shape == (16, 16)
 
@@ -229,10 +228,10 @@ def test_nearest_neighbour_and_map_at_k_by_hand():
     train_y, test, test_y = torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.05], [0.1, 1.0]
                                                                    ]), torch.tensor([1, 1])
     # neighbours: row 0, row 2
-    assert metrics.nearest_neighbour_accuracy(train, train_y, test, test_y) == 0.5
+    assert accuracy.nearest_neighbour_accuracy(train, train_y, test, test_y) == 0.5
     # query 1 ranks rows 0 (no), 1 (yes), 2 (yes): AP@2 = (1/2) / min(2, 2) = 0.25; query 2: 2
     # (yes), 1 (yes): 1.0
-    assert metrics.map_at_k(train, train_y, test, test_y, k=2) == pytest.approx((0.25 + 1.0) / 2)
+    assert accuracy.map_at_k(train, train_y, test, test_y, k=2) == pytest.approx((0.25 + 1.0) / 2)
 
 
 def test_labelled_readers_refuse_unsafe_pickles_and_read_both_formats(tmp_path):
@@ -330,5 +329,5 @@ def test_map_at_k_equals_mrls_divisor_when_every_class_has_k_texts():
         matches = (train_y[order[i, :k]] == test_y[i]).numpy()
         precs = matches.cumsum() / numpy.arange(1, k + 1)
         aps.append(precs[matches].sum() / k)
-    assert metrics.map_at_k(train, train_y, test, test_y,
+    assert accuracy.map_at_k(train, train_y, test, test_y,
                             k) == pytest.approx(float(numpy.mean(aps)))

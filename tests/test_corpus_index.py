@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from index import corpus_index as ci
 from conftest import assert_same_ranking
-import data
 import training
 import metrics
 import models
@@ -237,7 +236,7 @@ def test_index_of_the_real_set_gives_evaluates_runs_and_metrics(tmp_path, minilm
     for bit. FAISS multiplies through its own kernel: scores within rounding, the same ranking
     wherever two documents are further apart than that, and on this set the same metrics."""
     model, tokenizer = minilm
-    corpus, queries, qrels = data.embedded_retrieval_set()
+    corpus, queries, qrels = metrics.embedded_retrieval_set()
     docids, qids = list(corpus), list(queries)
     row_of = {docid: row for row, docid in enumerate(docids)}  # one shard, in corpus order
     pairs = sb.default_pairs(6, 384)

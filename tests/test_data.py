@@ -6,6 +6,7 @@ import json
 import pytest
 
 import data
+import metrics
 import models
 
 
@@ -47,7 +48,7 @@ def test_stsb_glue_tsv_sentence_transformers_tsv_gz_csv_and_jsonl(tmp_path):
         "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air "
         "plane is taking off.\t5.000\n1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA "
         "man is playing a flute.\tA man is playing a bamboo flute.\t3.800\n")
-    a, b, s = data.read_sts_file(write(tmp_path / "sts-dev.tsv", glue))
+    a, b, s = metrics.read_sts_file(write(tmp_path / "sts-dev.tsv", glue))
     assert a[0] == "A plane is taking off." and b[
         1] == "A man is playing a bamboo flute." and s == [5.0, 3.8]
     st = ("split\tgenre\tdataset\tyear\tsid\tscore\tsentence1\tsentence2\n"
@@ -55,13 +56,13 @@ def test_stsb_glue_tsv_sentence_transformers_tsv_gz_csv_and_jsonl(tmp_path):
           "is brushing her hair.\n")
     path = tmp_path / "stsbenchmark.tsv.gz"
     path.write_bytes(gzip.compress(st.encode()))
-    assert data.read_sts_file(str(path)) == (["A girl is styling her hair."], ["A girl is brushing "
+    assert metrics.read_sts_file(str(path)) == (["A girl is styling her hair."], ["A girl is brushing "
                                                                                "her hair."], [2.5])
     csv_text = 'sentence1,sentence2,score\n"Hello, world",Hi world,4\n'
-    assert data.read_sts_file(write(tmp_path / "s.csv", csv_text)) == (["Hello, world"], [
+    assert metrics.read_sts_file(write(tmp_path / "s.csv", csv_text)) == (["Hello, world"], [
         "Hi world"], [4.0])
     jl = json.dumps({"sentence1": "x y", "sentence2": "y z", "score": 0.5}) + "\n"
-    assert data.read_sts_file(write(tmp_path / "s.jsonl", jl))[2] == [0.5]
+    assert metrics.read_sts_file(write(tmp_path / "s.jsonl", jl))[2] == [0.5]
     headerless = "one two\tthree four\t1.5\n"
     assert data.read_training_file(write(tmp_path / "h.tsv", headerless))[0] == "scored"
 
@@ -73,7 +74,7 @@ def test_beir_folder(tmp_path):
     write(tmp_path / "queries.jsonl", json.dumps({"_id": "q1", "text": "query one"}) + "\n"
           + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n")
     write(tmp_path / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t2\n")
-    corpus, queries, qrels = data.read_beir(str(tmp_path))
+    corpus, queries, qrels = metrics.read_beir(str(tmp_path))
     assert corpus == {"d1": "T body", "d2": "other"} and queries == {
         "q1": "query one"} and qrels == {"q1": {"d1": 2}}
 
@@ -83,12 +84,12 @@ def test_msmarco_tsv_with_trec_qrels(tmp_path):
               "0\tThe presence of communication.\n1\tManhattan project.\n")
     q = write(tmp_path / "queries.dev.tsv", "1048585\twhat is paula deen's brother\n")
     r = write(tmp_path / "qrels.dev.tsv", "1048585\t0\t1\t1\n")
-    corpus, queries, qrels = data.read_msmarco(c, q, r)
+    corpus, queries, qrels = metrics.read_msmarco(c, q, r)
     assert corpus["1"] == "Manhattan project." and queries == {
         "1048585": "what is paula deen's brother"}
     assert qrels == {"1048585": {"1": 1}}
     space = write(tmp_path / "qrels.trec", "19335 0 1017759 0\n19335 0 1082489 1\n")
-    assert data.read_qrels(space) == {"19335": {"1017759": 0, "1082489": 1}}
+    assert metrics.read_qrels(space) == {"19335": {"1017759": 0, "1082489": 1}}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -116,9 +117,9 @@ def test_bad_tsv_and_encoding(tmp_path):
         data.read_training_file(
             write(tmp_path / "s.tsv", "sentence1\tsentence2\tscore\na b\tc d\thigh\n"))
     with pytest.raises(data.DataError, match="needs scored pairs"):
-        data.read_sts_file(write(tmp_path / "p.tsv", "a b\tc d\n"))
+        metrics.read_sts_file(write(tmp_path / "p.tsv", "a b\tc d\n"))
     with pytest.raises(data.DataError, match=r"q\.txt:1: 2 columns"):
-        data.read_qrels(write(tmp_path / "q.txt", "q1 d1\n"))
+        metrics.read_qrels(write(tmp_path / "q.txt", "q1 d1\n"))
 
 
 def test_skip_bad_lines_counts_what_it_skipped(tmp_path):
@@ -141,7 +142,7 @@ def test_model_folder_errors(tmp_path):
 # ---- the embedded real data ---------------------------------------------------------------------
 
 def test_lee_sts_is_the_upper_triangle_of_50_documents():
-    a, b, scores = data.lee_sts()
+    a, b, scores = metrics.lee_sts()
     assert len(a) == len(b) == len(scores) == 50 * 49 // 2
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert a[0] == data.lee_documents()[0] and b[0] == data.lee_documents()[1]
@@ -160,7 +161,7 @@ def test_embedded_training_and_retrieval_sets_are_disjoint_and_well_formed():
     records = data.embedded_training_data(num_negatives=3)
     assert len(records) > 1000
     assert all(len(r["negatives"]) == 3 and r["query"] != r["positives"][0] for r in records)
-    corpus, queries, qrels = data.embedded_retrieval_set()
+    corpus, queries, qrels = metrics.embedded_retrieval_set()
     assert len(queries) == len(qrels) > 200 and all(len(j) == 1 for j in qrels.values())
     train_passages = {r["positives"][0] for r in records}
     assert not train_passages & set(corpus.values())
@@ -183,9 +184,9 @@ def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
     write(tmp_path / "queries.jsonl", json.dumps({"_id": "q1", "text": "query one"}) + "\n"
           + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n")
     write(tmp_path / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\t7\t2\n")
-    corpus, queries, qrels = data.read_beir(str(tmp_path))
-    assert list(data.stream_beir_corpus(str(tmp_path))) == list(corpus.items())
-    assert data.read_beir_queries(str(tmp_path)) == (queries, qrels)
+    corpus, queries, qrels = metrics.read_beir(str(tmp_path))
+    assert list(metrics.stream_beir_corpus(str(tmp_path))) == list(corpus.items())
+    assert metrics.read_beir_queries(str(tmp_path)) == (queries, qrels)
     collection = ("0\tThe presence of communication.\r\n1\tManhattan project.\textra column\n\n"
                   "2\ttrailing  \n")
     for name in ("collection.tsv", "collection.tsv.gz"):
@@ -193,9 +194,9 @@ def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
         c = write(tmp_path / name, raw)
         q = write(tmp_path / "queries.tsv", "1048585\twhat is paula deen's brother\n3\tunjudged\n")
         r = write(tmp_path / "qrels.tsv", "1048585 0 1 1\n")
-        corpus, queries, qrels = data.read_msmarco(c, q, r)
-        assert list(data.stream_msmarco_collection(c)) == list(corpus.items())
-        assert data.read_msmarco_queries(q, r) == (queries, qrels)
+        corpus, queries, qrels = metrics.read_msmarco(c, q, r)
+        assert list(metrics.stream_msmarco_collection(c)) == list(corpus.items())
+        assert metrics.read_msmarco_queries(q, r) == (queries, qrels)
 
 
 @pytest.mark.parametrize("name, raw, message", [
@@ -210,7 +211,7 @@ def test_streamed_corpora_equal_the_readers_dicts_in_file_order(tmp_path):
 ])
 def test_streamed_corpus_errors_name_file_and_line(tmp_path, name, raw, message):
     path = write(tmp_path / name, raw)
-    stream = data.stream_beir_corpus(
-        str(tmp_path)) if name == "corpus.jsonl" else data.stream_msmarco_collection(path)
+    stream = metrics.stream_beir_corpus(
+        str(tmp_path)) if name == "corpus.jsonl" else metrics.stream_msmarco_collection(path)
     with pytest.raises(data.DataError, match=message):
         list(stream)

@@ -251,10 +251,9 @@ def test_qrels_that_match_no_query_fail_before_any_model_loads(tmp_path):
 
 
 def test_coverage_counts_unknown_ids_and_warns_when_many(tmp_path, capsys):
-    import data
     folder = _beir_folder(tmp_path / "set", ["d1", "d2"], ["q1", "q2", "q3"],
                           [("q1", "d1"), ("q2", "d9"), ("q9", "d1")])
-    dataset = data.read_beir(folder)
+    dataset = metrics.read_beir(folder)
     counts = metrics.judgment_coverage("set", dataset)
     # read_beir keeps judged queries
     assert counts == {"queries": 2, "evaluated": 2, "judgments": 3, "unknown_query_judgments": 1,
@@ -262,7 +261,7 @@ def test_coverage_counts_unknown_ids_and_warns_when_many(tmp_path, capsys):
     assert "1 of 3 judgments name unknown queries, e.g. ['q9']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no judged document is in the corpus"):
         metrics.judgment_coverage(
-            "set", data.read_beir(_beir_folder(tmp_path / "b", ["d1"], ["q1"], [("q1", "d7")])))
+            "set", metrics.read_beir(_beir_folder(tmp_path / "b", ["d1"], ["q1"], [("q1", "d7")])))
 
 
 def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(tmp_path):
@@ -270,8 +269,7 @@ def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(
     a sharded index (float32, one shard: batched as the dense path batches) and gets the dense
     path's figures exactly, its run files reproduce them through trec_eval's code, and --adaptive
     runs on the index."""
-    import data
-    corpus, queries, qrels = data.embedded_retrieval_set()
+    corpus, queries, qrels = metrics.embedded_retrieval_set()
     folder = tmp_path / "wiki-ict"
     (folder / "qrels").mkdir(parents=True)
     (folder / "corpus.jsonl").write_text("".join(

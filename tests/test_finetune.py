@@ -100,16 +100,16 @@ def test_scored_pairs_train_with_cosent(tmp_path, tiny_model_dir):
 def test_same_batches_for_every_method(tmp_path, tiny_model_dir, train_file, monkeypatch):
     """Rows of a table differ only by the loss: every method's training steps see the same token
     ids."""
-    seen, real_step = {}, training.contrastive_step
+    seen, real_embed = {}, sb.embed_2d
 
-    def recording(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, *rest):
-        seen.setdefault(method, []).append(
-            (q_tok["input_ids"].tolist(), p_tok["input_ids"].tolist()))
-        return real_step(net, embed_pairs, pooling, loss_fn, q_tok, p_tok, *rest)
-    monkeypatch.setattr(training, "contrastive_step", recording)
+    def recording(model, input_ids, *rest):  # the loop embeds the queries, then the passages
+        seen.setdefault(method, []).append(input_ids.tolist())
+        return real_embed(model, input_ids, *rest)
+    monkeypatch.setattr(sb, "embed_2d", recording)
     for method in ("srl", "full", "2dmse", "mrl"):
         run(tiny_model_dir, train_file, tmp_path / method, "--method", method)
-    assert len(seen["srl"]) == 2 and seen["srl"][0] != seen["srl"][1]  # two different batches
+    # two steps of two different batches: queries and passages of each
+    assert len(seen["srl"]) == 4 and seen["srl"][0] != seen["srl"][2]
     assert seen["full"] == seen["srl"] and seen["2dmse"] == seen["srl"] and seen["mrl"] == seen[
         "srl"]
     kind, records, _ = data.read_training_file(train_file)
@@ -142,7 +142,7 @@ def test_bad_inputs_get_clear_errors(tmp_path, tiny_model_dir, train_file):
 
 
 def test_linear_schedule_warms_up_then_decays():
-    values = [training.linear_schedule(s, 10, 2) for s in range(10)]
+    values = [finetune.linear_schedule(s, 10, 2) for s in range(10)]
     assert values[:3] == [0.5, 1.0, 1.0] and values[-1] == pytest.approx(0.125)
 
 

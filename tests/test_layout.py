@@ -3,6 +3,7 @@ written twice."""
 import ast
 import glob
 import re
+import sys
 import os
 
 import pytest
@@ -121,6 +122,27 @@ def _module_level_imports(node):
 
 def test_the_toolkit_is_found():
     assert {"classification", "recipe", "deploy", "large_batch"} <= set(TOOLKIT)
+
+
+@pytest.mark.parametrize("folder", TOOLKIT + ["bench"])
+def test_every_toolkit_folder_has_a_readme_naming_each_of_its_files(folder):
+    readme = open(os.path.join(ROOT, folder, "README.md"), encoding="utf-8").read()
+    for path in glob.glob(os.path.join(ROOT, folder, "*.py")):
+        name = os.path.basename(path)
+        assert name == "__init__.py" or f"`{name}`" in readme, f"{folder}/README.md: {name}"
+
+
+def test_bench_layout_follows_module_level_imports_only():
+    """The closure of finetune.py: the reference modules it imports at module level, not the
+    toolkit its flags load inside functions; the lines are those of its files."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_layout
+    modules = bench_layout.project_files()
+    reached = bench_layout.closure("finetune", modules)
+    assert reached == {"finetune", "data", "models", "starbucks", "training"}
+    assert "recipe.flops" in bench_layout.closure("finetune", modules, module_level=False)
+    assert bench_layout.line_count(modules["starbucks"]) == len(
+        open(modules["starbucks"], encoding="utf-8").read().splitlines())
 
 
 @pytest.mark.parametrize("name", REFERENCE)

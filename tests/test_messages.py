@@ -158,6 +158,7 @@ def test_the_message_check_sees_a_shared_module_s_advice():
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import finetune  # noqa: E402
+import metrics  # noqa: E402
 
 
 @pytest.mark.parametrize("first_row", ["text1,text2,label", "A man plays.,A man is playing.,five"])
@@ -165,7 +166,7 @@ def test_an_unknown_header_or_a_word_score_is_blamed_on_row_one(tmp_path, first_
     path = tmp_path / "sts.csv"
     path.write_text(f"{first_row}\nA cat sits.,A cat is sitting.,4.5\nA dog.,A car.,0.5\n")
     with pytest.raises(data.DataError) as e:
-        data.read_sts_file(str(path))
+        metrics.read_sts_file(str(path))
     message = str(e.value)
     assert message.startswith(f"{path}:1: ") and "sentence1,sentence2,score" in message
     assert repr(first_row.split(",")[-1]) in message  # the column that was not a score
@@ -176,7 +177,7 @@ def test_an_unknown_qrels_header_names_the_known_ones(tmp_path):
     path.write_text("q\td\trel\nq1\td1\t1\n")
     with pytest.raises(data.DataError,
                        match=r":1: header \['q', 'd', 'rel'\] not known: BEIR qrels start"):
-        data.read_qrels(str(path))
+        metrics.read_qrels(str(path))
 
 
 def test_an_unknown_layout_lists_the_known_layouts(tmp_path):
@@ -203,7 +204,7 @@ def test_a_beir_folder_without_the_split_names_the_splits_it_has(tmp_path):
     (tmp_path / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
     with pytest.raises(data.DataError, match=r"test.tsv: no such file; qrels there: \['dev.tsv'\] "
                                              r"\(pick one with --beir_split\)"):
-        data.read_beir_queries(str(tmp_path))
+        metrics.read_beir_queries(str(tmp_path))
 
 
 @pytest.mark.parametrize("argv", [["--learning_rate", "-1e-4"], ["--learning_rate=-1e-4"],

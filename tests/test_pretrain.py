@@ -355,7 +355,7 @@ def test_vocab_file_tokenizer_keeps_real_words(tokenizer):
 
 
 def test_from_scratch_encoder_has_the_requested_size_and_real_vocab():
-    encoder, tokenizer = models.load_encoder(data.DEFAULT_MODEL, torch.device("cpu"),
+    encoder, tokenizer = pretrain.load_encoder(data.DEFAULT_MODEL, torch.device("cpu"),
                                              from_scratch=True, config_overrides=TINY)
     assert (encoder.config.num_hidden_layers, encoder.config.hidden_size) == (4, 32)
     assert encoder.get_input_embeddings().weight.shape == (30522, 32)
@@ -395,7 +395,7 @@ def test_crop_documents_covers_every_token_in_order(tokenizer):
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    values = [training.cosine_schedule(s, 100, 10) for s in range(101)]
+    values = [pretrain.cosine_schedule(s, 100, 10) for s in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(
         1.0) and values[10] == pytest.approx(1.0)
     assert values[55] == pytest.approx(0.5) and values[100] == pytest.approx(0.0, abs=1e-12)
@@ -405,24 +405,24 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 def test_read_text_file_plain_and_jsonl(tmp_path):
     plain = tmp_path / "a.txt"
     plain.write_text("first doc\n\nsecond doc\n")
-    assert data.read_text_file(str(plain)) == (["first doc", "second doc"], 0)
+    assert pretrain.read_text_file(str(plain)) == (["first doc", "second doc"], 0)
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text('{"text": "one"}\n{"title": "no text"}\n{"text": "two"}\n')
     with pytest.raises(data.DataError, match="a.jsonl:2"):
-        data.read_text_file(str(jsonl))
-    assert data.read_text_file(str(jsonl), skip_bad_lines=True) == (["one", "two"], 1)
+        pretrain.read_text_file(str(jsonl))
+    assert pretrain.read_text_file(str(jsonl), skip_bad_lines=True) == (["one", "two"], 1)
 
 
 def test_load_mlm_head_copies_a_bert_prediction_head(tmp_path):
     mlm = tiny_masked_lm(seed=3)
     mlm.save_pretrained(tmp_path)
     heads = sb.SMAEHeads(mlm.bert)
-    assert models.load_mlm_head(heads, str(tmp_path))
+    assert pretrain.load_mlm_head(heads, str(tmp_path))
     for name, value in mlm.cls.predictions.transform.state_dict().items():
         assert torch.equal(heads.transform.state_dict()[name], value), name
     assert torch.equal(heads.bias, mlm.cls.predictions.bias)
     packaged = models.resolve_model_path(data.DEFAULT_MODEL)  # all-MiniLM-L6-v2 ships no MLM head
-    assert not models.load_mlm_head(sb.SMAEHeads(mlm.bert), packaged)
+    assert not pretrain.load_mlm_head(sb.SMAEHeads(mlm.bert), packaged)
 
 
 def test_twenty_steps_on_real_text_lower_the_loss_and_save_a_loadable_folder(

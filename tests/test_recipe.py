@@ -144,7 +144,7 @@ def test_grid_reuses_finished_runs(tmp_path, monkeypatch):
                                                                            "again"))
     monkeypatch.setattr(compute_optimal.data, "embedded_training_data", lambda **k: [])
     monkeypatch.setattr(compute_optimal, "held_out_pairs", lambda count: [])
-    monkeypatch.setattr(compute_optimal.data, "lee_sts", lambda: None)
+    monkeypatch.setattr(compute_optimal.metrics, "lee_sts", lambda: None)
     results, skipped = compute_optimal.run_grid(opts)
     assert [r["budget"] for r in results] == [0.0, 1e9, 2e9] and skipped == []
 

@@ -256,16 +256,31 @@ def _step_setup(model_dir, method="srl"):
 
 
 def _step(net, setup, batch, chunk):
-    """training.contrastive_step of net (the model of setup = _step_setup(...), or it wrapped) on
-    batch = (queries, passages) -> (loss, {name: grad}); zeroes the gradients afterwards."""
+    """finetune.train's step, as its loop writes it, of net (the model of setup = _step_setup(...),
+    or it wrapped) on batch = (queries, passages): forward, the loss over every rank's rows, backward
+    x world size; GradCache when chunk > 0 -> (loss, {name: grad}); zeroes the gradients after."""
     model, tokenizer, embed_pairs, loss_fn = setup
+    world_size = training.rank_and_world_size()[1]
     queries, passages = batch
-    q_tok = tokenizer(queries, padding=True, return_tensors="pt")
-    p_tok = tokenizer(passages, padding=True, return_tensors="pt")
+    inputs = [(t["input_ids"], t["attention_mask"])
+              for t in (tokenizer(texts, padding=True, return_tensors="pt")
+                        for texts in (queries, passages))]
     generator = torch.Generator().manual_seed(5)  # 2DMSE's sampled sizes
-    loss = training.contrastive_step(net, embed_pairs, "mean",
-                                     lambda q_2d, p_2d: loss_fn(q_2d, p_2d, None, generator), q_tok,
-                                     p_tok, chunk)
+
+    def embed(ids, mask):
+        return sb.embed_2d(net, ids, mask, embed_pairs, "mean")
+
+    def global_loss(q_2d, p_2d):
+        return loss_fn({k: training.gather_with_grad(v) for k, v in q_2d.items()},
+                       {k: training.gather_with_grad(v) for k, v in p_2d.items()}, None, generator)
+
+    if chunk:
+        loss = grad_cache.grad_cache_step(embed, inputs, global_loss, chunk,
+                                          getattr(net, "no_sync", None), loss_scale=world_size)
+    else:
+        loss = global_loss(*(embed(*x) for x in inputs))
+        (loss * world_size).backward()
+        loss = loss.detach()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return loss, grads
@@ -615,15 +630,14 @@ def test_a_skipped_first_step_moves_the_schedule_on_without_torchs_warning():
 
 def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(tiny, tmp_path, monkeypatch,
                                                                   capsys):
-    real_step, calls = training.contrastive_step, []
+    real_finish, calls = training.finish_step, []
 
-    def poisoned(net, *args):
-        loss = real_step(net, *args)
+    def poisoned(step, loss, params, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # step 3: one gradient entry becomes NaN
-            next(p for p in net.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
-        return loss
-    monkeypatch.setattr(training, "contrastive_step", poisoned)
+        if len(calls) == 3:  # step 3: one gradient entry becomes NaN after backward
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return real_finish(step, loss, params, *args, **kwargs)
+    monkeypatch.setattr(training, "finish_step", poisoned)
     finetune.main([
         "--model_name_or_path", tiny["plain"], "--train_file", tiny["train"], "--output_dir",
         str(tmp_path), "--max_steps", "5", "--save_steps", "1", "--max_bad_steps", "2"])
