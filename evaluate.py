@@ -4,6 +4,7 @@
     python evaluate.py --model_name_or_path out/full out/srl    # side by side, one table per metric
     python evaluate.py --sts_files sts-test.tsv --beir_dirs scifact --runs runs/
     python evaluate.py --adaptive 2x24:200:6x384               # 2D adaptive retrieval (Eq. 14) beside exhaustive
+    python evaluate.py --precision int8 --pairs 2x24,6x384     # every pair in int8 beside float32
 
 Every pair's embeddings come from one forward pass per batch (up to the largest requested layer).
 Metrics follow trec_eval (README, Evaluation); --runs writes one TREC run file per pair so that
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--adaptive", default=None, metavar="SMALL:K:LARGE",
                    help="also report 2D adaptive retrieval (Eq. 14), e.g. 2x24:50:6x384 or a "
                         "funnel 1x12:200:2x24:50:6x384")
+    p.add_argument("--precision", choices=("float16", "int8", "binary"), default=None,
+                   help="also report every pair's retrieval at this precision beside float32 "
+                        "(index/precision.py)")
     p.add_argument("--query_max_len", type=data.positive_int, default=32)
     p.add_argument("--passage_max_len", type=data.positive_int, default=128)
     p.add_argument("--max_seq_length", type=data.positive_int, default=256, help="STS texts")
@@ -105,12 +109,16 @@ def main(argv=None):
             "--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")
     coverage = {name: metrics.judgment_coverage(name, dataset)  # fails here, before any model loads
                 for name, (kind, dataset) in datasets.items() if kind == "retrieval"}
-    all_results, configs, adaptive = {}, {}, {}
+    all_results, configs, adaptive, precision = {}, {}, {}, {}
     for name, path in zip(names, args.model_name_or_path):
         config, all_results[name] = metrics.evaluate_model(path, datasets, settings, device, name)
         if args.adaptive:
             from deploy import funnel
             adaptive[name] = funnel.adaptive_retrieval(path, datasets, settings, device)
+        if args.precision:
+            from index import precision as quantized
+            precision[name] = quantized.evaluate_precision(path, datasets, settings, device,
+                                                           args.precision)
         configs[name] = {"path": path, "pooling": config.pooling, "similarity": config.similarity}
     if torchrun:
         training.cleanup()
@@ -126,7 +134,8 @@ def main(argv=None):
         command = "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
         json.dump({"command": command, "datasets": {n: labels.get(n, n) for n in datasets},
                    "models": configs, "judgments": coverage, "results": all_results,
-                   **({"adaptive": adaptive} if adaptive else {})}, f, indent=2)
+                   **({"adaptive": adaptive} if adaptive else {}),
+                   **({"precision": precision} if precision else {})}, f, indent=2)
     for n in datasets:
         if n in labels:
             print(f"{n}: {labels[n]}")
@@ -141,6 +150,10 @@ def main(argv=None):
     if adaptive:
         from deploy import funnel
         table += "\n" + funnel.print_adaptive(adaptive, datasets)
+    if precision:
+        from index import precision as quantized
+        for name, by_dataset in precision.items():
+            table += "\n" + quantized.print_precision(by_dataset, name)
     open(os.path.join(args.output_dir, "table.txt"), "w").write(table + "\n")
     if args.plot:
         print("\n".join(metrics.plot_heatmaps(all_results, args.output_dir)))

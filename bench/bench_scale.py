@@ -1,11 +1,14 @@
 """Paper-scale retrieval (index/corpus_index.py), measured in one run: memory and time of streamed
 exact search against corpus size, its FLOP rate against this machine's matmul, the 2D funnel (Eq.
-14) on the sharded index, what float16 storage costs, and the work an interrupted encoding redoes.
+14) on the sharded index with a binary first stage beside a float16 one, what float16, int8 and
+binary storage cost, and the work an interrupted encoding redoes.
 
     # about 5 minutes on 2 CPU cores
     python bench/bench_scale.py
     # the funnel's quality on the demo's SRL model
     python bench/bench_scale.py --model_name_or_path output/demo/srl
+    # only the funnels and the precisions (about 1 minute)
+    python bench/bench_scale.py --adaptive_only --model_name_or_path output/demo/srl
     # bigger (not run here: no GPU)
     python bench/bench_scale.py --large_docs 8800000 --dim 768 --device cuda
 
@@ -17,13 +20,25 @@ exact search against corpus size, its FLOP rate against this machine's matmul, t
   x --flop_dim, depth --depth; the fastest of 3) over the FLOP rate of a 2048^3 float32 matmul (the
   fastest of 5), same device and threads; the search as it runs here (FAISS's flat search per chunk
   where FAISS is installed and the device is a CPU). Beside it: the torch.topk path without FAISS.
-- adaptive_speedup_queries_in_blocks: --adaptive against exhaustive search at its last pair, both
-  streamed over the same float16 shards of --adaptive_docs random vectors, --block queries at once,
-  median of --rounds; beside it, the share of the funnel's time that its first stage takes alone
-  (median).
-- adaptive_ndcg10_kept: nDCG@10 of the funnel over exhaustive search at its last pair on the real
-  embedded set (wiki-ict, inverse-cloze over held-out Wikipedia: a NON-STANDARD task), encoded by
-  --model_name_or_path.
+- adaptive_speedup_queries_in_blocks: the product's funnel (Eq. 14 with a precision axis):
+  --adaptive (default 6x384:100:6x384) with its first stage over --adaptive_precision codes
+  (default binary: FAISS's IndexBinaryFlat, Hamming distance over the 48-byte sign codes of 6x384),
+  its shortlist rescored in float at the last pair; against exhaustive float16 search at that last
+  pair, both over the same float16 shards (and their codes, index/precision.py) of --adaptive_docs
+  random vectors, --block queries at once, median of --rounds; beside it, the share of the funnel's
+  time that its first stage takes alone, and issue 12's float16 funnel --float_adaptive
+  (2x24:200:6x384) timed the same way.
+- adaptive_ndcg10_kept: nDCG@10 of the product's funnel over exhaustive float16 search at its last
+  pair on the real embedded set (wiki-ict, inverse-cloze over held-out Wikipedia: a NON-STANDARD
+  task; 318 passages, so the shortlist holds a large share of it), encoded by --model_name_or_path.
+- binary_bytes_vs_float16: bytes per vector on disk of the first stage layer's binary codes over its
+  float16 vectors (shard 0 of the synthetic corpus; file size less the .npy header, over rows).
+- int8_ndcg10_kept_min_pair: at every pair of the model, nDCG@10 of exhaustive search over int8
+  codes (ranges calibrated on the stored float16 vectors; float queries) over exhaustive float32
+  search at the same pair, on the real set; the worst pair. The INT8 line lists every pair.
+- AT lines: exhaustive search time per query at 1/8, 1/4, 1/2 and all of the last pair's width for
+  float16, int8 and binary over the synthetic corpus (random vectors: time only; what each pair and
+  precision keeps is `python -m index.precision_table`, docs/precision.md).
 - encode_resume_lost_work: the real set encoded in shards of --resume_shard_size passages, kill -9
   once half the passages were handed to the encoder, then resumed: (passages encoded by both runs -
   N) / N. A batch counts as encoded when it starts, so a batch cut short by the kill counts as lost.
@@ -34,6 +49,7 @@ exact search against corpus size, its FLOP rate against this machine's matmul, t
   efSearch 128).
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -49,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from index import corpus_index as ci  # noqa: E402
+from index import corpus_index as ci, precision  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 import models  # noqa: E402
@@ -71,7 +87,15 @@ def parse_args(argv=None):
     p.add_argument("--flop_docs", type=int, default=200_000)
     p.add_argument("--flop_dim", type=int, default=768)
     p.add_argument("--flop_queries", type=int, default=512)
-    p.add_argument("--adaptive", default="2x24:200:6x384", help="funnel SMALL:K:LARGE (or longer)")
+    p.add_argument("--adaptive", default="6x384:100:6x384",
+                   help="the product's funnel SMALL:K:LARGE (or longer), its first stage at "
+                        "--adaptive_precision")
+    p.add_argument("--adaptive_precision", choices=("float16", "int8", "binary"), default="binary")
+    p.add_argument("--float_adaptive", default="2x24:200:6x384",
+                   help="the float16 funnel beside it (issue 12's), ending at the same pair")
+    p.add_argument("--adaptive_only", action="store_true",
+                   help="only part 3: the funnels and the precisions (no scaling, FLOP rate or "
+                        "resume)")
     p.add_argument("--adaptive_docs", type=int, default=1_000_000)
     p.add_argument("--block", type=int, default=64, help="queries per block for the funnel's speed")
     p.add_argument("--rounds", type=int, default=3)
@@ -180,25 +204,6 @@ def matmul_gflops(device):
 # ----------------------------------------------------------------------------------------------
 # The real set: quality of the funnel, float16 storage, resumed encoding
 
-def copy_as_float16(source, target):
-    """The float32 index in source written again with float16 storage, as encode_corpus would have
-    written it."""
-    index = ci.open_index(source)
-    with open(os.path.join(source, ci.CONFIG)) as f:
-        config = dict(json.load(f), dtype="float16")
-    ci.start_index(target, config)
-    for shard in range(len(index.shard_rows)):
-        path = os.path.join(source, ci.shard_name(shard))
-        vectors = {
-            n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(np.float16)
-            for n in index.widths}
-        ci.write_shard(target, shard,
-                       [d.decode() for d in np.load(os.path.join(path, "docids.npy"))], vectors,
-                       ci._read_marker(source, shard)["source_sha256"])
-    ci.finalize_index(target, len(index.shard_rows))
-    return ci.open_index(target)
-
-
 def ndcg10(index, scores, rows, qids, qrels):
     return metrics.ndcg_at_k(ci.run_from_hits(index, scores, rows, qids), qrels, 10)
 
@@ -254,6 +259,12 @@ def resume_lost_work(folder, model_name_or_path, shard_size, threads, num_docs):
     return (handed + resumed - num_docs) / num_docs, (handed, complete, resumed)
 
 
+def row_bytes(path):
+    """Bytes per row of a .npy file on disk: its size less the header, over its rows."""
+    array = np.load(path, mmap_mode="r")
+    return (os.path.getsize(path) - array.offset) / len(array)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -265,100 +276,126 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     lines = []
     try:
-        # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit
-        #    vectors
-        queries_path = os.path.join(workdir, "queries.pt")
-        torch.save(random_queries(args.queries, args.dim, seed=1), queries_path)
-        sizes = {"small": args.small_docs, "large": args.large_docs}
-        for name, num_docs in sizes.items():
-            seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim},
-                                         args.shard_size, seed=2)
-            print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} "
-                  f"({seconds:.1f} s)", flush=True)
-        runs = {name: [] for name in sizes}
-        for _ in range(2):  # alternating; the fastest time and the largest peak of each
+        if not args.adaptive_only:
+            # 1. Memory and time against corpus size: the same queries over 200k and 2M random unit
+            #    vectors
+            queries_path = os.path.join(workdir, "queries.pt")
+            torch.save(random_queries(args.queries, args.dim, seed=1), queries_path)
+            sizes = {"small": args.small_docs, "large": args.large_docs}
+            for name, num_docs in sizes.items():
+                seconds = write_random_index(os.path.join(workdir, name), num_docs, {1: args.dim},
+                                             args.shard_size, seed=2)
+                print(f"wrote {num_docs} x {args.dim} float16 in shards of {args.shard_size} "
+                      f"({seconds:.1f} s)", flush=True)
+            runs = {name: [] for name in sizes}
+            for _ in range(2):  # alternating; the fastest time and the largest peak of each
+                for name in sizes:
+                    runs[name].append(
+                        run_search_child(os.path.join(workdir, name), queries_path,
+                                         os.path.join(workdir, f"{name}.json"), args.depth,
+                                         args.threads, args.device))
+            best = {name: min(r["seconds"] for r in runs[name]) for name in sizes}
+            peak = {name: max(r["peak_mb"] for r in runs[name]) for name in sizes}
+            before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
+            for name, num_docs in sizes.items():
+                print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth "
+                      f"{args.depth}: {best[name]:.2f} s, peak RSS during the search "
+                      f"{peak[name]:.0f} MB ({before[name]:.0f} MB resident when it began)")
+            print("\n".join(faiss_recall(os.path.join(workdir, "small"), torch.load(queries_path))))
             for name in sizes:
-                runs[name].append(
-                    run_search_child(os.path.join(workdir, name), queries_path,
-                                     os.path.join(workdir, f"{name}.json"), args.depth,
-                                     args.threads, args.device))
-        best = {name: min(r["seconds"] for r in runs[name]) for name in sizes}
-        peak = {name: max(r["peak_mb"] for r in runs[name]) for name in sizes}
-        before = {name: max(r["before_mb"] for r in runs[name]) for name in sizes}
-        for name, num_docs in sizes.items():
-            print(f"exact search, {args.queries} queries x {num_docs} x {args.dim}, depth "
-                  f"{args.depth}: {best[name]:.2f} s, peak RSS during the search {peak[name]:.0f} "
-                  f"MB ({before[name]:.0f} MB resident when it began)")
-        print("\n".join(faiss_recall(os.path.join(workdir, "small"), torch.load(queries_path))))
-        for name in sizes:
-            shutil.rmtree(os.path.join(workdir, name))
-        tag = f"{args.large_docs // 1000}k_vs_{args.small_docs // 1000}k".replace("000k", "M")
-        lines += [f"RATIO peak_memory_{tag} {peak['large'] / peak['small']:.3f} goal <=1.3",
-                  f"RATIO search_time_{tag} {best['large'] / best['small']:.2f} "
-                  f"goal <={1.1 * args.large_docs / args.small_docs:g}"]
+                shutil.rmtree(os.path.join(workdir, name))
+            tag = f"{args.large_docs // 1000}k_vs_{args.small_docs // 1000}k".replace("000k", "M")
+            lines += [f"RATIO peak_memory_{tag} {peak['large'] / peak['small']:.3f} goal <=1.3",
+                      f"RATIO search_time_{tag} {best['large'] / best['small']:.2f} "
+                      f"goal <={1.1 * args.large_docs / args.small_docs:g}"]
 
-        # 2. FLOP rate of exact search against a dense matmul on this machine
-        folder = os.path.join(workdir, "flops")
-        write_random_index(folder, args.flop_docs, {1: args.flop_dim}, args.shard_size, seed=3)
-        index = ci.open_index(folder)
-        queries = random_queries(args.flop_queries, args.flop_dim, seed=4).to(args.device)
-        ci.search(index, (1, args.flop_dim), queries[:8], args.depth)  # warm-up: files read once
-        installed = ci.faiss
-        paths = {"FAISS": installed} if ci._uses_faiss(queries.device) else {}
-        paths["torch.topk"] = None  # the path without FAISS, beside it
-        seconds = {}
-        for name, library in paths.items():
-            ci.faiss = library
-            seconds[name] = fastest(
-                lambda: ci.search(index, (1, args.flop_dim), queries, args.depth), 3)
-        ci.faiss = installed
-        flops = 2 * args.flop_queries * args.flop_docs * args.flop_dim
-        rates = {name: flops / s / 1e9 for name, s in seconds.items()}
-        matmul_rate = matmul_gflops(args.device)
-        shutil.rmtree(folder)
-        timings = ", ".join(f"{name} {seconds[name]:.2f} s = {rate:.1f} GFLOP/s"
-                            for name, rate in rates.items())
-        print(f"exact search {args.flop_queries} x {args.flop_docs} x {args.flop_dim} float16 "
-              f"shards, depth {args.depth}: {timings}; 2048^3 float32 matmul "
-              f"{matmul_rate:.1f} GFLOP/s")
-        rate = next(iter(rates.values()))  # of the path that search takes here
-        lines.append(f"RATIO exact_search_flop_rate_vs_matmul {rate / matmul_rate:.3f} goal >=0.5")
+            # 2. FLOP rate of exact search against a dense matmul on this machine
+            folder = os.path.join(workdir, "flops")
+            write_random_index(folder, args.flop_docs, {1: args.flop_dim}, args.shard_size, seed=3)
+            index = ci.open_index(folder)
+            queries = random_queries(args.flop_queries, args.flop_dim, seed=4).to(args.device)
+            # warm-up: files read once
+            ci.search(index, (1, args.flop_dim), queries[:8], args.depth)
+            installed = ci.faiss
+            paths = {"FAISS": installed} if ci._uses_faiss(queries.device) else {}
+            paths["torch.topk"] = None  # the path without FAISS, beside it
+            seconds = {}
+            for name, library in paths.items():
+                ci.faiss = library
+                seconds[name] = fastest(
+                    lambda: ci.search(index, (1, args.flop_dim), queries, args.depth), 3)
+            ci.faiss = installed
+            flops = 2 * args.flop_queries * args.flop_docs * args.flop_dim
+            rates = {name: flops / s / 1e9 for name, s in seconds.items()}
+            matmul_rate = matmul_gflops(args.device)
+            shutil.rmtree(folder)
+            timings = ", ".join(f"{name} {seconds[name]:.2f} s = {rate:.1f} GFLOP/s"
+                                for name, rate in rates.items())
+            print(f"exact search {args.flop_queries} x {args.flop_docs} x {args.flop_dim} float16 "
+                  f"shards, depth {args.depth}: {timings}; 2048^3 float32 matmul "
+                  f"{matmul_rate:.1f} GFLOP/s")
+            rate = next(iter(rates.values()))  # of the path that search takes here
+            lines.append(
+                f"RATIO exact_search_flop_rate_vs_matmul {rate / matmul_rate:.3f} goal >=0.5")
 
-        # 3. The funnel (Eq. 14) on the sharded index: speed on random vectors, quality on the real
-        #    set
+        # 3. The funnels (Eq. 14) and the precisions on the sharded index: speed on random vectors,
+        #    quality on the real set
         pairs, ks = funnel.parse_funnel(args.adaptive)
-        last = pairs[-1]
+        float_pairs, float_ks = funnel.parse_funnel(args.float_adaptive)
+        last, first, kind = pairs[-1], pairs[0], args.adaptive_precision
+        if float_pairs[-1] != last:
+            raise ValueError(f"--adaptive and --float_adaptive end at other pairs ({last[0]}x"
+                             f"{last[1]}, {float_pairs[-1][0]}x{float_pairs[-1][1]}): one "
+                             "exhaustive search is the reference of both")
         folder = os.path.join(workdir, "adaptive")
-        seconds = write_random_index(folder, args.adaptive_docs, ci.stored_widths(pairs),
-                                     args.shard_size, seed=5)
+        widths = ci.stored_widths(pairs + float_pairs)
+        seconds = write_random_index(folder, args.adaptive_docs, widths, args.shard_size, seed=5)
         index = ci.open_index(folder)
-        print(f"wrote {args.adaptive_docs} documents at {ci.stored_widths(pairs)} (layer: width), "
-              f"float16 ({seconds:.1f} s)")
-        stage_queries = [
-            random_queries(args.block, d, seed=6 + j).to(args.device)
-            for j, (_, d) in enumerate(pairs)]
-        speedup, exhaustive_s, adaptive_s = median_ratio(
-            lambda: ci.search(index, last, stage_queries[-1], 10, args.block),
-            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block),
-            args.rounds)
+        start = time.perf_counter()
+        precision.write_codes(index)
+        codes = precision.open_codes(index)
+        print(f"wrote {args.adaptive_docs} documents at {widths} (layer: width), float16 "
+              f"({seconds:.1f} s), then their binary and int8 codes "
+              f"({time.perf_counter() - start:.1f} s)")
+        # precisions at 1M: exhaustive search at an eighth, a quarter, half and all the last width
+        table_dims = [widths[last[0]] // part for part in (8, 4, 2, 1)]
+        q = {d: random_queries(args.block, d, seed=6 + d).to(args.device)
+             for d in {d for _, d in pairs + float_pairs} | set(table_dims)}
+
+        def product():
+            return precision.quantized_funnel(codes, kind, pairs, [q[d] for _, d in pairs], ks, 10,
+                                              args.block)
+        exhaustive = functools.partial(ci.search, index, last, q[last[1]], 10, args.block)
+        speedup, exhaustive_s, adaptive_s = median_ratio(exhaustive, product, args.rounds)
         first_share, _, _ = median_ratio(  # where the funnel's time goes: its first stage alone
-            lambda: ci.search(index, pairs[0], stage_queries[0], ks[0], args.block),
-            lambda: ci.adaptive_search(index, pairs, stage_queries, ks, 10, args.block),
-            args.rounds)
+            lambda: precision.search_codes(codes, first, kind, q[first[1]], ks[0], args.block),
+            product, args.rounds)
+        float_speedup, _, float_s = median_ratio(exhaustive, lambda: ci.adaptive_search(
+            index, float_pairs, [q[d] for _, d in float_pairs], float_ks, 10, args.block),
+                                                 args.rounds)
+        print(f"over {args.adaptive_docs} documents in blocks of {args.block} queries: exhaustive "
+              f"{last[0]}x{last[1]} float16 {exhaustive_s * 1000 / args.block:.2f} ms/query; "
+              f"{args.adaptive} with a {kind} first stage {adaptive_s * 1000 / args.block:.2f} "
+              f"ms/query ({speedup:.2f}x; its first stage alone, top {ks[0]}, {first_share:.2f} "
+              f"of its time); {args.float_adaptive} float16 "
+              f"{float_s * 1000 / args.block:.2f} ms/query ({float_speedup:.2f}x)")
+        for d in table_dims:
+            times = {p: fastest(functools.partial(precision.search_codes, codes, (last[0], d), p,
+                                                  q[d], 10, args.block), 2)
+                     for p in ("float16", "int8", "binary")}
+            print(f"AT {args.adaptive_docs} {last[0]}x{d} exhaustive search, ms/query: " +
+                  ", ".join(f"{p} ({precision.bytes_per_vector(d, p)} B/vector) "
+                            f"{s * 1000 / args.block:.2f}" for p, s in times.items()))
+        on_disk = [row_bytes(os.path.join(folder, ci.shard_name(0), name))
+                   for name in (f"codes-{first[0]}-binary.npy", f"layer-{first[0]}.npy")]
         shutil.rmtree(folder)
-        flops = funnel.search_flops(args.adaptive_docs, [last[1]], []) / funnel.search_flops(
-            args.adaptive_docs, [d for _, d in pairs], ks)
-        print(f"{args.adaptive} in blocks of {args.block} queries over {args.adaptive_docs} "
-              f"documents: exhaustive {exhaustive_s * 1000 / args.block:.2f} ms/query, adaptive "
-              f"{adaptive_s * 1000 / args.block:.2f} ms/query; search FLOPs {flops:.1f}x fewer; "
-              f"the first stage alone ({pairs[0][0]}x{pairs[0][1]}, top {ks[0]}) {first_share:.2f} "
-              "of the funnel's time")
 
         model, tokenizer, config = load(args.model_name_or_path)
-        sb.check_pairs(pairs, model.config.num_hidden_layers, model.config.hidden_size)
+        sb.check_pairs(sorted(set(pairs + float_pairs)), model.config.num_hidden_layers,
+                       model.config.hidden_size)
         corpus, queries_text, qrels = metrics.embedded_retrieval_set()
         qids = list(queries_text)
-        every_pair = list(dict.fromkeys(config.pairs + pairs))
+        every_pair = list(dict.fromkeys(config.pairs + pairs + float_pairs))
         normalize = config.similarity == "cos"
         full_folder = os.path.join(workdir, "real_float32")
         start = time.perf_counter()
@@ -367,35 +404,50 @@ def main(argv=None):
                                            shard_size=len(corpus), dtype="float32"))
         encode_rate = len(corpus) / (time.perf_counter() - start)
         indexes = {"float32": ci.open_index(full_folder),
-                   "float16": copy_as_float16(full_folder, os.path.join(workdir, "real_float16"))}
+                   "float16": ci.copy_index(full_folder, os.path.join(workdir, "real_float16"),
+                                            "float16")}
+        half = indexes["float16"]
+        precision.write_codes(half)
+        half_codes = precision.open_codes(half)
         q = models.encode_2d(model, tokenizer, [queries_text[x] for x in qids], every_pair,
                              config.pooling, 32, 64, normalize)
-        half = indexes["float16"]
-        kept = (ndcg10(half, *ci.adaptive_search(half, pairs, [q[p] for p in pairs], ks, 10), qids,
-                       qrels)
-                / ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels))
+        exhaustive = ndcg10(half, *ci.search(half, last, q[last], 10), qids, qrels)
+        kept = ndcg10(half, *precision.quantized_funnel(
+            half_codes, kind, pairs, [q[p] for p in pairs], ks, 10), qids, qrels) / exhaustive
+        float_kept = ndcg10(half, *ci.adaptive_search(
+            half, float_pairs, [q[p] for p in float_pairs], float_ks, 10), qids, qrels) / exhaustive
         print(f"real set (wiki-ict, NON-STANDARD inverse-cloze): {len(corpus)} passages, "
               f"{len(qids)} queries, model {args.model_name_or_path}; shortlist {ks[0]} = "
               f"{ks[0] / len(corpus):.0%} of the real set, {ks[0] / args.adaptive_docs:.3%} of the "
               f"synthetic corpus; encode_corpus {encode_rate:.1f} passages/s (max_length 128, "
-              f"pairs {every_pair} from one pass per batch, {args.threads} thread(s))")
+              f"pairs {every_pair} from one pass per batch, {args.threads} thread(s)); "
+              f"{args.float_adaptive} float16 keeps {float_kept:.4f} of nDCG@10")
         lines += [f"RATIO adaptive_speedup_queries_in_blocks {speedup:.2f} goal >=10",
-                  f"RATIO adaptive_ndcg10_kept {kept:.4f} goal >=0.99"]
+                  f"RATIO adaptive_ndcg10_kept {kept:.4f} goal >=0.99",
+                  f"RATIO binary_bytes_vs_float16 {on_disk[0] / on_disk[1]:.4f} goal <=0.0625"]
         for pair in config.pairs:
             values = {
                 dtype: ndcg10(index, *ci.search(index, pair, q[pair], 10), qids, qrels)
                 for dtype, index in indexes.items()}
             print(f"FLOAT16 {pair[0]}x{pair[1]} nDCG@10 float32 {values['float32']:.4f} float16 "
                   f"{values['float16']:.4f} change {values['float16'] - values['float32']:+.5f}")
+        results = precision.precision_results(indexes, config.pairs, q, qids, qrels,
+                                              ("float32", "int8"))
+        int8_kept = {pair: precision.kept(results, pair, "int8", (pair, "float32"))
+                     for pair in config.pairs}
+        print("INT8 nDCG@10 kept against float32 at the same pair: " + ", ".join(
+            f"{n}x{d} {value:.4f}" for (n, d), value in int8_kept.items()))
+        lines.append(f"RATIO int8_ndcg10_kept_min_pair {min(int8_kept.values()):.4f} goal >=0.99")
 
-        # 4. Resumed encoding: kill -9 half-way, resume
-        lost, (handed, complete, resumed) = resume_lost_work(os.path.join(
-            workdir, "resume"), args.model_name_or_path, args.resume_shard_size, args.threads,
-                                                             len(corpus))
-        print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed "
-              f"after {handed} were handed to the encoder ({complete} shards complete); the "
-              f"resumed run encoded {resumed}")
-        lines.append(f"RATIO encode_resume_lost_work {lost:.3f} goal <=0.1")
+        if not args.adaptive_only:
+            # 4. Resumed encoding: kill -9 half-way, resume
+            lost, (handed, complete, resumed) = resume_lost_work(
+                os.path.join(workdir, "resume"), args.model_name_or_path, args.resume_shard_size,
+                args.threads, len(corpus))
+            print(f"encoding {len(corpus)} passages in shards of {args.resume_shard_size}: killed "
+                  f"after {handed} were handed to the encoder ({complete} shards complete); the "
+                  f"resumed run encoded {resumed}")
+            lines.append(f"RATIO encode_resume_lost_work {lost:.3f} goal <=0.1")
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

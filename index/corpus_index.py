@@ -223,6 +223,24 @@ def finalize_index(folder, num_shards):
                 "bytes": os.path.getsize(path), "sha256": training.sha256_of(path)}})
 
 
+def copy_index(source, target, dtype):
+    """The complete index in source written again into target with another storage dtype (as
+    encode_corpus would have written it) -> the opened copy."""
+    index = open_index(source)
+    with open(os.path.join(source, CONFIG)) as f:
+        config = dict(json.load(f), dtype=dtype)
+    start_index(target, config)
+    for shard in range(len(index.shard_rows)):
+        path = os.path.join(source, shard_name(shard))
+        vectors = {
+            n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(DTYPES[dtype])
+            for n in index.widths}
+        write_shard(target, shard, [d.decode() for d in np.load(os.path.join(path, "docids.npy"))],
+                    vectors, _read_marker(source, shard)["source_sha256"])
+    finalize_index(target, len(index.shard_rows))
+    return open_index(target)
+
+
 # ----------------------------------------------------------------------------------------------
 # Encoding a corpus (Eq. 1), once, to disk
 
@@ -532,12 +550,13 @@ def _top(queries, vectors, m):
     return scores.topk(m, dim=1)
 
 
-def _chunk_top(queries, vectors, k):
+def _chunk_top(queries, vectors, k, top=_top, ties=TIES):
     """(scores, columns) (Qb, m), best score first, holding every document of the chunk whose score
-    reaches the chunk's k-th best: m = k + TIES, or more while documents tie with a k-th best."""
-    m = min(k + TIES, len(vectors))
+    reaches the chunk's k-th best: m = k + ties, or more while documents tie with a k-th best.
+    top(queries, vectors, m): the m best of the chunk (_top; index/quantize.py scores codes)."""
+    m = min(k + ties, len(vectors))
     while True:
-        scores, columns = _top(queries, vectors, m)
+        scores, columns = top(queries, vectors, m)
         if m == len(vectors) or (scores[:, -1] < scores[:, k - 1]).all():
             return scores, columns
         m = min(2 * m, len(vectors))  # the same call again: the same scores, a longer list
@@ -585,18 +604,28 @@ def search(index, pair, queries, depth=1000, query_block=1024, chunk_rows=None, 
     if depth < 1:
         raise ValueError(f"depth {depth} must be positive")
     k = min(depth, index.num_docs)
-    device = queries.device
-    blocks = [slice(start, start + query_block) for start in range(0, len(queries), query_block)]
-    chunk_rows = chunk_rows or default_chunk_rows(min(len(queries), query_block), pair[1], device)
-    empty = torch.empty(len(queries), 0, dtype=torch.int64, device=device)
-    lists = [(queries.new_empty(len(empty[b]), 0), empty[b], empty[b]) for b in blocks]
+    chunk_rows = chunk_rows or default_chunk_rows(min(len(queries), query_block), pair[1],
+                                                  queries.device)
     stream = chunks(index, pair, chunk_rows)
     if progress:
         stream = progress(stream, total=sum(-(-rows // chunk_rows) for rows in index.shard_rows))
-    for first_row, vectors, ranks in stream:  # (C, d), (C,)
+    return search_stream(stream, queries, k, query_block, _chunk_top)
+
+
+def search_stream(stream, queries, k, query_block, chunk_top):
+    """The top k (scores, rows), each (Q, k), of a stream of chunks (first global row, vectors
+    (C, ...), docid ranks (C,)), merged into running lists per block of query_block queries, then
+    in trec_eval's order. chunk_top(queries, vectors, k) -> (scores, columns) (Qb, m): every
+    document of the chunk reaching its k-th best score (_chunk_top), float32 scores, higher
+    better."""
+    device = queries.device
+    blocks = [slice(start, start + query_block) for start in range(0, len(queries), query_block)]
+    empty = torch.empty(len(queries), 0, dtype=torch.int64, device=device)
+    lists = [(torch.empty(len(empty[b]), 0, device=device), empty[b], empty[b]) for b in blocks]
+    for first_row, vectors, ranks in stream:  # (C, ...), (C,)
         vectors, ranks = vectors.to(device), ranks.to(device)
         for b, block in enumerate(blocks):
-            scores, columns = _chunk_top(queries[block], vectors, k)  # (Qb, m) each
+            scores, columns = chunk_top(queries[block], vectors, k)  # (Qb, m) each
             # a score under a full list's k-th cannot enter it: keep the columns reaching some k-th
             kth = lists[b][0][:, -1:] if lists[b][0].shape[1] == k else float("-inf")
             reach = int((scores >= kth).sum(1).max())
@@ -636,28 +665,42 @@ def adaptive_search(index, pairs, queries, ks, depth=10, query_block=1024, chunk
     if len(pairs) != len(queries) or len(ks) != len(pairs) - 1:
         raise ValueError(f"a funnel of {len(pairs)} pairs needs as many query matrices and "
                          f"{len(pairs) - 1} ks")
+    for pair in pairs:
+        _check_pair(index, pair)
+    keep = funnel_keep(index, ks, depth)
+    scores, rows = search(index, pairs[0], queries[0], keep[0], query_block, chunk_rows)  # (Q, k_1)
+    for pair, stage_queries, k in zip(pairs[1:], queries[1:], keep[1:]):
+        scores, rows = rescore(index, pair, stage_queries, rows, k)
+    return scores, rows
+
+
+def funnel_keep(index, ks, depth):
+    """How many documents each stage of a funnel keeps: ks capped at N, then the depth."""
     if any(k < 1 for k in ks) or list(ks) != sorted(ks, reverse=True) or depth < 1:
         raise ValueError(f"shortlist sizes {list(ks)} must be positive and non-increasing, "
                          f"depth {depth} positive")
-    for pair in pairs:
-        _check_pair(index, pair)
-    keep = [min(k, index.num_docs) for k in ks] + [min([depth, index.num_docs] + list(ks))]
-    scores, rows = search(index, pairs[0], queries[0], keep[0], query_block, chunk_rows)  # (Q, k_1)
-    for pair, stage_queries, k in zip(pairs[1:], queries[1:], keep[1:]):
-        stage_queries = _check_queries(index, pair, stage_queries)
-        block = max(1, 2 ** 24 // (rows.shape[1] * pair[1]))  # queries per gather: 64 MB of vectors
-        next_scores, next_rows = [], []
-        for start in range(0, len(rows), block):
-            shortlist = rows[start:start + block]  # (Qb, k_prev)
-            vectors, ranks = gather(index, pair, shortlist.reshape(-1))  # (Qb k_prev, d), ranks
-            vectors = vectors.to(rows.device).view(*shortlist.shape, pair[1])  # (Qb, k_prev, d)
-            stage = torch.bmm(vectors, stage_queries[start:start + block].unsqueeze(2)).squeeze(2)
-            _check_scores(stage)  # (Qb, k_prev)
-            order = _trec_order(stage, ranks.to(rows.device).view(shortlist.shape))[:, :k]
-            next_scores.append(stage.gather(1, order))
-            next_rows.append(shortlist.gather(1, order))
-        scores, rows = torch.cat(next_scores), torch.cat(next_rows)
-    return scores, rows
+    return [min(k, index.num_docs) for k in ks] + [min([depth, index.num_docs] + list(ks))]
+
+
+@torch.no_grad()
+def rescore(index, pair, queries, rows, k):
+    """A later stage of Eq. 14: the shortlisted rows (Q, k_prev) scored in float at pair (their
+    vectors gathered from the shards) -> the best k (scores, rows), each (Q, k), in trec_eval's
+    order. queries (Q, d) as for search()."""
+    _check_pair(index, pair)
+    queries = _check_queries(index, pair, queries)
+    block = max(1, 2 ** 24 // (max(1, rows.shape[1]) * pair[1]))  # a gather: 64 MB of vectors
+    next_scores, next_rows = [], []
+    for start in range(0, len(rows), block):
+        shortlist = rows[start:start + block]  # (Qb, k_prev)
+        vectors, ranks = gather(index, pair, shortlist.reshape(-1))  # (Qb k_prev, d), ranks
+        vectors = vectors.to(rows.device).view(*shortlist.shape, pair[1])  # (Qb, k_prev, d)
+        stage = torch.bmm(vectors, queries[start:start + block].unsqueeze(2)).squeeze(2)
+        _check_scores(stage)  # (Qb, k_prev)
+        order = _trec_order(stage, ranks.to(rows.device).view(shortlist.shape))[:, :k]
+        next_scores.append(stage.gather(1, order))
+        next_rows.append(shortlist.gather(1, order))
+    return torch.cat(next_scores), torch.cat(next_rows)
 
 
 # ----------------------------------------------------------------------------------------------
