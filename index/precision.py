@@ -12,10 +12,11 @@ Codes are computed per layer from the stored (raw, un-normalised) vectors of wid
 prefix (n, d) reads a prefix of them (Eq. 1):
 
 - binary: the sign bits (x > 0) packed 8 to a byte, first dimension in the highest bit
-  (np.packbits, big-endian): the first d/8 bytes are exactly the codes of the d-prefix, so d must
-  be a multiple of 8. Signs do not change when a prefix is L2-normalised, so the codes serve cosine
-  and dot-product indexes alike. Searched by FAISS's IndexBinaryFlat (Hamming distance H); the
-  score is d - 2H, the dot product of the two +-1 sign vectors.
+  (np.packbits, big-endian): the first ceil(d/8) bytes hold the codes of the d-prefix; where d is
+  not a multiple of 8, the bits past d are zeroed in the documents' last byte, as np.packbits pads
+  the queries', so that they never differ. Signs do not change when a prefix is L2-normalised, so
+  the codes serve cosine and dot-product indexes alike. Searched by FAISS's IndexBinaryFlat
+  (Hamming distance H); the score is d - 2H, the dot product of the two +-1 sign vectors.
 - int8: per dimension, 255 steps between the minimum and maximum of a calibration sample of the
   stored rows, offset -128 (sentence-transformers' quantize_embeddings), rounded and clipped.
   Per-dimension ranges serve every prefix. Searched by FAISS's exact inner-product search over the
@@ -56,15 +57,8 @@ CODE_FORMAT = 1
 
 
 def bytes_per_vector(d, precision):
-    """Bytes of one (n, d) vector at a precision: 4d, 2d, d or d/8."""
-    if precision == "binary":
-        check_binary_width(d)
-    return {"float32": 4 * d, "float16": 2 * d, "int8": d, "binary": d // 8}[precision]
-
-
-def check_binary_width(d):
-    if d % 8:
-        raise ValueError(f"binary codes need d a multiple of 8 (8 sign bits a byte): d={d} is not")
+    """Bytes of one (n, d) vector at a precision: 4d, 2d, d or ceil(d/8)."""
+    return {"float32": 4 * d, "float16": 2 * d, "int8": d, "binary": -(-d // 8)}[precision]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +66,8 @@ def check_binary_width(d):
 
 def binary_codes(vectors):
     """(N, D) float -> (N, ceil(D / 8)) uint8: sign bits (x > 0), first dimension in the highest bit
-    of the first byte, so the first d/8 bytes are the codes of the d-prefix."""
+    of the first byte, so the first ceil(d/8) bytes are the codes of the d-prefix (code_chunks
+    zeroes the bits past d)."""
     return np.packbits(np.asarray(vectors) > 0, axis=1, bitorder="big")
 
 
@@ -189,8 +184,8 @@ def open_codes(index):
 # Search over codes: the first stage
 
 def _binary_top(queries, codes, m):
-    """The m best (scores, columns) (Qb, m) of a chunk's binary codes (C, d/8) for the queries'
-    codes (Qb, d/8), by FAISS's Hamming search; score d - 2 Hamming."""
+    """The m best (scores, columns) (Qb, m) of a chunk's binary codes (C, B) for the queries'
+    codes (Qb, B), by FAISS's Hamming search; score 8B - 2 Hamming (search_codes: d - 2H)."""
     searched = faiss_binary_index(codes.numpy())
     hamming, columns = searched.search(np.ascontiguousarray(queries.numpy()), m)
     return (torch.from_numpy(searched.d - 2 * hamming.astype(np.float32)),
@@ -198,7 +193,7 @@ def _binary_top(queries, codes, m):
 
 
 def faiss_binary_index(codes):
-    """A FAISS IndexBinaryFlat holding codes (N, d/8) uint8 (Hamming distance)."""
+    """A FAISS IndexBinaryFlat holding codes (N, B) uint8 (Hamming distance over 8B bits)."""
     if ci.faiss is None:
         raise ValueError("binary search needs FAISS: pip install faiss-cpu")
     ci.faiss.omp_set_num_threads(torch.get_num_threads())
@@ -213,8 +208,9 @@ def _binary_chunk_top(queries, codes, k):
 
 
 def code_chunks(codes, pair, precision, chunk_rows):
-    """(first global row, chunk, docid ranks (C,)) shard by shard: binary codes (C, d/8) uint8, or
-    int8 codes dequantised to float32 (C, d), L2-normalised after truncation for cosine (Eq. 2)."""
+    """(first global row, chunk, docid ranks (C,)) shard by shard: binary codes (C, ceil(d/8))
+    uint8, or int8 codes dequantised to float32 (C, d), L2-normalised after truncation for cosine
+    (Eq. 2)."""
     index, (n, d) = codes.index, pair
     out = torch.empty(min(chunk_rows, max(index.shard_rows)), d)  # (C, d), reused
     low, step = map(torch.from_numpy, _steps(codes.ranges[n][:, :d]))  # (d,) each
@@ -225,7 +221,9 @@ def code_chunks(codes, pair, precision, chunk_rows):
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
             if precision == "binary":
-                chunk = torch.from_numpy(np.ascontiguousarray(stored[start:stop, :d // 8]))
+                chunk = torch.from_numpy(np.array(stored[start:stop, :-(-d // 8)]))
+                if d % 8:  # the bits past d: zero, as np.packbits pads the queries' codes
+                    chunk[:, -1] &= (0xFF << (8 - d % 8)) & 0xFF
             else:  # int8_values in place, in torch: one buffer, no temporaries
                 chunk = out[:stop - start].copy_(torch.from_numpy(stored[start:stop, :d]))
                 chunk.add_(128).mul_(step).add_(low)
@@ -259,10 +257,10 @@ def search_codes(codes, pair, precision, queries, depth=1000, query_block=1024):
                          "corpus_index.copy_index)")
     k = min(depth, index.num_docs)
     if precision == "binary":
-        check_binary_width(pair[1])
         stream = code_chunks(codes, pair, precision, max(index.shard_rows))
-        return ci.search_stream(stream, torch.from_numpy(binary_codes(queries.cpu())), k,
-                                query_block, _binary_chunk_top)
+        scores, rows = ci.search_stream(stream, torch.from_numpy(binary_codes(queries.cpu())), k,
+                                        query_block, _binary_chunk_top)
+        return scores - (8 * bytes_per_vector(pair[1], "binary") - pair[1]), rows  # d - 2H
     chunk_rows = ci.default_chunk_rows(min(len(queries), query_block), pair[1], queries.device)
     return ci.search_stream(code_chunks(codes, pair, precision, chunk_rows), queries, k,
                             query_block, ci._chunk_top)
@@ -300,8 +298,6 @@ def precision_results(indexes, pairs, queries, qids, qrels, precisions):
     results = {}
     for pair in pairs:
         for precision in precisions:
-            if precision == "binary" and pair[1] % 8:
-                continue  # no binary codes for this width (check_binary_width)
             index = with_codes if precision in CODE_PRECISIONS else indexes[precision]
             start = time.perf_counter()
             if precision in CODE_PRECISIONS:
@@ -387,12 +383,6 @@ def evaluate_precision(name_or_path, datasets, settings, device, precision):
         name_or_path, settings, device)
     if separate:
         raise ValueError(f"--precision needs one 2D model; {path} holds one model per layer")
-    if precision == "binary":
-        narrow = [f"{n}x{d}" for n, d in config.pairs if d % 8]
-        if narrow:
-            wide = ",".join(f"{n}x{d}" for n, d in config.pairs if d % 8 == 0)
-            raise ValueError(f"--precision binary needs every pair's d to be a multiple of 8 (8 "
-                             f"sign bits a byte), not {', '.join(narrow)}: pass --pairs {wide}")
     normalize = config.similarity == "cos"
     encoding = ci.EncodeSettings(config.pooling, settings.passage_max_len, settings.batch_size,
                                  normalize, settings.shard_size)

@@ -48,7 +48,7 @@ def main(argv=None):
     print(f"wiki-ict (NON-STANDARD inverse-cloze): {len(corpus)} passages, {len(qids)} queries, "
           f"model {args.model_name_or_path}, similarity {config.similarity}; exhaustive search "
           f"(depth 100), {args.threads} thread(s); kept: over float32 at the full pair "
-          f"{full[0]}x{full[1]}, and at the same pair; binary only where d is a multiple of 8")
+          f"{full[0]}x{full[1]}, and at the same pair; binary: ceil(d/8) bytes")
     print(precision.format_table(results, full))
     print("\nThe same, compact (README):")
     print(precision.format_compact(results))

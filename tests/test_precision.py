@@ -54,10 +54,10 @@ def test_int8_round_trip_is_within_half_a_step_clips_and_serves_every_prefix():
         precision.int8_ranges(np.array([[np.nan]]))
 
 
-@pytest.mark.parametrize("d, depth", [(16, 30), (32, 900), (8, 5)])
+@pytest.mark.parametrize("d, depth", [(16, 30), (32, 900), (8, 5), (12, 40), (21, 900)])
 def test_faiss_binary_search_equals_a_brute_force_hamming_search(tmp_path, d, depth):
     """Scores d - 2 Hamming are integers: compared exactly, ties (many at d=8) in trec_eval's
-    order."""
+    order. d=12 and 21: the bits past d in the last byte never count."""
     codes, vectors = coded_index(str(tmp_path))
     queries = F.normalize(torch.randn(7, d, generator=torch.Generator().manual_seed(3)), dim=-1)
     scores, rows = precision.search_codes(codes, (1, d), "binary", queries, depth, query_block=3)
@@ -128,14 +128,11 @@ def test_calibration_sample_spreads_over_every_shard(tmp_path):
 def test_bad_input_is_refused_in_one_line(tmp_path):
     codes, _ = coded_index(str(tmp_path), widths={1: 24})
     queries = F.normalize(torch.randn(2, 12), dim=-1)
-    with pytest.raises(ValueError, match="multiple of 8.*d=12"):
-        precision.search_codes(codes, (1, 12), "binary", queries, 5)
     with pytest.raises(ValueError, match="precision 'int4'"):
         precision.search_codes(codes, (1, 12), "int4", queries, 5)
     with pytest.raises(ValueError, match="'float16' of an index stored in float32.*copy_index"):
         precision.search_codes(codes, (1, 12), "float16", queries, 5)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        precision.bytes_per_vector(12, "binary")
+    assert precision.bytes_per_vector(12, "binary") == 2
     assert [precision.bytes_per_vector(384, p) for p in precision.PRECISIONS] == [1536, 768, 384,
                                                                                    48]
 
@@ -157,17 +154,19 @@ def test_copy_index_and_the_trade_off_table(tmp_path):
     qrels = {f"q{i}": {f"d{i}": 1} for i in range(40)}
     results = precision.precision_results({"float32": full, "float16": half}, pairs, queries,
                                           qids, qrels, precision.PRECISIONS)
-    assert list(results[(1, 12)]) == ["float32", "float16", "int8"]  # no binary at d=12
+    assert list(results[(1, 12)]) == list(precision.PRECISIONS)
+    assert results[(1, 12)]["binary"]["bytes"] == 2
     assert results[(2, 32)]["binary"]["bytes"] == 4 and results[(2, 32)]["float16"]["bytes"] == 64
     assert precision.kept(results, (2, 32), "float32", ((2, 32), "float32")) == 1
     assert 0.9 < precision.kept(results, (2, 32), "float16", ((2, 32), "float32")) < 1.1
     table = precision.format_table(results, (2, 32)).splitlines()
-    assert len(table) == 2 + 3 + 4 + 4
+    assert len(table) == 2 + 4 + 4 + 4
     assert table[-4].startswith("| 2x32 | float32 | 128 |") and "| 1.0000 | 1.0000 | 1.0000 |" in \
         table[-4]
     compact = precision.format_compact(results).splitlines()
     assert compact[0] == "| nDCG@10 kept (bytes/vector) | 1x12 | 1x16 | 2x32 |"
-    assert compact[3].startswith("| binary | - | ") and compact[3].endswith(" (4) |")
+    assert compact[3].startswith("| binary | ") and compact[3].endswith(" (4) |")
+    assert " (2) | " in compact[3]
     int8_kept = precision.kept(results, (1, 16), "int8", ((1, 16), "float32"))
     assert f"{int8_kept:.4f} (16)" in compact[2]
     with pytest.raises(ValueError, match="need an index of that dtype"):
@@ -203,10 +202,11 @@ def test_evaluate_reports_every_pair_at_the_precision_beside_float(tmp_path, tin
     assert by_pair["4x32"]["float16"]["nDCG@10"] == pytest.approx(
         results["tiny"]["beir"]["4x32"]["nDCG@10"], abs=1e-6)
     assert "beir at binary beside float16" in open(os.path.join(out, "table.txt")).read()
-    with pytest.raises(ValueError, match="multiple of 8.*not 2x12: pass --pairs 4x32"):
-        evaluate.main(["--model_name_or_path", tiny_model_dir, "--pairs", "2x12,4x32",
-                       "--beir_dirs", str(beir), "--precision", "binary", "--output_dir",
-                       str(tmp_path / "narrow")])
+    evaluate.main(["--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs", "2x12",
+                   "--beir_dirs", str(beir), "--precision", "binary", "--output_dir",
+                   str(tmp_path / "narrow")])  # 12 sign bits in 2 bytes
+    by_pair = json.load(open(tmp_path / "narrow" / "results.json"))["precision"]["tiny"]["beir"]
+    assert by_pair["2x12"]["binary"]["bytes"] == 2
 
 
 def test_the_precision_table_command_prints_every_pair_and_precision(tiny_model_dir, capsys):
@@ -214,7 +214,6 @@ def test_the_precision_table_command_prints_every_pair_and_precision(tiny_model_
     results = precision_table.main(["--model_name_or_path", tiny_model_dir])
     printed = capsys.readouterr().out
     pairs = list(results)
-    assert all(set(results[p]) == set(precision.PRECISIONS) - ({"binary"} if p[1] % 8 else set())
-               for p in pairs)
+    assert all(set(results[p]) == set(precision.PRECISIONS) for p in pairs)
     assert printed.count("\n| ") == 1 + sum(len(v) for v in results.values()) + 1 + 2
     assert "int8 nDCG@10 kept at the worst pair" in printed
