@@ -221,9 +221,11 @@ def code_chunks(codes, pair, precision, chunk_rows):
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
             if precision == "binary":
-                chunk = torch.from_numpy(np.array(stored[start:stop, :-(-d // 8)]))
+                chunk = np.ascontiguousarray(stored[start:stop, :-(-d // 8)])
                 if d % 8:  # the bits past d: zero, as np.packbits pads the queries' codes
+                    chunk = chunk.copy()
                     chunk[:, -1] &= (0xFF << (8 - d % 8)) & 0xFF
+                chunk = torch.from_numpy(chunk)
             else:  # int8_values in place, in torch: one buffer, no temporaries
                 chunk = out[:stop - start].copy_(torch.from_numpy(stored[start:stop, :d]))
                 chunk.add_(128).mul_(step).add_(low)
