@@ -404,8 +404,12 @@ def evaluate_precision(name_or_path, datasets, settings, device, precision):
                 if precision in ("float16", "float32") and precision != index.dtype:
                     indexes[precision] = ci.copy_index(index.folder, os.path.join(
                         scratch, precision), precision)
-                elif precision in CODE_PRECISIONS:
-                    write_codes(index)
+                elif precision in CODE_PRECISIONS:  # under torchrun rank 0 writes, the rest wait
+                    rank, world_size = training.rank_and_world_size()
+                    if rank == 0:
+                        write_codes(index)
+                    if world_size > 1:
+                        torch.distributed.barrier()
                 reference = index.dtype
             else:
                 indexes, reference = coded_indexes(model, tokenizer, corpus, config.pairs,

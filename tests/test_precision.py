@@ -176,19 +176,24 @@ def test_copy_index_and_the_trade_off_table(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The commands: evaluate.py --precision and python -m index.precision_table
 
+def beir_folder(folder):
+    """A small BEIR folder: 40 documents, 8 queries, one relevant document each."""
+    (folder / "qrels").mkdir(parents=True)
+    words = ["coffee", "tea", "milk", "water", "juice", "soda", "wine", "beer"] * 5
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": f"d{i}", "title": "", "text": f"doc {i} about {w}"}) + "\n"
+        for i, w in enumerate(words)))
+    (folder / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(words[:8])))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i}\t1\n" for i in range(8)))
+    return folder
+
+
 def test_evaluate_reports_every_pair_at_the_precision_beside_float(tmp_path, tiny_model_dir):
     """On a BEIR folder (indexed under --index_dir, float16 by default: the reference)."""
     import evaluate
-    beir = tmp_path / "beir"
-    (beir / "qrels").mkdir(parents=True)
-    words = ["coffee", "tea", "milk", "water", "juice", "soda", "wine", "beer"] * 5
-    (beir / "corpus.jsonl").write_text("".join(
-        json.dumps({"_id": f"d{i}", "title": "", "text": f"doc {i} about {w}"}) + "\n"
-        for i, w in enumerate(words)))
-    (beir / "queries.jsonl").write_text("".join(
-        json.dumps({"_id": f"q{i}", "text": w}) + "\n" for i, w in enumerate(words[:8])))
-    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"q{i}\td{i}\t1\n" for i in range(8)))
+    beir = beir_folder(tmp_path / "beir")
     out = str(tmp_path / "eval")
     results = evaluate.main(["--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs",
                              "2x16,4x32", "--beir_dirs", str(beir), "--precision", "binary",
@@ -217,3 +222,33 @@ def test_the_precision_table_command_prints_every_pair_and_precision(tiny_model_
     assert all(set(results[p]) == set(precision.PRECISIONS) for p in pairs)
     assert printed.count("\n| ") == 1 + sum(len(v) for v in results.values()) + 1 + 2
     assert "int8 nDCG@10 kept at the worst pair" in printed
+
+
+def _precision_rank(rank, port, argv):
+    """One of two gloo ranks running evaluate.py --precision, as torchrun starts it."""
+    import evaluate
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    evaluate.main(argv)
+
+
+def test_under_torchrun_rank_0_writes_the_codes_and_both_ranks_search_them(tmp_path,
+                                                                           tiny_model_dir):
+    import evaluate
+    from test_corpus_index import _free_port
+    beir = beir_folder(tmp_path / "beir")
+    argv = ["--model_name_or_path", tiny_model_dir, "--names", "tiny", "--pairs", "2x16,4x32",
+            "--beir_dirs", str(beir), "--precision", "binary", "--shard_size", "7"]
+    torch.multiprocessing.spawn(_precision_rank, nprocs=2, args=(
+        _free_port(), argv + ["--output_dir", str(tmp_path / "two")]))
+    alone = evaluate.main(argv + ["--output_dir", str(tmp_path / "one")])
+    two = json.load(open(tmp_path / "two" / "results.json"))
+    one = json.load(open(tmp_path / "one" / "results.json"))
+    assert two["precision"]["tiny"]["beir"].keys() == one["precision"]["tiny"]["beir"].keys()
+    for pair, values in one["precision"]["tiny"]["beir"].items():
+        for name, figures in values.items():
+            found = two["precision"]["tiny"]["beir"][pair][name]
+            assert found["nDCG@10"] == pytest.approx(figures["nDCG@10"], abs=1e-6)
+            assert found["bytes"] == figures["bytes"]
+    assert alone["tiny"]["beir"].keys() == one["results"]["tiny"]["beir"].keys()
