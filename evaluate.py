@@ -104,9 +104,15 @@ def main(argv=None):
         args.pairs, args.grid, args.pooling, args.similarity, args.query_max_len,
         args.passage_max_len, args.max_seq_length, args.per_device_eval_batch_size, args.depth,
         args.runs, args.adaptive, index_dir, args.storage_dtype, args.shard_size, args.index)
-    if args.adaptive and not any(kind == "retrieval" for kind, _ in datasets.values()):
-        raise ValueError(
-            "--adaptive needs a retrieval dataset (--beir_dirs, --msmarco or the embedded default)")
+    retrieval = [dataset for kind, dataset in datasets.values() if kind == "retrieval"]
+    for flag in ("adaptive", "precision"):
+        if getattr(args, flag) and not retrieval:
+            raise ValueError(f"--{flag} needs a retrieval dataset (--beir_dirs, --msmarco or the "
+                             "embedded default)")
+    # an in-memory corpus is indexed in each process's own scratch folder: one process only
+    if torchrun and args.precision and any(isinstance(corpus, dict) for corpus, _, _ in retrieval):
+        raise ValueError("--precision under torchrun needs corpora read from files (--beir_dirs, "
+                         "--msmarco); evaluate the embedded set in one process")
     coverage = {name: metrics.judgment_coverage(name, dataset)  # fails here, before any model loads
                 for name, (kind, dataset) in datasets.items() if kind == "retrieval"}
     all_results, configs, adaptive, precision = {}, {}, {}, {}

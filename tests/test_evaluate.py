@@ -143,6 +143,10 @@ def test_evaluate_main_on_a_tiny_model_and_fixture_data(tmp_path, tiny_model_dir
         str(tmp_path / "grid")
     ])
     assert set(next(iter(grid.values()))["sts.tsv"]) == {"2x16", "2x32", "4x16", "4x32"}
+    for flag, value in (("--adaptive", "2x16:2:4x32"), ("--precision", "int8")):
+        with pytest.raises(ValueError, match=f"{flag} needs a retrieval dataset"):
+            evaluate.main(["--model_name_or_path", tiny_model_dir, "--sts_files", str(sts), flag,
+                           value, "--output_dir", str(tmp_path / "sts_only")])
 
 
 def test_an_approximate_index_that_finds_fewer_than_depth_writes_runs_of_what_it_found(

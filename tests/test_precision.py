@@ -252,3 +252,8 @@ def test_under_torchrun_rank_0_writes_the_codes_and_both_ranks_search_them(tmp_p
             assert found["nDCG@10"] == pytest.approx(figures["nDCG@10"], abs=1e-6)
             assert found["bytes"] == figures["bytes"]
     assert alone["tiny"]["beir"].keys() == one["results"]["tiny"]["beir"].keys()
+    # the embedded set (in memory) is indexed in each process's scratch folder: refused under torchrun
+    with pytest.raises(Exception, match="--precision under torchrun needs corpora read from files"):
+        torch.multiprocessing.spawn(_precision_rank, nprocs=2, args=(_free_port(), [
+            "--model_name_or_path", tiny_model_dir, "--precision", "int8", "--output_dir",
+            str(tmp_path / "embedded")]))
