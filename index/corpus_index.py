@@ -86,6 +86,14 @@ def shard_name(shard):
     return f"shard-{shard:05d}"
 
 
+def _save_npy(path, array):
+    """Atomically: a temporary file, flushed to disk, renamed into place (whole or absent)."""
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, array)
+    training.fsync(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def _write_json(path, value):
     """Atomically: a temporary file, flushed to disk, renamed into place."""
     with open(path + ".tmp", "w") as f:
@@ -213,10 +221,7 @@ def finalize_index(folder, num_shards):
     docid_rank = np.empty(len(docids), dtype=np.int64)
     docid_rank[order] = np.arange(len(docids))  # (N,)
     path = os.path.join(folder, DOCID_RANK)
-    with open(path + ".tmp", "wb") as f:
-        np.save(f, docid_rank)
-    training.fsync(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    _save_npy(path, docid_rank)
     _write_json(
         os.path.join(folder, INDEX_MARKER), {
             "num_docs": len(docids), "shard_rows": shard_rows, "docid_rank": {

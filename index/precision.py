@@ -106,13 +106,6 @@ def _code_file(folder, shard, n, precision):
     return os.path.join(folder, ci.shard_name(shard), f"codes-{n}-{precision}.npy")
 
 
-def _save_atomically(path, array):
-    with open(path + ".tmp", "wb") as f:
-        np.save(f, array)
-    training.fsync(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def calibration_sample(index, n, sample_rows):
     """(<= sample_rows + shards, D_n) float32: stored rows of layer n evenly spaced over the
     corpus."""
@@ -148,8 +141,8 @@ def write_codes(index, sample_rows=10_000):
                 path = _code_file(index.folder, shard, n, precision)
                 if not os.path.exists(path):
                     ranges = np.array(config["ranges"][str(n)], dtype=np.float32)
-                    _save_atomically(path, binary_codes(layer) if precision == "binary" else
-                                     int8_codes(layer, ranges))
+                    ci._save_npy(path, binary_codes(layer) if precision == "binary" else
+                                 int8_codes(layer, ranges))
                     written += 1
                 sizes[os.path.relpath(path, index.folder)] = os.path.getsize(path)
     ci._write_json(os.path.join(index.folder, CODES_MARKER), {"files": sizes})
@@ -297,13 +290,14 @@ def precision_results(indexes, pairs, queries, qids, qrels, precisions):
     missing = {"float16", "float32"} & set(precisions) - set(indexes)
     if missing:
         raise ValueError(f"precisions {sorted(missing)} need an index of that dtype")
+    codes = open_codes(with_codes) if set(CODE_PRECISIONS) & set(precisions) else None
     results = {}
     for pair in pairs:
         for precision in precisions:
             index = with_codes if precision in CODE_PRECISIONS else indexes[precision]
             start = time.perf_counter()
             if precision in CODE_PRECISIONS:
-                scores, rows = search_codes(open_codes(index), pair, precision, queries[pair], 100)
+                scores, rows = search_codes(codes, pair, precision, queries[pair], 100)
             else:
                 scores, rows = ci.search(index, pair, queries[pair], 100)
             seconds = time.perf_counter() - start
