@@ -145,6 +145,26 @@ def test_bench_layout_follows_module_level_imports_only():
         open(modules["starbucks"], encoding="utf-8").read().splitlines())
 
 
+def test_bench_layout_counts_only_the_definitions_a_script_reaches(tmp_path):
+    """A module keeps its header (docstring, imports) and what the script reaches through it,
+    directly or through another definition, each with the comment and blank lines above it."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_layout
+    files = {
+        "run.py": 'import tools as t\nfrom starbucks import paper\n\nt.used()\npaper()\n',  # 5
+        "tools.py": ('"""Doc."""\nimport os\n\n\n# why\ndef used():\n    return helper()\n\n\n'
+                     'def unused():\n    return 1\n\n\ndef helper():\n    return LIMIT\n\n\n'
+                     'LIMIT = 3\n'),  # header 2; used 2+3; helper 4; LIMIT 3
+        "starbucks.py": "def paper():\n    return 0\n\n\ndef other():\n    return 1\n",  # 6
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    modules = {name[:-3]: str(tmp_path / name) for name in files}
+    assert bench_layout.reached_lines("run", modules) == 5 + 6 + 2 + 5 + 4 + 3
+    # starbucks.py cut too: no header, paper's 2 lines
+    assert bench_layout.reached_lines("run", modules, whole=()) == 5 + 2 + 2 + 5 + 4 + 3
+
+
 @pytest.mark.parametrize("name", REFERENCE)
 def test_the_reference_imports_the_toolkit_only_inside_functions(name):
     """The reference runs without the toolkit's folders: it imports one only in the function that
