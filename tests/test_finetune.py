@@ -3,6 +3,8 @@ methods."""
 import json
 import os
 import random
+import re
+import shlex
 
 import pytest
 import torch
@@ -261,6 +263,29 @@ def test_the_sts_presets_read_512_tokens_as_sentence_transformers(preset, tmp_pa
     args = finetune.parse_args(["--preset", preset, "--query_max_len", "64",
                                 "--output_dir", "/nonexistent/x"])
     assert (args.query_max_len, args.passage_max_len) == (64, 512)
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/departures.md", "docs/training.md"])
+def test_every_preset_command_the_docs_print_parses(document, tmp_path, monkeypatch):
+    """Each `finetune.py --preset ...` (or `--preset ...` flags) in the table of released runs is
+    accepted as written, with its model folder and training file in place."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, document), encoding="utf-8").read()
+    commands = [c for c in re.findall(r"`([^`]*--preset [a-z][^`]*)`", text)
+                if c.startswith(("finetune.py ", "--preset ")) and "|" not in c]  # not a choice
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        argv = shlex.split(command.removeprefix("finetune.py "))
+        for flag, value in zip(argv, argv[1:]):
+            if flag == "--model_name_or_path":
+                os.makedirs(value, exist_ok=True)
+            elif flag == "--train_file":
+                open(value, "w").close()
+        try:
+            finetune.parse_args(argv + ["--output_dir", str(tmp_path / "out")])
+        except (SystemExit, ValueError) as e:
+            raise AssertionError(f"{document}: `{command}` is refused ({e})") from None
+    assert commands or document != "README.md"
 
 
 def test_2dmse_honours_an_explicit_kl_weight_and_refuses_a_kl_it_has_not():
