@@ -7,8 +7,8 @@
     python evaluate.py --precision int8 --pairs 2x24,6x384     # every pair in int8 beside float32
 
 Every pair's embeddings come from one forward pass per batch (up to the largest requested layer).
-Metrics follow trec_eval (README, Evaluation); --runs writes one TREC run file per pair so that
-trec_eval reproduces every retrieval figure.
+Metrics follow trec_eval (README, Evaluate; docs/evaluation.md); --runs writes one TREC run file
+per pair so that trec_eval reproduces every retrieval figure.
 """
 import json
 import os
@@ -50,7 +50,7 @@ def parse_args(argv=None):
         help="search of an indexed corpus: exact (streamed top-k), or FAISS (pip install faiss-cpu), "
         "reported with its recall@10 against exact search")
     p.add_argument("--storage_dtype", choices=("float16", "float32"), default="float16",
-                   help="the index's vectors on disk (README: what float16 costs)")
+                   help="the index's vectors on disk (docs/scale.md: what float16 costs)")
     p.add_argument("--shard_size", type=data.positive_int, default=100_000,
                    help="passages per index shard")
     p.add_argument("--depth", type=data.positive_int, default=1000)

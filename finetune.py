@@ -59,8 +59,8 @@ METHODS = ("srl", "2dmse", "2dmse_retrieval", "mrl", "full", "separate", "symmet
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="every hyperparameter of one of the authors' released runs (README: "
-                        "released run -> command); flags given explicitly override it")
+                   help="every hyperparameter of one of the authors' released runs (README: the "
+                        "table of paper rows and commands); flags given explicitly override it")
     p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL,
                    help="model folder or packaged model name")
     p.add_argument(

@@ -1,5 +1,5 @@
 """Bad flags and malformed inputs: a non-zero exit, one line naming the flag or the file:line, no
-traceback, and nothing written (README, When things go wrong)."""
+traceback, and nothing written (docs/training.md, When things go wrong)."""
 import json
 import os
 
