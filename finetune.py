@@ -4,10 +4,9 @@
     python finetune.py --method full --output_dir out/full      # the full-model baseline (Eq. 6)
     python finetune.py --train_file train.jsonl --pooling cls --similarity dot --output_dir out
     python finetune.py --save_steps 100 --resume --output_dir out/srl   # continue after a crash
-    python finetune.py --model_name_or_path smollm2-135m --method full --pooling last --tuning lora \\
-        --flops_budget 1e15 --output_dir out/lora               # a
-        decoder, LoRA, steps set by FLOPs (Eq. 15)
-    torchrun --nproc-per-node 4 finetune.py --output_dir out/srl       # 4 GPUs, negatives across all
+    python finetune.py --model_name_or_path smollm2-135m --method full --tuning lora \\
+        --pooling last --flops_budget 1e15 --output_dir out/lora  # a decoder, LoRA, Eq. 15's steps
+    torchrun --nproc-per-node 4 finetune.py --output_dir out/srl    # 4 GPUs, negatives across all
 
 Every method trains on the same batches (same data order, negatives and seed), so rows of a table
 differ only by the loss. Reads top to bottom: settings, data, model, optimizer, loop, save.

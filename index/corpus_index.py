@@ -1,16 +1,19 @@
 """Paper-scale retrieval: a corpus encoded once to a sharded on-disk 2D index, and exact search
 streamed over it.
 
-    from index import corpus_index as ci; import data, starbucks as sb
-    ci.encode_corpus(model, tokenizer, metrics.stream_msmarco_collection("collection.tsv"), pairs, "index/msmarco",
-                     # resumable; torchrun: one slice of shards per rank
+    import metrics, models
+    from index import corpus_index as ci
+    passages = metrics.stream_msmarco_collection("collection.tsv")  # (docid, text), streamed
+    # resumable; torchrun: one slice of shards per rank
+    ci.encode_corpus(model, tokenizer, passages, pairs, "index/msmarco",
                      ci.EncodeSettings(pooling="cls", max_length=196))
     index = ci.open_index("index/msmarco")
     q = models.encode_2d(model, tokenizer, query_texts, pairs, "cls", 32, normalize=index.normalize)
     # (Q, 1000) each, exact
     scores, rows = ci.search(index, (12, 768), q[(12, 768)], depth=1000)
     # Eq. 14
-    scores, rows = ci.adaptive_search(index, [(2, 32), (12, 768)], [q[(2, 32)], q[(12, 768)]], [200])
+    scores, rows = ci.adaptive_search(index, [(2, 32), (12, 768)], [q[(2, 32)], q[(12, 768)]],
+                                      [200])
     # {qid: {docid: score}}
     run = ci.run_from_hits(index, scores, rows, qids)
 

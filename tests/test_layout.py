@@ -2,9 +2,12 @@
 written twice."""
 import ast
 import glob
+import importlib
+import importlib.util
 import re
 import sys
 import os
+import textwrap
 
 import pytest
 
@@ -220,3 +223,58 @@ def test_the_readme_api_example_runs(tmp_path):
     code = _readme().split("```python\n", 1)[1].split("```", 1)[0]
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def _examples():
+    """(where, code) of every Python example a reader copies: the indented blocks of each project
+    file's docstring that parse as Python and import something, and the ```python blocks of each
+    Markdown file (one session: a later block uses what an earlier one imported)."""
+    for relpath, path in _python_files().items():
+        doc = ast.get_docstring(_tree(path), clean=False) or ""
+        for block in re.findall(r"(?:^    .*\n?)+", doc, re.M):
+            try:
+                tree = ast.parse(textwrap.dedent(block))
+            except SyntaxError:  # a shell command
+                continue
+            if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body):
+                yield relpath, tree
+    for path in glob.glob(os.path.join(ROOT, "*.md")) + glob.glob(os.path.join(ROOT, "*", "*.md")):
+        blocks = re.findall(r"```python\n(.*?)```", open(path, encoding="utf-8").read(), re.S)
+        if blocks:
+            yield os.path.relpath(path, ROOT), ast.parse("\n".join(blocks))
+
+
+def test_every_python_example_names_what_exists():
+    """Each `module.name` an example uses, and each `from module import name`, exists: an example
+    goes stale when a function moves (this found index/corpus_index.py's, which used metrics.* and
+    models.* without importing them, and docs/pretraining.md's, which used training.*)."""
+    missing, checked = [], 0
+    for where, tree in _examples():
+        modules = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules.update({a.asname or a.name: importlib.import_module(a.name)
+                                for a in node.names})
+            elif isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                for a in node.names:
+                    found = hasattr(module, a.name) or importlib.util.find_spec(
+                        f"{node.module}.{a.name}") is not None
+                    missing += [] if found else [f"{where}: from {node.module} import {a.name}"]
+                    if found:
+                        modules[a.asname or a.name] = getattr(
+                            module, a.name, None) or importlib.import_module(
+                                f"{node.module}.{a.name}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                module = modules.get(node.value.id)
+                if module is not None and hasattr(module, "__file__"):
+                    checked += 1
+                    if not hasattr(module, node.attr):
+                        missing.append(f"{where}: {node.value.id}.{node.attr}")
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                undefined = node.id not in modules and node.id in ("data", "metrics", "models",
+                                                                   "training", "sb", "starbucks")
+                missing += [f"{where}: {node.id} is used but not imported"] if undefined else []
+    assert not missing, missing
+    assert checked > 20
