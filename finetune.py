@@ -405,15 +405,16 @@ def main(argv=None):
             f"--model_name_or_path")
     pairs = (sb.check_pairs(sb.parse_pairs(args.pairs), L, H) if args.pairs
              else sb.default_pairs(L, H))
-    if rank == 0:
-        print(f"{args.method}: {len(records)} {kind} records, pairs {pairs}, {L} layers x {H}, "
-              f"device {device} x {world_size} processes")
     run, dataset = FinetuneArguments.from_flags(args), (kind, records)
     config = sb.StarbucksConfig(pairs, args.pooling, args.similarity, args.temperature)
+    loss = method_loss(args.method, config, (L, H), kind, args.kl, args.kl_weight)
+    if rank == 0:  # the pairs saved and evaluated, and those the method's loss reads
+        trained = "(n, H), one model per layer n" if args.method == "separate" else loss[0]
+        print(f"{args.method}: {len(records)} {kind} records, pairs {pairs} (its loss embeds "
+              f"{trained}), {L} layers x {H}, device {device} x {world_size} processes")
     if args.method == "separate":
         train_separately(load_tuned_model, tokenizer, model, dataset, config, run, vars(args))
     else:
-        loss = method_loss(args.method, config, (L, H), kind, args.kl, args.kl_weight)
         train(model, tokenizer, dataset, loss, config, run, vars(args))
     training.cleanup()
 
