@@ -356,9 +356,11 @@ def main(argv=None):
         heads, models.resolve_model_path(args.model_name_or_path))
     if rank == 0:
         head = "from the checkpoint" if from_checkpoint else "fresh (the checkpoint has none)"
-        print(f"smae: {len(documents)} documents, {len(crops)} crops of <= {args.max_length} "
-              f"tokens, pairs {pairs}, {L} layers x {H}, device {device} x {world_size} processes; "
-              f"MLM head {head}, its vocabulary decoder tied to the word embeddings")
+        reads = f" (its loss reads {pairs[-1]} only)" if args.objective == "mlm" else ""
+        print(f"{args.objective}: {len(documents)} documents, {len(crops)} crops of <= "
+              f"{args.max_length} tokens, pairs {pairs}{reads}, {L} layers x {H}, device {device} "
+              f"x {world_size} processes; MLM head {head}, its vocabulary decoder tied to the word "
+              f"embeddings")
     # the MAE sentence vector is the CLS one
     config = sb.StarbucksConfig(pairs, pooling="cls", similarity="dot")
     if args.preset and rank == 0:
