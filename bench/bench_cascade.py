@@ -26,7 +26,6 @@ held-out accuracy to stay within 0.5 points with N standard errors to spare: the
 only just qualifies on held-out texts has often been lucky there (the winner's curse) and loses more
 on the test texts.
 """
-import argparse
 import os
 import sys
 
@@ -42,8 +41,7 @@ MAX_LENGTH = 256
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
     p.add_argument("--tuning", choices=("full", "probe"), default="full")
     p.add_argument("--pairs", default=None,

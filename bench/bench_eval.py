@@ -7,7 +7,6 @@ inverse-cloze retrieval set, alternating; the ratio is the median of the per-rou
 share one forward pass per batch, so the goal is <= 1.1; re-encoding per pair, as the authors'
 evaluation does, costs sum(n)/L (3.5x for the paper's grid).
 """
-import argparse
 import os
 import statistics
 import sys
@@ -22,7 +21,7 @@ import starbucks as sb  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     datasets = {

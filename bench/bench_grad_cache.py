@@ -76,7 +76,7 @@ def peak_step_bytes(batch_size, group_size, passage_max_len, chunk):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--per_device_train_batch_size", type=int, default=8)
     p.add_argument("--train_group_size", type=int, default=4)
     p.add_argument("--passage_max_len", type=int, default=128)

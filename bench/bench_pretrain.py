@@ -12,7 +12,6 @@ tensors (weights excluded) autograd saves for backward, i.e. the activation memo
 forward. FLOPs are counted by torch's FlopCounterMode (matmuls, attention included via eager
 attention).
 """
-import argparse
 import copy
 import os
 import statistics
@@ -47,8 +46,7 @@ def saved_bytes(step, parameters):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--max_length", type=int, default=128)

@@ -75,8 +75,7 @@ from timing import fastest, median_ratio  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
     p.add_argument("--small_docs", type=int, default=200_000)
     p.add_argument("--large_docs", type=int, default=2_000_000)

@@ -12,7 +12,6 @@ adaptive over exhaustive full-size search. Encoding: early exit at the model's s
 the full pair on the same real passages. Goals: speed-up >= 10, nDCG@10 kept >= 0.99, encode time
 <= n/L + 1/12 (the issue's goal of 0.25 for 2 of 12 layers is 2/12 + 1/12).
 """
-import argparse
 import os
 import sys
 import time
@@ -29,8 +28,7 @@ from timing import median_ratio  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
     p.add_argument("--adaptive", nargs="+", default=["2x24:200:6x384", "6x24:200:6x384"],
                    help="funnels SMALL:K:LARGE (or longer); the last pair of each should be the "

@@ -7,7 +7,6 @@ variants see the same machine state; the ratio is the median of the per-round ra
 from the same forward pass, so the extra cost is only the (B x BG) score matrices of the small
 pairs: the goal is <= 1.05.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import training  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--per_device_train_batch_size", type=int, default=8)
     p.add_argument("--train_group_size", type=int, default=4)

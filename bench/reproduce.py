@@ -15,7 +15,6 @@ over seeds, the paper's numbers beside them, verdicts on the paper's claims) and
 method and metric. Each finished run is kept under --output_dir, so an interrupted study resumes
 where it stopped.
 """
-import argparse
 import json
 import os
 import platform
@@ -93,8 +92,7 @@ class Study:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__)
     p.add_argument("--scale", choices=SCALES, default="cpu")
     p.add_argument("--model_name_or_path", default=data.DEFAULT_MODEL)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
