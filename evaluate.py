@@ -113,6 +113,11 @@ def main(argv=None):
     if torchrun and args.precision and any(isinstance(corpus, dict) for corpus, _, _ in retrieval):
         raise ValueError("--precision under torchrun needs corpora read from files (--beir_dirs, "
                          "--msmarco); evaluate the embedded set in one process")
+    from_files = any(not isinstance(corpus, dict) for corpus, _, _ in retrieval)
+    if args.precision == args.storage_dtype and from_files:
+        raise ValueError(f"--precision {args.precision}: corpora read from files are indexed in "
+                         f"{args.storage_dtype} already, so it would be compared with itself; pass "
+                         f"--storage_dtype float32 to see what {args.precision} keeps")
     coverage = {name: metrics.judgment_coverage(name, dataset)  # fails here, before any model loads
                 for name, (kind, dataset) in datasets.items() if kind == "retrieval"}
     all_results, configs, adaptive, precision = {}, {}, {}, {}

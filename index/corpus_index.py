@@ -231,6 +231,17 @@ def finalize_index(folder, num_shards):
                 "bytes": os.path.getsize(path), "sha256": training.sha256_of(path)}})
 
 
+def stored(vectors, dtype, shard):
+    """{n: (rows, D_n)} float vectors cast to the storage dtype, refused where the cast leaves them
+    not finite (what encode_corpus and copy_index write)."""
+    cast = {n: np.asarray(v).astype(DTYPES[dtype]) for n, v in vectors.items()}
+    for n, v in cast.items():
+        if not np.isfinite(v).all():
+            raise ValueError(f"layer {n}'s vectors of shard {shard} are not finite in {dtype} (too "
+                             f"large for float16?): store the index as float32")
+    return cast
+
+
 def copy_index(source, target, dtype):
     """The complete index in source written again into target with another storage dtype (as
     encode_corpus would have written it) -> the opened copy."""
@@ -240,9 +251,8 @@ def copy_index(source, target, dtype):
     start_index(target, config)
     for shard in range(len(index.shard_rows)):
         path = os.path.join(source, shard_name(shard))
-        vectors = {
-            n: np.load(os.path.join(path, f"layer-{n}.npy")).astype(DTYPES[dtype])
-            for n in index.widths}
+        vectors = stored({n: np.load(os.path.join(path, f"layer-{n}.npy")) for n in index.widths},
+                         dtype, shard)
         write_shard(target, shard, [d.decode() for d in np.load(os.path.join(path, "docids.npy"))],
                     vectors, _read_marker(source, shard)["source_sha256"])
     finalize_index(target, len(index.shard_rows))
@@ -307,12 +317,8 @@ def encode_corpus(model, tokenizer, docs, pairs, folder, settings=EncodeSettings
         embeddings = models.encode_2d(model, tokenizer, texts, layer_pairs, pooling, max_length,
                                       batch_size, normalize=False,
                                       progress=progress)  # {(n, D_n): (rows, D_n)}
-        vectors = {}
-        for n, width in layer_pairs:
-            vectors[n] = embeddings[(n, width)].numpy().astype(DTYPES[dtype])  # (rows, D_n)
-            if not np.isfinite(vectors[n]).all():
-                raise ValueError(f"layer {n}'s embeddings of shard {shard} are not finite in "
-                                 f"{dtype} (too large for float16?); encode with dtype='float32'")
+        vectors = stored({n: embeddings[(n, width)].numpy() for n, width in layer_pairs}, dtype,
+                         shard)  # {n: (rows, D_n)}
         write_shard(folder, shard, docids, vectors, digest.hexdigest())
         encoded += len(texts)
 
@@ -561,7 +567,7 @@ def _top(queries, vectors, m):
 def _chunk_top(queries, vectors, k, top=_top, ties=TIES):
     """(scores, columns) (Qb, m), best score first, holding every document of the chunk whose score
     reaches the chunk's k-th best: m = k + ties, or more while documents tie with a k-th best.
-    top(queries, vectors, m): the m best of the chunk (_top; index/quantize.py scores codes)."""
+    top(queries, vectors, m): the m best of the chunk (_top; index/precision.py scores codes)."""
     m = min(k + ties, len(vectors))
     while True:
         scores, columns = top(queries, vectors, m)

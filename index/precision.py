@@ -25,7 +25,8 @@ prefix (n, d) reads a prefix of them (Eq. 1):
 
 Files, beside each shard's float vectors, written after the index is complete:
 
-    codes.json                      calibration: sample rows, per layer the int8 ranges
+    codes.json                      calibration: sample rows, per layer the int8 ranges, and the
+                                    SHA-256 of the vectors they were derived from
     shard-00000/codes-<n>-binary.npy  (rows, ceil(D_n / 8)) uint8
     shard-00000/codes-<n>-int8.npy    (rows, D_n) int8
     codes_complete.json             written last: every code file's size
@@ -35,6 +36,7 @@ run killed part-way resumes with the missing files. codes.json is kept apart fro
 index_config.json, which encode_corpus compares on every resume.
 """
 import dataclasses
+import glob
 import json
 import os
 import tempfile
@@ -117,19 +119,35 @@ def calibration_sample(index, n, sample_rows):
     return np.concatenate(parts)
 
 
+def vectors_sha256(index):
+    """{shard: {layer file: SHA-256}} of an index's stored vectors, from the shards' markers: what
+    codes derived from them must match (a shard written again leaves codes of other vectors)."""
+    return {str(shard): {name: entry["sha256"] for name, entry in
+                         ci._read_marker(index.folder, shard)["files"].items()
+                         if name.startswith("layer-")}
+            for shard in range(len(index.shard_rows))}
+
+
 def write_codes(index, sample_rows=10_000):
     """Binary and int8 codes of every layer of a complete index (corpus_index.open_index), derived
     from its stored vectors; resumable, each file whole or absent. The int8 ranges are calibrated
-    on about sample_rows stored rows evenly spaced over the corpus. Returns the files written."""
+    on about sample_rows stored rows evenly spaced over the corpus; codes of other vectors (the
+    index written again since) are removed and derived afresh. Returns the files written."""
     config_path = os.path.join(index.folder, CODES)
+    vectors = vectors_sha256(index)
+    config = None
     if os.path.exists(config_path):
         with open(config_path) as f:
             config = json.load(f)
-        if config["sample_rows"] != sample_rows:
+        if config.get("vectors") != vectors:  # calibrated and coded from other vectors
+            for path in glob.glob(os.path.join(index.folder, "shard-*", "codes-*.npy")):
+                os.remove(path)
+            config = None
+        elif config["sample_rows"] != sample_rows:
             raise ValueError(f"{index.folder} holds codes calibrated on {config['sample_rows']} "
                              f"rows, not {sample_rows}: delete {CODES} and the code files first")
-    else:
-        config = {"format": CODE_FORMAT, "sample_rows": sample_rows, "ranges": {
+    if config is None:
+        config = {"format": CODE_FORMAT, "sample_rows": sample_rows, "vectors": vectors, "ranges": {
             str(n): int8_ranges(calibration_sample(index, n, sample_rows)).tolist()
             for n in index.widths}}
         ci._write_json(config_path, config)
@@ -167,8 +185,10 @@ def open_codes(index):
         raise ValueError(f"{index.folder} has no complete codes: run index.precision.write_codes "
                          "on it") from None
     problem = training.files_problem(index.folder, sizes)
+    if config.get("vectors") != vectors_sha256(index):
+        problem = "its codes were derived from other vectors (written again since)"
     if problem:
-        raise ValueError(f"{index.folder}: {problem}")
+        raise ValueError(f"{index.folder}: {problem}; run index.precision.write_codes on it")
     return IndexCodes(index, {int(n): np.array(r, dtype=np.float32)
                               for n, r in config["ranges"].items()})
 
@@ -356,10 +376,8 @@ def coded_indexes(model, tokenizer, corpus, pairs, folder, encoding):
     full = os.path.join(folder, "float32")
     ci.encode_corpus(model, tokenizer, iter(corpus.items()), pairs, full,
                      dataclasses.replace(encoding, dtype="float32"))
-    half = os.path.join(folder, "float16")
-    copied = os.path.exists(os.path.join(half, ci.INDEX_MARKER))
     indexes = {"float32": ci.open_index(full),
-               "float16": ci.open_index(half) if copied else ci.copy_index(full, half, "float16")}
+               "float16": ci.copy_index(full, os.path.join(folder, "float16"), "float16")}
     write_codes(indexes["float16"])
     return indexes
 
@@ -430,8 +448,8 @@ def print_precision(results, model_name):
             lines.append(
                 f"{pair:<8}{ref['bytes']:>7}{ref['nDCG@10']:>9.4f}{ref['R@100']:>8.4f}"
                 f"{got['bytes']:>7}{got['nDCG@10']:>9.4f}{got['R@100']:>8.4f}"
-                f"{got['nDCG@10'] / ref['nDCG@10'] if ref['nDCG@10'] else float('nan'):>11.4f}"
-                f"{got['R@100'] / ref['R@100'] if ref['R@100'] else float('nan'):>12.4f}")
+                f"{kept(by_pair, pair, asked, (pair, reference)):>11.4f}"
+                f"{kept(by_pair, pair, asked, (pair, reference), 'R@100'):>12.4f}")
     text = "\n".join(lines)
     print(text)
     return text

@@ -119,6 +119,34 @@ def test_write_codes_resumes_with_the_missing_files_and_open_codes_checks_them(t
         precision.open_codes(other)
 
 
+def test_codes_of_vectors_written_again_are_refused_then_derived_afresh(tmp_path):
+    """An index copied again into the same folder from other vectors: its old codes and int8
+    ranges belong to the old vectors; open_codes refuses them, write_codes recalibrates."""
+    docids = shuffled_docids(60)
+    first = build_index(str(tmp_path / "a"), docids, {1: torch.randn(60, 16)}, 20)
+    other = build_index(str(tmp_path / "b"), docids, {1: 10 * torch.randn(60, 16)}, 20)
+    target = str(tmp_path / "half")
+    precision.write_codes(ci.copy_index(first.folder, target, "float16"), sample_rows=30)
+    old = precision.open_codes(ci.open_index(target)).ranges[1]
+    index = ci.copy_index(other.folder, target, "float16")
+    with pytest.raises(ValueError, match="derived from other vectors"):
+        precision.open_codes(index)
+    assert precision.write_codes(index, sample_rows=30) == 6  # 3 shards x binary, int8
+    new = precision.open_codes(index).ranges[1]
+    assert np.abs(new).max() > 5 * np.abs(old).max()
+    assert np.array_equal(np.load(os.path.join(target, ci.shard_name(0), "codes-1-int8.npy")),
+                          precision.int8_codes(np.load(os.path.join(
+                              target, ci.shard_name(0), "layer-1.npy")), new))
+
+
+def test_copying_to_float16_refuses_vectors_it_cannot_hold(tmp_path):
+    vectors = torch.randn(10, 8)
+    vectors[3, 2] = 1e6  # float16's largest is 65504
+    full = build_index(str(tmp_path / "full"), shuffled_docids(10), {1: vectors}, 5)
+    with pytest.raises(ValueError, match="layer 1's vectors of shard 0 are not finite in float16"):
+        ci.copy_index(full.folder, str(tmp_path / "half"), "float16")
+
+
 def test_calibration_sample_spreads_over_every_shard(tmp_path):
     codes, vectors = coded_index(str(tmp_path))
     sample = precision.calibration_sample(codes.index, 1, 300)
@@ -212,6 +240,9 @@ def test_evaluate_reports_every_pair_at_the_precision_beside_float(tmp_path, tin
                    str(tmp_path / "narrow")])  # 12 sign bits in 2 bytes
     by_pair = json.load(open(tmp_path / "narrow" / "results.json"))["precision"]["tiny"]["beir"]
     assert by_pair["2x12"]["binary"]["bytes"] == 2
+    with pytest.raises(ValueError, match="indexed in float16 already, so it would be compared"):
+        evaluate.main(["--model_name_or_path", tiny_model_dir, "--beir_dirs", str(beir),
+                       "--precision", "float16", "--output_dir", str(tmp_path / "same")])
 
 
 def test_the_precision_table_command_prints_every_pair_and_precision(tiny_model_dir, capsys):
