@@ -266,6 +266,8 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
     method_loss; config: what is saved beside the model; run: FinetuneArguments; flags: the
     command line's, the run's identity in its checkpoints and written into starbucks_config.json."""
     (kind, records), (embed_pairs, loss_fn), output_dir = dataset, loss, run.output_dir
+    if kind == "scored":  # both sides are texts of one kind: the passage length for both
+        run = replace(run, query_max_len=run.passage_max_len)  # also what the FLOPs count
     group_size, query_max_len, passage_max_len = (run.train_group_size, run.query_max_len,
                                                   run.passage_max_len)
     device = next(model.parameters()).device
@@ -276,8 +278,6 @@ def train(model, tokenizer, dataset, loss, config, run, flags):
     if steps_per_epoch == 0:
         raise data.DataError(f"{len(records)} training records are fewer than one batch of {B} "
                              f"({world_size} processes x {run.per_device_train_batch_size})")
-    if kind == "scored":  # both sides are texts of one kind: the passage length for both
-        query_max_len = passage_max_len
     training.freeze_unreached(model, max(n for n, _ in embed_pairs))
     total, accounting = run.total_steps(steps_per_epoch), None
     if run.flops_budget or run.tuning != "full":  # the recipe's compute (Eq. 15): recipe/flops.py

@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
 import data
 import metrics
@@ -41,6 +41,26 @@ def run(tiny_model_dir, train_file, out, *extra):
         "--model_name_or_path", tiny_model_dir, "--train_file", train_file, "--output_dir",
         str(out), "--per_device_train_batch_size", "4", "--max_steps", "2", "--pairs", "2x16,4x32",
         "--train_group_size", "3", *extra])
+
+
+def test_grad_cache_through_finetune_trains_the_weights_the_plain_step_trains(
+        tmp_path, tiny_model_dir, train_file):
+    """--grad_cache_chunk in the loop itself: the same loss and gradients, so the same weights
+    (within float error: the chunks' matmuls are smaller), and the same logged losses."""
+    # dropout off: the plain step draws one mask per batch, GradCache one per chunk
+    model_dir = str(tmp_path / "no_dropout")
+    AutoModel.from_pretrained(tiny_model_dir, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
+    weights, losses = {}, {}
+    for name, extra in (("plain", []), ("cached", ["--grad_cache_chunk", "2"])):
+        run(model_dir, train_file, tmp_path / name, "--learning_rate", "1e-3", *extra)
+        weights[name] = AutoModel.from_pretrained(tmp_path / name).state_dict()
+        losses[name] = [json.loads(line)["loss"] for line in open(tmp_path / name /
+                                                                 "train_log.jsonl")]
+    assert losses["cached"] == pytest.approx(losses["plain"], rel=1e-4)
+    for key, value in weights["plain"].items():
+        torch.testing.assert_close(weights["cached"][key], value, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["srl", "2dmse", "2dmse_retrieval", "mrl", "full", "symmetric"])

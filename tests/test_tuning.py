@@ -231,3 +231,23 @@ def test_finetune_lora_with_a_flops_budget_saves_merged_weights_and_its_accounti
     changed = {k for k in state if not torch.equal(state[k], base.state_dict()[k])}
     assert changed == {
         f"layers.{i}.self_attn.{m}.weight" for i in range(L) for m in ("q_proj", "v_proj")}
+
+
+def test_a_flops_budget_on_scored_pairs_counts_the_tokens_its_steps_read(tmp_path,
+                                                                       tiny_model_dir):
+    """Scored pairs read both sides at --passage_max_len; the planned tokens per step are those
+    the loop logs, so the budget is not overspent."""
+    words = "the river bank was full of water after the long rain in the hills".split()
+    with open(tmp_path / "sts.tsv", "w") as f:
+        for i in range(32):  # both sides longer than --query_max_len 8
+            f.write(f"{' '.join(words[i % 5:] * 2)}\t{' '.join(words[:12 - i % 4] * 2)}\t{i % 5}\n")
+    budget = 1e10  # about 11 steps: more than the 8 whose tokens are planned
+    finetune.main(["--model_name_or_path", tiny_model_dir,
+                   "--train_file", str(tmp_path / "sts.tsv"), "--output_dir", str(tmp_path / "out"),
+                   "--method", "full", "--tuning", "bias",
+                   "--flops_budget", str(budget), "--per_device_train_batch_size", "4",
+                   "--query_max_len", "8", "--passage_max_len", "64", "--save_steps", "0"])
+    saved = json.load(open(tmp_path / "out" / "starbucks_config.json"))["flops"]
+    log = [json.loads(line) for line in open(tmp_path / "out" / "train_log.jsonl")]
+    assert len(log) > 8 and saved["tokens_per_step"] == pytest.approx(
+        sum(r["tokens"] for r in log[:8]) / 8)
