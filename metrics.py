@@ -76,7 +76,11 @@ def query_recall(graded, judgments, k):
 
 
 def _mean(values):
-    return float(np.mean(values)) if values else 0.0
+    """The mean over evaluated queries; none is an error, not a score of 0 (trec_eval prints no
+    figure then)."""
+    if not values:
+        raise ValueError("no query has both judgments and a ranked list: nothing to evaluate")
+    return float(np.mean(values))
 
 
 # ----------------------------------------------------------------------------------------------

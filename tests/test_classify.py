@@ -214,11 +214,14 @@ def test_svd_directions_at_full_width_recover_the_full_accuracy():
     torch.testing.assert_close(v.T @ v, torch.eye(16), atol=1e-5, rtol=0)
     measured = {}
     for name, features in (("full", x), ("svd", x @ v)):
+        torch.manual_seed(0)  # the heads' initial weights: the same whatever ran before
         probe = cascade.fit_probe(cascade.NestedClassifier([(1, 16)], 16, 2),
                                   {(1, 16): features[train]}, y[train])
         measured[name] = accuracy.accuracy(
             probe({(1, 16): features[test]})[(1, 16)].argmax(-1), y[test])
-    assert measured["svd"] == measured["full"] and measured["full"] > 0.9
+    # AdamW is not rotation-invariant: the two probes may differ by a test text (1/80)
+    assert measured["svd"] == pytest.approx(measured["full"], abs=1.5 / 80)
+    assert measured["full"] > 0.9
     # past the rank of 5 texts: zero columns
     assert cascade.svd_directions(x[:5], 16).shape == (16, 16)
 

@@ -271,8 +271,8 @@ def test_coverage_counts_unknown_ids_and_warns_when_many(tmp_path, capsys):
 def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(tmp_path):
     """Slow: the embedded wiki-ict set written as a BEIR folder; evaluate.py streams its corpus into
     a sharded index (float32, one shard: batched as the dense path batches) and gets the dense
-    path's figures exactly, its run files reproduce them through trec_eval's code, and --adaptive
-    runs on the index."""
+    path's figures (up to near ties), its run files reproduce its own figures through trec_eval's
+    code, and --adaptive runs on the index."""
     corpus, queries, qrels = metrics.embedded_retrieval_set()
     folder = tmp_path / "wiki-ict"
     (folder / "qrels").mkdir(parents=True)
@@ -302,8 +302,10 @@ def test_a_beir_folder_goes_through_the_sharded_index_and_equals_the_dense_path(
         qid, _, docid, _, score, _ = line.split()
         run.setdefault(qid, {})[docid] = float(score)
     ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
+    # the run file is the index's: trec_eval's code reproduces the index path's own figure
     assert np.mean([v["ndcg_cut_10"]
-                    for v in ref.values()]) == pytest.approx(dense["6x384"]["nDCG@10"], abs=1e-6)
+                    for v in ref.values()]) == pytest.approx(streamed["6x384"]["nDCG@10"],
+                                                             abs=1e-6)
     saved = json.load(open(tmp_path / "streamed" /
                            "results.json"))["adaptive"]["all-MiniLM-L6-v2"]["wiki-ict"]
     assert 0 < saved["adaptive 2x24:50:6x384"][
