@@ -210,8 +210,8 @@ def positive_index(num_queries, num_candidates, device=None):
 
 
 def contrastive_loss(q, p, temperature=1.0, similarity="dot"):
-    """Eq. 3: InfoNCE with in-batch negatives; q (B, d), p (B*G,
-    d), positive of query i is p[i*G]."""
+    """Eq. 3: InfoNCE with in-batch negatives; q (B, d), p (B*G, d), positive of query i is
+    p[i*G]."""
     scores = similarity_scores(q, p, temperature, similarity)  # (B, BG)
     return F.cross_entropy(scores, positive_index(q.shape[0], p.shape[0], q.device))
 
@@ -302,7 +302,7 @@ def matryoshka_2d_loss(q_layers, p_layers, dims, generator, temperature=1.0, sim
     columns, as the library's forward decorator concatenates them) with temperature T = 0.3,
     multiplied by T, the teacher not detached: this mirrors sentence-transformers' Matryoshka2dLoss
     before its 2026 fixes (issues #3757, #3880, #3901), the version the paper's STS baseline ran.
-    base_loss(a, b), default Eq. 3 (CoSENT on scored pairs). Nine parameters: that loss's own
+    base_loss(a, b): Eq. 3 by default; CoSENT for scored pairs. Nine parameters: that loss's own
     settings, one per argument, so that it reads line by line against the library's.
     """
     base_loss = base_loss or (lambda q, p: contrastive_loss(q, p, temperature, similarity))
@@ -407,8 +407,8 @@ def mlm_logits(heads, word_embeddings, t):
 
 
 def mlm_loss(heads, word_embeddings, h, labels, all_positions=False):
-    """Eq. 11: cross-entropy of the sliced head (Eq. 10) on h = h^(n)[:,
-    :, :d] (B, T, d) at masked positions.
+    """Eq. 11: cross-entropy of the sliced head (Eq. 10) on h = h^(n)[:, :, :d] (B, T, d) at
+    masked positions.
 
     all_positions=True computes logits at every position and ignores unmasked
     labels, as the authors' code does (same loss, ~T/M times the head's
@@ -467,8 +467,9 @@ def smae_loss(encoder, heads, input_ids, attention_mask, labels, decoder_input_i
     by pair), for comparison. token_counts: (encoder, decoder) masked tokens of a whole batch of
     which this call sees a slice; each term's cross-entropies are summed and divided by these counts
     instead of averaged, so the slices' losses add up to the whole batch's loss (torchrun: ranks
-    hold different numbers of masked tokens). Ten parameters: the tensors of Eq. 10-13, one per
-    argument, so that the function lifts into another project without a batch type of ours.
+    hold different numbers of masked tokens). Ten parameters: the modules, tensors and pairs of
+    Eq. 10-13 and two options, one per argument, so that the function lifts into another project
+    without a batch type of ours.
     """
     if all_positions and token_counts is not None:
         raise ValueError(

@@ -154,6 +154,7 @@ MARKER = "checkpoint_complete.json"  # written last: {"step", "files": {name: by
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG states, skips, the run
 WEIGHTS = "model.safetensors"  # as model.save_pretrained writes it
 LOG = "train_log.jsonl"  # a JSON line per step: in output_dir, and to its step in each checkpoint
+PARTIAL_CHECKPOINT = re.compile(r"^\.checkpoint-.*\.tmp$")  # a save that did not finish
 
 
 def rng_state():
@@ -205,10 +206,10 @@ def save_checkpoint(output_dir, step, write, save_total_limit=None):
     A hidden temporary folder, every file flushed, the marker (each file's size and SHA-256) last,
     one rename: a crash leaves no half checkpoint under the final name. save_total_limit keeps only
     that many newest complete checkpoints."""
-    final, tmp = (os.path.join(output_dir, f"{dot}checkpoint-{step}{tail}")
-                  for dot, tail in (("", ""), (".", ".tmp")))
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
     for name in os.listdir(output_dir):  # a crash mid-save leaves only such folders
-        if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+        if PARTIAL_CHECKPOINT.match(name):
             shutil.rmtree(os.path.join(output_dir, name))
     os.makedirs(tmp)
     write(tmp)
@@ -254,10 +255,10 @@ def checkpoint_problem(folder, checksums=False):
         return "no completeness marker (the save did not finish)"
     except (ValueError, KeyError, TypeError, AttributeError):
         return "the completeness marker is unreadable"
-    # a marker from before checksums has sizes only
-    for name, digest in marker.get("sha256", {}).items() if checksums and not problem else ():
-        if sha256_of(os.path.join(folder, name)) != digest:
-            return f"{name} does not match its checksum (changed or damaged after it was saved)"
+    if checksums and not problem:
+        for name, digest in marker.get("sha256", {}).items():  # a marker from before: sizes only
+            if sha256_of(os.path.join(folder, name)) != digest:
+                return f"{name} does not match its checksum (changed or damaged after it was saved)"
     return problem
 
 
@@ -301,8 +302,8 @@ def restore(folder, model, optimization, run):
     problem = checkpoint_problem(folder, checksums=True)
     if problem:
         raise DamagedCheckpoint(problem)
-    try:
-        state = load_training_state(folder)
+    try:  # checked complete just above
+        state = torch.load(os.path.join(folder, TRAINING_STATE), weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise DamagedCheckpoint(f"{TRAINING_STATE} does not load ({e})") from None
     if not isinstance(state, dict) or not {"run", "step", "skipped", "optimizer", "scheduler",
@@ -404,7 +405,7 @@ def resume_or_start(run, model, optimization, identity, total):
     if run.overwrite_output_dir and not run.resume and rank == 0 and os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
             path = os.path.join(output_dir, name)
-            if data.CHECKPOINT_NAME.match(name) or re.match(r"^\.checkpoint-.*\.tmp$", name):
+            if data.CHECKPOINT_NAME.match(name) or PARTIAL_CHECKPOINT.match(name):
                 shutil.rmtree(path)
             elif name in data.RUN_FILES:
                 os.remove(path)
@@ -601,8 +602,8 @@ def whole_word_masking(input_ids, maskable, is_subword, mask_token_id, seed, enc
     and kept while they fit into round(rate * maskable tokens) (at least 1), as the authors'
     collator does; a word goes to the encoder's set only if it also goes to the decoder's, so
     encoder ⊆ decoder. Masked tokens become [MASK] 80 %, a random token 10 %, stay 10 % (drawn apart
-    for each input). Returns (encoder input_ids, labels, decoder input_ids, decoder_labels), all (B,
-    T); the same arguments always give the same result.
+    for each input). Returns (encoder input_ids, labels, decoder input_ids, decoder_labels), all
+    (B, T); the same arguments always give the same result.
     """
     generator = torch.Generator().manual_seed(seed)
     ids = input_ids.cpu()

@@ -56,8 +56,9 @@ def closure(script, modules, module_level=True):
 
 
 def definitions(path):
-    """{top-level name: (first line, last line)} of a module's functions, classes and constants;
-    first: the line after the statement before it (its comments and blank lines go with it)."""
+    """{top-level name: (its node, (first line, last line))} of a module's functions, classes and
+    constants; first: the line after the statement before it (its comments and blank lines go with
+    it)."""
     body, found = ast.parse(open(path, encoding="utf-8").read()).body, {}
     for before, node in zip([None] + body, body):
         span = (before.end_lineno + 1 if before else 1, node.end_lineno)
@@ -105,7 +106,8 @@ def reached_lines(script, modules, whole=("starbucks",)):
     for m in set(defs) - whole:
         spans = {defs[m][name][1] for module, name in seen if module == m}
         first = min((span[0] for _, span in defs[m].values()), default=1)
-        total += first - 1 + sum(last - start + 1 for start, last in spans) if spans else 0
+        if spans:
+            total += first - 1 + sum(last - start + 1 for start, last in spans)
     return total
 
 
