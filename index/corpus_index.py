@@ -234,7 +234,8 @@ def finalize_index(folder, num_shards):
 def stored(vectors, dtype, shard):
     """{n: (rows, D_n)} float vectors cast to the storage dtype, refused where the cast leaves them
     not finite (what encode_corpus and copy_index write)."""
-    cast = {n: np.asarray(v).astype(DTYPES[dtype]) for n, v in vectors.items()}
+    with np.errstate(over="ignore"):  # an overflow is refused below, in one line
+        cast = {n: np.asarray(v).astype(DTYPES[dtype]) for n, v in vectors.items()}
     for n, v in cast.items():
         if not np.isfinite(v).all():
             raise ValueError(f"layer {n}'s vectors of shard {shard} are not finite in {dtype} (too "
